@@ -8,6 +8,7 @@ handlers import their stage lazily so ``ssl-hybrid --help`` stays fast. Errors t
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Callable, Optional
@@ -72,12 +73,50 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# bench: side-by-side measurements written as JSON (targets live in their stage's bench module)
+# --------------------------------------------------------------------------------------------
+
+# target -> (module with run_benchmark(args) -> dict and add_arguments(parser), one-line help)
+BENCH_TARGETS: dict[str, tuple[str, str]] = {}
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "bench", formatter_class=_HelpFormatter, help="measure throughput side by side and write JSON",
+        description="Benchmarks measure ratios side by side in one run (machines are noisy) and write JSON.")
+    targets = parser.add_subparsers(dest="target", metavar="<target>", title="targets")
+    targets.required = True
+    for target, (module_name, help_text) in BENCH_TARGETS.items():
+        target_parser = targets.add_parser(target, formatter_class=_HelpFormatter, help=help_text,
+                                           description=help_text)
+        _add_out_arg(target_parser, "the measurements")
+        module = importlib.import_module(module_name)
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(target_parser)
+        target_parser.set_defaults(handler=_run_bench, bench_module=module_name)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from ssl_hybrid.runs import write_json_atomic
+
+    result = importlib.import_module(args.bench_module).run_benchmark(args)
+    if args.out:
+        write_json_atomic(args.out, result)
+        log.info("wrote %s", args.out)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # Subcommands added by later stages go below, one _add_<name> function each, and into COMMANDS.
 # --------------------------------------------------------------------------------------------
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
+    _add_bench,
 ]
 
 
