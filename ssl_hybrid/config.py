@@ -411,14 +411,17 @@ def describe_fields() -> list[tuple[str, Any, str]]:
 
 
 def _comment_for(schema: type, name: str) -> str:
-    """The '# ...' comment lines directly above a field in the dataclass source."""
-    lines = inspect.getsource(schema).splitlines()
-    for index, line in enumerate(lines):
-        if line.strip().startswith(f"{name}:"):
-            comments: list[str] = []
-            back = index - 1
-            while back >= 0 and lines[back].strip().startswith("#"):
-                comments.insert(0, lines[back].strip().lstrip("#").strip())
-                back -= 1
-            return " ".join(comments)
-    return ""
+    """The '# ...' block above a field; a block covers the consecutive fields right below it."""
+    lines = [line.strip() for line in inspect.getsource(schema).splitlines()]
+    index = next((i for i, line in enumerate(lines) if line.startswith(f"{name}:")), None)
+    if index is None:
+        return ""
+    back = index - 1
+    while back >= 0 and lines[back] and not lines[back].startswith("#") and ":" in lines[back] \
+            and not lines[back].startswith(("class ", "@", '"""')):
+        back -= 1  # skip sibling fields that share the comment block
+    comments: list[str] = []
+    while back >= 0 and lines[back].startswith("#"):
+        comments.insert(0, lines[back].lstrip("#").strip())
+        back -= 1
+    return " ".join(comments)

@@ -1,0 +1,100 @@
+"""The `ssl-hybrid` entry point: help, version, and one-line exit-2 errors for bad configs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_hybrid import __version__
+from ssl_hybrid.cli import build_parser, main
+
+# Subcommands that start a run from a recipe; each must refuse a bad config before creating anything.
+_SUBCOMMANDS = build_parser()._subparsers._group_actions[0].choices
+RECIPE_COMMANDS = [name for name in ("config", "pretrain") if name in _SUBCOMMANDS]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ssl_hybrid", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_module_entry_point_help_and_version():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "config" in result.stdout and "bench" in result.stdout
+    version = run_cli("--version")
+    assert version.returncode == 0 and __version__ in version.stdout
+
+
+def test_subcommand_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--num-processes" in out and "(default: 1)" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "commands" in capsys.readouterr().out
+
+
+def test_config_explain_lists_every_key(capsys):
+    assert main(["config", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "train.max_seconds" in out and "objective.mask_ratio" in out
+
+
+BAD_CASES = {
+    "unknown_nested_key": ("train:\n  stpes: 5\n", [], "unknown key 'train.stpes'"),
+    "wrong_type": ("optim:\n  lr: quick\n", [], "optim.lr"),
+    "malformed_yaml": ("train: [1, 2\n", [], "malformed YAML"),
+    "negative_lr": ("optim:\n  lr: -1.0\n", [], "optim.lr"),
+    "mask_ratio_out_of_range": ("objective:\n  mask_ratio: 1.5\n", [], "objective.mask_ratio"),
+    "override_typo": ("", ["optim.lrr=0.1"], "unknown key 'optim.lrr'"),
+    "override_wrong_type": ("", ["train.steps=many"], "train.steps"),
+}
+
+
+@pytest.mark.parametrize("command", RECIPE_COMMANDS)
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_config_exits_2_with_one_line_and_no_run_dir(tmp_path, capsys, command, case):
+    text, overrides, expected = BAD_CASES[case]
+    recipe = tmp_path / f"{case}.yaml"
+    recipe.write_text(text or "name: bad\n")
+    output_dir = tmp_path / "runs"
+    args = [command, "-c", str(recipe), f"train.output_dir={output_dir}", *overrides]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert expected in err
+    assert "Traceback" not in err
+    if overrides:
+        assert "command line" in err
+    else:
+        assert str(recipe) in err
+    assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("command", RECIPE_COMMANDS)
+def test_missing_recipe_file_exits_2(tmp_path, capsys, command):
+    missing = tmp_path / "missing.yaml"
+    assert main([command, "-c", str(missing)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(missing) in err and "not found" in err and len(err.splitlines()) == 1
+
+
+def test_batch_not_divisible_across_processes_exits_2(capsys):
+    assert main(["config", "--num-processes", "3", "train.batch_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "train.batch_size" in err and "divisible" in err
+
+
+def test_bad_config_through_real_process_has_no_traceback(tmp_path):
+    result = run_cli("config", "optim.lr=-1", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "optim.lr" in result.stderr

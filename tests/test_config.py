@@ -1,0 +1,124 @@
+"""Typed config: defaults, recipe + override layering, and every malformed-config case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssl_hybrid import config as cfg
+from ssl_hybrid.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_validate_and_every_field_has_a_reason():
+    config = cfg.load_config()
+    assert config.model.name == "hybrid_tiny"
+    assert config.train.output_dir == "runs"
+    rows = cfg.describe_fields()
+    missing = [key for key, _, reason in rows if not reason]
+    assert not missing, f"fields without a one-line reason: {missing}"
+    assert {"name", "data.train", "train.steps", "optim.lr", "train.max_seconds"} <= {k for k, _, _ in rows}
+
+
+def test_recipe_then_overrides_layering(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "name: exp\ntrain:\n  steps: 50\n  batch_size: 32\noptim:\n  lr: 1.0e-3\n")
+    config = cfg.load_config(recipe, ["train.steps=7", "data.num_workers=0"])
+    assert config.name == "exp"
+    assert config.train.steps == 7  # override beats recipe
+    assert config.train.batch_size == 32  # recipe beats default
+    assert config.optim.lr == pytest.approx(1e-3)
+    assert config.data.num_workers == 0
+
+
+def test_derived_values_in_one_place():
+    config = cfg.load_config(None, ["train.batch_size=512", "optim.lr=1e-3", "train.steps=1000",
+                                    "optim.warmup_fraction=0.05"])
+    derived = cfg.derived_values(config, num_processes=4)
+    assert derived["effective_lr"] == pytest.approx(2e-3)
+    assert derived["warmup_steps"] == 50
+    assert derived["per_process_batch_size"] == 128
+
+
+def test_roundtrip_through_dict_and_yaml(tmp_path):
+    config = cfg.load_config(None, ["name=abc", "objective.mask_ratio=0.6"])
+    again = cfg.from_dict(cfg.to_dict(config))
+    assert again == config
+    path = cfg.write_config(config, tmp_path)
+    assert cfg.load_config(path) == config
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  stpes: 5\n", "train.stpes"),          # typo in a nested key
+    ("trian:\n  steps: 5\n", "trian"),                # typo in a group name
+    ("model:\n  name: x\n  attn: global\n", "model.attn"),
+])
+def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
+    recipe = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        cfg.load_config(recipe)
+    message = str(err.value)
+    assert str(recipe) in message and key in message and "unknown key" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.stpes=5", "train.stpes"),
+    ("optim.lr=fast", "optim.lr"),                # wrong type
+    ("train.steps=1.5", "train.steps"),           # float for an int
+    ("data.resampled=maybe", "data.resampled"),
+    ("optim.lr=-0.1", "optim.lr"),                # inconsistent values
+    ("objective.mask_ratio=1.0", "objective.mask_ratio"),
+    ("objective.mask_ratio=-0.2", "objective.mask_ratio"),
+    ("data.image_size=100", "data.image_size"),
+    ("model.attn_mode=dense", "model.attn_mode"),
+    ("train.steps=0", "train.steps"),
+])
+def test_bad_overrides_name_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        cfg.load_config(None, [override])
+    assert key in str(err.value) and "\n" not in str(err.value)
+
+
+def test_wrong_type_in_recipe_names_file(tmp_path):
+    recipe = write(tmp_path / "types.yaml", "train:\n  batch_size: lots\n")
+    with pytest.raises(ConfigError, match=r"types\.yaml.*train\.batch_size"):
+        cfg.load_config(recipe)
+
+
+def test_missing_directory_non_utf8_and_malformed_recipes(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        cfg.load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        cfg.load_config(tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage\x80")
+    with pytest.raises(ConfigError, match="binary.yaml"):
+        cfg.load_config(binary)
+    malformed = write(tmp_path / "malformed.yaml", "train:\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"malformed\.yaml: malformed YAML at line \d+"):
+        cfg.load_config(malformed)
+    scalar = write(tmp_path / "scalar.yaml", "just a string\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        cfg.load_config(scalar)
+
+
+def test_batch_must_divide_across_processes():
+    config = cfg.load_config(None, ["train.batch_size=64"])
+    cfg.validate(config, num_processes=4)
+    with pytest.raises(ConfigError, match="train.batch_size.*divisible.*3"):
+        cfg.validate(config, num_processes=3)
+
+
+def test_grad_accumulation_refused_for_simclr():
+    with pytest.raises(ConfigError, match="grad_accum_steps.*SimCLR"):
+        cfg.load_config(None, ["objective.simclr_weight=1.0", "train.grad_accum_steps=2"])
+
+
+def test_override_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        cfg.load_config(None, ["train.steps"])
