@@ -1,0 +1,307 @@
+"""Labeled sets for evaluation: an image folder with class sub-folders or labeled webdataset shards.
+
+Both become a :class:`LabeledSet`: a deterministic, ordered list of samples (stable id, integer label,
+where the image bytes live) plus the class names. Shards are indexed once with ``tarfile`` (member
+offsets), so a sample is a seek + read away: evaluation needs random access (samplers, k-shot subsets,
+retrieval grids) and labeled evaluation sets are small enough to index, unlike pretraining corpora.
+
+:func:`kshot_indices` draws seeded k-per-class subsets; :func:`save_split` writes their sample ids so a
+reported number can be traced back to the exact images it was computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ssl_hybrid.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MANIFEST = "manifest.json"
+
+
+class LabeledDataError(UserError):
+    """A labeled set that cannot be read: missing folder, no classes, shards without labels."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labeled image. ``path`` is a file, or a tar with the image bytes at [offset, offset+size)."""
+
+    id: str
+    label: int
+    path: str
+    offset: int = -1  # -1: ``path`` is the image file itself
+    size: int = -1
+
+
+@dataclass
+class LabeledSet:
+    source: str
+    classes: list[str]
+    samples: list[Sample] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    @property
+    def ids(self) -> list[str]:
+        return [s.id for s in self.samples]
+
+    def read_bytes(self, index: int) -> bytes:
+        sample = self.samples[index]
+        with open(sample.path, "rb") as handle:
+            if sample.offset < 0:
+                return handle.read()
+            handle.seek(sample.offset)
+            return handle.read(sample.size)
+
+    def load_image(self, index: int):
+        """The decoded RGB PIL image; raises LabeledDataError naming the sample when it is unreadable."""
+        sample = self.samples[index]
+        image = _decode(self.read_bytes(index), sample.id)
+        if image is None:
+            raise LabeledDataError(f"{self.source}: sample '{sample.id}' is not a readable image")
+        return image
+
+    def subset(self, indices: Sequence[int]) -> "LabeledSet":
+        return LabeledSet(self.source, self.classes, [self.samples[i] for i in indices])
+
+    def fingerprint(self) -> str:
+        """Identifies the content for feature caching: ids, labels, and the files' sizes + mtimes."""
+        digest = hashlib.sha256()
+        stats: dict[str, tuple[int, int]] = {}
+        for sample in self.samples:
+            if sample.path not in stats:
+                stat = Path(sample.path).stat()
+                stats[sample.path] = (stat.st_size, stat.st_mtime_ns)
+            digest.update(f"{sample.id}\0{sample.label}\0{stats[sample.path]}\0{sample.offset}\n".encode())
+        return digest.hexdigest()[:16]
+
+
+def _decode(data: bytes, key: str):
+    """Decode with the stream's decoder when it exists (same corrupt-image policy), else with PIL."""
+    try:
+        from ssl_hybrid.data.stream import decode_image  # issue 4's decoder, once it lands
+    except ImportError:
+        decode_image = None
+    if decode_image is not None:
+        try:
+            return decode_image({"__key__": key, "jpg": data})
+        except Exception:  # fall back to PIL below: its signature may differ from what we assume
+            pass
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_labeled(spec: str | Path) -> LabeledSet:
+    """An image folder with class sub-folders, a shard directory (manifest.json), a .tar, or a brace pattern."""
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_dir() and not (path / MANIFEST).exists() and not list(path.glob("*.tar")):
+        return _load_image_folder(path)
+    return _load_shards(spec)
+
+
+def _load_image_folder(root: Path) -> LabeledSet:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise LabeledDataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
+    samples = []
+    for label, name in enumerate(classes):
+        for file in sorted((root / name).rglob("*")):
+            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append(Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file)))
+    if not samples:
+        raise LabeledDataError(f"{root}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return LabeledSet(str(root), classes, samples)
+
+
+def _resolve_shards(spec: str) -> tuple[list[str], Optional[list[str]]]:
+    """Shard paths and the manifest's class names (None when there is no manifest)."""
+    path = Path(spec)
+    if path.is_dir():
+        manifest = path / MANIFEST
+        if manifest.exists():
+            meta = json.loads(manifest.read_text(encoding="utf-8"))
+            names = [item["name"] if isinstance(item, dict) else item for item in meta.get("shards", [])]
+            return [str(path / n) for n in names], meta.get("classes")
+        return sorted(str(p) for p in path.glob("*.tar")), None
+    try:
+        from ssl_hybrid.data.stream import resolve_shards  # issue 4's resolver, once it lands
+    except ImportError:
+        resolve_shards = None
+    if resolve_shards is not None:
+        urls = list(resolve_shards(spec))
+    else:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(spec))
+    manifest = Path(urls[0]).parent / MANIFEST if urls else None
+    classes = json.loads(manifest.read_text(encoding="utf-8")).get("classes") if manifest and manifest.exists() else None
+    return urls, classes
+
+
+def _load_shards(spec: str) -> LabeledSet:
+    urls, classes = _resolve_shards(spec)
+    if not urls:
+        raise LabeledDataError(f"{spec}: not an image folder, and no shards found there")
+    samples: list[Sample] = []
+    names_by_label: dict[int, str] = {}
+    for url in urls:
+        if not Path(url).is_file():
+            raise LabeledDataError(f"{url}: shard not found (labeled sets are read from local files)")
+        samples.extend(_index_tar(url, names_by_label))
+    if not samples:
+        raise LabeledDataError(f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)")
+    if not classes:
+        count = max(s.label for s in samples) + 1
+        classes = [names_by_label.get(i, str(i)) for i in range(count)]
+    bad = [s.id for s in samples if not 0 <= s.label < len(classes)]
+    if bad:
+        raise LabeledDataError(f"{spec}: sample '{bad[0]}' has label outside the {len(classes)} classes")
+    return LabeledSet(spec, [str(c) for c in classes], samples)
+
+
+def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
+    """One pass over a tar's headers: group members by webdataset key (name up to the first dot)."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.partition(".")
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext.lower()] = member
+            samples = []
+            for key in order:
+                sample = _sample_from_group(tar, url, key, groups[key], names_by_label)
+                if sample is not None:
+                    samples.append(sample)
+    except tarfile.TarError as err:
+        raise LabeledDataError(f"{url}: unreadable tar shard ({err})") from None
+    return samples
+
+
+def _sample_from_group(tar: tarfile.TarFile, url: str, key: str, members: dict[str, tarfile.TarInfo],
+                       names_by_label: dict[int, str]) -> Optional[Sample]:
+    image = next((members[k] for k in SHARD_IMAGE_KEYS if k in members), None)
+    if image is None or "cls" not in members:
+        log.warning("%s: sample '%s' skipped (needs an image and a 'cls')", url, key)
+        return None
+    try:
+        label = int(tar.extractfile(members["cls"]).read().decode().strip())
+    except ValueError:
+        log.warning("%s: sample '%s' skipped ('cls' is not an integer)", url, key)
+        return None
+    if "json" in members:
+        try:
+            meta = json.loads(tar.extractfile(members["json"]).read())
+            if isinstance(meta, dict) and "class_name" in meta:
+                names_by_label.setdefault(label, str(meta["class_name"]))
+        except json.JSONDecodeError:
+            pass
+    return Sample(id=key, label=label, path=url, offset=image.offset_data, size=image.size)
+
+
+# ---------------------------------------------------------------------------------------------
+# k-shot subsets
+# ---------------------------------------------------------------------------------------------
+
+
+def kshot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """``shots`` samples per class drawn without replacement; the same (labels, shots, seed) -> same indices.
+
+    Each class draws from its own generator seeded by (seed, class), so adding or dropping a class never
+    changes the other classes' picks. A class with fewer than ``shots`` samples is an error, not a silent
+    smaller subset (the reported "k-shot" would be a lie).
+    """
+    labels = np.asarray(labels)
+    if shots < 1:
+        raise LabeledDataError(f"shots must be >= 1, got {shots}")
+    picked = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        if len(members) < shots:
+            raise LabeledDataError(f"class {label} has {len(members)} training samples, fewer than {shots} shots")
+        rng = np.random.default_rng([seed, int(label)])
+        picked.append(np.sort(rng.choice(members, size=shots, replace=False)))
+    return np.sort(np.concatenate(picked))
+
+
+def save_split(path: str | Path, labeled: LabeledSet, indices: Sequence[int], **meta) -> Path:
+    """Write the subset's sample ids and labels (plus ``meta`` such as shots and seed) as JSON."""
+    from ssl_hybrid.runs import write_json_atomic
+
+    payload = dict(meta, source=labeled.source,
+                   ids=[labeled.samples[i].id for i in indices],
+                   labels=[labeled.samples[i].label for i in indices])
+    return write_json_atomic(path, payload)
+
+
+def split_indices_by_ids(labeled: LabeledSet, ids: Sequence[str]) -> np.ndarray:
+    """Indices of the given ids (e.g. read back from a saved split); unknown ids are an error."""
+    position = {sample.id: i for i, sample in enumerate(labeled.samples)}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise LabeledDataError(f"{labeled.source}: split names unknown sample '{missing[0]}'")
+    return np.array([position[i] for i in ids], dtype=np.int64)
+
+
+class TorchLabeledDataset:
+    """Map-style torch dataset over a LabeledSet: returns (transformed image, label, index)."""
+
+    def __init__(self, labeled: LabeledSet, transform: Callable):
+        self.labeled = labeled
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labeled)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.labeled.load_image(index)), self.labeled.samples[index].label, index
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (fit, held_out): about ``fraction`` of each class held out, at least one per
+    class when the class has >= 2 samples (classes with one sample stay entirely in ``fit``)."""
+    labels = np.asarray(labels)
+    fit, held = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng = np.random.default_rng([seed, int(label), 1])
+        members = rng.permutation(members)
+        n_held = 0 if len(members) < 2 else min(len(members) - 1, max(1, int(round(fraction * len(members)))))
+        held.append(members[:n_held])
+        fit.append(members[n_held:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))

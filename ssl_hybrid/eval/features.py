@@ -1,0 +1,156 @@
+"""Frozen-feature extraction: ``extract_features(backbone, loader) -> (float32 [N, C], labels [N])``.
+
+Batched under ``torch.inference_mode`` with AMP on GPUs. Under Accelerate with several processes the
+loader is sharded and padded so every rank runs the same number of batches; each batch carries its
+sample indices, so after the gather the padded duplicates are dropped and rows land at their index:
+the bank has exactly N rows, in dataset order, whatever the number of processes.
+
+Features are cached on disk keyed by (backbone content hash, data fingerprint, transform), so a second
+k-NN / linear / few-shot evaluation of the same backbone on the same data does not re-extract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Resize to size / 0.875 then center-crop: the standard ImageNet evaluation crop (timm's crop_pct).
+CROP_PCT = 0.875
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SSL_HYBRID_CACHE", Path.home() / ".cache" / "ssl_hybrid")) / "features"
+
+
+def eval_transform(image_size: int):
+    """Resize (shorter side to size / crop_pct) + center crop + ImageNet normalization."""
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(int(round(image_size / CROP_PCT)), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(image_size),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def make_loader(labeled: LabeledSet, transform, batch_size: int, num_workers: int,
+                shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        TorchLabeledDataset(labeled, transform), batch_size=batch_size, shuffle=shuffle,
+        num_workers=num_workers, drop_last=drop_last, generator=generator,
+        persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on GPUs that have it (fp16 otherwise); fp32 on CPU, where autocast is mostly slower."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The pooled, pre-logits feature every timm model (and ours) exposes."""
+    return backbone.forward_head(backbone.forward_features(images), pre_logits=True)  # [B, C]
+
+
+@torch.inference_mode()
+def extract_features(backbone: torch.nn.Module, loader, accelerator=None,
+                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(features float32 [N, C], labels int64 [N]) in dataset order, exactly N rows.
+
+    ``loader`` yields (images, labels, indices). With an ``accelerate.Accelerator`` the loader is
+    prepared (sharded + padded) and results gathered across processes; every process gets the full arrays.
+    """
+    n = len(loader.dataset)
+    device = accelerator.device if accelerator is not None else next(backbone.parameters()).device
+    backbone = backbone.to(device).eval()
+    if accelerator is not None and accelerator.num_processes > 1:
+        loader = accelerator.prepare_data_loader(loader)
+    features: Optional[np.ndarray] = None
+    labels = np.full(n, -1, dtype=np.int64)
+    filled = np.zeros(n, dtype=bool)
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(loader, desc="features", unit="batch", leave=False,
+                       disable=accelerator is not None and not accelerator.is_main_process)
+    for images, batch_labels, indices in batches:
+        with autocast_context(device):
+            out = embed(backbone, images.to(device, non_blocking=True)).float()  # [B, C]
+        batch_labels, indices = batch_labels.to(device), indices.to(device)
+        if accelerator is not None and accelerator.num_processes > 1:
+            # Plain gather (not gather_for_metrics): we drop duplicates ourselves, by index.
+            out, batch_labels, indices = accelerator.gather((out.contiguous(), batch_labels, indices))
+        out_np, idx = out.cpu().numpy(), indices.cpu().numpy()
+        if features is None:
+            features = np.zeros((n, out_np.shape[1]), dtype=np.float32)
+        features[idx] = out_np  # duplicates of padded samples overwrite their identical twin
+        labels[idx] = batch_labels.cpu().numpy()
+        filled[idx] = True
+    if features is None or not filled.all():
+        raise RuntimeError(f"feature extraction covered {int(filled.sum())} of {n} samples")
+    return features, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_key(backbone_hash: str, labeled: LabeledSet, transform_desc: str) -> str:
+    digest = hashlib.sha256(f"{backbone_hash}\n{labeled.fingerprint()}\n{transform_desc}".encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: LabeledSet, image_size: int,
+                    batch_size: int = 128, num_workers: int = 0, cache_dir: Optional[Path] = None,
+                    accelerator=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Features of ``labeled`` under the eval transform at ``image_size``, from the cache when present.
+
+    ``cache_dir=None`` disables the cache. ``meta["hash"]`` (from load_backbone_spec) keys the backbone.
+    """
+    transform = eval_transform(image_size)
+    path = None
+    if cache_dir is not None:
+        key = cache_key(meta.get("hash") or _hash_of(backbone), labeled, f"eval:{image_size}:{transform!r}")
+        path = Path(cache_dir) / f"{key}.npz"
+        if path.exists():
+            with np.load(path) as stored:
+                log.info("features from cache %s (%d x %d)", path, *stored["features"].shape)
+                return stored["features"], stored["labels"]
+    start = time.perf_counter()
+    loader = make_loader(labeled, transform, batch_size, num_workers)
+    features, labels = extract_features(backbone, loader, accelerator, progress=progress)
+    log.info("extracted %d x %d features from %s in %.1fs", *features.shape, labeled.source,
+             time.perf_counter() - start)
+    is_main = accelerator is None or accelerator.is_main_process
+    if path is not None and is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+        np.savez(tmp, features=features, labels=labels)
+        os.replace(tmp, path)  # a crash never leaves a half-written cache entry
+    return features, labels
+
+
+def _hash_of(backbone: torch.nn.Module) -> str:
+    from ssl_hybrid.eval.backbones import model_hash
+
+    return model_hash(backbone)
