@@ -1,0 +1,128 @@
+"""The pretraining model: one backbone, the objectives the recipe weights, their weighted sum.
+
+Joint (the default recipe, iBOT/CMAE-like): when MIM is on, the student sees *masked* global views
+(its transformer runs on visible tokens only, the cheap path), and the same forward feeds both the
+MIM decoder and the DINO head, distilled against the EMA teacher's *full* global views. Local crops
+(multi-crop) go through the student unmasked. An objective whose weight is 0 is not built, so it
+costs nothing and leaves no parameter without a gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_hybrid.objectives.contrastive import ContrastiveObjective
+from ssl_hybrid.objectives.distill import DINOObjective, EMATeacher
+from ssl_hybrid.objectives.mim import MIMObjective
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ObjectiveSettings:
+    """The subset of the config the objectives need (keeps this module independent of the CLI config)."""
+
+    mim_weight: float = 1.0
+    dino_weight: float = 1.0
+    simclr_weight: float = 0.0
+    image_size: int = 224
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_depth: int = 2
+    decoder_dim: int = 256
+    dino_out_dim: int = 4096
+    student_temp: float = 0.1
+    simclr_temperature: float = 0.1
+    simclr_out_dim: int = 128
+
+    @classmethod
+    def from_config(cls, config) -> "ObjectiveSettings":
+        o = config.objective
+        return cls(o.mim_weight, o.dino_weight, o.simclr_weight, config.data.image_size, o.mask_ratio,
+                   o.norm_pix_loss, o.decoder_depth, o.decoder_dim, o.dino_out_dim, o.student_temp,
+                   o.simclr_temperature, o.simclr_out_dim)
+
+
+def embedding_spread(embedding: Tensor) -> Tensor:
+    """Std across the batch of L2-normalized embeddings, scaled so ~1 is healthy and 0 is collapse."""
+    normed = F.normalize(embedding.detach().float(), dim=-1)  # [B, C]
+    return normed.std(dim=0).mean() * math.sqrt(normed.shape[-1])
+
+
+def embed(backbone: nn.Module, tokens: Tensor) -> Tensor:
+    """Backbone tokens [B, 1+N, C] -> pooled embedding [B, C] (the backbone's own pooling)."""
+    return backbone.forward_head(tokens, pre_logits=True)
+
+
+class PretrainModel(nn.Module):
+    """Student backbone + heads of the enabled objectives (+ EMA teacher for DINO).
+
+    ``forward(global_views, local_views, masks, teacher_temp)`` -> ``(losses, stats)`` where
+    ``losses`` has one key per objective plus ``loss`` (the weighted sum, what is back-propagated).
+    """
+
+    def __init__(self, backbone: nn.Module, settings: ObjectiveSettings) -> None:
+        super().__init__()
+        self.settings = settings
+        self.backbone = backbone
+        dim = backbone.num_features
+        s = settings
+        self.mim = (MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
+                    if s.mim_weight > 0 else None)
+        self.dino = DINOObjective(dim, s.dino_out_dim, s.student_temp) if s.dino_weight > 0 else None
+        self.simclr = (ContrastiveObjective(dim, s.simclr_out_dim, s.simclr_temperature)
+                       if s.simclr_weight > 0 else None)
+        self.teacher = EMATeacher(backbone, self.dino.head) if self.dino is not None else None
+        self.weights = {"mim": s.mim_weight, "dino": s.dino_weight, "simclr": s.simclr_weight}
+
+    @property
+    def uses_masks(self) -> bool:
+        return self.mim is not None
+
+    def student_views(self, global_views: list[Tensor], masks: Optional[list[Tensor]]):
+        """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
+        if not self.uses_masks:
+            return [embed(self.backbone, self.backbone.forward_features(v)) for v in global_views], []
+        if masks is None or len(masks) != len(global_views):
+            raise ValueError("MIM needs one mask per global view")
+        outs = [self.backbone.forward_masked(v, m) for v, m in zip(global_views, masks)]
+        return [embed(self.backbone, o["tokens"]) for o in outs], outs
+
+    def forward(self, global_views: list[Tensor], local_views: list[Tensor],
+                masks: Optional[list[Tensor]] = None, teacher_temp: float = 0.04):
+        embeddings, masked_outs = self.student_views(global_views, masks)
+        losses: dict[str, Tensor] = {}
+        if self.mim is not None:
+            terms = [self.mim(o, v)["mim"] for o, v in zip(masked_outs, global_views)]
+            losses["mim"] = torch.stack(terms).mean()
+        stats = {"embedding_std": embedding_spread(embeddings[0])}
+        if self.dino is not None:
+            local = [embed(self.backbone, self.backbone.forward_features(v)) for v in local_views]
+            teacher_logits = self.teacher(global_views)
+            losses.update(self.dino(embeddings + local, teacher_logits, teacher_temp))
+            stats["teacher_std"] = embedding_spread(teacher_logits[0])
+        if self.simclr is not None:
+            losses.update(self.simclr(embeddings[:2]))
+        losses["loss"] = sum(self.weights[name] * value.float() for name, value in losses.items())
+        return losses, stats
+
+    @torch.no_grad()
+    def after_good_step(self, momentum: float) -> None:
+        """Called after the optimizer step: commit the DINO center, move the teacher towards the student."""
+        if self.dino is not None:
+            self.dino.loss.commit_center()
+            self.teacher.update(self.backbone, self.dino.head, momentum)
+
+    def after_skipped_step(self) -> None:
+        if self.dino is not None:
+            self.dino.loss.discard_center()
+
+    def trainable_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
