@@ -57,6 +57,8 @@ class DataConfig:
     resampled: bool = True
     # Stop the run when more than this share of samples is corrupt: a few bad files are normal, 10% is not.
     max_skip_rate: float = 0.1
+    # The skip rate is only judged after this many samples (and at each worker-epoch end): 1 bad of 3 is noise.
+    skip_rate_min_samples: int = 100
 
 
 @dataclass
@@ -284,6 +286,7 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     need(0.0 <= config.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
+    need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")
     need(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     need(0.0 < config.model.token_keep_rate <= 1.0, "model.token_keep_rate", "must be in (0, 1]")
     for key in ("objective.mim_weight", "objective.dino_weight", "objective.simclr_weight"):

@@ -1,0 +1,357 @@
+"""Write webdataset tar shards from an image folder or a text list of images.
+
+Shard format (``ssl_hybrid-shards/1``; other stages read it, so it does not change):
+
+- ``<prefix>-000000.tar``, ``<prefix>-000001.tar``... written with :class:`webdataset.ShardWriter`;
+- each sample: ``__key__`` (the source path relative to the source root, without its extension, ``.``
+  replaced by ``_``: stable and unique), the image under its original extension (``jpg``/``png``/...;
+  re-encoded ``jpg`` when ``max_side`` is set) and, for labeled sources, ``cls`` (index into the sorted
+  class names) and ``json`` (``{"class_name": ..., "source": <relative path>}``);
+- ``manifest.json``: format, source, num_samples, shards (name, samples, sha256), classes (or null),
+  skipped (path + reason) and shard_size; labeled output also gets ``classes.json``.
+
+Interrupting a run never leaves a shard that counts as complete: a shard is written under a temporary
+name and renamed when closed, and ``manifest.json`` (which is what readers trust) is written last,
+atomically. A re-run first removes the previous run's shards, temporary files and manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Iterator, Optional
+
+from ssl_hybrid.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "ssl_hybrid-shards/1"
+MANIFEST = "manifest.json"
+CLASSES = "classes.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# PIL's own default (about 89 Mpx); an image declaring more pixels is refused before decoding.
+MAX_IMAGE_PIXELS = 89_478_485
+_TMP_PREFIX = ".partial-"
+
+
+class ShardWriteError(UserError):
+    """The source cannot be turned into shards (missing, empty, unreadable list)."""
+
+
+@dataclass
+class SourceItem:
+    path: Path  # absolute path of the image file
+    relative: str  # path relative to the source root (or as written in the list file)
+    class_name: Optional[str] = None
+
+
+@dataclass
+class Source:
+    root: Path
+    items: list[SourceItem]
+    classes: Optional[list[str]]
+    skipped: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting the source files
+# ---------------------------------------------------------------------------------------------
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _walk_files(root: Path, skipped: list[dict]) -> list[Path]:
+    """All regular files under root, sorted; symlinks that leave root are skipped, not followed."""
+    found: list[Path] = []
+    for directory, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in sorted(dirnames):
+            sub = Path(directory) / name
+            if sub.is_symlink():  # os.walk does not descend into it; say so rather than drop it silently
+                skipped.append({"path": sub.relative_to(root).as_posix(), "reason": "symlinked directory not followed"})
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(directory) / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink() and not _inside(path, root):
+                skipped.append({"path": path.relative_to(root).as_posix(), "reason": "symlink leaves the source folder"})
+                continue
+            found.append(path)
+    return found
+
+
+def _label_from_regex(regex: re.Pattern, name: str) -> Optional[str]:
+    match = regex.search(name)
+    if not match:
+        return None
+    return match.group(1) if match.groups() else match.group(0)
+
+
+def collect_folder(root: Path, labels: str = "auto", label_regex: Optional[str] = None) -> Source:
+    """labels: auto (class sub-folders if every image is inside one), folders, or none."""
+    skipped: list[dict] = []
+    files = _walk_files(root, skipped)
+    items: list[SourceItem] = []
+    for path in files:
+        relative = path.relative_to(root).as_posix()
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": relative, "reason": f"not an image extension ({path.suffix or 'none'})"})
+            continue
+        items.append(SourceItem(path=path, relative=relative))
+    if label_regex:
+        regex = re.compile(label_regex)
+        kept = []
+        for item in items:
+            item.class_name = _label_from_regex(regex, Path(item.relative).name)
+            if item.class_name is None:
+                skipped.append({"path": item.relative, "reason": f"file name does not match --label-regex {label_regex!r}"})
+            else:
+                kept.append(item)
+        items = kept
+    else:
+        top_level = [item for item in items if "/" not in item.relative]
+        use_folders = labels == "folders" or (labels == "auto" and items and not top_level)
+        if labels == "folders" and top_level:
+            raise ShardWriteError(f"{root}: --labels folders, but {top_level[0].relative} is not inside a class folder")
+        if use_folders:
+            for item in items:
+                item.class_name = item.relative.split("/", 1)[0]
+    classes = sorted({item.class_name for item in items}) if items and items[0].class_name is not None else None
+    return Source(root=root, items=items, classes=classes, skipped=skipped)
+
+
+def collect_list(list_file: Path) -> Source:
+    """A text file: one image path per line, optionally '<TAB>class name'; relative paths are relative
+    to the list file's folder; blank lines and lines starting with '#' are ignored."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ShardWriteError(f"{list_file}: cannot read the image list ({err})") from None
+    root = list_file.resolve().parent
+    items: list[SourceItem] = []
+    skipped: list[dict] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path_text, _, class_name = line.rstrip("\n").partition("\t")
+        path = Path(path_text.strip())
+        path = path if path.is_absolute() else root / path
+        relative = os.path.relpath(path, root).replace(os.sep, "/")
+        if path.suffix.lower() not in IMAGE_EXTENSIONS:
+            skipped.append({"path": relative, "reason": f"line {number}: not an image extension"})
+            continue
+        items.append(SourceItem(path=path, relative=relative, class_name=class_name.strip() or None))
+    labeled = [item.class_name is not None for item in items]
+    if any(labeled) and not all(labeled):
+        raise ShardWriteError(f"{list_file}: some lines have a class name after a TAB and some do not")
+    classes = sorted({item.class_name for item in items}) if items and all(labeled) else None
+    return Source(root=root, items=items, classes=classes, skipped=skipped)
+
+
+def sample_key(relative: str) -> str:
+    """Stable key from the relative path: no extension, no '.' (webdataset splits key/extension there)."""
+    stem = relative.rsplit(".", 1)[0] if "." in Path(relative).name else relative
+    return stem.replace(".", "_").lstrip("/")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one image (runs in worker processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Fully decode ``data``; return the PIL image or raise ValueError with a short reason."""
+    from PIL import Image
+
+    if not data:
+        raise ValueError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(f"decompression bomb refused ({width}x{height} > {max_pixels} pixels)")
+            image.load()
+    except ValueError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ValueError(f"decompression bomb refused ({err})") from None
+    except Exception as err:  # PIL raises many types for bad bytes (OSError, SyntaxError, struct.error...)
+        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from None
+    return image
+
+
+def _reencode(image, max_side: int, quality: int) -> bytes:
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def _load_item(args: tuple[str, int, int]) -> tuple[Optional[bytes], str, Optional[str]]:
+    """(bytes or None, extension, skip reason or None)."""
+    path_text, max_side, quality = args
+    path = Path(path_text)
+    extension = path.suffix.lower().lstrip(".")
+    extension = "jpg" if extension == "jpeg" else "tif" if extension == "tiff" else extension
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        return None, extension, f"cannot read ({err.strerror or err})"
+    try:
+        image = check_image_bytes(data)
+        if max_side > 0:
+            return _reencode(image, max_side, quality), "jpg", None
+    except ValueError as err:
+        return None, extension, str(err)
+    except OSError as err:  # encoder failures on exotic modes
+        return None, extension, f"cannot re-encode ({err})"
+    return data, extension, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _clean_previous(out: Path, prefix: str) -> None:
+    """Remove a previous (possibly interrupted) run's shards, temp files and manifest."""
+    pattern = re.compile(rf"^(?:{re.escape(_TMP_PREFIX)})?{re.escape(prefix)}-\d{{6}}\.tar$")
+    for path in out.iterdir():
+        if pattern.match(path.name) or path.name in (MANIFEST, CLASSES):
+            path.unlink()
+
+
+def _write_json(path: Path, payload) -> None:
+    from ssl_hybrid.runs import write_json_atomic
+
+    write_json_atomic(path, payload)
+
+
+def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int) -> Iterator[tuple]:
+    jobs = [(str(item.path), max_side, quality) for item in items]
+    if workers <= 1:
+        yield from map(_load_item, jobs)
+        return
+    with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+        yield from pool.imap(_load_item, jobs, chunksize=4)
+
+
+def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_side: int = 0, quality: int = 90,
+                 seed: int = 0, shuffle: bool = True, workers: int = 1, prefix: Optional[str] = None,
+                 labels: str = "auto", label_regex: Optional[str] = None, progress: bool = True) -> dict:
+    """Write shards + manifest.json (+ classes.json) into ``out``; return the manifest."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    src, out = Path(src), Path(out)
+    if shard_size < 1:
+        raise ShardWriteError(f"--shard-size must be >= 1, got {shard_size}")
+    if max_side < 0 or not 1 <= quality <= 100:
+        raise ShardWriteError(f"--max-side must be >= 0 and --quality in [1, 100] (got {max_side}, {quality})")
+    if not src.exists():
+        raise ShardWriteError(f"{src}: source not found (expected an image folder or a text list of images)")
+    source = collect_folder(src, labels, label_regex) if src.is_dir() else collect_list(src)
+    if not source.items:
+        raise ShardWriteError(f"{src}: no image files found ({len(source.skipped)} files skipped)")
+    if shuffle:
+        random.Random(seed).shuffle(source.items)
+    prefix = prefix or out.resolve().name
+    if out.exists() and not out.is_dir():
+        raise ShardWriteError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_previous(out, prefix)
+    class_index = {name: index for index, name in enumerate(source.classes or [])}
+
+    shards: list[dict] = []
+    skipped = list(source.skipped)
+    keys: set[str] = set()
+
+    def finished(tmp_name: str) -> None:
+        tmp = Path(tmp_name)
+        final = tmp.with_name(tmp.name[len(_TMP_PREFIX):])
+        count = writer.count
+        if count == 0:  # ShardWriter opens a next shard eagerly; an empty one is not a shard
+            tmp.unlink()
+            return
+        os.replace(tmp, final)
+        shards.append({"name": final.name, "samples": count, "sha256": _sha256(final)})
+
+    writer = wds.ShardWriter(str(out / f"{_TMP_PREFIX}{prefix}-%06d.tar"), maxcount=shard_size, post=finished,
+                             verbose=0, encoder=False, mtime=0)
+    try:
+        loaded = _load_all(source.items, max_side, quality, workers)
+        for item, (data, extension, reason) in tqdm(zip(source.items, loaded), total=len(source.items),
+                                                    desc=f"shards {out.name}", unit="img", disable=not progress):
+            if reason is not None:
+                log.warning("skipping %s: %s", item.relative, reason)
+                skipped.append({"path": item.relative, "reason": reason})
+                continue
+            key = sample_key(item.relative)
+            if key in keys:
+                skipped.append({"path": item.relative, "reason": f"duplicate key {key!r}"})
+                continue
+            keys.add(key)
+            sample = {"__key__": key, extension: data}
+            if item.class_name is not None:
+                sample["cls"] = str(class_index[item.class_name]).encode("ascii")
+                sample["json"] = json.dumps({"class_name": item.class_name, "source": item.relative}).encode()
+            writer.write(sample)
+        writer.close()
+    except BaseException:
+        if getattr(writer, "tarstream", None) is not None:
+            writer.tarstream.close()
+        for leftover in out.glob(f"{_TMP_PREFIX}{prefix}-*.tar"):
+            leftover.unlink()
+        raise
+    manifest = {"format": FORMAT, "source": str(src), "num_samples": sum(s["samples"] for s in shards),
+                "shards": shards, "classes": source.classes, "skipped": sorted(skipped, key=lambda s: s["path"]),
+                "shard_size": shard_size, "max_side": max_side, "seed": seed if shuffle else None}
+    if source.classes is not None:
+        _write_json(out / CLASSES, source.classes)
+    _write_json(out / MANIFEST, manifest)  # last: its presence marks the output as complete
+    log.info("wrote %d samples in %d shards to %s (%d skipped)", manifest["num_samples"], len(shards), out,
+             len(skipped))
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{directory}: no {MANIFEST} (not a shard directory, or an interrupted "
+                        f"'ssl-hybrid shards' run; re-run it)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path}: not an {FORMAT} manifest")
+    return manifest

@@ -1,0 +1,501 @@
+"""Streaming reader for ``ssl_hybrid-shards/1`` tar shards (see :mod:`ssl_hybrid.data.shards`).
+
+Pipeline per DataLoader worker: shard list for (seed, epoch, rank, worker) -> tar read (webdataset
+``gopen`` + ``tar_file_iterator``, so local paths, ``pipe:`` and ``http(s)://`` URLs work) -> seeded
+sample shuffle buffer over the *compressed* bytes -> decode + multi-view transform -> batch + collate.
+Batches are formed inside the workers; the DataLoader (a ``webdataset.WebLoader``) only moves them.
+
+Splitting. Shards are split by rank first and then by worker, explicitly, from a shard order that
+depends only on (seed, epoch):
+
+- exact mode (``data.resampled=false``): every epoch is a seeded permutation of all shards;
+  rank ``r`` takes ``perm[r::world_size]`` and its worker ``w`` takes ``[w::num_workers]`` of that, so
+  within an epoch every sample is read exactly once across all ranks. Each worker needs at least one
+  shard, hence fewer shards than ranks x workers is refused with a :class:`UserError`.
+- resampled mode (``data.resampled=true``, training default): an "epoch" of a worker is
+  ``ceil(num_shards / (ranks x workers))`` shards drawn with replacement, seeded by
+  (seed, epoch, rank, worker); works with any number of shards.
+
+In both modes the stream a rank sees is infinite (workers move on to their next epoch by themselves and
+batches run across epoch boundaries), so the trainer's explicit step budget gives every rank the same
+number of batches and no rank ever waits at an epoch end. ``epochs=N`` makes it finite (evaluation,
+tests); the last batch of each worker may then be partial.
+
+Exact resume (design choice). The data position of a rank is, per worker, (epoch, offset): the number
+of samples that left that worker's shuffle buffer in that epoch up to the last batch the trainer
+*consumed*, plus the worker's seen/skipped counters; batches carry their worker's position, so samples
+prefetched but not consumed are not counted. The shuffle buffer is flushed at each worker-epoch end,
+so a worker's epoch is a pure function of (seed, epoch, rank, worker, shard bytes). Resuming replays
+the current epoch of each worker from its first shard through the same seeded shuffle and drops the
+first ``offset`` samples *before decoding* (only tar bytes are re-read, at most one worker-epoch each).
+Augmentations are seeded per sample from (seed, rank, worker, epoch, offset), so a resumed run yields
+bit-identical batches. The DataLoader hands out batches round-robin from worker 0, so after ``n``
+consumed batches the rebuilt loader rotates the logical worker ids by ``n mod num_workers``; the state
+therefore only resumes exactly with the same num_workers, world size, seed, batch size and shard
+count, and :meth:`TrainStream.load_state_dict` refuses a mismatch rather than silently repeating data.
+
+Bad data. Corrupt image bytes, zero-byte images, samples without an image, unreadable/truncated tars
+and decompression bombs are skipped with a warning naming ``__url__`` and ``__key__`` and counted.
+A truncated or unreadable shard counts as many skipped samples as the manifest says it lost (1 when
+there is no manifest). Above ``data.max_skip_rate`` (checked once ``data.skip_rate_min_samples``
+samples were seen, and at every worker-epoch end) the stream stops with a :class:`DataQualityError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import random
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
+STATE_FORMAT = "ssl_hybrid-stream/1"
+
+
+class DataQualityError(UserError):
+    """Too many corrupt samples, or none decodable: the corpus needs fixing, not the code."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard specs
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_url(text: str) -> bool:
+    return "://" in text or text.startswith("pipe:")
+
+
+def _expand(pattern: str) -> list[str]:
+    import braceexpand
+
+    urls: list[str] = []
+    for part in pattern.split("::"):  # webdataset's separator for several patterns
+        urls.extend(braceexpand.braceexpand(part.strip()))
+    return urls
+
+
+def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]]:
+    """Shard URLs and, when a manifest is known, the sample count of each shard."""
+    spec = str(spec).strip()
+    if not spec:
+        raise UserError("empty shard spec: name shards, a shard directory or a list file")
+    if _is_url(spec):
+        return _expand(spec), None
+    path = Path(spec)
+    if path.is_dir() or path.name == shard_format.MANIFEST:
+        directory = path if path.is_dir() else path.parent
+        if not (directory / shard_format.MANIFEST).exists() and any(
+                p.suffix.lower() in shard_format.IMAGE_EXTENSIONS for p in directory.iterdir()):
+            raise UserError(f"{directory}: is an image folder, not shards; convert it with "
+                            f"'ssl-hybrid shards --src {directory} --out <dir>'")
+        manifest = shard_format.read_manifest(directory)
+        urls = [str(directory / item["name"]) for item in manifest["shards"]]
+        counts = {str(directory / item["name"]): int(item["samples"]) for item in manifest["shards"]}
+        if not urls:
+            raise UserError(f"{directory}/{shard_format.MANIFEST}: lists no shards")
+        return urls, counts
+    if path.suffix.lower() in (".txt", ".list", ".lst") and path.is_file():
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        urls = []
+        for line in lines:
+            if line and not line.startswith("#"):
+                urls.append(line if _is_url(line) or Path(line).is_absolute() else str(path.parent / line))
+    else:
+        urls = _expand(spec)
+    missing = [url for url in urls if not _is_url(url) and not Path(url).exists()]
+    if missing:
+        raise UserError(f"{spec}: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
+    if not urls:
+        raise UserError(f"{spec}: names no shards")
+    return urls, None
+
+
+def resolve_shards(spec: str) -> list[str]:
+    """Shard URLs from a brace pattern (``a-{000000..000009}.tar``, several joined by ``::``), a list
+    file (``.txt``: one shard per line, relative to the file), a directory with ``manifest.json`` (or
+    that manifest's path), or URLs (``pipe:``, ``http(s)://``...). Raises UserError naming what is wrong."""
+    return _resolve_with_counts(spec)[0]
+
+
+def shard_counts(spec: str) -> Optional[dict[str, int]]:
+    """Samples per shard from the manifest, or None when the spec has none (patterns, URLs)."""
+    return _resolve_with_counts(spec)[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------
+
+
+def image_entry(sample: dict) -> Optional[tuple[str, bytes]]:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return key, sample[key]
+    return None
+
+
+def decode_image_or_reason(sample: dict, max_pixels: Optional[int] = None):
+    """(RGB PIL image, None) or (None, reason). Grayscale, palette, alpha and 16-bit become RGB."""
+    if "__error__" in sample:
+        return None, sample["__error__"]
+    entry = image_entry(sample)
+    if entry is None:
+        fields = sorted(k for k in sample if not k.startswith("__"))
+        return None, f"no image in sample (fields: {', '.join(fields) or 'none'})"
+    try:
+        image = shard_format.check_image_bytes(entry[1], max_pixels or shard_format.MAX_IMAGE_PIXELS)
+    except ValueError as err:
+        return None, str(err)
+    if image.mode == "I;16" or image.mode == "I":  # 16/32-bit grayscale: scale to 8 bit before RGB
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    return (image if image.mode == "RGB" else image.convert("RGB")), None
+
+
+def decode_image(sample: dict):
+    """The sample's image as an RGB ``PIL.Image``, or None when it is missing, corrupt or too large."""
+    return decode_image_or_reason(sample)[0]
+
+
+def sample_label(sample: dict) -> Optional[int]:
+    """The integer ``cls`` of a labeled sample, None when unlabeled; ValueError when malformed."""
+    if "cls" not in sample:
+        return None
+    return int(bytes(sample["cls"]).decode("ascii").strip())
+
+
+def sample_meta(sample: dict) -> Optional[dict]:
+    return json.loads(sample["json"]) if "json" in sample else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading shards (inside a worker)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
+    """Samples of one shard. A shard that cannot be opened or is cut short yields one placeholder
+    (with ``__error__``) per lost sample, so the loss is counted where the samples would have been."""
+    from webdataset.gopen import gopen
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    count = 0
+    stream = None
+    try:
+        stream = gopen(url, "rb")
+        current: Optional[dict] = None
+        for entry in tar_file_iterator(stream):
+            prefix, suffix = base_plus_ext(entry["fname"])
+            if prefix is None:
+                continue
+            if current is None or prefix != current["__key__"]:
+                if current is not None:
+                    count += 1
+                    yield current
+                current = {"__key__": prefix, "__url__": url}
+            current[suffix.lower()] = entry["data"]
+        if current is not None:
+            count += 1
+            yield current
+    except Exception as err:  # tarfile.ReadError, OSError, HTTP errors: the rest of this shard is lost
+        lost = max(0, expected - count) if expected is not None else 1
+        log.warning("shard %s unreadable after %d samples (%s: %s); counting %d lost samples", url, count,
+                    type(err).__name__, err, lost)
+        for index in range(lost):
+            yield {"__key__": f"<lost {index + 1}/{lost}>", "__url__": url,
+                   "__error__": f"shard unreadable after {count} samples ({type(err).__name__})"}
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Seeded reservoir shuffle (as webdataset's ``shuffle``) that always drains at the end."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            index = rng.randrange(len(buffer))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    while buffer:
+        index = rng.randrange(len(buffer))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        yield buffer.pop()
+
+
+def _seed_from(*parts: Any) -> int:
+    text = "-".join(str(part) for part in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
+
+
+class _SeededRNG:
+    """Seed python/numpy/torch global RNGs (torchvision and lightly draw from them) for one sample;
+    restore them afterwards when running in the main process, whose RNGs belong to the trainer."""
+
+    def __init__(self, seed: int, restore: bool):
+        self.seed, self.restore = seed, restore
+
+    def __enter__(self):
+        if self.restore:
+            self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        if self.restore:
+            random.setstate(self.saved[0])
+            np.random.set_state(self.saved[1])
+            torch.set_rng_state(self.saved[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-worker stream
+# ---------------------------------------------------------------------------------------------
+
+
+def fresh_position() -> dict:
+    return {"epoch": 0, "offset": 0, "seen": 0, "skipped": 0}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Yields collated batches with a ``_meta`` position (or ``{"_abort": message}``); see module doc."""
+
+    def __init__(self, urls: list[str], counts: Optional[dict[str, int]], *, batch_size: int, seed: int,
+                 rank: int, world_size: int, num_workers: int, resampled: bool, buffer_size: int,
+                 transform: Callable, collate: Callable, positions: list[dict], rotation: int = 0,
+                 epochs: Optional[int] = None, max_skip_rate: float = 0.1, skip_rate_min_samples: int = 100):
+        super().__init__()
+        self.urls, self.counts = list(urls), counts
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.resampled, self.buffer_size = resampled, buffer_size
+        self.transform, self.collate = transform, collate
+        self.positions, self.rotation, self.epochs = positions, rotation, epochs
+        self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
+
+    # -- shard order -------------------------------------------------------------------------
+    def epoch_shards(self, epoch: int, worker: int) -> list[str]:
+        if self.resampled:
+            rng = random.Random(_seed_from("resample", self.seed, epoch, self.rank, worker))
+            per_worker = max(1, math.ceil(len(self.urls) / (self.world_size * self.num_workers)))
+            return [rng.choice(self.urls) for _ in range(per_worker)]
+        order = list(self.urls)
+        random.Random(_seed_from("shards", self.seed, epoch)).shuffle(order)
+        return order[self.rank::self.world_size][worker::self.num_workers]
+
+    def epoch_samples(self, epoch: int, worker: int) -> Iterator[dict]:
+        """The raw (undecoded) samples of one worker-epoch, in shuffled order."""
+        def read_all() -> Iterator[dict]:
+            for url in self.epoch_shards(epoch, worker):
+                yield from read_shard(url, (self.counts or {}).get(url))
+
+        rng = random.Random(_seed_from("buffer", self.seed, epoch, self.rank, worker))
+        return shuffle_buffer(read_all(), self.buffer_size, rng)
+
+    # -- one sample ----------------------------------------------------------------------------
+    def make_sample(self, raw: dict, seed: int, in_main: bool) -> tuple[Optional[dict], Optional[str]]:
+        image, reason = decode_image_or_reason(raw)
+        if image is None:
+            return None, reason
+        try:
+            label = sample_label(raw)
+        except (ValueError, UnicodeDecodeError):
+            return None, "malformed cls field"
+        with _SeededRNG(seed, restore=in_main):
+            views = self.transform(image)
+        item = {"global_views": views["global_views"], "local_views": views.get("local_views", []),
+                "key": raw["__key__"]}
+        if label is not None:
+            item["label"] = label
+        return item, None
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _too_many_skips(self, seen: int, skipped: int, epoch_end: bool) -> bool:
+        if seen == 0 or (seen < self.skip_rate_min_samples and not epoch_end):
+            return False
+        return skipped / seen > self.max_skip_rate
+
+    def _abort(self, worker: int, seen: int, skipped: int, last: str) -> dict:
+        return {"_abort": f"{skipped} of {seen} samples skipped by rank {self.rank} worker {worker} "
+                          f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.max_skip_rate}); "
+                          f"last: {last}. Fix or re-write the shards (ssl-hybrid shards), or raise "
+                          f"data.max_skip_rate"}
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.rotation) % self.num_workers
+        yield from self.iterate_worker(worker, in_main=info is None)
+
+    def iterate_worker(self, worker: int, in_main: bool) -> Iterator[dict]:
+        position = self.positions[worker]
+        epoch, resume_offset = position["epoch"], position["offset"]
+        seen, skipped = position["seen"], position["skipped"]
+        batch: list[dict] = []
+        last_problem = ""
+        while self.epochs is None or epoch < self.epochs:
+            read = 0
+            for offset, raw in enumerate(self.epoch_samples(epoch, worker)):
+                read += 1
+                if offset < resume_offset:
+                    continue  # consumed before the checkpoint: dropped before decoding
+                item, reason = self.make_sample(
+                    raw, _seed_from("views", self.seed, self.rank, worker, epoch, offset), in_main)
+                seen += 1
+                if item is None:
+                    skipped += 1
+                    last_problem = f"{raw.get('__url__')} key {raw.get('__key__')}: {reason}"
+                    log.warning("skipping sample %s", last_problem)
+                    if self._too_many_skips(seen, skipped, epoch_end=False):
+                        yield self._abort(worker, seen, skipped, last_problem)
+                        return
+                    continue
+                batch.append(item)
+                if len(batch) == self.batch_size:
+                    yield self._emit(batch, worker, epoch, offset + 1, seen, skipped)
+                    batch = []
+            resume_offset = 0
+            if read == 0 or self._too_many_skips(seen, skipped, epoch_end=True):
+                yield self._abort(worker, seen, skipped, last_problem or "no samples in its shards")
+                return
+            epoch += 1
+        if batch:
+            yield self._emit(batch, worker, epoch, 0, seen, skipped)
+
+    def _emit(self, batch: list[dict], worker: int, epoch: int, offset: int, seen: int, skipped: int) -> dict:
+        collated = self.collate(batch)
+        collated["_meta"] = {"worker": worker, "epoch": epoch, "offset": offset, "seen": seen, "skipped": skipped}
+        return collated
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer-facing stream
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainStream:
+    """An iterable of batches (``global_views``, ``local_views``, ``key``, ``label`` when labeled) whose
+    data position can be saved and restored; iterating again continues from the current position."""
+
+    def __init__(self, urls: list[str], counts: Optional[dict[str, int]], *, batch_size: int, seed: int, rank: int,
+                 world_size: int, transform: Callable, num_workers: int, resampled: bool, buffer_size: int,
+                 max_skip_rate: float, skip_rate_min_samples: int, epochs: Optional[int] = None,
+                 collate: Optional[Callable] = None, spec: str = ""):
+        from ssl_hybrid.data.views import collate_views
+
+        self.urls, self.counts, self.spec = urls, counts, spec
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.transform, self.num_workers, self.resampled = transform, num_workers, resampled
+        self.buffer_size, self.epochs = buffer_size, epochs
+        self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
+        self.collate = collate or collate_views
+        self.positions = [fresh_position() for _ in range(max(1, num_workers))]
+        self.batches = 0
+        self.samples = 0
+
+    # -- iteration -----------------------------------------------------------------------------
+    def _dataset(self) -> ShardStream:
+        return ShardStream(
+            self.urls, self.counts, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, num_workers=self.num_workers, resampled=self.resampled,
+            buffer_size=self.buffer_size, transform=self.transform, collate=self.collate,
+            positions=copy.deepcopy(self.positions), rotation=self.batches % max(1, self.num_workers),
+            epochs=self.epochs, max_skip_rate=self.max_skip_rate, skip_rate_min_samples=self.skip_rate_min_samples)
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
+        loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers, **extra)
+        for batch in loader:
+            if "_abort" in batch:
+                raise DataQualityError(f"{self.spec or 'stream'}: {batch['_abort']}")
+            meta = batch.pop("_meta")
+            self.positions[meta["worker"]] = {k: meta[k] for k in ("epoch", "offset", "seen", "skipped")}
+            self.batches += 1
+            self.samples += len(batch["key"])
+            self._check_skip_rate()
+            yield batch
+
+    def _check_skip_rate(self) -> None:
+        seen, skipped = self.seen, self.skipped
+        if seen >= self.skip_rate_min_samples and skipped / seen > self.max_skip_rate:
+            raise DataQualityError(
+                f"{self.spec or 'stream'}: {skipped} of {seen} samples skipped on rank {self.rank} "
+                f"({skipped / seen:.1%} > data.max_skip_rate={self.max_skip_rate}); fix the shards or raise it")
+
+    # -- counters --------------------------------------------------------------------------------
+    @property
+    def seen(self) -> int:
+        return sum(p["seen"] for p in self.positions)
+
+    @property
+    def skipped(self) -> int:
+        return sum(p["skipped"] for p in self.positions)
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch any worker of this rank is still in."""
+        return min(p["epoch"] for p in self.positions)
+
+    def stats(self) -> dict:
+        seen, skipped = self.seen, self.skipped
+        return {"seen": seen, "skipped": skipped, "skip_rate": skipped / seen if seen else 0.0,
+                "batches": self.batches, "samples": self.samples, "epoch": self.epoch}
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_workers, "batch_size": self.batch_size, "resampled": self.resampled,
+                "num_shards": len(self.urls), "shuffle_buffer": self.buffer_size}
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, **self._identity(), "epoch": self.epoch, "batches": self.batches,
+                "samples": self.samples, "workers": copy.deepcopy(self.positions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise UserError(f"data position: unknown format {state.get('format')!r} (expected {STATE_FORMAT})")
+        mismatched = [f"{key} saved {state.get(key)!r}, now {value!r}" for key, value in self._identity().items()
+                      if state.get(key) != value]
+        if mismatched:
+            raise UserError("data position cannot be resumed exactly: " + "; ".join(mismatched)
+                            + " (use the settings of the interrupted run)")
+        self.positions = copy.deepcopy(state["workers"])
+        self.batches, self.samples = int(state["batches"]), int(state["samples"])
+
+
+def build_train_stream(data_cfg, batch_size: int, seed: int, rank: int, world_size: int, transform: Callable, *,
+                       num_workers: Optional[int] = None, epochs: Optional[int] = None,
+                       spec: Optional[str] = None) -> TrainStream:
+    """The training stream of one rank over ``data_cfg.train`` (or ``spec``); see the module doc."""
+    spec = spec or data_cfg.train
+    urls, counts = _resolve_with_counts(spec)
+    workers = data_cfg.num_workers if num_workers is None else num_workers
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"batch_size must be >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")
+    slots = world_size * max(1, workers)
+    if not data_cfg.resampled and len(urls) < slots:
+        raise UserError(f"{spec}: {len(urls)} shards < {world_size} ranks x {max(1, workers)} workers = {slots}; "
+                        f"exact mode (data.resampled=false) gives each worker whole shards. Write smaller shards "
+                        f"(ssl-hybrid shards --shard-size), lower data.num_workers, or set data.resampled=true")
+    return TrainStream(urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                       transform=transform, num_workers=workers, resampled=data_cfg.resampled,
+                       buffer_size=data_cfg.shuffle_buffer, max_skip_rate=data_cfg.max_skip_rate,
+                       skip_rate_min_samples=data_cfg.skip_rate_min_samples, epochs=epochs, spec=str(spec))

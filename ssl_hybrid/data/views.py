@@ -1,0 +1,67 @@
+"""Multi-view augmentations from lightly's transforms, and a collate that names the views.
+
+``build_transform(data_cfg)`` returns ``callable(PIL.Image) -> {"global_views": [Tensor[3,H,W]...],
+"local_views": [Tensor[3,h,w]...]}``:
+
+- ``dino``: lightly ``DINOTransform`` -- 2 global crops of ``data.image_size`` + ``data.num_local_views``
+  local crops of ``data.local_image_size`` (multi-crop);
+- ``simclr``: lightly ``SimCLRTransform`` -- 2 global views;
+- ``mae``: lightly ``MAETransform`` -- 1 light crop (MIM needs no second view).
+
+Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly's colour jitter and the
+3-channel normalisation expect RGB).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+VIEW_KINDS = ("dino", "simclr", "mae")
+
+
+def _lightly_transform(data_cfg):
+    from lightly.transforms import DINOTransform, MAETransform, SimCLRTransform
+
+    if data_cfg.views == "dino":
+        transform = DINOTransform(global_crop_size=data_cfg.image_size, local_crop_size=data_cfg.local_image_size,
+                                  n_local_views=data_cfg.num_local_views)
+        return transform, 2
+    if data_cfg.views == "simclr":
+        return SimCLRTransform(input_size=data_cfg.image_size), 2
+    if data_cfg.views == "mae":
+        return MAETransform(input_size=data_cfg.image_size), 1
+    raise ValueError(f"data.views must be one of {', '.join(VIEW_KINDS)}, got {data_cfg.views!r}")
+
+
+class MultiViewTransform:
+    """PIL image -> named views (a class, not a closure, so DataLoader workers can pickle it)."""
+
+    def __init__(self, transform: Callable, num_global: int):
+        self.transform, self.num_global = transform, num_global
+
+    def __call__(self, image) -> dict:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        views = self.transform(image)
+        return {"global_views": list(views[:self.num_global]), "local_views": list(views[self.num_global:])}
+
+
+def build_transform(data_cfg) -> MultiViewTransform:
+    return MultiViewTransform(*_lightly_transform(data_cfg))
+
+
+def collate_views(samples: list[dict]) -> dict:
+    """[{global_views, local_views, key, label?}] -> {global_views: [Tensor[B,3,H,W]] per view,
+    local_views: [Tensor[B,3,h,w]] per view, key: [str], label: Tensor[B] (only if every sample has one)}."""
+    if not samples:
+        raise ValueError("collate_views needs at least one sample")
+    batch = {
+        "global_views": [torch.stack(views) for views in zip(*(s["global_views"] for s in samples))],
+        "local_views": [torch.stack(views) for views in zip(*(s["local_views"] for s in samples))],
+        "key": [s["key"] for s in samples],
+    }
+    if all("label" in s for s in samples):
+        batch["label"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+    return batch
