@@ -77,7 +77,9 @@ def _run_config(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 # target -> (module with run_benchmark(args) -> dict and add_arguments(parser), one-line help)
-BENCH_TARGETS: dict[str, tuple[str, str]] = {}
+BENCH_TARGETS: dict[str, tuple[str, str]] = {
+    "data": ("ssl_hybrid.data.bench", "samples/s of the full shard stream vs decode+augment from memory, 1 and 2 workers"),
+}
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -114,9 +116,55 @@ def _run_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# shards: image folder / image list -> webdataset tar shards + manifest.json
+# --------------------------------------------------------------------------------------------
+
+
+def _add_shards(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "shards", formatter_class=_HelpFormatter, help="write webdataset tar shards + manifest.json from images",
+        description="Write an image folder (flat = unlabeled, or one sub-folder per class) or a text list of\n"
+                    "images (one path per line, optionally '<TAB>class') as tar shards with a manifest.\n\n"
+                    "examples:\n  ssl-hybrid shards --src photos/ --out shards/photos --max-side 512\n"
+                    "  ssl-hybrid shards --src pets/ --out data/pets37 --label-regex '^(.*)_\\d+\\.\\w+$'")
+    parser.add_argument("--src", default=None, help="image folder or text file listing images (required)")
+    parser.add_argument("--out", default=None, help="output directory (required); previous shards there are replaced")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    parser.add_argument("--max-side", type=int, default=0,
+                        help="shrink images larger than this and re-encode as JPEG; 0 keeps the original bytes")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality when --max-side re-encodes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle")
+    parser.add_argument("--no-shuffle", action="store_true", help="keep the sorted source order")
+    parser.add_argument("--workers", type=int, default=1, help="processes that read, check and re-encode images")
+    parser.add_argument("--prefix", default=None, help="shard name prefix; default: the output folder's name")
+    parser.add_argument("--labels", choices=("auto", "folders", "none"), default="auto",
+                        help="class labels from sub-folders: auto = when every image is inside one")
+    parser.add_argument("--label-regex", default=None,
+                        help="take the class from the file name instead (first regex group), e.g. '^(.*)_\\d+\\.jpg$'")
+    parser.set_defaults(handler=_run_shards)
+
+
+def _run_shards(args: argparse.Namespace) -> int:
+    from ssl_hybrid.data.shards import write_shards
+
+    for flag in ("src", "out"):
+        if not getattr(args, flag):
+            raise UserError(f"--{flag} is required (see ssl-hybrid shards --help)")
+    manifest = write_shards(args.src, args.out, shard_size=args.shard_size, max_side=args.max_side,
+                            quality=args.quality, seed=args.seed, shuffle=not args.no_shuffle, workers=args.workers,
+                            prefix=args.prefix, labels=args.labels, label_regex=args.label_regex,
+                            progress=sys.stderr.isatty())
+    classes = manifest["classes"]
+    print(f"{args.out}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+          f"{len(classes) if classes else 'no'} classes, {len(manifest['skipped'])} skipped")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_bench,
+    _add_shards,
 ]
 
 
