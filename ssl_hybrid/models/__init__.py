@@ -1,0 +1,9 @@
+"""Backbones. Importing this package registers the ``hybrid_*`` variants with timm.
+
+Depends on timm/torch only (never on ssl_hybrid.data/train/eval/objectives).
+"""
+
+from ssl_hybrid.models.hybrid import HybridViT, hybrid_base, hybrid_nano, hybrid_small, hybrid_tiny  # noqa: F401
+from ssl_hybrid.models.masking import random_grid_mask  # noqa: F401
+
+HYBRID_VARIANTS = ("hybrid_nano", "hybrid_tiny", "hybrid_small", "hybrid_base")
