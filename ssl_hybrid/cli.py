@@ -79,6 +79,7 @@ def _run_config(args: argparse.Namespace) -> int:
 # target -> (module with run_benchmark(args) -> dict and add_arguments(parser), one-line help)
 BENCH_TARGETS: dict[str, tuple[str, str]] = {
     "data": ("ssl_hybrid.data.bench", "samples/s of the full shard stream vs decode+augment from memory, 1 and 2 workers"),
+    "knn": ("ssl_hybrid.eval.bench", "whole k-NN eval vs bare FAISS search vs GEMM peak, torch and sklearn (50k x 10k x 384)"),
 }
 
 
@@ -161,10 +162,121 @@ def _run_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# knn / linear / fewshot / finetune / report: few-label evaluation (handlers in ssl_hybrid/eval/commands.py)
+# --------------------------------------------------------------------------------------------
+
+_BACKBONE_HELP = ("run directory, backbone.safetensors, timm:<name> or random:<name> (timm: is also a random "
+                  "init: pretrained=False, no network)")
+
+
+def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True) -> None:
+    if backbone:
+        parser.add_argument("backbone", metavar="BACKBONE", help=_BACKBONE_HELP)
+    parser.add_argument("--train", default=None, help="labeled training set: image folder with class sub-folders, "
+                                                      "or labeled shards (directory with manifest.json, pattern)")
+    parser.add_argument("--test", default=None, help="labeled test set, same forms as --train")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="evaluation size (resize + center crop); 0 = backbone.json's image_size, 224 for timm:/random:")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--cache-dir", default=None,
+                        help="feature cache directory; default $SSL_HYBRID_CACHE/features or ~/.cache/ssl_hybrid/features")
+    parser.add_argument("--no-cache", action="store_true", help="always re-extract features, write no cache")
+
+
+def _eval_handler(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module("ssl_hybrid.eval.commands"), name)(args)
+
+    return handler
+
+
+def _add_knn(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "knn", formatter_class=_HelpFormatter, help="weighted k-NN accuracy of frozen features (DINO protocol, FAISS)",
+        description="L2-normalized features, exact FAISS inner-product search, votes weighted by exp(sim/T).\n\n"
+                    "example:\n  ssl-hybrid knn runs/quickstart --train flowers/train --test flowers/test --out knn.json")
+    _eval_data_args(parser)
+    parser.add_argument("--k", type=int, default=20, help="headline k (top1/top5 in the JSON)")
+    parser.add_argument("--ks", default="10,20,100,200", help="every k reported under per_k")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T")
+    parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads; 0 = OMP_NUM_THREADS or all cores")
+    _add_out_arg(parser, "the result")
+    parser.set_defaults(handler=_eval_handler("run_knn"))
+
+
+def _add_linear(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "linear", formatter_class=_HelpFormatter, help="linear probe (logistic regression) on frozen features",
+        description="Chooses the L2 strength C on a held-out part of --train, refits on all of it, scores --test.")
+    _eval_data_args(parser)
+    parser.add_argument("--holdout", type=float, default=0.2, help="share of each training class held out to choose C")
+    parser.add_argument("--cs", default=None, help="comma-separated C values to try; default 1e-3..1e3 (7 values)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    _add_out_arg(parser, "the result")
+    parser.set_defaults(handler=_eval_handler("run_linear"))
+
+
+def _add_fewshot(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "fewshot", formatter_class=_HelpFormatter, help="k-shot accuracy over seeded k-per-class subsets",
+        description="Seeded k-per-class subsets of --train (sample ids saved), evaluated on all of --test.\n\n"
+                    "example:\n  ssl-hybrid fewshot random:hybrid_tiny --train T --test V --shots 1,2,5,10 "
+                    "--seeds 5 --method knn,linear --out fewshot.json")
+    _eval_data_args(parser)
+    parser.add_argument("--shots", default="1,2,5,10", help="labels per class, comma-separated")
+    parser.add_argument("--seeds", type=int, default=5, help="seeded subsets per shot count")
+    parser.add_argument("--method", default="knn,linear", help="knn and/or linear")
+    parser.add_argument("--splits-dir", default=None, help="where subset ids go; default <out>_splits/ or ./fewshot_splits")
+    _add_out_arg(parser, "the result")
+    parser.set_defaults(handler=_eval_handler("run_fewshot"))
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
+        description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
+                    "split of --train. Runs under 'accelerate launch' for several GPUs.")
+    _eval_data_args(parser)
+    parser.add_argument("--shots", type=int, default=0, help="fine-tune on a seeded k-per-class subset; 0 = all of --train")
+    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs")
+    parser.add_argument("--patience", type=int, default=5, help="early stopping: epochs without a better val accuracy")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr of the head")
+    parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1 = off)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for early stopping")
+    parser.add_argument("--seed", type=int, default=0, help="seed of subsets, splits, init and order")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="Accelerate AMP")
+    _add_out_arg(parser, "the result")
+    parser.set_defaults(handler=_eval_handler("run_finetune"), no_cache=True, cache_dir=None)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "report", formatter_class=_HelpFormatter, help="compare backbones: markdown table, JSON, plots",
+        description="k-NN and k-shot numbers of each backbone, a label-efficiency plot and retrieval grids.\n\n"
+                    "example:\n  ssl-hybrid report runs/quickstart random:hybrid_tiny --train T --test V --out-dir reports/")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help=_BACKBONE_HELP)
+    _eval_data_args(parser, backbone=False)
+    parser.add_argument("--names", default=None, help="comma-separated display names, one per RUN")
+    parser.add_argument("--shots", default="1,2,5,10", help="labels per class, comma-separated")
+    parser.add_argument("--seeds", type=int, default=5, help="seeded subsets per shot count")
+    parser.add_argument("--method", default="knn,linear", help="knn and/or linear")
+    parser.add_argument("--out-dir", default="report", help="report.md, report.json, label_efficiency.png, retrieval_*.png")
+    _add_out_arg(parser, "the report")
+    parser.set_defaults(handler=_eval_handler("run_report"))
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_bench,
     _add_shards,
+    _add_knn,
+    _add_linear,
+    _add_fewshot,
+    _add_finetune,
+    _add_report,
 ]
 
 

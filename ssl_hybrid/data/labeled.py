@@ -305,3 +305,16 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
         held.append(members[:n_held])
         fit.append(members[n_held:])
     return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def align_classes(train: LabeledSet, test: LabeledSet) -> LabeledSet:
+    """``test`` relabeled to ``train``'s class indices by class name (folders may list classes differently);
+    a test class absent from train is an error, since no k-NN or probe could ever predict it."""
+    if test.classes == train.classes:
+        return test
+    index = {name: i for i, name in enumerate(train.classes)}
+    unknown = [name for name in test.classes if name not in index]
+    if unknown:
+        raise LabeledDataError(f"{test.source}: class '{unknown[0]}' does not occur in the training set {train.source}")
+    samples = [Sample(s.id, index[test.classes[s.label]], s.path, s.offset, s.size) for s in test.samples]
+    return LabeledSet(test.source, list(train.classes), samples)

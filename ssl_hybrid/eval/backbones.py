@@ -57,9 +57,13 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
     else:
         weights, model_meta = _locate_weights(Path(spec))
         name, kwargs = _model_name_and_kwargs(model_meta, weights)
-        size = image_size or int(model_meta.get("image_size") or DEFAULT_IMAGE_SIZE)
-        model = _create(name, kwargs, size, spec)
+        pretrained_size = int(model_meta.get("image_size") or DEFAULT_IMAGE_SIZE)
+        size = image_size or pretrained_size
+        # Build at the pretraining size so position embeddings match the weights, then resize if asked.
+        model = _create(name, kwargs, pretrained_size, spec)
         missing, unexpected = _load_weights(model, weights)
+        if size != pretrained_size and hasattr(model, "set_input_size"):
+            model.set_input_size(img_size=size)  # timm resamples position embeddings to the new grid
         meta = {"spec": spec, "kind": "file", "model": name, "image_size": size, "weights": str(weights),
                 "missing_keys": missing, "unexpected_keys": unexpected}
     model.eval()
@@ -160,7 +164,11 @@ def _load_weights(model: torch.nn.Module, weights: Path) -> tuple[list[str], lis
     except (SafetensorError, OSError) as err:
         raise BackboneError(f"{weights}: unreadable safetensors file ({err})") from None
     state = _strip_prefix(state, model)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        first = str(err).strip().splitlines()[-1].strip()
+        raise BackboneError(f"{weights}: weights do not fit the model ({first})") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if unexpected:
         log.warning("%s: %d unexpected keys ignored (e.g. %s)", weights, len(unexpected), ", ".join(unexpected[:3]))

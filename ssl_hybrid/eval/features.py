@@ -71,12 +71,13 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, loader, accelerator=None,
-                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progress: bool = False,
+                     forward=embed) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [N, C], labels int64 [N]) in dataset order, exactly N rows.
 
     ``loader`` yields (images, labels, indices). With an ``accelerate.Accelerator`` the loader is
     prepared (sharded + padded) and results gathered across processes; every process gets the full arrays.
+    ``forward(model, images) -> [B, C]`` defaults to the pooled features (the fine-tuner passes logits).
     """
     n = len(loader.dataset)
     device = accelerator.device if accelerator is not None else next(backbone.parameters()).device
@@ -94,7 +95,7 @@ def extract_features(backbone: torch.nn.Module, loader, accelerator=None,
                        disable=accelerator is not None and not accelerator.is_main_process)
     for images, batch_labels, indices in batches:
         with autocast_context(device):
-            out = embed(backbone, images.to(device, non_blocking=True)).float()  # [B, C]
+            out = forward(backbone, images.to(device, non_blocking=True)).float()  # [B, C]
         batch_labels, indices = batch_labels.to(device), indices.to(device)
         if accelerator is not None and accelerator.num_processes > 1:
             # Plain gather (not gather_for_metrics): we drop duplicates ourselves, by index.
@@ -154,3 +155,32 @@ def _hash_of(backbone: torch.nn.Module) -> str:
     from ssl_hybrid.eval.backbones import model_hash
 
     return model_hash(backbone)
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def distributed_accelerator():
+    """An Accelerator when launched with several processes (accelerate launch / torchrun), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def features_for_spec(spec: str, sets: list[LabeledSet], image_size: Optional[int] = None,
+                      batch_size: int = 128, num_workers: int = 0, cache_dir: Optional[Path] = None,
+                      progress: bool = False) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+    """Load a backbone spec and return (meta, [(features, labels) per set]); image_size None = the backbone's."""
+    from ssl_hybrid.eval.backbones import load_backbone_spec
+
+    model, meta = load_backbone_spec(spec, image_size=image_size or None)
+    accelerator = distributed_accelerator()
+    if accelerator is None:
+        model = model.to(eval_device())
+    size = int(meta["image_size"])
+    outputs = [cached_features(model, meta, labeled, size, batch_size, num_workers, cache_dir, accelerator,
+                               progress) for labeled in sets]
+    return meta, outputs

@@ -1,0 +1,145 @@
+"""``ssl-hybrid bench knn``: the whole k-NN evaluation against its limits, measured side by side.
+
+At 50k bank x 10k queries x 384 dims (``--scale`` shrinks bank and queries together):
+
+- ``matmul_peak``: the same-size float32 GEMM (queries @ bank.T, in query chunks so the [Q, N] result
+  stays small) — what any exact search must at least pay;
+- ``faiss_search``: bare ``IndexFlatIP.search`` at k=200 on pre-normalized data (what we call);
+- ``knn_evaluate``: our whole evaluation (normalize, search, voting at k = 10/20/100/200, accuracies);
+- ``torch_chunked``: torch matmul + topk per query chunk, then the same voting;
+- ``sklearn_brute``: ``KNeighborsClassifier(algorithm="brute")`` at k=20 with the same exp(sim/T) weights.
+
+Targets: knn_evaluate <= 1.25x faiss_search; >= 5x faster than scikit-learn. Same thread count for all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from typing import Callable
+
+import numpy as np
+
+from ssl_hybrid.eval.knn import DEFAULT_KS, HEADLINE_K, TEMPERATURE, knn_evaluate, l2_normalize, search, \
+    set_faiss_threads, vote
+
+FULL_BANK, FULL_QUERIES, DIM = 50_000, 10_000, 384
+QUERY_CHUNK = 1024  # rows of the [chunk, N] similarity block: 1024 x 50k x 4 B = 200 MB
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="shrink bank and queries (0.1 = 5k x 1k x 384) for a quick run")
+    parser.add_argument("--dim", type=int, default=DIM, help="feature dimension")
+    parser.add_argument("--classes", type=int, default=100, help="number of classes of the synthetic labels")
+    parser.add_argument("--threads", type=int, default=0, help="threads for faiss/torch/BLAS; 0 = all cores")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the fast variants (best is kept)")
+    parser.add_argument("--skip-sklearn", action="store_true", help="leave out the (slow) scikit-learn variant")
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def _synthetic(n_bank: int, n_query: int, dim: int, classes: int, seed: int = 0):
+    """Clustered features (class centre + noise) so accuracies are meaningful and predictions comparable."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim)).astype(np.float32)
+    bank_labels = rng.integers(0, classes, n_bank)
+    query_labels = rng.integers(0, classes, n_query)
+    bank = centres[bank_labels] + 2.0 * rng.standard_normal((n_bank, dim), dtype=np.float32)
+    queries = centres[query_labels] + 2.0 * rng.standard_normal((n_query, dim), dtype=np.float32)
+    return bank, bank_labels, queries, query_labels
+
+
+def _matmul_peak(bank: np.ndarray, queries: np.ndarray) -> None:
+    import torch
+
+    bank_t = torch.from_numpy(bank)
+    for start in range(0, len(queries), QUERY_CHUNK):
+        torch.from_numpy(queries[start:start + QUERY_CHUNK]) @ bank_t.T  # [chunk, N]
+
+
+def _torch_chunked(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int, classes: int):
+    import torch
+
+    bank_t = torch.nn.functional.normalize(torch.from_numpy(bank), dim=1)
+    queries_t = torch.nn.functional.normalize(torch.from_numpy(queries), dim=1)
+    sims, idx = [], []
+    for start in range(0, len(queries_t), QUERY_CHUNK):
+        values, indices = (queries_t[start:start + QUERY_CHUNK] @ bank_t.T).topk(k, dim=1)  # [chunk, k]
+        sims.append(values)
+        idx.append(indices)
+    sims_np, idx_np = torch.cat(sims).numpy(), torch.cat(idx).numpy()
+    return vote(sims_np, bank_labels[idx_np], classes).argmax(1)
+
+
+def _sklearn_brute(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    def weights(distances: np.ndarray) -> np.ndarray:
+        # Unit vectors: cosine similarity = 1 - d^2 / 2, so these are DINO's exp(sim / T) votes.
+        return np.exp((1.0 - distances ** 2 / 2.0) / TEMPERATURE)
+
+    classifier = KNeighborsClassifier(n_neighbors=k, algorithm="brute", weights=weights)
+    classifier.fit(l2_normalize(bank), bank_labels)
+    return classifier.predict(l2_normalize(queries))
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = args.threads or os.cpu_count() or 1
+    set_faiss_threads(threads)
+    torch.set_num_threads(threads)
+    n_bank, n_query = max(200, int(FULL_BANK * args.scale)), max(50, int(FULL_QUERIES * args.scale))
+    bank, bank_labels, queries, query_labels = _synthetic(n_bank, n_query, args.dim, args.classes)
+    k_max = max(DEFAULT_KS)
+    bank_n, queries_n = l2_normalize(bank), l2_normalize(queries)
+    timings, checks = {}, {}
+    with threadpool_limits(limits=threads):
+        timings["matmul_peak"], _ = _best_time(lambda: _matmul_peak(bank_n, queries_n), args.repeats)
+        timings["faiss_search"], (_, faiss_idx) = _best_time(lambda: search(bank_n, queries_n, k_max), args.repeats)
+        timings["knn_evaluate"], result = _best_time(
+            lambda: knn_evaluate(bank, bank_labels, queries, query_labels, threads=threads), args.repeats)
+        timings["torch_chunked"], torch_pred = _best_time(
+            lambda: _torch_chunked(bank, bank_labels, queries, HEADLINE_K, args.classes), args.repeats)
+        ours_pred = vote(*_top(bank_n, bank_labels, queries_n), args.classes).argmax(1)
+        checks["torch_agreement_k20"] = float((torch_pred == ours_pred).mean())
+        if not args.skip_sklearn:
+            timings["sklearn_brute"], sk_pred = _best_time(
+                lambda: _sklearn_brute(bank, bank_labels, queries, HEADLINE_K), 1)
+            checks["sklearn_agreement_k20"] = float((sk_pred == ours_pred).mean())
+    flops = 2.0 * n_bank * n_query * args.dim
+    ratios = {"knn_evaluate_over_faiss_search": timings["knn_evaluate"] / timings["faiss_search"],
+              "faiss_search_over_matmul_peak": timings["faiss_search"] / timings["matmul_peak"],
+              "torch_chunked_over_knn_evaluate": timings["torch_chunked"] / timings["knn_evaluate"]}
+    if "sklearn_brute" in timings:
+        ratios["sklearn_over_knn_evaluate"] = timings["sklearn_brute"] / timings["knn_evaluate"]
+    return {
+        "benchmark": "knn",
+        "shape": {"bank": n_bank, "queries": n_query, "dim": args.dim, "classes": args.classes, "k_search": k_max},
+        "seconds": timings, "ratios": ratios,
+        "matmul_gflops": flops / timings["matmul_peak"] / 1e9,
+        "targets": {"knn_evaluate_over_faiss_search_max": 1.25, "sklearn_over_knn_evaluate_min": 5.0,
+                    "met": ratios["knn_evaluate_over_faiss_search"] <= 1.25
+                    and ratios.get("sklearn_over_knn_evaluate", float("inf")) >= 5.0},
+        "checks": checks, "knn_top1_k20": result["top1"],
+        "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+                    "threads": threads, "torch": torch.__version__, "numpy": np.__version__,
+                    "faiss": __import__("faiss").__version__},
+    }
+
+
+def _top(bank_n: np.ndarray, bank_labels: np.ndarray, queries_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sims, idx = search(bank_n, queries_n, HEADLINE_K)
+    return sims, bank_labels[idx]

@@ -1,0 +1,197 @@
+"""Handlers behind ``ssl-hybrid knn | linear | fewshot | finetune | report`` (cli.py only parses).
+
+Each turns parsed arguments into calls of the evaluators, prints the result and writes ``--out``.
+Bad inputs (missing folders, unknown backbones, bad lists) raise UserError: one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from ssl_hybrid.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} must list integers >= 1, got '{text}'")
+    return values
+
+
+def str_list(text: str, flag: str, choices: tuple[str, ...]) -> list[str]:
+    values = [v.strip() for v in str(text).split(",") if v.strip()]
+    bad = [v for v in values if v not in choices]
+    if not values or bad:
+        raise UserError(f"{flag}: unknown value '{bad[0] if bad else text}' (choose from {', '.join(choices)})")
+    return values
+
+
+def load_pair(args: argparse.Namespace):
+    """The --train and --test labeled sets, test relabeled to train's classes."""
+    from ssl_hybrid.data.labeled import align_classes, load_labeled
+
+    for flag in ("train", "test"):
+        value = getattr(args, flag)
+        if not value:
+            raise UserError(f"--{flag} is required: an image folder with class sub-folders or labeled shards")
+        if "{" not in value and "://" not in value and not value.startswith("pipe:") and not Path(value).exists():
+            raise UserError(f"--{flag} {value}: not found")
+    train = load_labeled(args.train)
+    test = align_classes(train, load_labeled(args.test))
+    return train, test
+
+
+def cache_dir(args: argparse.Namespace) -> Optional[Path]:
+    from ssl_hybrid.eval.features import default_cache_dir
+
+    if getattr(args, "no_cache", False):
+        return None
+    return Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+
+def features(args: argparse.Namespace, spec: str, train, test):
+    from ssl_hybrid.eval.features import features_for_spec
+
+    if args.image_size < 0:
+        raise UserError(f"--image-size must be >= 0 (0 = the backbone's pretraining size), got {args.image_size}")
+    meta, ((train_f, train_y), (test_f, test_y)) = features_for_spec(
+        spec, [train, test], args.image_size or None, args.batch_size, args.workers, cache_dir(args),
+        progress=sys.stderr.isatty())
+    return meta, train_f, train_y, test_f, test_y
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    from ssl_hybrid.runs import write_json_atomic
+
+    if args.out:
+        write_json_atomic(args.out, result)
+        log.info("wrote %s", args.out)
+    print(json.dumps(result, indent=2, default=str))
+
+
+def _backbone_summary(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ("spec", "model", "kind", "image_size", "num_features", "hash",
+                                     "missing_keys", "unexpected_keys")}
+
+
+def run_knn(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval.knn import knn_evaluate
+
+    ks = int_list(args.ks, "--ks")
+    if args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {args.temperature}")
+    train, test = load_pair(args)
+    meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
+    result = knn_evaluate(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
+                          headline_k=int_list(str(args.k), "--k")[0], num_classes=len(train.classes),
+                          threads=args.threads or None)
+    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source)
+    emit(args, result)
+    return 0
+
+
+def run_linear(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval.linear import DEFAULT_CS, linear_probe
+
+    if not 0 < args.holdout < 1:
+        raise UserError(f"--holdout must be in (0, 1), got {args.holdout}")
+    cs = DEFAULT_CS
+    if args.cs:
+        try:
+            cs = tuple(float(v) for v in args.cs.split(","))
+        except ValueError:
+            raise UserError(f"--cs must be comma-separated numbers, got '{args.cs}'") from None
+    train, test = load_pair(args)
+    meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
+    result = linear_probe(train_f, train_y, test_f, test_y, cs=cs, holdout=args.holdout, seed=args.seed,
+                          num_classes=len(train.classes))
+    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source)
+    emit(args, result)
+    return 0
+
+
+def _split_dir(args: argparse.Namespace) -> Path:
+    if args.splits_dir:
+        return Path(args.splits_dir)
+    if args.out:
+        out = Path(args.out)
+        return out.with_name(f"{out.stem}_splits")
+    return Path("fewshot_splits")
+
+
+def run_fewshot(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval.fewshot import METHODS, fewshot_evaluate
+
+    shots = int_list(args.shots, "--shots")
+    methods = str_list(args.method, "--method", METHODS)
+    if args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    train, test = load_pair(args)
+    meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
+    result = fewshot_evaluate(train_f, train_y, test_f, test_y, shots=shots, seeds=args.seeds, methods=methods,
+                              train_set=train, split_dir=_split_dir(args), num_classes=len(train.classes))
+    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source,
+                  splits_dir=str(_split_dir(args)))
+    emit(args, result)
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from ssl_hybrid.data.labeled import kshot_indices, save_split
+    from ssl_hybrid.eval.backbones import load_backbone_spec
+    from ssl_hybrid.eval.finetune import FinetuneSettings, finetune
+
+    if args.epochs < 1 or args.patience < 1:
+        raise UserError("--epochs and --patience must be >= 1")
+    if not 0 < args.layer_decay <= 1:
+        raise UserError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    train, test = load_pair(args)
+    if args.shots:
+        indices = kshot_indices(train.labels, args.shots, args.seed)
+        if args.out:
+            out = Path(args.out)
+            save_split(out.with_name(f"{out.stem}_split.json"), train, indices.tolist(), shots=args.shots,
+                       seed=args.seed)
+        train = train.subset(indices)
+    model, meta = load_backbone_spec(args.backbone, image_size=args.image_size or None)
+    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                layer_decay=args.layer_decay, weight_decay=args.weight_decay,
+                                patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
+                                num_workers=args.workers, mixed_precision=args.mixed_precision)
+    result = finetune(model, train, test, int(meta["image_size"]), settings)
+    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source, shots=args.shots or None)
+    emit(args, result)
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval.fewshot import METHODS
+    from ssl_hybrid.eval.report import build_report
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    if names is not None and len(names) != len(args.runs):
+        raise UserError(f"--names lists {len(names)} names for {len(args.runs)} backbones")
+    shots = int_list(args.shots, "--shots")
+    methods = str_list(args.method, "--method", METHODS)
+    train, test = load_pair(args)
+    report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
+                          methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
+                          num_workers=args.workers, cache_dir=cache_dir(args))
+    from ssl_hybrid.runs import write_json_atomic
+
+    if args.out:
+        write_json_atomic(args.out, report)
+    print(report["table"], end="")
+    print(f"wrote {report['markdown']}, {Path(args.out_dir) / 'report.json'}, {report['plot']} and "
+          f"{len(report['entries'])} retrieval grid(s)")
+    return 0

@@ -1,0 +1,187 @@
+"""Few-label fine-tuning: the whole backbone + a linear head, with layer-wise lr decay (BEiT/MAE).
+
+Layer ids come from the backbone's ``group_matcher`` through timm's ``param_groups_layer_decay``; the
+head is one layer above the top block, so block ``i`` of ``L`` trains at lr * decay ** (L - i) and the
+head at the full lr. Training uses the same Accelerate machinery as pretraining (one process or many,
+mixed precision on GPUs), light augmentation (random resized crop + flip), label smoothing, a warm-up +
+cosine schedule, and early stopping on a stratified validation split carved out of the training set:
+the best epoch's weights are restored before the test set is scored.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
+from ssl_hybrid.eval.features import (IMAGENET_MEAN, IMAGENET_STD, embed, eval_transform, extract_features,
+                                      make_loader)
+from ssl_hybrid.eval.knn import topk_accuracy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneSettings:
+    # Upper bound on epochs; early stopping usually ends sooner.
+    epochs: int = 30
+    # Small batches: few-label sets have a few hundred images.
+    batch_size: int = 32
+    # AdamW peak lr for the head (blocks below get lr * layer_decay ** depth-from-top).
+    lr: float = 1e-3
+    # 0.75 is MAE's fine-tuning value for ViT-B; 1.0 = off.
+    layer_decay: float = 0.75
+    weight_decay: float = 0.05
+    # Label smoothing regularizes the head when each class has a handful of images.
+    label_smoothing: float = 0.1
+    # Share of each class held out for early stopping.
+    val_fraction: float = 0.2
+    # Stop after this many epochs without a better validation accuracy.
+    patience: int = 5
+    # Linear warm-up share of the steps, then cosine decay to 0.
+    warmup_fraction: float = 0.1
+    # Random-resized-crop scale range; (0.35, 1) keeps most of a fine-grained object in view.
+    crop_min_scale: float = 0.35
+    seed: int = 0
+    num_workers: int = 0
+    # no | bf16 | fp16 (Accelerate); fp32 on CPU.
+    mixed_precision: str = "no"
+
+
+class Classifier(nn.Module):
+    """Backbone features -> linear head."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init: start from ~uniform predictions
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(embed(self.backbone, images))  # [B, classes]
+
+
+def train_transform(image_size: int, min_scale: float):
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def layer_decay_param_groups(model: Classifier, settings: FinetuneSettings) -> list[dict]:
+    """Param groups with an explicit ``lr`` each: backbone groups from group_matcher, head at full lr."""
+    from timm.optim import param_groups_layer_decay
+
+    no_decay = model.backbone.no_weight_decay() if hasattr(model.backbone, "no_weight_decay") else ()
+    groups = param_groups_layer_decay(model.backbone, weight_decay=settings.weight_decay,
+                                      no_weight_decay_list=no_decay, layer_decay=settings.layer_decay)
+    for group in groups:
+        # The head sits one layer above the backbone's top group.
+        group["lr_scale"] = group["lr_scale"] * settings.layer_decay
+        group["lr"] = settings.lr * group["lr_scale"]
+    groups.append({"params": [model.head.weight], "weight_decay": settings.weight_decay, "lr_scale": 1.0,
+                   "lr": settings.lr})
+    groups.append({"params": [model.head.bias], "weight_decay": 0.0, "lr_scale": 1.0, "lr": settings.lr})
+    return groups
+
+
+def warmup_cosine(total_steps: int, warmup_fraction: float):
+    warmup = max(1, int(warmup_fraction * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)
+
+
+def _score(model, labeled: LabeledSet, image_size: int, settings: FinetuneSettings, accelerator) -> dict:
+    loader = make_loader(labeled, eval_transform(image_size), settings.batch_size * 2, settings.num_workers)
+    scores, labels = extract_features(model, loader, accelerator, forward=_logits)
+    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
+
+
+def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, image_size: int,
+             settings: Optional[FinetuneSettings] = None, accelerator=None) -> dict:
+    """Fine-tune on ``train_set`` (minus a validation split), restore the best epoch, score ``test_set``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    settings = settings or FinetuneSettings()
+    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision,
+                                             cpu=not torch.cuda.is_available())
+    set_seed(settings.seed)
+    start = time.perf_counter()
+    fit_idx, val_idx = stratified_holdout(train_set.labels, settings.val_fraction, settings.seed)
+    fit_set, val_set = train_set.subset(fit_idx), train_set.subset(val_idx)
+    if len(val_set) == 0:
+        log.warning("too few samples per class for a validation split: no early stopping, %d epochs",
+                    settings.epochs)
+    model = Classifier(backbone, len(train_set.classes))
+    optimizer = torch.optim.AdamW(layer_decay_param_groups(model, settings))
+    loader = make_loader(fit_set, train_transform(image_size, settings.crop_min_scale), settings.batch_size,
+                         settings.num_workers, shuffle=True, seed=settings.seed,
+                         drop_last=len(fit_set) > settings.batch_size)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = settings.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, settings.warmup_fraction))
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    history, best, best_state, stale = [], -1.0, None, 0
+    for epoch in range(settings.epochs):
+        loss = _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator)
+        record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
+        if len(val_set):
+            record["val_top1"] = _score(model, val_set, image_size, settings, accelerator)["top1"]
+            if record["val_top1"] > best:
+                best, stale = record["val_top1"], 0
+                best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
+                record["best"] = True
+            else:
+                stale += 1
+        history.append(record)
+        log.info("finetune epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
+                                                  for k, v in record.items()})
+        if len(val_set) and stale >= settings.patience:
+            log.info("early stop: no better val accuracy for %d epochs", stale)
+            break
+    if best_state is not None:
+        accelerator.unwrap_model(model).load_state_dict(best_state)
+    test = _score(model, test_set, image_size, settings, accelerator)
+    best_epoch = max((r for r in history if r.get("best")), key=lambda r: r["epoch"], default=history[-1])
+    return {"top1": test["top1"], "top5": test["top5"], "best_epoch": best_epoch["epoch"],
+            "val_top1": best if best >= 0 else None, "epochs_run": len(history), "n_train": len(fit_set),
+            "n_val": len(val_set), "n_test": len(test_set), "image_size": image_size,
+            "settings": asdict(settings), "history": history, "seconds": time.perf_counter() - start}
+
+
+def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator) -> float:
+    model.train()
+    losses = []
+    for images, labels, _ in loader:
+        with accelerator.autocast():
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.detach().float().item())
+    return float(np.mean(losses)) if losses else float("nan")
