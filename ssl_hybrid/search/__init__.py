@@ -1,0 +1,1 @@
+"""Architecture search over the hybrid design space under a measured compute budget (``ssl-hybrid search``)."""

@@ -1,0 +1,227 @@
+"""Successive halving (Jamieson & Talwalkar 2016) with a resumable JSON state.
+
+Rung 0 scores every surviving candidate with ``min_steps`` of pretraining; each next rung keeps the best
+``1/eta`` of the previous one and multiplies the steps by ``eta``, so most candidates get few steps and
+the best get the most. A promoted candidate is retrained from scratch at the larger budget rather than
+continued: the trainer's lr / EMA / teacher-temperature schedules are cosine over the run's total steps,
+so a 50-step run is not the first part of a 150-step run.
+
+The state is one JSON file, rewritten atomically (temp file + rename) after every scored candidate and
+every promotion. A re-run loads it, skips every (candidate, rung) already scored and continues; a state
+written under a different search configuration is refused rather than silently mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from ssl_hybrid.errors import UserError
+from ssl_hybrid.runs import write_json_atomic
+from ssl_hybrid.search.space import Candidate
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+# scorer(candidate, steps, rung_index) -> {"score": float (higher is better), ...anything JSON-able}
+Scorer = Callable[[Candidate, int, int], dict[str, Any]]
+
+
+class SearchStateError(UserError):
+    """A state file that cannot be resumed (another configuration, unreadable)."""
+
+
+@dataclass
+class HalvingSchedule:
+    # Pretraining steps per candidate in the first rung.
+    min_steps: int = 50
+    # Keep the best 1/eta of each rung and give them eta times the steps (3 is Hyperband's default).
+    eta: int = 3
+    # At most this many rungs (the last one may still hold several candidates).
+    max_rungs: int = 3
+
+    def check(self) -> None:
+        if self.min_steps < 1:
+            raise UserError(f"search.schedule.min_steps = {self.min_steps}: must be >= 1")
+        if self.eta < 2:
+            raise UserError(f"search.schedule.eta = {self.eta}: must be >= 2")
+        if self.max_rungs < 1:
+            raise UserError(f"search.schedule.max_rungs = {self.max_rungs}: must be >= 1")
+
+
+def rung_plan(num_candidates: int, schedule: HalvingSchedule) -> list[dict[str, int]]:
+    """[{"index", "size", "steps"}, ...]: rung r holds floor(n / eta^r) candidates (at least 1) trained
+    for min_steps * eta^r steps; it ends at one candidate or at max_rungs."""
+    plan = []
+    size, steps = num_candidates, schedule.min_steps
+    for index in range(schedule.max_rungs):
+        if size < 1:
+            break
+        plan.append({"index": index, "size": size, "steps": steps})
+        if size == 1:
+            break
+        size, steps = max(1, size // schedule.eta), steps * schedule.eta
+    return plan
+
+
+def total_steps(plan: list[dict[str, int]]) -> int:
+    return sum(rung["size"] * rung["steps"] for rung in plan)
+
+
+def rank(scores: dict[str, dict[str, Any]]) -> list[str]:
+    """Candidate ids best first; failed candidates (score None) last; ties broken by id (deterministic)."""
+    def key(cid: str) -> tuple:
+        score = scores[cid].get("score")
+        ok = score is not None and math.isfinite(score)
+        return (0 if ok else 1, -score if ok else 0.0, cid)
+
+    return sorted(scores, key=key)
+
+
+class SearchState:
+    """Everything a search has decided so far; ``save`` after every change."""
+
+    def __init__(self, path: Path, fingerprint: str, payload: Optional[dict[str, Any]] = None):
+        self.path = Path(path)
+        self.data: dict[str, Any] = payload or {
+            "version": STATE_VERSION, "fingerprint": fingerprint, "status": "running",
+            "candidates": {}, "order": [], "measurements": {}, "zero_cost": {}, "pruned": [], "rungs": [],
+        }
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    @classmethod
+    def load_or_create(cls, path: Path, fingerprint: str) -> "SearchState":
+        path = Path(path)
+        if not path.exists():
+            return cls(path, fingerprint)
+        try:
+            payload = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise SearchStateError(f"{path}: unreadable search state ({err.msg}); delete it to start over") from None
+        if payload.get("fingerprint") != fingerprint:
+            raise SearchStateError(f"{path}: this state belongs to a search with another configuration; "
+                                   "use a new output directory, or delete the state to start over")
+        log.info("resuming search from %s", path)
+        return cls(path, fingerprint, payload)
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+    # -- candidates and measurements -----------------------------------------------------------
+
+    def add_candidates(self, candidates: list[Candidate]) -> None:
+        for candidate in candidates:
+            if candidate.id not in self.data["candidates"]:
+                self.data["candidates"][candidate.id] = candidate.to_json()
+                self.data["order"].append(candidate.id)
+
+    def candidate(self, cid: str) -> Candidate:
+        return Candidate.from_json(self.data["candidates"][cid])
+
+    def candidates(self) -> list[Candidate]:
+        return [self.candidate(cid) for cid in self.data["order"]]
+
+    def measurement(self, cid: str) -> Optional[dict[str, Any]]:
+        return self.data["measurements"].get(cid)
+
+    def record_measurement(self, cid: str, measurement: dict[str, Any]) -> None:
+        self.data["measurements"][cid] = measurement
+        self.save()
+
+    def accepted(self) -> list[str]:
+        """Measured and within budget, in sample order."""
+        return [cid for cid in self.data["order"]
+                if cid in self.data["measurements"] and not self.data["measurements"][cid].get("rejected")]
+
+    # -- rungs ---------------------------------------------------------------------------------
+
+    def rung(self, index: int) -> Optional[dict[str, Any]]:
+        rungs = self.data["rungs"]
+        return rungs[index] if index < len(rungs) else None
+
+    def open_rung(self, index: int, steps: int, members: list[str]) -> dict[str, Any]:
+        existing = self.rung(index)
+        if existing is not None:
+            return existing
+        rung = {"index": index, "steps": steps, "members": list(members), "scores": {}, "promoted": None}
+        self.data["rungs"].append(rung)
+        self.save()
+        return rung
+
+    def record_score(self, index: int, cid: str, result: dict[str, Any]) -> None:
+        self.data["rungs"][index]["scores"][cid] = result
+        self.save()
+
+    def close_rung(self, index: int, promoted: list[str]) -> None:
+        self.data["rungs"][index]["promoted"] = list(promoted)
+        self.save()
+
+    def best(self) -> Optional[str]:
+        """The winner: the best-scored candidate of the highest rung that has a successful score."""
+        for rung in reversed(self.data["rungs"]):
+            ranked = [cid for cid in rank(rung["scores"]) if rung["scores"][cid].get("score") is not None]
+            if ranked:
+                return ranked[0]
+        return None
+
+    def latest_scores(self) -> dict[str, dict[str, Any]]:
+        """Per candidate, its result at the highest rung it was scored in (with ``rung`` and ``steps``)."""
+        latest: dict[str, dict[str, Any]] = {}
+        for rung in self.data["rungs"]:
+            for cid, result in rung["scores"].items():
+                latest[cid] = dict(result, rung=rung["index"], steps=rung["steps"])
+        return latest
+
+
+def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule,
+                       scorer: Scorer) -> Optional[str]:
+    """Run (or continue) the rungs over ``members``; returns the winner's id.
+
+    A candidate whose scorer raises is recorded with ``score: None`` and the error, and is not promoted;
+    errors the user must fix (``UserError``: bad data path, bad recipe) stop the search at once.
+    """
+    plan = rung_plan(len(members), schedule)
+    log.info("successive halving: %s (%d candidate-steps in all)",
+             ", ".join(f"rung {r['index']}: {r['size']} x {r['steps']} steps" for r in plan), total_steps(plan))
+    for planned in plan:
+        rung = state.open_rung(planned["index"], planned["steps"], members)
+        for cid in rung["members"]:
+            if cid in rung["scores"]:
+                continue  # scored before an interruption: never re-run
+            state.record_score(planned["index"], cid, _score_one(state.candidate(cid), planned, scorer))
+        if not any(r.get("score") is not None for r in rung["scores"].values()):
+            raise RuntimeError(f"every candidate of rung {planned['index']} failed; see the errors in {state.path}")
+        next_size = plan[planned["index"] + 1]["size"] if planned["index"] + 1 < len(plan) else 0
+        ranked = [cid for cid in rank(rung["scores"]) if rung["scores"][cid].get("score") is not None]
+        members = ranked[:next_size]
+        if rung["promoted"] is None:
+            state.close_rung(planned["index"], members)
+        else:
+            members = rung["promoted"]
+    state.data["status"] = "done"
+    state.save()
+    return state.best()
+
+
+def _score_one(candidate: Candidate, planned: dict[str, int], scorer: Scorer) -> dict[str, Any]:
+    log.info("rung %d: scoring %s (%s) with %d steps", planned["index"], candidate.id, candidate.label(),
+             planned["steps"])
+    try:
+        result = dict(scorer(candidate, planned["steps"], planned["index"]))
+    except UserError:
+        raise
+    except Exception as err:  # a candidate that diverges or runs out of memory must not end the search
+        log.exception("candidate %s failed at rung %d", candidate.id, planned["index"])
+        return {"score": None, "error": f"{type(err).__name__}: {err}"}
+    score = result.get("score")
+    if score is None or not math.isfinite(float(score)):
+        return dict(result, score=None, error=result.get("error") or f"non-finite score {score!r}")
+    result["score"] = float(score)
+    log.info("rung %d: %s scored %.4f", planned["index"], candidate.id, result["score"])
+    return result

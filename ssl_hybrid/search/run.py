@@ -1,0 +1,225 @@
+"""``ssl-hybrid search``: sample -> measure and reject over budget -> zero-cost prune -> successive
+halving with the trained proxy -> Pareto table, plot and the chosen candidate's recipe.
+
+Everything lands in ``<output_dir>/<name>/``: ``state.json`` (resumable state), ``pareto.md``,
+``pareto.json``, ``pareto.png``, ``chosen.yaml`` (a recipe ``ssl-hybrid pretrain -c`` accepts) and
+``runs/`` (one pretraining run per candidate and rung).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from ssl_hybrid.errors import ConfigError, UserError
+from ssl_hybrid.runs import write_json_atomic
+from ssl_hybrid.search import report
+from ssl_hybrid.search.budget import Budget, measure_and_check
+from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
+from ssl_hybrid.search.proxy import ProxyConfig
+from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe
+from ssl_hybrid.search.space import Candidate, SearchSpace, build_candidate, sample_candidates
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class ZeroCostConfig:
+    # Compute the NASWOT score of every accepted candidate (one forward pass each; recorded and correlated).
+    enabled: bool = True
+    # Share of accepted candidates (best NASWOT first) that go on to training; 1.0 = prune nothing.
+    keep_fraction: float = 1.0
+    # Images in the NASWOT batch (the kernel is batch x batch).
+    batch_size: int = 32
+
+
+@dataclass
+class SearchConfig:
+    # The search directory is <output_dir>/<name>.
+    name: str = "search"
+    output_dir: str = "runs"
+    # One seed for candidate sampling, the zero-cost batch and the proxy's k-NN split.
+    seed: int = 0
+    # Candidates drawn from the space before budget rejection.
+    num_candidates: int = 12
+    # Image size the constraints are measured at (use your deployment size).
+    image_size: int = 224
+    space: SearchSpace = field(default_factory=SearchSpace)
+    budget: Budget = field(default_factory=Budget)
+    zero_cost: ZeroCostConfig = field(default_factory=ZeroCostConfig)
+    schedule: HalvingSchedule = field(default_factory=HalvingSchedule)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+
+    def out_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def check(self) -> None:
+        if self.num_candidates < 1:
+            raise ConfigError(f"search: num_candidates = {self.num_candidates}: must be >= 1")
+        if self.image_size <= 0 or self.image_size % 16:
+            raise ConfigError(f"search: image_size = {self.image_size}: must be a positive multiple of 16")
+        if not 0.0 < self.zero_cost.keep_fraction <= 1.0:
+            raise ConfigError(f"search: zero_cost.keep_fraction = {self.zero_cost.keep_fraction}: must be in (0, 1]")
+        if self.zero_cost.batch_size < 2:
+            raise ConfigError("search: zero_cost.batch_size must be >= 2 (the kernel compares images)")
+        self.space.check()
+        self.schedule.check()
+
+    def fingerprint(self) -> str:
+        """What decides the search's results; name/output_dir do not (a moved directory still resumes)."""
+        values = dataclasses.asdict(self)
+        values.pop("name"), values.pop("output_dir")
+        return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_search_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> SearchConfig:
+    """Defaults <- YAML <- key=value, strictly typed like the pretraining config (unknown keys raise)."""
+    from ssl_hybrid.config import _merge, _parse_overrides, _read_recipe
+
+    cfg = OmegaConf.structured(SearchConfig)
+    OmegaConf.set_struct(cfg, True)
+    if path:
+        cfg = _merge(cfg, _read_recipe(Path(path)), str(path))
+    for item in _parse_overrides(overrides or []):
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command line ({item})")
+    config = OmegaConf.to_object(cfg)
+    config.check()
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_candidates(state: SearchState, config: SearchConfig, device: torch.device) -> None:
+    """Measure every candidate not measured yet; over-budget ones are marked rejected (never trained)."""
+    for candidate in state.candidates():
+        if state.measurement(candidate.id) is not None:
+            continue
+        torch.manual_seed(config.seed)
+        model = build_candidate(candidate, config.image_size)
+        result = measure_and_check(model, config.image_size, config.budget, device)
+        log.info("%s %s: %.2f M params, %s GFLOPs, %s ms%s", candidate.id, candidate.label(), result["params_m"],
+                 _short(result.get("gflops")), _short(result.get("latency_ms")),
+                 f" -> rejected ({result['rejected']})" if result["rejected"] else "")
+        state.record_measurement(candidate.id, result)
+        del model
+
+
+def _short(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def zero_cost_prune(state: SearchState, config: SearchConfig, images: Callable[[], torch.Tensor]) -> list[str]:
+    """NASWOT score for each accepted candidate, then keep the best ``keep_fraction``; returns the survivors."""
+    from ssl_hybrid.search.zero_cost import naswot_score
+
+    accepted = state.accepted()
+    if not config.zero_cost.enabled:
+        return accepted
+    if state.data.get("zero_cost_done"):
+        return [cid for cid in accepted if cid not in state.data["pruned"]]
+    batch = None
+    for cid in accepted:
+        if cid in state.data["zero_cost"]:
+            continue
+        batch = images() if batch is None else batch
+        torch.manual_seed(config.seed)
+        state.data["zero_cost"][cid] = naswot_score(build_candidate(state.candidate(cid), batch.shape[-1]), batch)
+        state.save()
+    keep = max(1, math.ceil(config.zero_cost.keep_fraction * len(accepted)))
+    ranked = sorted(accepted, key=lambda cid: (-state.data["zero_cost"][cid], cid))
+    state.data["pruned"] = ranked[keep:]
+    state.data["zero_cost_done"] = True
+    state.save()
+    if ranked[keep:]:
+        log.info("zero-cost proxy pruned %d of %d candidates: %s", len(ranked) - keep, len(ranked), ", ".join(ranked[keep:]))
+    return [cid for cid in accepted if cid not in state.data["pruned"]]
+
+
+def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str], seconds: float) -> dict[str, Any]:
+    """pareto.md / pareto.json / pareto.png / chosen.yaml in the search directory; returns the JSON summary."""
+    from ssl_hybrid.search.zero_cost import spearman
+
+    out = config.out_dir()
+    rows = report.build_rows(state.data, winner)
+    paired = [(r["zero_cost"], r["score"]) for r in rows
+              if r["zero_cost"] is not None and r["score"] is not None and math.isfinite(r["zero_cost"])]
+    summary = {
+        "name": config.name, "chosen": winner, "seconds": seconds, "device": _device_info(),
+        "plan": rung_plan(len(state.data["rungs"][0]["members"]) if state.data["rungs"] else 0, config.schedule),
+        "zero_cost_spearman_vs_rung0": spearman([p[0] for p in paired], [p[1] for p in paired]),
+        "config": dataclasses.asdict(config), "rows": rows,
+    }
+    write_json_atomic(out / "pareto.json", summary)
+    table = report.markdown_table(rows)
+    (out / "pareto.md").write_text(f"# Search `{config.name}`\n\n{table}", encoding="utf-8")
+    report.scatter_plot(rows, out / "pareto.png", f"search '{config.name}': {len(rows)} candidates, "
+                        f"k-NN top-1 after {config.schedule.min_steps} steps")
+    if winner is not None:
+        base = read_recipe(config.proxy.recipe)
+        chosen = state.candidate(winner)
+        header = (f"Chosen by `ssl-hybrid search` ({config.name}): {winner} = {chosen.label()}\n"
+                  f"Base recipe: {config.proxy.recipe or '(defaults)'}; train with: ssl-hybrid pretrain -c <this file>")
+        summary["recipe"] = str(write_recipe(out / "chosen.yaml", candidate_recipe(base, chosen, f"{config.name}-chosen"),
+                                             header))
+    return summary
+
+
+def _device_info() -> dict[str, Any]:
+    import os
+
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_search(config: SearchConfig, scorer: Optional[Scorer] = None, device: Optional[torch.device] = None,
+               zero_cost_images: Optional[Callable[[], torch.Tensor]] = None) -> dict[str, Any]:
+    """Run or resume the search in ``config.out_dir()``; returns the summary written to pareto.json.
+
+    ``scorer`` defaults to the trained proxy (short pretraining + k-NN); tests inject cheap ones.
+    ``zero_cost_images`` makes the NASWOT batch; by default images of the k-NN bank (or seeded noise
+    when an injected scorer has no labeled set).
+    """
+    config.check()
+    start = time.perf_counter()
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = config.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    state = SearchState.load_or_create(out / STATE_FILE, config.fingerprint())
+    state.add_candidates(sample_candidates(config.space, config.num_candidates, config.seed))
+    state.save()
+    measure_candidates(state, config, device)
+    if not state.accepted():
+        raise UserError(f"search: all {config.num_candidates} candidates are over budget "
+                        f"({json.dumps(dataclasses.asdict(config.budget))}); relax search.budget or the space")
+    if scorer is None:
+        from ssl_hybrid.search.proxy import PretrainKnnProxy
+
+        scorer = PretrainKnnProxy(config.proxy, out)
+        zero_cost_images = zero_cost_images or (lambda: scorer.sets.sample_images(
+            config.zero_cost.batch_size, config.image_size, config.seed))
+    zero_cost_images = zero_cost_images or (lambda: torch.randn(
+        config.zero_cost.batch_size, 3, config.image_size, config.image_size,
+        generator=torch.Generator().manual_seed(config.seed)))
+    members = zero_cost_prune(state, config, zero_cost_images)
+    winner = successive_halving(state, members, config.schedule, scorer)
+    seconds = time.perf_counter() - start + state.data.get("seconds_before", 0.0)
+    state.data["seconds_before"] = seconds
+    state.save()
+    return write_outputs(state, config, winner, seconds)
