@@ -174,10 +174,12 @@ def sample_key(relative: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_image_bytes(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS):
-    """Fully decode ``data``; return the PIL image or raise ValueError with a short reason."""
+def check_image_bytes(data: bytes, max_pixels: Optional[int] = None):
+    """Fully decode ``data``; return the PIL image or raise ValueError with a short reason.
+    Images declaring more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) are refused unread."""
     from PIL import Image
 
+    max_pixels = max_pixels or MAX_IMAGE_PIXELS
     if not data:
         raise ValueError("zero-byte file")
     try:
@@ -327,6 +329,9 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_s
                 sample["json"] = json.dumps({"class_name": item.class_name, "source": item.relative}).encode()
             writer.write(sample)
         writer.close()
+        if not shards:
+            raise ShardWriteError(f"{src}: none of the {len(source.items)} images could be read, e.g. "
+                                  f"{skipped[-1]['path']}: {skipped[-1]['reason']}")
     except BaseException:
         if getattr(writer, "tarstream", None) is not None:
             writer.tarstream.close()

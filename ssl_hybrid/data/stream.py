@@ -184,40 +184,55 @@ def sample_meta(sample: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
-    """Samples of one shard. A shard that cannot be opened or is cut short yields one placeholder
-    (with ``__error__``) per lost sample, so the loss is counted where the samples would have been."""
+def _tar_members(url: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(member name, read-its-bytes) for the regular files of a tar stream (local path or URL)."""
+    import tarfile
+
     from webdataset.gopen import gopen
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    stream = gopen(url, "rb")
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.isreg():
+                    yield member.name, lambda member=member: tar.extractfile(member).read()
+    finally:
+        stream.close()
+
+
+def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
+    """Samples of one shard (members grouped by key as webdataset does). A shard that cannot be opened
+    or is cut short yields one placeholder (with ``__error__``) per lost sample -- ``expected`` minus the
+    samples read when the manifest gives ``expected``, else 1 -- so losses are counted like bad samples.
+    A sample is complete (and yielded) as soon as the next member's *header* names another key."""
+    from webdataset.tariterators import base_plus_ext
 
     count = 0
-    stream = None
+    current: Optional[dict] = None
     try:
-        stream = gopen(url, "rb")
-        current: Optional[dict] = None
-        for entry in tar_file_iterator(stream):
-            prefix, suffix = base_plus_ext(entry["fname"])
-            if prefix is None:
+        for name, read in _tar_members(url):
+            prefix, suffix = base_plus_ext(name)
+            if prefix is None or ("/" not in name and name.startswith("__")):
                 continue
-            if current is None or prefix != current["__key__"]:
-                if current is not None:
-                    count += 1
-                    yield current
+            if current is not None and prefix != current["__key__"]:
+                count += 1
+                yield current
+                current = None
+            if current is None:
                 current = {"__key__": prefix, "__url__": url}
-            current[suffix.lower()] = entry["data"]
+            current[suffix.lower()] = read()
         if current is not None:
             count += 1
             yield current
+        if expected is not None and count < expected:  # a cut at a header boundary reads as a clean end
+            raise EOFError(f"{count} samples, manifest says {expected}")
     except Exception as err:  # tarfile.ReadError, OSError, HTTP errors: the rest of this shard is lost
         lost = max(0, expected - count) if expected is not None else 1
         log.warning("shard %s unreadable after %d samples (%s: %s); counting %d lost samples", url, count,
                     type(err).__name__, err, lost)
         for index in range(lost):
             yield {"__key__": f"<lost {index + 1}/{lost}>", "__url__": url,
-                   "__error__": f"shard unreadable after {count} samples ({type(err).__name__})"}
-    finally:
-        if stream is not None:
-            stream.close()
+                   "__error__": f"shard unreadable after {count} samples ({type(err).__name__}: {err})"}
 
 
 def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -331,11 +346,12 @@ class ShardStream(torch.utils.data.IterableDataset):
             return False
         return skipped / seen > self.max_skip_rate
 
-    def _abort(self, worker: int, seen: int, skipped: int, last: str) -> dict:
-        return {"_abort": f"{skipped} of {seen} samples skipped by rank {self.rank} worker {worker} "
-                          f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.max_skip_rate}); "
-                          f"last: {last}. Fix or re-write the shards (ssl-hybrid shards), or raise "
-                          f"data.max_skip_rate"}
+    def _abort(self, worker: int, seen: int, skipped: int, last: str, empty: bool = False) -> dict:
+        why = (f"a whole epoch of rank {self.rank} worker {worker} had no usable sample" if empty else
+               f"{skipped} of {seen} samples skipped by rank {self.rank} worker {worker} "
+               f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.max_skip_rate})")
+        return {"_abort": f"{why}; last: {last}. Fix or re-write the shards (ssl-hybrid shards)"
+                          + ("" if empty else ", or raise data.max_skip_rate")}
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -350,7 +366,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch: list[dict] = []
         last_problem = ""
         while self.epochs is None or epoch < self.epochs:
-            read = 0
+            read, good = 0, 0
             for offset, raw in enumerate(self.epoch_samples(epoch, worker)):
                 read += 1
                 if offset < resume_offset:
@@ -366,14 +382,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                         yield self._abort(worker, seen, skipped, last_problem)
                         return
                     continue
+                good += 1
                 batch.append(item)
                 if len(batch) == self.batch_size:
                     yield self._emit(batch, worker, epoch, offset + 1, seen, skipped)
                     batch = []
-            resume_offset = 0
-            if read == 0 or self._too_many_skips(seen, skipped, epoch_end=True):
-                yield self._abort(worker, seen, skipped, last_problem or "no samples in its shards")
+            # An epoch without a single usable sample would otherwise loop forever without a batch.
+            empty = read == 0 or (good == 0 and resume_offset == 0)
+            if empty or self._too_many_skips(seen, skipped, epoch_end=True):
+                yield self._abort(worker, seen, skipped, last_problem or "no samples in its shards", empty)
                 return
+            resume_offset = 0
             epoch += 1
         if batch:
             yield self._emit(batch, worker, epoch, 0, seen, skipped)
