@@ -73,6 +73,9 @@ class ModelConfig:
     token_keep_rate: float = 1.0
     # Activation checkpointing trades ~30% more compute for much less memory on large models.
     grad_checkpointing: bool = False
+    # Architecture kwargs passed to the model factory over its defaults (e.g. {conv_dims: [32, 64], depth: 6});
+    # written by `ssl-hybrid search` for its chosen candidate. {} = the named variant as registered.
+    arch: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -236,6 +239,7 @@ def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[st
     """Defaults <- recipe YAML <- key=value overrides; validated. Raises ConfigError on any problem."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.model.arch, False)  # free-form factory kwargs; the model factory checks them
     if recipe:
         path = Path(recipe)
         cfg = _merge(cfg, _read_recipe(path), str(path))
@@ -259,6 +263,10 @@ _CHOICES = {
     "model.attn_mode": ("global", "window", "topk"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
 }
+
+
+# model.arch may not shadow these: each has its own config key, and two sources for one value would disagree.
+_OWN_MODEL_KEYS = {"img_size", "num_classes", "pretrained", "drop_path_rate", "attn_mode", "token_keep_rate"}
 
 
 def _get(config: Config, dotted: str) -> Any:
@@ -289,6 +297,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")
     need(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")
     need(0.0 < config.model.token_keep_rate <= 1.0, "model.token_keep_rate", "must be in (0, 1]")
+    need(not set(config.model.arch) & _OWN_MODEL_KEYS, "model.arch",
+         f"must not set {', '.join(sorted(_OWN_MODEL_KEYS))} (they have their own model.* / data.* keys)")
     for key in ("objective.mim_weight", "objective.dino_weight", "objective.simclr_weight"):
         need(_get(config, key) >= 0, key, "must be >= 0")
     objective = config.objective
