@@ -80,6 +80,7 @@ def _run_config(args: argparse.Namespace) -> int:
 BENCH_TARGETS: dict[str, tuple[str, str]] = {
     "data": ("ssl_hybrid.data.bench", "samples/s of the full shard stream vs decode+augment from memory, 1 and 2 workers"),
     "knn": ("ssl_hybrid.eval.bench", "whole k-NN eval vs bare FAISS search vs GEMM peak, torch and sklearn (50k x 10k x 384)"),
+    "pretrain": ("ssl_hybrid.train.bench", "training-loop img/s vs bare fwd+bwd+step on in-memory batches; joint vs DINO-only step time"),
 }
 
 
@@ -268,6 +269,53 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_eval_handler("run_report"))
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "pretrain", formatter_class=_HelpFormatter, help="self-supervised pretraining (resumes automatically)",
+        description="Pretrain a backbone with the recipe's objectives (MIM, DINO, SimCLR or joint).\n\n"
+                    "Re-running the same command resumes from the newest complete checkpoint in\n"
+                    "<train.output_dir>/<name>/checkpoints/; SIGTERM/SIGINT save a checkpoint and exit.\n\n"
+                    "examples:\n  ssl-hybrid pretrain -c recipes/quickstart.yaml\n"
+                    "  accelerate launch --config_file launch/1gpu.yaml -m ssl_hybrid pretrain -c recipes/hybrid_small_joint.yaml")
+    _add_recipe_args(parser)
+    _add_out_arg(parser, "the run summary")
+    parser.set_defaults(handler=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    import json
+
+    from ssl_hybrid.config import load_config
+    from ssl_hybrid.runs import write_json_atomic
+    from ssl_hybrid.train.loop import pretrain
+
+    summary = pretrain(load_config(args.config, args.overrides))
+    if args.out:
+        write_json_atomic(args.out, summary)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "export", formatter_class=_HelpFormatter, help="checkpoint -> backbone.safetensors + backbone.json",
+        description="Export the student backbone of a checkpoint (a step_* directory, or a run directory's\n"
+                    "newest complete checkpoint) for evaluation or fine-tuning.\n\n"
+                    "example:\n  ssl-hybrid export runs/quickstart --out-dir exported/")
+    parser.add_argument("checkpoint", metavar="RUN_OR_STEP_DIR", help="run directory or checkpoints/step_* directory")
+    parser.add_argument("--out-dir", default=None, help="where to write the pair (default: the checkpoint directory)")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssl_hybrid.train.export import export_checkpoint
+
+    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None))
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_bench,
@@ -277,6 +325,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fewshot,
     _add_finetune,
     _add_report,
+    _add_pretrain,
+    _add_export,
 ]
 
 

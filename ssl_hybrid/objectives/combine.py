@@ -93,7 +93,9 @@ class PretrainModel(nn.Module):
         if masks is None or len(masks) != len(global_views):
             raise ValueError("MIM needs one mask per global view")
         outs = [self.backbone.forward_masked(v, m) for v, m in zip(global_views, masks)]
-        return [embed(self.backbone, o["tokens"]) for o in outs], outs
+        # "fused" is the masked twin of forward_features (tokens + multi-scale fusion, normed), so the
+        # student's masked embedding and the teacher's full-view embedding are the same function.
+        return [embed(self.backbone, o["fused"]) for o in outs], outs
 
     def forward(self, global_views: list[Tensor], local_views: list[Tensor],
                 masks: Optional[list[Tensor]] = None, teacher_temp: float = 0.04):

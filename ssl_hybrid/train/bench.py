@@ -1,0 +1,134 @@
+"""``ssl-hybrid bench pretrain``: what the training loop costs on top of the math, side by side.
+
+1. The full loop (``pretrain``: shard stream with workers, schedules, masks, EMA, logging, progress bar)
+   images/s, against the bare forward + backward + optimizer step + EMA update of the same model and
+   objective on the same batches already in memory. Overhead = 1 - loop / bare (target <= 15%).
+2. The joint objective's step (student on masked views + MIM decoder + DINO vs the teacher's full
+   views) against DINO-only on full views, same batches, same model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_hybrid import runs
+from ssl_hybrid.config import Config, load_config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", default="recipes/quickstart.yaml", help="recipe the benchmark runs")
+    parser.add_argument("--model", default="hybrid_tiny", help="backbone")
+    parser.add_argument("--image-size", type=int, default=96, help="global view size (px)")
+    parser.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+
+
+def bench_config(args: argparse.Namespace, workdir: Path, **objective: float) -> Config:
+    overrides = [f"model.name={args.model}", f"data.image_size={args.image_size}",
+                 f"train.batch_size={args.batch_size}", f"train.steps={args.warmup + args.steps}",
+                 f"train.output_dir={workdir}", "train.log_every=1", "train.checkpoint_every=0",
+                 "train.knn_every=0", "data.val=", "optim.warmup_fraction=0.0"]
+    overrides += [f"objective.{k}={v}" for k, v in objective.items()]
+    return load_config(args.config if Path(args.config).exists() else None, overrides)
+
+
+def time_full_loop(config: Config, warmup: int) -> dict[str, Any]:
+    from ssl_hybrid.train.loop import pretrain
+
+    pretrain(config)
+    records = [r for r in runs.read_metrics(runs.run_dir(config)) if "img_per_s" in r]
+    timed = [r["img_per_s"] for r in records if r["step"] > warmup]
+    seconds_per_image = statistics.fmean(1.0 / v for v in timed)  # mean step time, not mean of rates
+    return {"img_per_s": 1.0 / seconds_per_image, "steps": len(timed)}
+
+
+def time_bare(config: Config, batches: list[dict], warmup: int) -> dict[str, Any]:
+    """Forward + backward + AdamW step + EMA update, nothing else, on in-memory batches."""
+    from ssl_hybrid.models.masking import random_grid_mask
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+    from ssl_hybrid.train.loop import build_backbone
+    from ssl_hybrid.train.optim import build_optimizer
+
+    torch.manual_seed(config.train.seed)
+    model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config)).train()
+    optimizer = build_optimizer(model, (config.optim.beta1, config.optim.beta2))
+    generator = torch.Generator().manual_seed(0)
+    durations = []
+    for index, batch in enumerate(batches):
+        start = time.perf_counter()
+        views = batch["global_views"]
+        masks = None
+        if model.uses_masks:
+            masks = [random_grid_mask(v.shape[0], v.shape[2] // 16, v.shape[3] // 16,
+                                      config.objective.mask_ratio, generator) for v in views]
+        losses, _ = model(views, batch["local_views"], masks, config.objective.teacher_temp)
+        losses["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.after_good_step(config.objective.momentum_teacher)
+        if index >= warmup:
+            durations.append(time.perf_counter() - start)
+    images = batches[0]["global_views"][0].shape[0]
+    mean = statistics.fmean(durations)
+    return {"img_per_s": images / mean, "step_seconds": mean, "steps": len(durations)}
+
+
+def collect_batches(config: Config, count: int) -> list[dict]:
+    from ssl_hybrid.data.stream import build_train_stream
+    from ssl_hybrid.data.views import build_transform
+
+    stream = build_train_stream(config.data, config.train.batch_size, config.train.seed, 0, 1,
+                                build_transform(config.data))
+    out = []
+    iterator = iter(stream)
+    for _ in range(count):
+        out.append(next(iterator))
+    iterator.close()
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench_pretrain_") as tmp:
+        joint = bench_config(args, Path(tmp), mim_weight=1.0, dino_weight=1.0, simclr_weight=0.0)
+        dino = bench_config(args, Path(tmp), mim_weight=0.0, dino_weight=1.0, simclr_weight=0.0)
+        batches = collect_batches(joint, args.warmup + args.steps)
+        loop = time_full_loop(joint, args.warmup)
+        bare_joint = time_bare(joint, batches, args.warmup)
+        bare_dino = time_bare(dino, batches, args.warmup)
+    overhead = 1.0 - loop["img_per_s"] / bare_joint["img_per_s"]
+    return {
+        "command": "ssl-hybrid " + " ".join(sys.argv[1:]),
+        "machine": machine(),
+        "setup": {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+                  "timed_steps": args.steps, "warmup_steps": args.warmup,
+                  "num_workers": joint.data.num_workers, "num_local_views": joint.data.num_local_views,
+                  "objective": {k: v for k, v in to_dict(joint)["objective"].items() if k.endswith("weight")}},
+        "full_loop": loop,
+        "bare_step": bare_joint,
+        "loop_overhead": overhead,
+        "loop_overhead_target": 0.15,
+        "loop_overhead_ok": overhead <= 0.15,
+        "joint_step_seconds": bare_joint["step_seconds"],
+        "dino_only_step_seconds": bare_dino["step_seconds"],
+        "joint_vs_dino_time_ratio": bare_joint["step_seconds"] / bare_dino["step_seconds"],
+    }

@@ -1,0 +1,532 @@
+"""The pretraining job: wiring (``pretrain``) apart from the step (``train_step``) apart from the math
+(``ssl_hybrid.objectives``), MAE-style.
+
+One code path for a CPU, one GPU, or many GPUs/nodes (Hugging Face Accelerate). Counting is in
+optimizer steps; every scheduled value is ``schedules[name][step]``. The run directory holds
+``config.yaml`` (written at start), ``metrics.jsonl``, TensorBoard events, ``checkpoints/step_*/``
+and, at the end, ``backbone.safetensors`` + ``backbone.json``.
+
+Stopping: ``train.steps`` reached, ``train.max_seconds`` spent (checkpoint + export), SIGTERM/SIGINT
+(checkpoint, exit cleanly; re-running the same command resumes), or ``train.max_nonfinite_steps``
+non-finite losses in a row (stop with an error; the last good checkpoint stays the newest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ssl_hybrid import runs
+from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, validate
+from ssl_hybrid.errors import UserError
+from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+from ssl_hybrid.train import checkpoint as ckpt
+from ssl_hybrid.train.optim import apply_schedule, build_optimizer
+from ssl_hybrid.train.schedules import build_schedules
+
+log = logging.getLogger(__name__)
+
+# embedding_std is ~1 for spread-out embeddings and 0 when every image maps to the same vector.
+COLLAPSE_STD = 0.05
+STATE_FORMAT = "ssl_hybrid-train/1"
+
+
+class NonFiniteLossError(UserError):
+    """Too many non-finite losses in a row."""
+
+
+@dataclass
+class Counters:
+    """Everything about the run's progress that a checkpoint must restore besides weights and RNG."""
+
+    step: int = 0
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    images: int = 0
+    last_skipped: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """The live objects of one job."""
+
+    config: Config
+    accelerator: Any
+    directory: Path
+    model: Any  # the prepared (possibly DDP-wrapped) PretrainModel
+    raw_model: PretrainModel
+    optimizer: Any
+    schedules: dict[str, np.ndarray]
+    stream: Any
+    counters: Counters = field(default_factory=Counters)
+    monitor: Any = None
+    stop_reason: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def build_backbone(config: Config) -> torch.nn.Module:
+    import timm
+
+    import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
+
+    kwargs: dict[str, Any] = {"num_classes": 0, "img_size": config.data.image_size,
+                              "drop_path_rate": config.model.drop_path_rate}
+    if config.model.name.startswith("hybrid_"):
+        kwargs["attn_mode"] = config.model.attn_mode
+        if config.model.token_keep_rate < 1.0:
+            kwargs["token_keep_rate"] = config.model.token_keep_rate
+    kwargs.update(config.model.arch)  # architecture overrides (e.g. a searched candidate); export records them
+    backbone = timm.create_model(config.model.name, pretrained=False, **kwargs)
+    if config.model.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return backbone
+
+
+def backbone_meta(config: Config) -> dict[str, Any]:
+    """What ``load_backbone`` needs to rebuild the backbone from exported or checkpointed weights."""
+    kwargs: dict[str, Any] = {"drop_path_rate": 0.0}
+    if config.model.name.startswith("hybrid_"):
+        kwargs["attn_mode"] = config.model.attn_mode
+    kwargs.update(config.model.arch)  # checkpoints of a searched architecture must rebuild it, not the default
+    return {"model": config.model.name, "image_size": config.data.image_size, "kwargs": kwargs,
+            "run": config.name, "objective": {k: v for k, v in to_dict(config)["objective"].items()
+                                              if k.endswith("_weight")}}
+
+
+def make_accelerator(config: Config, directory: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # Every parameter gets a gradient in every step of each objective (tested), so DDP needs no
+    # unused-parameter search.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    return Accelerator(mixed_precision=config.train.mixed_precision, log_with="tensorboard",
+                       project_dir=str(directory), kwargs_handlers=[ddp])
+
+
+def sync_flags(accelerator, *flags: float) -> list[float]:
+    """Max of each flag over every process (so all ranks take the same branch)."""
+    values = torch.tensor(flags, dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values.tolist()
+
+
+def mask_generator(config: Config, step: int, micro: int, view: int, rank: int) -> torch.Generator:
+    """Masks are a pure function of (seed, step, micro-batch, view, rank): nothing to checkpoint."""
+    seed = np.random.SeedSequence([config.train.seed, step, micro, view, rank, 0x6D61736B]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+def make_masks(run: Run, views: list[torch.Tensor], step: int, micro: int) -> Optional[list[torch.Tensor]]:
+    if not run.raw_model.uses_masks:
+        return None
+    from ssl_hybrid.models.masking import random_grid_mask
+
+    rank = run.accelerator.process_index
+    masks = []
+    for index, view in enumerate(views):
+        batch, _, height, width = view.shape
+        generator = mask_generator(run.config, step, micro, index, rank)
+        mask = random_grid_mask(batch, height // 16, width // 16, run.config.objective.mask_ratio, generator)
+        masks.append(mask.to(view.device))
+    return masks
+
+
+def split_micro(batch: dict, parts: int) -> list[dict]:
+    """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
+    if parts == 1:
+        return [batch]
+    chunks = [dict(global_views=[], local_views=[]) for _ in range(parts)]
+    for key in ("global_views", "local_views"):
+        for view in batch[key]:
+            for chunk, piece in zip(chunks, view.chunk(parts)):
+                chunk[key].append(piece)
+    return chunks
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {"global_views": [v.to(device, non_blocking=True) for v in batch["global_views"]],
+            "local_views": [v.to(device, non_blocking=True) for v in batch["local_views"]],
+            "key": batch.get("key", [])}
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+# ---------------------------------------------------------------------------------------------
+
+
+def forward_losses(run: Run, micro: dict, step: int, index: int) -> tuple[dict, dict]:
+    masks = make_masks(run, micro["global_views"], step, index)
+    with run.accelerator.autocast():
+        return run.model(micro["global_views"], micro["local_views"], masks,
+                         float(run.schedules["teacher_temp"][step]))
+
+
+def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
+    """Forward/backward over the micro-batches, then clip + step + EMA, or skip on a non-finite loss."""
+    accelerator, config = run.accelerator, run.config
+    apply_schedule(run.optimizer, float(run.schedules["lr"][step]), float(run.schedules["weight_decay"][step]))
+    micros = split_micro(batch, config.train.grad_accum_steps)
+    totals: dict[str, float] = {}
+    stats: dict[str, float] = {}
+    finite = True
+    for index, micro in enumerate(micros):
+        last = index == len(micros) - 1
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
+        with sync:
+            losses, step_stats = forward_losses(run, micro, step, index)
+            finite = sync_flags(accelerator, 0.0 if torch.isfinite(losses["loss"].detach()).all() else 1.0)[0] == 0
+            if not finite:
+                break
+            accelerator.backward(losses["loss"] / len(micros))
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micros)
+        stats = {k: float(v) for k, v in step_stats.items()}
+    if not finite:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.raw_model.after_skipped_step()
+        return {"nonfinite": 1.0}
+    grad_norm = clip_gradients(run)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.raw_model.after_good_step(float(run.schedules["momentum"][step]))
+    return {**totals, **stats, "grad_norm": grad_norm}
+
+
+def clip_gradients(run: Run) -> float:
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    if run.config.optim.clip_grad > 0:
+        return float(run.accelerator.clip_grad_norm_(params, run.config.optim.clip_grad))
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def shared_state(run: Run) -> dict[str, Any]:
+    accelerator = run.accelerator
+    scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
+    return {"format": STATE_FORMAT, "optimizer": run.optimizer.state_dict(), "scaler": scaler,
+            "schedules": ckpt.schedules_to_tensors(run.schedules), "counters": run.counters.as_dict(),
+            "config": to_dict(run.config)}
+
+
+def save(run: Run) -> Path:
+    rank_state = {"rng": ckpt.capture_rng(), "stream": run.stream.state_dict()}
+    return ckpt.save_checkpoint(run.directory, run.counters.step, run.raw_model, shared_state(run), rank_state,
+                                run.config, backbone_meta(run.config), run.accelerator)
+
+
+def resume(run: Run, path: Path) -> None:
+    loaded = ckpt.load_checkpoint(path, run.config, run.accelerator.process_index)
+    ckpt.load_model_state(run.raw_model, loaded["model"], path)
+    state = loaded["state"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.accelerator.scaler is not None and state["scaler"]:
+        run.accelerator.scaler.load_state_dict(state["scaler"])
+    for name, values in state["schedules"].items():
+        if not np.array_equal(values.numpy(), run.schedules[name]):
+            raise ckpt.CheckpointError(f"{path}: schedule '{name}' differs from this config's")
+    run.counters = Counters(**state["counters"])
+    run.stream.load_state_dict(loaded["rank"]["stream"])
+    ckpt.restore_rng(loaded["rank"]["rng"])
+    log.info("resumed from %s (step %d of %d)", path, run.counters.step, run.config.train.steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals, logging, monitoring
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    state = ckpt.capture_rng()
+    try:
+        yield
+    finally:
+        ckpt.restore_rng(state)
+
+
+class StopSignal:
+    """SIGTERM/SIGINT ask for a checkpoint and a clean exit at the end of the current step; a second
+    SIGINT interrupts immediately."""
+
+    def __init__(self) -> None:
+        self.received: Optional[str] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some test runners): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = name
+        log.warning("%s received: saving a checkpoint after this step, then exiting", name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def log_step(run: Run, values: dict[str, float], seconds: float, images: int, bar) -> None:
+    step = run.counters.step
+    record = {"step": step, "lr": float(run.schedules["lr"][step - 1]),
+              "weight_decay": float(run.schedules["weight_decay"][step - 1]),
+              "momentum": float(run.schedules["momentum"][step - 1]),
+              "teacher_temp": float(run.schedules["teacher_temp"][step - 1]),
+              "img_per_s": images / seconds if seconds > 0 else 0.0,
+              "nonfinite_total": run.counters.nonfinite_total, **values}
+    data = run.stream.stats()
+    record.update(data_seen=data["seen"], data_skipped=data["skipped"], data_epoch=data["epoch"])
+    if data["skipped"] > run.counters.last_skipped:
+        log.warning("%d corrupt/unreadable samples skipped so far (%.2f%% of %d read); see warnings above",
+                    data["skipped"], 100 * data["skip_rate"], data["seen"])
+        run.counters.last_skipped = data["skipped"]
+    if values.get("embedding_std", 1.0) < COLLAPSE_STD or values.get("teacher_std", 1.0) < COLLAPSE_STD:
+        log.warning("step %d: embeddings are collapsing (std across the batch %.4f, teacher %.4f; ~1 is healthy)",
+                    step, values.get("embedding_std", float("nan")), values.get("teacher_std", float("nan")))
+    if run.accelerator.is_main_process:
+        runs.append_metrics(run.directory, record)
+    run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+    if bar is not None:
+        bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
+                        img_s=f"{record['img_per_s']:.1f}")
+
+
+def run_monitor(run: Run) -> None:
+    if run.monitor is None:
+        return
+    with preserved_rng():  # the monitor must not shift training randomness (resume would diverge)
+        result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
+    run.model.train()
+    record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
+    log.info("online k-NN at step %d: top1 %.4f (k=%d, %d queries)", run.counters.step, result["top1"],
+             result["k"], result["n_test"])
+    if run.accelerator.is_main_process:
+        runs.append_metrics(run.directory, record)
+    run.accelerator.log({"knn_top1": result["top1"], "knn_top5": result["top5"]}, step=run.counters.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def setup(config: Config) -> Run:
+    from accelerate.utils import set_seed
+
+    from ssl_hybrid.data.stream import build_train_stream
+    from ssl_hybrid.data.views import build_transform
+
+    directory = run_dir(config)
+    accelerator = make_accelerator(config, directory)
+    validate(config, source="config", num_processes=accelerator.num_processes)
+    existing = ckpt.latest_checkpoint(directory)
+    if existing is not None:  # refuse a foreign checkpoint before anything in the run dir is touched
+        ckpt.load_checkpoint(existing, config, accelerator.process_index)
+    if accelerator.is_main_process:
+        runs.prepare_run_dir(config)
+        ckpt.remove_partial(directory)
+    accelerator.wait_for_everyone()
+    derived = log_derived(config, accelerator.num_processes)
+    set_seed(config.train.seed)  # identical initial weights on every process
+    raw_model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config))
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    optimizer = build_optimizer(raw_model, (config.optim.beta1, config.optim.beta2))
+    stream = build_train_stream(config.data, derived["per_process_batch_size"], config.train.seed,
+                                accelerator.process_index, accelerator.num_processes, build_transform(config.data))
+    model, optimizer = accelerator.prepare(raw_model, optimizer)
+    run = Run(config, accelerator, directory, model, raw_model, optimizer,
+              build_schedules(config, accelerator.num_processes), stream)
+    # Per-rank randomness (drop-path, augment fallbacks) differs across ranks but is reproducible.
+    set_seed(config.train.seed + accelerator.process_index)
+    if existing is not None:
+        resume(run, existing)
+    run.monitor = build_monitor(config)
+    accelerator.init_trackers(config.name, config=flat_hparams(config))
+    log.info("%s: %d processes on %s, mixed precision %s, %.2fM trainable parameters",
+             config.name, accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
+             sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6)
+    return run
+
+
+def build_monitor(config: Config):
+    if not config.data.val or config.train.knn_every <= 0:
+        return None
+    from ssl_hybrid.train.monitor import KNNMonitor
+
+    return KNNMonitor(config)
+
+
+def flat_hparams(config: Config) -> dict[str, Any]:
+    flat = ckpt._flatten(to_dict(config))
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+
+
+def batches(run: Run) -> Iterator[dict]:
+    """The stream, moved to the device; fails clearly if the stream ends before the step budget."""
+    for batch in run.stream:
+        yield to_device(batch, run.accelerator.device)
+    raise UserError(f"{run.config.data.train}: the data stream ended at step {run.counters.step}")
+
+
+def should_stop(run: Run, stop: StopSignal, started: float) -> Optional[str]:
+    budget = run.config.train.max_seconds
+    over_time = budget > 0 and time.monotonic() - started >= budget
+    signal_flag, time_flag = sync_flags(run.accelerator, 1.0 if stop.received else 0.0, 1.0 if over_time else 0.0)
+    if signal_flag:
+        return "signal"
+    if time_flag:
+        return "max_seconds"
+    return None
+
+
+def train(run: Run) -> None:
+    config, counters = run.config, run.counters
+    every = config.train.checkpoint_every
+    bar = make_bar(run)
+    started = time.monotonic()
+    window_images, window_start, logged_dtype = 0, time.perf_counter(), False
+    if config.train.knn_every > 0 and counters.step == 0:
+        run_monitor(run)
+    run.model.train()
+    source = batches(run)
+    with StopSignal() as stop:
+        try:
+            while counters.step < config.train.steps:
+                batch = next(source)
+                values = train_step(run, batch, counters.step)
+                if not logged_dtype:
+                    log_precision(run, batch)
+                    logged_dtype = True
+                images = len(batch["global_views"][0]) * run.accelerator.num_processes
+                if not handle_nonfinite(run, values):
+                    continue
+                counters.step += 1
+                counters.images += images
+                window_images += images
+                if bar is not None:
+                    bar.update(1)
+                if counters.step % config.train.log_every == 0 or counters.step == config.train.steps:
+                    log_step(run, values, time.perf_counter() - window_start, window_images, bar)
+                    window_images, window_start = 0, time.perf_counter()
+                if config.train.knn_every > 0 and counters.step % config.train.knn_every == 0:
+                    run_monitor(run)
+                if every > 0 and counters.step % every == 0 and counters.step < config.train.steps:
+                    save(run)
+                run.stop_reason = should_stop(run, stop, started)
+                if run.stop_reason:
+                    break
+        finally:
+            source.close()
+            if bar is not None:
+                bar.close()
+
+
+def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
+    """True when the step counted; raises after max_nonfinite_steps skipped steps in a row."""
+    counters = run.counters
+    if "nonfinite" not in values:
+        counters.nonfinite_in_row = 0
+        return True
+    counters.nonfinite_in_row += 1
+    counters.nonfinite_total += 1
+    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", counters.step,
+                counters.nonfinite_in_row, counters.nonfinite_total)
+    if counters.nonfinite_in_row >= run.config.train.max_nonfinite_steps:
+        newest = ckpt.latest_checkpoint(run.directory)
+        raise NonFiniteLossError(
+            f"{counters.nonfinite_in_row} non-finite losses in a row at step {counters.step} "
+            f"(train.max_nonfinite_steps={run.config.train.max_nonfinite_steps}); lower optim.lr or use "
+            f"mixed_precision=bf16 instead of fp16. Last good checkpoint: {newest or 'none'}")
+    return False
+
+
+def log_precision(run: Run, batch: dict) -> None:
+    """Log the dtype the backbone actually computes in under this autocast setting (eval mode, RNG
+    untouched, so the probe changes nothing a resumed run would have to replay)."""
+    backbone = run.raw_model.backbone
+    with preserved_rng(), torch.no_grad(), run.accelerator.autocast():
+        backbone.eval()
+        probe = backbone.forward_features(batch["global_views"][0][:1])
+        backbone.train()
+    log.info("mixed precision '%s': backbone activations in %s, losses in float32",
+             run.accelerator.mixed_precision, probe.dtype)
+
+
+def make_bar(run: Run):
+    if not run.accelerator.is_main_process:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
+                dynamic_ncols=True)
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Final checkpoint, export (unless interrupted by a signal), summary."""
+    save(run)
+    exported = None
+    if run.stop_reason != "signal":
+        exported = export_backbone(run)
+        if run.config.train.knn_every > 0 and run.counters.step % run.config.train.knn_every != 0:
+            run_monitor(run)
+    summary = {"run_dir": str(run.directory), "step": run.counters.step, "steps": run.config.train.steps,
+               "stopped": run.stop_reason or "done", "nonfinite_total": run.counters.nonfinite_total,
+               "backbone": str(exported) if exported else None}
+    if run.stop_reason == "signal":
+        log.warning("stopped by signal at step %d; re-run the same command to resume", run.counters.step)
+    return summary
+
+
+def export_backbone(run: Run) -> Optional[Path]:
+    from ssl_hybrid.models.export import save_backbone
+
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return None
+    meta = {k: v for k, v in backbone_meta(run.config).items() if k not in ("model", "kwargs")}
+    weights, _ = save_backbone(run.raw_model.backbone, run.directory, dict(meta, step=run.counters.step))
+    log.info("exported %s", weights)
+    return weights
+
+
+def pretrain(config: Config) -> dict[str, Any]:
+    """Run (or resume) the pretraining job described by ``config``; returns a summary dict."""
+    run = setup(config)
+    try:
+        if run.counters.step < config.train.steps:
+            train(run)
+        return finish(run)
+    finally:
+        run.accelerator.end_training()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
