@@ -178,11 +178,9 @@ class HybridViT(nn.Module):
         self.attn_mode = attn_mode
         self.window_size = window_size
         self.grad_checkpointing = False
-        self.token_select = TokenSelectConfig(token_keep_rate, token_keep_share, token_min_keep)
-        self.token_select_blocks = tuple(token_select_blocks) if token_select_blocks is not None \
-            else default_select_blocks(depth)
-        if any(not 0 <= i < depth for i in self.token_select_blocks):
-            raise ValueError(f"token_select_blocks {self.token_select_blocks} out of range for depth {depth}")
+        self.depth = depth
+        self.token_select_blocks = default_select_blocks(depth)
+        self.set_token_selection(token_keep_rate, token_keep_share, token_select_blocks, token_min_keep)
         # reported after each forward_features: patch tokens kept per image [B], and the padding mask
         self.last_tokens_kept: Optional[torch.Tensor] = None
         self.last_token_mask: Optional[torch.Tensor] = None
@@ -254,6 +252,27 @@ class HybridViT(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    # ---------------------------------------------------------------- runtime switches (same weights)
+    def set_attention(self, attn_mode: str, window_size: Optional[int] = None, topk: Optional[int] = None) -> None:
+        """Switch every block's attention pattern; weights are unchanged (compare modes on one model)."""
+        if attn_mode not in ATTN_MODES:
+            raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
+        self.attn_mode = attn_mode
+        self.window_size = window_size or self.window_size
+        for block in self.blocks:
+            block.attn.attn_mode = attn_mode
+            block.attn.window_size = self.window_size
+            block.attn.topk = topk or block.attn.topk
+
+    def set_token_selection(self, keep_rate: float = 1.0, keep_share: Optional[float] = None,
+                            blocks: Optional[Sequence[int]] = None, min_keep: int = 1) -> None:
+        """Turn token selection on/off for forward_features (keep_rate=1, keep_share=None = off)."""
+        self.token_select = TokenSelectConfig(keep_rate, keep_share, min_keep)
+        if blocks is not None:
+            if any(not 0 <= i < self.depth for i in blocks):
+                raise ValueError(f"token_select_blocks {tuple(blocks)} out of range for depth {self.depth}")
+            self.token_select_blocks = tuple(blocks)
 
     # ---------------------------------------------------------------- stages
     def _grid_of(self, x: torch.Tensor) -> tuple[int, int]:
