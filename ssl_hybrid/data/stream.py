@@ -211,8 +211,16 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
     current: Optional[dict] = None
     try:
         for name, read in _tar_members(url):
+            if "/" not in name and name.startswith("__") and name.endswith("__"):
+                continue  # webdataset's per-shard metadata members
             prefix, suffix = base_plus_ext(name)
-            if prefix is None or ("/" not in name and name.startswith("__")):
+            if prefix is None:  # a member without extension cannot be a sample field: count it as bad
+                if current is not None:
+                    count += 1
+                    yield current
+                    current = None
+                count += 1
+                yield {"__key__": name, "__url__": url, "__error__": "tar member without extension"}
                 continue
             if current is not None and prefix != current["__key__"]:
                 count += 1
@@ -396,6 +404,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             epoch += 1
         if batch:
             yield self._emit(batch, worker, epoch, 0, seen, skipped)
+        # Finite stream: report the counters of samples skipped after the last batch, too.
+        yield {"_meta": {"worker": worker, "epoch": epoch, "offset": 0, "seen": seen, "skipped": skipped}}
 
     def _emit(self, batch: list[dict], worker: int, epoch: int, offset: int, seen: int, skipped: int) -> dict:
         collated = self.collate(batch)
@@ -441,12 +451,18 @@ class TrainStream:
         import webdataset as wds
 
         extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
-        loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers, **extra)
+        # Its own generator: DataLoader draws a base seed per iterator, which must not consume the
+        # trainer's global torch RNG (augmentations are seeded per sample anyway).
+        generator = torch.Generator().manual_seed(_seed_from("loader", self.seed, self.rank) % 2**63)
+        loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
+                               generator=generator, **extra)
         for batch in loader:
             if "_abort" in batch:
                 raise DataQualityError(f"{self.spec or 'stream'}: {batch['_abort']}")
             meta = batch.pop("_meta")
             self.positions[meta["worker"]] = {k: meta[k] for k in ("epoch", "offset", "seen", "skipped")}
+            if "key" not in batch:  # a finite worker's closing counters, no samples
+                continue
             self.batches += 1
             self.samples += len(batch["key"])
             self._check_skip_rate()
