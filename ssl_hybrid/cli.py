@@ -316,6 +316,34 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "search", formatter_class=_HelpFormatter,
+        help="architecture search over hybrid backbones under a measured budget (resumable)",
+        description="Sample hybrid architectures, reject those over the measured budget (params, GFLOPs, latency on\n"
+                    "this device), optionally prune with a zero-cost proxy, then successive halving: short\n"
+                    "pretraining + k-NN on a small labeled set, more steps for the best. Writes pareto.md/json/png\n"
+                    "and chosen.yaml (a recipe for `ssl-hybrid pretrain -c`) to <output_dir>/<name>/.\n"
+                    "Re-running the same command resumes; scored candidates are never re-run.\n\n"
+                    "examples:\n  ssl-hybrid search -c recipes/search_flowers12.yaml\n"
+                    "  ssl-hybrid search -c recipes/search_flowers12.yaml num_candidates=6 budget.max_latency_ms=20")
+    parser.add_argument("-c", "--config", metavar="SEARCH_YAML", default=None,
+                        help="search YAML (space, budget, schedule, proxy); none = defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="search overrides, e.g. num_candidates=8 schedule.min_steps=20 proxy.knn_shots=10")
+    parser.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from ssl_hybrid.search.run import load_search_config, run_search
+
+    config = load_search_config(args.config, args.overrides)
+    summary = run_search(config)
+    print((config.out_dir() / "pareto.md").read_text(encoding="utf-8"), end="")
+    print(f"chosen: {summary['chosen']} -> {summary.get('recipe')}  ({summary['seconds']:.0f} s)")
+    return 0
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_bench,
@@ -327,6 +355,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_report,
     _add_pretrain,
     _add_export,
+    _add_search,
 ]
 
 

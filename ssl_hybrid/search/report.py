@@ -85,7 +85,7 @@ def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = ("★" if r["chosen"] else "") + ("P" if r["pareto"] else "")
-        cells = [mark, f"`{r['id']}`", r["label"], _fmt(r["params_m"], ".2f"), _fmt(r["gflops"], ".3f"),
+        cells = [mark, f"`{r['id']}`", r["label"], _fmt(r["params_m"], ".2f"), _fmt(r["gflops"], ".3g"),
                  _fmt(r["latency_ms"], ".1f")] + [_fmt(r.get(k), ".3f") for k in rung_cols] + [r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

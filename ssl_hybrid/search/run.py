@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from ssl_hybrid.errors import ConfigError, UserError
 from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
-from ssl_hybrid.search.budget import Budget, measure_and_check
+from ssl_hybrid.search.budget import Budget, count_params, measure_and_check
 from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
 from ssl_hybrid.search.proxy import ProxyConfig
 from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe

@@ -100,7 +100,7 @@ class Candidate:
         c = self.as_dict()
         conv = "/".join(f"{w}x{d}" for w, d in zip(c["conv_widths"], c["conv_depths"]))
         keep = f" keep{c['token_keep_rate']:g}" if c["token_keep_rate"] < 1 else ""
-        return f"conv {conv} | vit {c['embed_dim']}x{c['depth']} h{c['num_heads']} {c['attn_mode']}{keep}"
+        return f"conv {conv}, vit {c['embed_dim']}x{c['depth']} h{c['num_heads']} {c['attn_mode']}{keep}"
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "base": self.base, "choices": self.as_dict()}
@@ -131,6 +131,9 @@ def invalid_reason(choices: dict[str, Any]) -> Optional[str]:
         return f"embed_dim {choices['embed_dim']} not divisible by num_heads {choices['num_heads']}"
     if len(choices["conv_widths"]) != len(choices["conv_depths"]):
         return "conv_widths and conv_depths name a different number of stages"
+    if choices["token_keep_rate"] < 1.0 and choices["depth"] < 2:
+        # EViT places selection after the first block; with one block it would be a duplicate of keep 1.0
+        return "token selection needs at least 2 transformer blocks"
     return None
 
 
