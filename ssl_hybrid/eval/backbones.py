@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,9 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
     else:
         weights, model_meta = _locate_weights(Path(spec))
         name, kwargs = _model_name_and_kwargs(model_meta, weights)
-        pretrained_size = int(model_meta.get("image_size") or DEFAULT_IMAGE_SIZE)
-        size = image_size or pretrained_size
-        # Build at the pretraining size so position embeddings match the weights, then resize if asked.
-        model = _create(name, kwargs, pretrained_size, spec)
+        size = image_size or _pretrained_size(model_meta)
+        model = _create(name, kwargs, size, spec)
         missing, unexpected = _load_weights(model, weights)
-        if size != pretrained_size and hasattr(model, "set_input_size"):
-            model.set_input_size(img_size=size)  # timm resamples position embeddings to the new grid
         meta = {"spec": spec, "kind": "file", "model": name, "image_size": size, "weights": str(weights),
                 "missing_keys": missing, "unexpected_keys": unexpected}
     model.eval()
@@ -145,6 +142,14 @@ def _meta_from_config(run: Path) -> dict[str, Any]:
     return {"model": values.get("model", {}).get("name"), "image_size": values.get("data", {}).get("image_size")}
 
 
+def _pretrained_size(meta: dict[str, Any]) -> int:
+    """``image_size`` recorded by the trainer, else the exported ``img_size``, else 224."""
+    size = meta.get("image_size") or meta.get("img_size") or (meta.get("factory_kwargs") or {}).get("img_size")
+    if isinstance(size, (list, tuple)):
+        size = size[0] if size else None
+    return int(size or DEFAULT_IMAGE_SIZE)
+
+
 def _model_name_and_kwargs(meta: dict[str, Any], weights: Path) -> tuple[str, dict[str, Any]]:
     name = meta.get("model") or meta.get("model_name") or meta.get("name") or meta.get("architecture")
     if not name:
@@ -164,6 +169,11 @@ def _load_weights(model: torch.nn.Module, weights: Path) -> tuple[list[str], lis
     except (SafetensorError, OSError) as err:
         raise BackboneError(f"{weights}: unreadable safetensors file ({err})") from None
     state = _strip_prefix(state, model)
+    # timm's convention (ViTs, our hybrids): the model's module adapts a state dict to the built model,
+    # e.g. resamples position embeddings when evaluating at another image size than pretraining.
+    adapt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
+    if adapt is not None:
+        state = adapt(state, model)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False

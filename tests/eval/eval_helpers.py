@@ -1,0 +1,29 @@
+"""Data makers shared by the evaluation tests (imported by name: pytest's conftest is not importable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+def make_labeled_folder(root: Path, classes: int, per_class: int, seed: int, size: int = 40) -> Path:
+    """Class-coloured noisy images (separable but not identical) in class sub-folders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True)
+        base = np.array([(c * 80) % 256, (c * 140 + 40) % 256, (c * 200 + 90) % 256])
+        for i in range(per_class):
+            pixels = np.clip(base + rng.normal(0, 35, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img_{i:03d}.png")
+    return root
+
+
+
+def clustered(n: int, classes: int, dim: int, seed: int, noise: float = 1.0):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(1234).standard_normal((classes, dim))
+    labels = rng.integers(0, classes, n)
+    return (centres[labels] + noise * rng.standard_normal((n, dim))).astype(np.float32), labels

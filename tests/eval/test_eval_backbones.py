@@ -1,0 +1,91 @@
+"""The one backbone loader: random:/timm: specs, exported files, run directories, key reporting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ssl_hybrid.eval.backbones import BackboneError, load_backbone_spec
+from ssl_hybrid.eval.features import embed
+
+
+def _features(model, size=32):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        return embed(model, torch.randn(2, 3, size, size))
+
+
+def test_random_spec_is_reproducible_and_sized():
+    a, meta = load_backbone_spec("random:hybrid_nano", image_size=32)
+    b, _ = load_backbone_spec("random:hybrid_nano", image_size=32)
+    assert meta["image_size"] == 32 and meta["kind"] == "random" and meta["num_features"] == a.num_features
+    torch.testing.assert_close(_features(a), _features(b))
+    assert load_backbone_spec("timm:resnet10t")[1]["image_size"] == 224  # no pretraining size -> 224
+
+
+def test_exported_backbone_loads_from_dir_and_file(tmp_path):
+    import timm
+
+    from ssl_hybrid.models.export import save_backbone
+
+    torch.manual_seed(3)
+    original = timm.create_model("hybrid_nano", num_classes=0, img_size=32).eval()
+    save_backbone(original, tmp_path / "run", {"image_size": 32})
+    for spec in (tmp_path / "run", tmp_path / "run" / "backbone.safetensors"):
+        model, meta = load_backbone_spec(str(spec))
+        assert meta["image_size"] == 32 and meta["missing_keys"] == [] and meta["unexpected_keys"] == []
+        torch.testing.assert_close(_features(model), _features(original))
+    resized, meta = load_backbone_spec(str(tmp_path / "run"), image_size=64)  # position embeddings resampled
+    assert _features(resized, 64).shape == (2, original.num_features)
+
+
+def test_run_directory_without_export_uses_newest_checkpoint(tmp_path):
+    import timm
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  name: resnet10t\ndata:\n  image_size: 32\n")
+    old = timm.create_model("resnet10t", num_classes=0)
+    new = timm.create_model("resnet10t", num_classes=0)
+    save_file({f"backbone.{k}": v for k, v in old.state_dict().items()},
+              str(run / "checkpoints" / "step_00000010" / "model.safetensors"))
+    save_file({f"backbone.{k}": v for k, v in new.state_dict().items()},
+              str(run / "checkpoints" / "step_00000020" / "model.safetensors"))
+    model, meta = load_backbone_spec(str(run))
+    assert meta["weights"].endswith("step_00000020/model.safetensors") and meta["image_size"] == 32
+    torch.testing.assert_close(_features(model.eval()), _features(new.eval()))
+
+
+def test_missing_keys_are_an_error_and_unexpected_keys_are_reported(tmp_path):
+    import timm
+
+    state = timm.create_model("resnet10t", num_classes=0).state_dict()
+    (tmp_path / "backbone.json").write_text(json.dumps({"model_name": "resnet10t", "image_size": 32}))
+    save_file(dict(state, **{"extra.head": torch.zeros(3)}), str(tmp_path / "backbone.safetensors"))
+    _, meta = load_backbone_spec(str(tmp_path))
+    assert meta["unexpected_keys"] == ["extra.head"]
+    state.pop("conv1.0.weight")
+    save_file(state, str(tmp_path / "backbone.safetensors"))
+    with pytest.raises(BackboneError, match="missing"):
+        load_backbone_spec(str(tmp_path))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("random:", "name a model"),
+    ("random:no_such_model_xyz", "unknown model"),
+    ("/does/not/exist", "not found"),
+])
+def test_bad_specs_are_user_errors(spec, message):
+    with pytest.raises(BackboneError, match=message):
+        load_backbone_spec(spec)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({}, path)
+    with pytest.raises(BackboneError, match="safetensors"):
+        load_backbone_spec(str(path))

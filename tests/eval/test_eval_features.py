@@ -1,0 +1,110 @@
+"""Feature extraction: order and row count, the on-disk cache, multi-process padding trimmed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_hybrid.data.labeled import load_labeled
+from ssl_hybrid.eval.backbones import load_backbone_spec
+from ssl_hybrid.eval.features import cached_features, embed, eval_transform, extract_features, make_loader
+
+
+def test_features_are_in_dataset_order_with_exactly_n_rows(labeled_pair):
+    train = load_labeled(labeled_pair[0])
+    model, meta = load_backbone_spec("random:hybrid_nano", image_size=32)
+    loader = make_loader(train, eval_transform(32), batch_size=5, num_workers=0)  # 18 = 5+5+5+3
+    features, labels = extract_features(model, loader)
+    assert features.shape == (18, meta["num_features"]) and features.dtype == np.float32
+    np.testing.assert_array_equal(labels, train.labels)
+    transform = eval_transform(32)
+    with torch.no_grad():
+        direct = embed(model, transform(train.load_image(7))[None])[0].numpy()
+    np.testing.assert_allclose(features[7], direct, rtol=1e-4, atol=1e-5)
+
+
+def test_eval_transform_resizes_and_center_crops():
+    from PIL import Image
+
+    out = eval_transform(32)(Image.new("RGB", (90, 40)))
+    assert out.shape == (3, 32, 32)
+
+
+class CountingBackbone(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.num_features = inner, 0, inner.num_features
+
+    def forward_features(self, x):
+        self.calls += 1
+        return self.inner.forward_features(x)
+
+    def forward_head(self, x, pre_logits=False):
+        return self.inner.forward_head(x, pre_logits=pre_logits)
+
+
+def test_cache_hit_skips_extraction_and_keys_on_backbone_data_and_transform(labeled_pair, tmp_path):
+    train = load_labeled(labeled_pair[0])
+    inner, meta = load_backbone_spec("random:resnet10t", image_size=32)
+    model = CountingBackbone(inner)
+    first = cached_features(model, meta, train, 32, batch_size=8, cache_dir=tmp_path / "c")
+    calls = model.calls
+    second = cached_features(model, meta, train, 32, batch_size=8, cache_dir=tmp_path / "c")
+    assert model.calls == calls  # served from disk
+    np.testing.assert_array_equal(first[0], second[0])
+    cached_features(model, meta, train, 48, batch_size=8, cache_dir=tmp_path / "c")  # other transform
+    assert model.calls > calls
+    calls = model.calls
+    cached_features(model, dict(meta, hash="another-backbone"), train, 32, batch_size=8, cache_dir=tmp_path / "c")
+    assert model.calls > calls
+    calls = model.calls
+    cached_features(model, meta, train.subset(range(10)), 32, batch_size=8, cache_dir=tmp_path / "c")  # other data
+    assert model.calls > calls
+    assert len(list((tmp_path / "c").glob("*.npz"))) == 4
+
+
+DIST_SCRIPT = r"""
+import sys, numpy as np
+from accelerate import Accelerator
+from ssl_hybrid.data.labeled import load_labeled
+from ssl_hybrid.eval.backbones import load_backbone_spec
+from ssl_hybrid.eval.features import eval_transform, extract_features, make_loader
+accelerator = Accelerator(cpu=True)
+assert accelerator.num_processes == 2
+labeled = load_labeled(sys.argv[1])
+model, _ = load_backbone_spec("random:resnet10t", image_size=32)
+loader = make_loader(labeled, eval_transform(32), batch_size=4, num_workers=0)
+features, labels = extract_features(model, loader, accelerator)
+if accelerator.is_main_process:
+    np.savez(sys.argv[2], features=features, labels=labels)
+accelerator.end_training()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_path):
+    train = load_labeled(labeled_pair[0]).subset(range(11))  # 11 rows: 2 ranks x batch 4 pad duplicates
+    folder = tmp_path / "eleven"
+    for sample in train.samples:
+        target = folder / sample.id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(sample.path).read_bytes())
+    script = tmp_path / "dist_features.py"
+    script.write_text(DIST_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+                    str(script), str(folder), str(tmp_path / "out.npz")], check=True, env=env, timeout=240,
+                   capture_output=True)
+    got = np.load(tmp_path / "out.npz")
+    model, _ = load_backbone_spec("random:resnet10t", image_size=32)
+    expected, labels = extract_features(model, make_loader(load_labeled(folder), eval_transform(32), 4, 0))
+    assert got["features"].shape == (11, model.num_features)
+    np.testing.assert_allclose(got["features"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got["labels"], labels)
