@@ -79,7 +79,8 @@ def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -
     def raw_rate() -> float:
         template = build_train_stream(cfg, args.batch_size, 0, 0, 1, transform, num_workers=workers, spec=spec)
         dataset = _MemoryStream(raw_samples, template._dataset(), args.batch_size, workers)
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2)
+        extra = {"prefetch_factor": 2} if workers > 0 else {}  # the stream's DataLoader settings
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, **extra)
         return _rate(loader, args.samples)
 
     stream_rates, raw_rates = [], []
