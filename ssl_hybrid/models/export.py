@@ -77,6 +77,8 @@ def save_backbone(model: nn.Module, directory: Union[str, os.PathLike], extra_me
 def read_meta(path_or_dir: Union[str, os.PathLike]) -> tuple[Path, dict[str, Any]]:
     """Resolve ``(weights_path, meta)`` from a directory, the .safetensors or the .json path."""
     path = Path(path_or_dir)
+    if not path.exists():
+        raise BackboneLoadError(f"{path}: not found (expected a directory with {WEIGHTS_NAME} + {META_NAME})")
     directory = path if path.is_dir() else path.parent
     weights_path, meta_path = directory / WEIGHTS_NAME, directory / META_NAME
     if path.is_file() and path.suffix == ".safetensors":
@@ -97,8 +99,9 @@ def load_backbone(path_or_dir: Union[str, os.PathLike], **override_kwargs: Any) 
     """Rebuild the saved model (``timm.create_model(name, **factory_kwargs)``) and load weights strictly.
 
     ``override_kwargs`` replace saved factory kwargs (e.g. ``num_classes=0``, ``img_size=96``; the
-    position embedding is resampled when ``img_size`` changes). Raises BackboneLoadError naming the
-    missing/unexpected/mismatched keys when the weights do not fit the architecture.
+    position embedding is resampled when ``img_size`` changes). The model is returned in eval mode.
+    Raises BackboneLoadError naming the missing/unexpected/mismatched keys when the weights do not
+    fit the architecture.
     """
     weights_path, meta = read_meta(path_or_dir)
     kwargs = dict(meta.get("factory_kwargs", {}), **override_kwargs)
@@ -111,7 +114,7 @@ def load_backbone(path_or_dir: Union[str, os.PathLike], **override_kwargs: Any) 
     if isinstance(model, HybridViT):
         state = checkpoint_filter_fn(state, model)  # resamples pos_embed when img_size was overridden
     _load_strict(model, state, weights_path)
-    return model
+    return model.eval()
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], weights_path: Path) -> None:
