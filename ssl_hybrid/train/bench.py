@@ -41,7 +41,7 @@ def bench_config(args: argparse.Namespace, workdir: Path, **objective: float) ->
     overrides = [f"model.name={args.model}", f"data.image_size={args.image_size}",
                  f"train.batch_size={args.batch_size}", f"train.steps={args.warmup + args.steps}",
                  f"train.output_dir={workdir}", "train.log_every=1", "train.checkpoint_every=0",
-                 "train.knn_every=0", "data.val=", "optim.warmup_fraction=0.0"]
+                 "train.knn_every=0", "data.val=''", "optim.warmup_fraction=0.0"]
     overrides += [f"objective.{k}={v}" for k, v in objective.items()]
     return load_config(args.config if Path(args.config).exists() else None, overrides)
 
