@@ -94,6 +94,7 @@ def _sklearn_brute(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarra
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    import sklearn.neighbors  # noqa: F401  (imported before any timing: a first import costs seconds)
     import torch
     from threadpoolctl import threadpool_limits
 

@@ -27,3 +27,14 @@ def clustered(n: int, classes: int, dim: int, seed: int, noise: float = 1.0):
     centres = np.random.default_rng(1234).standard_normal((classes, dim))
     labels = rng.integers(0, classes, n)
     return (centres[labels] + noise * rng.standard_normal((n, dim))).astype(np.float32), labels
+
+
+def shared_dataset(name: str) -> Path:
+    """tests/conftest.py's ``shared_dataset`` (skips when absent), loaded by path because every test
+    folder's conftest module is called ``conftest`` and a plain import may find the wrong one."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ssl_hybrid_root_conftest", Path(__file__).parent.parent / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.shared_dataset(name)

@@ -1,0 +1,91 @@
+"""The knn / linear / fewshot / finetune / report subcommands: --out JSON, and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssl_hybrid.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_missing_train_folder_is_one_line_and_exit_2(labeled_pair, capsys, tmp_path):
+    code, out, err = _run(capsys, "knn", "random:resnet10t", "--train", str(tmp_path / "nope"),
+                          "--test", str(labeled_pair[1]))
+    assert code == 2 and out == ""
+    assert err.strip().count("\n") == 0 and "--train" in err and "not found" in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "--train is required"),
+    (["--train", "{t}", "--test", "{v}", "--ks", "10,x"], "--ks"),
+    (["--train", "{t}", "--test", "{v}", "--temperature", "0"], "--temperature"),
+])
+def test_bad_knn_arguments_are_user_errors(labeled_pair, capsys, extra, message):
+    extra = [a.format(t=labeled_pair[0], v=labeled_pair[1]) for a in extra]
+    code, _, err = _run(capsys, "knn", "random:resnet10t", *extra)
+    assert code == 2 and message in err and err.strip().count("\n") == 0
+
+
+def test_unknown_backbone_is_a_user_error(labeled_pair, capsys):
+    code, _, err = _run(capsys, "knn", "random:not_a_model", "--train", str(labeled_pair[0]),
+                        "--test", str(labeled_pair[1]))
+    assert code == 2 and "unknown model" in err
+
+
+def test_knn_command_writes_the_documented_json(labeled_pair, capsys, tmp_path):
+    out = tmp_path / "knn.json"
+    code, stdout, _ = _run(capsys, "knn", "random:hybrid_nano", "--train", str(labeled_pair[0]), "--test",
+                           str(labeled_pair[1]), "--image-size", "32", "--workers", "0", "--out", str(out))
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert json.loads(stdout)["top1"] == result["top1"]
+    assert set(result) >= {"top1", "top5", "k", "temperature", "n_train", "n_test", "seconds", "per_k"}
+    assert (result["n_train"], result["n_test"], result["k"]) == (18, 9, 20)
+    assert result["backbone"]["image_size"] == 32
+
+
+@pytest.mark.slow
+def test_fewshot_linear_and_finetune_commands(labeled_pair, capsys, tmp_path):
+    common = ["--train", str(labeled_pair[0]), "--test", str(labeled_pair[1]), "--image-size", "32", "--workers", "0"]
+    code, _, _ = _run(capsys, "fewshot", "random:resnet10t", *common, "--shots", "1,2", "--seeds", "2",
+                      "--method", "knn,linear", "--out", str(tmp_path / "fs.json"))
+    assert code == 0
+    result = json.loads((tmp_path / "fs.json").read_text())
+    assert [(r["method"], r["shots"], len(r["runs"])) for r in result["results"]] == \
+           [("knn", 1, 2), ("linear", 1, 2), ("knn", 2, 2), ("linear", 2, 2)]
+    assert sorted(p.name for p in (tmp_path / "fs_splits").iterdir()) == \
+           ["shots1_seed0.json", "shots1_seed1.json", "shots2_seed0.json", "shots2_seed1.json"]
+
+    code, _, _ = _run(capsys, "linear", "random:resnet10t", *common, "--out", str(tmp_path / "lin.json"))
+    assert code == 0 and "C" in json.loads((tmp_path / "lin.json").read_text())
+
+    code, _, _ = _run(capsys, "finetune", "random:resnet10t", *common, "--epochs", "2", "--batch-size", "8",
+                      "--shots", "4", "--out", str(tmp_path / "ft.json"))
+    assert code == 0
+    finetuned = json.loads((tmp_path / "ft.json").read_text())
+    assert finetuned["shots"] == 4 and finetuned["n_train"] + finetuned["n_val"] == 12
+    assert len(json.loads((tmp_path / "ft_split.json").read_text())["ids"]) == 12
+
+    code, _, err = _run(capsys, "fewshot", "random:resnet10t", *common, "--shots", "9")
+    assert code == 2 and "fewer than 9 shots" in err
+
+
+def test_report_command_checks_names(labeled_pair, capsys, tmp_path):
+    code, _, err = _run(capsys, "report", "random:resnet10t", "random:hybrid_nano", "--names", "only_one",
+                        "--train", str(labeled_pair[0]), "--test", str(labeled_pair[1]))
+    assert code == 2 and "--names" in err
+
+
+def test_bench_knn_is_registered():
+    from ssl_hybrid.cli import BENCH_TARGETS, build_parser
+
+    assert BENCH_TARGETS["knn"][0] == "ssl_hybrid.eval.bench"
+    args = build_parser().parse_args(["bench", "knn", "--scale", "0.01", "--skip-sklearn"])
+    assert args.scale == 0.01 and args.skip_sklearn

@@ -1,0 +1,42 @@
+"""Few-label fine-tuning: layer-wise lr decay from group_matcher, early stopping, test accuracy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ssl_hybrid.data.labeled import load_labeled
+from ssl_hybrid.eval.backbones import load_backbone_spec
+from ssl_hybrid.eval.finetune import Classifier, FinetuneSettings, finetune, layer_decay_param_groups
+
+
+def test_layer_decay_gives_deeper_layers_larger_lrs():
+    model, _ = load_backbone_spec("random:hybrid_nano", image_size=32)
+    classifier = Classifier(model, 5)
+    settings = FinetuneSettings(lr=1e-3, layer_decay=0.5)
+    groups = layer_decay_param_groups(classifier, settings)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for _ in classifier.parameters())  # every parameter optimized once
+    assert lr_of[id(classifier.head.weight)] == 1e-3
+    stem = next(p for n, p in model.named_parameters() if n.startswith("stem"))
+    first_block = next(p for n, p in model.named_parameters() if n.startswith("blocks.0."))
+    last_block = next(p for n, p in reversed(list(model.named_parameters())) if n.startswith("blocks."))
+    assert lr_of[id(stem)] < lr_of[id(first_block)] < lr_of[id(last_block)] < 1e-3
+    assert lr_of[id(last_block)] == pytest.approx(1e-3 * 0.5)
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0]
+    assert any(p is classifier.head.bias for g in no_decay for p in g["params"])
+
+
+@pytest.mark.slow
+def test_finetune_learns_and_early_stops(labeled_pair):
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
+    model, _ = load_backbone_spec("random:resnet10t", image_size=32)
+    result = finetune(model, train, test, 32, FinetuneSettings(epochs=8, batch_size=8, lr=3e-3, patience=8))
+    assert set(result) >= {"top1", "top5", "best_epoch", "val_top1", "epochs_run", "history"}
+    assert result["n_train"] + result["n_val"] == 18 and result["n_test"] == 9
+    assert result["top1"] > 1 / 3  # colour classes are easy: better than chance after a few epochs
+    assert result["history"][-1]["loss"] < result["history"][0]["loss"]
+
+    frozen, _ = load_backbone_spec("random:resnet10t", image_size=32)
+    stalled = finetune(frozen, train, test, 32, FinetuneSettings(epochs=10, batch_size=8, lr=0.0, patience=2))
+    assert stalled["epochs_run"] == 3 and stalled["best_epoch"] == 0  # lr 0: val never improves after epoch 0

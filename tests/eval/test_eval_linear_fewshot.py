@@ -1,0 +1,65 @@
+"""Linear probe (C chosen on held-out train, refit) and k-shot evaluation (seeded, ids saved, mean ± std)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval_helpers import clustered
+from ssl_hybrid.eval.fewshot import fewshot_evaluate
+from ssl_hybrid.eval.linear import DEFAULT_CS, FALLBACK_C, choose_c, linear_probe
+
+
+def test_linear_probe_matches_sklearn_refit_with_the_chosen_c():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    train, train_y = clustered(300, 5, 16, seed=0, noise=2.5)
+    test, test_y = clustered(100, 5, 16, seed=1, noise=2.5)
+    result = linear_probe(train, train_y, test, test_y)
+    assert result["C"] in DEFAULT_CS and set(result["val_accuracy"]) == {repr(c) for c in DEFAULT_CS}
+    assert "held-out" in result["selection"]
+    best = max(result["val_accuracy"].values())
+    assert result["val_accuracy"][repr(result["C"])] == best
+    scaler = StandardScaler().fit(train)
+    reference = LogisticRegression(C=result["C"], max_iter=1000).fit(scaler.transform(train), train_y)
+    accuracy = (reference.predict(scaler.transform(test)) == test_y).mean()
+    assert result["top1"] == pytest.approx(accuracy)
+    assert result["top1"] > 0.6
+
+
+def test_one_shot_has_nothing_to_hold_out_and_uses_the_default_c():
+    features, labels = clustered(4, 4, 8, seed=2)
+    labels = np.arange(4)
+    c, accuracy, how = choose_c(features, labels)
+    assert c == FALLBACK_C and accuracy == {} and "default" in how
+
+
+def test_fewshot_is_deterministic_and_saves_split_ids(tmp_path):
+    from ssl_hybrid.data.labeled import LabeledSet, Sample
+
+    train, train_y = clustered(120, 4, 16, seed=3, noise=1.5)
+    train_y = np.repeat(np.arange(4), 30)
+    train = train + np.random.default_rng(0).standard_normal((4, 16))[train_y] * 3
+    test_y = np.repeat(np.arange(4), 10)
+    test = np.random.default_rng(0).standard_normal((4, 16))[test_y] * 3 + np.random.default_rng(5).standard_normal((40, 16))
+    labeled = LabeledSet("mem", list("abcd"), [Sample(f"id{i}", int(y), "x") for i, y in enumerate(train_y)])
+    args = dict(shots=(1, 5), seeds=3, methods=("knn", "linear"), train_set=labeled)
+    first = fewshot_evaluate(train, train_y, test, test_y, split_dir=tmp_path / "a", **args)
+    second = fewshot_evaluate(train, train_y, test, test_y, split_dir=tmp_path / "b", **args)
+    assert [(r["method"], r["shots"], r["mean"], r["std"]) for r in first["results"]] == \
+           [(r["method"], r["shots"], r["mean"], r["std"]) for r in second["results"]]
+    assert [(r["method"], r["shots"]) for r in first["results"]] == [("knn", 1), ("linear", 1), ("knn", 5), ("linear", 5)]
+    for row in first["results"]:
+        accs = [run["top1"] for run in row["runs"]]
+        assert len(accs) == 3 and row["mean"] == pytest.approx(np.mean(accs))
+        assert row["std"] == pytest.approx(np.std(accs, ddof=1))
+        assert all(run["n_train"] == 4 * row["shots"] for run in row["runs"])
+    split = json.loads(Path(first["results"][2]["runs"][1]["split"]).read_text())
+    assert split["shots"] == 5 and split["seed"] == 1 and len(split["ids"]) == 20
+    assert split == json.loads((tmp_path / "b" / "shots5_seed1.json").read_text()) | {"source": "mem"}
+    five_shot_knn = first["results"][2]
+    assert five_shot_knn["mean"] > 0.5  # separable clusters: well above the 25% chance level
