@@ -5,6 +5,9 @@ Each (candidate, rung) trains in its own run directory ``<search>/runs/<id>-r<ru
 trainer entry point as ``ssl-hybrid pretrain`` (so a proxy run is exactly a recipe run with fewer steps),
 and the exported backbone is loaded back with the evaluators' loader. The trainer resumes a run
 directory from its newest checkpoint, so an interrupted proxy run continues instead of starting over.
+
+The labeled images are decoded and transformed once per search and kept as tensors (a few MB at proxy
+sizes): every candidate is evaluated on identical inputs and no candidate pays for JPEG decoding.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.search.recipe import candidate_config
-from ssl_hybrid.search.space import Candidate
+from ssl_hybrid.search.space import Candidate, build_candidate
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,12 @@ class ProxyConfig:
 
     # Base pretraining recipe (data, objective, optimizer); "" = the defaults.
     recipe: str = ""
-    # key=value overrides for every proxy run, applied after the candidate's model group (e.g. data.train=...).
+    # Pretraining data: shards / a shard directory, or an image folder (converted once to <search>/shards);
+    # "" = the base recipe's data.train.
+    train: str = ""
+    # Longest image side when an image folder is converted (0 = keep); proxy runs use small crops anyway.
+    shard_max_side: int = 160
+    # key=value overrides for every proxy run, applied after the candidate's model group (e.g. data.image_size=64).
     overrides: list = field(default_factory=list)
     # Labeled image folder (or labeled shards) whose images form the k-NN bank.
     knn_train: str = ""
@@ -41,6 +50,8 @@ class ProxyConfig:
     # DINO's k-NN protocol: k=20, T=0.07.
     knn_k: int = 20
     knn_temperature: float = 0.07
+    # Also score each candidate at random init (no training), so the table shows what pretraining added.
+    score_init: bool = True
     # Seed for the bank's k-shot draw and the hold-out split.
     seed: int = 0
 
@@ -53,7 +64,7 @@ class ProxyConfig:
 
 
 class KnnSets:
-    """The labeled bank and query sets, loaded and split once per search."""
+    """The labeled bank and query sets: loaded and split once, decoded once per image size."""
 
     def __init__(self, proxy: ProxyConfig):
         from ssl_hybrid.data.labeled import kshot_indices, load_labeled, stratified_holdout
@@ -69,18 +80,57 @@ class KnnSets:
             train = train.subset(kshot_indices(train.labels, proxy.knn_shots, proxy.seed))
         self.train, self.test = train, test
         self.num_classes = len(train.classes)
+        self._tensors: dict[tuple[str, int], torch.Tensor] = {}
         log.info("k-NN proxy: bank %d images, %d queries, %d classes", len(train), len(test), self.num_classes)
 
-    def sample_images(self, count: int, image_size: int, seed: int):
-        """A fixed batch of bank images [count, 3, S, S] under the eval transform (for the zero-cost proxy)."""
-        import torch
-
+    def images(self, which: str, image_size: int) -> torch.Tensor:
+        """All images of ``which`` ("train" | "test") under the eval transform: [N, 3, S, S], cached."""
         from ssl_hybrid.eval.features import eval_transform
 
-        transform = eval_transform(image_size)
-        rng = np.random.default_rng(seed)
-        picks = rng.choice(len(self.train), size=min(count, len(self.train)), replace=False)
-        return torch.stack([transform(self.train.load_image(int(i))) for i in picks])
+        key = (which, image_size)
+        if key not in self._tensors:
+            labeled, transform = getattr(self, which), eval_transform(image_size)
+            self._tensors[key] = torch.stack([transform(labeled.load_image(i)) for i in range(len(labeled))])
+        return self._tensors[key]
+
+    def loader(self, which: str, image_size: int, batch_size: int = 128):
+        """(images, labels, indices) batches in dataset order, the contract of ``extract_features``."""
+        images = self.images(which, image_size)
+        labels = torch.as_tensor(getattr(self, which).labels)
+        dataset = torch.utils.data.TensorDataset(images, labels, torch.arange(len(images)))
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+    def sample_images(self, count: int, image_size: int, seed: int) -> torch.Tensor:
+        """A fixed batch of bank images [count, 3, S, S] (for the zero-cost proxy)."""
+        images = self.images("train", image_size)
+        picks = np.random.default_rng(seed).choice(len(images), size=min(count, len(images)), replace=False)
+        return images[torch.as_tensor(np.sort(picks))]
+
+    def evaluate(self, backbone: torch.nn.Module, image_size: int, proxy: ProxyConfig) -> dict[str, Any]:
+        from ssl_hybrid.eval.features import extract_features
+        from ssl_hybrid.eval.knn import knn_evaluate
+
+        bank = extract_features(backbone, self.loader("train", image_size))
+        queries = extract_features(backbone, self.loader("test", image_size))
+        return knn_evaluate(*bank, *queries, ks=(proxy.knn_k,), headline_k=proxy.knn_k,
+                            temperature=proxy.knn_temperature, num_classes=self.num_classes)
+
+
+def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> Optional[str]:
+    """``proxy.train`` as something the trainer streams: shards as given; an image folder converted once."""
+    if not proxy.train:
+        return None
+    source = Path(proxy.train)
+    if not source.is_dir() or (source / "manifest.json").exists():
+        return proxy.train
+    out = Path(work_dir) / "shards"
+    if (out / "manifest.json").exists():
+        return str(out)
+    from ssl_hybrid.data.shards import write_shards
+
+    log.info("converting image folder %s to shards in %s (once per search)", source, out)
+    write_shards(source, out, shard_size=250, max_side=proxy.shard_max_side, labels="none", progress=False)
+    return str(out)
 
 
 class PretrainKnnProxy:
@@ -93,37 +143,37 @@ class PretrainKnnProxy:
         self.work_dir = Path(work_dir)
         self.base = read_recipe(proxy.recipe)
         self.sets = sets or KnnSets(proxy)
+        self.train_data = prepare_train_data(proxy, self.work_dir)
 
     def config_for(self, candidate: Candidate, steps: int, rung: int):
         name = f"{candidate.id}-r{rung}"
-        overrides = [*self.proxy.overrides, f"train.steps={steps}", f"train.output_dir={self.work_dir / 'runs'}"]
+        data = [f"data.train={self.train_data}"] if self.train_data else []
+        overrides = [*data, *self.proxy.overrides, f"train.steps={steps}",
+                     f"train.output_dir={self.work_dir / 'runs'}"]
         return candidate_config(self.base, candidate, overrides, self.work_dir / "recipes", name)
 
     def __call__(self, candidate: Candidate, steps: int, rung: int) -> dict[str, Any]:
         from ssl_hybrid.config import run_dir
+        from ssl_hybrid.eval.backbones import load_backbone_spec
 
         config = self.config_for(candidate, steps, rung)
+        size = config.data.image_size
+        result: dict[str, Any] = {}
+        if self.proxy.score_init and rung == 0:
+            torch.manual_seed(config.train.seed)
+            result["init_score"] = self.sets.evaluate(build_candidate(candidate, size), size, self.proxy)["top1"]
         start = time.perf_counter()
         pretrain(config)
-        train_seconds = time.perf_counter() - start
-        knn = self.knn(run_dir(config), config.data.image_size)
-        return {"score": knn["top1"], "top5": knn["top5"], "knn_k": knn["k"], "train_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - start - train_seconds, "run_dir": str(run_dir(config))}
-
-    def knn(self, run: Path, image_size: int) -> dict[str, Any]:
-        from ssl_hybrid.eval.backbones import load_backbone_spec
-        from ssl_hybrid.eval.features import cached_features
-        from ssl_hybrid.eval.knn import knn_evaluate
-
-        model, meta = load_backbone_spec(str(run), image_size=image_size)
-        train = cached_features(model, meta, self.sets.train, image_size, cache_dir=None)
-        test = cached_features(model, meta, self.sets.test, image_size, cache_dir=None)
-        return knn_evaluate(*train, *test, ks=(self.proxy.knn_k,), headline_k=self.proxy.knn_k,
-                            temperature=self.proxy.knn_temperature, num_classes=self.sets.num_classes)
+        result["train_seconds"] = time.perf_counter() - start
+        backbone, _ = load_backbone_spec(str(run_dir(config)), image_size=size)
+        knn = self.sets.evaluate(backbone, size, self.proxy)
+        result.update(score=knn["top1"], top5=knn["top5"], knn_k=knn["k"], image_size=size,
+                      seconds=time.perf_counter() - start, run_dir=str(run_dir(config)))
+        return result
 
 
-def pretrain(config) -> Path:
-    """Run the trainer on ``config`` (in this process) and return its run directory."""
+def pretrain(config) -> dict[str, Any]:
+    """Run (or resume) the trainer on ``config`` in this process; returns its summary."""
     from ssl_hybrid.train.loop import pretrain as run_pretrain
 
     return run_pretrain(config)
