@@ -13,6 +13,7 @@ sizes): every candidate is evaluated on identical inputs and no candidate pays f
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,9 @@ class ProxyConfig:
     knn_temperature: float = 0.07
     # Also score each candidate at random init (no training), so the table shows what pretraining added.
     score_init: bool = True
+    # Keep each proxy run's resumable checkpoints (~100 MB each) after it is scored; the exported
+    # backbone.safetensors is always kept. Off: a scored run never needs resuming (state.json has its score).
+    keep_checkpoints: bool = False
     # Seed for the bank's k-shot draw and the hold-out split.
     seed: int = 0
 
@@ -169,6 +173,8 @@ class PretrainKnnProxy:
         knn = self.sets.evaluate(backbone, size, self.proxy)
         result.update(score=knn["top1"], top5=knn["top5"], knn_k=knn["k"], image_size=size,
                       seconds=time.perf_counter() - start, run_dir=str(run_dir(config)))
+        if not self.proxy.keep_checkpoints:
+            shutil.rmtree(run_dir(config) / "checkpoints", ignore_errors=True)
         return result
 
 

@@ -36,6 +36,7 @@ MODEL_KWARG = {
     "depth": "depth",
     "num_heads": "num_heads",
     "attn_mode": "attn_mode",
+    "window_size": "window_size",
     "token_keep_rate": "token_keep_rate",
 }
 
@@ -58,6 +59,9 @@ class SearchSpace:
     num_heads: list = field(default_factory=lambda: [2, 4])
     # global | window | topk attention in the transformer blocks.
     attn_mode: list = field(default_factory=lambda: ["global", "window"])
+    # Window side (in stride-16 tokens) for attn_mode=window; a window as large as the token grid is global
+    # attention, so at small image sizes choose windows smaller than image_size / 16.
+    window_size: list = field(default_factory=lambda: [7])
     # Token-selection keep rate (1.0 = off).
     token_keep_rate: list = field(default_factory=lambda: [1.0, 0.7])
 
@@ -100,7 +104,8 @@ class Candidate:
         c = self.as_dict()
         conv = "/".join(f"{w}x{d}" for w, d in zip(c["conv_widths"], c["conv_depths"]))
         keep = f" keep{c['token_keep_rate']:g}" if c["token_keep_rate"] < 1 else ""
-        return f"conv {conv}, vit {c['embed_dim']}x{c['depth']} h{c['num_heads']} {c['attn_mode']}{keep}"
+        attn = f"window{c['window_size']}" if c["attn_mode"] == "window" else c["attn_mode"]
+        return f"conv {conv}, vit {c['embed_dim']}x{c['depth']} h{c['num_heads']} {attn}{keep}"
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "base": self.base, "choices": self.as_dict()}
@@ -152,6 +157,8 @@ def sample_candidates(space: SearchSpace, count: int, seed: int) -> list[Candida
     while len(seen) < count and attempts < max_attempts:
         attempts += 1
         choices = {name: rng.choice(values) for name, values in dims.items()}
+        if choices["attn_mode"] != "window":
+            choices["window_size"] = dims["window_size"][0]  # unused without windows: one canonical value, no twins
         if invalid_reason(choices):
             continue
         candidate = make_candidate(space.base, choices)

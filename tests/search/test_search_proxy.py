@@ -57,7 +57,8 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
     assert [r["steps"] for r in state["rungs"]] == [2, 4]
     for rung in state["rungs"]:
         for result in rung["scores"].values():
-            assert (out / "runs" / result["run_dir"].split("/")[-1] / "backbone.safetensors").exists()
+            run = out / "runs" / result["run_dir"].split("/")[-1]
+            assert (run / "backbone.safetensors").exists() and not (run / "checkpoints").exists()
             assert "init_score" in result or rung["index"] > 0
     chosen_yaml = (out / "chosen.yaml").read_text()
     assert "arch:" in chosen_yaml and "ssl-hybrid pretrain" in chosen_yaml

@@ -35,7 +35,7 @@ def test_invalid_combinations_are_never_sampled():
 
 def test_candidate_id_is_stable_and_json_round_trips():
     choices = {"conv_widths": [16, 32], "conv_depths": [1, 1], "embed_dim": 64, "depth": 2, "num_heads": 2,
-               "attn_mode": "window", "token_keep_rate": 0.7}
+               "attn_mode": "window", "window_size": 2, "token_keep_rate": 0.7}
     candidate = make_candidate("hybrid_nano", choices)
     assert candidate.id == make_candidate("hybrid_nano", dict(reversed(list(choices.items())))).id
     assert candidate.id != make_candidate("hybrid_tiny", choices).id
@@ -43,6 +43,16 @@ def test_candidate_id_is_stable_and_json_round_trips():
     kwargs = candidate.model_kwargs()
     assert kwargs["embed_dim"] == 64 and kwargs["attn_mode"] == "window"
     assert list(kwargs[next(k for k in kwargs if k.startswith("conv_") and "dep" not in k)]) == [16, 32]
+
+
+def test_window_size_only_varies_with_window_attention():
+    space = SearchSpace(attn_mode=["global", "window"], window_size=[2, 3], conv_widths=[[16, 32]], conv_depths=[[1, 1]],
+                        embed_dim=[64], depth=[2], num_heads=[2], token_keep_rate=[1.0])
+    candidates = sample_candidates(space, 3, seed=0)  # global (one canonical window), window 2, window 3
+    assert sorted((c.as_dict()["attn_mode"], c.as_dict()["window_size"]) for c in candidates) == \
+        [("global", 2), ("window", 2), ("window", 3)]
+    with pytest.raises(SearchSpaceError):
+        sample_candidates(space, 4, seed=0)
 
 
 def test_empty_dimension_is_an_error():
