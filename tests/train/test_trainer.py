@@ -1,0 +1,146 @@
+"""Trainer behaviour in-process on a tiny real configuration: schedules, optimizer groups, fault
+handling, checkpoint rotation and refusal, wall-clock budget, metrics/TensorBoard/k-NN monitor, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from lightly.utils.scheduler import cosine_schedule
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from ssl_hybrid import runs
+from ssl_hybrid.config import load_config
+from ssl_hybrid.train import checkpoint as ckpt
+from ssl_hybrid.train import loop
+from ssl_hybrid.train.optim import apply_schedule, build_optimizer, no_decay_names
+from ssl_hybrid.train.schedules import build_schedules, cosine, warmup_cosine
+
+
+def tiny_config(run_root, name="tiny", **extra):
+    return load_config(None, tiny_overrides(run_root, name, **extra))
+
+
+# ------------------------------------------------------------------------------------- schedules
+
+def test_schedules_match_lightly_cosine_and_dino_warmups(tmp_path):
+    np.testing.assert_allclose(cosine(0.996, 1.0, 50), [cosine_schedule(s, 50, 0.996, 1.0) for s in range(50)])
+    lr = warmup_cosine(1.0, 0.1, total=20, warmup=5)
+    np.testing.assert_allclose(lr[:5], [0.0, 0.2, 0.4, 0.6, 0.8])
+    np.testing.assert_allclose(lr[5:], [cosine_schedule(s, 15, 1.0, 0.1) for s in range(15)])
+    config = load_config(None, ["train.steps=100", "train.batch_size=512", "optim.lr=1e-3",
+                                "objective.warmup_teacher_temp_steps=30"])
+    values = build_schedules(config)
+    assert {k: len(v) for k, v in values.items()} == dict.fromkeys(values, 100)
+    assert values["lr"].max() == pytest.approx(2e-3)  # linear scaling: lr * 512 / 256
+    assert values["momentum"][0] == pytest.approx(0.996) and values["momentum"][-1] == 1.0
+    assert values["teacher_temp"][0] == pytest.approx(0.04) and values["teacher_temp"][29] == pytest.approx(0.07)
+    assert values["weight_decay"][0] == pytest.approx(0.04) and values["weight_decay"][-1] == pytest.approx(0.4)
+
+
+def test_weight_decay_skips_norms_biases_and_tokens(run_root):
+    config = tiny_config(run_root)
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    skip = no_decay_names(model)
+    assert {"backbone.pos_embed", "backbone.cls_token", "mim.decoder.mask_token", "backbone.norm.weight",
+            "backbone.patch_embed.bias"} <= skip
+    assert "backbone.patch_embed.weight" not in skip and "dino.head.layers.0.weight" not in skip
+    optimizer = build_optimizer(model, (0.9, 0.95))
+    apply_schedule(optimizer, lr=0.1, weight_decay=0.05)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 0.1
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save(ckpt.capture_rng(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+# ------------------------------------------------------------------------------------- the loop
+
+def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, image_folder):
+    config = tiny_config(run_root, "full", train__steps=3, train__checkpoint_every=1, train__keep_checkpoints=2,
+                         train__knn_every=3, data__val=str(image_folder), data__num_local_views=1,
+                         data__local_image_size=16 * 1)
+    summary = loop.pretrain(config)
+    directory = run_root / "full"
+    assert summary["stopped"] == "done" and summary["step"] == 3
+    assert (directory / "config.yaml").exists()
+    assert [p.name for p in ckpt.list_checkpoints(directory)] == ["step_00000002", "step_00000003"]  # keep 2
+    records = runs.read_metrics(directory)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in steps for k in ("loss", "mim", "dino", "lr", "img_per_s", "grad_norm"))
+    knn = [r for r in records if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [0, 3] and all(0.0 <= r["knn_top1"] <= 1.0 for r in knn)
+    assert list(directory.rglob("events.out.tfevents.*")), "TensorBoard events expected"
+    meta = json.loads((directory / "backbone.json").read_text())
+    assert meta["image_size"] == 32 and meta["model_name"] == "hybrid_nano"
+    from ssl_hybrid.eval.backbones import load_backbone_spec
+
+    backbone, _ = load_backbone_spec(str(directory))
+    saved = load_file(str(ckpt.latest_checkpoint(directory) / "model.safetensors"))
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, saved[f"backbone.{name}"]), name
+
+
+def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpus, run_root):
+    loop.pretrain(tiny_config(run_root, "same", train__steps=2))
+    before = (run_root / "same" / "config.yaml").read_text()
+    with pytest.raises(ckpt.CheckpointError, match=r"different config \(objective.mask_ratio: 0.75 -> 0.5"):
+        loop.pretrain(tiny_config(run_root, "same", train__steps=2, objective__mask_ratio=0.5))
+    assert (run_root / "same" / "config.yaml").read_text() == before
+    # Observation-only keys may change: this resumes (nothing left to do) instead of refusing.
+    assert loop.pretrain(tiny_config(run_root, "same", train__steps=2, train__log_every=5))["step"] == 2
+
+
+def inject_nan(monkeypatch, bad_calls):
+    """Make the loss of the given forward calls (1-based) NaN."""
+    real = loop.forward_losses
+    calls = []
+
+    def forward(run, micro, step, index):
+        losses, stats = real(run, micro, step, index)
+        calls.append(step)
+        if len(calls) in bad_calls or (None in bad_calls and len(calls) >= min(c for c in bad_calls if c)):
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses, stats
+
+    monkeypatch.setattr(loop, "forward_losses", forward)
+
+
+def test_nonfinite_step_is_skipped_and_counted(corpus, run_root, monkeypatch):
+    inject_nan(monkeypatch, {2})
+    summary = loop.pretrain(tiny_config(run_root, "spike", train__steps=3))
+    assert summary["step"] == 3 and summary["nonfinite_total"] == 1
+    weights = load_file(str(ckpt.latest_checkpoint(run_root / "spike") / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, run_root, monkeypatch):
+    inject_nan(monkeypatch, {3, None})  # every call from the third on
+    config = tiny_config(run_root, "diverge", train__steps=4, train__checkpoint_every=1,
+                         train__max_nonfinite_steps=3)
+    with pytest.raises(loop.NonFiniteLossError, match="3 non-finite losses in a row at step 2.*step_00000002"):
+        loop.pretrain(config)
+    assert ckpt.latest_checkpoint(run_root / "diverge").name == "step_00000002"
+
+
+def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
+    summary = loop.pretrain(tiny_config(run_root, "budget", train__steps=50, train__max_seconds=0.01))
+    assert summary["stopped"] == "max_seconds" and 1 <= summary["step"] < 50
+    assert ckpt.latest_checkpoint(run_root / "budget").name == f"step_{summary['step']:08d}"
+    assert (run_root / "budget" / "backbone.safetensors").exists()
