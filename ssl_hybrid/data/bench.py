@@ -5,8 +5,10 @@ Measures, in one run and alternating so machine load hits both alike, samples/s 
 - **stream**: the full training stream (tar read, shuffle buffer, decode, two augmented views, collate),
 - **raw limit**: the same decode + augmentations + collate from sample bytes already in memory,
 
-for each worker count, through the same DataLoader set-up; ``ratio = stream / raw`` (target >= 0.9).
-Timing starts when the first batch arrives, so worker start-up is excluded on both sides.
+for each worker count, through the same DataLoader set-up. ``ratio`` is the median over back-to-back
+(raw, stream) pairs of stream / raw (target >= 0.9): on a shared 2-core machine the load drifts, and
+pairing cancels most of it. Timing starts when the first batch arrives, so worker start-up is excluded
+on both sides.
 Imports stay inside functions: the CLI imports this module to build its parser.
 """
 
@@ -25,10 +27,11 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", default=None, help="shards to read; default: the embedded corpus (data.train)")
     parser.add_argument("--workers", default="1,2", help="comma-separated DataLoader worker counts")
-    parser.add_argument("--samples", type=int, default=320, help="samples timed per measurement")
+    parser.add_argument("--samples", type=int, default=96, help="samples timed per measurement")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per batch")
     parser.add_argument("--image-size", type=int, default=224, help="global view size (two DINO global views)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per side; best is reported")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="back-to-back (raw, stream) pairs per worker count; the median pair ratio is reported")
 
 
 class _MemoryStream:
@@ -58,13 +61,30 @@ class _MemoryStream:
         return MemoryStream(*args, **kwargs)
 
 
-def _rate(iterable, samples: int) -> float:
+def _cpu_seconds() -> float:
+    """CPU time of this process and its live children (the DataLoader workers); psutil comes with accelerate."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me] + me.children(recursive=True):
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.Error:  # a worker that just exited
+            pass
+    return total
+
+
+def _rate(iterable, samples: int) -> tuple[float, float]:
+    """(samples per wall-clock second, samples per CPU second of main process + workers)."""
     iterator = iter(iterable)
     next(iterator)  # first batch: worker start-up and first shard open, excluded from the timing
-    counted, start = 0, time.perf_counter()
+    counted, start, cpu_start = 0, time.perf_counter(), _cpu_seconds()
     while counted < samples:
         counted += len(next(iterator)["key"])
-    return counted / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+    return counted / wall, counted / max(cpu, 1e-9)
 
 
 def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -> dict:
@@ -83,15 +103,24 @@ def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, **extra)
         return _rate(loader, args.samples)
 
-    stream_rates, raw_rates = [], []
-    for _ in range(args.repeats):
-        raw_rates.append(raw_rate())
-        stream_rates.append(stream_rate())
-    best_stream, best_raw = max(stream_rates), max(raw_rates)
-    return {"workers": workers, "stream_samples_per_s": round(best_stream, 2), "raw_samples_per_s": round(best_raw, 2),
-            "ratio": round(best_stream / best_raw, 3),
-            "ratio_median": round(statistics.median(stream_rates) / statistics.median(raw_rates), 3),
-            "stream_runs": [round(r, 2) for r in stream_rates], "raw_runs": [round(r, 2) for r in raw_rates]}
+    # Pairs run back to back, in alternating order, so slow drifts in machine load cancel in each ratio.
+    runs: dict[str, list[tuple[float, float]]] = {"raw": [], "stream": []}
+    for repeat in range(args.repeats):
+        for side in (("raw", "stream") if repeat % 2 == 0 else ("stream", "raw")):
+            runs[side].append(raw_rate() if side == "raw" else stream_rate())
+    wall = {side: [r[0] for r in values] for side, values in runs.items()}
+    cpu = {side: [r[1] for r in values] for side, values in runs.items()}
+    pair_ratios = [s / r for s, r in zip(wall["stream"], wall["raw"])]
+    return {"workers": workers, "stream_samples_per_s": round(statistics.median(wall["stream"]), 2),
+            "raw_samples_per_s": round(statistics.median(wall["raw"]), 2),
+            "ratio": round(statistics.median(pair_ratios), 3),
+            "ratio_best_of": round(max(wall["stream"]) / max(wall["raw"]), 3),
+            # Samples per CPU-second barely depend on other jobs' load: the overhead the stream itself adds.
+            "cpu_ratio": round(statistics.median(cpu["stream"]) / statistics.median(cpu["raw"]), 3),
+            "stream_samples_per_cpu_s": round(statistics.median(cpu["stream"]), 2),
+            "raw_samples_per_cpu_s": round(statistics.median(cpu["raw"]), 2),
+            "pair_ratios": [round(r, 3) for r in pair_ratios],
+            "stream_runs": [round(r, 2) for r in wall["stream"]], "raw_runs": [round(r, 2) for r in wall["raw"]]}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -113,7 +142,10 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                    f"--batch-size {args.batch_size} --image-size {args.image_size} --repeats {args.repeats}"
                    + (f" --shards {args.shards}" if args.shards else ""),
         "what": "samples/s: full stream (tar read, shuffle buffer, decode, 2 DINO global views, collate) vs raw "
-                "limit (same decode+views+collate from bytes in memory), best of repeats; target ratio >= 0.9",
+                "limit (same decode+views+collate from bytes in memory); ratio = median over back-to-back pairs "
+                "of stream/raw wall-clock rates (rates shown: medians); cpu_ratio = the same per CPU-second of "
+                "main process + workers (insensitive to other jobs' load); target ratio >= 0.9",
+        "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "shards": spec, "corpus_samples": len(raw_samples), "shuffle_buffer": cfg.shuffle_buffer,
         "results": results,
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
