@@ -55,6 +55,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from ssl_hybrid.config import DEFAULT_CORPUS, REPO_ROOT
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.errors import UserError
 
@@ -94,6 +95,8 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
     if _is_url(spec):
         return _expand(spec), None
     path = Path(spec)
+    if spec == DEFAULT_CORPUS and not path.exists():  # the embedded corpus, from any working directory
+        path = REPO_ROOT / DEFAULT_CORPUS
     if path.is_dir() or path.name == shard_format.MANIFEST:
         directory = path if path.is_dir() else path.parent
         if not (directory / shard_format.MANIFEST).exists() and any(

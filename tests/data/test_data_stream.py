@@ -48,6 +48,26 @@ def test_resolve_shards_forms(good_shards: Path, tmp_path: Path):
         resolve_shards(str(tmp_path))
 
 
+def test_pipe_urls_are_read_through_webdataset_gopen(good_shards: Path, tiny_cfg, tiny_views):
+    spec = f"pipe:cat {good_shards}/good-{{000000..000003}}.tar"
+    stream = build_train_stream(tiny_cfg(spec, num_workers=0), 4, 0, 0, 1, tiny_views, epochs=1)
+    assert sorted(all_keys(list(stream))) == sorted(f"s{s}_{i}" for s in range(4) for i in range(3))
+
+
+def test_embedded_default_corpus(tiny_cfg, tiny_views, monkeypatch, tmp_path: Path):
+    from ssl_hybrid.config import DEFAULT_CORPUS, REPO_ROOT
+
+    corpus = REPO_ROOT / DEFAULT_CORPUS
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["num_samples"] == 370 and len(manifest["classes"]) == 37 and manifest["skipped"] == []
+    assert sum(p.stat().st_size for p in (REPO_ROOT / "data").rglob("*") if p.is_file()) < 10 * 2**20
+    assert "CC BY-SA 4.0" in (REPO_ROOT / "data" / "ATTRIBUTION.md").read_text()
+    assert "ssl-hybrid shards --src" in (REPO_ROOT / "data" / "README.md").read_text()
+    monkeypatch.chdir(tmp_path)  # the default spec also resolves from another working directory
+    batch = take(build_train_stream(tiny_cfg(DEFAULT_CORPUS, resampled=True), 4, 0, 0, 1, tiny_views), 1)[0]
+    assert len(batch["key"]) == 4 and int(batch["label"].max()) < 37
+
+
 def test_image_folder_as_train_is_refused_with_a_hint(image_folder: Path):
     with pytest.raises(UserError, match="ssl-hybrid shards --src"):
         resolve_shards(str(image_folder / "alpha"))
