@@ -166,7 +166,9 @@ def collect_list(list_file: Path) -> Source:
 def sample_key(relative: str) -> str:
     """Stable key from the relative path: no extension, no '.' (webdataset splits key/extension there)."""
     stem = relative.rsplit(".", 1)[0] if "." in Path(relative).name else relative
-    return stem.replace(".", "_").lstrip("/")
+    # No '', '.' or '..' segments: tar members named '../x.jpg' would escape wherever a tool extracts them.
+    parts = [part for part in stem.split("/") if part not in ("", ".", "..")]
+    return "/".join(parts).replace(".", "_")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ depends only on (seed, epoch):
 In both modes the stream a rank sees is infinite (workers move on to their next epoch by themselves and
 batches run across epoch boundaries), so the trainer's explicit step budget gives every rank the same
 number of batches and no rank ever waits at an epoch end. ``epochs=N`` makes it finite (evaluation,
-tests); the last batch of each worker may then be partial.
+tests); the last batch of each worker may then be partial, and ranks get equal batch counts only when
+their shards hold equal sample counts (use the infinite stream + a step budget for DDP training).
 
 Exact resume (design choice). The data position of a rank is, per worker, (epoch, offset): the number
 of samples that left that worker's shuffle buffer in that epoch up to the last batch the trainer

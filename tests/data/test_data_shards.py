@@ -183,3 +183,5 @@ def test_sample_keys_are_stable_and_dot_free():
     assert shards.sample_key("cats/Abyssinian_1.jpg") == "cats/Abyssinian_1"
     assert shards.sample_key("v1.0/a.b.png") == "v1_0/a_b"
     assert shards.sample_key("noext") == "noext"
+    assert shards.sample_key("../../outside/x.jpg") == "outside/x"  # list entries above the list file
+    assert shards.sample_key("./a//b.jpg") == "a/b"
