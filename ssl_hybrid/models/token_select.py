@@ -106,4 +106,4 @@ def select_tokens(x: torch.Tensor, cls_attn: torch.Tensor, layout: TokenLayout,
 
 def default_select_blocks(depth: int) -> tuple[int, ...]:
     """EViT's placement, scaled to depth: blocks 4, 7, 10 of 12 (0-based 3, 6, 9)."""
-    return tuple(sorted({max(1, round(depth * f)) for f in (3 / 12, 6 / 12, 9 / 12)}))
+    return tuple(sorted({max(1, int(depth * f)) for f in (3 / 12, 6 / 12, 9 / 12)}))
