@@ -81,6 +81,7 @@ BENCH_TARGETS: dict[str, tuple[str, str]] = {
     "data": ("ssl_hybrid.data.bench", "samples/s of the full shard stream vs decode+augment from memory, 1 and 2 workers"),
     "knn": ("ssl_hybrid.eval.bench", "whole k-NN eval vs bare FAISS search vs GEMM peak, torch and sklearn (50k x 10k x 384)"),
     "pretrain": ("ssl_hybrid.train.bench", "training-loop img/s vs bare fwd+bwd+step on in-memory batches; joint vs DINO-only step time"),
+    "backbone": ("ssl_hybrid.models.bench", "train-step img/s, GFLOPs, FLOP utilization vs GEMM peak; masked vs unmasked; token selection"),
 }
 
 
