@@ -88,6 +88,15 @@ def _expand(pattern: str) -> list[str]:
     return urls
 
 
+def _looks_like_image_folder(directory: Path, look_at: int = 2000) -> bool:
+    for index, path in enumerate(directory.rglob("*")):
+        if index >= look_at:
+            return False
+        if path.suffix.lower() in shard_format.IMAGE_EXTENSIONS:
+            return True
+    return False
+
+
 def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]]:
     """Shard URLs and, when a manifest is known, the sample count of each shard."""
     spec = str(spec).strip()
@@ -100,8 +109,7 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
         path = REPO_ROOT / DEFAULT_CORPUS
     if path.is_dir() or path.name == shard_format.MANIFEST:
         directory = path if path.is_dir() else path.parent
-        if not (directory / shard_format.MANIFEST).exists() and any(
-                p.suffix.lower() in shard_format.IMAGE_EXTENSIONS for p in directory.iterdir()):
+        if not (directory / shard_format.MANIFEST).exists() and _looks_like_image_folder(directory):
             raise UserError(f"{directory}: is an image folder, not shards; convert it with "
                             f"'ssl-hybrid shards --src {directory} --out <dir>'")
         manifest = shard_format.read_manifest(directory)
@@ -109,6 +117,10 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
         counts = {str(directory / item["name"]): int(item["samples"]) for item in manifest["shards"]}
         if not urls:
             raise UserError(f"{directory}/{shard_format.MANIFEST}: lists no shards")
+        missing = [url for url in urls if not Path(url).exists()]
+        if missing:
+            raise UserError(f"{directory}/{shard_format.MANIFEST}: {len(missing)} of {len(urls)} listed shards "
+                            f"are missing, e.g. {Path(missing[0]).name}")
         return urls, counts
     if path.suffix.lower() in (".txt", ".list", ".lst") and path.is_file():
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]

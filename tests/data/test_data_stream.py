@@ -69,8 +69,15 @@ def test_embedded_default_corpus(tiny_cfg, tiny_views, monkeypatch, tmp_path: Pa
 
 
 def test_image_folder_as_train_is_refused_with_a_hint(image_folder: Path):
-    with pytest.raises(UserError, match="ssl-hybrid shards --src"):
-        resolve_shards(str(image_folder / "alpha"))
+    for folder in (image_folder, image_folder / "alpha"):
+        with pytest.raises(UserError, match="ssl-hybrid shards --src"):
+            resolve_shards(str(folder))
+
+
+def test_manifest_listing_a_missing_shard_fails_fast(good_shards: Path):
+    (good_shards / "good-000003.tar").unlink()
+    with pytest.raises(UserError, match="1 of 8 listed shards are missing, e.g. good-000003.tar"):
+        resolve_shards(str(good_shards))
 
 
 def test_decode_image_handles_modes_and_bad_bytes():
