@@ -294,7 +294,7 @@ class _SeededRNG:
             self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
         random.seed(self.seed)
         np.random.seed(self.seed % 2**32)
-        torch.manual_seed(self.seed)
+        torch.default_generator.manual_seed(self.seed)  # CPU only: torch.manual_seed would reseed CUDA too
 
     def __exit__(self, *exc):
         if self.restore:
