@@ -155,7 +155,8 @@ def _model_name_and_kwargs(meta: dict[str, Any], weights: Path) -> tuple[str, di
     if not name:
         raise BackboneError(f"{weights}: no {BACKBONE_META} next to it naming the model; "
                             "write one with {\"model\": \"<timm name>\", \"image_size\": <px>}")
-    kwargs = meta.get("kwargs") or meta.get("factory_kwargs") or meta.get("model_kwargs") or {}
+    # The exporter's factory_kwargs are exactly what the model was built with; the trainer's kwargs a subset.
+    kwargs = meta.get("factory_kwargs") or meta.get("kwargs") or meta.get("model_kwargs") or {}
     kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "num_classes", "img_size")}
     return str(name), kwargs
 

@@ -6,10 +6,13 @@ At 50k bank x 10k queries x 384 dims (``--scale`` shrinks bank and queries toget
   stays small) — what any exact search must at least pay;
 - ``faiss_search``: bare ``IndexFlatIP.search`` at k=200 on pre-normalized data (what we call);
 - ``knn_evaluate``: our whole evaluation (normalize, search, voting at k = 10/20/100/200, accuracies);
-- ``torch_chunked``: torch matmul + topk per query chunk, then the same voting;
-- ``sklearn_brute``: ``KNeighborsClassifier(algorithm="brute")`` at k=20 with the same exp(sim/T) weights.
+- ``faiss_search_k20`` / ``knn_evaluate_k20``: the same two when only the headline k=20 is wanted;
+- ``torch_chunked``: torch matmul + topk(20) per query chunk, then the same voting;
+- ``sklearn_brute``: ``KNeighborsClassifier(algorithm="brute")`` at k=20 with the same exp(sim/T)
+  weights, euclidean on unit vectors (sklearn's fastest, GEMM-based path) and ``metric="cosine"``.
 
 Targets: knn_evaluate <= 1.25x faiss_search; >= 5x faster than scikit-learn. Same thread count for all.
+The machine's load average is recorded: on a shared machine absolute times move, ratios less so.
 """
 
 from __future__ import annotations
@@ -81,14 +84,20 @@ def _torch_chunked(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarra
     return vote(sims_np, bank_labels[idx_np], classes).argmax(1)
 
 
-def _sklearn_brute(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int):
+def _sklearn_brute(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int, metric: str = "euclidean"):
+    """scikit-learn's brute-force k-NN with DINO's votes.
+
+    ``euclidean`` on unit vectors is sklearn's fastest path (its GEMM-based ArgKmin reduction);
+    ``cosine`` is what a user would naturally write for cosine k-NN (pairwise-distance chunks).
+    """
     from sklearn.neighbors import KNeighborsClassifier
 
     def weights(distances: np.ndarray) -> np.ndarray:
-        # Unit vectors: cosine similarity = 1 - d^2 / 2, so these are DINO's exp(sim / T) votes.
-        return np.exp((1.0 - distances ** 2 / 2.0) / TEMPERATURE)
+        # Unit vectors: cosine similarity = 1 - d^2 / 2 (euclidean) or 1 - d (cosine): DINO's exp(sim / T).
+        sims = 1.0 - distances if metric == "cosine" else 1.0 - distances ** 2 / 2.0
+        return np.exp(sims / TEMPERATURE)
 
-    classifier = KNeighborsClassifier(n_neighbors=k, algorithm="brute", weights=weights)
+    classifier = KNeighborsClassifier(n_neighbors=k, algorithm="brute", metric=metric, weights=weights)
     classifier.fit(l2_normalize(bank), bank_labels)
     return classifier.predict(l2_normalize(queries))
 
@@ -108,9 +117,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     timings, checks = {}, {}
     with threadpool_limits(limits=threads):
         timings["matmul_peak"], _ = _best_time(lambda: _matmul_peak(bank_n, queries_n), args.repeats)
-        timings["faiss_search"], (_, faiss_idx) = _best_time(lambda: search(bank_n, queries_n, k_max), args.repeats)
+        timings["faiss_search"], _ = _best_time(lambda: search(bank_n, queries_n, k_max), args.repeats)
         timings["knn_evaluate"], result = _best_time(
             lambda: knn_evaluate(bank, bank_labels, queries, query_labels, threads=threads), args.repeats)
+        # Headline-only variants: the same comparison when only k=20 is wanted (as sklearn computes).
+        timings["faiss_search_k20"], _ = _best_time(lambda: search(bank_n, queries_n, HEADLINE_K), args.repeats)
+        timings["knn_evaluate_k20"], _ = _best_time(
+            lambda: knn_evaluate(bank, bank_labels, queries, query_labels, ks=(HEADLINE_K,), threads=threads),
+            args.repeats)
         timings["torch_chunked"], torch_pred = _best_time(
             lambda: _torch_chunked(bank, bank_labels, queries, HEADLINE_K, args.classes), args.repeats)
         ours_pred = vote(*_top(bank_n, bank_labels, queries_n), args.classes).argmax(1)
@@ -119,20 +133,30 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             timings["sklearn_brute"], sk_pred = _best_time(
                 lambda: _sklearn_brute(bank, bank_labels, queries, HEADLINE_K), 1)
             checks["sklearn_agreement_k20"] = float((sk_pred == ours_pred).mean())
+            timings["sklearn_brute_cosine"], sk_cos_pred = _best_time(
+                lambda: _sklearn_brute(bank, bank_labels, queries, HEADLINE_K, metric="cosine"), 1)
+            checks["sklearn_cosine_agreement_k20"] = float((sk_cos_pred == ours_pred).mean())
     flops = 2.0 * n_bank * n_query * args.dim
     ratios = {"knn_evaluate_over_faiss_search": timings["knn_evaluate"] / timings["faiss_search"],
+              "knn_evaluate_k20_over_faiss_search_k20": timings["knn_evaluate_k20"] / timings["faiss_search_k20"],
               "faiss_search_over_matmul_peak": timings["faiss_search"] / timings["matmul_peak"],
-              "torch_chunked_over_knn_evaluate": timings["torch_chunked"] / timings["knn_evaluate"]}
+              "torch_chunked_k20_over_knn_evaluate_k20": timings["torch_chunked"] / timings["knn_evaluate_k20"]}
     if "sklearn_brute" in timings:
+        # sklearn computes k=20 only, so it is compared with our k=20 evaluation.
+        ratios["sklearn_over_knn_evaluate_k20"] = timings["sklearn_brute"] / timings["knn_evaluate_k20"]
+        ratios["sklearn_cosine_over_knn_evaluate_k20"] = timings["sklearn_brute_cosine"] / timings["knn_evaluate_k20"]
         ratios["sklearn_over_knn_evaluate"] = timings["sklearn_brute"] / timings["knn_evaluate"]
     return {
         "benchmark": "knn",
         "shape": {"bank": n_bank, "queries": n_query, "dim": args.dim, "classes": args.classes, "k_search": k_max},
         "seconds": timings, "ratios": ratios,
         "matmul_gflops": flops / timings["matmul_peak"] / 1e9,
-        "targets": {"knn_evaluate_over_faiss_search_max": 1.25, "sklearn_over_knn_evaluate_min": 5.0,
-                    "met": ratios["knn_evaluate_over_faiss_search"] <= 1.25
-                    and ratios.get("sklearn_over_knn_evaluate", float("inf")) >= 5.0},
+        "targets": {"knn_evaluate_over_faiss_search_max": 1.25, "sklearn_over_knn_evaluate_k20_min": 5.0,
+                    "search_overhead_met": ratios["knn_evaluate_over_faiss_search"] <= 1.25,
+                    "sklearn_speedup_met": ratios.get("sklearn_over_knn_evaluate_k20", float("inf")) >= 5.0,
+                    "sklearn_cosine_speedup_met":
+                        ratios.get("sklearn_cosine_over_knn_evaluate_k20", float("inf")) >= 5.0},
+        "load_average": os.getloadavg(),
         "checks": checks, "knn_top1_k20": result["top1"],
         "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),

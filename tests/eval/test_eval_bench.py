@@ -14,9 +14,11 @@ def test_bench_knn_small_scale_reports_ratios_and_agreement():
     args = argparse.Namespace(scale=0.02, dim=64, classes=10, threads=1, repeats=1, skip_sklearn=False)
     result = run_benchmark(args)
     assert result["shape"] == {"bank": 1000, "queries": 200, "dim": 64, "classes": 10, "k_search": 200}
-    assert set(result["seconds"]) == {"matmul_peak", "faiss_search", "knn_evaluate", "torch_chunked", "sklearn_brute"}
+    assert set(result["seconds"]) == {"matmul_peak", "faiss_search", "knn_evaluate", "faiss_search_k20",
+                                      "knn_evaluate_k20", "torch_chunked", "sklearn_brute", "sklearn_brute_cosine"}
     assert all(v > 0 for v in result["seconds"].values())
     assert result["checks"]["sklearn_agreement_k20"] == 1.0
     assert result["checks"]["torch_agreement_k20"] == 1.0
-    assert set(result["ratios"]) >= {"knn_evaluate_over_faiss_search", "sklearn_over_knn_evaluate"}
+    assert result["checks"]["sklearn_cosine_agreement_k20"] == 1.0
+    assert set(result["ratios"]) >= {"knn_evaluate_over_faiss_search", "sklearn_over_knn_evaluate_k20"}
     assert result["machine"]["cpu_count"] >= 1 and "torch" in result["machine"]

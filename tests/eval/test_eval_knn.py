@@ -71,3 +71,13 @@ def test_faiss_threads_are_set_explicitly():
 
     assert set_faiss_threads(1) == 1
     assert faiss.omp_get_max_threads() == 1
+
+
+def test_topk_accuracy_equals_the_stable_sort_definition_with_ties():
+    rng = np.random.default_rng(9)
+    scores = rng.integers(0, 4, size=(300, 6)).astype(float)  # many ties
+    labels = rng.integers(0, 6, 300)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    for k in (1, 2, 5):
+        expected = float((order[:, :k] == labels[:, None]).any(axis=1).mean())
+        assert topk_accuracy(scores, labels, k) == pytest.approx(expected)
