@@ -119,8 +119,10 @@ def make_accelerator(config: Config, directory: Path):
     # Every parameter gets a gradient in every step of each objective (tested), so DDP needs no
     # unused-parameter search.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
+    # Without a GPU, say cpu=True so that torchrun-launched processes form a gloo group (MULTI_CPU);
+    # Accelerate otherwise treats each of them as a lone process.
     return Accelerator(mixed_precision=config.train.mixed_precision, log_with="tensorboard",
-                       project_dir=str(directory), kwargs_handlers=[ddp])
+                       project_dir=str(directory), kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
 
 
 def sync_flags(accelerator, *flags: float) -> list[float]:
