@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -71,8 +72,11 @@ def features(args: argparse.Namespace, spec: str, train, test):
 
 
 def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
+    if not is_main_process():  # under accelerate launch every rank computed the same result
+        return
     if args.out:
         write_json_atomic(args.out, result)
         log.info("wrote %s", args.out)
@@ -130,6 +134,7 @@ def _split_dir(args: argparse.Namespace) -> Path:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.eval.fewshot import METHODS, fewshot_evaluate
 
     shots = int_list(args.shots, "--shots")
@@ -139,7 +144,8 @@ def run_fewshot(args: argparse.Namespace) -> int:
     train, test = load_pair(args)
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
     result = fewshot_evaluate(train_f, train_y, test_f, test_y, shots=shots, seeds=args.seeds, methods=methods,
-                              train_set=train, split_dir=_split_dir(args), num_classes=len(train.classes))
+                              train_set=train, split_dir=_split_dir(args) if is_main_process() else None,
+                              num_classes=len(train.classes))
     result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source,
                   splits_dir=str(_split_dir(args)))
     emit(args, result)
@@ -158,7 +164,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     train, test = load_pair(args)
     if args.shots:
         indices = kshot_indices(train.labels, args.shots, args.seed)
-        if args.out:
+        if args.out and int(os.environ.get("RANK", "0")) == 0:
             out = Path(args.out)
             save_split(out.with_name(f"{out.stem}_split.json"), train, indices.tolist(), shots=args.shots,
                        seed=args.seed)
@@ -189,6 +195,8 @@ def run_report(args: argparse.Namespace) -> int:
                           num_workers=args.workers, cache_dir=cache_dir(args))
     from ssl_hybrid.runs import write_json_atomic
 
+    if not report["entries"]:  # not the main process
+        return 0
     if args.out:
         write_json_atomic(args.out, report)
     print(report["table"], end="")

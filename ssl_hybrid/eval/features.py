@@ -161,6 +161,11 @@ def eval_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that prints and writes files after a collective extraction."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def distributed_accelerator():
     """An Accelerator when launched with several processes (accelerate launch / torchrun), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

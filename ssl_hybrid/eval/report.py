@@ -135,7 +135,7 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
                  methods: Sequence[str] = METHODS, image_size: Optional[int] = None, batch_size: int = 128,
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png."""
-    from ssl_hybrid.eval.features import features_for_spec
+    from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
     out_dir = Path(out_dir)
@@ -144,11 +144,15 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     for spec, name in zip(specs, names):
         meta, (train, test) = features_for_spec(spec, [train_set, test_set], image_size, batch_size,
                                                 num_workers, cache_dir)
+        if not is_main_process():  # other ranks only helped extract (a collective step)
+            continue
         entry = evaluate_backbone(name, meta, train, test, shots, seeds, methods, train_set,
                                   out_dir / "splits", len(train_set.classes))
         entry["retrieval_grid"] = retrieval_grid(train_set, test_set, train[0], test[0],
                                                  out_dir / f"retrieval_{slug(name)}.png", queries=grid_queries)
         entries.append(entry)
+    if not is_main_process():
+        return {"entries": [], "table": "", "plot": None, "markdown": None}
     plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png")
     table = markdown_table(entries)
     (out_dir / "report.md").write_text(

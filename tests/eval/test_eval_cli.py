@@ -89,3 +89,25 @@ def test_bench_knn_is_registered():
     assert BENCH_TARGETS["knn"][0] == "ssl_hybrid.eval.bench"
     args = build_parser().parse_args(["bench", "knn", "--scale", "0.01", "--skip-sklearn"])
     assert args.scale == 0.01 and args.skip_sklearn
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_knn_under_two_processes_matches_one(labeled_pair, capsys, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    common = ["random:resnet10t", "--train", str(labeled_pair[0]), "--test", str(labeled_pair[1]), "--image-size", "32",
+              "--workers", "0", "--batch-size", "4", "--no-cache"]
+    assert main(["knn", *common, "--out", str(tmp_path / "one.json")]) == 0
+    capsys.readouterr()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29631", "-m", "ssl_hybrid", "knn", *common, "--out", str(tmp_path / "two.json")],
+                          env=env, timeout=240, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert (two["n_train"], two["n_test"]) == (18, 9)  # padded duplicates trimmed
+    assert two["per_k"] == one["per_k"]
+    assert done.stdout.count('"n_train"') == 1  # only rank 0 prints
