@@ -38,7 +38,7 @@ DEFAULT_CORPUS = "data/pets37"  # the embedded default corpus (shards + manifest
 @dataclass
 class DataConfig:
     # Shards: a directory holding manifest.json, a pattern ("s-{000000..000009}.tar"), a .txt list or URLs
-    # (an image folder is refused with a hint: write it as shards with `ssl-hybrid shards` first).
+    # or an image folder (sharded once into $SSL_HYBRID_CACHE; run `ssl-hybrid shards` to control how).
     train: str = DEFAULT_CORPUS
     # Labeled set (image folder with class sub-folders or labeled shards) for the online k-NN monitor; "" = off.
     val: str = ""

@@ -24,6 +24,8 @@ import logging
 import os
 import random
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -363,3 +365,50 @@ def read_manifest(directory: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not an {FORMAT} manifest")
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders used directly as data.train: sharded once into a fingerprinted cache
+# ---------------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where derived data lives (``SSL_HYBRID_CACHE``, default ``~/.cache/ssl_hybrid``)."""
+    return Path(os.environ.get("SSL_HYBRID_CACHE", Path.home() / ".cache" / "ssl_hybrid"))
+
+
+def folder_fingerprint(root: Path) -> str:
+    """A hash of the folder's path and every file's (relative path, size, mtime): changes when images do."""
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int = 1000) -> Path:
+    """Shard an image folder once (labels from class sub-folders when present) and return the shard dir.
+
+    The output is keyed by :func:`folder_fingerprint`, so re-runs reuse it and edits to the folder make a
+    new one. Written to a private temp dir and renamed into place, so concurrent ranks or an interrupted
+    run never expose a half-written set (the loser of a rename race just uses the winner's copy).
+    """
+    root = Path(root)
+    target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}"
+    if (target / MANIFEST).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    log.info("sharding image folder %s once into %s", root, target)
+    try:
+        write_shards(root, tmp, shard_size=shard_size, max_side=max_side, prefix=target.name.rsplit("-", 1)[0],
+                     workers=1, progress=True)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / MANIFEST).exists():
+            raise
+        log.info("another process sharded %s first; using its copy", root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

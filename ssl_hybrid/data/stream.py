@@ -110,8 +110,9 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
     if path.is_dir() or path.name == shard_format.MANIFEST:
         directory = path if path.is_dir() else path.parent
         if not (directory / shard_format.MANIFEST).exists() and _looks_like_image_folder(directory):
-            raise UserError(f"{directory}: is an image folder, not shards; convert it with "
-                            f"'ssl-hybrid shards --src {directory} --out <dir>'")
+            # An image folder: shard it once into the cache (for large corpora, run `ssl-hybrid shards`
+            # yourself to choose shard size, re-encoding and where the shards live).
+            directory = shard_format.shards_for_image_folder(directory)
         manifest = shard_format.read_manifest(directory)
         urls = [str(directory / item["name"]) for item in manifest["shards"]]
         counts = {str(directory / item["name"]): int(item["samples"]) for item in manifest["shards"]}

@@ -68,10 +68,24 @@ def test_embedded_default_corpus(tiny_cfg, tiny_views, monkeypatch, tmp_path: Pa
     assert len(batch["key"]) == 4 and int(batch["label"].max()) < 37
 
 
-def test_image_folder_as_train_is_refused_with_a_hint(image_folder: Path):
-    for folder in (image_folder, image_folder / "alpha"):
-        with pytest.raises(UserError, match="ssl-hybrid shards --src"):
-            resolve_shards(str(folder))
+def test_image_folder_as_train_is_sharded_once_into_the_cache(image_folder: Path, tmp_path: Path, monkeypatch,
+                                                              tiny_cfg, tiny_views):
+    monkeypatch.setenv("SSL_HYBRID_CACHE", str(tmp_path / "cache"))
+    urls = resolve_shards(str(image_folder))
+    cached = Path(urls[0]).parent
+    assert cached.parent == tmp_path / "cache" / "shards"
+    manifest = json.loads((cached / "manifest.json").read_text())
+    assert manifest["num_samples"] == 18 and manifest["classes"] == ["alpha", "beta", "gamma"]
+    stamp = (cached / "manifest.json").stat().st_mtime_ns
+    assert resolve_shards(str(image_folder)) == urls  # reused, not rewritten
+    assert (cached / "manifest.json").stat().st_mtime_ns == stamp
+    assert not [p for p in cached.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+    batch = take(build_train_stream(tiny_cfg(str(image_folder), resampled=True), 4, 0, 0, 1, tiny_views), 1)[0]
+    assert len(batch["key"]) == 4
+    (image_folder / "alpha" / "alpha_0.png").unlink()  # the folder changed: a new shard set
+    changed = resolve_shards(str(image_folder))
+    assert Path(changed[0]).parent != cached
+    assert json.loads((Path(changed[0]).parent / "manifest.json").read_text())["num_samples"] == 17
 
 
 def test_manifest_listing_a_missing_shard_fails_fast(good_shards: Path):
