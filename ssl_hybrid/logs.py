@@ -18,6 +18,6 @@ def setup_logging(verbosity: int = 0) -> None:
     logging.captureWarnings(True)
     if verbosity <= 0:
         # Third-party chatter that users cannot act on.
-        for noisy in ("PIL", "matplotlib", "urllib3", "accelerate.utils.other"):
+        for noisy in ("PIL", "matplotlib", "urllib3", "accelerate.utils.other", "faiss.loader"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
