@@ -425,6 +425,7 @@ class HybridViT(nn.Module):
         Token selection never runs here: the decoder needs every visible token.
         """
         tokens, fusion, layout, _, (s4, s8) = self._encode(x, mask, select=False)
+        self.last_token_mask = None  # no padding here; a stale mask must not reach forward_head(fused)
         mask_flat = mask.flatten(1)
         ids_keep, ids_restore = visible_indices(mask_flat)
         return dict(

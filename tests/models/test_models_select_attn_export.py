@@ -279,3 +279,15 @@ def test_count_flops_on_hybrid_and_masking_cuts_flops(built):
     assert masked < 0.4 * forward  # conv MLPs, fusion and transformer run on visible positions only
     vit = timm.create_model("vit_small_patch16_224")
     assert 0.85 < forward / count_flops(vit, x) < 1.15  # "near ViT-S/16 FLOPs"
+
+
+def test_forward_head_after_forward_masked_ignores_an_earlier_selection_mask(restore, images):
+    model = restore("hybrid_nano")
+    model.set_token_selection(keep_share=0.5, blocks=(1,))
+    mask = random_grid_mask(3, GRID, GRID, 0.0)
+    with torch.no_grad():
+        model.forward_features(images)
+        fused = model.forward_masked(images, mask)["fused"]
+        pooled = model.forward_head(fused, pre_logits=True)
+    assert model.last_token_mask is None
+    torch.testing.assert_close(pooled, 0.5 * (fused[:, 0] + fused[:, 1:].mean(1)))
