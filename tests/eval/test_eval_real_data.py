@@ -38,11 +38,11 @@ def flowers(tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     meta, [(train_f, train_y), (test_f, test_y)] = features_for_spec("random:hybrid_nano", [train, test], 32, 40,
                                                                     cache_dir=cache)
-    return train, test, train_f, train_y, test_f, test_y
+    return train, test, train_f, train_y, test_f, test_y, cache
 
 
 def test_knn_linear_and_fewshot_on_flowers(flowers, tmp_path):
-    train, test, train_f, train_y, test_f, test_y = flowers
+    train, test, train_f, train_y, test_f, test_y, _ = flowers
     assert train_f.shape[0] == 120 and test_f.shape[0] == 40
     knn = knn_evaluate(train_f, train_y, test_f, test_y, num_classes=4)
     linear = linear_probe(train_f, train_y, test_f, test_y, num_classes=4)
@@ -65,3 +65,18 @@ def test_finetune_on_flowers(flowers):
     result = finetune(model, train, test, 32, FinetuneSettings(epochs=3, batch_size=16, lr=2e-3, patience=3))
     assert result["n_test"] == 40 and 0.0 <= result["top1"] <= 1.0
     assert np.isfinite([h["loss"] for h in result["history"]]).all()
+
+
+def test_report_on_flowers(flowers, tmp_path):
+    from PIL import Image
+
+    from ssl_hybrid.eval.report import build_report
+
+    train, test, cache = flowers[0], flowers[1], flowers[-1]
+    report = build_report(["random:hybrid_nano"], train, test, tmp_path, shots=(1, 5), seeds=2, image_size=32,
+                          batch_size=40, cache_dir=cache, grid_queries=4)  # features come from the cache
+    entry = report["entries"][0]
+    assert entry["knn"]["n_train"] == 120 and {r["shots"] for r in entry["fewshot"]} == {1, 5}
+    for png in ("label_efficiency.png", "retrieval_random_hybrid_nano.png"):
+        Image.open(tmp_path / png).verify()
+    assert "| random_hybrid_nano |" in (tmp_path / "report.md").read_text()
