@@ -144,3 +144,20 @@ def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
     assert summary["stopped"] == "max_seconds" and 1 <= summary["step"] < 50
     assert ckpt.latest_checkpoint(run_root / "budget").name == f"step_{summary['step']:08d}"
     assert (run_root / "budget" / "backbone.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["quickstart", "hybrid_small_joint", "hybrid_small_mim", "hybrid_small_dino",
+                                    "simclr"])
+def test_every_recipe_runs_a_step(corpus, run_root, recipe):
+    from conftest import REPO
+
+    overrides = tiny_overrides(run_root, recipe, train__steps=1, train__mixed_precision="'no'",
+                               data__num_local_views=min(1, load_config(REPO / f"recipes/{recipe}.yaml").data.num_local_views),
+                               data__local_image_size=16, data__val="''", train__knn_every=0)
+    keep = [o for o in overrides if not o.startswith(("objective.mim_weight", "objective.dino_weight"))]
+    config = load_config(REPO / f"recipes/{recipe}.yaml", keep)
+    summary = loop.pretrain(config)
+    assert summary["step"] == 1
+    record = [r for r in runs.read_metrics(run_root / recipe) if "loss" in r][-1]
+    assert math.isfinite(record["loss"])
