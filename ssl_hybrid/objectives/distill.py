@@ -10,6 +10,7 @@ only after a step whose loss was finite, so a skipped step leaves no trace in it
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,7 @@ class DistributedDINOLoss(DINOLoss):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._pending_center: Tensor | None = None
+        self._pending_count = 0
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
@@ -33,7 +35,12 @@ class DistributedDINOLoss(DINOLoss):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(batch_center)
             batch_center /= dist.get_world_size()
-        self._pending_center = batch_center
+        # Micro-batches of one accumulated step all count: keep a running mean until commit.
+        if self._pending_center is None:
+            self._pending_center, self._pending_count = batch_center, 1
+        else:
+            self._pending_count += 1
+            self._pending_center += (batch_center - self._pending_center) / self._pending_count
 
     @torch.no_grad()
     def commit_center(self) -> None:
@@ -50,8 +57,10 @@ class DistributedDINOLoss(DINOLoss):
 def make_dino_head(embed_dim: int, out_dim: int, bottleneck_dim: int = 256,
                    hidden_dim: int = 2048) -> DINOProjectionHead:
     # Hidden 2048 / bottleneck 256 are DINO's; no batch norm with a transformer backbone (DINO's choice).
-    return DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim, batch_norm=False,
-                              norm_last_layer=True)
+    with warnings.catch_warnings():  # lightly's head uses the old weight_norm API; nothing a user can change
+        warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
+        return DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim, batch_norm=False,
+                                  norm_last_layer=True)
 
 
 class DINOObjective(nn.Module):

@@ -207,7 +207,3 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], w
 
 def schedules_to_tensors(schedules: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.asarray(v, dtype=np.float64)) for k, v in schedules.items()}
-
-
-def dumps_config(config: Config) -> dict[str, Any]:
-    return to_dict(config)

@@ -133,34 +133,36 @@ def sync_flags(accelerator, *flags: float) -> list[float]:
     return values.tolist()
 
 
-def mask_generator(config: Config, step: int, micro: int, view: int, rank: int) -> torch.Generator:
-    """Masks are a pure function of (seed, step, micro-batch, view, rank): nothing to checkpoint."""
-    seed = np.random.SeedSequence([config.train.seed, step, micro, view, rank, 0x6D61736B]).generate_state(1)[0]
+def mask_generator(config: Config, step: int, view: int, rank: int) -> torch.Generator:
+    """Masks are a pure function of (seed, step, view, rank): nothing to checkpoint."""
+    seed = np.random.SeedSequence([config.train.seed, step, view, rank, 0x6D61736B]).generate_state(1)[0]
     return torch.Generator().manual_seed(int(seed))
 
 
-def make_masks(run: Run, views: list[torch.Tensor], step: int, micro: int) -> Optional[list[torch.Tensor]]:
+def add_masks(run: Run, batch: dict, step: int) -> dict:
+    """Masks for the rank's whole batch (before any micro-batch split, so accumulation changes nothing)."""
     if not run.raw_model.uses_masks:
-        return None
+        return dict(batch, masks=None)
     from ssl_hybrid.models.masking import random_grid_mask
 
     rank = run.accelerator.process_index
     masks = []
-    for index, view in enumerate(views):
-        batch, _, height, width = view.shape
-        generator = mask_generator(run.config, step, micro, index, rank)
-        mask = random_grid_mask(batch, height // 16, width // 16, run.config.objective.mask_ratio, generator)
+    for index, view in enumerate(batch["global_views"]):
+        size, _, height, width = view.shape
+        generator = mask_generator(run.config, step, index, rank)
+        mask = random_grid_mask(size, height // 16, width // 16, run.config.objective.mask_ratio, generator)
         masks.append(mask.to(view.device))
-    return masks
+    return dict(batch, masks=masks)
 
 
 def split_micro(batch: dict, parts: int) -> list[dict]:
     """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
     if parts == 1:
         return [batch]
-    chunks = [dict(global_views=[], local_views=[]) for _ in range(parts)]
-    for key in ("global_views", "local_views"):
-        for view in batch[key]:
+    chunks = [dict(global_views=[], local_views=[], masks=None if batch["masks"] is None else [])
+              for _ in range(parts)]
+    for key in ("global_views", "local_views", "masks"):
+        for view in batch[key] or []:
             for chunk, piece in zip(chunks, view.chunk(parts)):
                 chunk[key].append(piece)
     return chunks
@@ -178,9 +180,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def forward_losses(run: Run, micro: dict, step: int, index: int) -> tuple[dict, dict]:
-    masks = make_masks(run, micro["global_views"], step, index)
     with run.accelerator.autocast():
-        return run.model(micro["global_views"], micro["local_views"], masks,
+        return run.model(micro["global_views"], micro["local_views"], micro["masks"],
                          float(run.schedules["teacher_temp"][step]))
 
 
@@ -188,7 +189,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
     """Forward/backward over the micro-batches, then clip + step + EMA, or skip on a non-finite loss."""
     accelerator, config = run.accelerator, run.config
     apply_schedule(run.optimizer, float(run.schedules["lr"][step]), float(run.schedules["weight_decay"][step]))
-    micros = split_micro(batch, config.train.grad_accum_steps)
+    micros = split_micro(add_masks(run, batch, step), config.train.grad_accum_steps)
     totals: dict[str, float] = {}
     stats: dict[str, float] = {}
     finite = True

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, tiny_overrides
+from trainhelpers import REPO, tiny_overrides
 
 DIST = Path(__file__).parent / "dist"
 sys.path.insert(0, str(DIST))
@@ -39,7 +39,7 @@ def torchrun(script: Path, *args: str, timeout: float = 60) -> None:
 
 
 def test_two_processes_give_the_gradients_of_one_process_on_the_whole_batch(tmp_path):
-    from model import build_model, make_batch
+    from dist_model import build_model, make_batch
 
     torchrun(DIST / "contrastive_grads.py", str(tmp_path / "grads.pt"))
     distributed = torch.load(tmp_path / "grads.pt", weights_only=True)

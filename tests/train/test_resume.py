@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_pretrain, start_pretrain, tiny_overrides, wait_pretrain
+from trainhelpers import run_pretrain, start_pretrain, tiny_overrides, wait_pretrain
 from ssl_hybrid.train.checkpoint import list_checkpoints
 
 

@@ -13,7 +13,7 @@ import torch
 from lightly.utils.scheduler import cosine_schedule
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
+from trainhelpers import tiny_overrides
 from ssl_hybrid import runs
 from ssl_hybrid.config import load_config
 from ssl_hybrid.train import checkpoint as ckpt
@@ -150,7 +150,7 @@ def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
 @pytest.mark.parametrize("recipe", ["quickstart", "hybrid_small_joint", "hybrid_small_mim", "hybrid_small_dino",
                                     "simclr"])
 def test_every_recipe_runs_a_step(corpus, run_root, recipe):
-    from conftest import REPO
+    from trainhelpers import REPO
 
     overrides = tiny_overrides(run_root, recipe, train__steps=1, train__mixed_precision="'no'",
                                data__num_local_views=min(1, load_config(REPO / f"recipes/{recipe}.yaml").data.num_local_views),
@@ -161,3 +161,34 @@ def test_every_recipe_runs_a_step(corpus, run_root, recipe):
     assert summary["step"] == 1
     record = [r for r in runs.read_metrics(run_root / recipe) if "loss" in r][-1]
     assert math.isfinite(record["loss"])
+
+
+def test_gradient_accumulation_matches_the_whole_batch(corpus, run_root):
+    """2 micro-batches of 2 == 1 batch of 4: same masks, same DINO center, same update (no drop-path)."""
+    weights = {}
+    for accum in (1, 2):
+        config = tiny_config(run_root, f"accum{accum}", train__steps=1, train__grad_accum_steps=accum,
+                             model__drop_path_rate=0.0)
+        loop.pretrain(config)
+        weights[accum] = load_file(str(ckpt.latest_checkpoint(run_root / f"accum{accum}") / "model.safetensors"))
+    for name, value in weights[1].items():
+        torch.testing.assert_close(weights[2][name], value, rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_gradient_accumulation_is_refused_for_simclr():
+    from ssl_hybrid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="in-batch negatives"):
+        load_config(None, ["objective.simclr_weight=1", "train.grad_accum_steps=2", "train.batch_size=8"])
+
+
+def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
+    real = loop.forward_losses
+
+    def collapsed(run, micro, step, index):
+        losses, stats = real(run, micro, step, index)
+        return losses, dict(stats, embedding_std=torch.tensor(0.001))
+
+    monkeypatch.setattr(loop, "forward_losses", collapsed)
+    loop.pretrain(tiny_config(run_root, "collapse", train__steps=1))
+    assert "embeddings are collapsing" in caplog.text

@@ -1,0 +1,45 @@
+"""Helpers for trainer tests: a tiny but real configuration (hybrid_nano, 32 px, batch 4, the embedded
+corpus) and a way to run ``ssl-hybrid pretrain`` in a subprocess (so it can be killed for real).
+A uniquely named module rather than conftest.py: several test folders have a conftest."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO / "data" / "pets37"
+
+
+def tiny_overrides(output_dir: Path, name: str = "tiny", **extra) -> list[str]:
+    values = {
+        "name": name, "train.output_dir": str(output_dir), "data.train": str(CORPUS),
+        "data.image_size": 32, "data.num_workers": 0, "data.shuffle_buffer": 16,
+        "model.name": "hybrid_nano", "model.drop_path_rate": 0.1,
+        "objective.dino_out_dim": 64, "objective.decoder_dim": 32, "objective.decoder_depth": 1,
+        "objective.warmup_teacher_temp_steps": 2,
+        "train.steps": 4, "train.batch_size": 4, "train.checkpoint_every": 2, "train.log_every": 1,
+        "train.knn_every": 0,
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def start_pretrain(overrides: list[str], env_extra: dict | None = None, quiet: bool = True) -> subprocess.Popen:
+    """Start ``ssl-hybrid pretrain`` in the background (one thread, so runs are comparable bit for bit)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", **(env_extra or {}))
+    args = [sys.executable, "-m", "ssl_hybrid", *(["-q"] if quiet else []), "pretrain", *overrides]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_pretrain(proc: subprocess.Popen, check: bool = True, timeout: float = 120) -> tuple[int, str]:
+    _, err = proc.communicate(timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pretrain failed ({proc.returncode}):\n{err[-3000:]}")
+    return proc.returncode, err
+
+
+def run_pretrain(overrides: list[str], env_extra: dict | None = None, check: bool = True) -> tuple[int, str]:
+    return wait_pretrain(start_pretrain(overrides, env_extra), check=check)
