@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="images per step")
     parser.add_argument("--img-size", type=int, default=224, help="square input size (multiple of 16)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--extra-threads", default="",
+                        help="comma-separated thread counts to repeat the masked/selection ratios at (e.g. 1): "
+                             "shows how much load from other processes, not the model, moves the ratios")
     parser.add_argument("--variant", default="hybrid_small", help="hybrid model for the masked and selection sections")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="hidden share for the masked step")
     parser.add_argument("--keep-rate", type=float, default=0.7, help="fixed token selection keep rate (EViT)")
@@ -262,11 +265,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         from ssl_hybrid.errors import UserError
         raise UserError(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
     start = time.perf_counter()
+    options = ("models", "sections", "variant", "iters", "warmup", "batch_size", "img_size", "threads",
+               "extra_threads", "mask_ratio", "keep_rate", "keep_share")
     result: dict[str, Any] = dict(
         command="ssl-hybrid bench backbone " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-            if k in ("models", "sections", "variant", "iters", "warmup", "batch_size", "img_size", "threads", "mask_ratio",
-                     "keep_rate", "keep_share")),
+            f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k in options),
         machine=_machine(), batch_size=args.batch_size, img_size=args.img_size, precision="fp32",
         train_step="forward + cross-entropy + backward + AdamW(foreach)",
         flops_note="FlopCounterMode: matmul/conv/attention only, 2 FLOPs per multiply-add")
@@ -274,6 +277,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         result["masked"] = bench_masked(args)
     if "selection" in sections:
         result["selection"] = bench_selection(args)
+    main_threads = torch.get_num_threads()
+    for threads in [int(t) for t in args.extra_threads.split(",") if t.strip()]:
+        torch.set_num_threads(threads)
+        extra = result.setdefault("ratios_at_other_thread_counts", {}).setdefault(str(threads), {})
+        if "masked" in sections:
+            extra["masked"] = bench_masked(args)
+        if "selection" in sections:
+            extra["selection"] = bench_selection(args)
+    torch.set_num_threads(main_threads)
     if "models" in sections:
         result["models"] = bench_models([m.strip() for m in args.models.split(",") if m.strip()], args)
     result["targets"] = _targets(result)

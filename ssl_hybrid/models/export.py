@@ -57,7 +57,8 @@ def save_backbone(model: nn.Module, directory: Union[str, os.PathLike], extra_me
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, meta_path = directory / WEIGHTS_NAME, directory / META_NAME
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    img_size = getattr(model, "img_size", None) or (getattr(model, "pretrained_cfg", None) or {}).get("input_size", [0, 0, 0])[-2:]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    img_size = getattr(model, "img_size", None) or cfg.get("input_size", [0, 0, 0])[-2:]
     meta = dict(
         format_version=FORMAT_VERSION,
         model_name=_model_name(model),

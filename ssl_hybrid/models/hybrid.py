@@ -324,7 +324,8 @@ class HybridViT(nn.Module):
         Positions -1 (the token fusing dropped tokens) get zeros: they have no single location.
         """
         index = pos.clamp_min(0)
-        fused = self.fuse4(gather_rows(patchify_nhwc(s4, 4), index)) + self.fuse8(gather_rows(patchify_nhwc(s8, 2), index))
+        fused = self.fuse4(gather_rows(patchify_nhwc(s4, 4), index)) \
+            + self.fuse8(gather_rows(patchify_nhwc(s8, 2), index))  # [B, M, D]
         return fused * (pos >= 0)[..., None].to(fused.dtype)
 
     def _patch_tokens(self, s8: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -360,7 +361,8 @@ class HybridViT(nn.Module):
             ids_keep, _ = visible_indices(mask.flatten(1))
         s4, s8 = self.forward_conv(x, mask)
         tokens = self._patch_tokens(s8, grid, ids_keep)
-        layout = TokenLayout.for_grid(B, grid, x.device) if ids_keep is None else TokenLayout.for_visible(ids_keep, grid)
+        layout = TokenLayout.for_grid(B, grid, x.device) if ids_keep is None \
+            else TokenLayout.for_visible(ids_keep, grid)
         tokens, layout, kept = self.forward_blocks(tokens, layout, select=select)
         fusion = self.fusion_tokens(s4, s8, layout.pos[:, 1:])  # [B, T-1, D]
         return tokens, fusion, layout, kept, (s4, s8)

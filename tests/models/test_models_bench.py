@@ -10,7 +10,8 @@ from ssl_hybrid.cli import main
 def test_bench_backbone_cli_writes_all_sections(tmp_path, capsys):
     out = tmp_path / "backbone.json"
     code = main(["-q", "bench", "backbone", "--out", str(out), "--models", "hybrid_nano", "--variant", "hybrid_nano",
-                 "--iters", "1", "--warmup", "0", "--batch-size", "2", "--img-size", "32", "--threads", "1"])
+                 "--iters", "1", "--warmup", "0", "--batch-size", "2", "--img-size", "32", "--threads", "1",
+                 "--extra-threads", "2"])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["machine"]["cpu_count"] >= 1 and "torch" in result["machine"]
@@ -20,3 +21,4 @@ def test_bench_backbone_cli_writes_all_sections(tmp_path, capsys):
     sides = result["selection"]["sides"]
     assert sides["none"]["tokens_kept_mean"] == 4 and sides["fixed"]["tokens_kept_mean"] < 4
     assert set(result["targets"]) == {"masked_speedup>=2.5", "selection_fixed_speedup>=1.4"}
+    assert set(result["ratios_at_other_thread_counts"]["2"]) == {"masked", "selection"}
