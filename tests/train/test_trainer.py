@@ -192,3 +192,24 @@ def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
     monkeypatch.setattr(loop, "forward_losses", collapsed)
     loop.pretrain(tiny_config(run_root, "collapse", train__steps=1))
     assert "embeddings are collapsing" in caplog.text
+
+
+def test_corrupt_samples_are_counted_and_logged(corpus, run_root, tmp_path, caplog):
+    import io
+    import tarfile
+
+    source = sorted(corpus.glob("*.tar"))[0]
+    shard = tmp_path / "bad-000000.tar"
+    with tarfile.open(source) as good, tarfile.open(shard, "w") as out:
+        data = b"\xff\xd8\xff\xe0 not really a jpeg"  # a JPEG header with garbage after it, first in the shard
+        info = tarfile.TarInfo("zz_corrupt.jpg")
+        info.size = len(data)
+        out.addfile(info, io.BytesIO(data))
+        for member in good.getmembers():
+            out.addfile(member, good.extractfile(member))
+    config = tiny_config(run_root, "corrupt", train__steps=2, data__train=str(shard), data__resampled="false",
+                         data__shuffle_buffer=0, data__max_skip_rate=0.5)
+    loop.pretrain(config)
+    last = [r for r in runs.read_metrics(run_root / "corrupt") if "loss" in r][-1]
+    assert last["data_skipped"] == 1 and last["data_seen"] >= 9
+    assert "zz_corrupt" in caplog.text and "1 corrupt/unreadable samples skipped" in caplog.text
