@@ -377,7 +377,8 @@ def setup(config: Config) -> Run:
     if existing is not None:
         resume(run, existing)
     run.monitor = build_monitor(config)
-    accelerator.init_trackers(config.name, config=flat_hparams(config))
+    # TensorBoard events land in <run>/tensorboard/ (`tensorboard --logdir runs` compares runs).
+    accelerator.init_trackers("tensorboard", config=flat_hparams(config))
     log.info("%s: %d processes on %s, mixed precision %s, %.2fM trainable parameters",
              config.name, accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
              sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6)
