@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -88,6 +89,8 @@ class SearchState:
 
     def __init__(self, path: Path, fingerprint: str, payload: Optional[dict[str, Any]] = None):
         self.path = Path(path)
+        # Wall time spent on this search over all invocations, up to the last save (interruptions included).
+        self._clock, self._elapsed_before = time.perf_counter(), (payload or {}).get("elapsed_seconds", 0.0)
         self.data: dict[str, Any] = payload or {
             "version": STATE_VERSION, "fingerprint": fingerprint, "status": "running",
             "candidates": {}, "order": [], "measurements": {}, "zero_cost": {}, "pruned": [], "rungs": [],
@@ -111,7 +114,11 @@ class SearchState:
         return cls(path, fingerprint, payload)
 
     def save(self) -> None:
+        self.data["elapsed_seconds"] = self.elapsed_seconds()
         write_json_atomic(self.path, self.data)
+
+    def elapsed_seconds(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._clock
 
     # -- candidates and measurements -----------------------------------------------------------
 

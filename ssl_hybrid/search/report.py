@@ -51,6 +51,8 @@ def build_rows(state_data: dict[str, Any], winner: Optional[str]) -> list[dict[s
                 row[f"score_r{rung['index']}"] = result.get("score")
                 row["last_rung"], row["last_steps"], row["last_score"] = rung["index"], rung["steps"], result.get("score")
         row["score"] = row.get("score_r0")
+        first = rungs[0]["scores"].get(cid, {}) if rungs else {}
+        row["init_score"] = first.get("init_score")  # the same k-NN at random init: what pretraining added
         rows.append(row)
     scored = [r for r in rows if r["score"] is not None and r["latency_ms"] is not None and r["gflops"] is not None]
     front = set(pareto_front(scored))
@@ -80,16 +82,19 @@ def _fmt(value: Any, spec: str) -> str:
 
 def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -> str:
     rung_cols = sorted({k for r in rows for k in r if k.startswith("score_r")}, key=lambda k: int(k[7:]))
+    with_init = any(r.get("init_score") is not None for r in rows)
     head = ["", "id", "architecture", "params (M)", "GFLOPs", "latency (ms)"] + \
-           [f"{score_name} r{k[7:]}" for k in rung_cols] + ["status"]
+           ([f"{score_name} init"] if with_init else []) + [f"{score_name} r{k[7:]}" for k in rung_cols] + ["status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = ("★" if r["chosen"] else "") + ("P" if r["pareto"] else "")
         cells = [mark, f"`{r['id']}`", r["label"], _fmt(r["params_m"], ".2f"), _fmt(r["gflops"], ".3g"),
-                 _fmt(r["latency_ms"], ".1f")] + [_fmt(r.get(k), ".3f") for k in rung_cols] + [r["status"]]
+                 _fmt(r["latency_ms"], ".1f")] + ([_fmt(r.get("init_score"), ".3f")] if with_init else []) + \
+            [_fmt(r.get(k), ".3f") for k in rung_cols] + [r["status"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("★ = chosen (best at the highest rung), P = Pareto-optimal on rung-0 score vs latency and GFLOPs.")
+    lines.append("★ = chosen (best at the highest rung), P = Pareto-optimal on rung-0 score vs latency and GFLOPs"
+                 + ("; init = the same k-NN at random initialization (no pretraining)." if with_init else "."))
     return "\n".join(lines) + "\n"
 
 

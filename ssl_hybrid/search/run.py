@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,7 +161,8 @@ def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str
     paired = [(r["zero_cost"], r["score"]) for r in rows
               if r["zero_cost"] is not None and r["score"] is not None and math.isfinite(r["zero_cost"])]
     summary = {
-        "name": config.name, "chosen": winner, "seconds": seconds, "device": _device_info(),
+        "name": config.name, "command": " ".join(["ssl-hybrid", *sys.argv[1:]]) if _from_cli() else None,
+        "chosen": winner, "seconds": seconds, "device": _device_info(),
         "plan": rung_plan(len(state.data["rungs"][0]["members"]) if state.data["rungs"] else 0, config.schedule),
         "zero_cost_spearman_vs_rung0": spearman([p[0] for p in paired], [p[1] for p in paired]),
         "config": dataclasses.asdict(config), "rows": rows,
@@ -178,6 +180,10 @@ def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str
         summary["recipe"] = str(write_recipe(out / "chosen.yaml", candidate_recipe(base, chosen, f"{config.name}-chosen"),
                                              header))
     return summary
+
+
+def _from_cli() -> bool:
+    return bool(sys.argv) and Path(sys.argv[0]).name in ("ssl-hybrid", "__main__.py") and "search" in sys.argv
 
 
 def _device_info() -> dict[str, Any]:
@@ -219,7 +225,7 @@ def run_search(config: SearchConfig, scorer: Optional[Scorer] = None, device: Op
         generator=torch.Generator().manual_seed(config.seed)))
     members = zero_cost_prune(state, config, zero_cost_images)
     winner = successive_halving(state, members, config.schedule, scorer)
-    seconds = time.perf_counter() - start + state.data.get("seconds_before", 0.0)
-    state.data["seconds_before"] = seconds
-    state.save()
-    return write_outputs(state, config, winner, seconds)
+    summary = write_outputs(state, config, winner, time.perf_counter() - start)
+    summary["seconds_all_invocations"] = state.elapsed_seconds()
+    write_json_atomic(out / "pareto.json", summary)
+    return summary

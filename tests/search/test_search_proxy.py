@@ -60,6 +60,7 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
             run = out / "runs" / result["run_dir"].split("/")[-1]
             assert (run / "backbone.safetensors").exists() and not (run / "checkpoints").exists()
             assert "init_score" in result or rung["index"] > 0
+    assert "k-NN top-1 init" in (out / "pareto.md").read_text()
     chosen_yaml = (out / "chosen.yaml").read_text()
     assert "arch:" in chosen_yaml and "ssl-hybrid pretrain" in chosen_yaml
     assert summary["chosen"] in capsys.readouterr().out

@@ -126,6 +126,7 @@ def test_interrupted_search_resumes_without_rerunning(tiny_search, monkeypatch):
     first = ArchScorer(interrupt_after=5)
     with pytest.raises(KeyboardInterrupt):
         search_run.run_search(tiny_search, scorer=first)
+    elapsed_interrupted = _load(tiny_search)["elapsed_seconds"]
     measured = []
     real_measure = search_run.measure_and_check
     monkeypatch.setattr(search_run, "measure_and_check", lambda *a, **k: measured.append(1) or real_measure(*a, **k))
@@ -135,6 +136,8 @@ def test_interrupted_search_resumes_without_rerunning(tiny_search, monkeypatch):
     assert not set(first.calls) & set(second.calls)
     assert len(first.calls) + len(second.calls) == reference_calls
     assert resumed["chosen"] == reference["chosen"]
+    assert 0 < elapsed_interrupted < resumed["seconds_all_invocations"]  # time before the interruption counts
+    assert resumed["seconds"] < resumed["seconds_all_invocations"]
 
     third = ArchScorer()  # a finished search re-run only rewrites its outputs
     search_run.run_search(tiny_search, scorer=third)
