@@ -230,10 +230,13 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
 
 
 def _parse_overrides(overrides: list[str]) -> list[str]:
+    parsed = []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"command line: override '{item}' must look like key=value (e.g. train.steps=200)")
-    return list(overrides)
+        # "key=" means the empty string (e.g. data.val= turns the k-NN monitor off), not YAML's null.
+        parsed.append(f"{item}''" if item.endswith("=") else item)
+    return parsed
 
 
 def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:

@@ -122,3 +122,7 @@ def test_grad_accumulation_refused_for_simclr():
 def test_override_without_equals_is_rejected():
     with pytest.raises(ConfigError, match="key=value"):
         cfg.load_config(None, ["train.steps"])
+
+
+def test_empty_override_means_empty_string():
+    assert cfg.load_config(None, ["data.val=/some/where", "data.val="]).data.val == ""

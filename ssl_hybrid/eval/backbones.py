@@ -73,17 +73,11 @@ def _create(name: str, kwargs: dict[str, Any], image_size: int, spec: str) -> to
     import timm
 
     import ssl_hybrid  # noqa: F401  (registers hybrid_* with timm)
+    from ssl_hybrid.models.factory import create_backbone
 
     if not timm.is_model(name):
         raise BackboneError(f"'{spec}': unknown model '{name}' (timm.list_models() lists the known ones)")
-    kwargs = dict(kwargs, pretrained=False, num_classes=0)
-    try:
-        return timm.create_model(name, img_size=image_size, **kwargs)
-    except TypeError as err:
-        if "img_size" not in str(err):
-            raise
-        # Convolutional models take any input size and have no img_size argument.
-        return timm.create_model(name, **kwargs)
+    return create_backbone(name, image_size, **kwargs)
 
 
 def _locate_weights(path: Path) -> tuple[Path, dict[str, Any]]:

@@ -84,18 +84,15 @@ class Run:
 
 
 def build_backbone(config: Config) -> torch.nn.Module:
-    import timm
+    from ssl_hybrid.models.factory import create_backbone  # importing models registers hybrid_* with timm
 
-    import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
-
-    kwargs: dict[str, Any] = {"num_classes": 0, "img_size": config.data.image_size,
-                              "drop_path_rate": config.model.drop_path_rate}
+    kwargs: dict[str, Any] = {"drop_path_rate": config.model.drop_path_rate}
     if config.model.name.startswith("hybrid_"):
         kwargs["attn_mode"] = config.model.attn_mode
         if config.model.token_keep_rate < 1.0:
             kwargs["token_keep_rate"] = config.model.token_keep_rate
     kwargs.update(config.model.arch)  # architecture overrides (e.g. a searched candidate); export records them
-    backbone = timm.create_model(config.model.name, pretrained=False, **kwargs)
+    backbone = create_backbone(config.model.name, config.data.image_size, **kwargs)
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone
