@@ -172,7 +172,7 @@ _BACKBONE_HELP = ("run directory, backbone.safetensors, timm:<name> or random:<n
                   "init: pretrained=False, no network)")
 
 
-def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True) -> None:
+def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cache: bool = True) -> None:
     if backbone:
         parser.add_argument("backbone", metavar="BACKBONE", help=_BACKBONE_HELP)
     parser.add_argument("--train", default=None, help="labeled training set: image folder with class sub-folders, "
@@ -182,9 +182,10 @@ def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True) -> N
                         help="evaluation size (resize + center crop); 0 = backbone.json's image_size, 224 for timm:/random:")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    parser.add_argument("--cache-dir", default=None,
-                        help="feature cache directory; default $SSL_HYBRID_CACHE/features or ~/.cache/ssl_hybrid/features")
-    parser.add_argument("--no-cache", action="store_true", help="always re-extract features, write no cache")
+    if cache:
+        parser.add_argument("--cache-dir", default=None,
+                            help="feature cache directory; default $SSL_HYBRID_CACHE/features or ~/.cache/ssl_hybrid/features")
+        parser.add_argument("--no-cache", action="store_true", help="always re-extract features, write no cache")
 
 
 def _eval_handler(name: str) -> Callable[[argparse.Namespace], int]:
@@ -240,7 +241,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
         "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
         description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
                     "split of --train. Runs under 'accelerate launch' for several GPUs.")
-    _eval_data_args(parser)
+    _eval_data_args(parser, cache=False)
+    parser.set_defaults(batch_size=32)  # training batches: few-label sets hold a few hundred images
     parser.add_argument("--shots", type=int, default=0, help="fine-tune on a seeded k-per-class subset; 0 = all of --train")
     parser.add_argument("--epochs", type=int, default=30, help="maximum epochs")
     parser.add_argument("--patience", type=int, default=5, help="early stopping: epochs without a better val accuracy")
@@ -251,7 +253,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of subsets, splits, init and order")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="Accelerate AMP")
     _add_out_arg(parser, "the result")
-    parser.set_defaults(handler=_eval_handler("run_finetune"), no_cache=True, cache_dir=None)
+    parser.set_defaults(handler=_eval_handler("run_finetune"))
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
