@@ -83,16 +83,22 @@ class Run:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_backbone(config: Config) -> torch.nn.Module:
-    from ssl_hybrid.models.factory import create_backbone  # importing models registers hybrid_* with timm
-
-    kwargs: dict[str, Any] = {"drop_path_rate": config.model.drop_path_rate}
+def model_kwargs(config: Config) -> dict[str, Any]:
+    """Factory kwargs of the backbone besides its name and image size (model.arch first, then our keys)."""
+    kwargs: dict[str, Any] = dict(config.model.arch)
     if config.model.name.startswith("hybrid_"):
         kwargs["attn_mode"] = config.model.attn_mode
         if config.model.token_keep_rate < 1.0:
             kwargs["token_keep_rate"] = config.model.token_keep_rate
-    kwargs.update(config.model.arch)  # architecture overrides (e.g. a searched candidate); export records them
-    backbone = create_backbone(config.model.name, config.data.image_size, **kwargs)
+    return kwargs
+
+
+def build_backbone(config: Config) -> torch.nn.Module:
+    import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
+    from ssl_hybrid.models.factory import create_backbone
+
+    backbone = create_backbone(config.model.name, config.data.image_size,
+                               drop_path_rate=config.model.drop_path_rate, **model_kwargs(config))
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone
@@ -100,11 +106,7 @@ def build_backbone(config: Config) -> torch.nn.Module:
 
 def backbone_meta(config: Config) -> dict[str, Any]:
     """What ``load_backbone`` needs to rebuild the backbone from exported or checkpointed weights."""
-    kwargs: dict[str, Any] = {"drop_path_rate": 0.0}
-    if config.model.name.startswith("hybrid_"):
-        kwargs["attn_mode"] = config.model.attn_mode
-    kwargs.update(config.model.arch)  # checkpoints of a searched architecture must rebuild it, not the default
-    return {"model": config.model.name, "image_size": config.data.image_size, "kwargs": kwargs,
+    return {"model": config.model.name, "image_size": config.data.image_size, "kwargs": model_kwargs(config),
             "run": config.name, "objective": {k: v for k, v in to_dict(config)["objective"].items()
                                               if k.endswith("_weight")}}
 
