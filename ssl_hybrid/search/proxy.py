@@ -40,7 +40,10 @@ class ProxyConfig:
     train: str = ""
     # Longest image side when an image folder is converted (0 = keep); proxy runs use small crops anyway.
     shard_max_side: int = 160
-    # key=value overrides for every proxy run, applied after the candidate's model group (e.g. data.image_size=64).
+    # key=value changes to the base recipe that the chosen recipe keeps too (e.g. the objective, the lr).
+    recipe_overrides: list = field(default_factory=list)
+    # key=value overrides for the proxy runs only, applied after the candidate's model group (e.g.
+    # data.image_size=64, a smaller batch); chosen.yaml does not carry them.
     overrides: list = field(default_factory=list)
     # Labeled image folder (or labeled shards) whose images form the k-NN bank.
     knn_train: str = ""
@@ -145,7 +148,7 @@ class PretrainKnnProxy:
 
         self.proxy = proxy
         self.work_dir = Path(work_dir)
-        self.base = read_recipe(proxy.recipe)
+        self.base = read_recipe(proxy.recipe, proxy.recipe_overrides)
         self.sets = sets or KnnSets(proxy)
         self.train_data = prepare_train_data(proxy, self.work_dir)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import yaml
 
@@ -30,12 +30,17 @@ def model_section(candidate: Candidate) -> dict[str, Any]:
     return section
 
 
-def read_recipe(path: Optional[str | Path]) -> dict[str, Any]:
-    """The base recipe as a plain dict (validated through load_config first, so errors name the file)."""
-    if not path:
-        return {}
-    load_config(path)
-    return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+def read_recipe(path: Optional[str | Path], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The base recipe (+ ``key=value`` overrides) as a plain dict, validated through load_config first so
+    errors name the file or the override."""
+    from omegaconf import OmegaConf
+
+    load_config(path or None, list(overrides))
+    recipe = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {} if path else {}
+    if overrides:
+        merged = OmegaConf.merge(OmegaConf.create(recipe), OmegaConf.from_dotlist(list(overrides)))
+        recipe = OmegaConf.to_container(merged)
+    return recipe
 
 
 def candidate_recipe(base: dict[str, Any], candidate: Candidate, name: Optional[str] = None) -> dict[str, Any]:

@@ -173,13 +173,28 @@ def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str
     report.scatter_plot(rows, out / "pareto.png", f"search '{config.name}': {len(rows)} candidates, "
                         f"k-NN top-1 after {config.schedule.min_steps} steps")
     if winner is not None:
-        base = read_recipe(config.proxy.recipe)
+        base = chosen_base_recipe(config)
         chosen = state.candidate(winner)
         header = (f"Chosen by `ssl-hybrid search` ({config.name}): {winner} = {chosen.label()}\n"
                   f"Base recipe: {config.proxy.recipe or '(defaults)'}; train with: ssl-hybrid pretrain -c <this file>")
         summary["recipe"] = str(write_recipe(out / "chosen.yaml", candidate_recipe(base, chosen, f"{config.name}-chosen"),
                                              header))
     return summary
+
+
+def chosen_base_recipe(config: SearchConfig) -> dict[str, Any]:
+    """The base recipe + recipe_overrides, pointed at the data the search used (its shards, its labeled set
+    for the online k-NN monitor), so chosen.yaml trains on the user's data as searched."""
+    from ssl_hybrid.search.proxy import prepare_train_data
+
+    base = read_recipe(config.proxy.recipe, config.proxy.recipe_overrides)
+    data = base.setdefault("data", {})
+    train = prepare_train_data(config.proxy, config.out_dir())
+    if train:
+        data["train"] = str(Path(train).resolve())
+    if config.proxy.knn_train:
+        data["val"] = str(Path(config.proxy.knn_train).resolve())
+    return base
 
 
 def _from_cli() -> bool:

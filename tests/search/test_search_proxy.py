@@ -7,6 +7,7 @@ import json
 import pytest
 
 from ssl_hybrid.cli import main
+from ssl_hybrid.config import load_config
 from ssl_hybrid.search.proxy import KnnSets, ProxyConfig, prepare_train_data
 
 TINY_PRETRAIN = ["data.image_size=32", "data.local_image_size=32", "data.num_workers=0", "data.shuffle_buffer=8",
@@ -44,7 +45,9 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
         "budget": {"repeats": 2, "warmup": 1},
         "zero_cost": {"batch_size": 4},
         "schedule": {"min_steps": 2, "eta": 2, "max_rungs": 2},
-        "proxy": {"train": str(image_folder), "knn_train": str(image_folder), "overrides": TINY_PRETRAIN},
+        "proxy": {"train": str(image_folder), "knn_train": str(image_folder), "overrides": TINY_PRETRAIN,
+                  "recipe_overrides": ["objective.mim_weight=0", "objective.dino_weight=0",
+                                       "objective.simclr_weight=1", "data.views=simclr"]},
     }))  # JSON is YAML
     assert main(["-q", "search", "-c", str(recipe)]) == 0
     out = tmp_path / "searches" / "e2e"
@@ -63,4 +66,8 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
     assert "k-NN top-1 init" in (out / "pareto.md").read_text()
     chosen_yaml = (out / "chosen.yaml").read_text()
     assert "arch:" in chosen_yaml and "ssl-hybrid pretrain" in chosen_yaml
+    chosen = load_config(out / "chosen.yaml")  # trains on the searched data, with the recipe overrides kept
+    assert chosen.data.train == str((out / "shards").resolve()) and chosen.data.val == str(image_folder.resolve())
+    assert chosen.objective.simclr_weight == 1.0 and chosen.objective.mim_weight == 0.0
+    assert chosen.data.image_size == 224  # proxy-only overrides (32 px) are not carried over
     assert summary["chosen"] in capsys.readouterr().out
