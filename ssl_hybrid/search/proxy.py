@@ -170,7 +170,7 @@ class PretrainKnnProxy:
             torch.manual_seed(config.train.seed)
             result["init_score"] = self.sets.evaluate(build_candidate(candidate, size), size, self.proxy)["top1"]
         start = time.perf_counter()
-        pretrain(config)
+        check_finished(pretrain(config), config)
         result["train_seconds"] = time.perf_counter() - start
         backbone, _ = load_backbone_spec(str(run_dir(config)), image_size=size)
         knn = self.sets.evaluate(backbone, size, self.proxy)
@@ -179,6 +179,25 @@ class PretrainKnnProxy:
         if not self.proxy.keep_checkpoints:
             shutil.rmtree(run_dir(config) / "checkpoints", ignore_errors=True)
         return result
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """A proxy run stopped by SIGINT/SIGTERM (it saved a checkpoint): stop the search; re-running resumes it."""
+
+
+class IncompleteProxyRun(RuntimeError):
+    """A proxy run that ended before its step budget (e.g. train.max_seconds): its score is not comparable."""
+
+
+def check_finished(summary: dict[str, Any], config) -> None:
+    """Scores only count for runs that trained every step of their rung's budget."""
+    stopped, step = summary.get("stopped", "done"), summary.get("step")
+    if stopped == "signal":
+        raise SearchInterrupted(f"{config.name}: interrupted at step {step}/{config.train.steps} (checkpoint saved); "
+                                "re-run the same search command to resume")
+    if stopped != "done" or step != config.train.steps:
+        raise IncompleteProxyRun(f"{config.name}: stopped ({stopped}) at step {step} of {config.train.steps}; "
+                                 "proxy runs need their full step budget (is train.max_seconds set in the recipe?)")
 
 
 def pretrain(config) -> dict[str, Any]:

@@ -71,3 +71,55 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
     assert chosen.objective.simclr_weight == 1.0 and chosen.objective.mim_weight == 0.0
     assert chosen.data.image_size == 224  # proxy-only overrides (32 px) are not carried over
     assert summary["chosen"] in capsys.readouterr().out
+
+
+def test_a_proxy_run_must_finish_its_steps():
+    from types import SimpleNamespace
+
+    from ssl_hybrid.search.proxy import IncompleteProxyRun, SearchInterrupted, check_finished
+
+    config = SimpleNamespace(name="c1-r0", train=SimpleNamespace(steps=10))
+    check_finished({"stopped": "done", "step": 10}, config)
+    with pytest.raises(SearchInterrupted, match="resume"):
+        check_finished({"stopped": "signal", "step": 4}, config)
+    with pytest.raises(IncompleteProxyRun, match="max_seconds"):
+        check_finished({"stopped": "max_seconds", "step": 7}, config)
+
+
+@pytest.mark.slow
+def test_search_killed_mid_run_resumes(image_folder, tmp_path):
+    """SIGKILL inside a rung-1 pretraining run (the trainer's fault injection), then the same command again:
+    rung 0 is not re-run and the finished search matches one that was never interrupted."""
+    import os
+    import subprocess
+    import sys
+
+    def search(name: str, kill_at: str = "") -> subprocess.CompletedProcess:
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(json.dumps({
+            "name": name, "output_dir": str(tmp_path / "searches"), "num_candidates": 2, "image_size": 32,
+            "space": {"base": "hybrid_nano", "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
+                      "depth": [1], "num_heads": [2], "attn_mode": ["global"], "token_keep_rate": [1.0]},
+            "budget": {"repeats": 1, "warmup": 0}, "zero_cost": {"batch_size": 4},
+            "schedule": {"min_steps": 2, "eta": 2, "max_rungs": 2},
+            "proxy": {"train": str(image_folder), "knn_train": str(image_folder), "overrides": TINY_PRETRAIN,
+                      "score_init": False}}))
+        env = dict(os.environ, SSL_HYBRID_KILL_AT_STEP=kill_at, OMP_NUM_THREADS="1")
+        return subprocess.run([sys.executable, "-m", "ssl_hybrid", "search", "-c", str(recipe)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    straight = search("straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = search("killed", kill_at="3")  # rung-0 runs have 2 steps; the rung-1 run (4 steps) dies at step 3
+    assert killed.returncode == -9
+    state = json.loads((tmp_path / "searches" / "killed" / "state.json").read_text())
+    rung0 = state["rungs"][0]["scores"]
+    assert len(rung0) == 2 and not state["rungs"][1]["scores"]
+    resumed = search("killed")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "rung 0: scoring" not in resumed.stderr and "rung 1: scoring" in resumed.stderr
+    final = json.loads((tmp_path / "searches" / "killed" / "state.json").read_text())
+    reference = json.loads((tmp_path / "searches" / "straight" / "state.json").read_text())
+    assert final["rungs"][0]["scores"] == rung0
+    for mine, ref in zip(final["rungs"], reference["rungs"]):  # same data order and seeds: same k-NN scores
+        assert {c: r["score"] for c, r in mine["scores"].items()} == {c: r["score"] for c, r in ref["scores"].items()}
