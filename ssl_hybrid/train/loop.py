@@ -484,15 +484,20 @@ def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
 
 
 def log_precision(run: Run, batch: dict) -> None:
-    """Log the dtype the backbone actually computes in under this autocast setting (eval mode, RNG
-    untouched, so the probe changes nothing a resumed run would have to replay)."""
+    """Log the dtype the backbone's matmuls actually produce under this autocast setting (eval mode,
+    RNG untouched, so the probe changes nothing a resumed run would have to replay)."""
     backbone = run.raw_model.backbone
+    linear = next((m for m in backbone.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
+    seen: list[torch.dtype] = []
+    hook = linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype)) if linear else None
     with preserved_rng(), torch.no_grad(), run.accelerator.autocast():
         backbone.eval()
-        probe = backbone.forward_features(batch["global_views"][0][:1])
+        backbone.forward_features(batch["global_views"][0][:1])
         backbone.train()
-    log.info("mixed precision '%s': backbone activations in %s, losses in float32",
-             run.accelerator.mixed_precision, probe.dtype)
+    if hook is not None:
+        hook.remove()
+    log.info("mixed precision '%s': backbone matmuls in %s, normalization/softmax/losses in float32",
+             run.accelerator.mixed_precision, seen[0] if seen else "unknown")
 
 
 def make_bar(run: Run):

@@ -213,3 +213,12 @@ def test_corrupt_samples_are_counted_and_logged(corpus, run_root, tmp_path, capl
     last = [r for r in runs.read_metrics(run_root / "corrupt") if "loss" in r][-1]
     assert last["data_skipped"] == 1 and last["data_seen"] >= 9
     assert "zz_corrupt" in caplog.text and "1 corrupt/unreadable samples skipped" in caplog.text
+
+
+def test_bf16_autocast_logs_the_dtype_and_keeps_losses_fp32(corpus, run_root, caplog):
+    caplog.set_level("INFO")
+    summary = loop.pretrain(tiny_config(run_root, "bf16", train__steps=1, train__mixed_precision="bf16"))
+    assert summary["step"] == 1
+    assert "mixed precision 'bf16': backbone matmuls in torch.bfloat16" in caplog.text
+    record = [r for r in runs.read_metrics(run_root / "bf16") if "loss" in r][-1]
+    assert math.isfinite(record["loss"])
