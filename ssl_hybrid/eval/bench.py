@@ -7,6 +7,7 @@ At 50k bank x 10k queries x 384 dims (``--scale`` shrinks bank and queries toget
 - ``faiss_search``: bare ``IndexFlatIP.search`` at k=200 on pre-normalized data (what we call);
 - ``knn_evaluate``: our whole evaluation (normalize, search, voting at k = 10/20/100/200, accuracies);
 - ``faiss_search_k20`` / ``knn_evaluate_k20``: the same two when only the headline k=20 is wanted;
+- ``evaluation_overhead``: what knn_evaluate adds to the search, timed alone (load-robust);
 - ``torch_chunked``: torch matmul + topk(20) per query chunk, then the same voting;
 - ``sklearn_brute``: ``KNeighborsClassifier(algorithm="brute")`` at k=20 with the same exp(sim/T)
   weights, euclidean on unit vectors (sklearn's fastest, GEMM-based path) and ``metric="cosine"``.
@@ -26,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ssl_hybrid.eval.knn import DEFAULT_KS, HEADLINE_K, TEMPERATURE, knn_evaluate, l2_normalize, search, \
-    set_faiss_threads, vote
+    set_faiss_threads, topk_accuracy, vote
 
 FULL_BANK, FULL_QUERIES, DIM = 50_000, 10_000, 384
 QUERY_CHUNK = 1024  # rows of the [chunk, N] similarity block: 1024 x 50k x 4 B = 200 MB
@@ -135,6 +136,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     with threadpool_limits(limits=threads):
         rounds, outputs = _interleaved(variants, args.repeats)
     timings = {name: min(times) for name, times in rounds.items()}
+    # What knn_evaluate adds to the search, timed alone on the search's own output: a load-robust check
+    # of the overhead (the two end-to-end numbers above differ by less than the load's noise).
+    sims, idx = outputs["faiss_search"]
+    overhead = lambda: _evaluation_overhead(bank, queries, sims, bank_labels[idx], query_labels, args.classes)
+    with threadpool_limits(limits=threads):
+        timings["evaluation_overhead"] = min(_interleaved({"overhead": overhead}, args.repeats)[0]["overhead"])
     ours_pred = vote(*_top(bank_n, bank_labels, queries_n), args.classes).argmax(1)
     result = outputs["knn_evaluate"]
     checks = {f"{name}_agreement_k20": float((outputs[variant] == ours_pred).mean())
@@ -143,6 +150,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     flops = 2.0 * n_bank * n_query * args.dim
     ratios = {"knn_evaluate_over_faiss_search": timings["knn_evaluate"] / timings["faiss_search"],
               "knn_evaluate_k20_over_faiss_search_k20": timings["knn_evaluate_k20"] / timings["faiss_search_k20"],
+              "overhead_over_faiss_search": timings["evaluation_overhead"] / timings["faiss_search"],
               "faiss_search_over_matmul_peak": timings["faiss_search"] / timings["matmul_peak"],
               "torch_chunked_k20_over_knn_evaluate_k20": timings["torch_chunked"] / timings["knn_evaluate_k20"]}
     if "sklearn_brute" in timings:
@@ -156,7 +164,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "seconds": timings, "seconds_per_round": rounds, "ratios": ratios,
         "matmul_gflops": flops / timings["matmul_peak"] / 1e9,
         "targets": {"knn_evaluate_over_faiss_search_max": 1.25, "sklearn_over_knn_evaluate_k20_min": 5.0,
-                    "search_overhead_met": ratios["knn_evaluate_over_faiss_search"] <= 1.25,
+                    "search_overhead_met": ratios["knn_evaluate_over_faiss_search"] <= 1.25
+                    and 1.0 + ratios["overhead_over_faiss_search"] <= 1.25,
                     "sklearn_speedup_met": ratios.get("sklearn_over_knn_evaluate_k20", float("inf")) >= 5.0,
                     "sklearn_cosine_speedup_met":
                         ratios.get("sklearn_cosine_over_knn_evaluate_k20", float("inf")) >= 5.0},
@@ -167,6 +176,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     "threads": threads, "torch": torch.__version__, "numpy": np.__version__,
                     "faiss": __import__("faiss").__version__},
     }
+
+
+def _evaluation_overhead(bank, queries, sims, neighbor_labels, query_labels, classes: int) -> None:
+    """Everything knn_evaluate does besides the search: normalize both sets, vote and score every k."""
+    l2_normalize(bank), l2_normalize(queries)
+    for k in DEFAULT_KS:
+        scores = vote(sims[:, :k], neighbor_labels[:, :k], classes)
+        topk_accuracy(scores, query_labels, 1), topk_accuracy(scores, query_labels, 5)
 
 
 def _top(bank_n: np.ndarray, bank_labels: np.ndarray, queries_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ def test_bench_knn_small_scale_reports_ratios_and_agreement():
     result = run_benchmark(args)
     assert result["shape"] == {"bank": 1000, "queries": 200, "dim": 64, "classes": 10, "k_search": 200}
     assert set(result["seconds"]) == {"matmul_peak", "faiss_search", "knn_evaluate", "faiss_search_k20",
-                                      "knn_evaluate_k20", "torch_chunked", "sklearn_brute", "sklearn_brute_cosine"}
+                                      "knn_evaluate_k20", "torch_chunked", "sklearn_brute", "sklearn_brute_cosine",
+                                      "evaluation_overhead"}
     assert all(v > 0 for v in result["seconds"].values())
     assert result["checks"]["sklearn_agreement_k20"] == 1.0
     assert result["checks"]["torch_agreement_k20"] == 1.0
