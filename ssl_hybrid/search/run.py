@@ -154,17 +154,15 @@ def zero_cost_prune(state: SearchState, config: SearchConfig, images: Callable[[
 
 def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str], seconds: float) -> dict[str, Any]:
     """pareto.md / pareto.json / pareto.png / chosen.yaml in the search directory; returns the JSON summary."""
-    from ssl_hybrid.search.zero_cost import spearman
-
     out = config.out_dir()
     rows = report.build_rows(state.data, winner)
-    paired = [(r["zero_cost"], r["score"]) for r in rows
-              if r["zero_cost"] is not None and r["score"] is not None and math.isfinite(r["zero_cost"])]
     summary = {
         "name": config.name, "command": " ".join(["ssl-hybrid", *sys.argv[1:]]) if _from_cli() else None,
         "chosen": winner, "seconds": seconds, "device": _device_info(),
         "plan": rung_plan(len(state.data["rungs"][0]["members"]) if state.data["rungs"] else 0, config.schedule),
-        "zero_cost_spearman_vs_rung0": spearman([p[0] for p in paired], [p[1] for p in paired]),
+        "zero_cost_spearman_vs_rung0": _rank_correlation(rows, "zero_cost"),
+        # How much of the rung-0 ranking the architecture's random-init features already give.
+        "init_spearman_vs_rung0": _rank_correlation(rows, "init_score"),
         "config": dataclasses.asdict(config), "rows": rows,
     }
     write_json_atomic(out / "pareto.json", summary)
@@ -180,6 +178,15 @@ def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str
         summary["recipe"] = str(write_recipe(out / "chosen.yaml", candidate_recipe(base, chosen, f"{config.name}-chosen"),
                                              header))
     return summary
+
+
+def _rank_correlation(rows: list[dict[str, Any]], key: str) -> float:
+    """Spearman correlation of ``row[key]`` with the rung-0 score over rows that have both (nan if < 3)."""
+    from ssl_hybrid.search.zero_cost import spearman
+
+    pairs = [(r[key], r["score"]) for r in rows
+             if r.get(key) is not None and r["score"] is not None and math.isfinite(r[key])]
+    return spearman([p[0] for p in pairs], [p[1] for p in pairs])
 
 
 def chosen_base_recipe(config: SearchConfig) -> dict[str, Any]:

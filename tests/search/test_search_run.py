@@ -93,6 +93,10 @@ def test_outputs_pareto_and_chosen_recipe(tiny_search):
         assert (r["id"] in front) == (not dominated)
     assert summary["chosen"] == max(rows, key=lambda r: (r.get("last_rung", -1), r["last_score"]))["id"]
     assert f"`{summary['chosen']}`" in (out / "pareto.md").read_text()
+    from scipy.stats import spearmanr
+
+    expected = spearmanr([r["zero_cost"] for r in rows], [r["score"] for r in rows]).statistic
+    assert summary["zero_cost_spearman_vs_rung0"] == pytest.approx(expected)
 
     config = load_config(out / "chosen.yaml")  # what `ssl-hybrid pretrain -c chosen.yaml` does first
     chosen = search_run.Candidate.from_json(_load(tiny_search)["candidates"][summary["chosen"]])
