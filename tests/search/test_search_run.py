@@ -169,3 +169,15 @@ def test_search_config_is_strict(tmp_path):
         search_run.load_search_config(path)
     with pytest.raises(ConfigError, match="image_size"):
         search_run.load_search_config(None, ["image_size=30"])
+
+
+def test_model_arch_config_field(tmp_path):
+    """model.arch (the searched architecture in a recipe) takes free-form kwargs but not ones with their own key."""
+    from ssl_hybrid.config import from_dict, load_config, to_dict
+    from ssl_hybrid.errors import ConfigError
+
+    config = load_config(None, ["model.name=hybrid_nano", "model.arch.depth=3", "model.arch.conv_dims=[8,16]"])
+    assert config.model.arch == {"depth": 3, "conv_dims": [8, 16]}
+    assert from_dict(to_dict(config)).model.arch == config.model.arch  # checkpoints round-trip it
+    with pytest.raises(ConfigError, match="model.arch"):
+        load_config(None, ["model.arch.attn_mode=window"])
