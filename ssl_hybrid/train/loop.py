@@ -445,10 +445,12 @@ def train(run: Run) -> None:
                 if counters.step % config.train.log_every == 0 or counters.step == config.train.steps:
                     log_step(run, values, time.perf_counter() - window_start, window_images, bar)
                     window_images, window_start = 0, time.perf_counter()
+                paused = time.perf_counter()  # monitor and checkpoint time is not training throughput
                 if config.train.knn_every > 0 and counters.step % config.train.knn_every == 0:
                     run_monitor(run)
                 if every > 0 and counters.step % every == 0 and counters.step < config.train.steps:
                     save(run)
+                window_start += time.perf_counter() - paused
                 run.stop_reason = should_stop(run, stop, started)
                 if run.stop_reason:
                     break
