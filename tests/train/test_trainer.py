@@ -95,6 +95,15 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     saved = load_file(str(ckpt.latest_checkpoint(directory) / "model.safetensors"))
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, saved[f"backbone.{name}"]), name
+    # `ssl-hybrid export` of an earlier checkpoint writes that step's student backbone.
+    from ssl_hybrid.cli import main
+
+    step_dir = ckpt.list_checkpoints(directory)[0]
+    assert main(["export", str(step_dir), "--out-dir", str(run_root / "exported")]) == 0
+    exported = load_file(str(run_root / "exported" / "backbone.safetensors"))
+    early = load_file(str(step_dir / "model.safetensors"))
+    assert exported and all(torch.equal(v, early[f"backbone.{k}"]) for k, v in exported.items())
+    assert json.loads((run_root / "exported" / "backbone.json").read_text())["step"] == 2
 
 
 def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpus, run_root):
