@@ -4,6 +4,11 @@ FlopCounterMode counts what dominates compute (matmul, conv, attention kernels; 
 FLOPs) by intercepting the ops actually run, so data-dependent paths (masking, token selection,
 window attention) are counted as executed. Elementwise ops (norms, activations, the optimizer
 update) are not counted; they are a few percent of a ViT step.
+
+torch's formula for ``convolution_backward`` ignores ``groups`` in the weight gradient, so it
+counts a depthwise conv's weight gradient C times over (ConvNeXt's 7x7 depthwise convs made
+convnext_atto's train step look 8x its forward). We register a corrected formula: the weight
+gradient does exactly the forward conv's multiply-adds.
 """
 
 from __future__ import annotations
@@ -12,7 +17,21 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+
+def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                       _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten.convolution_backward`` with grouped convs counted correctly."""
+    flops = 0
+    if output_mask[0]:  # grad_input: a transposed conv of grad_out with the same (grouped) weight
+        flops += conv_flop_count(grad_out_shape, w_shape, out_shape[0], not transposed)
+    if output_mask[1]:  # grad_weight: one multiply-add per forward multiply-add
+        flops += conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return flops
+
+
+CUSTOM_FLOP_FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flop}
 
 
 def _first_tensor_sum(output: Any) -> torch.Tensor:
@@ -39,7 +58,7 @@ def count_flops(
     """
     x = example if isinstance(example, torch.Tensor) else torch.randn(*example)
     forward_fn = forward_fn or (lambda m, inp: m(inp))
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOP_FORMULAS)
     if train_step:
         with counter:
             _first_tensor_sum(forward_fn(model, x)).backward()
