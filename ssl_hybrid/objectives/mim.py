@@ -20,14 +20,6 @@ from torch import Tensor, nn
 PATCH_SIZE = 16
 
 
-def random_mask(batch_size: int, grid: tuple[int, int], ratio: float, generator: torch.Generator,
-                device: torch.device) -> Tensor:
-    """[B, gh, gw] bool, True = hidden; delegates to the backbone package's mask generator."""
-    from ssl_hybrid.models.masking import random_grid_mask
-
-    return random_grid_mask(batch_size, grid[0], grid[1], ratio, generator, device)
-
-
 def pixel_targets(images: Tensor, patch_size: int = PATCH_SIZE, norm_pix: bool = True) -> Tensor:
     """[B, 3, H, W] -> [B, N, p*p*3] per-patch pixels (row-major grid), optionally normalized per patch."""
     target = patchify(images.float(), patch_size)  # [B, N, p*p*3]
@@ -113,10 +105,4 @@ class MIMObjective(nn.Module):
         return {"mim": masked_patch_loss(pred, target, student_out["mask"])}
 
 
-def check_mask_shape(mask: Tensor, images: Tensor) -> None:
-    expected = (images.shape[0], images.shape[-2] // PATCH_SIZE, images.shape[-1] // PATCH_SIZE)
-    if tuple(mask.shape) != expected:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the image grid {expected}")
-
-
-__all__ = ["MIMDecoder", "MIMObjective", "masked_patch_loss", "pixel_targets", "random_mask"]
+__all__ = ["MIMDecoder", "MIMObjective", "masked_patch_loss", "pixel_targets"]
