@@ -540,12 +540,19 @@ def export_backbone(run: Run) -> Optional[Path]:
 
 def pretrain(config: Config) -> dict[str, Any]:
     """Run (or resume) the pretraining job described by ``config``; returns a summary dict."""
-    run = setup(config)
+    run: Optional[Run] = None
     try:
+        run = setup(config)
         if run.counters.step < config.train.steps:
             train(run)
         return finish(run)
     finally:
-        run.accelerator.end_training()
+        if run is not None:
+            run.accelerator.end_training()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        # Accelerate keeps one process-wide state; clear it so a later job in this process (benchmarks,
+        # notebooks, tests) may pick another mixed precision (Accelerate's own tests do the same).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
