@@ -62,3 +62,16 @@ def shared_dataset(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"development dataset {name} not found at {path}")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons (mixed precision, device); tests that build Accelerators
+    with different settings in one pytest process must not see each other's state."""
+    yield
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
