@@ -94,7 +94,7 @@ def test_search_killed_mid_run_resumes(image_folder, tmp_path):
     import subprocess
     import sys
 
-    def search(name: str, kill_at: str = "") -> subprocess.CompletedProcess:
+    def write(name: str):
         recipe = tmp_path / f"{name}.yaml"
         recipe.write_text(json.dumps({
             "name": name, "output_dir": str(tmp_path / "searches"), "num_candidates": 2, "image_size": 32,
@@ -104,12 +104,14 @@ def test_search_killed_mid_run_resumes(image_folder, tmp_path):
             "schedule": {"min_steps": 2, "eta": 2, "max_rungs": 2},
             "proxy": {"train": str(image_folder), "knn_train": str(image_folder), "overrides": TINY_PRETRAIN,
                       "score_init": False}}))
+        return recipe
+
+    def search(name: str, kill_at: str = "") -> subprocess.CompletedProcess:
         env = dict(os.environ, SSL_HYBRID_KILL_AT_STEP=kill_at, OMP_NUM_THREADS="1")
-        return subprocess.run([sys.executable, "-m", "ssl_hybrid", "search", "-c", str(recipe)], env=env,
+        return subprocess.run([sys.executable, "-m", "ssl_hybrid", "search", "-c", str(write(name))], env=env,
                               capture_output=True, text=True, timeout=300)
 
-    straight = search("straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    assert main(["-q", "search", "-c", str(write("straight"))]) == 0  # the reference, in this process
     killed = search("killed", kill_at="3")  # rung-0 runs have 2 steps; the rung-1 run (4 steps) dies at step 3
     assert killed.returncode == -9
     state = json.loads((tmp_path / "searches" / "killed" / "state.json").read_text())
