@@ -27,20 +27,21 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ObjectiveSettings:
-    """The subset of the config the objectives need (keeps this module independent of the CLI config)."""
+    """The subset of the config the objectives need (keeps this module independent of the CLI config).
+    No defaults here: they live in ``ssl_hybrid.config`` only; build it with :meth:`from_config`."""
 
-    mim_weight: float = 1.0
-    dino_weight: float = 1.0
-    simclr_weight: float = 0.0
-    image_size: int = 224
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_depth: int = 2
-    decoder_dim: int = 256
-    dino_out_dim: int = 4096
-    student_temp: float = 0.1
-    simclr_temperature: float = 0.1
-    simclr_out_dim: int = 128
+    mim_weight: float
+    dino_weight: float
+    simclr_weight: float
+    image_size: int
+    mask_ratio: float
+    norm_pix_loss: bool
+    decoder_depth: int
+    decoder_dim: int
+    dino_out_dim: int
+    student_temp: float
+    simclr_temperature: float
+    simclr_out_dim: int
 
     @classmethod
     def from_config(cls, config) -> "ObjectiveSettings":

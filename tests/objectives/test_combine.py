@@ -8,6 +8,7 @@ import timm
 import torch
 
 import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
+from ssl_hybrid.config import load_config
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
@@ -20,11 +21,18 @@ CASES = {
 }
 
 
+def small_settings(weights, image_size: int) -> ObjectiveSettings:
+    mim, dino, simclr = weights
+    config = load_config(None, [f"objective.mim_weight={mim}", f"objective.dino_weight={dino}",
+                                f"objective.simclr_weight={simclr}", f"data.image_size={image_size}",
+                                "objective.dino_out_dim=32", "objective.decoder_dim=32", "objective.decoder_depth=1"])
+    return ObjectiveSettings.from_config(config)
+
+
 def build(weights):
     torch.manual_seed(0)
     backbone = timm.create_model("hybrid_nano", num_classes=0, img_size=32, drop_path_rate=0.1)
-    settings = ObjectiveSettings(*weights, image_size=32, dino_out_dim=32, decoder_dim=32, decoder_depth=1)
-    return PretrainModel(backbone, settings)
+    return PretrainModel(backbone, small_settings(weights, 32))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -56,8 +64,7 @@ def test_weight_zero_objective_is_not_built():
 def test_joint_student_sees_only_visible_tokens_and_teacher_full_views():
     torch.manual_seed(0)
     backbone = timm.create_model("hybrid_nano", num_classes=0, img_size=64)
-    model = PretrainModel(backbone, ObjectiveSettings(1.0, 1.0, 0.0, image_size=64, dino_out_dim=32,
-                                                      decoder_dim=32, decoder_depth=1))
+    model = PretrainModel(backbone, small_settings((1.0, 1.0, 0.0), 64))
     seen = {}
     masked, full = model.backbone.forward_masked, model.teacher.backbone.forward_features
     model.backbone.forward_masked = lambda x, m: seen.setdefault("student", masked(x, m))
