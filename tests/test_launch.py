@@ -17,7 +17,6 @@ EXPECTED = {
     "1gpu.yaml": (1, 1),
     "8gpu.yaml": (1, 8),
     "multinode_2x8.yaml": (2, 8),
-    "cpu_2proc.yaml": (1, 2),
 }
 
 
@@ -34,8 +33,6 @@ def test_config_parses_and_process_arithmetic_holds(name):
     assert 0 <= config.machine_rank < config.num_machines
     if config.num_machines > 1:
         assert config.main_process_ip and config.main_process_port
-    if name.startswith("cpu"):
-        assert config.use_cpu and config.distributed_type.value == "MULTI_CPU"
 
 
 def slurm_dry_run(nodes: int, gpus: int, *args: str) -> list[str]:
@@ -73,3 +70,30 @@ def test_slurm_outside_allocation_fails_clearly():
 @pytest.mark.parametrize("script", ["torchrun.sh", "slurm.sbatch"])
 def test_shell_scripts_are_valid_bash(script):
     assert subprocess.run(["bash", "-n", str(LAUNCH / script)]).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_cpu_pretraining_through_launch_torchrun(tmp_path):
+    """launch/torchrun.sh 2 RECIPE: two gloo processes train; both write their rank state, one exports.
+    (On CPU, `accelerate launch` starts a single process unless MPI is set up, so torchrun is the CPU path.)"""
+    import json
+    import shutil
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    overrides = ["name=two", f"train.output_dir={tmp_path}", "model.name=hybrid_nano", "data.image_size=32",
+                 "data.local_image_size=16", "data.num_workers=0", "train.steps=2", "train.batch_size=8",
+                 "train.checkpoint_every=0", "train.knn_every=0", "data.val="]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    result = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "2", "recipes/quickstart.yaml", *overrides],
+                            capture_output=True, text=True, env=env, cwd=LAUNCH.parent, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes on cpu" in result.stderr
+    run = tmp_path / "two"
+    checkpoint = run / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in checkpoint.glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
+    assert (run / "backbone.safetensors").exists()
+    assert json.loads((run / "backbone.json").read_text())["model_name"] == "hybrid_nano"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps and max(steps) == 2 and len(steps) == len(set(steps))  # one writer, no duplicate lines
