@@ -1,0 +1,26 @@
+"""Run under torchrun: the real trainer on 2 processes; each rank records the sample keys it trained on."""
+
+import json
+import sys
+
+from ssl_hybrid.config import load_config
+from ssl_hybrid.train import loop
+
+out_dir, overrides = sys.argv[1], sys.argv[2:]
+seen = []
+real_to_device = loop.to_device
+
+
+def recording_to_device(batch, device):
+    seen.extend(batch["key"])
+    return real_to_device(batch, device)
+
+
+loop.to_device = recording_to_device
+config = load_config(None, overrides)
+summary = loop.pretrain(config)
+import os  # noqa: E402
+
+rank = int(os.environ["RANK"])
+with open(f"{out_dir}/keys_rank{rank}.json", "w") as handle:
+    json.dump({"keys": seen, "summary": summary}, handle)
