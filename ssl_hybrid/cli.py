@@ -37,6 +37,15 @@ def _add_out_arg(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--out", metavar="FILE.json", default=None, help=f"also write {what} to this JSON file")
 
 
+def _write_out(args: argparse.Namespace, result: dict) -> None:
+    """Write a command's result to --out (atomically), when given."""
+    from ssl_hybrid.runs import write_json_atomic
+
+    if args.out:
+        write_json_atomic(args.out, result)
+        log.info("wrote %s", args.out)
+
+
 # --------------------------------------------------------------------------------------------
 # config: show the resolved configuration (validates recipes without starting anything)
 # --------------------------------------------------------------------------------------------
@@ -104,12 +113,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     import json
 
-    from ssl_hybrid.runs import write_json_atomic
-
     result = importlib.import_module(args.bench_module).run_benchmark(args)
-    if args.out:
-        write_json_atomic(args.out, result)
-        log.info("wrote %s", args.out)
+    _write_out(args, result)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -289,12 +294,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     import json
 
     from ssl_hybrid.config import load_config
-    from ssl_hybrid.runs import write_json_atomic
     from ssl_hybrid.train.loop import pretrain
 
     summary = pretrain(load_config(args.config, args.overrides))
-    if args.out:
-        write_json_atomic(args.out, summary)
+    _write_out(args, summary)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -368,11 +371,9 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 def _run_quickstart(args: argparse.Namespace) -> int:
     from ssl_hybrid.quickstart import quickstart
-    from ssl_hybrid.runs import write_json_atomic
 
     report = quickstart(args.minutes, args.output_dir, args.fresh, args.overrides)
-    if args.out:
-        write_json_atomic(args.out, report)
+    _write_out(args, report)
     print(report["table"], end="")
     print(f"\nreport: {report['markdown']}\nplot:   {report['plot']}")
     for entry in report["entries"]:
