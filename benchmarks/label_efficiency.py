@@ -11,7 +11,7 @@ The lr schedules are defined in steps, so each method first measures its CPU sec
 difference of a 2-step and a 6-step run, which cancels set-up costs; not counted in the budget); it then
 trains for the steps that fit in the budget. Writes JSON + markdown (+ the report's plot and grids).
 
-    python benchmarks/label_efficiency.py --data ../shared/datasets/flowers12 --minutes 5 \
+    python benchmarks/label_efficiency.py --data ../shared/datasets/flowers12 --minutes 4 \
         --out-dir benchmarks/results/label_efficiency
 """
 
@@ -120,7 +120,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "datasets" / "flowers12",
                         help="labeled folder with train/ and test/ class sub-folders")
-    parser.add_argument("--minutes", type=float, default=4.0, help="pretraining budget per method")
+    parser.add_argument("--minutes", type=float, default=4.0, help="pretraining budget per method, in CPU-minutes")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=64)
