@@ -242,21 +242,25 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    from ssl_hybrid.eval.finetune import FinetuneSettings
+
+    tuned = FinetuneSettings()  # the defaults live there, each with its reason
     parser = sub.add_parser(
         "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
         description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
                     "split of --train. Runs under 'accelerate launch' for several GPUs.")
     _eval_data_args(parser, cache=False)
-    parser.set_defaults(batch_size=32)  # training batches: few-label sets hold a few hundred images
+    parser.set_defaults(batch_size=tuned.batch_size)  # training batches: few-label sets hold a few hundred images
     parser.add_argument("--shots", type=int, default=0, help="fine-tune on a seeded k-per-class subset; 0 = all of --train")
-    parser.add_argument("--epochs", type=int, default=30, help="maximum epochs")
-    parser.add_argument("--patience", type=int, default=5, help="early stopping: epochs without a better val accuracy")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr of the head")
-    parser.add_argument("--layer-decay", type=float, default=0.75, help="layer-wise lr decay (1 = off)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay")
-    parser.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out for early stopping")
-    parser.add_argument("--seed", type=int, default=0, help="seed of subsets, splits, init and order")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="Accelerate AMP")
+    parser.add_argument("--epochs", type=int, default=tuned.epochs, help="maximum epochs")
+    parser.add_argument("--patience", type=int, default=tuned.patience, help="early stopping: epochs without a better val accuracy")
+    parser.add_argument("--lr", type=float, default=tuned.lr, help="AdamW peak lr of the head")
+    parser.add_argument("--layer-decay", type=float, default=tuned.layer_decay, help="layer-wise lr decay (1 = off)")
+    parser.add_argument("--weight-decay", type=float, default=tuned.weight_decay, help="AdamW weight decay")
+    parser.add_argument("--val-fraction", type=float, default=tuned.val_fraction, help="share of each class held out for early stopping")
+    parser.add_argument("--seed", type=int, default=tuned.seed, help="seed of subsets, splits, init and order")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=tuned.mixed_precision,
+                        help="Accelerate AMP")
     _add_out_arg(parser, "the result")
     parser.set_defaults(handler=_eval_handler("run_finetune"))
 
