@@ -239,11 +239,11 @@ def _parse_overrides(overrides: list[str]) -> list[str]:
     return parsed
 
 
-def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- recipe YAML <- key=value overrides; validated. Raises ConfigError on any problem."""
-    cfg = OmegaConf.structured(Config)
+def load_layered(schema: Any, recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Any:
+    """Strict layering for any dataclass schema: defaults <- recipe YAML <- key=value overrides.
+    ``schema`` is a dataclass type or an already-built structured DictConfig. Returns the dataclass object."""
+    cfg = schema if isinstance(schema, DictConfig) else OmegaConf.structured(schema)
     OmegaConf.set_struct(cfg, True)
-    OmegaConf.set_struct(cfg.model.arch, False)  # free-form factory kwargs; the model factory checks them
     if recipe:
         path = Path(recipe)
         cfg = _merge(cfg, _read_recipe(path), str(path))
@@ -253,7 +253,15 @@ def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[st
         except OmegaConfBaseException as err:
             raise ConfigError(f"command line: cannot parse override '{item}': {_error_text(err)}") from None
         cfg = _merge(cfg, dotlist, f"command line ({item})")
-    config = OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- recipe YAML <- key=value overrides; validated. Raises ConfigError on any problem."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    OmegaConf.set_struct(cfg.model.arch, False)  # free-form factory kwargs; the model factory checks them
+    config = load_layered(cfg, recipe, overrides)
     validate(config, source=str(recipe) if recipe else "defaults")
     return config
 

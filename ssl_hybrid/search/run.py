@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from omegaconf import OmegaConf
 
 from ssl_hybrid.errors import ConfigError, UserError
 from ssl_hybrid.runs import write_json_atomic
@@ -88,15 +87,9 @@ class SearchConfig:
 
 def load_search_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> SearchConfig:
     """Defaults <- YAML <- key=value, strictly typed like the pretraining config (unknown keys raise)."""
-    from ssl_hybrid.config import _merge, _parse_overrides, _read_recipe
+    from ssl_hybrid.config import load_layered
 
-    cfg = OmegaConf.structured(SearchConfig)
-    OmegaConf.set_struct(cfg, True)
-    if path:
-        cfg = _merge(cfg, _read_recipe(Path(path)), str(path))
-    for item in _parse_overrides(overrides or []):
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"command line ({item})")
-    config = OmegaConf.to_object(cfg)
+    config = load_layered(SearchConfig, path, overrides)
     config.check()
     return config
 
