@@ -14,7 +14,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +40,10 @@ def evaluate(run: Path, data: Path, image_size: int) -> dict:
     classes = len(train.classes)
     knn = knn_evaluate(f_train, y_train, f_test, y_test, num_classes=classes)
     shots = [k for k in (1, 10) if k <= np.bincount(y_train).min()]  # as the report does: k <= smallest class
-    shots = fewshot_evaluate(f_train, y_train, f_test, y_test, shots=shots, seeds=5, methods=("linear",),
-                             train_set=train, split_dir=None, num_classes=classes)
+    fewshot = fewshot_evaluate(f_train, y_train, f_test, y_test, shots=shots, seeds=5, methods=("linear",),
+                               train_set=train, split_dir=None, num_classes=classes)
     return {"knn": round(100 * knn["top1"], 1),
-            **{f"{r['shots']}shot": round(100 * r["mean"], 1) for r in shots["results"]}}
+            **{f"{r['shots']}shot": round(100 * r["mean"], 1) for r in fewshot["results"]}}
 
 
 def main() -> int:

@@ -10,9 +10,13 @@ shift
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/runs/quickstart_probe
 mkdir -p "$out"
+rm -rf "${out:?}/$name"  # a run directory left from an earlier probe would be resumed, not retrained
 cd "$root"
-OMP_NUM_THREADS=1 ssl-hybrid pretrain -c recipes/quickstart.yaml "name=$name" "train.output_dir=$out" \
-    data.num_workers=1 "$@" > "$out/$name.log" 2>&1
+if ! OMP_NUM_THREADS=1 ssl-hybrid pretrain -c recipes/quickstart.yaml "name=$name" "train.output_dir=$out" \
+    data.num_workers=1 "$@" > "$out/$name.log" 2>&1; then
+    tail -n 5 "$out/$name.log" >&2
+    exit 1
+fi
 python - "$out" "$name" "$*" <<'PY'
 import json, sys
 out, name, overrides = sys.argv[1:]
