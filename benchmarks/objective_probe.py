@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -28,22 +27,19 @@ from ssl_hybrid.runs import read_metrics  # noqa: E402
 
 
 def evaluate(run: Path, data: Path, image_size: int) -> dict:
+    """k-NN top-1 and 1/10-shot linear probes, through the report's per-backbone evaluation."""
     from ssl_hybrid.data.labeled import align_classes, load_labeled
     from ssl_hybrid.eval.features import features_for_spec
-    from ssl_hybrid.eval.fewshot import fewshot_evaluate
-    from ssl_hybrid.eval.knn import knn_evaluate
+    from ssl_hybrid.eval.report import evaluate_backbone
 
     train = load_labeled(data / "train")
     test = align_classes(train, load_labeled(data / "test"))
-    _, ((f_train, y_train), (f_test, y_test)) = features_for_spec(str(run), [train, test], image_size=image_size,
-                                                                  batch_size=64)
-    classes = len(train.classes)
-    knn = knn_evaluate(f_train, y_train, f_test, y_test, num_classes=classes)
-    shots = [k for k in (1, 10) if k <= np.bincount(y_train).min()]  # as the report does: k <= smallest class
-    fewshot = fewshot_evaluate(f_train, y_train, f_test, y_test, shots=shots, seeds=5, methods=("linear",),
-                               train_set=train, split_dir=None, num_classes=classes)
-    return {"knn": round(100 * knn["top1"], 1),
-            **{f"{r['shots']}shot": round(100 * r["mean"], 1) for r in fewshot["results"]}}
+    meta, (train_features, test_features) = features_for_spec(str(run), [train, test], image_size=image_size,
+                                                              batch_size=64)
+    entry = evaluate_backbone(str(run), meta, train_features, test_features, shots=(1, 10), seeds=5,
+                              methods=("linear",), train_set=train, split_dir=None, num_classes=len(train.classes))
+    return {"knn": round(100 * entry["knn"]["top1"], 1),
+            **{f"{r['shots']}shot": round(100 * r["mean"], 1) for r in entry["fewshot"]}}
 
 
 def main() -> int:
