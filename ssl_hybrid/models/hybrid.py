@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -45,6 +45,16 @@ log = logging.getLogger(__name__)
 
 PATCH_SIZE = 16
 GLOBAL_POOLS = ("token_avg", "token", "avg", "")
+
+
+@torch.fx.wrap
+@register_notrace_function  # reason: checks the input size (FX would see a Proxy in the control flow)
+def token_grid(x: torch.Tensor) -> tuple[int, int]:
+    """``(H/16, W/16)`` of an image batch ``[B, C, H, W]``; ValueError unless H and W are multiples of 16."""
+    H, W = x.shape[-2:]
+    if H % PATCH_SIZE or W % PATCH_SIZE:
+        raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
+    return H // PATCH_SIZE, W // PATCH_SIZE
 
 
 def patchify_nhwc(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -275,18 +285,10 @@ class HybridViT(nn.Module):
             self.token_select_blocks = tuple(blocks)
 
     # ---------------------------------------------------------------- stages
-    def _grid_of(self, x: torch.Tensor) -> tuple[int, int]:
-        H, W = x.shape[-2:]
-        if H % PATCH_SIZE or W % PATCH_SIZE:
-            raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
-        return H // PATCH_SIZE, W // PATCH_SIZE
-
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default."""
-        if grid == self.patch_grid:
-            return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.patch_grid),
-                                      num_prefix_tokens=0)
+        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default (timm's
+        resampler returns it unchanged otherwise, and is a leaf for FX tracing)."""
+        return resample_abs_pos_embed(self.pos_embed, new_size=grid, old_size=self.patch_grid, num_prefix_tokens=0)
 
     def _run(self, module: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -354,7 +356,7 @@ class HybridViT(nn.Module):
     def _encode(self, x: torch.Tensor, mask: Optional[torch.Tensor], select: bool):
         """Shared body of forward_features / forward_masked; returns pre-norm tokens, fusion, layout, maps."""
         B = x.shape[0]
-        grid = self._grid_of(x)
+        grid = token_grid(x)
         ids_keep = None
         if mask is not None:
             check_mask(mask, B, *grid)
@@ -380,10 +382,17 @@ class HybridViT(nn.Module):
         the patch tokens each image kept. Without selection N = H*W/256 and the mask is None.
         """
         select = self.token_select.enabled
+        tracing = isinstance(x, torch.fx.Proxy)
+        if select and tracing:
+            raise torch.fx.proxy.TraceError(
+                "token selection keeps a data-dependent number of tokens, which FX cannot trace; trace the "
+                "model with model.set_token_selection(1.0) (same weights), then switch it back on")
         tokens, fusion, layout, kept, _ = self._encode(x, None, select)
         out = self.norm(self._add_fusion(tokens, fusion))
         if layout.valid is not None:
             out = out * layout.valid[..., None].to(out.dtype)
+        if tracing:  # a graph has no side channel: keep the last eager statistics, not Proxies
+            return out
         self.last_token_mask = layout.valid
         self.last_tokens_kept = kept if kept is not None else torch.full(
             (x.shape[0],), layout.pos.shape[1] - 1, dtype=torch.long, device=x.device)
@@ -458,7 +467,7 @@ class HybridViT(nn.Module):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         B = x.shape[0]
-        grid = self._grid_of(x)
+        grid = token_grid(x)
         s4, s8 = self.forward_conv(x)
         maps = {0: s4, 1: s8}
         intermediates = [self._format_map(maps[i], output_fmt) for i in take_indices if i < 2]
