@@ -56,7 +56,8 @@ def mode_cases() -> dict[str, tuple[bytes, str, list[tuple[int, ...]], int]]:
 
     rgb = quadrants()
     gray = [(76,) * 3, (150,) * 3, (29,) * 3, WHITE]  # ITU-R 601 luma of red, green, blue, white
-    deep = Image.fromarray(np.kron(np.array([[0x1234, 0x8000], [0xFF00, 0xFFFF]], np.uint16), np.ones((16, 16), np.uint16)))
+    levels = np.array([[0x1234, 0x8000], [0xFF00, 0xFFFF]], np.uint16)
+    deep = Image.fromarray(np.kron(levels, np.ones((16, 16), np.uint16)))  # 16-bit grayscale quadrants
     rgba = np.array(rgb.convert("RGBA"))
     rgba[:16, :16, 3] = 0  # transparent top-left (its hidden colour is red)
     rgba[:16, 16:, 3] = 128  # half-transparent green
@@ -71,7 +72,8 @@ def mode_cases() -> dict[str, tuple[bytes, str, list[tuple[int, ...]], int]]:
         "palette.png": (encoded(rgb.quantize(4), "PNG"), "png", [RED, GREEN, BLUE, WHITE], 0),
         "palette_alpha.png": (encoded(palette, "PNG"), "png", [WHITE, (127, 255, 127), BLUE, WHITE], 1),
         "rgba.png": (encoded(Image.fromarray(rgba), "PNG"), "png", [WHITE, (127, 255, 127), BLUE, WHITE], 1),
-        "gray_alpha.png": (encoded(Image.fromarray(gray_alpha, "LA"), "PNG"), "png", [gray[0], gray[1], WHITE, WHITE], 1),
+        "gray_alpha.png": (encoded(Image.fromarray(gray_alpha, "LA"), "PNG"), "png",
+                           [gray[0], gray[1], WHITE, WHITE], 1),
         # EXIF orientation 6: shown rotated 90 degrees clockwise, so the stored top-left lands top-right
         "exif6.jpg": (with_exif_orientation(rgb, 6, "JPEG"), "jpg", [BLUE, RED, WHITE, GREEN], 12),
         "exif8.jpg": (with_exif_orientation(rgb, 8, "JPEG"), "jpg", [GREEN, WHITE, RED, BLUE], 12),
