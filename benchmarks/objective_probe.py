@@ -34,12 +34,17 @@ def evaluate(run: Path, data: Path, image_size: int) -> dict:
 
     train = load_labeled(data / "train")
     test = align_classes(train, load_labeled(data / "test"))
-    meta, (train_features, test_features) = features_for_spec(str(run), [train, test], image_size=image_size,
-                                                              batch_size=64)
-    entry = evaluate_backbone(str(run), meta, train_features, test_features, shots=(1, 10), seeds=5,
-                              methods=("linear",), train_set=train, split_dir=None, num_classes=len(train.classes))
-    return {"knn": round(100 * entry["knn"]["top1"], 1),
-            **{f"{r['shots']}shot": round(100 * r["mean"], 1) for r in entry["fewshot"]}}
+    result = {}
+    for pooling in ("default", "multiscale"):
+        meta, (train_features, test_features) = features_for_spec(str(run), [train, test], image_size=image_size,
+                                                                  batch_size=64, pooling=pooling)
+        entry = evaluate_backbone(str(run), meta, train_features, test_features, shots=(1, 10), seeds=5,
+                                  methods=("linear",), train_set=train, split_dir=None,
+                                  num_classes=len(train.classes))
+        suffix = "" if pooling == "default" else "_ms"
+        result.update({f"knn{suffix}": round(100 * entry["knn"]["top1"], 1),
+                       **{f"{r['shots']}shot{suffix}": round(100 * r["mean"], 1) for r in entry["fewshot"]}})
+    return result
 
 
 def main() -> int:

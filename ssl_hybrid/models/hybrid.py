@@ -415,6 +415,14 @@ class HybridViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-scale pooled embedding ``[B, C4 + C8 + 2D]``: GAP of the stride-4/8 maps, class token and
+        patch mean, each L2-normalized, concatenated (no token selection: every position counts)."""
+        tokens, fusion, _, _, (s4, s8) = self._encode(x, None, select=False)
+        out = self.norm(self._add_fusion(tokens, fusion))  # [B, 1+N, D]
+        parts = [s4.mean(dim=(1, 2)), s8.mean(dim=(1, 2)), out[:, 0], out[:, 1:].mean(dim=1)]
+        return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+
     def forward_masked(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         """Masked-image-modeling encoder pass; ``mask [B, H/16, W/16]`` bool, True = hidden.
 
