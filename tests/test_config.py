@@ -17,7 +17,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_validate_and_every_field_has_a_reason():
     config = cfg.load_config()
-    assert config.model.name == "hybrid_tiny"
+    assert config.model.name == "resvit_tiny"
     assert config.train.output_dir == "runs"
     rows = cfg.describe_fields()
     missing = [key for key, _, reason in rows if not reason]
