@@ -33,14 +33,14 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from ssl_hybrid.models.hybrid import GLOBAL_POOLS, PATCH_SIZE, _BUILDER_KWARGS, _cfg, checkpoint_filter_fn
+from ssl_hybrid.models.contract import PATCH_SIZE, TokenBackboneMixin, check_global_pool
+from ssl_hybrid.models.hybrid import _BUILDER_KWARGS, _cfg, checkpoint_filter_fn
 from ssl_hybrid.models.masking import check_mask, visible_indices
 
 
@@ -109,7 +109,7 @@ def keep_map(mask: torch.Tensor, stride: int, dtype: torch.dtype) -> torch.Tenso
     return keep.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3) if factor > 1 else keep
 
 
-class ResViT(nn.Module):
+class ResViT(TokenBackboneMixin, nn.Module):
     """ResNet basic-block stages at strides 4/8/16 + ViT blocks on the stride-16 tokens. See the module docstring."""
 
     def __init__(
@@ -135,8 +135,7 @@ class ResViT(nn.Module):
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % PATCH_SIZE or img_size[1] % PATCH_SIZE:
             raise ValueError(f"img_size {img_size} must be a multiple of {PATCH_SIZE}")
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        check_global_pool(global_pool)
         if len(conv_dims) != 3 or len(conv_depths) != 3:
             raise ValueError(f"conv_dims and conv_depths need 3 stages (strides 4/8/16), got {conv_dims}, {conv_depths}")
         self.num_classes = num_classes
@@ -193,10 +192,6 @@ class ResViT(nn.Module):
                 block.zero_init_last()
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise lr decay: stem, each conv stage, tokens, each ViT block, then the rest."""
         # timm orders groups by (key ordinal in this dict, regex groups, suffix)
@@ -206,39 +201,6 @@ class ResViT(nn.Module):
             tokens=r"^cls_token|^pos_embed|^patch_embed",
             blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^fuse|^norm", (99999,))],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _run(self, module: nn.Module, *args):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
-
-    def _grid_of(self, x: torch.Tensor) -> tuple[int, int]:
-        H, W = x.shape[-2:]
-        if H % PATCH_SIZE or W % PATCH_SIZE:
-            raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
-        return H // PATCH_SIZE, W // PATCH_SIZE
-
-    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        if grid == self.patch_grid:
-            return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.patch_grid),
-                                      num_prefix_tokens=0)
 
     # ---------------------------------------------------------------- stages
     def forward_conv(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
