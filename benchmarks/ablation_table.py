@@ -23,19 +23,31 @@ ROWS = {
 }
 
 
+def loss_cell(run: dict) -> str:
+    losses = run.get("last_losses", {})
+    terms = ", ".join(f"{k} {v:.2f}" for k, v in losses.items() if k != "embedding_std")
+    cell = f"{terms} ({losses['embedding_std']:.2f})" if "embedding_std" in losses else terms
+    if "dino" in losses:
+        below = run.get("dino_below_uniform_step")
+        cell += f"; below ln K from step {below}" if below is not None else "; never below ln K"
+    return cell
+
+
 def dataset_table(result: dict) -> list[str]:
     shots = [key for key in next(iter(result["results"].values()))["multiscale"] if key.startswith("linear_")]
     cols = ["knn_top1", *shots]
-    head = ["lever off", "run", "steps", *(f"{c} multiscale" for c in cols), *(f"{c} default pooling" for c in cols)]
+    head = ["lever off", "run", "steps", "last loss (embedding std)",
+            *(f"{c} multiscale" for c in cols), *(f"{c} default pooling" for c in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, run in result["pretraining"].items():
         lever, what = ROWS.get(run["method"], (run["method"], run["method"]))
         cells = [f"{result['results'][key][p][c]:.1f}" for p in ("multiscale", "default") for c in cols]
-        lines.append("| " + " | ".join([lever, what, str(run["step"]), *cells]) + " |")
+        lines.append("| " + " | ".join([lever, what, str(run["step"]), loss_cell(run), *cells]) + " |")
     for key, row in result["results"].items():
         if key.startswith("random_"):
             cells = [f"{row[p][c]:.1f}" for p in ("multiscale", "default") for c in cols]
-            lines.append("| " + " | ".join(["pretraining", key.replace("random_", "") + " random init", "0", *cells]) + " |")
+            lines.append("| " + " | ".join(["pretraining", key.replace("random_", "") + " random init", "0", "–",
+                                            *cells]) + " |")
     return lines
 
 

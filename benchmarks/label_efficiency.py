@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import platform
 import shutil
@@ -30,7 +31,7 @@ import torch
 
 from ssl_hybrid.config import REPO_ROOT, load_config, run_dir
 from ssl_hybrid.logs import setup_logging
-from ssl_hybrid.runs import write_json_atomic
+from ssl_hybrid.runs import read_metrics, write_json_atomic
 
 log = logging.getLogger("label_efficiency")
 
@@ -42,7 +43,9 @@ COMMON = ["data.num_workers=0", "train.checkpoint_every=0", "train.knn_every=0",
 # Training for SimCLR-style objectives: two views, NT-Xent with a batch-norm projection head (lightly).
 SIMCLR = ["data.views=simclr", "objective.mim_weight=0.0", "objective.dino_weight=0.0", "objective.simclr_weight=1.0",
           "model.drop_path_rate=0.0"]
-DINO_FAST = ["data.views=dino", "objective.dino_out_dim=256", "objective.momentum_teacher=0.99"]
+# DINO that leaves the uniform solution within a short run: few prototypes, a fast teacher, a short warm-up.
+DINO_FAST = ["data.views=dino", "objective.dino_out_dim=256", "objective.momentum_teacher=0.99",
+             "objective.warmup_teacher_temp_steps=10"]
 
 # method -> (display name, config overrides). The lr comes from the grid (--lrs), the same for every method.
 # "ours" is the project's default design and small-budget recipe (model.name's default, recipes/quickstart.yaml);
@@ -128,8 +131,21 @@ def pretrain_job(method: str, lr: float, cpu_per_step: float, args: argparse.Nam
     wall = time.perf_counter()
     summary, cpu = run_steps(method, args, steps, run_name(method, lr), lr)
     summary.update(method=method, lr=lr, cpu_seconds=cpu, wall_seconds=time.perf_counter() - wall,
-                   planned_steps=steps, cpu_seconds_per_step=cpu_per_step)
+                   planned_steps=steps, cpu_seconds_per_step=cpu_per_step, **loss_trace(Path(summary["run_dir"])))
     return summary
+
+
+def loss_trace(directory: Path) -> dict:
+    """Last logged loss terms and embedding spread; for DINO the first step its loss fell below ln(K), the
+    uniform solution (None = never)."""
+    rows = [r for r in read_metrics(directory) if "loss" in r]
+    last = {k: round(v, 4) for k, v in rows[-1].items() if k in ("mim", "dino", "simclr", "embedding_std")} if rows else {}
+    config = load_config(directory / "config.yaml") if (directory / "config.yaml").exists() else None
+    below = None
+    if config is not None and config.objective.dino_weight > 0:
+        uniform = math.log(config.objective.dino_out_dim)
+        below = next((r["step"] for r in rows if r.get("dino", uniform) < uniform), None)
+    return {"last_losses": last, "dino_below_uniform_step": below}
 
 
 def run_parallel(function, jobs: list[tuple], args: argparse.Namespace) -> list:
