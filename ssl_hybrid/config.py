@@ -52,6 +52,10 @@ class DataConfig:
     num_local_views: int = 0
     # Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one light crop).
     views: str = "dino"
+    # SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small images and corpora want more
+    # context per view) and the Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns blur off).
+    simclr_min_scale: float = 0.08
+    simclr_blur: float = 0.5
     # Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few MB of memory.
     shuffle_buffer: int = 1000
     # Infinite resampled shards for training, so every rank gets the same number of batches.
@@ -313,6 +317,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
          "must be a positive multiple of 16 (the patch grid stride)")
     need(config.data.local_image_size > 0, "data.local_image_size", "must be > 0")
     need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
+    need(0.0 < config.data.simclr_min_scale <= 1.0, "data.simclr_min_scale", "must be in (0, 1]")
+    need(0.0 <= config.data.simclr_blur <= 1.0, "data.simclr_blur", "must be in [0, 1]")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     need(0.0 <= config.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
     need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")

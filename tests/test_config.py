@@ -77,6 +77,10 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("data.image_size=100", "data.image_size"),
     ("model.attn_mode=dense", "model.attn_mode"),
     ("train.steps=0", "train.steps"),
+    ("data.simclr_min_scale=0", "data.simclr_min_scale"),
+    ("data.simclr_blur=1.5", "data.simclr_blur"),
+    ("optim.transformer_lr_scale=0", "optim.transformer_lr_scale"),
+    ("eval.pooling=max", "eval.pooling"),
 ])
 def test_bad_overrides_name_key(override, key):
     with pytest.raises(ConfigError) as err:
