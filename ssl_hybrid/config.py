@@ -111,6 +111,9 @@ class ObjectiveConfig:
     simclr_temperature: float = 0.1
     # SimCLR projection output dimension (SimCLR paper: 128).
     simclr_out_dim: int = 128
+    # What the SimCLR head sees: default (the backbone's pooled feature) or multiscale (every conv stage pooled,
+    # + class token + patch mean: the conv stages get the loss's gradient directly). SimCLR only.
+    embedding: str = "default"
 
 
 @dataclass
@@ -287,6 +290,7 @@ _CHOICES = {
     "model.attn_mode": ("global", "window", "topk"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.pooling": ("multiscale", "default"),
+    "objective.embedding": ("default", "multiscale"),
 }
 
 
@@ -332,6 +336,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(objective.mim_weight + objective.dino_weight + objective.simclr_weight > 0, "objective.mim_weight",
          "at least one objective weight (mim, dino, simclr) must be > 0")
     need(0.0 <= objective.mask_ratio < 1.0, "objective.mask_ratio", "must be in [0, 1)")
+    need(objective.embedding == "default" or objective.mim_weight == objective.dino_weight == 0,
+         "objective.embedding", "multiscale is for SimCLR only (set objective.mim_weight=0 and dino_weight=0)")
     for key in ("objective.decoder_depth", "objective.decoder_dim", "objective.dino_out_dim",
                 "objective.simclr_out_dim"):
         need(_get(config, key) > 0, key, "must be > 0")

@@ -175,6 +175,7 @@ class HybridViT(nn.Module):
         self.img_size = img_size
         self.patch_grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
         self.num_prefix_tokens = 1
+        self.num_multiscale_features = c4 + c8 + 2 * embed_dim  # forward_multiscale's width
         self.attn_mode = attn_mode
         self.window_size = window_size
         self.grad_checkpointing = False

@@ -148,6 +148,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
         self.depth = depth
         self.grad_checkpointing = False
         self.fuse_stages = fuse_stages
+        self.num_multiscale_features = sum(conv_dims) + 2 * embed_dim  # forward_multiscale's width
 
         self.stem_conv = nn.Conv2d(in_chans, stem_dim, 7, stride=2, padding=3, bias=False)
         self.stem_bn = MaskedBatchNorm2d(stem_dim)
