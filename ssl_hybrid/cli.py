@@ -173,6 +173,8 @@ _BACKBONE_HELP = ("run directory, backbone.safetensors, timm:<name> or random:<n
 
 
 def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cache: bool = True) -> None:
+    from ssl_hybrid.config import EvalConfig
+
     if backbone:
         parser.add_argument("backbone", metavar="BACKBONE", help=_BACKBONE_HELP)
     parser.add_argument("--train", default=None, help="labeled training set: image folder with class sub-folders, "
@@ -182,6 +184,9 @@ def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cach
                         help="evaluation size (resize + center crop); 0 = backbone.json's image_size, 224 for timm:/random:")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--pooling", choices=("multiscale", "default"), default=EvalConfig.pooling,
+                        help="multiscale: every conv stage's average + class token + patch mean, each L2-normalized "
+                             "(backbones with a pyramid: ours, timm CNNs); default: the model's own pooled feature")
     if cache:
         parser.add_argument("--cache-dir", default=None,
                             help="feature cache directory; default $SSL_HYBRID_CACHE/features or ~/.cache/ssl_hybrid/features")
@@ -352,9 +357,9 @@ def _run_search(args: argparse.Namespace) -> int:
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "quickstart", formatter_class=_HelpFormatter,
-        help="pretrain hybrid_tiny on the embedded corpus, compare with random init, write a report",
+        help="pretrain resvit_tiny on the embedded corpus, compare with random init, write a report",
         description="The whole pipeline on the embedded corpus (data/pets37), no download, CPU or GPU:\n"
-                    "pretrain hybrid_tiny (joint MIM + DINO, recipes/quickstart.yaml) for --minutes, then\n"
+                    "pretrain resvit_tiny (SimCLR, recipes/quickstart.yaml) for --minutes, then\n"
                     "k-NN and 1/5-shot linear probes of the pretrained and a randomly initialized backbone.\n"
                     "Writes <output-dir>/quickstart/: report.md, report.json, label_efficiency.png,\n"
                     "retrieval_*.png, plus the usual run files. Re-running resumes; --fresh starts over.")

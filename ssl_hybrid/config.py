@@ -52,6 +52,10 @@ class DataConfig:
     num_local_views: int = 0
     # Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one light crop).
     views: str = "dino"
+    # SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small images and corpora want more
+    # context per view) and the Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns blur off).
+    simclr_min_scale: float = 0.08
+    simclr_blur: float = 0.5
     # Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few MB of memory.
     shuffle_buffer: int = 1000
     # Infinite resampled shards for training, so every rank gets the same number of batches.
@@ -64,8 +68,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # Any timm model name; hybrid_* are registered by ``import ssl_hybrid``.
-    name: str = "hybrid_tiny"
+    # Any timm model name; resvit_* and hybrid_* are registered by ``import ssl_hybrid``. resvit_tiny (batch-normed
+    # conv stages + 4 ViT blocks) learns fastest of ours at small budgets (benchmarks/results/label_efficiency).
+    name: str = "resvit_tiny"
     # Stochastic depth; 0.1 is the ViT-S/DINO setting and harmless for small models.
     drop_path_rate: float = 0.1
     # Attention in the transformer stages: global | window | topk (sparse options trade accuracy for speed).
@@ -106,6 +111,9 @@ class ObjectiveConfig:
     simclr_temperature: float = 0.1
     # SimCLR projection output dimension (SimCLR paper: 128).
     simclr_out_dim: int = 128
+    # What the SimCLR head sees: default (the backbone's pooled feature) or multiscale (every conv stage pooled,
+    # + class token + patch mean: the conv stages get the loss's gradient directly). SimCLR only.
+    embedding: str = "default"
 
 
 @dataclass
@@ -126,6 +134,9 @@ class OptimConfig:
     clip_grad: float = 3.0
     # Layer-wise lr decay for fine-tuning (BEiT/MAE); 1.0 = off. Pretraining ignores it.
     layer_decay: float = 1.0
+    # lr multiplier for the backbone's transformer part (ViT blocks, class token, position table); 1.0 = one lr.
+    # At CPU budgets ViT blocks collapse at an lr the batch-normed conv stages learn fast with.
+    transformer_lr_scale: float = 1.0
 
 
 @dataclass
@@ -165,6 +176,10 @@ class EvalConfig:
     batch_size: int = 128
     # Evaluation image size; 0 = the size the backbone was pretrained at.
     image_size: int = 0
+    # Frozen-feature pooling: multiscale (every conv stage + class token + patch mean, each L2-normalized) uses
+    # the local detail of the early stages that a single pooled vector drops; backbones without a pyramid
+    # (plain ViTs) fall back to default (the model's own pre-logits pooling).
+    pooling: str = "multiscale"
 
 
 @dataclass
@@ -274,6 +289,8 @@ _CHOICES = {
     "data.views": ("dino", "simclr", "mae"),
     "model.attn_mode": ("global", "window", "topk"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "eval.pooling": ("multiscale", "default"),
+    "objective.embedding": ("default", "multiscale"),
 }
 
 
@@ -304,6 +321,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
          "must be a positive multiple of 16 (the patch grid stride)")
     need(config.data.local_image_size > 0, "data.local_image_size", "must be > 0")
     need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
+    need(0.0 < config.data.simclr_min_scale <= 1.0, "data.simclr_min_scale", "must be in (0, 1]")
+    need(0.0 <= config.data.simclr_blur <= 1.0, "data.simclr_blur", "must be in [0, 1]")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     need(0.0 <= config.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
     need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")
@@ -317,6 +336,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(objective.mim_weight + objective.dino_weight + objective.simclr_weight > 0, "objective.mim_weight",
          "at least one objective weight (mim, dino, simclr) must be > 0")
     need(0.0 <= objective.mask_ratio < 1.0, "objective.mask_ratio", "must be in [0, 1)")
+    need(objective.embedding == "default" or objective.mim_weight == objective.dino_weight == 0,
+         "objective.embedding", "multiscale is for SimCLR only (set objective.mim_weight=0 and dino_weight=0)")
     for key in ("objective.decoder_depth", "objective.decoder_dim", "objective.dino_out_dim",
                 "objective.simclr_out_dim"):
         need(_get(config, key) > 0, key, "must be > 0")
@@ -327,6 +348,7 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(0.0 <= objective.momentum_teacher <= 1.0, "objective.momentum_teacher", "must be in [0, 1]")
     optim = config.optim
     need(optim.lr > 0, "optim.lr", "must be > 0")
+    need(optim.transformer_lr_scale > 0, "optim.transformer_lr_scale", "must be > 0")
     need(0 <= optim.min_lr <= optim.lr, "optim.min_lr", "must be in [0, optim.lr]")
     need(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(optim.weight_decay_end >= 0, "optim.weight_decay_end", "must be >= 0")

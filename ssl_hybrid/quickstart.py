@@ -1,6 +1,6 @@
 """`ssl-hybrid quickstart`: the whole pipeline on the embedded corpus in a few minutes, no download.
 
-1. pretrain ``hybrid_tiny`` with the joint MIM + DINO objective on ``data/pets37`` (recipes/quickstart.yaml)
+1. pretrain ``resvit_tiny`` with SimCLR on ``data/pets37`` (recipes/quickstart.yaml)
    under a wall-clock budget (the trainer stops cleanly, checkpoints and exports when it runs out);
 2. split the corpus's labels per class into a bank/train part and a test part (seeded, saved);
 3. evaluate the pretrained backbone and the same architecture at random initialization with the same

@@ -17,7 +17,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_validate_and_every_field_has_a_reason():
     config = cfg.load_config()
-    assert config.model.name == "hybrid_tiny"
+    assert config.model.name == "resvit_tiny"
     assert config.train.output_dir == "runs"
     rows = cfg.describe_fields()
     missing = [key for key, _, reason in rows if not reason]
@@ -77,6 +77,10 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("data.image_size=100", "data.image_size"),
     ("model.attn_mode=dense", "model.attn_mode"),
     ("train.steps=0", "train.steps"),
+    ("data.simclr_min_scale=0", "data.simclr_min_scale"),
+    ("data.simclr_blur=1.5", "data.simclr_blur"),
+    ("optim.transformer_lr_scale=0", "optim.transformer_lr_scale"),
+    ("eval.pooling=max", "eval.pooling"),
 ])
 def test_bad_overrides_name_key(override, key):
     with pytest.raises(ConfigError) as err:

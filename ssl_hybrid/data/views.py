@@ -29,7 +29,8 @@ def _lightly_transform(data_cfg):
                                   n_local_views=data_cfg.num_local_views)
         return transform, 2
     if data_cfg.views == "simclr":
-        return SimCLRTransform(input_size=data_cfg.image_size), 2
+        return SimCLRTransform(input_size=data_cfg.image_size, min_scale=data_cfg.simclr_min_scale,
+                               gaussian_blur=data_cfg.simclr_blur), 2
     if data_cfg.views == "mae":
         return MAETransform(input_size=data_cfg.image_size), 1
     raise ValueError(f"data.views must be one of {', '.join(VIEW_KINDS)}, got {data_cfg.views!r}")

@@ -67,7 +67,7 @@ def features(args: argparse.Namespace, spec: str, train, test):
         raise UserError(f"--image-size must be >= 0 (0 = the backbone's pretraining size), got {args.image_size}")
     meta, ((train_f, train_y), (test_f, test_y)) = features_for_spec(
         spec, [train, test], args.image_size or None, args.batch_size, args.workers, cache_dir(args),
-        progress=sys.stderr.isatty())
+        progress=sys.stderr.isatty(), pooling=args.pooling)
     return meta, train_f, train_y, test_f, test_y
 
 
@@ -192,7 +192,7 @@ def run_report(args: argparse.Namespace) -> int:
     train, test = load_pair(args)
     report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
                           methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
-                          num_workers=args.workers, cache_dir=cache_dir(args))
+                          num_workers=args.workers, cache_dir=cache_dir(args), pooling=args.pooling)
     from ssl_hybrid.runs import write_json_atomic
 
     if not report["entries"]:  # not the main process

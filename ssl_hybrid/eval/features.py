@@ -70,6 +70,51 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     return backbone.forward_head(backbone.forward_features(images), pre_logits=True)  # [B, C]
 
 
+# "multiscale": every stage of the backbone's pyramid pooled and L2-normalized, concatenated (the backbone's
+# own ``forward_multiscale`` where it has one; a timm CNN's stage maps at strides >= 4 otherwise);
+# "default": the model's own pooled pre-logits feature. Backbones without a pyramid (plain ViTs) use "default".
+POOLINGS = ("multiscale", "default")
+
+
+def pyramid_indices(backbone: torch.nn.Module) -> list[int]:
+    """Indices into ``feature_info`` of the last map at each stride >= 4, for a timm CNN; [] when there is
+    no pyramid (one stride only, like a ViT) or no ``forward_intermediates``."""
+    info = getattr(backbone, "feature_info", None)
+    if not info or not hasattr(backbone, "forward_intermediates"):
+        return []
+    info = info.info if hasattr(info, "info") else list(info)
+    last_at = {entry["reduction"]: index for index, entry in enumerate(info) if entry["reduction"] >= 4}
+    return sorted(last_at.values()) if len(last_at) > 1 else []
+
+
+def offers_multiscale(backbone: torch.nn.Module) -> bool:
+    return hasattr(backbone, "forward_multiscale") or bool(pyramid_indices(backbone))
+
+
+def multiscale_embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Multi-scale pooled embedding ``[B, sum C_i]``: each stage's global average, L2-normalized, concatenated.
+
+    Ours (``forward_multiscale``) adds the class token and the patch mean; a timm CNN (ResNet, ConvNeXt) gets
+    the same treatment from its stage maps, so comparisons stay fair.
+    """
+    if hasattr(backbone, "forward_multiscale"):
+        return backbone.forward_multiscale(images)
+    maps = backbone.forward_intermediates(images, indices=pyramid_indices(backbone), intermediates_only=True)
+    return torch.cat([torch.nn.functional.normalize(m.mean(dim=(2, 3)), dim=-1) for m in maps], dim=-1)
+
+
+def pooling_forward(backbone: torch.nn.Module, pooling: str):
+    """The ``forward(model, images)`` that extracts ``pooling`` features; "multiscale" falls back to
+    "default" for backbones without a pyramid."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return multiscale_embed if pooling == "multiscale" and offers_multiscale(backbone) else embed
+
+
+def resolved_pooling(backbone: torch.nn.Module, pooling: str) -> str:
+    return "multiscale" if pooling_forward(backbone, pooling) is multiscale_embed else "default"
+
+
 @torch.inference_mode()
 def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progress: bool = False,
                      forward=embed) -> tuple[np.ndarray, np.ndarray]:
@@ -123,15 +168,20 @@ def cache_key(backbone_hash: str, labeled: LabeledSet, transform_desc: str) -> s
 
 def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: LabeledSet, image_size: int,
                     batch_size: int = 128, num_workers: int = 0, cache_dir: Optional[Path] = None,
-                    accelerator=None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                    accelerator=None, progress: bool = False,
+                    pooling: str = "multiscale") -> tuple[np.ndarray, np.ndarray]:
     """Features of ``labeled`` under the eval transform at ``image_size``, from the cache when present.
 
     ``cache_dir=None`` disables the cache. ``meta["hash"]`` (from load_backbone_spec) keys the backbone.
+    ``pooling``: one of POOLINGS (multiscale where the backbone offers it, else its default pooling).
     """
     transform = eval_transform(image_size)
+    forward = pooling_forward(backbone, pooling)
+    pooled = resolved_pooling(backbone, pooling)
     path = None
     if cache_dir is not None:
-        key = cache_key(meta.get("hash") or _hash_of(backbone), labeled, f"eval:{image_size}:{transform!r}")
+        key = cache_key(meta.get("hash") or _hash_of(backbone), labeled,
+                        f"eval:{image_size}:{transform!r}" + ("" if pooled == "default" else f":{pooled}"))
         path = Path(cache_dir) / f"{key}.npz"
         if path.exists():
             with np.load(path) as stored:
@@ -139,8 +189,8 @@ def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: La
                 return stored["features"], stored["labels"]
     start = time.perf_counter()
     loader = make_loader(labeled, transform, batch_size, num_workers)
-    features, labels = extract_features(backbone, loader, accelerator, progress=progress)
-    log.info("extracted %d x %d features from %s in %.1fs", *features.shape, labeled.source,
+    features, labels = extract_features(backbone, loader, accelerator, progress=progress, forward=forward)
+    log.info("extracted %d x %d %s-pooled features from %s in %.1fs", *features.shape, pooled, labeled.source,
              time.perf_counter() - start)
     is_main = accelerator is None or accelerator.is_main_process
     if path is not None and is_main:
@@ -177,8 +227,10 @@ def distributed_accelerator():
 
 def features_for_spec(spec: str, sets: list[LabeledSet], image_size: Optional[int] = None,
                       batch_size: int = 128, num_workers: int = 0, cache_dir: Optional[Path] = None,
-                      progress: bool = False) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
-    """Load a backbone spec and return (meta, [(features, labels) per set]); image_size None = the backbone's."""
+                      progress: bool = False,
+                      pooling: str = "multiscale") -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+    """Load a backbone spec and return (meta, [(features, labels) per set]); image_size None = the backbone's.
+    ``meta["pooling"]`` records the pooling actually used."""
     from ssl_hybrid.eval.backbones import load_backbone_spec
 
     model, meta = load_backbone_spec(spec, image_size=image_size or None)
@@ -186,6 +238,7 @@ def features_for_spec(spec: str, sets: list[LabeledSet], image_size: Optional[in
     if accelerator is None:
         model = model.to(eval_device())
     size = int(meta["image_size"])
+    meta["pooling"] = resolved_pooling(model, pooling)
     outputs = [cached_features(model, meta, labeled, size, batch_size, num_workers, cache_dir, accelerator,
-                               progress) for labeled in sets]
+                               progress, pooling) for labeled in sets]
     return meta, outputs

@@ -38,7 +38,7 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
     fewshot = fewshot_evaluate(*train, *test, shots=shots, seeds=seeds, methods=methods, train_set=train_set,
                                split_dir=split_dir, num_classes=num_classes)
     return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "image_size",
-                                                                "num_features", "hash")},
+                                                                "num_features", "hash", "pooling")},
             "knn": knn, "fewshot": fewshot["results"]}
 
 
@@ -133,8 +133,10 @@ def _paste(grid, draw, image, origin: tuple[int, int], color, thumb: int, border
 def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledSet, out_dir: Path,
                  names: Optional[Sequence[str]] = None, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 5,
                  methods: Sequence[str] = METHODS, image_size: Optional[int] = None, batch_size: int = 128,
-                 num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8) -> dict[str, Any]:
-    """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png."""
+                 num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
+                 pooling: str = "multiscale") -> dict[str, Any]:
+    """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
+    ``pooling`` (features.POOLINGS) applies to every backbone alike; what each one got is in its entry."""
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
@@ -143,7 +145,7 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     entries = []
     for spec, name in zip(specs, names):
         meta, (train, test) = features_for_spec(spec, [train_set, test_set], image_size, batch_size,
-                                                num_workers, cache_dir)
+                                                num_workers, cache_dir, pooling=pooling)
         if not is_main_process():  # other ranks only helped extract (a collective step)
             continue
         entry = evaluate_backbone(name, meta, train, test, shots, seeds, methods, train_set,

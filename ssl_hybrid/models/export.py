@@ -23,6 +23,7 @@ from torch import nn
 
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.models.hybrid import HybridViT, checkpoint_filter_fn
+from ssl_hybrid.models.resvit import ResViT
 
 WEIGHTS_NAME = "backbone.safetensors"
 META_NAME = "backbone.json"
@@ -112,7 +113,7 @@ def load_backbone(path_or_dir: Union[str, os.PathLike], **override_kwargs: Any) 
         raise BackboneLoadError(f"{weights_path.parent / META_NAME}: cannot build {meta['model_name']} "
                                 f"with {kwargs}: {err}") from err
     state = load_file(str(weights_path))
-    if isinstance(model, HybridViT):
+    if isinstance(model, (HybridViT, ResViT)):
         state = checkpoint_filter_fn(state, model)  # resamples pos_embed when img_size was overridden
     _load_strict(model, state, weights_path)
     return model.eval()

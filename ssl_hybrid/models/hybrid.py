@@ -185,6 +185,7 @@ class HybridViT(nn.Module):
         self.img_size = img_size
         self.patch_grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
         self.num_prefix_tokens = 1
+        self.num_multiscale_features = c4 + c8 + 2 * embed_dim  # forward_multiscale's width
         self.attn_mode = attn_mode
         self.window_size = window_size
         self.grad_checkpointing = False
@@ -423,6 +424,14 @@ class HybridViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
+        """Multi-scale pooled embedding ``[B, C4 + C8 + 2D]``: GAP of the stride-4/8 maps, class token and
+        patch mean, each L2-normalized, concatenated (no token selection: every position counts)."""
+        tokens, fusion, _, _, (s4, s8) = self._encode(x, None, select=False)
+        out = self.norm(self._add_fusion(tokens, fusion))  # [B, 1+N, D]
+        parts = [s4.mean(dim=(1, 2)), s8.mean(dim=(1, 2)), out[:, 0], out[:, 1:].mean(dim=1)]
+        return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
 
     def forward_masked(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         """Masked-image-modeling encoder pass; ``mask [B, H/16, W/16]`` bool, True = hidden.

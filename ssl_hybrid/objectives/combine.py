@@ -42,13 +42,14 @@ class ObjectiveSettings:
     student_temp: float
     simclr_temperature: float
     simclr_out_dim: int
+    embedding: str
 
     @classmethod
     def from_config(cls, config) -> "ObjectiveSettings":
         o = config.objective
         return cls(o.mim_weight, o.dino_weight, o.simclr_weight, config.data.image_size, o.mask_ratio,
                    o.norm_pix_loss, o.decoder_depth, o.decoder_dim, o.dino_out_dim, o.student_temp,
-                   o.simclr_temperature, o.simclr_out_dim)
+                   o.simclr_temperature, o.simclr_out_dim, o.embedding)
 
 
 def embedding_spread(embedding: Tensor) -> Tensor:
@@ -73,8 +74,11 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.settings = settings
         self.backbone = backbone
-        dim = backbone.num_features
         s = settings
+        if s.embedding == "multiscale" and not hasattr(backbone, "num_multiscale_features"):
+            raise ValueError(f"objective.embedding=multiscale needs a backbone with forward_multiscale "
+                             f"(resvit_*, hybrid_*), not {type(backbone).__name__}")
+        dim = backbone.num_multiscale_features if s.embedding == "multiscale" else backbone.num_features
         self.mim = (MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
                     if s.mim_weight > 0 else None)
         self.dino = DINOObjective(dim, s.dino_out_dim, s.student_temp) if s.dino_weight > 0 else None
@@ -90,6 +94,8 @@ class PretrainModel(nn.Module):
     def student_views(self, global_views: list[Tensor], masks: Optional[list[Tensor]]):
         """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
         if not self.uses_masks:
+            if self.settings.embedding == "multiscale":  # every conv stage feeds the objective directly
+                return [self.backbone.forward_multiscale(v) for v in global_views], []
             return [embed(self.backbone, self.backbone.forward_features(v)) for v in global_views], []
         if masks is None or len(masks) != len(global_views):
             raise ValueError("MIM needs one mask per global view")

@@ -28,25 +28,37 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """[decay group, no-decay group] over trainable parameters; the loop sets lr/wd per step."""
+# Backbone parameters of the transformer part (ViT blocks, class token, position table): they get
+# optim.transformer_lr_scale, since at small budgets they collapse at an lr the conv stages learn fast with.
+TRANSFORMER_PREFIXES = ("backbone.blocks.", "backbone.cls_token", "backbone.pos_embed")
+
+
+def is_transformer_parameter(name: str) -> bool:
+    return name.startswith(TRANSFORMER_PREFIXES)
+
+
+def param_groups(model: nn.Module, transformer_lr_scale: float = 1.0) -> list[dict]:
+    """Decay / no-decay groups over trainable parameters, split by lr scale (transformer part vs the rest
+    when ``transformer_lr_scale != 1``); the loop sets lr (times the group's lr_scale) and wd per step."""
     skip = no_decay_names(model)
-    decay, no_decay = [], []
+    groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name in skip else decay).append(param)
-    log.debug("weight decay on %d tensors, none on %d", len(decay), len(no_decay))
-    return [{"params": decay, "weight_decay": 0.0, "apply_wd": True},
-            {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+        scale = transformer_lr_scale if is_transformer_parameter(name) else 1.0
+        groups.setdefault((name not in skip, scale), []).append(param)
+    log.debug("param groups (decay, lr scale): %s", {k: len(v) for k, v in groups.items()})
+    return [{"params": params, "weight_decay": 0.0, "apply_wd": decay, "lr_scale": scale}
+            for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, betas: tuple[float, float]) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, betas: tuple[float, float],
+                    transformer_lr_scale: float = 1.0) -> torch.optim.AdamW:
     # lr and weight decay are placeholders: the loop writes the step's scheduled values before each step.
-    return torch.optim.AdamW(param_groups(model), lr=0.0, betas=betas)
+    return torch.optim.AdamW(param_groups(model, transformer_lr_scale), lr=0.0, betas=betas)
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay if group.get("apply_wd", True) else 0.0

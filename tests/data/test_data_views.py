@@ -45,6 +45,21 @@ def test_matches_lightly_reference_under_the_same_seed():
         assert torch.equal(a, b)
 
 
+def test_simclr_views_take_the_crop_scale_and_blur_settings():
+    from lightly.transforms import SimCLRTransform
+
+    image = Image.effect_noise((48, 40), 60).convert("RGB")
+    reference = SimCLRTransform(input_size=32, min_scale=0.5, gaussian_blur=0.0)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = reference(image)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    ours = build_transform(small_cfg(views="simclr", simclr_min_scale=0.5, simclr_blur=0.0))(image)
+    assert all(torch.equal(a, b) for a, b in zip(expected, ours["global_views"]))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    default = build_transform(small_cfg(views="simclr"))(image)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, default["global_views"]))  # the settings matter
+
+
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "CMYK"])
 def test_non_rgb_inputs_become_three_channels(mode: str):
     image = Image.new(mode, (40, 40))

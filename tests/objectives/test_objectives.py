@@ -139,3 +139,28 @@ def test_ema_teacher_update_is_the_momentum_average(tiny_backbone):
     teacher.update(tiny_backbone, head, momentum=0.9)
     for name, p in tiny_backbone.named_parameters():
         torch.testing.assert_close(dict(teacher.backbone.named_parameters())[name], 0.9 * before[name] + 0.1 * p)
+
+
+# ------------------------------------------------------------------------------------- training embedding
+
+def test_multiscale_training_embedding_feeds_every_conv_stage_to_simclr():
+    import timm
+
+    from ssl_hybrid.config import ConfigError, load_config
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    simclr = ["data.image_size=32", "objective.mim_weight=0", "objective.dino_weight=0", "objective.simclr_weight=1",
+              "objective.embedding=multiscale"]
+    settings = ObjectiveSettings.from_config(load_config(None, simclr))
+    backbone = timm.create_model("resvit_nano", num_classes=0, img_size=32)
+    model = PretrainModel(backbone, settings)
+    assert model.simclr.head.layers[0].in_features == backbone.num_multiscale_features == 16 + 32 + 64 + 2 * 64
+    views = [torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    losses, _ = model(views, [])
+    losses["loss"].backward()
+    stem_grad = backbone.stem_conv.weight.grad  # (block convs start behind a zero-init BN gamma)
+    assert torch.isfinite(losses["loss"]) and stem_grad is not None and stem_grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="forward_multiscale"):
+        PretrainModel(timm.create_model("resnet18", num_classes=0), settings)
+    with pytest.raises(ConfigError, match="objective.embedding"):
+        load_config(None, ["objective.embedding=multiscale"])  # the default objective is MIM + DINO

@@ -60,6 +60,23 @@ def test_weight_decay_skips_norms_biases_and_tokens(run_root):
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
 
 
+def test_transformer_lr_scale_applies_to_the_vit_part_only(run_root):
+    config = tiny_config(run_root, model__name="resvit_nano", optim__transformer_lr_scale=0.25)
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    optimizer = build_optimizer(model, (0.9, 0.95), config.optim.transformer_lr_scale)
+    apply_schedule(optimizer, lr=0.1, weight_decay=0.05)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert lr_of[id(names["backbone.blocks.0.attn.qkv.weight"])] == pytest.approx(0.025)
+    assert lr_of[id(names["backbone.cls_token"])] == pytest.approx(0.025)
+    assert wd_of[id(names["backbone.cls_token"])] == 0.0 and wd_of[id(names["backbone.blocks.0.attn.qkv.weight"])] == 0.05
+    assert lr_of[id(names["backbone.stages.0.0.conv1.weight"])] == 0.1 and lr_of[id(names["dino.head.layers.0.weight"])] == 0.1
+    assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     torch.save(ckpt.capture_rng(), tmp_path / "rng.pt")

@@ -1,0 +1,61 @@
+"""The parts of timm's model contract that both backbone families (``hybrid_*``, ``resvit_*``) implement alike:
+classifier access and reset, grad checkpointing, the patch grid of an input and its position embedding."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+PATCH_SIZE = 16
+GLOBAL_POOLS = ("token_avg", "token", "avg", "")
+
+
+def check_global_pool(global_pool: str) -> str:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+    return global_pool
+
+
+class TokenBackboneMixin:
+    """For backbones with ``embed_dim``, ``head``, ``pos_embed`` over ``patch_grid``, a class token and
+    ``grad_checkpointing``; see ``HybridViT`` / ``ResViT``."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = check_global_pool(global_pool)
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _run(self, module: nn.Module, *args):
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def _grid_of(self, x: torch.Tensor) -> tuple[int, int]:
+        H, W = x.shape[-2:]
+        if H % PATCH_SIZE or W % PATCH_SIZE:
+            raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
+        return H // PATCH_SIZE, W // PATCH_SIZE
+
+    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default."""
+        if grid == self.patch_grid:
+            return self.pos_embed
+        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.patch_grid),
+                                      num_prefix_tokens=0)
