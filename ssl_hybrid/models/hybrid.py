@@ -33,11 +33,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function, resample_abs_pos_embed, trunc_normal_
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
+from ssl_hybrid.models.contract import token_grid
 from ssl_hybrid.models.masking import check_mask, upsample_mask, visible_indices
 from ssl_hybrid.models.token_select import TokenSelectConfig, default_select_blocks, select_tokens
 
@@ -45,16 +46,6 @@ log = logging.getLogger(__name__)
 
 PATCH_SIZE = 16
 GLOBAL_POOLS = ("token_avg", "token", "avg", "")
-
-
-@torch.fx.wrap
-@register_notrace_function  # reason: checks the input size (FX would see a Proxy in the control flow)
-def token_grid(x: torch.Tensor) -> tuple[int, int]:
-    """``(H/16, W/16)`` of an image batch ``[B, C, H, W]``; ValueError unless H and W are multiples of 16."""
-    H, W = x.shape[-2:]
-    if H % PATCH_SIZE or W % PATCH_SIZE:
-        raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
-    return H // PATCH_SIZE, W // PATCH_SIZE
 
 
 def patchify_nhwc(x: torch.Tensor, patch: int) -> torch.Tensor:
