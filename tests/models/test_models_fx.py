@@ -114,3 +114,19 @@ def test_token_selection_refuses_tracing_with_a_clear_message():
     x = torch.randn(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(torch.cat(tuple(create_fx_model(model)(x).values())), model(x))
+
+
+def test_fx_feature_extraction_of_resvit_stages_by_feature_info_names(built):
+    """resvit_* stages are NCHW maps, its blocks ``[B, 1+N, C]`` tokens (timm's FeatureGraphNet names)."""
+    model = built("resvit_nano").eval()
+    names = {info["module"]: str(index) for index, info in enumerate(model.feature_info)}
+    extractor = timm_feature_extractor(model, names)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.inference_mode():
+        out = list(extractor(x).values())
+        maps = model.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True)
+    assert len(out) == len(maps) == len(model.feature_info)
+    for fx_out, expected in zip(out[:-1], maps[:-1]):
+        assert torch.equal(fx_out, expected)
+    tokens = out[-1][:, 1:].transpose(1, 2).reshape(maps[-1].shape)  # [B, 1+N, C] -> [B, C, H/16, W/16]
+    assert torch.equal(tokens, maps[-1])
