@@ -52,7 +52,7 @@ def fp16_overflow(out: dict) -> tuple[str, list[str]]:
                  [[r["step"], DASH if r["loss"] is None else f"{r['loss']:.4g}", num(r["scale_before"], 0),
                    num(r["scale_after"], 0),
                    r["scaler_skipped"], r["params_changed"]] for r in out.get("records", [])])
-    return headline, body
+    return headline, body + [f"{out[k]}\n" for k in ("scaler_note", "note") if out.get(k)]
 
 
 def features(out: dict) -> tuple[str, list[str]]:

@@ -132,7 +132,9 @@ def fp16_overflow(plan, out: dict) -> None:
             stack.enter_context(patch)
         summary = loop.pretrain(config)
     out.update(summarize_overflow(records, s["inject_step"]), steps_done=summary["step"],
-               loop_nonfinite_total=summary["nonfinite_total"])
+               loop_nonfinite_total=summary["nonfinite_total"],
+               note="a step the scaler skips still counts as a loop step (its lr and EMA schedule advance); the "
+                    "loop's non-finite counter counts non-finite losses only, so it stays 0 here")
     shutil.rmtree(summary["run_dir"], ignore_errors=True)
 
 
