@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_hybrid.config import Config, run_dir, write_config
+from ssl_hybrid.errors import UserError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -26,8 +27,12 @@ BACKBONE_META = "backbone.json"
 def prepare_run_dir(config: Config) -> Path:
     """Create the run directory and write the resolved config. Call only after validation passed."""
     directory = run_dir(config)
-    (directory / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
-    write_config(config, directory)
+    try:
+        (directory / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+        write_config(config, directory)
+    except OSError as err:  # read-only, not ours, a file in the way, full: before any training time is spent
+        raise UserError(f"{directory}: cannot write the run directory ({err.strerror or err}); "
+                        "choose a writable train.output_dir") from None
     return directory
 
 

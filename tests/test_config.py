@@ -94,6 +94,9 @@ def test_wrong_type_in_recipe_names_file(tmp_path):
         cfg.load_config(recipe)
 
 
+@pytest.mark.fault(injected="a recipe path that is missing, a directory, not UTF-8, or malformed YAML",
+                   did="exit 2 with one line naming the file",
+                   lost="nothing (nothing starts)")
 def test_missing_directory_non_utf8_and_malformed_recipes(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         cfg.load_config(tmp_path / "nope.yaml")

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from ssl_hybrid.data.shards import unsafe_member_name
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -130,16 +131,22 @@ def load_labeled(spec: str | Path) -> LabeledSet:
 
 
 def _load_image_folder(root: Path) -> LabeledSet:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+    """Class sub-folders in sorted order; a class folder without images is left out with a warning (no
+    evaluator could use it, and it would count as a class no query can belong to)."""
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
         raise LabeledDataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
-    samples = []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).rglob("*")):
-            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append(Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file)))
-    if not samples:
+    files = {name: [f for f in sorted((root / name).rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+             for name in folders}
+    classes = [name for name in folders if files[name]]
+    if not classes:
         raise LabeledDataError(f"{root}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
+    empty = [name for name in folders if not files[name]]
+    if empty:
+        log.warning("%s: class folder%s %s hold%s no images: left out", root, "s" if len(empty) > 1 else "",
+                    ", ".join(repr(name) for name in empty), "" if len(empty) > 1 else "s")
+    samples = [Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file))
+               for label, name in enumerate(classes) for file in files[name]]
     return LabeledSet(str(root), classes, samples)
 
 
@@ -198,6 +205,10 @@ def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
             for member in tar:
                 if not member.isfile():
                     continue
+                problem = unsafe_member_name(member.name)
+                if problem:
+                    log.warning("%s: %s skipped", url, problem)
+                    continue
                 key, _, ext = member.name.partition(".")
                 if key not in groups:
                     groups[key] = {}
@@ -249,11 +260,14 @@ def kshot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     labels = np.asarray(labels)
     if shots < 1:
         raise LabeledDataError(f"shots must be >= 1, got {shots}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if counts.min() < shots:
+        label, count = classes[counts < shots][0], counts.min()
+        raise LabeledDataError(f"class {label} has {counts[classes == label][0]} training samples, fewer than {shots} "
+                               f"shots; the smallest class has {count}: use at most {count} shots or add images")
     picked = []
-    for label in np.unique(labels):
+    for label in classes:
         members = np.flatnonzero(labels == label)
-        if len(members) < shots:
-            raise LabeledDataError(f"class {label} has {len(members)} training samples, fewer than {shots} shots")
         rng = np.random.default_rng([seed, int(label)])
         picked.append(np.sort(rng.choice(members, size=shots, replace=False)))
     return np.sort(np.concatenate(picked))

@@ -173,6 +173,16 @@ def sample_key(relative: str) -> str:
     return "/".join(parts).replace(".", "_")
 
 
+def unsafe_member_name(name: str) -> Optional[str]:
+    """Why a tar member name must not be trusted as a sample key (absolute, or with a '..' segment:
+    a tool that extracts by key would write outside its folder), or None. Our writer never makes one."""
+    if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
+        return f"unsafe tar member name {name!r} (absolute path)"
+    if ".." in re.split(r"[\\/]", name):
+        return f"unsafe tar member name {name!r} ('..' segment)"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading one image (runs in worker processes)
 # ---------------------------------------------------------------------------------------------
@@ -203,10 +213,28 @@ def check_image_bytes(data: bytes, max_pixels: Optional[int] = None):
     return image
 
 
+def to_rgb(image):
+    """An 8-bit RGB image as a viewer shows it: EXIF orientation applied (``ImageOps.exif_transpose``),
+    16/32-bit grayscale scaled to 8 bits (not clipped), transparency (RGBA, LA, palette + alpha) composited
+    over white rather than dropped to whatever colour the hidden pixels hold; CMYK, palette, grayscale
+    converted. ValueError for a mode PIL cannot convert."""
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda value: value * (1 / 256)).convert("L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _reencode(image, max_side: int, quality: int) -> bytes:
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
@@ -230,8 +258,8 @@ def _load_item(args: tuple[str, int, int]) -> tuple[Optional[bytes], str, Option
             return _reencode(image, max_side, quality), "jpg", None
     except ValueError as err:
         return None, extension, str(err)
-    except OSError as err:  # encoder failures on exotic modes
-        return None, extension, f"cannot re-encode ({err})"
+    except Exception as err:  # EXIF, mode conversion and encoder failures on exotic files
+        return None, extension, f"cannot re-encode ({type(err).__name__}: {err})"
     return data, extension, None
 
 

@@ -164,7 +164,8 @@ def image_entry(sample: dict) -> Optional[tuple[str, bytes]]:
 
 
 def decode_image_or_reason(sample: dict, max_pixels: Optional[int] = None):
-    """(RGB PIL image, None) or (None, reason). Grayscale, palette, alpha and 16-bit become RGB."""
+    """(RGB PIL image, None) or (None, reason); :func:`ssl_hybrid.data.shards.to_rgb` says how modes,
+    transparency and EXIF orientation become RGB."""
     if "__error__" in sample:
         return None, sample["__error__"]
     entry = image_entry(sample)
@@ -175,9 +176,10 @@ def decode_image_or_reason(sample: dict, max_pixels: Optional[int] = None):
         image = shard_format.check_image_bytes(entry[1], max_pixels or shard_format.MAX_IMAGE_PIXELS)
     except ValueError as err:
         return None, str(err)
-    if image.mode == "I;16" or image.mode == "I":  # 16/32-bit grayscale: scale to 8 bit before RGB
-        image = image.point(lambda value: value * (1 / 256)).convert("L")
-    return (image if image.mode == "RGB" else image.convert("RGB")), None
+    try:
+        return shard_format.to_rgb(image), None
+    except Exception as err:  # PIL raises ValueError/OSError/KeyError for modes and EXIF it cannot handle
+        return None, f"cannot convert {image.mode} image to RGB ({type(err).__name__}: {err})"
 
 
 def decode_image(sample: dict):
@@ -231,13 +233,15 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
             if "/" not in name and name.startswith("__") and name.endswith("__"):
                 continue  # webdataset's per-shard metadata members
             prefix, suffix = base_plus_ext(name)
-            if prefix is None:  # a member without extension cannot be a sample field: count it as bad
+            # a member without extension cannot be a sample field, and an unsafe name not a key: bad samples
+            problem = shard_format.unsafe_member_name(name) or (None if prefix else "tar member without extension")
+            if problem:
                 if current is not None:
                     count += 1
                     yield current
                     current = None
                 count += 1
-                yield {"__key__": name, "__url__": url, "__error__": "tar member without extension"}
+                yield {"__key__": name, "__url__": url, "__error__": problem}
                 continue
             if current is not None and prefix != current["__key__"]:
                 count += 1

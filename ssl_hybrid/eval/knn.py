@@ -8,10 +8,11 @@ columns (faiss returns neighbours sorted by similarity). k = 20 is the headline 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -29,6 +30,23 @@ def set_faiss_threads(threads: Optional[int] = None) -> int:
     threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def faiss_threads(threads: Optional[int] = None) -> Iterator[int]:
+    """``set_faiss_threads`` for the duration of a search, then the previous counts again. When torch is
+    imported first, faiss's ``omp_set_num_threads`` lands in torch's OpenMP runtime and would silently
+    change ``torch.get_num_threads()`` for the rest of the process (a trainer whose k-NN monitor ran at
+    step 0 would train on 1 thread, and its resumed run on all of them: different float sums)."""
+    import faiss
+    import torch
+
+    before_faiss, before_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
+    try:
+        yield set_faiss_threads(threads)
+    finally:
+        faiss.omp_set_num_threads(before_faiss)
+        torch.set_num_threads(before_torch)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -90,14 +108,14 @@ def knn_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_feat
 
     k larger than the bank is capped at the bank size (recorded in ``per_k`` under the requested k).
     """
-    set_faiss_threads(threads)
     start = time.perf_counter()
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     num_classes = num_classes or int(max(train_labels.max(), test_labels.max())) + 1
     ks = sorted(set(int(k) for k in ks) | {headline_k})
     k_max = min(max(ks), len(train_features))
-    similarities, indices = search(l2_normalize(train_features), l2_normalize(test_features), k_max)
+    with faiss_threads(threads):
+        similarities, indices = search(l2_normalize(train_features), l2_normalize(test_features), k_max)
     neighbor_labels = train_labels[indices]  # [Q, k_max]
     per_k = {}
     for k in ks:

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 from torch import nn
 
 ATTN_MODES = ("global", "window", "topk")
@@ -101,16 +102,13 @@ class Attention(nn.Module):
         dropout = self.attn_drop if self.training else 0.0
         if self.attn_mode == "topk":
             out = self._topk_attention(q, k, v, allowed)
-        elif self.attn_mode == "window" and layout.full_grid and layout.valid is None and self._grid_divisible(layout):
-            out = self._window_attention_full_grid(q, k, v, layout.grid, dropout)
+        elif self.attn_mode == "window" and layout.full_grid and layout.valid is None:
+            out = window_attention_full_grid(q, k, v, layout.grid, self.window_size, allowed, dropout)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, T, C)))
         cls_attn = self._class_token_attention(q, k, allowed) if need_cls_attn else None
         return out, cls_attn
-
-    def _grid_divisible(self, layout: TokenLayout) -> bool:
-        return layout.grid[0] % self.window_size == 0 and layout.grid[1] % self.window_size == 0
 
     def _class_token_attention(self, q: torch.Tensor, k: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
         # one query row is cheap to recompute explicitly; the fused SDPA kernel does not return weights
@@ -123,30 +121,42 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * self.scale  # [B, h, T, T]
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
-        keep = min(self.topk, scores.shape[-1])
-        threshold = scores.topk(keep, dim=-1).values[..., -1:]  # [B, h, T, 1] k-th largest score
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
+        scores = scores.masked_fill(scores < kth_largest(scores, self.topk), float("-inf"))
         attn = scores.softmax(dim=-1)
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
         return attn @ v
 
-    def _window_attention_full_grid(self, q, k, v, grid: tuple[int, int], dropout: float) -> torch.Tensor:
-        """Windows as a batch of small attentions; each window also sees the class token."""
-        B, h, T, d = q.shape
-        gh, gw, ws = grid[0], grid[1], self.window_size
 
-        def windows(t: torch.Tensor) -> torch.Tensor:  # [B, h, N, d] -> [B, h, nW, ws*ws, d]
-            t = t.reshape(B, h, gh // ws, ws, gw // ws, ws, d).permute(0, 1, 2, 4, 3, 5, 6)
-            return t.reshape(B, h, -1, ws * ws, d)
+@torch.fx.wrap
+@register_notrace_function  # reason: k is capped by the number of keys, which FX sees as a Proxy
+def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[..., 1]``: each row's k-th largest score (its largest when a row has fewer than k)."""
+    return scores.topk(min(k, scores.shape[-1]), dim=-1).values[..., -1:]
 
-        q_win, k_win, v_win = windows(q[:, :, 1:]), windows(k[:, :, 1:]), windows(v[:, :, 1:])
-        num_windows = q_win.shape[2]
-        k_cls = k[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)  # [B, h, nW, 1, d]
-        v_cls = v[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)
-        out_win = F.scaled_dot_product_attention(
-            q_win, torch.cat([k_cls, k_win], dim=3), torch.cat([v_cls, v_win], dim=3), dropout_p=dropout)
-        out_win = out_win.reshape(B, h, gh // ws, gw // ws, ws, ws, d).permute(0, 1, 2, 4, 3, 5, 6)
-        out_patches = out_win.reshape(B, h, gh * gw, d)
-        out_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, dropout_p=dropout)  # class token stays global
-        return torch.cat([out_cls, out_patches], dim=2)  # [B, h, T, d]
+
+@torch.fx.wrap
+@register_notrace_function  # reason: the fast path depends on the grid (input size) dividing into windows
+def window_attention_full_grid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
+                               window_size: int, allowed: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Window attention over ``[cls] + every grid cell``: windows as a batch of small attentions (each
+    also seeing the class token) when the grid divides into windows, else SDPA with the ``allowed`` mask."""
+    B, h, T, d = q.shape
+    gh, gw, ws = grid[0], grid[1], window_size
+    if gh % ws or gw % ws:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+
+    def windows(t: torch.Tensor) -> torch.Tensor:  # [B, h, N, d] -> [B, h, nW, ws*ws, d]
+        t = t.reshape(B, h, gh // ws, ws, gw // ws, ws, d).permute(0, 1, 2, 4, 3, 5, 6)
+        return t.reshape(B, h, -1, ws * ws, d)
+
+    q_win, k_win, v_win = windows(q[:, :, 1:]), windows(k[:, :, 1:]), windows(v[:, :, 1:])
+    num_windows = q_win.shape[2]
+    k_cls = k[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)  # [B, h, nW, 1, d]
+    v_cls = v[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)
+    out_win = F.scaled_dot_product_attention(
+        q_win, torch.cat([k_cls, k_win], dim=3), torch.cat([v_cls, v_win], dim=3), dropout_p=dropout)
+    out_win = out_win.reshape(B, h, gh // ws, gw // ws, ws, ws, d).permute(0, 1, 2, 4, 3, 5, 6)
+    out_patches = out_win.reshape(B, h, gh * gw, d)
+    out_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, dropout_p=dropout)  # class token stays global
+    return torch.cat([out_cls, out_patches], dim=2)  # [B, h, T, d]

@@ -6,12 +6,24 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers import register_notrace_function, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 PATCH_SIZE = 16
 GLOBAL_POOLS = ("token_avg", "token", "avg", "")
+# FX: calls from this module's methods to timm's resampler (whose size early-out is control flow) become leaves
+torch.fx.wrap("resample_abs_pos_embed")
+
+
+@torch.fx.wrap
+@register_notrace_function  # reason: checks the input size (FX would see a Proxy in the control flow)
+def token_grid(x: torch.Tensor) -> tuple[int, int]:
+    """``(H/16, W/16)`` of an image batch ``[B, C, H, W]``; ValueError unless H and W are multiples of 16."""
+    H, W = x.shape[-2:]
+    if H % PATCH_SIZE or W % PATCH_SIZE:
+        raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
+    return H // PATCH_SIZE, W // PATCH_SIZE
 
 
 def check_global_pool(global_pool: str) -> str:
@@ -48,14 +60,9 @@ class TokenBackboneMixin:
         return module(*args)
 
     def _grid_of(self, x: torch.Tensor) -> tuple[int, int]:
-        H, W = x.shape[-2:]
-        if H % PATCH_SIZE or W % PATCH_SIZE:
-            raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
-        return H // PATCH_SIZE, W // PATCH_SIZE
+        return token_grid(x)
 
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default."""
-        if grid == self.patch_grid:
-            return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.patch_grid),
-                                      num_prefix_tokens=0)
+        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default (timm's
+        resampler returns it unchanged otherwise, and is a leaf for FX tracing)."""
+        return resample_abs_pos_embed(self.pos_embed, new_size=grid, old_size=self.patch_grid, num_prefix_tokens=0)

@@ -38,6 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
+from ssl_hybrid.models.contract import token_grid
 from ssl_hybrid.models.masking import check_mask, upsample_mask, visible_indices
 from ssl_hybrid.models.token_select import TokenSelectConfig, default_select_blocks, select_tokens
 
@@ -276,18 +277,10 @@ class HybridViT(nn.Module):
             self.token_select_blocks = tuple(blocks)
 
     # ---------------------------------------------------------------- stages
-    def _grid_of(self, x: torch.Tensor) -> tuple[int, int]:
-        H, W = x.shape[-2:]
-        if H % PATCH_SIZE or W % PATCH_SIZE:
-            raise ValueError(f"input size {H}x{W} must be a multiple of {PATCH_SIZE}")
-        return H // PATCH_SIZE, W // PATCH_SIZE
-
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default."""
-        if grid == self.patch_grid:
-            return self.pos_embed
-        return resample_abs_pos_embed(self.pos_embed, new_size=list(grid), old_size=list(self.patch_grid),
-                                      num_prefix_tokens=0)
+        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default (timm's
+        resampler returns it unchanged otherwise, and is a leaf for FX tracing)."""
+        return resample_abs_pos_embed(self.pos_embed, new_size=grid, old_size=self.patch_grid, num_prefix_tokens=0)
 
     def _run(self, module: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -355,7 +348,7 @@ class HybridViT(nn.Module):
     def _encode(self, x: torch.Tensor, mask: Optional[torch.Tensor], select: bool):
         """Shared body of forward_features / forward_masked; returns pre-norm tokens, fusion, layout, maps."""
         B = x.shape[0]
-        grid = self._grid_of(x)
+        grid = token_grid(x)
         ids_keep = None
         if mask is not None:
             check_mask(mask, B, *grid)
@@ -381,10 +374,17 @@ class HybridViT(nn.Module):
         the patch tokens each image kept. Without selection N = H*W/256 and the mask is None.
         """
         select = self.token_select.enabled
+        tracing = isinstance(x, torch.fx.Proxy)
+        if select and tracing:
+            raise torch.fx.proxy.TraceError(
+                "token selection keeps a data-dependent number of tokens, which FX cannot trace; trace the "
+                "model with model.set_token_selection(1.0) (same weights), then switch it back on")
         tokens, fusion, layout, kept, _ = self._encode(x, None, select)
         out = self.norm(self._add_fusion(tokens, fusion))
         if layout.valid is not None:
             out = out * layout.valid[..., None].to(out.dtype)
+        if tracing:  # a graph has no side channel: keep the last eager statistics, not Proxies
+            return out
         self.last_token_mask = layout.valid
         self.last_tokens_kept = kept if kept is not None else torch.full(
             (x.shape[0],), layout.pos.shape[1] - 1, dtype=torch.long, device=x.device)
@@ -467,7 +467,7 @@ class HybridViT(nn.Module):
             raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt}")
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         B = x.shape[0]
-        grid = self._grid_of(x)
+        grid = token_grid(x)
         s4, s8 = self.forward_conv(x)
         maps = {0: s4, 1: s8}
         intermediates = [self._format_map(maps[i], output_fmt) for i in take_indices if i < 2]

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import trunc_normal_
+from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
@@ -44,6 +44,7 @@ from ssl_hybrid.models.hybrid import _BUILDER_KWARGS, _cfg, checkpoint_filter_fn
 from ssl_hybrid.models.masking import check_mask, visible_indices
 
 
+@register_notrace_module  # reason: a leaf like nn.BatchNorm2d (FX cannot trace its input-dim check)
 class MaskedBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose statistics (and running estimates) come from visible positions only.
 

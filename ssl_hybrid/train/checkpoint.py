@@ -127,22 +127,40 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     rank_state: dict[str, Any], config: Config, backbone_meta: dict[str, Any],
                     accelerator=None) -> Path:
-    """Write the step's checkpoint (every process calls this; rank 0 writes the shared files)."""
+    """Write the step's checkpoint (every process calls this; rank 0 writes the shared files).
+
+    A write that fails on any process (disk full, quota, I/O error) removes the temp dir and raises
+    CheckpointError on every process; the newest complete checkpoint is untouched and stays what a
+    re-run resumes from."""
     folder = Path(run_dir) / CHECKPOINTS_DIR
     final = folder / step_dir_name(step)
     tmp = folder / f".tmp_{step_dir_name(step)}"
     rank = accelerator.process_index if accelerator is not None else 0
     main = rank == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(model_state(model), str(tmp / MODEL_FILE))
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / "backbone.json").write_text(json.dumps(backbone_meta, indent=2) + "\n", encoding="utf-8")
-        (tmp / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    failure: Optional[OSError] = None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(model_state(model), str(tmp / MODEL_FILE))
+            torch.save(state, tmp / STATE_FILE)
+            (tmp / "backbone.json").write_text(json.dumps(backbone_meta, indent=2) + "\n", encoding="utf-8")
+            (tmp / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    except OSError as err:
+        failure = err
     _barrier(accelerator)
-    torch.save(rank_state, tmp / f"rank_{rank}.pt")
-    _barrier(accelerator)
+    if failure is None:
+        try:
+            torch.save(rank_state, tmp / f"rank_{rank}.pt")
+        except OSError as err:
+            failure = err
+    if _failed_anywhere(accelerator, failure is not None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        newest = latest_checkpoint(run_dir)
+        why = f"{failure.strerror or failure}" if failure is not None else "failed on another process"
+        raise CheckpointError(f"{final}: could not write the checkpoint ({why}); nothing was replaced, the "
+                              f"newest complete checkpoint is {newest or 'none'}: free space and re-run to resume")
     if main:
         if final.exists():  # the same step saved again (e.g. end right after a periodic save)
             shutil.rmtree(final)
@@ -151,6 +169,11 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
         log.info("checkpoint %s", final)
     _barrier(accelerator)
     return final
+
+
+def _failed_anywhere(accelerator, failed: bool) -> bool:
+    flag = torch.tensor([float(failed)], device=accelerator.device if accelerator is not None else "cpu")
+    return bool(accelerator.gather(flag).max() > 0) if accelerator is not None else failed
 
 
 def _barrier(accelerator) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ log = logging.getLogger(__name__)
 # embedding_std is ~1 for spread-out embeddings and 0 when every image maps to the same vector.
 COLLAPSE_STD = 0.05
 STATE_FORMAT = "ssl_hybrid-train/1"
-# Fault injection for the exact-resume tests: the process SIGKILLs itself right after this step.
-KILL_AT_STEP_ENV = "SSL_HYBRID_KILL_AT_STEP"
 
 
 class NonFiniteLossError(UserError):
@@ -436,7 +433,6 @@ def train(run: Run) -> None:
                 if not handle_nonfinite(run, values):
                     continue
                 counters.step += 1
-                kill_if_requested(counters.step)
                 counters.images += images
                 window_images += images
                 if bar is not None:
@@ -457,12 +453,6 @@ def train(run: Run) -> None:
             source.close()
             if bar is not None:
                 bar.close()
-
-
-def kill_if_requested(step: int) -> None:
-    if os.environ.get(KILL_AT_STEP_ENV) == str(step):
-        log.warning("%s=%d: killing this process with SIGKILL (fault injection)", KILL_AT_STEP_ENV, step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:

@@ -50,10 +50,10 @@ class KNNMonitor:
 
     def evaluate(self, backbone, accelerator=None) -> dict[str, Any]:
         from ssl_hybrid.eval.features import extract_features, pooling_forward
-        from ssl_hybrid.eval.knn import set_faiss_threads
+        from ssl_hybrid.eval.knn import faiss_threads
 
         features, labels = extract_features(backbone, self.loader, accelerator,
                                             forward=pooling_forward(backbone, self.config.eval.pooling))
         backbone.train()
-        set_faiss_threads(1)
-        return leave_one_out_knn(features, labels, self.config.eval.knn_k, self.config.eval.knn_temperature)
+        with faiss_threads(1):  # restores torch's thread count too: training continues on all threads
+            return leave_one_out_knn(features, labels, self.config.eval.knn_k, self.config.eval.knn_temperature)

@@ -84,6 +84,9 @@ def test_list_file_with_classes_and_label_regex(tmp_path: Path):
     assert labels == {"Cat_1": 0, "Cat_2": 0, "dog_1": 1}
 
 
+@pytest.mark.fault(injected="zero-length, truncated and corrupt image files, and non-images, in a source folder",
+                   did="skipped and listed with the reason in manifest.json (ssl-hybrid shards)",
+                   lost="nothing but those files")
 def test_unreadable_files_are_skipped_and_listed(image_folder: Path, tmp_path: Path):
     (image_folder / "alpha" / "notes.txt").write_text("not an image")
     (image_folder / "beta" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -114,6 +117,9 @@ def test_decompression_bomb_refused_by_writer(image_folder: Path, tmp_path: Path
         shards.write_shards(image_folder, tmp_path / "none", progress=False)
 
 
+@pytest.mark.fault(injected="symlinks (to a file and to a folder) leading out of the source folder",
+                   did="not followed; listed as skipped in manifest.json",
+                   lost="nothing (the outside files are never read)")
 def test_symlinks_out_of_source_are_not_followed(image_folder: Path, tmp_path: Path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -142,6 +148,10 @@ def test_max_side_reencodes_jpeg(image_folder: Path, tmp_path: Path):
     assert sizes == {(32, 24)}
 
 
+@pytest.mark.fault(injected="ssl-hybrid shards interrupted mid-shard, plus a stale shard from an older run",
+                   did="the half-written shard is removed and no manifest is written; the re-run removes the stale"
+                       " shard",
+                   lost="nothing (the re-run writes the whole set)")
 def test_interrupted_run_leaves_nothing_counted_and_rerun_is_clean(image_folder: Path, tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
     real_load = shards._load_item

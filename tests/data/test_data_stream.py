@@ -243,6 +243,11 @@ def broken_shards(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.mark.fault(injected="corrupt, zero-byte and missing images, a member without extension, a shard cut mid-"
+                            "member, a zero-byte shard",
+                   did="each skipped with a warning naming url and key, counted exactly (samples lost in a cut "
+                       "shard from the manifest)",
+                   lost="nothing but the unreadable samples")
 def test_bad_samples_and_shards_are_skipped_and_counted_exactly(broken_shards: Path, tiny_cfg, tiny_views, caplog):
     cfg = tiny_cfg(broken_shards, max_skip_rate=0.9)
     stream = build_train_stream(cfg, 2, 0, 0, 1, tiny_views, epochs=1)
@@ -263,6 +268,9 @@ def test_cut_shard_without_manifest_counts_one_loss(broken_shards: Path, tiny_cf
     assert all_keys(list(stream)) and stream.stats()["skipped"] == 1 and stream.stats()["seen"] == 4
 
 
+@pytest.mark.fault(injected="more corrupt samples than data.max_skip_rate allows",
+                   did="the stream stops with one line naming rank, worker, counts and the last bad sample",
+                   lost="nothing (no training on a broken corpus)")
 def test_skip_rate_stops_the_run(broken_shards: Path, tiny_cfg, tiny_views):
     cfg = tiny_cfg(broken_shards, max_skip_rate=0.1)
     with pytest.raises(DataQualityError, match=r"8 of 15 samples skipped .*data\.max_skip_rate=0\.1"):

@@ -55,6 +55,9 @@ def test_shards_written_by_the_shard_writer_round_trip(image_folder, tmp_path):
         assert any(np.array_equal(image, ref) for ref in pixels_by_label[from_shards.samples[i].label])
 
 
+@pytest.mark.fault(injected="a corrupt image in a labeled folder (evaluation)",
+                   did="one-line error naming the sample",
+                   lost="nothing")
 def test_corrupt_image_names_the_sample(image_folder):
     (image_folder / "beta" / "beta_2.jpg").write_bytes(b"not an image")
     labeled = load_labeled(image_folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssl_hybrid.eval.knn import (knn_evaluate, knn_predict, knn_reference_numpy, set_faiss_threads, topk_accuracy,
+from ssl_hybrid.eval.knn import (faiss_threads, knn_evaluate, knn_predict, knn_reference_numpy, topk_accuracy,
                                  vote)
 
 from eval_helpers import clustered
@@ -66,11 +66,14 @@ def test_topk_accuracy():
     assert topk_accuracy(scores, labels, 5) == 1.0
 
 
-def test_faiss_threads_are_set_explicitly():
+def test_faiss_threads_are_set_explicitly_and_restored():
     import faiss
+    import torch
 
-    assert set_faiss_threads(1) == 1
-    assert faiss.omp_get_max_threads() == 1
+    before = faiss.omp_get_max_threads(), torch.get_num_threads()
+    with faiss_threads(1) as threads:
+        assert threads == 1 and faiss.omp_get_max_threads() == 1
+    assert (faiss.omp_get_max_threads(), torch.get_num_threads()) == before
 
 
 def test_topk_accuracy_equals_the_stable_sort_definition_with_ties():

@@ -86,13 +86,18 @@ def test_a_proxy_run_must_finish_its_steps():
         check_finished({"stopped": "max_seconds", "step": 7}, config)
 
 
+@pytest.mark.fault(injected="SIGKILL from outside while a search trains its rung-1 candidate",
+                   did="re-running resumes the search without re-scoring rung 0",
+                   lost="nothing: the same scores as an uninterrupted search")
 @pytest.mark.slow
 def test_search_killed_mid_run_resumes(image_folder, tmp_path):
-    """SIGKILL inside a rung-1 pretraining run (the trainer's fault injection), then the same command again:
+    """SIGKILL from outside while a rung-1 pretraining run is training, then the same command again:
     rung 0 is not re-run and the finished search matches one that was never interrupted."""
     import os
+    import signal
     import subprocess
     import sys
+    import time
 
     def write(name: str):
         recipe = tmp_path / f"{name}.yaml"
@@ -106,20 +111,30 @@ def test_search_killed_mid_run_resumes(image_folder, tmp_path):
                       "score_init": False}}))
         return recipe
 
-    def search(name: str, kill_at: str = "") -> subprocess.CompletedProcess:
-        env = dict(os.environ, SSL_HYBRID_KILL_AT_STEP=kill_at, OMP_NUM_THREADS="1")
-        return subprocess.run([sys.executable, "-m", "ssl_hybrid", "search", "-c", str(write(name))], env=env,
-                              capture_output=True, text=True, timeout=300)
+    def search(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "ssl_hybrid", "search", "-c", str(write(name))],
+                                env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     assert main(["-q", "search", "-c", str(write("straight"))]) == 0  # the reference, in this process
-    killed = search("killed", kill_at="3")  # rung-0 runs have 2 steps; the rung-1 run (4 steps) dies at step 3
-    assert killed.returncode == -9
+    killed = search("killed")
+    runs_dir = tmp_path / "searches" / "killed" / "runs"
+    deadline = time.monotonic() + 300
+    # rung-0 runs have 2 steps; the rung-1 run (4 steps) is killed once it has logged a step
+    while not any(m.stat().st_size for m in runs_dir.glob("*-r1/metrics.jsonl")):
+        assert killed.poll() is None, f"the search ended before rung 1 trained: {killed.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
     state = json.loads((tmp_path / "searches" / "killed" / "state.json").read_text())
     rung0 = state["rungs"][0]["scores"]
     assert len(rung0) == 2 and not state["rungs"][1]["scores"]
     resumed = search("killed")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "rung 0: scoring" not in resumed.stderr and "rung 1: scoring" in resumed.stderr
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr[-2000:]
+    assert "rung 0: scoring" not in stderr and "rung 1: scoring" in stderr
     final = json.loads((tmp_path / "searches" / "killed" / "state.json").read_text())
     reference = json.loads((tmp_path / "searches" / "straight" / "state.json").read_text())
     assert final["rungs"][0]["scores"] == rung0

@@ -30,3 +30,23 @@ def test_leave_one_out_matches_numpy_reference():
     assert result["n_test"] == 60 and result["k"] == 5 and 0.5 < result["top1"] <= 1.0
     duplicates = np.repeat(features[:1], 3, axis=0)  # identical rows: still exactly k others each
     assert leave_one_out_knn(duplicates, np.array([0, 0, 1]), k=2, temperature=0.07)["k"] == 2
+
+
+def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
+    """faiss shares torch's OpenMP runtime: its thread setting must not outlive the monitor's search (it
+    once left the rest of a run on 1 thread, so a resumed run, which skips the step-0 monitor, diverged)."""
+    import torch
+
+    from trainhelpers import tiny_overrides
+    from ssl_hybrid.config import load_config
+    from ssl_hybrid.train.loop import build_backbone
+    from ssl_hybrid.train.monitor import KNNMonitor
+
+    config = load_config(None, tiny_overrides(run_root, data__val=image_folder, train__knn_every=1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = KNNMonitor(config).evaluate(build_backbone(config))
+        assert torch.get_num_threads() == 2 and result["n_test"] == 18
+    finally:
+        torch.set_num_threads(before)

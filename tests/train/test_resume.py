@@ -1,69 +1,141 @@
-"""Exact resume: N steps straight == (k steps, kill -9, resume, N-k steps), bit for bit; SIGTERM saves
-a checkpoint and exits cleanly. Each test starts the uninterrupted run in parallel with the other."""
+"""Exact resume as users run it: N steps straight == (SIGKILL or SIGTERM from outside mid-run, the same
+command again), bit for bit, at one thread and at the machine's default thread count, with the online
+k-NN monitor on (its faiss search once changed torch's thread count for the rest of a run: the straight
+run trained on 1 thread after the step-0 monitor, the resumed one on all cores). Each uninterrupted
+reference run starts in the background once per (threads, workers) and is shared by the tests."""
 
 from __future__ import annotations
 
 import signal
-import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainhelpers import run_pretrain, start_pretrain, tiny_overrides, wait_pretrain
-from ssl_hybrid.train.checkpoint import list_checkpoints
+from trainhelpers import signal_when, start_pretrain, tiny_overrides, wait_pretrain
+from ssl_hybrid.train.checkpoint import list_checkpoints, step_dir_name
+
+STEPS = 8
+THREADS = [pytest.param("1", id="1-thread"), pytest.param(None, id="default-threads")]
 
 
-def final_checkpoint(run_dir):
+def resume_overrides(run_root: Path, name: str, val: Path, workers: int) -> list[str]:
+    # The monitor runs at steps 0 and 4 of the straight run; an interrupted one resumes after step 4.
+    return tiny_overrides(run_root, name, data__num_workers=workers, data__val=val, train__steps=STEPS,
+                          train__checkpoint_every=2, train__knn_every=4, train__keep_checkpoints=8)
+
+
+@pytest.fixture(scope="module")
+def monitor_val(tmp_path_factory) -> Path:
+    """A small labeled folder for the k-NN monitor (3 classes x 4 images)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("val")
+    rng = np.random.default_rng(3)
+    for label in range(3):
+        (root / f"class{label}").mkdir()
+        for index in range(4):
+            pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"class{label}" / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, monitor_val):
+    """straight(threads, workers) -> the run directory of the finished uninterrupted run."""
+    root = tmp_path_factory.mktemp("straight")
+    procs: dict = {}
+    done: dict = {}
+
+    def start(threads, workers):
+        key = (threads, workers)
+        if key not in procs:
+            name = f"straight-{threads or 'default'}-{workers}"
+            procs[key] = (start_pretrain(resume_overrides(root, name, monitor_val, workers), threads=threads),
+                          root / name)
+        return key
+
+    def finished(threads, workers) -> Path:
+        key = start(threads, workers)
+        if key not in done:
+            wait_pretrain(procs[key][0])
+            done[key] = procs[key][1]
+        return done[key]
+
+    finished.start = start
+    yield finished
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def final_state(run_dir: Path):
     newest = list_checkpoints(run_dir)[-1]
-    assert newest.name == "step_00000004"
-    return load_file(str(newest / "model.safetensors")), torch.load(newest / "state.pt", weights_only=True)
+    assert newest.name == step_dir_name(STEPS)
+    return (load_file(str(newest / "model.safetensors")), torch.load(newest / "state.pt", weights_only=True),
+            torch.load(newest / "rank_0.pt", weights_only=True))
 
 
-def assert_identical(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_kill_minus_9_and_resume_is_bitwise_identical(corpus, run_root, workers):
-    straight = start_pretrain(tiny_overrides(run_root, "straight", data__num_workers=workers))
-    killed = tiny_overrides(run_root, "killed", data__num_workers=workers)
-    code, err = run_pretrain(killed, {"SSL_HYBRID_KILL_AT_STEP": "3"}, check=False)
-    assert code == -signal.SIGKILL, err[-2000:]
-    assert [p.name for p in list_checkpoints(run_root / "killed")] == ["step_00000002"]
-    run_pretrain(killed)  # the same command again resumes from step 2
-    wait_pretrain(straight)
-    weights_a, state_a = final_checkpoint(run_root / "straight")
-    weights_b, state_b = final_checkpoint(run_root / "killed")
-    assert_identical(weights_a, weights_b)  # student, heads, EMA teacher, DINO center
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    """Weights (student, heads, EMA teacher, DINO center), optimizer moments, counters, RNG states and data
+    position of the final checkpoints are identical."""
+    weights_a, state_a, rank_a = final_state(reference)
+    weights_b, state_b, rank_b = final_state(resumed)
+    assert weights_a.keys() == weights_b.keys()
+    different = [k for k in weights_a if not torch.equal(weights_a[k], weights_b[k])]
+    worst = max((float((weights_a[k] - weights_b[k]).abs().max()) for k in different), default=0.0)
+    assert not different, f"{len(different)} of {len(weights_a)} tensors differ (max |dw| {worst:.3g}): {different[:3]}"
     assert state_a["counters"] == state_b["counters"]
     for key, value in state_a["optimizer"]["state"].items():
-        assert torch.equal(value["exp_avg_sq"], state_b["optimizer"]["state"][key]["exp_avg_sq"])
-    assert (run_root / "killed" / "backbone.safetensors").exists()
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(value[moment], state_b["optimizer"]["state"][key][moment]), (key, moment)
+    assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"])
+    assert rank_a["stream"] == rank_b["stream"]
+    assert (resumed / "backbone.safetensors").exists()
 
 
+@pytest.mark.fault(injected="SIGKILL from outside after the step-4 checkpoint (1 thread and default threads; 0 and"
+                            " 2 data workers; k-NN monitor on)",
+                   did="the same command resumes from the newest complete checkpoint",
+                   lost="nothing: final weights, optimizer, RNG and data position bit-identical to an "
+                        "uninterrupted run")
 @pytest.mark.slow
-def test_sigterm_saves_exits_cleanly_and_resumes_identically(corpus, run_root):
-    straight = start_pretrain(tiny_overrides(run_root, "straight"))
-    overrides = tiny_overrides(run_root, "term")
-    proc = start_pretrain(overrides, quiet=False)
-    metrics = run_root / "term" / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().strip():  # the loop (and its handler) is running
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("threads", THREADS)
+def test_sigkill_mid_run_then_resume_is_bitwise_identical(corpus, run_root, straight, monitor_val, threads, workers):
+    straight.start(threads, workers)
+    overrides = resume_overrides(run_root, "killed", monitor_val, workers)
+    proc = start_pretrain(overrides, threads=threads)
+    signal_when(proc, run_root / "killed" / "checkpoints" / step_dir_name(4), signal.SIGKILL)
+    code, err = wait_pretrain(proc, check=False)
+    assert code == -signal.SIGKILL, err[-2000:]
+    saved = [p.name for p in list_checkpoints(run_root / "killed")]
+    assert step_dir_name(4) in saved and step_dir_name(STEPS) not in saved
+    assert not (run_root / "killed" / "backbone.safetensors").exists()
+    code, err = wait_pretrain(start_pretrain(overrides, threads=threads, quiet=False))
+    assert "resumed from" in err, err[-2000:]
+    assert_same_run(straight(threads, workers), run_root / "killed")
+
+
+@pytest.mark.fault(injected="SIGTERM from outside mid-run (1 thread and default threads)",
+                   did="checkpoint at the end of the current step, exit 0, no export; the same command resumes",
+                   lost="nothing: bit-identical to an uninterrupted run")
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", THREADS)
+def test_sigterm_mid_run_saves_exits_cleanly_and_resumes_identically(corpus, run_root, straight, monitor_val,
+                                                                     threads):
+    straight.start(threads, 2)
+    overrides = resume_overrides(run_root, "term", monitor_val, 2)
+    proc = start_pretrain(overrides, quiet=False, threads=threads)
+    signal_when(proc, run_root / "term" / "checkpoints" / step_dir_name(2), signal.SIGTERM)
     code, err = wait_pretrain(proc, check=False)
     assert code == 0, err[-2000:]
-    saved = list_checkpoints(run_root / "term")
-    assert saved, err[-2000:]
-    if saved[-1].name != "step_00000004":  # the signal landed before the last step
-        assert "SIGTERM received" in err and "re-run the same command to resume" in err
-        assert not (run_root / "term" / "backbone.safetensors").exists()
-    run_pretrain(overrides)
-    wait_pretrain(straight)
-    assert_identical(final_checkpoint(run_root / "straight")[0], final_checkpoint(run_root / "term")[0])
+    stopped_at = int(list_checkpoints(run_root / "term")[-1].name[5:])
+    assert 2 <= stopped_at < STEPS, err[-2000:]
+    assert "SIGTERM received" in err and "re-run the same command to resume" in err
+    assert not (run_root / "term" / "backbone.safetensors").exists()
+    wait_pretrain(start_pretrain(overrides, threads=threads))
+    assert_same_run(straight(threads, 2), run_root / "term")

@@ -123,6 +123,9 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     assert json.loads((run_root / "exported" / "backbone.json").read_text())["step"] == 2
 
 
+@pytest.mark.fault(injected="re-running a run name with a changed config",
+                   did="refused with one line naming the differing keys, before the run directory is touched",
+                   lost="nothing")
 def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpus, run_root):
     loop.pretrain(tiny_config(run_root, "same", train__steps=2))
     before = (run_root / "same" / "config.yaml").read_text()
@@ -148,6 +151,9 @@ def inject_nan(monkeypatch, bad_calls):
     monkeypatch.setattr(loop, "forward_losses", forward)
 
 
+@pytest.mark.fault(injected="a NaN loss in one step",
+                   did="the step is skipped and counted (nonfinite_total)",
+                   lost="that one batch")
 def test_nonfinite_step_is_skipped_and_counted(corpus, run_root, monkeypatch):
     inject_nan(monkeypatch, {2})
     summary = loop.pretrain(tiny_config(run_root, "spike", train__steps=3))
@@ -156,6 +162,10 @@ def test_nonfinite_step_is_skipped_and_counted(corpus, run_root, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
+@pytest.mark.fault(injected="NaN losses in every step from the third on",
+                   did="stops after train.max_nonfinite_steps in a row with one line naming the last good "
+                       "checkpoint",
+                   lost="only the diverged steps (the last good checkpoint stays the newest)")
 def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, run_root, monkeypatch):
     inject_nan(monkeypatch, {3, None})  # every call from the third on
     config = tiny_config(run_root, "diverge", train__steps=4, train__checkpoint_every=1,
@@ -220,6 +230,9 @@ def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
     assert "embeddings are collapsing" in caplog.text
 
 
+@pytest.mark.fault(injected="a corrupt JPEG in a training shard",
+                   did="skipped, logged with its key, counted as data_skipped in metrics.jsonl",
+                   lost="that sample")
 def test_corrupt_samples_are_counted_and_logged(corpus, run_root, tmp_path, caplog):
     import io
     import tarfile

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,19 +28,46 @@ def tiny_overrides(output_dir: Path, name: str = "tiny", **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def start_pretrain(overrides: list[str], env_extra: dict | None = None, quiet: bool = True) -> subprocess.Popen:
-    """Start ``ssl-hybrid pretrain`` in the background (one thread, so runs are comparable bit for bit)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0", **(env_extra or {}))
+def pretrain_env(threads: str | None = "1", env_extra: dict | None = None) -> dict:
+    """The subprocess environment: ``threads`` torch/OpenMP threads, or None for the machine's default
+    (what users get: OMP_NUM_THREADS unset)."""
+    env = dict(os.environ, PYTHONHASHSEED="0", **(env_extra or {}))
+    env.pop("OMP_NUM_THREADS", None)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = threads
+    return env
+
+
+def start_pretrain(overrides: list[str], env_extra: dict | None = None, quiet: bool = True,
+                   threads: str | None = "1") -> subprocess.Popen:
+    """Start ``ssl-hybrid pretrain`` in the background."""
     args = [sys.executable, "-m", "ssl_hybrid", *(["-q"] if quiet else []), "pretrain", *overrides]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, cwd=REPO, env=pretrain_env(threads, env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
-def wait_pretrain(proc: subprocess.Popen, check: bool = True, timeout: float = 120) -> tuple[int, str]:
+def wait_pretrain(proc: subprocess.Popen, check: bool = True, timeout: float = 180) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{err[-3000:]}")
     return proc.returncode, err
 
 
-def run_pretrain(overrides: list[str], env_extra: dict | None = None, check: bool = True) -> tuple[int, str]:
-    return wait_pretrain(start_pretrain(overrides, env_extra), check=check)
+def run_pretrain(overrides: list[str], env_extra: dict | None = None, check: bool = True,
+                 threads: str | None = "1") -> tuple[int, str]:
+    return wait_pretrain(start_pretrain(overrides, env_extra, threads=threads), check=check)
+
+
+def signal_when(proc: subprocess.Popen, path: Path, signum: int, timeout: float = 120) -> None:
+    """Send ``signum`` to ``proc`` as soon as ``path`` exists (from outside, like a user or a scheduler);
+    fails if the process ended first, so the test always exercises the signal path."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared:\n"
+                                 f"{proc.communicate()[1][-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.005)
+    proc.send_signal(signum)

@@ -1,0 +1,242 @@
+"""Hostile inputs, as users' corpora contain them: every image mode and EXIF orientation decodes to the RGB
+a viewer shows, decompression bombs are refused at PIL's default limit, tar members named ``../x`` or
+``/abs`` are skipped and counted (never used as a path), randomly corrupted shards are skipped and
+counted without hanging or crashing, and labeled folders with an empty or a one-image class load.
+Each path users take is checked: the training stream, a labeled folder (evaluation) and the shard writer."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import jpeg_bytes, write_manifest, write_tar
+
+from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.data.labeled import LabeledDataError, kshot_indices, load_labeled
+from ssl_hybrid.data.stream import DataQualityError, build_train_stream, decode_image_or_reason, read_shard
+
+RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
+
+
+def encoded(image, fmt: str, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def quadrants(top_left=RED, top_right=GREEN, bottom_left=BLUE, bottom_right=WHITE, size: int = 16):
+    """A 2size x 2size RGB image of four flat quadrants (flat, so JPEG keeps their centres)."""
+    from PIL import Image
+
+    rows = [np.concatenate([np.full((size, size, 3), a, np.uint8), np.full((size, size, 3), b, np.uint8)], 1)
+            for a, b in ((top_left, top_right), (bottom_left, bottom_right))]
+    return Image.fromarray(np.concatenate(rows, 0))
+
+
+def centres(image) -> list[tuple[int, ...]]:
+    """The colour at the centre of each quadrant: top-left, top-right, bottom-left, bottom-right."""
+    pixels = np.asarray(image)
+    h, w = pixels.shape[0] // 4, pixels.shape[1] // 4
+    return [tuple(int(v) for v in pixels[y, x]) for y, x in ((h, w), (h, 3 * w), (3 * h, w), (3 * h, 3 * w))]
+
+
+def with_exif_orientation(image, orientation: int, fmt: str) -> bytes:
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    return encoded(image, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+
+
+def mode_cases() -> dict[str, tuple[bytes, str, list[tuple[int, ...]], int]]:
+    """name -> (file bytes, extension, expected quadrant centres, tolerance per channel)."""
+    from PIL import Image
+
+    rgb = quadrants()
+    gray = [(76,) * 3, (150,) * 3, (29,) * 3, WHITE]  # ITU-R 601 luma of red, green, blue, white
+    levels = np.array([[0x1234, 0x8000], [0xFF00, 0xFFFF]], np.uint16)
+    deep = Image.fromarray(np.kron(levels, np.ones((16, 16), np.uint16)))  # 16-bit grayscale quadrants
+    rgba = np.array(rgb.convert("RGBA"))
+    rgba[:16, :16, 3] = 0  # transparent top-left (its hidden colour is red)
+    rgba[:16, 16:, 3] = 128  # half-transparent green
+    palette = Image.fromarray(rgba).quantize(4)  # palette with a transparent index
+    gray_alpha = np.array(rgb.convert("LA"))
+    gray_alpha[16:, :16, 1] = 0  # transparent bottom-left
+    return {
+        "cmyk.jpg": (encoded(rgb.convert("CMYK"), "JPEG", quality=95), "jpg", [RED, GREEN, BLUE, WHITE], 12),
+        "grayscale.jpg": (encoded(rgb.convert("L"), "JPEG", quality=95), "jpg", gray, 4),
+        "grayscale.png": (encoded(rgb.convert("L"), "PNG"), "png", gray, 1),
+        "gray16.png": (encoded(deep, "PNG"), "png", [(0x12,) * 3, (0x80,) * 3, (0xFF,) * 3, (0xFF,) * 3], 0),
+        "palette.png": (encoded(rgb.quantize(4), "PNG"), "png", [RED, GREEN, BLUE, WHITE], 0),
+        "palette_alpha.png": (encoded(palette, "PNG"), "png", [WHITE, (127, 255, 127), BLUE, WHITE], 1),
+        "rgba.png": (encoded(Image.fromarray(rgba), "PNG"), "png", [WHITE, (127, 255, 127), BLUE, WHITE], 1),
+        "gray_alpha.png": (encoded(Image.fromarray(gray_alpha, "LA"), "PNG"), "png",
+                           [gray[0], gray[1], WHITE, WHITE], 1),
+        # EXIF orientation 6: shown rotated 90 degrees clockwise, so the stored top-left lands top-right
+        "exif6.jpg": (with_exif_orientation(rgb, 6, "JPEG"), "jpg", [BLUE, RED, WHITE, GREEN], 12),
+        "exif8.jpg": (with_exif_orientation(rgb, 8, "JPEG"), "jpg", [GREEN, WHITE, RED, BLUE], 12),
+        "exif3.jpg": (with_exif_orientation(rgb, 3, "JPEG"), "jpg", [WHITE, BLUE, GREEN, RED], 12),
+        "exif6.png": (with_exif_orientation(rgb, 6, "PNG"), "png", [BLUE, RED, WHITE, GREEN], 0),
+    }
+
+
+def assert_colours(image, expected, tolerance, where):
+    assert image.mode == "RGB", where
+    got = centres(image)
+    assert all(abs(g - e) <= tolerance for gs, es in zip(got, expected) for g, e in zip(gs, es)), \
+        f"{where}: quadrant centres {got}, expected {expected} (±{tolerance})"
+
+
+@pytest.mark.fault(injected="CMYK, 16-bit, palette+alpha, RGBA, grayscale and EXIF-rotated JPEG/PNG images",
+                   did="decoded to the RGB a viewer shows (orientation applied, alpha over white) by the "
+                       "stream, labeled folders and the shard writer", lost="nothing")
+@pytest.mark.parametrize("name", list(mode_cases()))
+def test_image_modes_and_exif_orientation_decode_to_the_rgb_a_viewer_shows(name, tmp_path):
+    data, extension, expected, tolerance = mode_cases()[name]
+    image, reason = decode_image_or_reason({"__key__": "k", extension: data})
+    assert reason is None
+    assert_colours(image, expected, tolerance, "stream")
+    folder = tmp_path / "labeled" / "cls"
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(data)
+    assert_colours(load_labeled(tmp_path / "labeled").load_image(0), expected, tolerance, "labeled folder")
+    # Re-encoding shards bakes the orientation in (the EXIF tag does not survive a JPEG re-encode).
+    manifest = shard_format.write_shards(tmp_path / "labeled", tmp_path / "shards", max_side=64, quality=95,
+                                         progress=False)
+    assert manifest["num_samples"] == 1 and manifest["skipped"] == []
+    sample = next(read_shard(str(tmp_path / "shards" / manifest["shards"][0]["name"])))
+    assert_colours(decode_image_or_reason(sample)[0], expected, tolerance + 8, "re-encoded shard")
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height (a few dozen bytes that would decode to GBs)."""
+    from PIL import Image
+
+    data = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the IHDR chunk's CRC
+    return bytes(data)
+
+
+@pytest.mark.fault(injected="decompression-bomb PNGs (header claims 10000x10000 and 30000x30000 pixels)",
+                   did="refused before decoding at PIL's default MAX_IMAGE_PIXELS: skipped and counted by the "
+                       "stream, listed in the writer's manifest, one-line error naming the file in evaluation",
+                   lost="nothing but the bombs")
+def test_decompression_bombs_are_refused_at_pils_default_limit(tmp_path, image_folder):
+    from PIL import Image
+
+    assert shard_format.MAX_IMAGE_PIXELS == Image.MAX_IMAGE_PIXELS  # PIL's default, not a test value
+    for side in (10_000, 30_000):  # above PIL's warning limit, and above its error limit (2x)
+        reason = decode_image_or_reason({"__key__": "bomb", "png": bomb_png(side, side)})[1]
+        assert reason.startswith("decompression bomb refused"), reason
+        (image_folder / "alpha" / f"bomb{side}.png").write_bytes(bomb_png(side, side))
+    manifest = shard_format.write_shards(image_folder, tmp_path / "out", progress=False)
+    assert manifest["num_samples"] == 18
+    assert {s["path"]: s["reason"][:26] for s in manifest["skipped"]} == dict.fromkeys(
+        ["alpha/bomb10000.png", "alpha/bomb30000.png"], "decompression bomb refused")
+    labeled = load_labeled(image_folder)
+    index = labeled.ids.index("alpha/bomb30000.png")
+    with pytest.raises(LabeledDataError, match=r"sample 'alpha/bomb30000.png' is not a readable image"):
+        labeled.load_image(index)
+
+
+def write_raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.fault(injected="a shard with tar members named ../x.jpg, a/../../y.jpg and /tmp/.../z.jpg",
+                   did="those samples skipped and counted (stream) or skipped with a warning (labeled sets); "
+                       "no file is ever written from a tar member", lost="nothing but those samples")
+def test_tar_members_with_unsafe_names_are_skipped_and_never_written(tmp_path, tiny_cfg, tiny_views, caplog):
+    shard_dir = tmp_path / "deep" / "shards"
+    shard_dir.mkdir(parents=True)
+    absolute = str(tmp_path / "escaped_abs.jpg")
+    members = [("good0.jpg", jpeg_bytes(0)), ("good0.cls", b"0"), ("../escaped.jpg", jpeg_bytes(1)),
+               ("../escaped.cls", b"0"), ("a/../../escaped2.jpg", jpeg_bytes(2)), (absolute, jpeg_bytes(3)),
+               ("good1.jpg", jpeg_bytes(4)), ("good1.cls", b"1")]
+    write_raw_tar(shard_dir / "evil-000000.tar", members)
+    write_manifest(shard_dir, {"evil-000000.tar": 6}, classes=["a", "b"])
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    stream = build_train_stream(tiny_cfg(shard_dir, max_skip_rate=1.0), 1, 0, 0, 1, tiny_views, epochs=1)
+    keys = [key for batch in stream for key in batch["key"]]
+    assert sorted(keys) == ["good0", "good1"]
+    assert stream.stats()["seen"] == 6 and stream.stats()["skipped"] == 4  # 2 members of ../escaped + 2 more
+    assert "unsafe tar member name '../escaped.jpg'" in caplog.text and "(absolute path)" in caplog.text
+    labeled = load_labeled(shard_dir)
+    assert labeled.ids == ["good0", "good1"] and labeled.load_image(1).size == (24, 20)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert not Path(absolute).exists()
+
+
+def corrupted(data: bytes, seed: int) -> bytes:
+    """1-8 random bytes replaced, or (every fourth seed) a random cut: what bit rot and partial copies do."""
+    rng = np.random.default_rng(seed)
+    if seed % 4 == 3:
+        return data[:int(rng.integers(1, len(data)))]
+    out = bytearray(data)
+    for position in rng.integers(0, len(out), size=int(rng.integers(1, 9))):
+        out[position] ^= int(rng.integers(1, 256))
+    return bytes(out)
+
+
+@pytest.mark.fault(injected="100 seeded corruptions of a shard (random bytes flipped, or cut short)",
+                   did="the stream skips and counts what it cannot read (or stops with one line when nothing in "
+                       "an epoch is usable); labeled sets raise one-line errors; never a hang or a crash",
+                   lost="only the unreadable samples")
+@pytest.mark.timeout(120)
+def test_fuzzed_shards_are_skipped_and_counted_never_hang_or_crash(tmp_path, tiny_cfg, tiny_views):
+    samples = [{"__key__": f"s{i}", "jpg": jpeg_bytes(i, size=(16, 12)), "cls": str(i % 2).encode()} for i in range(6)]
+    pristine = write_tar(tmp_path / "pristine.tar", samples).read_bytes()
+    outcomes = {"all read": 0, "skips counted": 0, "stopped: nothing usable": 0}
+    for seed in range(100):
+        directory = tmp_path / f"fuzz{seed}"
+        directory.mkdir()
+        (directory / "f-000000.tar").write_bytes(corrupted(pristine, seed))
+        write_manifest(directory, {"f-000000.tar": 6})
+        stream = build_train_stream(tiny_cfg(directory, max_skip_rate=1.0, shuffle_buffer=3), 2, seed, 0, 1,
+                                    tiny_views, epochs=1)
+        try:
+            delivered = sum(len(batch["key"]) for batch in stream)
+        except DataQualityError as err:
+            assert "no usable sample" in str(err) and "\n" not in str(err)
+            outcomes["stopped: nothing usable"] += 1
+            continue
+        stats = stream.stats()
+        assert stats["seen"] >= 6 and delivered == stats["seen"] - stats["skipped"], (seed, stats, delivered)
+        outcomes["all read" if stats["skipped"] == 0 else "skips counted"] += 1
+        try:
+            labeled = load_labeled(directory)
+        except LabeledDataError as err:
+            assert "\n" not in str(err)
+            continue
+        for index in range(len(labeled)):
+            try:
+                labeled.load_image(index)
+            except LabeledDataError as err:
+                assert "\n" not in str(err)
+    assert min(outcomes.values()) > 0, outcomes  # the corruptions exercised every outcome
+
+
+@pytest.mark.fault(injected="a labeled folder with an empty class folder and a class of one image",
+                   did="the empty class is left out with a warning naming it; the one-image class loads and "
+                       "k-shot beyond 1 stops with one line naming the class and the largest usable k",
+                   lost="nothing")
+def test_labeled_folder_with_an_empty_class_and_a_one_image_class(image_folder, caplog):
+    (image_folder / "delta_empty").mkdir()
+    for path in sorted((image_folder / "gamma").iterdir())[1:]:
+        path.unlink()
+    labeled = load_labeled(image_folder)
+    assert labeled.classes == ["alpha", "beta", "gamma"] and np.bincount(labeled.labels).tolist() == [6, 6, 1]
+    assert "class folder 'delta_empty' holds no images: left out" in caplog.text
+    assert len(kshot_indices(labeled.labels, 1, seed=0)) == 3
+    with pytest.raises(LabeledDataError, match=r"^class 2 has 1 training samples, fewer than 2 shots; the smallest "
+                                               r"class has 1: use at most 1 shots or add images$"):
+        kshot_indices(labeled.labels, 2, seed=0)
