@@ -195,7 +195,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     from ssl_hybrid.eval.fewshot import METHODS
-    from ssl_hybrid.eval.report import build_report
+    from ssl_hybrid.eval.report import build_report, slug
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     if names is not None and len(names) != len(args.runs):
@@ -203,9 +203,12 @@ def run_report(args: argparse.Namespace) -> int:
     shots = int_list(args.shots, "--shots")
     methods = str_list(args.method, "--method", METHODS)
     train, test = load_pair(args)
+    if args.baseline is not None and args.baseline not in (names or [slug(r) for r in args.runs]):
+        raise UserError(f"--baseline '{args.baseline}' is not one of the backbone names "
+                        f"({', '.join(names or [slug(r) for r in args.runs])})")
     report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
                           methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
-                          num_workers=args.workers, cache_dir=cache_dir(args))
+                          num_workers=args.workers, cache_dir=cache_dir(args), baseline=args.baseline)
     from ssl_hybrid.runs import write_json_atomic
 
     if not report["entries"]:  # not the main process
@@ -215,4 +218,5 @@ def run_report(args: argparse.Namespace) -> int:
     print(report["table"], end="")
     print(f"wrote {report['markdown']}, {Path(args.out_dir) / 'report.json'}, {report['plot']} and "
           f"{len(report['entries'])} retrieval grid(s)")
+    print(f"verdict: {report['verdict']['line']}")
     return 0
