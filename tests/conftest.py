@@ -45,7 +45,7 @@ def leftovers(root: Path) -> list[str]:
     found = []
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         if entry.name.startswith(("pytest-of-", "torchelastic_")) or entry.name == TORCH_CACHE or (
-                entry.name == "cache" and not any(entry.iterdir())):
+                entry.name == "cache" and not any(entry.iterdir())) or entry == _live_multiprocessing_dir():
             continue
         found.append(entry.name + ("/" if entry.is_dir() else ""))
     return found
@@ -58,8 +58,20 @@ def pytest_sessionfinish(session, exitstatus):
     session.config.stash[_LEFT] = left
     if left:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    elif exitstatus == 0:
+    elif exitstatus == 0 and _live_multiprocessing_dir() is None:
         shutil.rmtree(root, ignore_errors=True)
+    elif exitstatus == 0:  # multiprocessing removes its folder (inside ours) at exit: remove ours after it
+        from multiprocessing import util
+
+        util.Finalize(None, shutil.rmtree, args=(str(root),), kwargs={"ignore_errors": True}, exitpriority=-1000)
+
+
+def _live_multiprocessing_dir():
+    """This process's multiprocessing temp folder (pymp-*), which multiprocessing itself removes at exit."""
+    from multiprocessing import process
+
+    tempdir = getattr(process.current_process(), "_config", {}).get("tempdir")
+    return Path(tempdir) if tempdir and Path(tempdir).exists() else None
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -126,9 +126,12 @@ def worker_error_line(text: str) -> str:
 
 
 @contextlib.contextmanager
-def one_line_worker_errors():
+def one_line_worker_errors(iterator=None):
     """User errors raised inside DataLoader workers (an unreadable image) reach the user as the worker's
-    one-line message naming the file, not as torch's wrapped traceback; other errors pass unchanged."""
+    one-line message naming the file, not as torch's wrapped traceback; other errors pass unchanged.
+
+    ``iterator`` (the loader's): its workers are joined before the error propagates. Left to be killed at
+    exit, workers that shared tensors leave multiprocessing's ``pymp-*`` folders in the temp directory."""
     from ssl_hybrid.errors import UserError
 
     try:
@@ -137,6 +140,9 @@ def one_line_worker_errors():
         line = worker_error_line(str(err))
         if line == str(err):
             raise
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process loader iterator
+        if shutdown is not None:
+            shutdown()
         raise type(err)(line) from None
 
 
@@ -157,13 +163,13 @@ def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progre
     features: Optional[np.ndarray] = None
     labels = np.full(n, -1, dtype=np.int64)
     filled = np.zeros(n, dtype=bool)
-    batches = loader
+    batches = iterator = iter(loader)
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(loader, desc="features", unit="batch", leave=False,
+        batches = tqdm(iterator, total=len(loader), desc="features", unit="batch", leave=False,
                        disable=accelerator is not None and not accelerator.is_main_process)
-    with one_line_worker_errors():
+    with one_line_worker_errors(iterator):
         for images, batch_labels, indices in batches:
             with autocast_context(device):
                 out = forward(backbone, images.to(device, non_blocking=True)).float()  # [B, C]

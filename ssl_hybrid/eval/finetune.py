@@ -176,8 +176,9 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
 def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator) -> float:
     model.train()
     losses = []
-    with one_line_worker_errors():
-        for images, labels, _ in loader:
+    batches = iter(loader)
+    with one_line_worker_errors(batches):
+        for images, labels, _ in batches:
             with accelerator.autocast():
                 loss = criterion(model(images), labels)
             optimizer.zero_grad(set_to_none=True)

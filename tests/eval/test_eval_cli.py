@@ -161,3 +161,11 @@ def test_knn_reads_labeled_shards_like_folders(labeled_pair, capsys, tmp_path):
     assert shards["n_train"] == folder["n_train"] == 18
     # Same images (PNG bytes kept as written), same labels: the bank is a permutation, so the accuracies agree.
     assert shards["per_k"] == folder["per_k"]
+
+
+def test_report_baseline_must_name_a_backbone(labeled_pair, capsys, tmp_path):
+    code, _, err = _run(capsys, "report", "random:hybrid_nano", "random:resnet10t", "--names", "a,b",
+                        "--baseline", "c", "--train", str(labeled_pair[0]), "--test", str(labeled_pair[1]),
+                        "--out-dir", str(tmp_path / "r"))
+    assert code == 2 and "--baseline 'c' is not one of the backbone names (a, b)" in err
+    assert not (tmp_path / "r").exists()
