@@ -12,7 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO_ROOT, SESSION_TMP_PREFIX
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _root_conftest():
+    """tests/conftest.py loaded by path: a plain `import conftest` may find another folder's conftest."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ssl_hybrid_root_conftest", REPO_ROOT / "tests" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SESSION_TMP_PREFIX = _root_conftest().SESSION_TMP_PREFIX
 
 
 def test_each_test_has_its_own_cache(tmp_path):
