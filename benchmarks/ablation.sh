@@ -3,14 +3,15 @@
 # 4 CPU-minutes of pretraining per run (one torch thread each, 2 runs in parallel), on flowers12 (96 px) and on
 # the embedded corpus data/pets37 (64 px, 7/3 split per breed: 1/5-shot, 10-shot needs more than 7 images).
 # The levers: architecture (resvit_tiny vs hybrid_tiny), lr per part (optim.transformer_lr_scale 0.3 vs one lr),
-# objective (SimCLR vs fast-teacher DINO), pooling (multiscale vs default: every run is evaluated both ways).
-# Every run uses ours' chosen lr from the label-efficiency benchmark (LR, default 3e-3 per 256).
+# objective (SimCLR vs fast-teacher DINO), the SimCLR head's input (pooled feature vs multi-scale embedding),
+# pooling for evaluation (multiscale vs default: every run is evaluated both ways).
+# Every run uses one lr (LR, default 3e-3 per 256: the middle of the label-efficiency grid).
 #   bash benchmarks/ablation.sh                 # ~40 CPU-minutes of pretraining, ~25 minutes on 2 cores
 # Then: python benchmarks/ablation_table.py     # writes benchmarks/results/ablation/README.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LR="${LR:-3e-3}"
-METHODS="ours,resvit_simclr_one_lr,hybrid_tiny_simclr,resvit_dino,simclr_resnet18"
+METHODS="ours,resvit_simclr_one_lr,hybrid_tiny_simclr,resvit_dino,resvit_ms_embed,simclr_resnet18"
 FLOWERS="${FLOWERS:-../shared/datasets/flowers12}"
 if [ -d "$FLOWERS/train" ]; then
   python3 benchmarks/label_efficiency.py --minutes 4 --jobs 2 --lrs "$LR" --methods "$METHODS" --data "$FLOWERS" \

@@ -19,6 +19,7 @@ ROWS = {
     "resvit_simclr_one_lr": ("lr per part", "one lr for conv stages and ViT blocks"),
     "hybrid_tiny_simclr": ("architecture", "hybrid_tiny (light conv stem, 12 ViT blocks) instead of resvit_tiny"),
     "resvit_dino": ("objective", "DINO (fast teacher, 256 prototypes) instead of SimCLR"),
+    "resvit_ms_embed": ("(lever on) training embedding", "SimCLR head on the multi-scale embedding"),
     "simclr_resnet18": ("baseline", "ResNet-18 SimCLR (lightly recipe), same lr and pooling treatment"),
 }
 
@@ -58,7 +59,7 @@ def main() -> int:
     out = ["# Ablation: which lever buys what (4 CPU-minutes of pretraining per run)", "",
            "Made by `bash benchmarks/ablation.sh` then `python benchmarks/ablation_table.py`. Each row switches one "
            "lever of ours off; the pooling lever is the difference between the multiscale and default-pooling "
-           "columns of the same run. All runs at one lr (ours' chosen lr); k-NN top-1 (k=20) and k-shot linear "
+           "columns of the same run. All runs at one lr (the middle of the label-efficiency grid); k-NN top-1 (k=20) and k-shot linear "
            "probes (mean over seeded splits), in %.", ""]
     for path in sorted(args.results.glob("*/label_efficiency.json")):
         result = json.loads(path.read_text(encoding="utf-8"))

@@ -56,6 +56,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     # ablation levers (one change each from "ours")
     "resvit_simclr_one_lr": ("resvit_tiny SimCLR, one lr", ["model.name=resvit_tiny", *SIMCLR]),
     "hybrid_tiny_simclr": ("hybrid_tiny SimCLR", ["model.name=hybrid_tiny", *SIMCLR, "optim.transformer_lr_scale=0.3"]),
+    "resvit_ms_embed": ("resvit_tiny SimCLR on the multi-scale embedding",
+                        ["model.name=resvit_tiny", *SIMCLR, "optim.transformer_lr_scale=0.3", "objective.embedding=multiscale"]),
     "resvit_dino": ("resvit_tiny DINO (fast teacher)", ["model.name=resvit_tiny", *DINO_FAST,
                     "objective.mim_weight=0.0", "objective.dino_weight=1.0", "optim.transformer_lr_scale=0.3"]),
     # the hybrid_tiny objectives of earlier rounds

@@ -277,6 +277,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeded subsets per shot count")
     parser.add_argument("--method", default="knn,linear", help="knn and/or linear")
     parser.add_argument("--out-dir", default="report", help="report.md, report.json, label_efficiency.png, retrieval_*.png")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help="the backbone (by name) the verdict compares the others with; default: the random: or "
+                             "timm: one when the others are pretrained")
     _add_out_arg(parser, "the report")
     parser.set_defaults(handler=_eval_handler("run_report"))
 
@@ -355,16 +358,23 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    from ssl_hybrid.quickstart import recipe_summary
+
+    recipe = recipe_summary()
     parser = sub.add_parser(
         "quickstart", formatter_class=_HelpFormatter,
-        help="pretrain resvit_tiny on the embedded corpus, compare with random init, write a report",
-        description="The whole pipeline on the embedded corpus (data/pets37), no download, CPU or GPU:\n"
-                    "pretrain resvit_tiny (SimCLR, recipes/quickstart.yaml) for --minutes, then\n"
-                    "k-NN and 1/5-shot linear probes of the pretrained and a randomly initialized backbone.\n"
-                    "Writes <output-dir>/quickstart/: report.md, report.json, label_efficiency.png,\n"
-                    "retrieval_*.png, plus the usual run files. Re-running resumes; --fresh starts over.")
+        help="pretrain on the embedded corpus, compare with random init, write a report with a verdict",
+        description=f"The whole pipeline on the embedded corpus (data/pets37), no download, CPU or GPU:\n"
+                    f"pretrain {recipe} from recipes/quickstart.yaml;\n"
+                    "training stops at train.steps or after --minutes, whichever comes first. Then k-NN and\n"
+                    "1/5-shot linear probes of the pretrained and a randomly initialized backbone on a seeded\n"
+                    "per-class hold-out of the corpus, and a verdict computed from the numbers (beyond noise or\n"
+                    "not, above chance or not). Writes <output-dir>/quickstart/: report.md, report.json,\n"
+                    "label_efficiency.png, retrieval_*.png, plus the usual run files. Re-running resumes;\n"
+                    "--fresh starts over.")
     parser.add_argument("--minutes", type=float, default=5.0,
-                        help="pretraining wall-clock budget (evaluation adds about a minute)")
+                        help="wall-clock limit of the pretraining; it stops at train.steps or this, whichever comes "
+                             "first (evaluation adds about a minute)")
     parser.add_argument("--output-dir", default="runs", help="where the run directory 'quickstart' goes")
     parser.add_argument("--fresh", action="store_true", help="delete an earlier quickstart run first")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
@@ -382,6 +392,7 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     print(f"\nreport: {report['markdown']}\nplot:   {report['plot']}")
     for entry in report["entries"]:
         print(f"grid:   {entry['retrieval_grid']['path']}")
+    print(f"\nverdict: {report['verdict']['line']}")
     return 0
 
 

@@ -16,6 +16,7 @@ prints it on one line and exits with status 2 before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import logging
 import math
@@ -234,13 +235,36 @@ def _read_recipe(path: Path) -> dict:
     return loaded
 
 
+def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, groups included ("train", "train.steps", ...)."""
+    keys = []
+    for name, value in cfg.items_ex(resolve=False):
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        if isinstance(value, DictConfig):
+            keys.extend(known_keys(value, f"{dotted}."))
+    return keys
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+    """"unknown key 'train.stpes' — did you mean 'train.steps'?" (difflib's closest match, when close).
+    Within an existing group only that group's keys compete, so the shared prefix cannot make a match."""
+    group, _, last = key.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
+    if group and group in known:
+        match = [f"{group}.{m}" for m in difflib.get_close_matches(last, siblings, n=1, cutoff=0.6)]
+    else:
+        match = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"unknown key '{key}'" + (f" — did you mean '{match[0]}'?" if match else "")
+
+
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as err:
         key = _error_key(err)
         if "not in struct" in str(err) or "Key '" in str(err) and "not" in str(err):
-            raise ConfigError(f"{source}: unknown key '{key}'") from None
+            raise ConfigError(f"{source}: {unknown_key_message(key, known_keys(base))}") from None
         raise ConfigError(f"{source}: key '{key}': {_error_text(err)}") from None
 
 

@@ -1,12 +1,13 @@
 """`ssl-hybrid quickstart`: the whole pipeline on the embedded corpus in a few minutes, no download.
 
-1. pretrain ``resvit_tiny`` with SimCLR on ``data/pets37`` (recipes/quickstart.yaml)
-   under a wall-clock budget (the trainer stops cleanly, checkpoints and exports when it runs out);
+1. pretrain the model and objective of ``recipes/quickstart.yaml`` on ``data/pets37`` until
+   ``train.steps`` are done or the ``--minutes`` budget is spent, whichever comes first (the trainer
+   stops cleanly, checkpoints and exports when it runs out);
 2. split the corpus's labels per class into a bank/train part and a test part (seeded, saved);
 3. evaluate the pretrained backbone and the same architecture at random initialization with the same
    evaluators users run on their own checkpoints: k-NN (DINO protocol) and 1/5-shot linear probes;
 4. write ``report.md``, ``report.json``, the label-efficiency plot and the retrieval grids into the run
-   directory and print the table.
+   directory, print the table and the verdict (computed from the numbers, see ``eval/verdict.py``).
 
 The unlabeled pretraining sees every image of the corpus (as self-supervised pretraining on a user's own
 corpus does); labels are used only by the evaluation, on the split written to ``quickstart_split.json``.
@@ -47,9 +48,9 @@ def quickstart_config(minutes: float, output_dir: str, overrides: Sequence[str] 
 
 def split_corpus(spec: str, seed: int, directory: Path):
     """Seeded per-class train/test split of the labeled corpus; the test ids are saved."""
-    from ssl_hybrid.data.labeled import load_labeled, save_split, stratified_holdout
+    from ssl_hybrid.data.labeled import check_images, load_labeled, save_split, stratified_holdout
 
-    labeled = load_labeled(spec)
+    labeled = check_images(load_labeled(spec))
     train_idx, test_idx = stratified_holdout(labeled.labels, TEST_FRACTION, seed)
     save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
                test_fraction=TEST_FRACTION, seed=seed)
@@ -72,10 +73,25 @@ def quickstart(minutes: float = 5.0, output_dir: str = "runs", fresh: bool = Fal
     if summary["backbone"] is None:
         raise UserError(f"{directory}: pretraining was interrupted before the export; re-run to resume")
     train_set, test_set = split_corpus(config.data.train, config.train.seed, directory)
+    names = [f"{config.model.name} pretrained ({summary['step']} steps)", f"{config.model.name} random init"]
     report = build_report(
-        [str(directory), f"random:{config.model.name}"], train_set, test_set, directory,
-        names=[f"{config.model.name} pretrained ({summary['step']} steps)", f"{config.model.name} random init"],
+        [str(directory), f"random:{config.model.name}"], train_set, test_set, directory, names=names,
         shots=shots, seeds=seeds, methods=("linear",), image_size=config.data.image_size,
-        batch_size=config.eval.batch_size, num_workers=min(2, config.data.num_workers), cache_dir=None)
+        batch_size=config.eval.batch_size, num_workers=min(2, config.data.num_workers), cache_dir=None,
+        split_note=f"{TEST_FRACTION:.0%} of each class held out at random (seed {config.train.seed}; ids in "
+                   "quickstart_split.json); pretraining saw every image without labels",
+        baseline=names[1])
     report["pretraining"] = summary
     return report
+
+
+def recipe_summary() -> str:
+    """'hybrid_tiny, MIM + DINO, 200 steps' from the recipe on disk (for --help; the recipe may change)."""
+    try:
+        config = load_config(QUICKSTART_RECIPE)
+    except Exception:  # --help must work even from a broken checkout
+        return "the model and objective of recipes/quickstart.yaml"
+    weights = {"MIM": config.objective.mim_weight, "DINO": config.objective.dino_weight,
+               "SimCLR": config.objective.simclr_weight}
+    objective = " + ".join(name for name, weight in weights.items() if weight > 0)
+    return f"{config.model.name} with {objective} ({config.train.steps} steps at {config.data.image_size} px)"

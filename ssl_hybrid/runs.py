@@ -58,6 +58,15 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def read_backbone_meta(directory: Path) -> dict[str, Any]:
+    """The run's exported backbone.json, {} when there is none (or it is unreadable)."""
+    path = Path(directory) / BACKBONE_META
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """Write JSON through a temp file + rename, so a crash never leaves half a file (used by --out)."""
     path = Path(path)

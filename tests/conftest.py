@@ -1,9 +1,18 @@
 """Shared fixtures: a tiny temporary image folder made with PIL, a temporary run directory,
-and paths to the real development datasets (tests using them skip cleanly when absent)."""
+and paths to the real development datasets (tests using them skip cleanly when absent).
+
+Tests leave nothing behind. Every test gets its own ``SSL_HYBRID_CACHE`` under its ``tmp_path`` (the
+feature cache and the image-folder shard cache never touch ``~/.cache/ssl_hybrid``). The whole session
+runs with ``TMPDIR`` set to one private folder (pytest's ``tmp_path`` folders live there too, and every
+subprocess a test starts inherits it); when the session ends, anything else left in that folder fails the
+run and is listed, and the folder is removed when the run passed (kept for inspection when it did not).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +20,73 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATASETS = Path(os.environ.get("SSL_HYBRID_DATASETS", REPO_ROOT.parent / "shared" / "datasets"))
+SESSION_TMP_PREFIX = "ssl_hybrid_tests_"
+TORCH_CACHE = "torchinductor"
+_SESSION_TMP = pytest.StashKey[Path]()
+_LEFT = pytest.StashKey[list]()
+
+
+def pytest_configure(config):
+    root = Path(tempfile.mkdtemp(prefix=SESSION_TMP_PREFIX))
+    config.stash[_SESSION_TMP] = root
+    os.environ["TMPDIR"] = str(root)
+    os.environ["SSL_HYBRID_CACHE"] = str(root / "cache")  # code run outside a test (collection) too
+    # torch creates its compile cache (<tmp>/torchinductor_<user>) when timm imports torch._dynamo; keep it
+    # in the session folder under a known name, so it goes when the folder goes.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / TORCH_CACHE)
+    tempfile.tempdir = None  # forget the cached system temp dir; pytest's basetemp is created lazily
+
+
+def leftovers(root: Path) -> list[str]:
+    """What the session left in its temp folder besides pytest's own tmp_path tree, an empty session cache
+    and what third-party tools always leave (removed with the folder): torch's compile cache and
+    torchrun's log folders (torch.distributed.elastic makes a torchelastic_* folder per launch when no
+    --log-dir is given and never removes it)."""
+    found = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.name.startswith(("pytest-of-", "torchelastic_")) or entry.name == TORCH_CACHE or (
+                entry.name == "cache" and not any(entry.iterdir())) or entry == _live_multiprocessing_dir():
+            continue
+        found.append(entry.name + ("/" if entry.is_dir() else ""))
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    root = session.config.stash[_SESSION_TMP]
+    left = leftovers(root)
+    session.config.stash[_LEFT] = left
+    if left:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif exitstatus == 0 and _live_multiprocessing_dir() is None:
+        shutil.rmtree(root, ignore_errors=True)
+    elif exitstatus == 0:  # multiprocessing removes its folder (inside ours) at exit: remove ours after it
+        from multiprocessing import util
+
+        util.Finalize(None, shutil.rmtree, args=(str(root),), kwargs={"ignore_errors": True}, exitpriority=-1000)
+
+
+def _live_multiprocessing_dir():
+    """This process's multiprocessing temp folder (pymp-*), which multiprocessing itself removes at exit."""
+    from multiprocessing import process
+
+    tempdir = getattr(process.current_process(), "_config", {}).get("tempdir")
+    return Path(tempdir) if tempdir and Path(tempdir).exists() else None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    left, root = config.stash.get(_LEFT, []), config.stash[_SESSION_TMP]
+    if left:
+        terminalreporter.write_line(f"tests left behind in the temp folder {root}: {', '.join(left)} "
+                                    "(a test or the code it runs does not clean up)", red=True)
+    elif root.exists() and exitstatus != 0:
+        terminalreporter.write_line(f"temp files of the failed tests are kept in {root}")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch):
+    """Never read or write the user's ~/.cache/ssl_hybrid (subprocesses inherit the variable)."""
+    monkeypatch.setenv("SSL_HYBRID_CACHE", str(tmp_path / "cache"))
 
 
 def _make_image(path: Path, rng: np.random.Generator, size: tuple[int, int], class_index: int) -> None:
@@ -60,7 +136,7 @@ def shared_dataset(name: str) -> Path:
     """Path to ../shared/datasets/<name>, or skip the test cleanly when it is absent."""
     path = SHARED_DATASETS / name
     if not path.exists():
-        pytest.skip(f"development dataset {name} not found at {path}")
+        pytest.skip(f"development dataset '{name}' not available (set SSL_HYBRID_DATASETS to the folder holding it)")
     return path
 
 

@@ -88,6 +88,31 @@ def test_bad_overrides_name_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("override, suggestion", [
+    ("train.stpes=5", "train.steps"),             # a typo in the key
+    ("trian.steps=5", "train"),                   # a typo in the group
+    ("data.image_sz=32", "data.image_size"),
+    ("name_=x", "name"),
+    ("optim.learning_rate=1e-3", None),           # nothing close within optim: no wild guess
+])
+def test_unknown_keys_suggest_the_nearest_key(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        cfg.load_config(None, [override])
+    message = str(err.value)
+    key = override.split("=")[0] if suggestion != "train" else "trian"
+    if suggestion is None:
+        assert message.endswith(f"unknown key '{key}'")
+    else:
+        assert message.endswith(f"unknown key '{key}' — did you mean '{suggestion}'?")
+
+
+def test_recipe_typos_suggest_the_nearest_key_too(tmp_path):
+    recipe = write(tmp_path / "typo.yaml", "objective:\n  mask_ration: 0.5\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: unknown key 'objective.mask_ration' — did you mean "
+                                          r"'objective.mask_ratio'\?"):
+        cfg.load_config(recipe)
+
+
 def test_wrong_type_in_recipe_names_file(tmp_path):
     recipe = write(tmp_path / "types.yaml", "train:\n  batch_size: lots\n")
     with pytest.raises(ConfigError, match=r"types\.yaml.*train\.batch_size"):

@@ -35,6 +35,16 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
     split = json.loads((run / "quickstart_split.json").read_text())
     assert len(split["ids"]) == 37 * 3  # 3 test images of each of the 37 breeds
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    # the report says what the numbers mean, and the verdict printed last is the report's
+    context = report["context"]
+    assert context["chance"]["top1"] == pytest.approx(1 / 37) and context["test_images_in_train"] == 0
+    assert "disjoint parts of" in context["split"] and "held out at random (seed 0" in context["split"]
+    assert context["protocol"]["fewshot"]["shots"] == [1, 5] and context["protocol"]["fewshot"]["seeds"] == 5
+    assert report["entries"][0]["budget"].startswith("3 of 3 steps in ")
+    assert "whichever comes first; stopped: all steps done" in report["entries"][0]["budget"]
+    assert report["verdict"]["baseline"] == "hybrid_nano random init"
+    assert printed.rstrip().splitlines()[-1] == f"verdict: {report['verdict']['line']}"
+    assert f"**Verdict:** {report['verdict']['line']}" in (run / "report.md").read_text()
     # the pretrained backbone really is the run's export, not a second random init
     pretrained, random_init = (entry["backbone"]["hash"] for entry in report["entries"])
     assert pretrained != random_init

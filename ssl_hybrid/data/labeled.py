@@ -6,15 +6,16 @@ offsets), so a sample is a seek + read away: evaluation needs random access (sam
 retrieval grids) and labeled evaluation sets are small enough to index, unlike pretraining corpora.
 
 :func:`kshot_indices` draws seeded k-per-class subsets; :func:`save_split` writes their sample ids so a
-reported number can be traced back to the exact images it was computed on.
+reported number can be traced back to the exact images it was computed on. :func:`check_images`
+decodes every image before extraction and drops (and counts) unreadable ones by the stream's skip rule.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,8 @@ class LabeledSet:
     source: str
     classes: list[str]
     samples: list[Sample] = field(default_factory=list)
+    # Unreadable images dropped by :func:`check_images` ({"id", "path", "reason"}), so reports can count them.
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -73,15 +76,27 @@ class LabeledSet:
             return handle.read(sample.size)
 
     def load_image(self, index: int):
-        """The decoded RGB PIL image; raises LabeledDataError naming the sample when it is unreadable."""
-        sample = self.samples[index]
-        image = _decode(self.read_bytes(index), sample.id)
+        """The decoded RGB PIL image; raises LabeledDataError naming the file when it is unreadable."""
+        image, reason = self.decode(index)
         if image is None:
-            raise LabeledDataError(f"{self.source}: sample '{sample.id}' is not a readable image")
+            raise LabeledDataError(f"{self.where(index)}: {reason}")
         return image
 
+    def decode(self, index: int):
+        """(RGB PIL image, None) or (None, why it is unreadable), with the pretraining stream's decoder."""
+        try:
+            data = self.read_bytes(index)
+        except OSError as err:
+            return None, f"cannot be read ({err.strerror or err})"
+        return _decode(data, self.samples[index].id)
+
+    def where(self, index: int) -> str:
+        """The file of a sample, and its key inside a shard: what an error message should name."""
+        sample = self.samples[index]
+        return sample.path if sample.offset < 0 else f"{sample.path}: sample '{sample.id}'"
+
     def subset(self, indices: Sequence[int]) -> "LabeledSet":
-        return LabeledSet(self.source, self.classes, [self.samples[i] for i in indices])
+        return LabeledSet(self.source, self.classes, [self.samples[i] for i in indices], self.skipped)
 
     def fingerprint(self) -> str:
         """Identifies the content for feature caching: ids, labels, and the files' sizes + mtimes."""
@@ -96,24 +111,55 @@ class LabeledSet:
 
 
 def _decode(data: bytes, key: str):
-    """Decode with the stream's decoder when it exists (same corrupt-image policy), else with PIL."""
-    try:
-        from ssl_hybrid.data.stream import decode_image  # issue 4's decoder, once it lands
-    except ImportError:
-        decode_image = None
-    if decode_image is not None:
-        try:
-            return decode_image({"__key__": key, "jpg": data})
-        except Exception:  # fall back to PIL below: its signature may differ from what we assume
-            pass
-    from PIL import Image, UnidentifiedImageError
+    """(RGB image, None) or (None, reason): the stream's decoder, so the corrupt-image policy is the same."""
+    from ssl_hybrid.data.stream import decode_image_or_reason
 
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        return None
+    image, reason = decode_image_or_reason({"__key__": key, "jpg": data})
+    if image is not None:
+        return image, None
+    # PIL names its in-memory file ("<_io.BytesIO object at 0x7f...>"): noise next to the real file name.
+    return None, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason or "not a readable image")
+
+
+def check_images(labeled: LabeledSet, max_skip_rate: Optional[float] = None) -> LabeledSet:
+    """Decode every image once before any extraction starts; unreadable ones are dropped, logged and
+    counted (``skipped``), by the pretraining stream's rule: above ``data.max_skip_rate`` of the set
+    (default 10%) is an error naming the count and the first bad file, not a skip.
+
+    A full decode costs well under a second per thousand small images, and it turns a DataLoader worker's
+    traceback in the middle of extraction into one clear message before anything runs.
+    """
+    if max_skip_rate is None:
+        from ssl_hybrid.config import DataConfig
+
+        max_skip_rate = DataConfig().max_skip_rate
+    skipped = []
+    for index in range(len(labeled)):
+        image, reason = labeled.decode(index)
+        if image is None:
+            sample = labeled.samples[index]
+            skipped.append({"id": sample.id, "path": labeled.where(index), "reason": reason})
+    if not skipped:
+        return labeled
+    rate = len(skipped) / len(labeled)
+    first = skipped[0]
+    if rate > max_skip_rate:
+        raise LabeledDataError(
+            f"{labeled.source}: {len(skipped)} of {len(labeled)} images are unreadable ({rate:.0%} > "
+            f"data.max_skip_rate={max_skip_rate:g}); first: {first['path']}: {first['reason']}")
+    for item in skipped[:5]:
+        log.warning("skipping unreadable image %s: %s", item["path"], item["reason"])
+    log.warning("%s: %d of %d images skipped as unreadable (%.1f%%, limit data.max_skip_rate=%g)",
+                labeled.source, len(skipped), len(labeled), 100 * rate, max_skip_rate)
+    bad = {item["id"] for item in skipped}
+    return LabeledSet(labeled.source, labeled.classes, [s for s in labeled.samples if s.id not in bad],
+                      labeled.skipped + skipped)
+
+
+def shared_images(first: LabeledSet, second: LabeledSet) -> int:
+    """How many images of ``second`` are also in ``first`` (the same file, or the same bytes of a shard)."""
+    seen = {(s.path, s.offset) for s in first.samples}
+    return sum((s.path, s.offset) in seen for s in second.samples)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +349,13 @@ class TorchLabeledDataset:
         return len(self.labeled)
 
     def __getitem__(self, index: int):
-        return self.transform(self.labeled.load_image(index)), self.labeled.samples[index].label, index
+        image = self.labeled.load_image(index)
+        try:
+            pixels = self.transform(image)
+        except Exception as err:  # e.g. an image too small for the crop: name the file, not the worker
+            raise LabeledDataError(f"{self.labeled.where(index)}: cannot be transformed "
+                                   f"({type(err).__name__}: {err})") from None
+        return pixels, self.labeled.samples[index].label, index
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

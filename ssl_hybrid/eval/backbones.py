@@ -62,7 +62,7 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
         model = _create(name, kwargs, size, spec)
         missing, unexpected = _load_weights(model, weights)
         meta = {"spec": spec, "kind": "file", "model": name, "image_size": size, "weights": str(weights),
-                "missing_keys": missing, "unexpected_keys": unexpected}
+                "missing_keys": missing, "unexpected_keys": unexpected, "pretraining": _pretraining(model_meta)}
     model.eval()
     meta["num_features"] = int(model.num_features)
     meta["hash"] = model_hash(model)
@@ -134,6 +134,13 @@ def _meta_from_config(run: Path) -> dict[str, Any]:
 
     values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     return {"model": values.get("model", {}).get("name"), "image_size": values.get("data", {}).get("image_size")}
+
+
+def _pretraining(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """What the trainer recorded at export: run name, steps done, objective weights, budget and time."""
+    record = {k: meta[k] for k in ("run", "step", "objective") if k in meta}
+    record.update(meta.get("pretraining") or {})
+    return record or None
 
 
 def _pretrained_size(meta: dict[str, Any]) -> int:

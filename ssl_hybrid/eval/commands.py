@@ -38,8 +38,9 @@ def str_list(text: str, flag: str, choices: tuple[str, ...]) -> list[str]:
 
 
 def load_pair(args: argparse.Namespace):
-    """The --train and --test labeled sets, test relabeled to train's classes."""
-    from ssl_hybrid.data.labeled import align_classes, load_labeled
+    """The --train and --test labeled sets, test relabeled to train's classes, every image decoded once
+    before extraction (unreadable ones skipped and counted, or one error above data.max_skip_rate)."""
+    from ssl_hybrid.data.labeled import align_classes, check_images, load_labeled, shared_images
 
     for flag in ("train", "test"):
         value = getattr(args, flag)
@@ -47,9 +48,22 @@ def load_pair(args: argparse.Namespace):
             raise UserError(f"--{flag} is required: an image folder with class sub-folders or labeled shards")
         if "{" not in value and "://" not in value and not value.startswith("pipe:") and not Path(value).exists():
             raise UserError(f"--{flag} {value}: not found")
-    train = load_labeled(args.train)
-    test = align_classes(train, load_labeled(args.test))
+    train = check_images(load_labeled(args.train))
+    test = align_classes(train, check_images(load_labeled(args.test)))
+    shared = shared_images(train, test)
+    if shared:
+        log.warning("%d of the %d --test images are also in --train: each finds itself as nearest neighbour, "
+                    "so accuracies are inflated (use disjoint folders)", shared, len(test))
     return train, test
+
+
+def data_summary(train, test) -> dict[str, Any]:
+    """Where the numbers come from: both sets, images skipped as unreadable, images the two share."""
+    from ssl_hybrid.data.labeled import shared_images
+
+    return {"train": train.source, "test": test.source, "train_images": len(train), "test_images": len(test),
+            "num_classes": len(train.classes), "test_images_in_train": shared_images(train, test),
+            "skipped_unreadable": {"train": train.skipped, "test": test.skipped}}
 
 
 def cache_dir(args: argparse.Namespace) -> Optional[Path]:
@@ -99,7 +113,7 @@ def run_knn(args: argparse.Namespace) -> int:
     result = knn_evaluate(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
                           headline_k=int_list(str(args.k), "--k")[0], num_classes=len(train.classes),
                           threads=args.threads or None)
-    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source)
+    result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
     emit(args, result)
     return 0
 
@@ -119,7 +133,7 @@ def run_linear(args: argparse.Namespace) -> int:
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
     result = linear_probe(train_f, train_y, test_f, test_y, cs=cs, holdout=args.holdout, seed=args.seed,
                           num_classes=len(train.classes))
-    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source)
+    result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
     emit(args, result)
     return 0
 
@@ -146,8 +160,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     result = fewshot_evaluate(train_f, train_y, test_f, test_y, shots=shots, seeds=args.seeds, methods=methods,
                               train_set=train, split_dir=_split_dir(args) if is_main_process() else None,
                               num_classes=len(train.classes))
-    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source,
-                  splits_dir=str(_split_dir(args)))
+    result.update(backbone=_backbone_summary(meta), **data_summary(train, test), splits_dir=str(_split_dir(args)))
     emit(args, result)
     return 0
 
@@ -175,14 +188,14 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
                                 num_workers=args.workers, mixed_precision=args.mixed_precision)
     result = finetune(model, train, test, int(meta["image_size"]), settings)
-    result.update(backbone=_backbone_summary(meta), train=train.source, test=test.source, shots=args.shots or None)
+    result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
     emit(args, result)
     return 0
 
 
 def run_report(args: argparse.Namespace) -> int:
     from ssl_hybrid.eval.fewshot import METHODS
-    from ssl_hybrid.eval.report import build_report
+    from ssl_hybrid.eval.report import build_report, slug
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     if names is not None and len(names) != len(args.runs):
@@ -190,9 +203,13 @@ def run_report(args: argparse.Namespace) -> int:
     shots = int_list(args.shots, "--shots")
     methods = str_list(args.method, "--method", METHODS)
     train, test = load_pair(args)
+    if args.baseline is not None and args.baseline not in (names or [slug(r) for r in args.runs]):
+        raise UserError(f"--baseline '{args.baseline}' is not one of the backbone names "
+                        f"({', '.join(names or [slug(r) for r in args.runs])})")
     report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
                           methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
-                          num_workers=args.workers, cache_dir=cache_dir(args), pooling=args.pooling)
+                          num_workers=args.workers, cache_dir=cache_dir(args), pooling=args.pooling,
+                          baseline=args.baseline)
     from ssl_hybrid.runs import write_json_atomic
 
     if not report["entries"]:  # not the main process
@@ -202,4 +219,5 @@ def run_report(args: argparse.Namespace) -> int:
     print(report["table"], end="")
     print(f"wrote {report['markdown']}, {Path(args.out_dir) / 'report.json'}, {report['plot']} and "
           f"{len(report['entries'])} retrieval grid(s)")
+    print(f"verdict: {report['verdict']['line']}")
     return 0

@@ -115,6 +115,37 @@ def resolved_pooling(backbone: torch.nn.Module, pooling: str) -> str:
     return "multiscale" if pooling_forward(backbone, pooling) is multiscale_embed else "default"
 
 
+def worker_error_line(text: str) -> str:
+    """The original message of an error torch re-raised from a DataLoader worker ("Caught X in DataLoader
+    worker process 0. Original Traceback ... module.X: <message>"): its last line, without the type."""
+    if "DataLoader worker" not in text.split("\n", 1)[0]:
+        return text
+    last = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), text)
+    head, sep, rest = last.partition(": ")
+    return rest if sep and " " not in head else last
+
+
+@contextlib.contextmanager
+def one_line_worker_errors(iterator=None):
+    """User errors raised inside DataLoader workers (an unreadable image) reach the user as the worker's
+    one-line message naming the file, not as torch's wrapped traceback; other errors pass unchanged.
+
+    ``iterator`` (the loader's): its workers are joined before the error propagates. Left to be killed at
+    exit, workers that shared tensors leave multiprocessing's ``pymp-*`` folders in the temp directory."""
+    from ssl_hybrid.errors import UserError
+
+    try:
+        yield
+    except UserError as err:
+        line = worker_error_line(str(err))
+        if line == str(err):
+            raise
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # torch's multi-process loader iterator
+        if shutdown is not None:
+            shutdown()
+        raise type(err)(line) from None
+
+
 @torch.inference_mode()
 def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progress: bool = False,
                      forward=embed) -> tuple[np.ndarray, np.ndarray]:
@@ -132,25 +163,26 @@ def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progre
     features: Optional[np.ndarray] = None
     labels = np.full(n, -1, dtype=np.int64)
     filled = np.zeros(n, dtype=bool)
-    batches = loader
+    batches = iterator = iter(loader)
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(loader, desc="features", unit="batch", leave=False,
+        batches = tqdm(iterator, total=len(loader), desc="features", unit="batch", leave=False,
                        disable=accelerator is not None and not accelerator.is_main_process)
-    for images, batch_labels, indices in batches:
-        with autocast_context(device):
-            out = forward(backbone, images.to(device, non_blocking=True)).float()  # [B, C]
-        batch_labels, indices = batch_labels.to(device), indices.to(device)
-        if accelerator is not None and accelerator.num_processes > 1:
-            # Plain gather (not gather_for_metrics): we drop duplicates ourselves, by index.
-            out, batch_labels, indices = accelerator.gather((out.contiguous(), batch_labels, indices))
-        out_np, idx = out.cpu().numpy(), indices.cpu().numpy()
-        if features is None:
-            features = np.zeros((n, out_np.shape[1]), dtype=np.float32)
-        features[idx] = out_np  # duplicates of padded samples overwrite their identical twin
-        labels[idx] = batch_labels.cpu().numpy()
-        filled[idx] = True
+    with one_line_worker_errors(iterator):
+        for images, batch_labels, indices in batches:
+            with autocast_context(device):
+                out = forward(backbone, images.to(device, non_blocking=True)).float()  # [B, C]
+            batch_labels, indices = batch_labels.to(device), indices.to(device)
+            if accelerator is not None and accelerator.num_processes > 1:
+                # Plain gather (not gather_for_metrics): we drop duplicates ourselves, by index.
+                out, batch_labels, indices = accelerator.gather((out.contiguous(), batch_labels, indices))
+            out_np, idx = out.cpu().numpy(), indices.cpu().numpy()
+            if features is None:
+                features = np.zeros((n, out_np.shape[1]), dtype=np.float32)
+            features[idx] = out_np  # duplicates of padded samples overwrite their identical twin
+            labels[idx] = batch_labels.cpu().numpy()
+            filled[idx] = True
     if features is None or not filled.all():
         raise RuntimeError(f"feature extraction covered {int(filled.sum())} of {n} samples")
     return features, labels

@@ -23,7 +23,7 @@ from torch import nn
 
 from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
 from ssl_hybrid.eval.features import (IMAGENET_MEAN, IMAGENET_STD, embed, eval_transform, extract_features,
-                                      make_loader)
+                                      make_loader, one_line_worker_errors)
 from ssl_hybrid.eval.knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -176,12 +176,14 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
 def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator) -> float:
     model.train()
     losses = []
-    for images, labels, _ in loader:
-        with accelerator.autocast():
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.detach().float().item())
+    batches = iter(loader)
+    with one_line_worker_errors(batches):
+        for images, labels, _ in batches:
+            with accelerator.autocast():
+                loss = criterion(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.detach().float().item())
     return float(np.mean(losses)) if losses else float("nan")

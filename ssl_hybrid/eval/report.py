@@ -1,9 +1,11 @@
 """Compare backbones on one labeled train/test pair: a markdown table, a JSON file, a label-efficiency
-plot (accuracy vs labels per class, mean ± std band over seeds) and, per backbone, a retrieval grid
-(test queries with their nearest training neighbours, green border = same class, red = wrong class).
+plot (accuracy vs labels per class, mean ± std band over seeds, chance line) and, per backbone, a retrieval
+grid (test queries with their nearest training neighbours, green border = same class, red = wrong class).
 
-Every number comes from the same evaluators as ``ssl-hybrid knn`` / ``fewshot`` on cached features, so a
-report after those commands costs no new extraction.
+The report says what its numbers mean (``eval/verdict.py``): the chance level, how test relates to train,
+shots × seeds, image size, each backbone's pretraining budget, and a one-line verdict computed from the
+numbers. Every number comes from the same evaluators as ``ssl-hybrid knn`` / ``fewshot`` on cached
+features, so a report after those commands costs no new extraction.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from ssl_hybrid.data.labeled import LabeledSet
 from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, fewshot_evaluate
 from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, search
+from ssl_hybrid.eval.verdict import budget_text, data_context, verdict
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +37,21 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
                       shots: Sequence[int], seeds: int, methods: Sequence[str], train_set: LabeledSet,
                       split_dir: Optional[Path], num_classes: int) -> dict[str, Any]:
     knn = knn_evaluate(*train, *test, num_classes=num_classes)
-    shots = [k for k in shots if k <= np.bincount(train[1]).min()]
-    fewshot = fewshot_evaluate(*train, *test, shots=shots, seeds=seeds, methods=methods, train_set=train_set,
+    fewest = int(np.bincount(train[1]).min())
+    kept = [k for k in shots if k <= fewest]
+    fewshot = fewshot_evaluate(*train, *test, shots=kept, seeds=seeds, methods=methods, train_set=train_set,
                                split_dir=split_dir, num_classes=num_classes)
+    dropped = [k for k in shots if k > fewest]
+    if dropped:
+        log.warning("%s: %s-shot skipped: the smallest training class has %d images", name,
+                    "/".join(map(str, dropped)), fewest)
     return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "image_size",
-                                                                "num_features", "hash", "pooling")},
-            "knn": knn, "fewshot": fewshot["results"]}
+                                                                "num_features", "hash", "pooling", "pretraining")},
+            "knn": knn, "fewshot": fewshot["results"], "shots_skipped": dropped}
 
 
-def markdown_table(entries: list[dict[str, Any]]) -> str:
+def markdown_table(entries: list[dict[str, Any]], chance: Optional[dict[str, float]] = None) -> str:
+    """One row per backbone (top-1 / top-5 in %, k-shot mean ± std) and, given ``chance``, a chance row."""
     columns = sorted({(r["method"], r["shots"]) for e in entries for r in e["fewshot"]})
     header = ["backbone", f"k-NN top-1 (k={HEADLINE_K})", "k-NN top-5"] + [f"{m} {k}-shot" for m, k in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -51,11 +60,29 @@ def markdown_table(entries: list[dict[str, Any]]) -> str:
         row = [entry["name"], f"{100 * entry['knn']['top1']:.1f}", f"{100 * entry['knn']['top5']:.1f}"]
         row += [cells.get(col, "–") for col in columns]
         lines.append("| " + " | ".join(row) + " |")
+    if chance is not None:
+        top1 = f"{100 * chance['top1']:.1f}"
+        row = [f"chance ({chance['num_classes']} classes)", top1, f"{100 * chance['top5']:.1f}"] + [top1] * len(columns)
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_label_efficiency(entries: list[dict[str, Any]], path: Path) -> Path:
-    """Top-1 vs labels per class (log x), one line per (backbone, method), shaded ± std over seeds."""
+def figure_data(ax) -> dict[str, Any]:
+    """What a matplotlib Axes shows, read back from it: title, axis labels and limits, x ticks, lines."""
+    return {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+            "ylim": [float(v) for v in ax.get_ylim()], "xscale": ax.get_xscale(),
+            "xticks": [float(v) for v in ax.get_xticks()], "xticklabels": [t.get_text() for t in ax.get_xticklabels()],
+            "lines": [{"label": line.get_label(), "x": [float(v) for v in line.get_xdata()],
+                       "y": [float(v) for v in line.get_ydata()], "linestyle": line.get_linestyle()}
+                      for line in ax.get_lines()],
+            "legend": [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []}
+
+
+def plot_label_efficiency(entries: list[dict[str, Any]], path: Path, chance: Optional[float] = None,
+                          seeds: Optional[int] = None) -> dict[str, Any]:
+    """Top-1 vs labels per class (log x, every evaluated shot count a tick), one line per (backbone,
+    method), shaded ± std over seeds, a dotted chance line; the y axis starts at 0 so gaps read true.
+    Returns the figure's data as read back from the plot (see :func:`figure_data`) plus ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,6 +90,7 @@ def plot_label_efficiency(entries: list[dict[str, Any]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     styles = {"knn": "-", "linear": "--"}
+    top = 100 * chance if chance else 0.0
     for color_index, entry in enumerate(entries):
         color = f"C{color_index}"
         for method in sorted({r["method"] for r in entry["fewshot"]}):
@@ -72,71 +100,148 @@ def plot_label_efficiency(entries: list[dict[str, Any]], path: Path) -> Path:
             std = np.array([r["std"] for r in rows]) * 100
             ax.plot(x, mean, styles.get(method, ":"), marker="o", color=color, label=f"{entry['name']} · {method}")
             ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.15, linewidth=0)
+            top = max(top, float((mean + std).max()))
+    if chance:
+        ax.axhline(100 * chance, color="0.35", linestyle=":", linewidth=1.2, label=f"chance ({100 * chance:.1f}%)")
     ax.set_xscale("log")
     shots = sorted({r["shots"] for e in entries for r in e["fewshot"]})
     if shots:
         ax.set_xticks(shots, [str(s) for s in shots])
         ax.minorticks_off()  # log-scale minor labels (2x10^0...) only clutter a few integer shot counts
+        ax.set_xlim(shots[0] / 1.3, shots[-1] * 1.3)
+    ax.set_ylim(0, min(100.0, max(5.0, 1.15 * top)))  # from 0: a band near chance must not look like a slope
     ax.set_xlabel("labels per class")
     ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title("Label efficiency (mean ± std over seeds)")
+    seed_text = f"{seeds} seeds" if seeds else "seeds"
+    ax.set_title(f"Label efficiency (mean ± std over {seed_text} per point)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    data = figure_data(ax)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     plt.close(fig)
-    return path
+    return dict(data, path=str(path))
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def wrap_text(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` px wide;
+    words longer than a line are cut, and a last line that still does not fit ends in '…'."""
+    fits = lambda line: draw.textlength(line, font=font) <= width  # noqa: E731
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] = f"{lines[-1]} {word}"
+            continue
+        while not fits(word) and len(word) > 1:  # a single long word: cut it across lines
+            cut = max(i for i in range(1, len(word) + 1) if fits(word[:i]))
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > max_lines:
+        last = " ".join(lines[max_lines - 1:])
+        while last and not fits(last + "…"):
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last.rstrip() + "…"]
+    return lines
+
+
+METHOD_NAMES = {"knn": "k-NN", "linear": "linear probe"}
+LEGEND = (("query (test image)", QUERY), ("neighbour of the same class", CORRECT), ("neighbour of another class", WRONG))
+
+
+def _grid_header(draw, title_lines: list[str], font, line: int) -> list[dict[str, Any]]:
+    """Draw the title lines and the colour legend at the top; returns the legend boxes."""
+    for i, text in enumerate(title_lines):
+        draw.text((4, 3 + i * line), text, fill=(0, 0, 0), font=font)
+    y, x, legend = 6 + len(title_lines) * line, 4, []
+    for label, color in LEGEND:
+        box = [x, y, x + line - 3, y + line - 3]
+        draw.rectangle(box, fill=color)
+        draw.text((x + line + 2, y), label, fill=(0, 0, 0), font=font)
+        legend.append({"label": label, "color": list(color), "box": box})
+        x += line + 14 + int(draw.textlength(label, font=font))
+    return legend
 
 
 def retrieval_grid(train_set: LabeledSet, test_set: LabeledSet, train_features: np.ndarray,
                    test_features: np.ndarray, path: Path, queries: int = 8, neighbours: int = 6,
-                   seed: int = 0, thumb: int = 96, border: int = 5) -> dict[str, Any]:
-    """Rows: a test query (grey border) then its nearest training images (green = same class, red = not)."""
+                   seed: int = 0, thumb: int = 96, border: int = 5, title: Optional[str] = None) -> dict[str, Any]:
+    """Rows: a test query (grey border) then its nearest training images (green = same class, red = not),
+    under a title and a colour legend; class names wrap to two lines under each image.
+
+    Returns the layout with what was drawn (``header``, ``cell``, ``caption`` heights, ``title``, legend
+    boxes, every caption's lines), so tests check the saved image against it."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
     picked = np.sort(rng.choice(len(test_set), size=min(queries, len(test_set)), replace=False))
     k = min(neighbours, len(train_set))
     _, indices = search(l2_normalize(train_features), l2_normalize(test_features[picked]), k)  # [Q, k]
+    font, line, gap = _font(11), 13, 8
     cell = thumb + 2 * border
-    caption = 14
-    grid = Image.new("RGB", ((k + 1) * cell + 8, len(picked) * (cell + caption)), (255, 255, 255))
+    caption = 2 * line + 4
+    width = (k + 1) * cell + gap
+    title = title or f"Nearest training images of {len(picked)} test queries (cosine similarity of the features)"
+    title_lines = wrap_text(ImageDraw.Draw(Image.new("RGB", (1, 1))), title, font, width - 8)
+    header = 12 + (len(title_lines) + 1) * line  # title, then one legend row
+    grid = Image.new("RGB", (width, header + len(picked) * (cell + caption)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
-    correct = 0
+    legend = _grid_header(draw, title_lines, font, line)
+    correct, captions = 0, []
     for row, query in enumerate(picked):
         query_label = test_set.samples[query].label
-        y = row * (cell + caption)
-        _paste(grid, draw, test_set.load_image(int(query)), (0, y), QUERY, thumb, border)
-        draw.text((2, y + cell), test_set.classes[query_label][:14], fill=(0, 0, 0))
+        y = header + row * (cell + caption)
+        row_captions = [_cell(grid, draw, test_set, int(query), (0, y), QUERY, thumb, border, font, line)]
         for col, neighbour in enumerate(indices[row]):
             label = train_set.samples[neighbour].label
             correct += label == query_label
-            x = (col + 1) * cell + 8
-            _paste(grid, draw, train_set.load_image(int(neighbour)), (x, y), CORRECT if label == query_label else WRONG,
-                   thumb, border)
-            draw.text((x + 2, y + cell), train_set.classes[label][:14], fill=(0, 0, 0))
+            color = CORRECT if label == query_label else WRONG
+            row_captions.append(_cell(grid, draw, train_set, int(neighbour), ((col + 1) * cell + gap, y), color,
+                                      thumb, border, font, line))
+        captions.append(row_captions)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path, format="PNG")
     return {"path": str(path), "queries": len(picked), "neighbours": k,
-            "neighbour_precision": float(correct) / max(1, len(picked) * k)}
+            "neighbour_precision": float(correct) / max(1, len(picked) * k), "title": title_lines,
+            "legend": legend, "layout": {"header": header, "cell": cell, "caption": caption, "gap": gap},
+            "captions": captions}
 
 
-def _paste(grid, draw, image, origin: tuple[int, int], color, thumb: int, border: int) -> None:
+def _cell(grid, draw, labeled: LabeledSet, index: int, origin: tuple[int, int], color, thumb: int, border: int,
+          font, line: int) -> list[str]:
+    """One bordered thumbnail with its class name wrapped below it; returns the caption lines."""
     from PIL import ImageOps
 
     x, y = origin
-    draw.rectangle([x, y, x + thumb + 2 * border - 1, y + thumb + 2 * border - 1], fill=color)
-    grid.paste(ImageOps.fit(image, (thumb, thumb)), (x + border, y + border))
+    cell = thumb + 2 * border
+    draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=color)
+    grid.paste(ImageOps.fit(labeled.load_image(index), (thumb, thumb)), (x + border, y + border))
+    lines = wrap_text(draw, labeled.classes[labeled.samples[index].label].replace("_", " "), font, cell - 4)
+    for i, text in enumerate(lines):
+        draw.text((x + 2, y + cell + 1 + i * line), text, fill=(0, 0, 0), font=font)
+    return lines
 
 
 def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledSet, out_dir: Path,
                  names: Optional[Sequence[str]] = None, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 5,
                  methods: Sequence[str] = METHODS, image_size: Optional[int] = None, batch_size: int = 128,
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
-                 pooling: str = "multiscale") -> dict[str, Any]:
+                 pooling: str = "multiscale", split_note: Optional[str] = None,
+                 baseline: Optional[str] = None) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
-    ``pooling`` (features.POOLINGS) applies to every backbone alike; what each one got is in its entry."""
+    ``pooling`` (features.POOLINGS) applies to every backbone alike; what each one got is in its entry.
+    ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
+    the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline)."""
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
@@ -150,21 +255,84 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
             continue
         entry = evaluate_backbone(name, meta, train, test, shots, seeds, methods, train_set,
                                   out_dir / "splits", len(train_set.classes))
+        entry["budget"] = budget_text(entry["backbone"])
         entry["retrieval_grid"] = retrieval_grid(train_set, test_set, train[0], test[0],
-                                                 out_dir / f"retrieval_{slug(name)}.png", queries=grid_queries)
+                                                 out_dir / f"retrieval_{slug(name)}.png", queries=grid_queries,
+                                                 title=f"{name}: nearest training images of test queries")
         entries.append(entry)
     if not is_main_process():
-        return {"entries": [], "table": "", "plot": None, "markdown": None}
-    plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png")
-    table = markdown_table(entries)
-    (out_dir / "report.md").write_text(
-        f"# Backbone comparison\n\ntrain: `{train_set.source}` ({len(train_set)} images, "
-        f"{len(train_set.classes)} classes) · test: `{test_set.source}` ({len(test_set)} images)\n\n"
-        f"Top-1 / top-5 in %; k-shot cells are mean ± std over {seeds} seeded splits.\n\n{table}\n"
-        f"![label efficiency]({plot.name})\n\n"
-        + "".join(f"![retrieval {e['name']}]({Path(e['retrieval_grid']['path']).name})\n" for e in entries),
-        encoding="utf-8")
-    report = {"train": train_set.source, "test": test_set.source, "entries": entries, "table": table,
-              "plot": str(plot), "markdown": str(out_dir / "report.md")}
+        return {"entries": [], "table": "", "plot": None, "markdown": None, "verdict": None}
+    context = data_context(train_set, test_set, split_note)
+    context["protocol"] = protocol(entries, seeds, methods)
+    plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png", context["chance"]["top1"], seeds)
+    table = markdown_table(entries, context["chance"])
+    judged = verdict(entries, context["chance"]["top1"], baseline)
+    (out_dir / "report.md").write_text(report_markdown(entries, context, judged, table, Path(plot["path"]).name),
+                                       encoding="utf-8")
+    report = {"train": train_set.source, "test": test_set.source, "context": context, "verdict": judged,
+              "entries": entries, "table": table, "plot": plot["path"], "plot_data": plot,
+              "markdown": str(out_dir / "report.md")}
     write_json_atomic(out_dir / "report.json", report)
     return report
+
+
+def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str]) -> dict[str, Any]:
+    """How every number was measured: k-NN settings, shots × seeds, image size and pooling per backbone."""
+    knn = entries[0]["knn"] if entries else {"k": HEADLINE_K, "temperature": None}
+    shots = sorted({r["shots"] for e in entries for r in e["fewshot"]})
+    return {"knn": {"k": knn["k"], "temperature": knn["temperature"], "bank": "every training image"},
+            "fewshot": {"methods": list(methods), "shots": shots, "seeds": seeds,
+                        "skipped_shots": sorted({k for e in entries for k in e.get("shots_skipped", [])})},
+            "image_size": sorted({e["backbone"]["image_size"] for e in entries}),
+            "pooling": sorted({str(e["backbone"].get("pooling")) for e in entries})}
+
+
+def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[tuple[str, str]]:
+    chance, train, test, proto = context["chance"], context["train"], context["test"], context["protocol"]
+
+    def images(side: dict[str, Any]) -> str:
+        per = side["per_class"]
+        counts = f"{per['min']}" if per["min"] == per["max"] else f"{per['min']}–{per['max']}"
+        skipped = f"; {side['skipped_unreadable']} unreadable skipped" if side["skipped_unreadable"] else ""
+        return f"{side['images']} images of `{side['source']}` ({counts} per class{skipped})"
+
+    fewshot = proto["fewshot"]
+    shots = ", ".join(map(str, fewshot["shots"])) or "none"
+    skipped = (f" ({'/'.join(map(str, fewshot['skipped_shots']))}-shot skipped: a class has fewer training images)"
+               if fewshot["skipped_shots"] else "")
+    rows = [("classes", f"{context['num_classes']}: chance level {100 * chance['top1']:.1f}% top-1 "
+                        f"(1/{context['num_classes']} = {100 * chance['uniform_top1']:.1f}%; always naming the most "
+                        f"common test class: {100 * chance['majority_top1']:.1f}%), {100 * chance['top5']:.1f}% top-5"),
+            ("train", images(train) + ": the k-NN bank and the pool the k-shot labels are drawn from"),
+            ("test", images(test) + f": {context['split']}"),
+            ("k-NN", f"DINO protocol: k={proto['knn']['k']}, T={proto['knn']['temperature']}, cosine similarity, "
+                     "every training image in the bank"),
+            ("k-shot", f"{' and '.join(METHOD_NAMES.get(m, m) for m in fewshot['methods'])} on {shots} labels per class × {fewshot['seeds']} seeded "
+                       f"draws (mean ± std; the ids are in splits/){skipped}"),
+            ("image size", f"{', '.join(f'{s} px' for s in proto['image_size'])} (resize + center crop); "
+                           f"{', '.join(proto['pooling'])} pooling")]
+    return rows + [(e["name"], e["budget"]) for e in entries]
+
+
+def _difference_table(judged: dict[str, Any]) -> str:
+    if not judged["comparisons"]:
+        return ""
+    lines = [f"Differences from **{judged['baseline']}** in points; beyond noise = larger than 2 standard errors "
+             "of the difference (standard error: the larger of std/√seeds and the binomial error of the test "
+             "set).\n", "| backbone | metric | value | baseline | difference | noise (±) | beyond noise |",
+             "|---|---|---|---|---|---|---|"]
+    for name, rows in judged["comparisons"].items():
+        for c in rows:
+            lines.append(f"| {name} | {c['label']} | {100 * c['value']:.1f} | {100 * c['baseline']:.1f} | "
+                         f"{100 * c['delta']:+.1f} | {100 * c['noise']:.1f} | {'yes' if c['beyond_noise'] else 'no'} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def report_markdown(entries: list[dict[str, Any]], context: dict[str, Any], judged: dict[str, Any], table: str,
+                    plot_name: str) -> str:
+    setup = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in _setup_rows(entries, context))
+    grids = "".join(f"![retrieval {e['name']}]({Path(e['retrieval_grid']['path']).name})\n" for e in entries)
+    return (f"# Backbone comparison\n\n**Verdict:** {judged['line']}\n\n{setup}\n"
+            f"Top-1 / top-5 in %; k-shot cells are mean ± std over {context['protocol']['fewshot']['seeds']} "
+            f"seeded draws; the last row is chance.\n\n{table}\n{_difference_table(judged)}"
+            f"![label efficiency]({plot_name})\n\n{grids}")

@@ -72,6 +72,9 @@ class Run:
     counters: Counters = field(default_factory=Counters)
     monitor: Any = None
     stop_reason: Optional[str] = None
+    # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
+    start_step: int = 0
+    train_seconds: float = 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +331,8 @@ def run_monitor(run: Run) -> None:
         result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
     run.model.train()
     record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
-    log.info("online k-NN at step %d: top1 %.4f (k=%d, %d queries)", run.counters.step, result["top1"],
-             result["k"], result["n_test"])
+    log.info("online k-NN at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
+             run.counters.step, 100 * result["top1"], 100 / result["num_classes"], result["k"], result["n_test"])
     if run.accelerator.is_main_process:
         runs.append_metrics(run.directory, record)
     run.accelerator.log({"knn_top1": result["top1"], "knn_top5": result["top5"]}, step=run.counters.step)
@@ -374,10 +377,50 @@ def setup(config: Config) -> Run:
     run.monitor = build_monitor(config)
     # TensorBoard events land in <run>/tensorboard/ (`tensorboard --logdir runs` compares runs).
     accelerator.init_trackers("tensorboard", config=flat_hparams(config))
-    log.info("%s: %d processes on %s, mixed precision %s, %.2fM trainable parameters",
-             config.name, accelerator.num_processes, accelerator.device, accelerator.mixed_precision,
-             sum(p.numel() for p in raw_model.parameters() if p.requires_grad) / 1e6)
+    run.start_step = run.counters.step
+    log.info("%s: %d processes on %s, mixed precision %s", config.name, accelerator.num_processes,
+             accelerator.device, accelerator.mixed_precision)
+    log.info("parameters: %s", describe_parameters(raw_model))
     return run
+
+
+# What each part of the pretraining model is, for the start-up parameter count.
+PART_NAMES = {"backbone": "backbone", "mim": "MIM decoder", "dino": "DINO head", "simclr": "SimCLR head",
+              "teacher": "EMA teacher"}
+
+
+def parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """{part: {"trainable": n, "frozen": n}} per top-level part (backbone, objective heads, teacher);
+    a parameter shared by two parts counts once, in the first."""
+    seen: set[int] = set()
+    counts: dict[str, dict[str, int]] = {}
+    for name, child in model.named_children():
+        part = counts.setdefault(name, {"trainable": 0, "frozen": 0})
+        for param in child.parameters():
+            if id(param) not in seen:
+                seen.add(id(param))
+                part["trainable" if param.requires_grad else "frozen"] += param.numel()
+    return counts
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 10_000 else str(n)
+
+
+def describe_parameters(model: torch.nn.Module) -> str:
+    """'backbone 5.80M + MIM decoder 0.90M + DINO head 5.00M = 11.70M trained; not trained: DINO head 4096
+    (frozen), EMA teacher 6.10M (an EMA copy of backbone + head); exported: the 5.80M backbone'."""
+    counts = {name: c for name, c in parameter_counts(model).items() if c["trainable"] + c["frozen"]}
+    trained = [(name, c["trainable"]) for name, c in counts.items() if c["trainable"]]
+    text = " + ".join(f"{PART_NAMES.get(n, n)} {_count(v)}" for n, v in trained)
+    text += f" = {_count(sum(v for _, v in trained))} trained"
+    frozen = [f"{PART_NAMES.get(n, n)} {_count(c['frozen'])} "
+              + ("(an EMA copy of backbone + head)" if n == "teacher" else "(frozen)")
+              for n, c in counts.items() if c["frozen"]]
+    if frozen:
+        text += "; not trained: " + ", ".join(frozen)
+    backbone = counts.get("backbone", {"trainable": 0, "frozen": 0})
+    return text + f"; exported: the {_count(backbone['trainable'] + backbone['frozen'])} backbone"
 
 
 def build_monitor(config: Config):
@@ -450,6 +493,7 @@ def train(run: Run) -> None:
                 if run.stop_reason:
                     break
         finally:
+            run.train_seconds = time.monotonic() - started
             source.close()
             if bar is not None:
                 bar.close()
@@ -504,26 +548,40 @@ def finish(run: Run) -> dict[str, Any]:
     """Final checkpoint, export (unless interrupted by a signal), summary."""
     save(run)
     exported = None
+    budget = budget_record(run)
     if run.stop_reason != "signal":
-        exported = export_backbone(run)
+        exported = export_backbone(run, budget)
         if run.config.train.knn_every > 0 and run.counters.step % run.config.train.knn_every != 0:
             run_monitor(run)
-    summary = {"run_dir": str(run.directory), "step": run.counters.step, "steps": run.config.train.steps,
-               "stopped": run.stop_reason or "done", "nonfinite_total": run.counters.nonfinite_total,
-               "backbone": str(exported) if exported else None}
+    summary = {"run_dir": str(run.directory), "step": run.counters.step, **budget,
+               "nonfinite_total": run.counters.nonfinite_total, "backbone": str(exported) if exported else None}
     if run.stop_reason == "signal":
         log.warning("stopped by signal at step %d; re-run the same command to resume", run.counters.step)
     return summary
 
 
-def export_backbone(run: Run) -> Optional[Path]:
+def budget_record(run: Run) -> dict[str, Any]:
+    """The budget and what was used of it: steps planned, max_seconds (0 = none), why training stopped,
+    and the training time of the session that trained from ``start_step`` (a resumed run trained before
+    that too). A session that trained nothing (re-run of a finished run) keeps the exported record."""
+    if run.counters.step == run.start_step:
+        previous = runs.read_backbone_meta(run.directory).get("pretraining")
+        if previous and previous.get("steps") == run.config.train.steps:
+            return previous
+    return {"steps": run.config.train.steps, "max_seconds": run.config.train.max_seconds,
+            "stopped": run.stop_reason or "done", "start_step": run.start_step,
+            "train_seconds": round(run.train_seconds, 1)}
+
+
+def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
     from ssl_hybrid.models.export import save_backbone
 
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return None
     meta = {k: v for k, v in backbone_meta(run.config).items() if k not in ("model", "kwargs")}
-    weights, _ = save_backbone(run.raw_model.backbone, run.directory, dict(meta, step=run.counters.step))
+    weights, _ = save_backbone(run.raw_model.backbone, run.directory,
+                               dict(meta, step=run.counters.step, pretraining=budget))
     log.info("exported %s", weights)
     return weights
 

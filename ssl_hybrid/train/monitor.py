@@ -30,16 +30,16 @@ def leave_one_out_knn(features: np.ndarray, labels: np.ndarray, k: int, temperat
     num_classes = int(labels.max()) + 1
     scores = vote(similarities, labels[neighbours], num_classes, temperature)
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5), "k": k,
-            "n_test": n}
+            "n_test": n, "num_classes": num_classes}
 
 
 class KNNMonitor:
     def __init__(self, config: Config) -> None:
-        from ssl_hybrid.data.labeled import load_labeled
+        from ssl_hybrid.data.labeled import check_images, load_labeled
         from ssl_hybrid.eval.features import eval_transform, make_loader
 
         self.config = config
-        labeled = load_labeled(config.data.val)
+        labeled = check_images(load_labeled(config.data.val), config.data.max_skip_rate)
         if len(labeled) < 2:
             raise ValueError(f"{config.data.val}: the k-NN monitor needs at least 2 labeled images")
         size = config.eval.image_size or config.data.image_size

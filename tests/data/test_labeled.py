@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssl_hybrid.data.labeled import (LabeledDataError, align_classes, kshot_indices, load_labeled, save_split,
-                                     split_indices_by_ids, stratified_holdout)
+from ssl_hybrid.data.labeled import (LabeledDataError, align_classes, check_images, kshot_indices, load_labeled,
+                                     save_split, split_indices_by_ids, stratified_holdout)
 
 
 def test_image_folder_is_loaded_in_a_deterministic_order(image_folder):
@@ -62,8 +62,35 @@ def test_corrupt_image_names_the_sample(image_folder):
     (image_folder / "beta" / "beta_2.jpg").write_bytes(b"not an image")
     labeled = load_labeled(image_folder)
     index = labeled.ids.index("beta/beta_2.jpg")
-    with pytest.raises(LabeledDataError, match="beta/beta_2.jpg"):
+    with pytest.raises(LabeledDataError, match="beta/beta_2.jpg: not a readable image") as err:
         labeled.load_image(index)
+    assert "\n" not in str(err.value) and "BytesIO" not in str(err.value)
+
+
+def test_unreadable_images_are_skipped_and_counted_below_the_skip_rate(image_folder):
+    (image_folder / "beta" / "beta_2.jpg").write_bytes(b"not an image")
+    checked = check_images(load_labeled(image_folder))  # 1 of 18 = 5.6% <= data.max_skip_rate (10%)
+    assert len(checked) == 17 and "beta/beta_2.jpg" not in checked.ids
+    assert [item["id"] for item in checked.skipped] == ["beta/beta_2.jpg"]
+    assert checked.skipped[0]["path"].endswith("beta/beta_2.jpg") and "readable" in checked.skipped[0]["reason"]
+    assert checked.subset([0, 1]).skipped == checked.skipped  # subsets still say what their source lost
+
+
+def test_too_many_unreadable_images_stop_with_one_line_naming_count_and_file(image_folder):
+    for name in ("alpha/alpha_1.jpg", "beta/beta_2.jpg"):
+        (image_folder / name).write_bytes(b"")
+    with pytest.raises(LabeledDataError) as err:  # 2 of 18 = 11% > 10%
+        check_images(load_labeled(image_folder))
+    message = str(err.value)
+    assert "2 of 18 images are unreadable" in message and "alpha/alpha_1.jpg" in message and "\n" not in message
+    assert len(check_images(load_labeled(image_folder), max_skip_rate=0.2)) == 16
+
+
+def test_class_folders_without_images_are_ignored(image_folder):
+    (image_folder / "notes").mkdir()
+    (image_folder / "notes" / "readme.txt").write_text("not an image")
+    labeled = load_labeled(image_folder)
+    assert labeled.classes == ["alpha", "beta", "gamma"] and len(labeled) == 18
 
 
 def test_kshot_subsets_are_seeded_and_exact():

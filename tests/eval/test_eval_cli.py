@@ -51,6 +51,42 @@ def test_knn_command_writes_the_documented_json(labeled_pair, capsys, tmp_path):
     assert result["backbone"]["image_size"] == 32
 
 
+def test_labeled_folders_are_checked_before_extraction(labeled_pair, capsys):
+    train, test = labeled_pair
+    common = ["--test", str(test), "--image-size", "32", "--workers", "1", "--no-cache"]
+    (train / "class_0" / "img_000.png").write_bytes(b"junk")  # 1 of 18: skipped and counted
+    code, out, err = _run(capsys, "knn", "random:hybrid_nano", "--train", str(train), *common)
+    assert code == 0
+    result = json.loads(out)
+    assert result["n_train"] == 17 and result["train_images"] == 17
+    assert [item["id"] for item in result["skipped_unreadable"]["train"]] == ["class_0/img_000.png"]
+    assert "class_0/img_000.png" in err  # the warning names the file
+    (train / "class_1" / "img_000.png").write_bytes(b"junk")  # 2 of 18 > data.max_skip_rate: stop before extracting
+    code, out, err = _run(capsys, "knn", "random:hybrid_nano", "--train", str(train), *common)
+    assert code == 2 and out == "" and err.strip().count("\n") == 0
+    assert "2 of 18 images are unreadable" in err and "class_0/img_000.png" in err and "Traceback" not in err
+
+
+def test_a_folder_of_anything_is_one_line(capsys, tmp_path, labeled_pair):
+    """What `knn RUN --train /tmp --test /tmp` meets: sub-folders of logs, caches and broken files."""
+    for folder, name, data in (("logs", "run.log", b"text"), ("cache", "x.npz", b"PK"), ("pics", "a.jpg", b"oops")):
+        (tmp_path / "any" / folder).mkdir(parents=True)
+        (tmp_path / "any" / folder / name).write_bytes(data)
+    code, out, err = _run(capsys, "knn", "random:hybrid_nano", "--train", str(tmp_path / "any"), "--test",
+                          str(labeled_pair[1]), "--workers", "2", "--no-cache")
+    *warnings, error = err.strip().splitlines()
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert error.startswith("ssl-hybrid knn: error: ") and "1 of 1 images are unreadable" in error
+    assert "pics/a.jpg" in error
+    assert len(warnings) == 1 and "class folders 'cache', 'logs' hold no images: left out" in warnings[0]
+
+
+def test_test_images_that_are_training_images_are_flagged(labeled_pair, capsys):
+    code, out, err = _run(capsys, "knn", "random:hybrid_nano", "--train", str(labeled_pair[0]), "--test",
+                          str(labeled_pair[0]), "--image-size", "32", "--workers", "0", "--no-cache")
+    assert code == 0 and json.loads(out)["test_images_in_train"] == 18 and "inflated" in err
+
+
 @pytest.mark.slow
 def test_fewshot_linear_and_finetune_commands(labeled_pair, capsys, tmp_path):
     common = ["--train", str(labeled_pair[0]), "--test", str(labeled_pair[1]), "--image-size", "32", "--workers", "0"]
@@ -125,3 +161,11 @@ def test_knn_reads_labeled_shards_like_folders(labeled_pair, capsys, tmp_path):
     assert shards["n_train"] == folder["n_train"] == 18
     # Same images (PNG bytes kept as written), same labels: the bank is a permutation, so the accuracies agree.
     assert shards["per_k"] == folder["per_k"]
+
+
+def test_report_baseline_must_name_a_backbone(labeled_pair, capsys, tmp_path):
+    code, _, err = _run(capsys, "report", "random:hybrid_nano", "random:resnet10t", "--names", "a,b",
+                        "--baseline", "c", "--train", str(labeled_pair[0]), "--test", str(labeled_pair[1]),
+                        "--out-dir", str(tmp_path / "r"))
+    assert code == 2 and "--baseline 'c' is not one of the backbone names (a, b)" in err
+    assert not (tmp_path / "r").exists()

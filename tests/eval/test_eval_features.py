@@ -108,3 +108,28 @@ def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_pa
     assert got["features"].shape == (11, model.num_features)
     np.testing.assert_allclose(got["features"], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got["labels"], labels)
+
+
+def test_an_unreadable_image_in_a_dataloader_worker_is_one_line_naming_the_file(labeled_pair):
+    from ssl_hybrid.data.labeled import LabeledDataError
+
+    bad = labeled_pair[0] / "class_1" / "img_002.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    train = load_labeled(labeled_pair[0])  # not checked, so a worker process meets the bad file
+    model, _ = load_backbone_spec("random:hybrid_nano", image_size=32)
+    loader = make_loader(train, eval_transform(32), batch_size=4, num_workers=1)
+    with pytest.raises(LabeledDataError) as err:
+        extract_features(model, loader)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: not a readable image")
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+
+
+def test_worker_error_line_keeps_the_original_message_only():
+    from ssl_hybrid.eval.features import worker_error_line
+
+    wrapped = ("Caught LabeledDataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               '  File "x.py", line 1, in f\n    raise LabeledDataError(msg)\n'
+               "ssl_hybrid.data.labeled.LabeledDataError: /data/a/b.jpg: not a readable image (OSError: x: y)\n")
+    assert worker_error_line(wrapped) == "/data/a/b.jpg: not a readable image (OSError: x: y)"
+    assert worker_error_line("plain: message") == "plain: message"

@@ -1,4 +1,5 @@
-"""Report: markdown table, JSON, label-efficiency plot and retrieval grid (valid PNGs, correct colours)."""
+"""Report: markdown table, JSON, label-efficiency plot and retrieval grid (valid PNGs, correct colours), and
+what the report says about its numbers (chance, split, shots x seeds, budget, verdict)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from eval_helpers import make_labeled_folder
 from ssl_hybrid.data.labeled import load_labeled
-from ssl_hybrid.eval.report import CORRECT, WRONG, build_report, retrieval_grid
+from ssl_hybrid.eval.report import (CORRECT, LEGEND, QUERY, WRONG, _font, build_report, plot_label_efficiency,
+                                    retrieval_grid, wrap_text)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,7 +28,7 @@ def test_report_compares_backbones_and_writes_valid_files(labeled_pair, tmp_path
     train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
     out = tmp_path / "report"
     report = build_report(["random:resnet10t", "random:hybrid_nano"], train, test, out, names=["resnet", "hybrid"],
-                          shots=(1, 2), seeds=2, image_size=32, batch_size=16, grid_queries=4)
+                          shots=(1, 2, 10), seeds=2, image_size=32, batch_size=16, grid_queries=4, baseline="resnet")
     assert [e["name"] for e in report["entries"]] == ["resnet", "hybrid"]
     table = (out / "report.md").read_text()
     assert "| resnet |" in table and "| hybrid |" in table and "knn 2-shot" in table and "linear 1-shot" in table
@@ -36,6 +39,114 @@ def test_report_compares_backbones_and_writes_valid_files(labeled_pair, tmp_path
     for name in ("resnet", "hybrid"):
         _valid_png(out / f"retrieval_{name}.png")
     assert len(list((out / "splits").glob("shots*_seed*.json"))) == 4
+
+
+@pytest.mark.slow
+def test_report_says_what_the_numbers_mean(labeled_pair, tmp_path):
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
+    out = tmp_path / "report"
+    build_report(["random:hybrid_nano"], train, test, out, names=["nano"], shots=(1, 2, 10), seeds=2,
+                 methods=("knn",), image_size=32, batch_size=16, grid_queries=2)
+    saved = json.loads((out / "report.json").read_text())
+    context = saved["context"]
+    assert context["chance"]["top1"] == pytest.approx(1 / 3) and context["num_classes"] == 3
+    assert context["train"]["images"] == 18 and context["test"]["images"] == 9
+    assert context["test_images_in_train"] == 0 and "separate sets" in context["split"]
+    assert context["protocol"]["fewshot"] == {"methods": ["knn"], "shots": [1, 2], "seeds": 2, "skipped_shots": [10]}
+    assert context["protocol"]["image_size"] == [32]
+    assert saved["entries"][0]["budget"].startswith("random initialization")
+    # no baseline among a single random backbone: the verdict judges it against chance only
+    assert saved["verdict"]["baseline"] is None and "chance level (33.3%)" in saved["verdict"]["line"]
+    markdown = (out / "report.md").read_text()
+    assert f"**Verdict:** {saved['verdict']['line']}" in markdown
+    assert "| chance (3 classes) | 33.3 |" in markdown and "× 2 seeded draws" in markdown
+    assert "10-shot skipped" in markdown and "32 px" in markdown
+    chance_lines = [line for line in saved["plot_data"]["lines"] if line["label"].startswith("chance")]
+    assert chance_lines and chance_lines[0]["y"][0] == pytest.approx(100 / 3)
+
+
+def test_report_notices_test_images_that_are_training_images(labeled_pair, tmp_path):
+    from ssl_hybrid.eval.verdict import data_context
+
+    train = load_labeled(labeled_pair[0])
+    context = data_context(train, train.subset(range(0, 18, 2)))
+    assert context["test_images_in_train"] == 9 and "inflated" in context["split"]
+    disjoint = data_context(train.subset(range(1, 18, 2)), train.subset(range(0, 18, 2)), "held out per class")
+    assert disjoint["test_images_in_train"] == 0
+    assert "disjoint parts" in disjoint["split"] and disjoint["split"].endswith("held out per class")
+
+
+def _fewshot_entries():
+    entries = []
+    for name, base in (("pretrained", 0.40), ("random", 0.20)):
+        rows = [{"method": "linear", "shots": k, "mean": base + 0.02 * k, "std": 0.03,
+                 "runs": [{"seed": s} for s in range(3)]} for k in (1, 2, 5, 10)]
+        entries.append({"name": name, "fewshot": rows, "knn": {"top1": base, "k": 20, "n_test": 200}})
+    return entries
+
+
+def test_label_efficiency_plot_has_chance_line_zero_based_axis_seeds_and_every_shot(tmp_path):
+    data = plot_label_efficiency(_fewshot_entries(), tmp_path / "plot.png", chance=0.1, seeds=3)
+    _valid_png(tmp_path / "plot.png")
+    assert data["ylim"][0] == 0 and data["ylim"][1] >= 100 * (0.60 + 0.03)  # the top of the highest band shows
+    assert data["xticks"] == [1, 2, 5, 10] and data["xticklabels"] == ["1", "2", "5", "10"]
+    assert "3 seeds" in data["title"]
+    chance = [line for line in data["lines"] if line["label"] == "chance (10.0%)"]
+    assert len(chance) == 1 and set(chance[0]["y"]) == {10.0} and chance[0]["linestyle"] == ":"
+    curves = {line["label"]: line["y"] for line in data["lines"] if "linear" in line["label"]}
+    assert curves["random · linear"] == pytest.approx([22, 24, 30, 40])
+    assert "chance (10.0%)" in data["legend"]
+
+
+def _entry(name, kind, knn, n_test=200, fewshot=()):
+    return {"name": name, "backbone": {"kind": kind}, "knn": {"top1": knn, "k": 20, "n_test": n_test},
+            "fewshot": [{"method": "linear", "shots": k, "mean": m, "std": s, "runs": [{}] * seeds}
+                        for k, m, s, seeds in fewshot]}
+
+
+def test_verdict_is_computed_from_the_numbers():
+    from ssl_hybrid.eval.verdict import verdict
+
+    chance = 1 / 37
+    better = verdict([_entry("ours", "file", 0.30, fewshot=[(5, 0.25, 0.01, 5)]),
+                      _entry("init", "random", 0.10, fewshot=[(5, 0.24, 0.01, 5)])], chance)
+    assert better["baseline"] == "init" and better["outcomes"] == {"ours": "better"}
+    assert better["line"].startswith("ours beats init beyond noise on 1 of 2 metrics")
+    assert "+20.0 points, beyond noise" in better["line"] and "+1.0 points, within noise" in better["line"]
+    assert "Both are beyond noise above chance level (2.7%)" in better["line"]
+    same = verdict([_entry("ours", "file", 0.12), _entry("init", "random", 0.10)], chance)
+    assert same["outcomes"] == {"ours": "within noise"} and "do not differ beyond noise" in same["line"]
+    worse = verdict([_entry("ours", "file", 0.03), _entry("init", "random", 0.20)], chance)
+    assert worse["outcomes"] == {"ours": "worse"} and "ours is worse than init" in worse["line"]
+    assert "ours is within noise of chance level" in worse["line"]
+    at_chance = verdict([_entry("ours", "file", 0.036, n_test=111), _entry("init", "random", 0.027, n_test=111)],
+                        chance)
+    assert "Both are within noise of chance level (2.7%) on every metric" in at_chance["line"]
+    assert "\n" not in at_chance["line"]
+
+
+def test_noise_is_the_larger_of_seed_spread_and_test_set_size():
+    from ssl_hybrid.eval.verdict import binomial_se, metrics
+
+    spread = metrics(_entry("x", "file", 0.5, n_test=10_000, fewshot=[(1, 0.5, 0.2, 4)]))[1]
+    assert spread["se"] == pytest.approx(0.2 / 2)  # std / sqrt(seeds) dominates on a big test set
+    small = metrics(_entry("x", "file", 0.5, n_test=20, fewshot=[(1, 0.5, 0.0, 4)]))[1]
+    assert small["se"] == pytest.approx(binomial_se(0.5, 20)) and small["se"] > 0.1
+    assert binomial_se(0.0, 50) > 0  # a 0% accuracy on 50 images is not exact
+
+
+def test_budget_says_steps_time_limit_and_why_training_stopped():
+    from ssl_hybrid.eval.verdict import budget_text
+
+    record = {"step": 180, "steps": 200, "max_seconds": 300.0, "stopped": "max_seconds", "start_step": 0,
+              "train_seconds": 299.6, "objective": {"mim_weight": 1.0, "dino_weight": 0.0, "simclr_weight": 1.0}}
+    text = budget_text({"kind": "file", "pretraining": record})
+    assert text == ("180 of 200 steps in 5.0 min; budget 200 steps or 5.0 min, whichever comes first; "
+                    "stopped: time budget spent; objective MIM + SimCLR")
+    resumed = budget_text({"kind": "file", "pretraining": dict(record, start_step=150, train_seconds=40,
+                                                                 max_seconds=0, stopped="done")})
+    assert "steps 150→180 in 40 s after resuming" in resumed and "no time limit" in resumed
+    assert budget_text({"kind": "random"}).startswith("random initialization")
 
 
 def test_retrieval_grid_borders_are_green_when_right_and_red_when_wrong(labeled_pair, tmp_path):
@@ -49,12 +160,52 @@ def test_retrieval_grid_borders_are_green_when_right_and_red_when_wrong(labeled_
     info = retrieval_grid(train, test, train_features, test_features, tmp_path / "grid.png", queries=len(test),
                           neighbours=2, thumb=20, border=3)
     grid = np.asarray(_valid_png(tmp_path / "grid.png"))
-    cell, caption = 20 + 6, 14
+    layout = info["layout"]
+    cell, caption, header, gap = layout["cell"], layout["caption"], layout["header"], layout["gap"]
+    assert cell == 26
     picked = np.sort(np.random.default_rng(0).choice(len(test), size=len(test), replace=False))
     for row, query in enumerate(picked):
         label = test.samples[query].label
-        y = row * (cell + caption) + 1  # inside the top border band
-        first, second = grid[y, cell + 8 + 10], grid[y, 2 * cell + 8 + 10]
+        y = header + row * (cell + caption) + 1  # inside the top border band
+        assert tuple(grid[y, 10]) == QUERY
+        first, second = grid[y, cell + gap + 10], grid[y, 2 * cell + gap + 10]
         assert tuple(first) == (CORRECT if label == 0 else WRONG)
         assert tuple(second) == (CORRECT if label == 2 else WRONG)
     assert info["neighbour_precision"] == pytest.approx(2 / 6)  # 3 classes x 3 queries, each right once in 2
+
+
+def test_retrieval_grid_has_title_legend_and_class_names_that_fit(tmp_path):
+    from PIL import ImageDraw
+
+    long_name = "staffordshire_bull_terrier_with_a_very_long_breed_name"
+    root = make_labeled_folder(tmp_path / "set", 2, 4, seed=0)
+    (root / "class_1").rename(root / long_name)
+    labeled = load_labeled(root)
+    features = np.random.default_rng(0).standard_normal((len(labeled), 8)).astype(np.float32)
+    info = retrieval_grid(labeled, labeled, features, features, tmp_path / "grid.png", queries=3, neighbours=3,
+                          title="my backbone: nearest training images")
+    grid = np.asarray(_valid_png(tmp_path / "grid.png"))
+    assert info["title"] == ["my backbone: nearest training images"]
+    assert [item["label"] for item in info["legend"]] == [label for label, _ in LEGEND]
+    for item in info["legend"]:  # each swatch is drawn in its colour, above the first row
+        x0, y0, x1, y1 = item["box"]
+        assert tuple(grid[(y0 + y1) // 2, (x0 + x1) // 2]) == tuple(item["color"])
+        assert y1 < info["layout"]["header"]
+    assert {tuple(item["color"]) for item in info["legend"]} == {QUERY, CORRECT, WRONG}
+    draw, font, width = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(11), info["layout"]["cell"] - 4
+    long_captions = [lines for row in info["captions"] for lines in row if lines[0].startswith("staffordshire")]
+    assert long_captions, "the long class name was never drawn"
+    for lines in (lines for row in info["captions"] for lines in row):
+        assert 1 <= len(lines) <= 2 and all(draw.textlength(line, font=font) <= width for line in lines)
+    assert long_captions[0][-1].endswith("…") and "_" not in " ".join(long_captions[0])
+
+
+def test_wrap_text_breaks_at_spaces_and_cuts_words_longer_than_a_line():
+    from PIL import ImageDraw
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(11)
+    assert wrap_text(draw, "basset hound", font, 200) == ["basset hound"]
+    lines = wrap_text(draw, "english cocker spaniel", font, 70)
+    assert len(lines) == 2 and " ".join(lines).replace("…", "").startswith("english cocker")
+    cut = wrap_text(draw, "x" * 80, font, 60, max_lines=3)
+    assert len(cut) == 3 and all(draw.textlength(line, font=font) <= 60 for line in cut)

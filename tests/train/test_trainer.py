@@ -77,6 +77,20 @@ def test_transformer_lr_scale_applies_to_the_vit_part_only(run_root):
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
 
 
+def test_parameter_count_says_what_it_counts(run_root):
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    model = PretrainModel(loop.build_backbone(tiny_config(run_root)), ObjectiveSettings.from_config(tiny_config(run_root)))
+    counts = loop.parameter_counts(model)
+    backbone = sum(p.numel() for p in model.backbone.parameters())
+    assert counts["backbone"] == {"trainable": backbone, "frozen": 0}
+    assert counts["teacher"]["trainable"] == 0 and counts["teacher"]["frozen"] > backbone  # backbone + DINO head
+    assert sum(c["trainable"] for c in counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    text = loop.describe_parameters(model)
+    assert text.startswith(f"backbone {backbone / 1e6:.2f}M + MIM decoder ") and "DINO head" in text
+    assert "EMA teacher" in text.split("not trained:")[1] and text.endswith(f"exported: the {backbone / 1e6:.2f}M backbone")
+
+
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     torch.save(ckpt.capture_rng(), tmp_path / "rng.pt")
@@ -121,6 +135,13 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     early = load_file(str(step_dir / "model.safetensors"))
     assert exported and all(torch.equal(v, early[f"backbone.{k}"]) for k, v in exported.items())
     assert json.loads((run_root / "exported" / "backbone.json").read_text())["step"] == 2
+    # The export records the budget; a re-run of the finished run trains nothing and keeps that record.
+    record = meta["pretraining"]
+    assert {k: record[k] for k in ("steps", "max_seconds", "stopped", "start_step")} == {
+        "steps": 3, "max_seconds": 0.0, "stopped": "done", "start_step": 0}
+    assert record["train_seconds"] > 0 and summary["train_seconds"] == record["train_seconds"]
+    assert loop.pretrain(config)["train_seconds"] == record["train_seconds"]
+    assert json.loads((directory / "backbone.json").read_text())["pretraining"] == record
 
 
 @pytest.mark.fault(injected="re-running a run name with a changed config",
@@ -178,6 +199,8 @@ def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, ru
 def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
     summary = loop.pretrain(tiny_config(run_root, "budget", train__steps=50, train__max_seconds=0.01))
     assert summary["stopped"] == "max_seconds" and 1 <= summary["step"] < 50
+    record = json.loads((run_root / "budget" / "backbone.json").read_text())["pretraining"]
+    assert record["stopped"] == "max_seconds" and record["max_seconds"] == 0.01 and record["steps"] == 50
     assert ckpt.latest_checkpoint(run_root / "budget").name == f"step_{summary['step']:08d}"
     assert (run_root / "budget" / "backbone.safetensors").exists()
 
