@@ -38,7 +38,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
-from ssl_hybrid.models.contract import token_grid
+from ssl_hybrid.models.contract import TokenBackboneMixin, token_grid
 from ssl_hybrid.models.masking import check_mask, upsample_mask, visible_indices
 from ssl_hybrid.models.token_select import TokenSelectConfig, default_select_blocks, select_tokens
 
@@ -131,7 +131,7 @@ class Block(nn.Module):
         return x, layout, kept
 
 
-class HybridViT(nn.Module):
+class HybridViT(TokenBackboneMixin, nn.Module):
     """Conv stages at strides 4/8, ViT at stride 16, multi-scale fusion. See the module docstring."""
 
     def __init__(
@@ -228,32 +228,12 @@ class HybridViT(nn.Module):
                     nn.init.zeros_(module.bias)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token"}
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Parameter groups for layer-wise lr decay: conv stages and embeddings first, then each block."""
         return dict(
             stem=r"^cls_token|^pos_embed|^stem|^stage1|^down8|^stage2|^patch_",
             blocks=r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^fuse|^norm", (99999,))],
         )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ---------------------------------------------------------------- runtime switches (same weights)
     def set_attention(self, attn_mode: str, window_size: Optional[int] = None, topk: Optional[int] = None) -> None:
