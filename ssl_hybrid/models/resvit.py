@@ -363,7 +363,7 @@ def _create_resvit(variant: str, pretrained: bool, model_args: dict[str, Any], *
 
 @register_model
 def resvit_nano(pretrained: bool = False, **kwargs) -> ResViT:
-    """~0.2 M params: for fast tests and smoke runs."""
+    """~0.14 M params: for fast tests and smoke runs."""
     args = dict(stem_dim=16, conv_dims=(16, 32, 64), conv_depths=(1, 1, 1), embed_dim=64, depth=1, num_heads=2)
     return _create_resvit("resvit_nano", pretrained, args, **kwargs)
 
@@ -377,13 +377,13 @@ def resvit_tiny(pretrained: bool = False, **kwargs) -> ResViT:
 
 @register_model
 def resvit_small(pretrained: bool = False, **kwargs) -> ResViT:
-    """~23 M params: ResNet-34-like conv stages (3/4/6 blocks of 64/128/256), then 6 ViT blocks of width 384."""
+    """~19 M params: ResNet-34-like conv stages (3/4/6 blocks of 64/128/256), then 6 ViT blocks of width 384."""
     args = dict(stem_dim=64, conv_dims=(64, 128, 256), conv_depths=(3, 4, 6), embed_dim=384, depth=6, num_heads=6)
     return _create_resvit("resvit_small", pretrained, args, **kwargs)
 
 
 @register_model
 def resvit_base(pretrained: bool = False, **kwargs) -> ResViT:
-    """~80 M params: wider conv stages (96/192/384; 3/4/6 blocks), then 10 ViT blocks of width 640."""
+    """~68 M params: wider conv stages (96/192/384; 3/4/6 blocks), then 10 ViT blocks of width 640."""
     args = dict(stem_dim=64, conv_dims=(96, 192, 384), conv_depths=(3, 4, 6), embed_dim=640, depth=10, num_heads=10)
     return _create_resvit("resvit_base", pretrained, args, **kwargs)
