@@ -259,11 +259,15 @@ class ResViT(TokenBackboneMixin, nn.Module):
         return self.norm(tokens)
 
     # ---------------------------------------------------------------- public forwards
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image ``[B, 3, H, W]`` -> normed tokens ``[B, 1+N, C]`` (class token first, multi-scale fused)."""
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Shared body of forward_features / forward_multiscale: (normed tokens ``[B, 1+N, C]``, stage maps)."""
         maps = self.forward_conv(x)
         tokens = self.forward_blocks(self._tokens(maps[2], self._grid_of(x), None))
-        return self._finish(tokens, self._fusion(maps, None))
+        return self._finish(tokens, self._fusion(maps, None)), maps
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, 3, H, W]`` -> normed tokens ``[B, 1+N, C]`` (class token first, multi-scale fused)."""
+        return self._encode(x)[0]
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 1+N, C]`` -> ``[B, C]``: class token, mean of patch tokens, or (default) their average."""
@@ -284,9 +288,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
     def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
         """Multi-scale pooled embedding ``[B, C4 + C8 + C16 + 2D]``: GAP of each conv stage, class token and
         patch mean, each L2-normalized (so no scale dominates by its magnitude), concatenated."""
-        maps = self.forward_conv(x)
-        tokens = self.forward_blocks(self._tokens(maps[2], self._grid_of(x), None))
-        out = self._finish(tokens, self._fusion(maps, None))  # [B, 1+N, D]
+        out, maps = self._encode(x)  # [B, 1+N, D], stage maps
         parts = [m.mean(dim=(2, 3)) for m in maps] + [out[:, 0], out[:, 1:].mean(dim=1)]
         return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
 
