@@ -74,7 +74,7 @@ def test_shell_scripts_are_valid_bash(script):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_process_cpu_pretraining_through_launch_torchrun(tmp_path):
+def test_two_process_cpu_pretraining_through_launch_torchrun(tmp_path, free_port):
     """launch/torchrun.sh 2 RECIPE: two gloo processes train; both write their rank state, one exports.
     (On CPU, `accelerate launch` starts a single process unless MPI is set up, so torchrun is the CPU path.)"""
     import json
@@ -85,7 +85,7 @@ def test_two_process_cpu_pretraining_through_launch_torchrun(tmp_path):
     overrides = ["name=two", f"train.output_dir={tmp_path}", "model.name=hybrid_nano", "data.image_size=32",
                  "data.local_image_size=16", "data.num_workers=0", "train.steps=2", "train.batch_size=8",
                  "train.checkpoint_every=0", "train.knn_every=0", "data.val="]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port)}
     result = subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "2", "recipes/quickstart.yaml", *overrides],
                             capture_output=True, text=True, env=env, cwd=LAUNCH.parent, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -129,7 +129,7 @@ def test_bench_knn_is_registered():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_knn_under_two_processes_matches_one(labeled_pair, capsys, tmp_path):
+def test_knn_under_two_processes_matches_one(labeled_pair, capsys, tmp_path, free_port):
     import os
     import subprocess
     import sys
@@ -140,7 +140,7 @@ def test_knn_under_two_processes_matches_one(labeled_pair, capsys, tmp_path):
     capsys.readouterr()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29631", "-m", "ssl_hybrid", "knn", *common, "--out", str(tmp_path / "two.json")],
+                           str(free_port), "-m", "ssl_hybrid", "knn", *common, "--out", str(tmp_path / "two.json")],
                           env=env, timeout=240, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))

@@ -89,7 +89,7 @@ accelerator.end_training()
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_path):
+def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_path, free_port):
     train = load_labeled(labeled_pair[0]).subset(range(11))  # 11 rows: 2 ranks x batch 4 pad duplicates
     folder = tmp_path / "eleven"
     for sample in train.samples:
@@ -99,7 +99,7 @@ def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_pa
     script = tmp_path / "dist_features.py"
     script.write_text(DIST_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
                     str(script), str(folder), str(tmp_path / "out.npz")], check=True, env=env, timeout=240,
                    capture_output=True)
     got = np.load(tmp_path / "out.npz")
