@@ -54,9 +54,11 @@ class DataConfig:
     # Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one light crop).
     views: str = "dino"
     # SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small images and corpora want more
-    # context per view) and the Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns blur off).
+    # context per view), the Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns blur off) and
+    # the colour-jitter strength (lightly's 1.0; lower keeps colour, a cue for flowers, pets and birds).
     simclr_min_scale: float = 0.08
     simclr_blur: float = 0.5
+    simclr_color_jitter: float = 1.0
     # Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few MB of memory.
     shuffle_buffer: int = 1000
     # Infinite resampled shards for training, so every rank gets the same number of batches.
@@ -347,6 +349,7 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
     need(0.0 < config.data.simclr_min_scale <= 1.0, "data.simclr_min_scale", "must be in (0, 1]")
     need(0.0 <= config.data.simclr_blur <= 1.0, "data.simclr_blur", "must be in [0, 1]")
+    need(0.0 <= config.data.simclr_color_jitter <= 1.0, "data.simclr_color_jitter", "must be in [0, 1]")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     need(0.0 <= config.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
     need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")

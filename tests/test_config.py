@@ -79,6 +79,7 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("train.steps=0", "train.steps"),
     ("data.simclr_min_scale=0", "data.simclr_min_scale"),
     ("data.simclr_blur=1.5", "data.simclr_blur"),
+    ("data.simclr_color_jitter=-0.1", "data.simclr_color_jitter"),
     ("optim.transformer_lr_scale=0", "optim.transformer_lr_scale"),
     ("eval.pooling=max", "eval.pooling"),
 ])

@@ -30,7 +30,7 @@ def _lightly_transform(data_cfg):
         return transform, 2
     if data_cfg.views == "simclr":
         return SimCLRTransform(input_size=data_cfg.image_size, min_scale=data_cfg.simclr_min_scale,
-                               gaussian_blur=data_cfg.simclr_blur), 2
+                               gaussian_blur=data_cfg.simclr_blur, cj_strength=data_cfg.simclr_color_jitter), 2
     if data_cfg.views == "mae":
         return MAETransform(input_size=data_cfg.image_size), 1
     raise ValueError(f"data.views must be one of {', '.join(VIEW_KINDS)}, got {data_cfg.views!r}")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
+from ssl_hybrid.models.pooling import multiscale_embed, offers_multiscale
 
 log = logging.getLogger(__name__)
 
@@ -74,33 +75,6 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 # own ``forward_multiscale`` where it has one; a timm CNN's stage maps at strides >= 4 otherwise);
 # "default": the model's own pooled pre-logits feature. Backbones without a pyramid (plain ViTs) use "default".
 POOLINGS = ("multiscale", "default")
-
-
-def pyramid_indices(backbone: torch.nn.Module) -> list[int]:
-    """Indices into ``feature_info`` of the last map at each stride >= 4, for a timm CNN; [] when there is
-    no pyramid (one stride only, like a ViT) or no ``forward_intermediates``."""
-    info = getattr(backbone, "feature_info", None)
-    if not info or not hasattr(backbone, "forward_intermediates"):
-        return []
-    info = info.info if hasattr(info, "info") else list(info)
-    last_at = {entry["reduction"]: index for index, entry in enumerate(info) if entry["reduction"] >= 4}
-    return sorted(last_at.values()) if len(last_at) > 1 else []
-
-
-def offers_multiscale(backbone: torch.nn.Module) -> bool:
-    return hasattr(backbone, "forward_multiscale") or bool(pyramid_indices(backbone))
-
-
-def multiscale_embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Multi-scale pooled embedding ``[B, sum C_i]``: each stage's global average, L2-normalized, concatenated.
-
-    Ours (``forward_multiscale``) adds the class token and the patch mean; a timm CNN (ResNet, ConvNeXt) gets
-    the same treatment from its stage maps, so comparisons stay fair.
-    """
-    if hasattr(backbone, "forward_multiscale"):
-        return backbone.forward_multiscale(images)
-    maps = backbone.forward_intermediates(images, indices=pyramid_indices(backbone), intermediates_only=True)
-    return torch.cat([torch.nn.functional.normalize(m.mean(dim=(2, 3)), dim=-1) for m in maps], dim=-1)
 
 
 def pooling_forward(backbone: torch.nn.Module, pooling: str):

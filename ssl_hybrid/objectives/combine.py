@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_hybrid.models.pooling import multiscale_dim, multiscale_embed, offers_multiscale
 from ssl_hybrid.objectives.contrastive import ContrastiveObjective
 from ssl_hybrid.objectives.distill import DINOObjective, EMATeacher
 from ssl_hybrid.objectives.mim import MIMObjective
@@ -75,10 +76,10 @@ class PretrainModel(nn.Module):
         self.settings = settings
         self.backbone = backbone
         s = settings
-        if s.embedding == "multiscale" and not hasattr(backbone, "num_multiscale_features"):
-            raise ValueError(f"objective.embedding=multiscale needs a backbone with forward_multiscale "
-                             f"(resvit_*, hybrid_*), not {type(backbone).__name__}")
-        dim = backbone.num_multiscale_features if s.embedding == "multiscale" else backbone.num_features
+        if s.embedding == "multiscale" and not offers_multiscale(backbone):
+            raise ValueError(f"objective.embedding=multiscale needs a backbone with stage maps at several "
+                             f"strides (resvit_*, hybrid_*, timm CNNs), not {type(backbone).__name__}")
+        dim = multiscale_dim(backbone) if s.embedding == "multiscale" else backbone.num_features
         self.mim = (MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
                     if s.mim_weight > 0 else None)
         self.dino = DINOObjective(dim, s.dino_out_dim, s.student_temp) if s.dino_weight > 0 else None
@@ -95,7 +96,7 @@ class PretrainModel(nn.Module):
         """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
         if not self.uses_masks:
             if self.settings.embedding == "multiscale":  # every conv stage feeds the objective directly
-                return [self.backbone.forward_multiscale(v) for v in global_views], []
+                return [multiscale_embed(self.backbone, v) for v in global_views], []
             return [embed(self.backbone, self.backbone.forward_features(v)) for v in global_views], []
         if masks is None or len(masks) != len(global_views):
             raise ValueError("MIM needs one mask per global view")

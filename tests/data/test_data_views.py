@@ -45,15 +45,16 @@ def test_matches_lightly_reference_under_the_same_seed():
         assert torch.equal(a, b)
 
 
-def test_simclr_views_take_the_crop_scale_and_blur_settings():
+def test_simclr_views_take_the_crop_scale_blur_and_colour_settings():
     from lightly.transforms import SimCLRTransform
 
     image = Image.effect_noise((48, 40), 60).convert("RGB")
-    reference = SimCLRTransform(input_size=32, min_scale=0.5, gaussian_blur=0.0)
+    reference = SimCLRTransform(input_size=32, min_scale=0.5, gaussian_blur=0.0, cj_strength=0.3)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     expected = reference(image)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
-    ours = build_transform(small_cfg(views="simclr", simclr_min_scale=0.5, simclr_blur=0.0))(image)
+    ours = build_transform(small_cfg(views="simclr", simclr_min_scale=0.5, simclr_blur=0.0,
+                                     simclr_color_jitter=0.3))(image)
     assert all(torch.equal(a, b) for a, b in zip(expected, ours["global_views"]))
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     default = build_transform(small_cfg(views="simclr"))(image)

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import ssl_hybrid  # noqa: F401
 from ssl_hybrid.data.labeled import load_labeled
 from ssl_hybrid.eval.backbones import load_backbone_spec
-from ssl_hybrid.eval.features import (cached_features, embed, features_for_spec, multiscale_embed, offers_multiscale,
-                                      pooling_forward)
+from ssl_hybrid.eval.features import cached_features, embed, features_for_spec, pooling_forward
+from ssl_hybrid.models.pooling import multiscale_dim, multiscale_embed, offers_multiscale
 
 
 def test_resnet_multiscale_is_the_normalized_average_of_each_stage_map():
@@ -30,7 +30,7 @@ def test_resnet_multiscale_is_the_normalized_average_of_each_stage_map():
             hook.remove()
         got = multiscale_embed(model, x)
     expected = torch.cat([F.normalize(s.mean(dim=(2, 3)), dim=-1) for s in stages], dim=-1)
-    assert got.shape == (2, 64 + 128 + 256 + 512)
+    assert got.shape == (2, 64 + 128 + 256 + 512) and multiscale_dim(model) == got.shape[1]
     torch.testing.assert_close(got, expected)
 
 

@@ -160,7 +160,10 @@ def test_multiscale_training_embedding_feeds_every_conv_stage_to_simclr():
     losses["loss"].backward()
     stem_grad = backbone.stem_conv.weight.grad  # (block convs start behind a zero-init BN gamma)
     assert torch.isfinite(losses["loss"]) and stem_grad is not None and stem_grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="forward_multiscale"):
-        PretrainModel(timm.create_model("resnet18", num_classes=0), settings)
+    resnet = PretrainModel(timm.create_model("resnet10t", num_classes=0), settings)  # its stage maps, the same way
+    assert resnet.simclr.head.layers[0].in_features == 64 + 128 + 256 + 512
+    assert torch.isfinite(resnet(views, [])[0]["loss"])
+    with pytest.raises(ValueError, match="stage maps at several strides"):
+        PretrainModel(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32), settings)
     with pytest.raises(ConfigError, match="objective.embedding"):
         load_config(None, ["objective.embedding=multiscale"])  # the default objective is MIM + DINO

@@ -1,0 +1,47 @@
+"""Multi-scale pooled embedding of a backbone: the global average of each stage map, L2-normalized, concatenated.
+
+Our backbones (``resvit_*``, ``hybrid_*``) offer ``forward_multiscale`` (their stage maps plus the class token
+and patch mean); a timm CNN (ResNet, ConvNeXt) gets the same treatment from ``forward_intermediates``, so the
+evaluators' ``multiscale`` pooling and the ``objective.embedding=multiscale`` training embedding treat every
+family alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pyramid_indices(backbone: torch.nn.Module) -> list[int]:
+    """Indices into ``feature_info`` of the last map at each stride >= 4, for a timm CNN; [] when there is
+    no pyramid (one stride only, like a ViT) or no ``forward_intermediates``."""
+    info = getattr(backbone, "feature_info", None)
+    if not info or not hasattr(backbone, "forward_intermediates"):
+        return []
+    info = info.info if hasattr(info, "info") else list(info)
+    last_at = {entry["reduction"]: index for index, entry in enumerate(info) if entry["reduction"] >= 4}
+    return sorted(last_at.values()) if len(last_at) > 1 else []
+
+
+def offers_multiscale(backbone: torch.nn.Module) -> bool:
+    return hasattr(backbone, "forward_multiscale") or bool(pyramid_indices(backbone))
+
+
+def multiscale_dim(backbone: torch.nn.Module) -> int:
+    """Width of ``multiscale_embed``'s output."""
+    if hasattr(backbone, "num_multiscale_features"):
+        return backbone.num_multiscale_features
+    info = backbone.feature_info
+    info = info.info if hasattr(info, "info") else list(info)
+    return sum(info[index]["num_chs"] for index in pyramid_indices(backbone))
+
+
+def multiscale_embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Multi-scale pooled embedding ``[B, sum C_i]``: each stage's global average, L2-normalized, concatenated.
+
+    Ours (``forward_multiscale``) adds the class token and the patch mean; a timm CNN (ResNet, ConvNeXt) gets
+    the same treatment from its stage maps, so comparisons stay fair.
+    """
+    if hasattr(backbone, "forward_multiscale"):
+        return backbone.forward_multiscale(images)
+    maps = backbone.forward_intermediates(images, indices=pyramid_indices(backbone), intermediates_only=True)
+    return torch.cat([torch.nn.functional.normalize(m.mean(dim=(2, 3)), dim=-1) for m in maps], dim=-1)
