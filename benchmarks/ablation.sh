@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LR="${LR:-3e-3}"
-METHODS="ours,resvit_simclr_one_lr,hybrid_tiny_simclr,resvit_dino,resvit_ms_embed,simclr_resnet18"
+METHODS="ours,resvit_pooled_embed,resvit_one_lr,hybrid_tiny_simclr,resvit_cj05,resvit_dino,resnet18_ms_embed,simclr_resnet18"
 FLOWERS="${FLOWERS:-../shared/datasets/flowers12}"
 if [ -d "$FLOWERS/train" ]; then
   python3 benchmarks/label_efficiency.py --minutes 4 --jobs 2 --lrs "$LR" --methods "$METHODS" --data "$FLOWERS" \

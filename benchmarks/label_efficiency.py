@@ -50,16 +50,26 @@ DINO_FAST = ["data.views=dino", "objective.dino_out_dim=256", "objective.momentu
 # method -> (display name, config overrides). The lr comes from the grid (--lrs), the same for every method.
 # "ours" is the project's default design and small-budget recipe (model.name's default, recipes/quickstart.yaml);
 # the baseline is the lightly reference recipe's architecture (SimCLR on a ResNet-18).
+OURS = ["model.name=resvit_tiny", *SIMCLR, "optim.transformer_lr_scale=0.3", "objective.embedding=multiscale"]
+
+
+def without(overrides: list[str], key: str) -> list[str]:
+    return [o for o in overrides if not o.startswith(key + "=")]
+
+
 METHODS: dict[str, tuple[str, list[str]]] = {
-    "ours": ("resvit_tiny SimCLR (ours)", ["model.name=resvit_tiny", *SIMCLR, "optim.transformer_lr_scale=0.3"]),
+    "ours": ("resvit_tiny SimCLR, multi-scale embedding (ours)", OURS),
     "simclr_resnet18": ("ResNet-18 SimCLR (lightly recipe)", ["model.name=resnet18", *SIMCLR]),
     # ablation levers (one change each from "ours")
-    "resvit_simclr_one_lr": ("resvit_tiny SimCLR, one lr", ["model.name=resvit_tiny", *SIMCLR]),
-    "hybrid_tiny_simclr": ("hybrid_tiny SimCLR", ["model.name=hybrid_tiny", *SIMCLR, "optim.transformer_lr_scale=0.3"]),
-    "resvit_ms_embed": ("resvit_tiny SimCLR on the multi-scale embedding",
-                        ["model.name=resvit_tiny", *SIMCLR, "optim.transformer_lr_scale=0.3", "objective.embedding=multiscale"]),
+    "resvit_pooled_embed": ("resvit_tiny SimCLR on the pooled feature", without(OURS, "objective.embedding")),
+    "resvit_one_lr": ("resvit_tiny SimCLR, multi-scale embedding, one lr", without(OURS, "optim.transformer_lr_scale")),
+    "hybrid_tiny_simclr": ("hybrid_tiny SimCLR, multi-scale embedding", [*without(OURS, "model.name"), "model.name=hybrid_tiny"]),
+    "resvit_cj05": ("resvit_tiny SimCLR, multi-scale embedding, colour jitter 0.5", [*OURS, "data.simclr_color_jitter=0.5"]),
     "resvit_dino": ("resvit_tiny DINO (fast teacher)", ["model.name=resvit_tiny", *DINO_FAST,
                     "objective.mim_weight=0.0", "objective.dino_weight=1.0", "optim.transformer_lr_scale=0.3"]),
+    # the baseline given our training embedding: separates the embedding's effect from the architecture's
+    "resnet18_ms_embed": ("ResNet-18 SimCLR, multi-scale embedding", ["model.name=resnet18", *SIMCLR,
+                          "objective.embedding=multiscale"]),
     # the hybrid_tiny objectives of earlier rounds
     "joint": ("hybrid_tiny joint MIM+DINO", ["model.name=hybrid_tiny", *DINO_FAST, "objective.mim_weight=1.0",
                                              "objective.dino_weight=1.0"]),
