@@ -15,13 +15,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # method -> (lever switched off, what the row runs instead of ours)
 ROWS = {
-    "ours": ("none: all levers on", "resvit_tiny, SimCLR, transformer lr x0.3"),
-    "resvit_simclr_one_lr": ("lr per part", "one lr for conv stages and ViT blocks"),
+    "ours": ("none: all levers on", "resvit_tiny, SimCLR on the multi-scale embedding, transformer lr x0.3"),
+    "resvit_pooled_embed": ("training embedding", "SimCLR head on the pooled feature instead of the multi-scale embedding"),
+    "resvit_one_lr": ("lr per part", "one lr for conv stages and ViT blocks"),
     "hybrid_tiny_simclr": ("architecture", "hybrid_tiny (light conv stem, 12 ViT blocks) instead of resvit_tiny"),
+    "resvit_cj05": ("(lever on) colour jitter 0.5", "lightly's colour jitter at half strength"),
     "resvit_dino": ("objective", "DINO (fast teacher, 256 prototypes) instead of SimCLR"),
-    "resvit_ms_embed": ("(lever on) training embedding", "SimCLR head on the multi-scale embedding"),
+    "resnet18_ms_embed": ("architecture, same embedding", "ResNet-18 SimCLR on its multi-scale embedding"),
     "simclr_resnet18": ("baseline", "ResNet-18 SimCLR (lightly recipe), same lr and pooling treatment"),
 }
+# Runs made before "ours" took the multi-scale embedding (their JSON has the lever "resvit_ms_embed"): there
+# "ours" was SimCLR on the pooled feature.
+LEGACY_ROWS = {
+    "ours": ("none: the earlier ours", "resvit_tiny, SimCLR on the pooled feature, transformer lr x0.3"),
+    "resvit_simclr_one_lr": ("lr per part", "one lr, SimCLR head on the pooled feature"),
+    "hybrid_tiny_simclr": ("architecture", "hybrid_tiny, SimCLR on the pooled feature"),
+    "resvit_dino": ROWS["resvit_dino"],
+    "resvit_ms_embed": ("(lever on) training embedding = today's ours", "SimCLR head on the multi-scale embedding"),
+    "simclr_resnet18": ROWS["simclr_resnet18"],
+}
+
+
+def rows_for(result: dict) -> dict:
+    return LEGACY_ROWS if "resvit_ms_embed" in result["methods"] else ROWS
 
 
 def loss_cell(run: dict) -> str:
@@ -41,7 +57,7 @@ def dataset_table(result: dict) -> list[str]:
             *(f"{c} multiscale" for c in cols), *(f"{c} default pooling" for c in cols)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, run in result["pretraining"].items():
-        lever, what = ROWS.get(run["method"], (run["method"], run["method"]))
+        lever, what = rows_for(result).get(run["method"], (run["method"], run["method"]))
         cells = [f"{result['results'][key][p][c]:.1f}" for p in ("multiscale", "default") for c in cols]
         lines.append("| " + " | ".join([lever, what, str(run["step"]), loss_cell(run), *cells]) + " |")
     for key, row in result["results"].items():
