@@ -1,7 +1,10 @@
 """`ssl-hybrid` command line: thin argument parsing that calls the package's functions.
 
-Each subcommand has an ``_add_<name>`` function that declares its arguments and sets ``handler``;
-handlers import their stage lazily so ``ssl-hybrid --help`` stays fast. Errors the user can fix
+Each subcommand has an ``_add_<name>`` function that declares its arguments and sets ``handler``.
+Building the parser imports no stage (no torch, timm, accelerate, lightly, faiss or webdataset): handlers
+import their stage when they run, and arguments whose declaration needs a stage (a bench target's own
+options, finetune's defaults) are declared by :class:`_CommandParser` only when that command is parsed or
+its help is shown, so ``ssl-hybrid --help`` and ``--version`` start at once. Errors the user can fix
 (:class:`~ssl_hybrid.errors.UserError`) print one line and exit with status 2; nothing else is caught.
 """
 
@@ -24,6 +27,27 @@ EXIT_USER_ERROR = 2
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults in --help and keep the hand-wrapped descriptions and examples as written."""
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """An ArgumentParser whose ``declare(parser)`` adds its arguments on first parse or help, not when built."""
+
+    def __init__(self, *args, declare: Optional[Callable[[argparse.ArgumentParser], None]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._declare = declare
+
+    def _declare_arguments(self) -> None:
+        declare, self._declare = self._declare, None
+        if declare is not None:
+            declare(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._declare_arguments()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._declare_arguments()
+        return super().format_help()
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -102,12 +126,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     targets.required = True
     for target, (module_name, help_text) in BENCH_TARGETS.items():
         target_parser = targets.add_parser(target, formatter_class=_HelpFormatter, help=help_text,
-                                           description=help_text)
+                                           description=help_text, declare=_bench_arguments(module_name))
         _add_out_arg(target_parser, "the measurements")
+        target_parser.set_defaults(handler=_run_bench, bench_module=module_name)
+
+
+def _bench_arguments(module_name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """The target module's own ``add_arguments`` (importing it imports torch, so only once the target is used)."""
+
+    def declare(parser: argparse.ArgumentParser) -> None:
         module = importlib.import_module(module_name)
         if hasattr(module, "add_arguments"):
-            module.add_arguments(target_parser)
-        target_parser.set_defaults(handler=_run_bench, bench_module=module_name)
+            module.add_arguments(parser)
+
+    return declare
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -242,13 +274,18 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
-    from ssl_hybrid.eval.finetune import FinetuneSettings
-
-    tuned = FinetuneSettings()  # the defaults live there, each with its reason
     parser = sub.add_parser(
         "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
         description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
-                    "split of --train. Runs under 'accelerate launch' for several GPUs.")
+                    "split of --train. Runs under 'accelerate launch' for several GPUs.",
+        declare=_finetune_arguments)
+    parser.set_defaults(handler=_eval_handler("run_finetune"))
+
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from ssl_hybrid.eval.finetune import FinetuneSettings  # imports torch: declared when finetune is used
+
+    tuned = FinetuneSettings()  # the defaults live there, each with its reason
     _eval_data_args(parser, cache=False)
     parser.set_defaults(batch_size=tuned.batch_size)  # training batches: few-label sets hold a few hundred images
     parser.add_argument("--shots", type=int, default=0, help="fine-tune on a seeded k-per-class subset; 0 = all of --train")
@@ -262,7 +299,6 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=tuned.mixed_precision,
                         help="Accelerate AMP")
     _add_out_arg(parser, "the result")
-    parser.set_defaults(handler=_eval_handler("run_finetune"))
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
@@ -413,7 +449,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _CommandParser(
         prog="ssl-hybrid", formatter_class=_HelpFormatter,
         description="Self-supervised pretraining of hybrid CNN->Transformer backbones on sharded image "
                     "streams,\nand few-label evaluation of what they learned.\n\n"

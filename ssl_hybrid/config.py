@@ -71,7 +71,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # Any timm model name; resvit_* and hybrid_* are registered by ``import ssl_hybrid``. resvit_tiny (batch-normed
+    # Any timm model name; resvit_* and hybrid_* are registered by ``import ssl_hybrid.models``. resvit_tiny (batch-normed
     # conv stages + 4 ViT blocks) learns fastest of ours at small budgets (benchmarks/results/label_efficiency).
     name: str = "resvit_tiny"
     # Stochastic depth; 0.1 is the ViT-S/DINO setting and harmless for small models.

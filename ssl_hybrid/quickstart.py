@@ -20,8 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from ssl_hybrid.config import REPO_ROOT, load_config, run_dir
 from ssl_hybrid.errors import UserError
 
@@ -40,6 +38,8 @@ def quickstart_config(minutes: float, output_dir: str, overrides: Sequence[str] 
     if not QUICKSTART_RECIPE.exists():
         raise UserError(f"{QUICKSTART_RECIPE}: quickstart recipe not found (run from a source checkout: "
                         "pip install -e .)")
+    import torch  # not at module level: the CLI imports this module to build its --help
+
     defaults = [f"train.output_dir={output_dir}", f"train.max_seconds={minutes * 60:g}"]
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         defaults.append("train.mixed_precision=bf16")

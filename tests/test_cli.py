@@ -29,6 +29,36 @@ def test_module_entry_point_help_and_version():
     assert version.returncode == 0 and __version__ in version.stdout
 
 
+HEAVY_MODULES = ("torch", "timm", "lightly", "accelerate", "faiss", "webdataset")
+
+
+def test_building_the_parser_imports_no_heavy_library():
+    probe = ("import sys, ssl_hybrid.cli as cli; cli.build_parser(); "
+             f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules) or 'none')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "none", f"building the parser imported {result.stdout.strip()}"
+
+
+def test_console_script_help_and_version():
+    script = Path(sys.executable).with_name("ssl-hybrid")
+    if not script.exists():
+        pytest.skip("the ssl-hybrid console script is not installed next to this python")
+    help_run = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert help_run.returncode == 0 and "usage: ssl-hybrid" in help_run.stdout and "pretrain" in help_run.stdout
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.strip() == f"ssl-hybrid {__version__}"
+
+
+def test_lazily_declared_arguments_parse_and_show_in_help(capsys):
+    args = build_parser().parse_args(["finetune", "timm:resnet10t", "--epochs", "3"])
+    assert args.epochs == 3 and args.batch_size > 0 and args.handler is not None
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "data", "--help"])
+    assert exit_info.value.code == 0
+    assert "--repeats" in capsys.readouterr().out
+
+
 def test_subcommand_help_shows_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["config", "--help"])

@@ -1,8 +1,9 @@
 """Labeled sets for evaluation: an image folder with class sub-folders or labeled webdataset shards.
 
 Both become a :class:`LabeledSet`: a deterministic, ordered list of samples (stable id, integer label,
-where the image bytes live) plus the class names. Shards are indexed once with ``tarfile`` (member
-offsets), so a sample is a seek + read away: evaluation needs random access (samplers, k-shot subsets,
+where the image bytes live) plus the class names. Shards are indexed once with the package's one tar
+reader (:func:`ssl_hybrid.data.shards.tar_members`, keeping member offsets; members grouped by key with
+webdataset's ``base_plus_ext``, as the stream does), so a sample is a seek + read away: evaluation needs random access (samplers, k-shot subsets,
 retrieval grids) and labeled evaluation sets are small enough to index, unlike pretraining corpora.
 
 :func:`kshot_indices` draws seeded k-per-class subsets; :func:`save_split` writes their sample ids so a
@@ -19,18 +20,14 @@ import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ssl_hybrid.data.shards import unsafe_member_name
+from ssl_hybrid.data.shards import IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, tar_members, unsafe_member_name
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-MANIFEST = "manifest.json"
 
 
 class LabeledDataError(UserError):
@@ -206,16 +203,9 @@ def _resolve_shards(spec: str) -> tuple[list[str], Optional[list[str]]]:
             names = [item["name"] if isinstance(item, dict) else item for item in meta.get("shards", [])]
             return [str(path / n) for n in names], meta.get("classes")
         return sorted(str(p) for p in path.glob("*.tar")), None
-    try:
-        from ssl_hybrid.data.stream import resolve_shards  # issue 4's resolver, once it lands
-    except ImportError:
-        resolve_shards = None
-    if resolve_shards is not None:
-        urls = list(resolve_shards(spec))
-    else:
-        import braceexpand
+    from ssl_hybrid.data.stream import resolve_shards  # imports torch: only when shards are named this way
 
-        urls = list(braceexpand.braceexpand(spec))
+    urls = list(resolve_shards(spec))
     manifest = Path(urls[0]).parent / MANIFEST if urls else None
     classes = json.loads(manifest.read_text(encoding="utf-8")).get("classes") if manifest and manifest.exists() else None
     return urls, classes
@@ -242,48 +232,46 @@ def _load_shards(spec: str) -> LabeledSet:
     return LabeledSet(spec, [str(c) for c in classes], samples)
 
 
+_READ_WHILE_INDEXING = ("cls", "json")  # small fields read during the one pass; the image is only located
+
+
 def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
-    """One pass over a tar's headers: group members by webdataset key (name up to the first dot)."""
-    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-    order: list[str] = []
+    """One pass over a tar (seekable, so the image offsets stay valid): group members by webdataset key,
+    in order of first appearance."""
+    from webdataset.tariterators import base_plus_ext  # webdataset imports torch: only when reading shards
+
+    groups: dict[str, dict[str, Union[tarfile.TarInfo, bytes]]] = {}
     try:
-        with tarfile.open(url, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                problem = unsafe_member_name(member.name)
-                if problem:
-                    log.warning("%s: %s skipped", url, problem)
-                    continue
-                key, _, ext = member.name.partition(".")
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext.lower()] = member
-            samples = []
-            for key in order:
-                sample = _sample_from_group(tar, url, key, groups[key], names_by_label)
-                if sample is not None:
-                    samples.append(sample)
+        for member, read in tar_members(url, mode="r:"):
+            problem = unsafe_member_name(member.name)
+            if problem:
+                log.warning("%s: %s skipped", url, problem)
+                continue
+            key, ext = base_plus_ext(member.name)
+            if key is None:  # no extension: a group without image, skipped below with a warning
+                key, ext = member.name, ""
+            ext = ext.lower()
+            groups.setdefault(key, {})[ext] = read() if ext in _READ_WHILE_INDEXING else member
     except tarfile.TarError as err:
         raise LabeledDataError(f"{url}: unreadable tar shard ({err})") from None
-    return samples
+    samples = (_sample_from_group(url, key, fields, names_by_label) for key, fields in groups.items())
+    return [sample for sample in samples if sample is not None]
 
 
-def _sample_from_group(tar: tarfile.TarFile, url: str, key: str, members: dict[str, tarfile.TarInfo],
+def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarInfo, bytes]],
                        names_by_label: dict[int, str]) -> Optional[Sample]:
-    image = next((members[k] for k in SHARD_IMAGE_KEYS if k in members), None)
-    if image is None or "cls" not in members:
+    image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
+    if image is None or "cls" not in fields:
         log.warning("%s: sample '%s' skipped (needs an image and a 'cls')", url, key)
         return None
     try:
-        label = int(tar.extractfile(members["cls"]).read().decode().strip())
+        label = int(fields["cls"].decode().strip())
     except ValueError:
         log.warning("%s: sample '%s' skipped ('cls' is not an integer)", url, key)
         return None
-    if "json" in members:
+    if "json" in fields:
         try:
-            meta = json.loads(tar.extractfile(members["json"]).read())
+            meta = json.loads(fields["json"])
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
         except json.JSONDecodeError:

@@ -25,12 +25,13 @@ import os
 import random
 import re
 import shutil
+import tarfile
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from ssl_hybrid.errors import UserError
 
@@ -39,7 +40,10 @@ log = logging.getLogger(__name__)
 FORMAT = "ssl_hybrid-shards/1"
 MANIFEST = "manifest.json"
 CLASSES = "classes.json"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# The one image-extension list: image files in folders and lists, and (without the dot, in this order of
+# preference) the image field of a shard sample, for the stream and the labeled sets alike.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+IMAGE_KEYS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 # PIL's own default (about 89 Mpx); an image declaring more pixels is refused before decoding.
 MAX_IMAGE_PIXELS = 89_478_485
 _TMP_PREFIX = ".partial-"
@@ -181,6 +185,29 @@ def unsafe_member_name(name: str) -> Optional[str]:
     if ".." in re.split(r"[\\/]", name):
         return f"unsafe tar member name {name!r} ('..' segment)"
     return None
+
+
+def is_webdataset_meta(name: str) -> bool:
+    """webdataset's per-shard metadata members (``__name__`` at the top level) are not samples."""
+    return "/" not in name and name.startswith("__") and name.endswith("__")
+
+
+def tar_members(url: str, mode: str = "r|*") -> Iterator[tuple[tarfile.TarInfo, Callable[[], bytes]]]:
+    """The one tar reader: (member, read-its-bytes) for the regular files of a tar, in archive order,
+    webdataset's metadata members left out. ``url`` is opened with webdataset's ``gopen`` (local paths,
+    ``pipe:``, ``http(s)://``). ``mode="r|*"`` streams (any compression, no seeking: read a member's bytes
+    before asking for the next member); ``mode="r:"`` needs a seekable uncompressed file, whose members'
+    ``offset_data`` can be read again later (labeled sets index shards this way)."""
+    from webdataset.gopen import gopen
+
+    stream = gopen(url, "rb")
+    try:
+        with tarfile.open(fileobj=stream, mode=mode) as tar:
+            for member in tar:
+                if member.isreg() and not is_webdataset_meta(member.name):
+                    yield member, lambda member=member: tar.extractfile(member).read()
+    finally:
+        stream.close()
 
 
 # ---------------------------------------------------------------------------------------------

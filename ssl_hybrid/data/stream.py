@@ -1,9 +1,29 @@
 """Streaming reader for ``ssl_hybrid-shards/1`` tar shards (see :mod:`ssl_hybrid.data.shards`).
 
-Pipeline per DataLoader worker: shard list for (seed, epoch, rank, worker) -> tar read (webdataset
-``gopen`` + ``tar_file_iterator``, so local paths, ``pipe:`` and ``http(s)://`` URLs work) -> seeded
-sample shuffle buffer over the *compressed* bytes -> decode + multi-view transform -> batch + collate.
-Batches are formed inside the workers; the DataLoader (a ``webdataset.WebLoader``) only moves them.
+Pipeline per DataLoader worker: shard list for (seed, epoch, rank, worker) -> tar read (the package's
+one tar reader, :func:`ssl_hybrid.data.shards.tar_members`, over webdataset's ``gopen``, so local paths,
+``pipe:`` and ``http(s)://`` URLs work) -> members grouped into samples by webdataset's ``base_plus_ext``
+-> seeded sample shuffle buffer over the *compressed* bytes -> decode + multi-view transform -> batch +
+collate. Batches are formed inside the workers; the DataLoader (a ``webdataset.WebLoader``) only moves them.
+
+What is webdataset's and what is not (and why). From webdataset: ``gopen`` (opening any URL), the
+key/extension split ``base_plus_ext``, the ``__meta__`` member convention and ``WebLoader``. Written here,
+because webdataset's versions cannot give what this stream promises:
+
+- ``tar_file_expander`` / ``tar_file_iterator`` + ``group_by_keys`` (webdataset 1.0) read a member's bytes
+  before yielding its name, so a shard cut inside a member loses the *previous*, complete sample too, and
+  their handlers see an exception, not how many samples a shard lost. :func:`read_shard` yields a sample
+  as soon as the next member's header names another key and turns a cut or unreadable shard into one
+  counted placeholder per lost sample (from the manifest), so skip counts and the resume offset are exact.
+- ``group_by_keys`` drops members without extension silently and raises on a duplicate field; here a
+  member without extension or with an unsafe name (absolute, ``..``) is a counted bad sample with a
+  one-line warning naming ``__url__`` and ``__key__``, like a corrupt image (decoding is per sample, in
+  :meth:`ShardStream.make_sample`, not a webdataset decoder that would stop or silently drop).
+- webdataset's ``detshuffle``, ``ResampledShards`` and ``split_by_node`` / ``split_by_worker`` can be
+  seeded, but keep no position to save, let the shuffle buffer run on across shard and epoch boundaries
+  and split by the physical worker id. Exact mid-epoch resume (below) needs each worker-epoch to be a pure
+  function of (seed, epoch, rank, logical worker) with a buffer that drains at its end, so that replaying
+  it and dropping the first ``offset`` samples before decoding restores the position bit for bit.
 
 Splitting. Shards are split by rank first and then by worker, explicitly, from a shard order that
 depends only on (seed, epoch):
@@ -62,7 +82,6 @@ from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm")
 STATE_FORMAT = "ssl_hybrid-stream/1"
 
 
@@ -157,7 +176,7 @@ def shard_counts(spec: str) -> Optional[dict[str, int]]:
 
 
 def image_entry(sample: dict) -> Optional[tuple[str, bytes]]:
-    for key in IMAGE_KEYS:
+    for key in shard_format.IMAGE_KEYS:
         if key in sample:
             return key, sample[key]
     return None
@@ -203,22 +222,6 @@ def sample_meta(sample: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(member name, read-its-bytes) for the regular files of a tar stream (local path or URL)."""
-    import tarfile
-
-    from webdataset.gopen import gopen
-
-    stream = gopen(url, "rb")
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if member.isreg():
-                    yield member.name, lambda member=member: tar.extractfile(member).read()
-    finally:
-        stream.close()
-
-
 def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
     """Samples of one shard (members grouped by key as webdataset does). A shard that cannot be opened
     or is cut short yields one placeholder (with ``__error__``) per lost sample -- ``expected`` minus the
@@ -229,9 +232,8 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
     count = 0
     current: Optional[dict] = None
     try:
-        for name, read in _tar_members(url):
-            if "/" not in name and name.startswith("__") and name.endswith("__"):
-                continue  # webdataset's per-shard metadata members
+        for member, read in shard_format.tar_members(url):
+            name = member.name
             prefix, suffix = base_plus_ext(name)
             # a member without extension cannot be a sample field, and an unsafe name not a key: bad samples
             problem = shard_format.unsafe_member_name(name) or (None if prefix else "tar member without extension")

@@ -72,7 +72,7 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
 def _create(name: str, kwargs: dict[str, Any], image_size: int, spec: str) -> torch.nn.Module:
     import timm
 
-    import ssl_hybrid  # noqa: F401  (registers hybrid_* with timm)
+    import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
     from ssl_hybrid.models.factory import create_backbone
 
     if not timm.is_model(name):

@@ -362,7 +362,7 @@ def _targets(result: dict[str, Any]) -> dict[str, Any]:
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    import ssl_hybrid  # noqa: F401  (registers hybrid_*)
+    import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -173,7 +173,7 @@ def build_candidate(candidate: Candidate, image_size: int, **extra: Any):
     """The candidate as a hybrid model (random init, no classifier: ``num_classes=0``)."""
     import timm
 
-    import ssl_hybrid  # noqa: F401  (registers hybrid_* with timm)
+    import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
 
     kwargs = dict(candidate.model_kwargs(), pretrained=False, num_classes=0, img_size=image_size, **extra)
     return timm.create_model(candidate.base, **kwargs)

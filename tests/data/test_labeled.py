@@ -146,3 +146,31 @@ def test_test_set_is_relabeled_by_class_name(tmp_path):
     assert aligned.classes == ["a", "b", "c"] and aligned.labels.tolist() == [1, 2]
     with pytest.raises(LabeledDataError, match="does not occur"):
         align_classes(test, train)
+
+
+def test_labeled_shards_and_the_stream_read_the_same_samples(tmp_path):
+    """One image-key list and one key rule for both readers: a .bmp field (the shard writer keeps a bmp's
+    own bytes), a key under a dotted folder, and webdataset's __meta__ members left out."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from ssl_hybrid.data.stream import decode_image, read_shard
+
+    bmp = io.BytesIO()
+    Image.new("RGB", (12, 10), (200, 30, 30)).save(bmp, format="BMP")
+    members = [("__info__", b"{}"), ("v1.0/red.bmp", bmp.getvalue()), ("v1.0/red.cls", b"0"),
+               ("v1.0/red.json", json.dumps({"class_name": "red"}).encode())]
+    shard = tmp_path / "shards" / "mixed.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    labeled = load_labeled(shard.parent)
+    streamed = list(read_shard(str(shard)))
+    assert labeled.ids == [sample["__key__"] for sample in streamed] == ["v1.0/red"]
+    assert labeled.classes == ["red"] and labeled.labels.tolist() == [0]
+    assert labeled.load_image(0).size == decode_image(streamed[0]).size == (12, 10)

@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-import ssl_hybrid  # noqa: F401
+import ssl_hybrid.models  # noqa: F401
 from ssl_hybrid.data.labeled import load_labeled
 from ssl_hybrid.eval.backbones import load_backbone_spec
 from ssl_hybrid.eval.features import cached_features, embed, features_for_spec, pooling_forward

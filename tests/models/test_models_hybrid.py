@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 
-import ssl_hybrid  # noqa: F401  (registers hybrid_*)
+import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS
 from ssl_hybrid.models.masking import random_grid_mask
 

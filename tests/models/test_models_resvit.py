@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import nn
 
-import ssl_hybrid  # noqa: F401  (registers resvit_*)
+import ssl_hybrid.models  # noqa: F401  (registers resvit_*)
 from ssl_hybrid.models import RESVIT_VARIANTS, load_backbone, save_backbone
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.resvit import MaskedBatchNorm2d, keep_map

@@ -10,7 +10,7 @@ import pytest
 import timm
 import torch
 
-import ssl_hybrid  # noqa: F401
+import ssl_hybrid.models  # noqa: F401
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.models import HYBRID_VARIANTS
 from ssl_hybrid.models.attention import TokenLayout, attention_allowed

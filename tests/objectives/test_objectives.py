@@ -146,6 +146,8 @@ def test_ema_teacher_update_is_the_momentum_average(tiny_backbone):
 def test_multiscale_training_embedding_feeds_every_conv_stage_to_simclr():
     import timm
 
+    import ssl_hybrid.models  # noqa: F401  (registers resvit_*)
+
     from ssl_hybrid.config import ConfigError, load_config
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
