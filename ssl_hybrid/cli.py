@@ -205,7 +205,7 @@ _BACKBONE_HELP = ("run directory, backbone.safetensors, timm:<name> or random:<n
 
 
 def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cache: bool = True) -> None:
-    from ssl_hybrid.config import EvalConfig
+    from ssl_hybrid.config import POOLINGS, EvalConfig
 
     if backbone:
         parser.add_argument("backbone", metavar="BACKBONE", help=_BACKBONE_HELP)
@@ -214,9 +214,9 @@ def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cach
     parser.add_argument("--test", default=None, help="labeled test set, same forms as --train")
     parser.add_argument("--image-size", type=int, default=0,
                         help="evaluation size (resize + center crop); 0 = backbone.json's image_size, 224 for timm:/random:")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    parser.add_argument("--pooling", choices=("multiscale", "default"), default=EvalConfig.pooling,
+    parser.add_argument("--pooling", choices=POOLINGS, default=EvalConfig.pooling,
                         help="multiscale: every conv stage's average + class token + patch mean, each L2-normalized "
                              "(backbones with a pyramid: ours, timm CNNs); default: the model's own pooled feature")
     if cache:
@@ -237,10 +237,12 @@ def _add_knn(sub: argparse._SubParsersAction) -> None:
         "knn", formatter_class=_HelpFormatter, help="weighted k-NN accuracy of frozen features (DINO protocol, FAISS)",
         description="L2-normalized features, exact FAISS inner-product search, votes weighted by exp(sim/T).\n\n"
                     "example:\n  ssl-hybrid knn runs/quickstart --train flowers/train --test flowers/test --out knn.json")
+    from ssl_hybrid.config import KNN_REPORTED_KS, EvalConfig
+
     _eval_data_args(parser)
-    parser.add_argument("--k", type=int, default=20, help="headline k (top1/top5 in the JSON)")
-    parser.add_argument("--ks", default="10,20,100,200", help="every k reported under per_k")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote temperature T")
+    parser.add_argument("--k", type=int, default=EvalConfig.knn_k, help="headline k (top1/top5 in the JSON)")
+    parser.add_argument("--ks", default=",".join(map(str, KNN_REPORTED_KS)), help="every k reported under per_k")
+    parser.add_argument("--temperature", type=float, default=EvalConfig.knn_temperature, help="vote temperature T")
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads; 0 = OMP_NUM_THREADS or all cores")
     _add_out_arg(parser, "the result")
     parser.set_defaults(handler=_eval_handler("run_knn"))
@@ -394,6 +396,7 @@ def _run_search(args: argparse.Namespace) -> int:
 
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    from ssl_hybrid.config import TrainConfig
     from ssl_hybrid.quickstart import recipe_summary
 
     recipe = recipe_summary()
@@ -411,7 +414,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--minutes", type=float, default=5.0,
                         help="wall-clock limit of the pretraining; it stops at train.steps or this, whichever comes "
                              "first (evaluation adds about a minute)")
-    parser.add_argument("--output-dir", default="runs", help="where the run directory 'quickstart' goes")
+    parser.add_argument("--output-dir", default=TrainConfig.output_dir, help="where the run directory 'quickstart' goes")
     parser.add_argument("--fresh", action="store_true", help="delete an earlier quickstart run first")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides on top of recipes/quickstart.yaml, e.g. train.steps=300")

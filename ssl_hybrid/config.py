@@ -1,4 +1,5 @@
-"""Typed configuration: every default lives here, with a one-line reason.
+"""Typed configuration: every default lives here, with a one-line reason (each field is an
+:func:`option` whose ``metadata["help"]`` ``ssl-hybrid config --explain`` prints).
 
 A run's configuration is built in three layers, each overriding the one before:
 
@@ -15,9 +16,9 @@ prints it on one line and exits with status 2 before anything is written.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
@@ -36,159 +37,155 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = "data/pets37"  # the embedded default corpus (shards + manifest.json), see data/README.md
 
 
+def option(default: Any, reason: str) -> Any:
+    """A config field with its one-line reason (``metadata["help"]``, what ``ssl-hybrid config --explain``
+    prints). A mutable default ({}, []) becomes a factory, so instances never share it."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": reason})
+    return field(default=default, metadata={"help": reason})
+
+
 @dataclass
 class DataConfig:
-    # Shards: a directory holding manifest.json, a pattern ("s-{000000..000009}.tar"), a .txt list or URLs
-    # or an image folder (sharded once into $SSL_HYBRID_CACHE; run `ssl-hybrid shards` to control how).
-    train: str = DEFAULT_CORPUS
-    # Labeled set (image folder with class sub-folders or labeled shards) for the online k-NN monitor; "" = off.
-    val: str = ""
-    # 2 workers keep decoding + augmentation off the training process on a small machine; raise on GPUs.
-    num_workers: int = 2
-    # 224 px is the size every reference number (DINO, MAE, timm) is quoted at.
-    image_size: int = 224
-    # Local crops for multi-crop DINO; 96 px is DINO's default.
-    local_image_size: int = 96
-    # DINO uses 2 global + several local crops; 0 local crops halves the step cost on small machines.
-    num_local_views: int = 0
-    # Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one light crop).
-    views: str = "dino"
-    # SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small images and corpora want more
-    # context per view), the Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns blur off) and
-    # the colour-jitter strength (lightly's 1.0; lower keeps colour, a cue for flowers, pets and birds).
-    simclr_min_scale: float = 0.08
-    simclr_blur: float = 0.5
-    simclr_color_jitter: float = 1.0
-    # Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few MB of memory.
-    shuffle_buffer: int = 1000
-    # Infinite resampled shards for training, so every rank gets the same number of batches.
-    resampled: bool = True
-    # Stop the run when more than this share of samples is corrupt: a few bad files are normal, 10% is not.
-    max_skip_rate: float = 0.1
-    # The skip rate is only judged after this many samples (and at each worker-epoch end): 1 bad of 3 is noise.
-    skip_rate_min_samples: int = 100
+    train: str = option(DEFAULT_CORPUS, 'Shards: a directory holding manifest.json, a pattern ("s-{000000..000009}.tar"), '
+                                        "a .txt list or URLs or an image folder (sharded once into $SSL_HYBRID_CACHE; "
+                                        "run `ssl-hybrid shards` to control how).")
+    val: str = option("", "Labeled set (image folder with class sub-folders or labeled shards) for the online k-NN "
+                          'monitor; "" = off.')
+    num_workers: int = option(2, "2 workers keep decoding + augmentation off the training process on a small machine; "
+                                 "raise on GPUs.")
+    image_size: int = option(224, "224 px is the size every reference number (DINO, MAE, timm) is quoted at.")
+    local_image_size: int = option(96, "Local crops for multi-crop DINO; 96 px is DINO's default.")
+    num_local_views: int = option(0, "DINO uses 2 global + several local crops; 0 local crops halves the step cost on "
+                                     "small machines.")
+    views: str = option("dino", "Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one "
+                                "light crop).")
+    simclr_min_scale: float = option(0.08, "SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small "
+                                           "images and corpora want more context per view).")
+    simclr_blur: float = option(0.5, "SimCLR views: Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns "
+                                     "blur off).")
+    simclr_color_jitter: float = option(1.0, "SimCLR views: colour-jitter strength (lightly's 1.0; lower keeps colour, a "
+                                             "cue for flowers, pets and birds).")
+    shuffle_buffer: int = option(1000, "Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few "
+                                       "MB of memory.")
+    resampled: bool = option(True, "Infinite resampled shards for training, so every rank gets the same number of "
+                                   "batches.")
+    max_skip_rate: float = option(0.1, "Stop the run when more than this share of samples is corrupt: a few bad files "
+                                       "are normal, 10% is not.")
+    skip_rate_min_samples: int = option(100, "The skip rate is only judged after this many samples (and at each "
+                                             "worker-epoch end): 1 bad of 3 is noise.")
 
 
 @dataclass
 class ModelConfig:
-    # Any timm model name; resvit_* and hybrid_* are registered by ``import ssl_hybrid.models``. resvit_tiny (batch-normed
-    # conv stages + 4 ViT blocks) learns fastest of ours at small budgets (benchmarks/results/label_efficiency).
-    name: str = "resvit_tiny"
-    # Stochastic depth; 0.1 is the ViT-S/DINO setting and harmless for small models.
-    drop_path_rate: float = 0.1
-    # Attention in the transformer stages: global | window | topk (sparse options trade accuracy for speed).
-    attn_mode: str = "global"
-    # Token selection keep rate at the selection blocks; 1.0 = off (pretraining wants every token).
-    token_keep_rate: float = 1.0
-    # Activation checkpointing trades ~30% more compute for much less memory on large models.
-    grad_checkpointing: bool = False
-    # Architecture kwargs passed to the model factory over its defaults (e.g. {conv_dims: [32, 64], depth: 6});
-    # written by `ssl-hybrid search` for its chosen candidate. {} = the named variant as registered.
-    arch: dict[str, Any] = field(default_factory=dict)
+    name: str = option("resvit_tiny", "Any timm model name; resvit_* and hybrid_* are registered by ``import "
+                                      "ssl_hybrid.models``. resvit_tiny (batch-normed conv stages + 4 ViT blocks) learns "
+                                      "fastest of ours at small budgets (benchmarks/results/label_efficiency).")
+    drop_path_rate: float = option(0.1, "Stochastic depth; 0.1 is the ViT-S/DINO setting and harmless for small "
+                                        "models.")
+    attn_mode: str = option("global", "Attention in the transformer stages: global | window | topk (sparse options "
+                                      "trade accuracy for speed).")
+    token_keep_rate: float = option(1.0, "Token selection keep rate at the selection blocks; 1.0 = off (pretraining "
+                                         "wants every token).")
+    grad_checkpointing: bool = option(False, "Activation checkpointing trades ~30% more compute for much less memory "
+                                             "on large models.")
+    arch: dict[str, Any] = option({}, "Architecture kwargs passed to the model factory over its defaults (e.g. "
+                                      "{conv_dims: [32, 64], depth: 6}); written by `ssl-hybrid search` for its "
+                                      "chosen candidate. {} = the named variant as registered.")
 
 
 @dataclass
 class ObjectiveConfig:
-    # Loss weights; an objective with weight 0 is not built. Default: joint MIM + DINO (iBOT/CMAE-like).
-    mim_weight: float = 1.0
-    dino_weight: float = 1.0
-    simclr_weight: float = 0.0
-    # MAE: 75% of the 16x16-stride grid hidden; the speed-up and the difficulty both come from it.
-    mask_ratio: float = 0.75
-    # MAE's normalized-pixel target gives better features than raw pixels.
-    norm_pix_loss: bool = True
-    # A light decoder (MAE uses 8 x 512; ConvMAE-small 4 x 256 is enough at our scale).
-    decoder_depth: int = 2
-    decoder_dim: int = 256
-    # DINO head output; 65536 is DINO's ImageNet setting, 4096 suits small corpora.
-    dino_out_dim: int = 4096
-    # Student temperature 0.1 and teacher 0.04 -> 0.07 warm-up are DINO's defaults.
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    # Teacher temperature warm-up length in steps (DINO: 30 of 100 epochs).
-    warmup_teacher_temp_steps: int = 1000
-    # EMA teacher momentum, cosine from this base to 1.0 (DINO's 0.996 for long runs; lower learns faster).
-    momentum_teacher: float = 0.996
-    # SimCLR NT-Xent temperature; 0.1 works at small and large batch sizes.
-    simclr_temperature: float = 0.1
-    # SimCLR projection output dimension (SimCLR paper: 128).
-    simclr_out_dim: int = 128
-    # What the SimCLR head sees: default (the backbone's pooled feature) or multiscale (every conv stage pooled,
-    # + class token + patch mean: the conv stages get the loss's gradient directly). SimCLR only.
-    embedding: str = "default"
+    mim_weight: float = option(1.0, "Weight of the MIM (masked-pixel) loss; an objective with weight 0 is not built. "
+                                    "Default: joint MIM + DINO (iBOT/CMAE-like).")
+    dino_weight: float = option(1.0, "Weight of the DINO loss; 0 = not built (see mim_weight).")
+    simclr_weight: float = option(0.0, "Weight of the SimCLR loss; 0 = not built (see mim_weight).")
+    mask_ratio: float = option(0.75, "MAE: 75% of the 16x16-stride grid hidden; the speed-up and the difficulty both "
+                                     "come from it.")
+    norm_pix_loss: bool = option(True, "MAE's normalized-pixel target gives better features than raw pixels.")
+    decoder_depth: int = option(2, "MIM decoder depth: a light decoder (MAE uses 8 x 512; ConvMAE-small 4 x 256 is "
+                                   "enough at our scale).")
+    decoder_dim: int = option(256, "MIM decoder width (see decoder_depth).")
+    dino_out_dim: int = option(4096, "DINO head output; 65536 is DINO's ImageNet setting, 4096 suits small corpora.")
+    student_temp: float = option(0.1, "DINO student temperature (DINO's 0.1).")
+    teacher_temp: float = option(0.07, "DINO teacher temperature after the warm-up (DINO's 0.07).")
+    warmup_teacher_temp: float = option(0.04, "DINO teacher temperature at step 0, raised linearly to teacher_temp "
+                                              "(DINO's 0.04).")
+    warmup_teacher_temp_steps: int = option(1000, "Teacher temperature warm-up length in steps (DINO: 30 of 100 "
+                                                  "epochs).")
+    momentum_teacher: float = option(0.996, "EMA teacher momentum, cosine from this base to 1.0 (DINO's 0.996 for "
+                                            "long runs; lower learns faster).")
+    simclr_temperature: float = option(0.1, "SimCLR NT-Xent temperature; 0.1 works at small and large batch sizes.")
+    simclr_out_dim: int = option(128, "SimCLR projection output dimension (SimCLR paper: 128).")
+    embedding: str = option("default", "What the SimCLR head sees: default (the backbone's pooled feature) or "
+                                       "multiscale (every conv stage pooled, + class token + patch mean: the conv "
+                                       "stages get the loss's gradient directly). SimCLR only.")
 
 
 @dataclass
 class OptimConfig:
-    # Base learning rate per 256 images; the effective lr scales linearly with the global batch (Goyal et al.).
-    lr: float = 5e-4
-    # Cosine decay ends here rather than at 0 so late steps still learn (DINO: 1e-6).
-    min_lr: float = 1e-6
-    # AdamW weight decay, cosine from weight_decay to weight_decay_end (DINO: 0.04 -> 0.4).
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    # Linear warm-up as a share of the total steps; 10% keeps early large-lr steps from diverging.
-    warmup_fraction: float = 0.1
-    # AdamW betas; 0.95 for beta2 is MAE's choice for stable large-batch pretraining.
-    beta1: float = 0.9
-    beta2: float = 0.95
-    # Global grad-norm clip; 3.0 is DINO's value. 0 = off.
-    clip_grad: float = 3.0
-    # Layer-wise lr decay for fine-tuning (BEiT/MAE); 1.0 = off. Pretraining ignores it.
-    layer_decay: float = 1.0
-    # lr multiplier for the backbone's transformer part (ViT blocks, class token, position table); 1.0 = one lr.
-    # At CPU budgets ViT blocks collapse at an lr the batch-normed conv stages learn fast with.
-    transformer_lr_scale: float = 1.0
+    lr: float = option(5e-4, "Base learning rate per 256 images; the effective lr scales linearly with the global "
+                             "batch (Goyal et al.).")
+    min_lr: float = option(1e-6, "Cosine decay ends here rather than at 0 so late steps still learn (DINO: 1e-6).")
+    weight_decay: float = option(0.04, "AdamW weight decay at step 0, cosine from weight_decay to weight_decay_end "
+                                       "(DINO: 0.04 -> 0.4).")
+    weight_decay_end: float = option(0.4, "AdamW weight decay at the last step (DINO: 0.4).")
+    warmup_fraction: float = option(0.1, "Linear warm-up as a share of the total steps; 10% keeps early large-lr "
+                                         "steps from diverging.")
+    beta1: float = option(0.9, "AdamW beta1 (the usual 0.9).")
+    beta2: float = option(0.95, "AdamW beta2; 0.95 is MAE's choice for stable large-batch pretraining.")
+    clip_grad: float = option(3.0, "Global grad-norm clip; 3.0 is DINO's value. 0 = off.")
+    layer_decay: float = option(1.0, "Layer-wise lr decay (BEiT/MAE): backbone layer i of L (its group_matcher's "
+                                     "layers) trains at lr * layer_decay ** (L - i), the heads at lr; 1.0 = off. "
+                                     "`ssl-hybrid finetune` has its own --layer-decay.")
+    transformer_lr_scale: float = option(1.0, "lr multiplier for the backbone's transformer part (ViT blocks, class "
+                                              "token, position table); 1.0 = one lr. At CPU budgets ViT blocks "
+                                              "collapse at an lr the batch-normed conv stages learn fast with.")
 
 
 @dataclass
 class TrainConfig:
-    # Run directories are <output_dir>/<name>.
-    output_dir: str = "runs"
-    # Count in steps, not epochs (dinov2): a streaming corpus has no natural epoch.
-    steps: int = 1000
-    # Global batch size, split evenly across processes.
-    batch_size: int = 64
-    # One seed for model init, data order and augmentations, so runs are reproducible.
-    seed: int = 0
-    # Save a resumable checkpoint this often (steps); 0 = only at the end.
-    checkpoint_every: int = 500
-    # Keep the newest K complete checkpoints; older ones are deleted after a new one is complete.
-    keep_checkpoints: int = 2
-    # Wall-clock budget in seconds: stop cleanly with a checkpoint and the export when it runs out; 0 = none.
-    max_seconds: float = 0.0
-    # no | bf16 | fp16; bf16 is the safe default on GPUs that have it, "no" on CPU.
-    mixed_precision: str = "no"
-    # Accumulate gradients over this many micro-batches (refused for in-batch-negative losses like SimCLR).
-    grad_accum_steps: int = 1
-    # Log metrics every N steps.
-    log_every: int = 10
-    # Online k-NN monitor on data.val every N steps; 0 = off.
-    knn_every: int = 0
-    # Stop after this many non-finite losses in a row (single spikes are skipped and counted).
-    max_nonfinite_steps: int = 5
+    output_dir: str = option("runs", "Run directories are <output_dir>/<name>.")
+    steps: int = option(1000, "Count in steps, not epochs (dinov2): a streaming corpus has no natural epoch.")
+    batch_size: int = option(64, "Global batch size, split evenly across processes.")
+    seed: int = option(0, "One seed for model init, data order and augmentations, so runs are reproducible.")
+    checkpoint_every: int = option(500, "Save a resumable checkpoint this often (steps); 0 = only at the end.")
+    keep_checkpoints: int = option(2, "Keep the newest K complete checkpoints; older ones are deleted after a new one "
+                                      "is complete.")
+    max_seconds: float = option(0.0, "Wall-clock budget in seconds: stop cleanly with a checkpoint and the export "
+                                     "when it runs out; 0 = none.")
+    mixed_precision: str = option("no", 'no | bf16 | fp16; bf16 is the safe default on GPUs that have it, "no" on '
+                                        "CPU.")
+    grad_accum_steps: int = option(1, "Accumulate gradients over this many micro-batches (refused for "
+                                      "in-batch-negative losses like SimCLR).")
+    log_every: int = option(10, "Log metrics every N steps.")
+    knn_every: int = option(0, "Online k-NN monitor on data.val every N steps; 0 = off.")
+    max_nonfinite_steps: int = option(5, "Stop after this many non-finite losses in a row (single spikes are skipped "
+                                         "and counted).")
+
+
+# Frozen-feature poolings (eval.pooling): see EvalConfig.pooling and ssl_hybrid.eval.features.
+POOLINGS = ("multiscale", "default")
+# Every k the k-NN evaluation reports under per_k (DINO reports 10/20/100/200); eval.knn_k is the headline.
+KNN_REPORTED_KS = (10, 20, 100, 200)
 
 
 @dataclass
 class EvalConfig:
-    # DINO's k-NN protocol: k=20 headline, temperature 0.07, votes weighted by exp(sim / T).
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    # Feature extraction batch size; inference only, so larger than training.
-    batch_size: int = 128
-    # Evaluation image size; 0 = the size the backbone was pretrained at.
-    image_size: int = 0
-    # Frozen-feature pooling: multiscale (every conv stage + class token + patch mean, each L2-normalized) uses
-    # the local detail of the early stages that a single pooled vector drops; backbones without a pyramid
-    # (plain ViTs) fall back to default (the model's own pre-logits pooling).
-    pooling: str = "multiscale"
+    knn_k: int = option(20, "k-NN headline k (DINO's protocol: k=20; 10, 20, 100 and 200 are all reported).")
+    knn_temperature: float = option(0.07, "k-NN vote temperature: each neighbour votes exp(sim / T) for its class "
+                                          "(DINO's 0.07).")
+    batch_size: int = option(128, "Feature extraction batch size; inference only, so larger than training.")
+    image_size: int = option(0, "Evaluation image size; 0 = the size the backbone was pretrained at.")
+    pooling: str = option("multiscale", "Frozen-feature pooling: multiscale (every conv stage + class token + patch "
+                                        "mean, each L2-normalized) uses the local detail of the early stages that a "
+                                        "single pooled vector drops; backbones without a pyramid (plain ViTs) fall "
+                                        "back to default (the model's own pre-logits pooling).")
 
 
 @dataclass
 class Config:
-    # Run name; the run directory is <train.output_dir>/<name>.
-    name: str = "run"
+    name: str = option("run", "Run name; the run directory is <train.output_dir>/<name>.")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -315,7 +312,7 @@ _CHOICES = {
     "data.views": ("dino", "simclr", "mae"),
     "model.attn_mode": ("global", "window", "topk"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
-    "eval.pooling": ("multiscale", "default"),
+    "eval.pooling": POOLINGS,
     "objective.embedding": ("default", "multiscale"),
 }
 
@@ -470,32 +467,15 @@ def write_config(config: Config, directory: Path) -> Path:
     return target
 
 
-GROUPS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig,
-          "optim": OptimConfig, "train": TrainConfig, "eval": EvalConfig}
-
-
-def describe_fields() -> list[tuple[str, Any, str]]:
-    """(dotted key, default, reason) for every config field; the reason is the comment above the field."""
-    rows: list[tuple[str, Any, str]] = [("name", Config.name, _comment_for(Config, "name"))]
-    for group, schema in GROUPS.items():
-        defaults = schema()
-        for item in dataclasses.fields(schema):
-            rows.append((f"{group}.{item.name}", getattr(defaults, item.name), _comment_for(schema, item.name)))
+def describe_fields(schema: Optional[type] = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, reason) for every config field, in declaration order; the reason is the field's
+    ``metadata["help"]`` (see :func:`option`)."""
+    rows: list[tuple[str, Any, str]] = []
+    defaults = (schema or Config)()
+    for item in dataclasses.fields(defaults):
+        value = getattr(defaults, item.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_fields(type(value), f"{prefix}{item.name}."))
+        else:
+            rows.append((f"{prefix}{item.name}", value, item.metadata.get("help", "")))
     return rows
-
-
-def _comment_for(schema: type, name: str) -> str:
-    """The '# ...' block above a field; a block covers the consecutive fields right below it."""
-    lines = [line.strip() for line in inspect.getsource(schema).splitlines()]
-    index = next((i for i, line in enumerate(lines) if line.startswith(f"{name}:")), None)
-    if index is None:
-        return ""
-    back = index - 1
-    while back >= 0 and lines[back] and not lines[back].startswith("#") and ":" in lines[back] \
-            and not lines[back].startswith(("class ", "@", '"""')):
-        back -= 1  # skip sibling fields that share the comment block
-    comments: list[str] = []
-    while back >= 0 and lines[back].startswith("#"):
-        comments.insert(0, lines[back].lstrip("#").strip())
-        back -= 1
-    return " ".join(comments)

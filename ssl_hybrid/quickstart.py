@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-from ssl_hybrid.config import REPO_ROOT, load_config, run_dir
+from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def split_corpus(spec: str, seed: int, directory: Path):
     return labeled.subset(train_idx), labeled.subset(test_idx)
 
 
-def quickstart(minutes: float = 5.0, output_dir: str = "runs", fresh: bool = False,
+def quickstart(minutes: float = 5.0, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
                overrides: Sequence[str] = (), shots: Sequence[int] = SHOTS, seeds: int = SEEDS) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
     from ssl_hybrid.eval.report import build_report

@@ -325,7 +325,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(self, urls: list[str], counts: Optional[dict[str, int]], *, batch_size: int, seed: int,
                  rank: int, world_size: int, num_workers: int, resampled: bool, buffer_size: int,
                  transform: Callable, collate: Callable, positions: list[dict], rotation: int = 0,
-                 epochs: Optional[int] = None, max_skip_rate: float = 0.1, skip_rate_min_samples: int = 100):
+                 max_skip_rate: float, skip_rate_min_samples: int, epochs: Optional[int] = None):
         super().__init__()
         self.urls, self.counts = list(urls), counts
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size

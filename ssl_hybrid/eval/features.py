@@ -21,16 +21,14 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
+from ssl_hybrid.models.contract import EVAL_CROP_PCT
 from ssl_hybrid.models.pooling import multiscale_embed, offers_multiscale
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Resize to size / 0.875 then center-crop: the standard ImageNet evaluation crop (timm's crop_pct).
-CROP_PCT = 0.875
 
 
 def default_cache_dir() -> Path:
@@ -38,14 +36,17 @@ def default_cache_dir() -> Path:
 
 
 def eval_transform(image_size: int):
-    """Resize (shorter side to size / crop_pct) + center crop + ImageNet normalization."""
+    """Resize (shorter side to size / crop_pct, bicubic) + center crop + ImageNet normalization: timm's
+    evaluation transform with the crop_pct of our models' pretrained_cfg, except that the resize side is
+    rounded where timm's ``create_transform`` floors it (110 px rather than 109 at 96 px): every committed
+    evaluation number was measured with the rounded side."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.Resize(int(round(image_size / CROP_PCT)), interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(int(round(image_size / EVAL_CROP_PCT)), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
 
 
@@ -74,7 +75,7 @@ def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 # "multiscale": every stage of the backbone's pyramid pooled and L2-normalized, concatenated (the backbone's
 # own ``forward_multiscale`` where it has one; a timm CNN's stage maps at strides >= 4 otherwise);
 # "default": the model's own pooled pre-logits feature. Backbones without a pyramid (plain ViTs) use "default".
-POOLINGS = ("multiscale", "default")
+# POOLINGS (the choices) and the default (EvalConfig.pooling) live in ssl_hybrid.config.
 
 
 def pooling_forward(backbone: torch.nn.Module, pooling: str):
@@ -173,9 +174,9 @@ def cache_key(backbone_hash: str, labeled: LabeledSet, transform_desc: str) -> s
 
 
 def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: LabeledSet, image_size: int,
-                    batch_size: int = 128, num_workers: int = 0, cache_dir: Optional[Path] = None,
+                    batch_size: int = EvalConfig.batch_size, num_workers: int = 0, cache_dir: Optional[Path] = None,
                     accelerator=None, progress: bool = False,
-                    pooling: str = "multiscale") -> tuple[np.ndarray, np.ndarray]:
+                    pooling: str = EvalConfig.pooling) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``labeled`` under the eval transform at ``image_size``, from the cache when present.
 
     ``cache_dir=None`` disables the cache. ``meta["hash"]`` (from load_backbone_spec) keys the backbone.
@@ -232,9 +233,9 @@ def distributed_accelerator():
 
 
 def features_for_spec(spec: str, sets: list[LabeledSet], image_size: Optional[int] = None,
-                      batch_size: int = 128, num_workers: int = 0, cache_dir: Optional[Path] = None,
-                      progress: bool = False,
-                      pooling: str = "multiscale") -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+                      batch_size: int = EvalConfig.batch_size, num_workers: int = 0,
+                      cache_dir: Optional[Path] = None, progress: bool = False,
+                      pooling: str = EvalConfig.pooling) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
     """Load a backbone spec and return (meta, [(features, labels) per set]); image_size None = the backbone's.
     ``meta["pooling"]`` records the pooling actually used."""
     from ssl_hybrid.eval.backbones import load_backbone_spec

@@ -19,11 +19,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
-from ssl_hybrid.eval.features import (IMAGENET_MEAN, IMAGENET_STD, embed, eval_transform, extract_features,
-                                      make_loader, one_line_worker_errors)
+from ssl_hybrid.eval.features import embed, eval_transform, extract_features, make_loader, one_line_worker_errors
 from ssl_hybrid.eval.knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def train_transform(image_size: int, min_scale: float):
         T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
 
 

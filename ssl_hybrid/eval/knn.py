@@ -16,11 +16,14 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from ssl_hybrid.config import KNN_REPORTED_KS, EvalConfig
+
 log = logging.getLogger(__name__)
 
-DEFAULT_KS = (10, 20, 100, 200)
-HEADLINE_K = 20
-TEMPERATURE = 0.07
+# The protocol's defaults live in the config (eval.knn_k, eval.knn_temperature); named here for callers.
+DEFAULT_KS = KNN_REPORTED_KS
+HEADLINE_K = EvalConfig.knn_k
+TEMPERATURE = EvalConfig.knn_temperature
 
 
 def set_faiss_threads(threads: Optional[int] = None) -> int:

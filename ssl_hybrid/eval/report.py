@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from ssl_hybrid.config import EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet
 from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, fewshot_evaluate
 from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, search
@@ -234,12 +235,13 @@ def _cell(grid, draw, labeled: LabeledSet, index: int, origin: tuple[int, int], 
 
 def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledSet, out_dir: Path,
                  names: Optional[Sequence[str]] = None, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 5,
-                 methods: Sequence[str] = METHODS, image_size: Optional[int] = None, batch_size: int = 128,
+                 methods: Sequence[str] = METHODS, image_size: Optional[int] = None,
+                 batch_size: int = EvalConfig.batch_size,
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
-                 pooling: str = "multiscale", split_note: Optional[str] = None,
+                 pooling: str = EvalConfig.pooling, split_note: Optional[str] = None,
                  baseline: Optional[str] = None) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
-    ``pooling`` (features.POOLINGS) applies to every backbone alike; what each one got is in its entry.
+    ``pooling`` (config.POOLINGS) applies to every backbone alike; what each one got is in its entry.
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline)."""
     from ssl_hybrid.eval.features import features_for_spec, is_main_process

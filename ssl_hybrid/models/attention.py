@@ -70,10 +70,11 @@ def attention_allowed(layout: TokenLayout, mode: str, window_size: int) -> Optio
 
 
 class Attention(nn.Module):
-    """timm-ViT-compatible attention (``qkv``/``proj`` names) with the sparsity modes above."""
+    """timm-ViT-compatible attention (``qkv``/``proj`` names) with the sparsity modes above.
+    ``attn_mode``, ``window_size`` and ``topk`` have no defaults here: the model (``HybridViT``) owns them."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_mode: str = "global",
-                 window_size: int = 7, topk: int = 32, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, *, attn_mode: str, window_size: int, topk: int,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")

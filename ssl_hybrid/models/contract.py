@@ -12,6 +12,9 @@ from torch.utils.checkpoint import checkpoint
 
 PATCH_SIZE = 16
 GLOBAL_POOLS = ("token_avg", "token", "avg", "")
+# Evaluation resize + center crop share (224 from 256, the standard ImageNet crop): our models' pretrained_cfg
+# crop_pct and the evaluators' transform both read it, so what timm reports is what the numbers were made with.
+EVAL_CROP_PCT = 0.875
 # FX: calls from this module's methods to timm's resampler (whose size early-out is control flow) become leaves
 torch.fx.wrap("resample_abs_pos_embed")
 

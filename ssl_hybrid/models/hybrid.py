@@ -38,14 +38,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
-from ssl_hybrid.models.contract import TokenBackboneMixin, token_grid
+from ssl_hybrid.models.contract import EVAL_CROP_PCT, GLOBAL_POOLS, PATCH_SIZE, TokenBackboneMixin, token_grid
 from ssl_hybrid.models.masking import check_mask, upsample_mask, visible_indices
 from ssl_hybrid.models.token_select import TokenSelectConfig, default_select_blocks, select_tokens
 
 log = logging.getLogger(__name__)
-
-PATCH_SIZE = 16
-GLOBAL_POOLS = ("token_avg", "token", "avg", "")
 
 
 def patchify_nhwc(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -105,9 +102,8 @@ class Block(nn.Module):
     """Pre-norm ViT block; optionally selects tokens between attention and MLP (as EViT does)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 attn_mode: str = "global", window_size: int = 7, attn_topk: int = 49,
-                 ls_init_value: Optional[float] = None):
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, *,
+                 attn_mode: str, window_size: int, attn_topk: int, ls_init_value: Optional[float] = None):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_mode=attn_mode, window_size=window_size,
@@ -491,7 +487,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HybridViT) 
 
 
 def _cfg(**kwargs) -> dict[str, Any]:
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.9,
+    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=EVAL_CROP_PCT,
                 interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
                 std=IMAGENET_DEFAULT_STD, first_conv="stem_conv", classifier="head", **kwargs)
 

@@ -106,7 +106,11 @@ class PretrainModel(nn.Module):
         return [embed(self.backbone, o["fused"]) for o in outs], outs
 
     def forward(self, global_views: list[Tensor], local_views: list[Tensor],
-                masks: Optional[list[Tensor]] = None, teacher_temp: float = 0.04):
+                masks: Optional[list[Tensor]] = None, teacher_temp: Optional[float] = None):
+        """``masks``: one per global view when MIM is on; ``teacher_temp``: the step's scheduled DINO teacher
+        temperature (objective.warmup_teacher_temp -> teacher_temp), needed when DINO is on."""
+        if self.dino is not None and teacher_temp is None:
+            raise ValueError("DINO needs the step's teacher temperature (teacher_temp)")
         embeddings, masked_outs = self.student_views(global_views, masks)
         losses: dict[str, Tensor] = {}
         if self.mim is not None:

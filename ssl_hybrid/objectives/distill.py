@@ -70,8 +70,7 @@ class DINOObjective(nn.Module):
     ``teacher_logits``: [B, K] per global view, already projected by the teacher head.
     """
 
-    def __init__(self, embed_dim: int, out_dim: int = 4096, student_temp: float = 0.1,
-                 center_momentum: float = 0.9) -> None:
+    def __init__(self, embed_dim: int, out_dim: int, student_temp: float, center_momentum: float = 0.9) -> None:
         super().__init__()
         self.head = make_dino_head(embed_dim, out_dim)
         self.loss = DistributedDINOLoss(output_dim=out_dim, student_temp=student_temp,

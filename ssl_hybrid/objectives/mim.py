@@ -17,10 +17,10 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-PATCH_SIZE = 16
+from ssl_hybrid.models.contract import PATCH_SIZE
 
 
-def pixel_targets(images: Tensor, patch_size: int = PATCH_SIZE, norm_pix: bool = True) -> Tensor:
+def pixel_targets(images: Tensor, patch_size: int, norm_pix: bool) -> Tensor:
     """[B, 3, H, W] -> [B, N, p*p*3] per-patch pixels (row-major grid), optionally normalized per patch."""
     target = patchify(images.float(), patch_size)  # [B, N, p*p*3]
     if norm_pix:
@@ -40,7 +40,7 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 class MIMDecoder(nn.Module):
     """Light transformer decoder over visible tokens + mask tokens (MAE's decoder, ConvMAE-sized)."""
 
-    def __init__(self, embed_dim: int, grid: tuple[int, int], decoder_dim: int = 256, depth: int = 2,
+    def __init__(self, embed_dim: int, grid: tuple[int, int], decoder_dim: int, depth: int,
                  num_heads: Optional[int] = None, patch_size: int = PATCH_SIZE, in_chans: int = 3) -> None:
         super().__init__()
         self.grid = grid
@@ -90,8 +90,8 @@ class MIMDecoder(nn.Module):
 class MIMObjective(nn.Module):
     """Decoder + normalized-pixel loss on hidden patches. ``forward`` returns ``{"mim": loss}``."""
 
-    def __init__(self, embed_dim: int, image_size: int, decoder_dim: int = 256, decoder_depth: int = 2,
-                 norm_pix: bool = True, patch_size: int = PATCH_SIZE) -> None:
+    def __init__(self, embed_dim: int, image_size: int, decoder_dim: int, decoder_depth: int,
+                 norm_pix: bool, patch_size: int = PATCH_SIZE) -> None:
         super().__init__()
         grid = (image_size // patch_size, image_size // patch_size)
         self.patch_size = patch_size

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ssl_hybrid.config import EvalConfig
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.search.recipe import candidate_config
 from ssl_hybrid.search.space import Candidate, build_candidate
@@ -51,9 +52,9 @@ class ProxyConfig:
     knn_test: str = ""
     # Labeled images per class in the bank (0 = all of knn_train): few labels is the regime we care about.
     knn_shots: int = 0
-    # DINO's k-NN protocol: k=20, T=0.07.
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    # DINO's k-NN protocol, as in the evaluation (eval.knn_k, eval.knn_temperature).
+    knn_k: int = EvalConfig.knn_k
+    knn_temperature: float = EvalConfig.knn_temperature
     # Also score each candidate at random init (no training), so the table shows what pretraining added.
     score_init: bool = True
     # Keep each proxy run's resumable checkpoints (~100 MB each) after it is scored; the exported
@@ -100,7 +101,7 @@ class KnnSets:
             self._tensors[key] = torch.stack([transform(labeled.load_image(i)) for i in range(len(labeled))])
         return self._tensors[key]
 
-    def loader(self, which: str, image_size: int, batch_size: int = 128):
+    def loader(self, which: str, image_size: int, batch_size: int = EvalConfig.batch_size):
         """(images, labels, indices) batches in dataset order, the contract of ``extract_features``."""
         images = self.images(which, image_size)
         labels = torch.as_tensor(getattr(self, which).labels)

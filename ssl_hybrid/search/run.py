@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ssl_hybrid.config import TrainConfig
 from ssl_hybrid.errors import ConfigError, UserError
 from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
@@ -50,7 +51,7 @@ class ZeroCostConfig:
 class SearchConfig:
     # The search directory is <output_dir>/<name>.
     name: str = "search"
-    output_dir: str = "runs"
+    output_dir: str = TrainConfig.output_dir
     # One seed for candidate sampling, the zero-cost batch and the proxy's k-NN split.
     seed: int = 0
     # Candidates drawn from the space before budget rejection.

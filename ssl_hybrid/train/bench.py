@@ -66,7 +66,7 @@ def time_bare(config: Config, batches: list[dict], warmup: int) -> dict[str, Any
 
     torch.manual_seed(config.train.seed)
     model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config)).train()
-    optimizer = build_optimizer(model, (config.optim.beta1, config.optim.beta2))
+    optimizer = build_optimizer(model, config.optim)
     generator = torch.Generator().manual_seed(0)
     durations = []
     for index, batch in enumerate(batches):

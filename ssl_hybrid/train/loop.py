@@ -364,7 +364,7 @@ def setup(config: Config) -> Run:
     raw_model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config))
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
-    optimizer = build_optimizer(raw_model, (config.optim.beta1, config.optim.beta2), config.optim.transformer_lr_scale)
+    optimizer = build_optimizer(raw_model, config.optim)
     stream = build_train_stream(config.data, derived["per_process_batch_size"], config.train.seed,
                                 accelerator.process_index, accelerator.num_processes, build_transform(config.data))
     model, optimizer = accelerator.prepare(raw_model, optimizer)

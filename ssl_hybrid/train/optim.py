@@ -1,4 +1,5 @@
-"""AdamW parameter groups: weight decay on weights only, never on norms, biases or tokens."""
+"""AdamW parameter groups: weight decay on weights only, never on norms, biases or tokens; lr scales for the
+transformer part (optim.transformer_lr_scale) and per backbone layer (optim.layer_decay)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 
 import torch
 from torch import nn
+
+from ssl_hybrid.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +40,41 @@ def is_transformer_parameter(name: str) -> bool:
     return name.startswith(TRANSFORMER_PREFIXES)
 
 
-def param_groups(model: nn.Module, transformer_lr_scale: float = 1.0) -> list[dict]:
-    """Decay / no-decay groups over trainable parameters, split by lr scale (transformer part vs the rest
-    when ``transformer_lr_scale != 1``); the loop sets lr (times the group's lr_scale) and wd per step."""
+def layer_lr_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
+    """Layer-wise lr decay (BEiT/MAE): lr multiplier per backbone parameter name. The backbone's
+    ``group_matcher`` numbers its layers (timm's ``group_parameters``, as ``param_groups_layer_decay``);
+    the heads sit one layer above the top, so layer i of L trains at lr * layer_decay ** (L - i) and the
+    heads at the full lr (as ``eval.finetune``). {} when layer_decay is 1 (off)."""
+    if layer_decay == 1.0:
+        return {}
+    from timm.models import group_parameters
+
+    backbone = model.backbone
+    layer_of = group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+    above_top = max(layer_of.values()) + 1
+    return {f"backbone.{name}": layer_decay ** (above_top - layer) for name, layer in layer_of.items()}
+
+
+def param_groups(model: nn.Module, transformer_lr_scale: float, layer_decay: float) -> list[dict]:
+    """Decay / no-decay groups over trainable parameters, split by lr scale (transformer part vs the rest,
+    times the layer's decay); the loop sets lr (times the group's lr_scale) and wd per step."""
     skip = no_decay_names(model)
+    layer_scale = layer_lr_scales(model, layer_decay)
     groups: dict[tuple[bool, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        scale = transformer_lr_scale if is_transformer_parameter(name) else 1.0
+        scale = (transformer_lr_scale if is_transformer_parameter(name) else 1.0) * layer_scale.get(name, 1.0)
         groups.setdefault((name not in skip, scale), []).append(param)
     log.debug("param groups (decay, lr scale): %s", {k: len(v) for k, v in groups.items()})
     return [{"params": params, "weight_decay": 0.0, "apply_wd": decay, "lr_scale": scale}
             for (decay, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
-def build_optimizer(model: nn.Module, betas: tuple[float, float],
-                    transformer_lr_scale: float = 1.0) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     # lr and weight decay are placeholders: the loop writes the step's scheduled values before each step.
-    return torch.optim.AdamW(param_groups(model, transformer_lr_scale), lr=0.0, betas=betas)
+    groups = param_groups(model, optim.transformer_lr_scale, optim.layer_decay)
+    return torch.optim.AdamW(groups, lr=0.0, betas=(optim.beta1, optim.beta2))
 
 
 def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float) -> None:

@@ -119,7 +119,7 @@ def test_dino_loss_matches_reference_and_center_commits_only_after_good_steps():
 
 
 def test_dino_teacher_temperature_changes_the_loss():
-    objective = DINOObjective(embed_dim=8, out_dim=16)
+    objective = DINOObjective(embed_dim=8, out_dim=16, student_temp=0.1)
     gen = torch.Generator().manual_seed(4)
     student = [torch.randn(3, 8, generator=gen) for _ in range(2)]
     teacher = [torch.randn(3, 16, generator=gen) for _ in range(2)]
@@ -129,7 +129,7 @@ def test_dino_teacher_temperature_changes_the_loss():
 
 
 def test_ema_teacher_update_is_the_momentum_average(tiny_backbone):
-    head = DINOObjective(embed_dim=32, out_dim=16).head
+    head = DINOObjective(embed_dim=32, out_dim=16, student_temp=0.1).head
     teacher = EMATeacher(tiny_backbone, head)
     assert not any(p.requires_grad for p in teacher.parameters())
     with torch.no_grad():

@@ -52,7 +52,7 @@ def test_weight_decay_skips_norms_biases_and_tokens(run_root):
     assert {"backbone.pos_embed", "backbone.cls_token", "mim.decoder.mask_token", "backbone.norm.weight",
             "backbone.patch_embed.bias"} <= skip
     assert "backbone.patch_embed.weight" not in skip and "dino.head.layers.0.weight" not in skip
-    optimizer = build_optimizer(model, (0.9, 0.95))
+    optimizer = build_optimizer(model, config.optim)
     apply_schedule(optimizer, lr=0.1, weight_decay=0.05)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0 and decay["lr"] == 0.1
@@ -65,7 +65,7 @@ def test_transformer_lr_scale_applies_to_the_vit_part_only(run_root):
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
     model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
-    optimizer = build_optimizer(model, (0.9, 0.95), config.optim.transformer_lr_scale)
+    optimizer = build_optimizer(model, config.optim)
     apply_schedule(optimizer, lr=0.1, weight_decay=0.05)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     wd_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
@@ -75,6 +75,34 @@ def test_transformer_lr_scale_applies_to_the_vit_part_only(run_root):
     assert wd_of[id(names["backbone.cls_token"])] == 0.0 and wd_of[id(names["backbone.blocks.0.attn.qkv.weight"])] == 0.05
     assert lr_of[id(names["backbone.stages.0.0.conv1.weight"])] == 0.1 and lr_of[id(names["dino.head.layers.0.weight"])] == 0.1
     assert len(lr_of) == sum(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("model_name", ["resvit_nano", "hybrid_nano"])
+def test_layer_decay_scales_lr_by_depth_from_the_top(run_root, model_name):
+    config = tiny_config(run_root, model__name=model_name, optim__layer_decay=0.5, optim__transformer_lr_scale=0.25)
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    optimizer = build_optimizer(model, config.optim)
+    apply_schedule(optimizer, lr=1.0, weight_decay=0.05)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    lr = {name: lr_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+    depth = len(model.backbone.blocks)
+    # the heads sit above the backbone's top layer: full lr; each block below the top halves it
+    assert lr["dino.head.layers.0.weight"] == 1.0 and lr["mim.decoder.embed.weight"] == 1.0
+    top, first = lr[f"backbone.blocks.{depth - 1}.mlp.fc1.weight"], lr["backbone.blocks.0.mlp.fc1.weight"]
+    assert top == pytest.approx(0.25 * 0.5) and first == pytest.approx(top * 0.5 ** (depth - 1))
+    assert lr["backbone.norm.weight"] == pytest.approx(0.5)  # in the top block's layer; not a transformer parameter
+    assert len(lr_of) == len(lr)  # every trainable parameter in exactly one group
+
+
+def test_layer_decay_off_keeps_the_groups_of_before(run_root):
+    config = tiny_config(run_root, model__name="resvit_nano")
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    assert config.optim.layer_decay == 1.0
+    assert [g["lr_scale"] for g in build_optimizer(model, config.optim).param_groups] == [1.0, 1.0]
 
 
 def test_parameter_count_says_what_it_counts(run_root):
