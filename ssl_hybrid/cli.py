@@ -397,7 +397,7 @@ def _run_search(args: argparse.Namespace) -> int:
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     from ssl_hybrid.config import TrainConfig
-    from ssl_hybrid.quickstart import recipe_summary
+    from ssl_hybrid.quickstart import DEFAULT_MINUTES, recipe_summary
 
     recipe = recipe_summary()
     parser = sub.add_parser(
@@ -411,7 +411,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
                     "not, above chance or not). Writes <output-dir>/quickstart/: report.md, report.json,\n"
                     "label_efficiency.png, retrieval_*.png, plus the usual run files. Re-running resumes;\n"
                     "--fresh starts over.")
-    parser.add_argument("--minutes", type=float, default=5.0,
+    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                         help="wall-clock limit of the pretraining; it stops at train.steps or this, whichever comes "
                              "first (evaluation adds about a minute)")
     parser.add_argument("--output-dir", default=TrainConfig.output_dir, help="where the run directory 'quickstart' goes")

@@ -30,6 +30,8 @@ QUICKSTART_RECIPE = REPO_ROOT / "recipes" / "quickstart.yaml"
 TEST_FRACTION = 0.3
 SHOTS = (1, 5)
 SEEDS = 5
+# Pretraining wall-clock limit: the recipe's steps take about 7 minutes on 2 idle CPU cores, evaluation ~1-2 more.
+DEFAULT_MINUTES = 8.0
 
 
 def quickstart_config(minutes: float, output_dir: str, overrides: Sequence[str] = ()):
@@ -57,7 +59,7 @@ def split_corpus(spec: str, seed: int, directory: Path):
     return labeled.subset(train_idx), labeled.subset(test_idx)
 
 
-def quickstart(minutes: float = 5.0, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
+def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
                overrides: Sequence[str] = (), shots: Sequence[int] = SHOTS, seeds: int = SEEDS) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
     from ssl_hybrid.eval.report import build_report
