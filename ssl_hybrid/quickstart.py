@@ -91,7 +91,8 @@ def recipe_summary() -> str:
     """'hybrid_tiny, MIM + DINO, 200 steps' from the recipe on disk (for --help; the recipe may change)."""
     try:
         config = load_config(QUICKSTART_RECIPE)
-    except Exception:  # --help must work even from a broken checkout
+    except UserError as err:  # --help must work even when the recipe on disk is broken or missing
+        log.debug("%s (--help names the recipe instead of summarizing it)", err)
         return "the model and objective of recipes/quickstart.yaml"
     weights = {"MIM": config.objective.mim_weight, "DINO": config.objective.dino_weight,
                "SimCLR": config.objective.simclr_weight}

@@ -20,8 +20,6 @@ from ssl_hybrid.errors import UserError
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
-BACKBONE_WEIGHTS = "backbone.safetensors"
-BACKBONE_META = "backbone.json"
 
 
 def prepare_run_dir(config: Config) -> Path:
@@ -56,15 +54,6 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def read_backbone_meta(directory: Path) -> dict[str, Any]:
-    """The run's exported backbone.json, {} when there is none (or it is unreadable)."""
-    path = Path(directory) / BACKBONE_META
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:

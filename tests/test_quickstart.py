@@ -53,3 +53,13 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
 def test_quickstart_rejects_a_bad_budget(capsys, tmp_path):
     assert main(["quickstart", "--minutes", "0", "--output-dir", str(tmp_path)]) == 2
     assert "--minutes" in capsys.readouterr().err
+
+
+def test_help_summary_survives_a_broken_recipe(tmp_path, monkeypatch):
+    from ssl_hybrid import quickstart
+
+    assert "steps at" in quickstart.recipe_summary()  # the recipe on disk, summarized
+    broken = tmp_path / "quickstart.yaml"
+    broken.write_text("train: [1, 2\n")
+    monkeypatch.setattr(quickstart, "QUICKSTART_RECIPE", broken)
+    assert quickstart.recipe_summary() == "the model and objective of recipes/quickstart.yaml"

@@ -1,4 +1,4 @@
-"""The one loader for backbones to evaluate: ``load_backbone_spec(spec) -> (model, meta)``.
+"""The evaluators' backbone loader: ``load_backbone_spec(spec) -> (model, meta)``.
 
 Accepted specs:
 
@@ -9,34 +9,26 @@ Accepted specs:
   random init too; it exists so any timm architecture can be named explicitly);
 - ``random:<name>``: random initialization (seeded, so baselines are reproducible), e.g. ``random:hybrid_tiny``.
 
-Weights are loaded from safetensors only (never pickles). Missing keys are an error (the model would be
-silently part-random); unexpected keys (e.g. a projection head saved alongside) are reported and ignored.
+Files are read by ``ssl_hybrid.models.export`` (the one backbone format and its reader). Weights are loaded
+from safetensors only (never pickles). Missing keys are an error (the model would be silently part-random);
+unexpected keys (e.g. a projection head saved alongside) are reported and ignored.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ssl_hybrid.errors import UserError
-
-log = logging.getLogger(__name__)
+from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, CHECKPOINT_WEIGHTS_NAME, META_NAME, WEIGHTS_NAME
+from ssl_hybrid.models.export import BackboneLoadError as BackboneError
+from ssl_hybrid.models.export import read_meta, read_meta_file, rebuild, upgrade_meta
 
 DEFAULT_IMAGE_SIZE = 224  # timm:/random: models have no pretraining size; 224 is where timm quotes numbers
-BACKBONE_WEIGHTS = "backbone.safetensors"
-BACKBONE_META = "backbone.json"
 RANDOM_INIT_SEED = 0
-
-
-class BackboneError(UserError):
-    """A backbone spec that cannot be loaded."""
 
 
 def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -52,24 +44,25 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
             raise BackboneError(f"'{spec}': name a model after '{kind}:', e.g. {kind}:hybrid_tiny")
         size = image_size or DEFAULT_IMAGE_SIZE
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = _create(name, {}, size, spec)
+        model = _create(name, size, spec)
         meta = {"spec": spec, "kind": kind, "model": name, "image_size": size, "weights": None,
                 "missing_keys": [], "unexpected_keys": []}
     else:
-        weights, model_meta = _locate_weights(Path(spec))
-        name, kwargs = _model_name_and_kwargs(model_meta, weights)
+        weights, prefix, model_meta = _locate_weights(Path(spec))
         size = image_size or _pretrained_size(model_meta)
-        model = _create(name, kwargs, size, spec)
-        missing, unexpected = _load_weights(model, weights)
-        meta = {"spec": spec, "kind": "file", "model": name, "image_size": size, "weights": str(weights),
-                "missing_keys": missing, "unexpected_keys": unexpected, "pretraining": _pretraining(model_meta)}
+        # Evaluated without a classifier: a head saved alongside is an unexpected key, reported and ignored.
+        model, unexpected = rebuild(weights, model_meta, prefix=prefix, ignore_unexpected=True,
+                                    num_classes=0, img_size=size)
+        meta = {"spec": spec, "kind": "file", "model": model_meta["model_name"], "image_size": size,
+                "weights": str(weights), "missing_keys": [], "unexpected_keys": unexpected,
+                "pretraining": _pretraining(model_meta)}
     model.eval()
     meta["num_features"] = int(model.num_features)
     meta["hash"] = model_hash(model)
     return model, meta
 
 
-def _create(name: str, kwargs: dict[str, Any], image_size: int, spec: str) -> torch.nn.Module:
+def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
     import timm
 
     import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
@@ -77,24 +70,24 @@ def _create(name: str, kwargs: dict[str, Any], image_size: int, spec: str) -> to
 
     if not timm.is_model(name):
         raise BackboneError(f"'{spec}': unknown model '{name}' (timm.list_models() lists the known ones)")
-    return create_backbone(name, image_size, **kwargs)
+    return create_backbone(name, image_size)
 
 
-def _locate_weights(path: Path) -> tuple[Path, dict[str, Any]]:
+def _locate_weights(path: Path) -> tuple[Path, str, dict[str, Any]]:
+    """(weights file, key prefix of the backbone in it, upgraded meta) for a file or run directory."""
     if not path.exists():
         raise BackboneError(f"{path}: backbone not found (expected a run directory, a .safetensors file, "
                             "timm:<name> or random:<name>)")
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise BackboneError(f"{path}: weights must be a .safetensors file (pickled checkpoints are not loaded)")
-        return path, _read_meta(path.parent / BACKBONE_META)
-    if (path / BACKBONE_WEIGHTS).exists():
-        return path / BACKBONE_WEIGHTS, _read_meta(path / BACKBONE_META)
+    if path.is_file() or (path / WEIGHTS_NAME).exists():
+        weights, meta = read_meta(path)
+        return weights, "", meta
     checkpoint = _newest_checkpoint(path)
     if checkpoint is None:
-        raise BackboneError(f"{path}: no {BACKBONE_WEIGHTS} and no complete checkpoints/step_*/ with model weights")
-    meta = _read_meta(checkpoint / BACKBONE_META) or _read_meta(path / BACKBONE_META) or _meta_from_config(path)
-    return _checkpoint_weights(checkpoint), meta
+        raise BackboneError(f"{path}: no {WEIGHTS_NAME} and no complete checkpoints/step_*/ with model weights")
+    meta_file = next((p for p in (checkpoint / META_NAME, path / META_NAME) if p.exists()), None)
+    meta = read_meta_file(meta_file) if meta_file else upgrade_meta(_meta_from_config(path), path / "config.yaml")
+    weights = _checkpoint_weights(checkpoint)
+    return weights, CHECKPOINT_BACKBONE_PREFIX if weights.name == CHECKPOINT_WEIGHTS_NAME else "", meta
 
 
 def _newest_checkpoint(run: Path) -> Path | None:
@@ -110,19 +103,10 @@ def _newest_checkpoint(run: Path) -> Path | None:
 
 
 def _checkpoint_weights(step: Path) -> Path:
-    for name in (BACKBONE_WEIGHTS, "model.safetensors"):
+    for name in (WEIGHTS_NAME, CHECKPOINT_WEIGHTS_NAME):
         if (step / name).exists():
             return step / name
-    raise BackboneError(f"{step}: no {BACKBONE_WEIGHTS} or model.safetensors in the checkpoint")
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise BackboneError(f"{path}: malformed JSON ({err.msg} at line {err.lineno})") from None
+    raise BackboneError(f"{step}: no {WEIGHTS_NAME} or {CHECKPOINT_WEIGHTS_NAME} in the checkpoint")
 
 
 def _meta_from_config(run: Path) -> dict[str, Any]:
@@ -133,7 +117,7 @@ def _meta_from_config(run: Path) -> dict[str, Any]:
     import yaml
 
     values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
-    return {"model": values.get("model", {}).get("name"), "image_size": values.get("data", {}).get("image_size")}
+    return {"model_name": values.get("model", {}).get("name"), "image_size": values.get("data", {}).get("image_size")}
 
 
 def _pretraining(meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -145,61 +129,10 @@ def _pretraining(meta: dict[str, Any]) -> dict[str, Any] | None:
 
 def _pretrained_size(meta: dict[str, Any]) -> int:
     """``image_size`` recorded by the trainer, else the exported ``img_size``, else 224."""
-    size = meta.get("image_size") or meta.get("img_size") or (meta.get("factory_kwargs") or {}).get("img_size")
+    size = meta.get("image_size") or meta.get("img_size") or meta["factory_kwargs"].get("img_size")
     if isinstance(size, (list, tuple)):
         size = size[0] if size else None
     return int(size or DEFAULT_IMAGE_SIZE)
-
-
-def _model_name_and_kwargs(meta: dict[str, Any], weights: Path) -> tuple[str, dict[str, Any]]:
-    name = meta.get("model") or meta.get("model_name") or meta.get("name") or meta.get("architecture")
-    if not name:
-        raise BackboneError(f"{weights}: no {BACKBONE_META} next to it naming the model; "
-                            "write one with {\"model\": \"<timm name>\", \"image_size\": <px>}")
-    # The exporter's factory_kwargs are exactly what the model was built with; the trainer's kwargs a subset.
-    kwargs = meta.get("factory_kwargs") or meta.get("kwargs") or meta.get("model_kwargs") or {}
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained", "num_classes", "img_size")}
-    return str(name), kwargs
-
-
-def _load_weights(model: torch.nn.Module, weights: Path) -> tuple[list[str], list[str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise BackboneError(f"{weights}: unreadable safetensors file ({err})") from None
-    state = _strip_prefix(state, model)
-    # timm's convention (ViTs, our hybrids): the model's module adapts a state dict to the built model,
-    # e.g. resamples position embeddings when evaluating at another image size than pretraining.
-    adapt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
-    if adapt is not None:
-        state = adapt(state, model)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches raise even with strict=False
-        first = str(err).strip().splitlines()[-1].strip()
-        raise BackboneError(f"{weights}: weights do not fit the model ({first})") from None
-    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    if unexpected:
-        log.warning("%s: %d unexpected keys ignored (e.g. %s)", weights, len(unexpected), ", ".join(unexpected[:3]))
-    if missing:
-        raise BackboneError(f"{weights}: {len(missing)} model keys missing from the weights "
-                            f"(e.g. {', '.join(missing[:3])}); wrong model name or image size in {BACKBONE_META}?")
-    return missing, unexpected
-
-
-def _strip_prefix(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainer checkpoints may hold the backbone as ``backbone.*`` / ``student.backbone.*``: keep that part."""
-    expected = set(model.state_dict())
-    if expected & set(state):
-        return state
-    for prefix in ("module.", "backbone.", "student.backbone.", "model.backbone.", "encoder."):
-        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if expected & set(stripped):
-            return stripped
-    return state
 
 
 def model_hash(model: torch.nn.Module) -> str:

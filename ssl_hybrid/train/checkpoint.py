@@ -13,7 +13,6 @@ next start). It holds:
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -27,12 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from ssl_hybrid.config import Config, to_dict, to_yaml
 from ssl_hybrid.errors import UserError
+from ssl_hybrid.models.export import CHECKPOINT_WEIGHTS_NAME, META_NAME, load_state_strict, write_meta
 from ssl_hybrid.runs import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"step_(\d{8})")
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = CHECKPOINT_WEIGHTS_NAME
 STATE_FILE = "state.pt"
 
 # Keys that may change between the run that wrote a checkpoint and the one resuming it: they change
@@ -144,7 +144,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
             tmp.mkdir(parents=True)
             save_file(model_state(model), str(tmp / MODEL_FILE))
             torch.save(state, tmp / STATE_FILE)
-            (tmp / "backbone.json").write_text(json.dumps(backbone_meta, indent=2) + "\n", encoding="utf-8")
+            write_meta(tmp / META_NAME, backbone_meta)
             (tmp / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
     except OSError as err:
         failure = err
@@ -220,12 +220,8 @@ def load_checkpoint(path: Path, config: Config, rank: int = 0) -> dict[str, Any]
 
 
 def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:
-    """strict=True, with the missing/unexpected keys named in the error."""
-    result = model.load_state_dict(weights, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{where}: model weights do not match this model: "
-                              f"{len(result.missing_keys)} missing (e.g. {result.missing_keys[:3]}), "
-                              f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]})")
+    """strict=True, with the missing/unexpected/mismatched keys named in the CheckpointError."""
+    load_state_strict(model, weights, where, error=CheckpointError)
 
 
 def schedules_to_tensors(schedules: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -15,8 +15,6 @@ from ssl_hybrid.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-BACKBONE_PREFIX = "backbone."
-
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory as given, or the newest complete checkpoint of a run directory."""
@@ -32,8 +30,8 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def export_checkpoint(path: Path, out_dir: Optional[Path] = None) -> Path:
     """Write the checkpoint's student backbone to ``out_dir`` (default: the checkpoint directory)."""
-    from ssl_hybrid.models.export import save_backbone
-    from ssl_hybrid.train.loop import backbone_meta, build_backbone
+    from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, save_backbone
+    from ssl_hybrid.train.loop import build_backbone, training_meta
 
     step_dir = resolve_checkpoint(path)
     config_file = step_dir / "config.yaml"
@@ -43,10 +41,11 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None) -> Path:
     config.model.drop_path_rate = 0.0  # inference copy; weights are independent of it
     backbone = build_backbone(config)
     weights = load_file(str(step_dir / ckpt.MODEL_FILE))
-    state = {k[len(BACKBONE_PREFIX):]: v for k, v in weights.items() if k.startswith(BACKBONE_PREFIX)}
+    state = {k[len(CHECKPOINT_BACKBONE_PREFIX):]: v for k, v in weights.items()
+             if k.startswith(CHECKPOINT_BACKBONE_PREFIX)}
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
-    meta = {k: v for k, v in backbone_meta(config).items() if k not in ("model", "kwargs")}
-    weights_path, _ = save_backbone(backbone, out_dir or step_dir, dict(meta, step=step, checkpoint=str(step_dir)))
+    weights_path, _ = save_backbone(backbone, out_dir or step_dir,
+                                    dict(training_meta(config), step=step, checkpoint=str(step_dir)))
     log.info("exported %s (step %s)", weights_path, step)
     return weights_path

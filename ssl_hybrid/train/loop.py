@@ -103,11 +103,11 @@ def build_backbone(config: Config) -> torch.nn.Module:
     return backbone
 
 
-def backbone_meta(config: Config) -> dict[str, Any]:
-    """What ``load_backbone`` needs to rebuild the backbone from exported or checkpointed weights."""
-    return {"model": config.model.name, "image_size": config.data.image_size, "kwargs": model_kwargs(config),
-            "run": config.name, "objective": {k: v for k, v in to_dict(config)["objective"].items()
-                                              if k.endswith("_weight")}}
+def training_meta(config: Config) -> dict[str, Any]:
+    """What the trainer adds to ``backbone.json`` (checkpoints and export) besides how to rebuild the
+    backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
+    return {"image_size": config.data.image_size, "run": config.name,
+            "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")}}
 
 
 def make_accelerator(config: Config, directory: Path):
@@ -236,9 +236,12 @@ def shared_state(run: Run) -> dict[str, Any]:
 
 
 def save(run: Run) -> Path:
+    from ssl_hybrid.models.export import make_meta
+
     rank_state = {"rng": ckpt.capture_rng(), "stream": run.stream.state_dict()}
     return ckpt.save_checkpoint(run.directory, run.counters.step, run.raw_model, shared_state(run), rank_state,
-                                run.config, backbone_meta(run.config), run.accelerator)
+                                run.config, make_meta(run.raw_model.backbone, training_meta(run.config)),
+                                run.accelerator)
 
 
 def resume(run: Run, path: Path) -> None:
@@ -565,12 +568,22 @@ def budget_record(run: Run) -> dict[str, Any]:
     and the training time of the session that trained from ``start_step`` (a resumed run trained before
     that too). A session that trained nothing (re-run of a finished run) keeps the exported record."""
     if run.counters.step == run.start_step:
-        previous = runs.read_backbone_meta(run.directory).get("pretraining")
+        previous = exported_record(run.directory)
         if previous and previous.get("steps") == run.config.train.steps:
             return previous
     return {"steps": run.config.train.steps, "max_seconds": run.config.train.max_seconds,
             "stopped": run.stop_reason or "done", "start_step": run.start_step,
             "train_seconds": round(run.train_seconds, 1)}
+
+
+def exported_record(directory: Path) -> Optional[dict[str, Any]]:
+    """The budget record of the run's export; None when it has not been exported yet."""
+    from ssl_hybrid.models.export import BackboneLoadError, read_meta
+
+    try:
+        return read_meta(directory)[1].get("pretraining")
+    except BackboneLoadError:  # not exported yet (or the export is unreadable): a new record is written
+        return None
 
 
 def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
@@ -579,9 +592,8 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return None
-    meta = {k: v for k, v in backbone_meta(run.config).items() if k not in ("model", "kwargs")}
     weights, _ = save_backbone(run.raw_model.backbone, run.directory,
-                               dict(meta, step=run.counters.step, pretraining=budget))
+                               dict(training_meta(run.config), step=run.counters.step, pretraining=budget))
     log.info("exported %s", weights)
     return weights
 

@@ -89,3 +89,57 @@ def test_pickled_weights_are_refused(tmp_path):
     torch.save({}, path)
     with pytest.raises(BackboneError, match="safetensors"):
         load_backbone_spec(str(path))
+
+
+# Architecture kwargs that change the weights' shapes, so a loader that drops them cannot load the weights.
+OLD_KWARGS = {"drop_path_rate": 0.0, "attn_mode": "window", "window_size": 2, "embed_dim": 64, "num_heads": 2,
+              "depth": 2}
+OLD_RECORD = {"run": "old", "objective": {"mim_weight": 1.0, "dino_weight": 1.0, "simclr_weight": 0.0}}
+
+
+def _assert_same_weights(model, original):
+    state, expected = model.state_dict(), original.state_dict()
+    assert set(state) == set(expected)
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("layout", ["exported", "trainer"])
+def test_backbone_directories_written_the_old_way_still_load(tmp_path, layout):
+    """backbone.json as the exporter wrote it (model_name / factory_kwargs) and as the trainer's checkpoints
+    and hand-written files did (model / kwargs / image_size), both next to backbone.safetensors."""
+    from ssl_hybrid.models import load_backbone
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(5)
+    original = create_backbone("hybrid_nano", 32, **OLD_KWARGS).eval()
+    save_file(original.state_dict(), str(tmp_path / "backbone.safetensors"))
+    if layout == "exported":
+        meta = dict(OLD_RECORD, format_version=1, model_name="hybrid_nano", img_size=[32, 32], num_features=64,
+                    factory_kwargs=dict(OLD_KWARGS, num_classes=0, img_size=32), image_size=32, step=5)
+    else:
+        meta = dict(OLD_RECORD, model="hybrid_nano", image_size=32, kwargs=OLD_KWARGS)
+    (tmp_path / "backbone.json").write_text(json.dumps(meta))
+    _assert_same_weights(load_backbone(tmp_path), original)
+    model, info = load_backbone_spec(str(tmp_path))
+    _assert_same_weights(model, original)
+    assert info["model"] == "hybrid_nano" and info["image_size"] == 32 and info["unexpected_keys"] == []
+    assert info["pretraining"]["run"] == "old"
+    torch.testing.assert_close(_features(model), _features(original), atol=0, rtol=0)
+
+
+def test_checkpoint_only_run_written_the_old_way_still_loads(tmp_path):
+    """A run without an export whose checkpoint's backbone.json has the old trainer keys (model / kwargs)."""
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(6)
+    original = create_backbone("hybrid_nano", 32, **OLD_KWARGS).eval()
+    step = tmp_path / "run" / "checkpoints" / "step_00000007"
+    step.mkdir(parents=True)
+    state = {f"backbone.{k}": v for k, v in original.state_dict().items()}
+    state.update({"teacher.backbone.cls_token": torch.zeros(1, 1, 64), "dino_head.last.weight": torch.zeros(4, 64)})
+    save_file(state, str(step / "model.safetensors"))
+    (step / "backbone.json").write_text(json.dumps(dict(OLD_RECORD, model="hybrid_nano", image_size=32,
+                                                        kwargs=OLD_KWARGS)))
+    model, info = load_backbone_spec(str(tmp_path / "run"))
+    _assert_same_weights(model, original)
+    assert info["weights"].endswith("step_00000007/model.safetensors") and info["unexpected_keys"] == []

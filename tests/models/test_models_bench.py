@@ -20,5 +20,5 @@ def test_bench_backbone_cli_writes_all_sections(tmp_path, capsys):
     assert result["masked"]["train_gflops_per_img"]["masked"] < result["masked"]["train_gflops_per_img"]["unmasked"]
     sides = result["selection"]["sides"]
     assert sides["none"]["tokens_kept_mean"] == 4 and sides["fixed"]["tokens_kept_mean"] < 4
-    assert set(result["targets"]) == {"masked_speedup>=2.5", "selection_fixed_speedup>=1.4"}
+    assert "targets" not in result  # measurements only; the targets are in the README
     assert set(result["ratios_at_other_thread_counts"]["2"]) == {"masked", "selection"}

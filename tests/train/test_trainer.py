@@ -148,6 +148,9 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     assert list(directory.rglob("events.out.tfevents.*")), "TensorBoard events expected"
     meta = json.loads((directory / "backbone.json").read_text())
     assert meta["image_size"] == 32 and meta["model_name"] == "hybrid_nano"
+    in_checkpoint = json.loads((ckpt.latest_checkpoint(directory) / "backbone.json").read_text())
+    assert {k: in_checkpoint[k] for k in ("model_name", "factory_kwargs", "image_size", "run")} == {
+        k: meta[k] for k in ("model_name", "factory_kwargs", "image_size", "run")}  # one format for both
     from ssl_hybrid.eval.backbones import load_backbone_spec
 
     backbone, _ = load_backbone_spec(str(directory))
