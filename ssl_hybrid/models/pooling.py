@@ -11,13 +11,18 @@ from __future__ import annotations
 import torch
 
 
+def _feature_info(backbone: torch.nn.Module) -> list[dict]:
+    """timm's ``feature_info`` as a list of dicts (a ``FeatureInfo`` on features_only models, a list otherwise)."""
+    info = getattr(backbone, "feature_info", None) or []
+    return info.info if hasattr(info, "info") else list(info)
+
+
 def pyramid_indices(backbone: torch.nn.Module) -> list[int]:
     """Indices into ``feature_info`` of the last map at each stride >= 4, for a timm CNN; [] when there is
     no pyramid (one stride only, like a ViT) or no ``forward_intermediates``."""
-    info = getattr(backbone, "feature_info", None)
+    info = _feature_info(backbone)
     if not info or not hasattr(backbone, "forward_intermediates"):
         return []
-    info = info.info if hasattr(info, "info") else list(info)
     last_at = {entry["reduction"]: index for index, entry in enumerate(info) if entry["reduction"] >= 4}
     return sorted(last_at.values()) if len(last_at) > 1 else []
 
@@ -30,8 +35,7 @@ def multiscale_dim(backbone: torch.nn.Module) -> int:
     """Width of ``multiscale_embed``'s output."""
     if hasattr(backbone, "num_multiscale_features"):
         return backbone.num_multiscale_features
-    info = backbone.feature_info
-    info = info.info if hasattr(info, "info") else list(info)
+    info = _feature_info(backbone)
     return sum(info[index]["num_chs"] for index in pyramid_indices(backbone))
 
 
