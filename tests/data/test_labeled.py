@@ -174,3 +174,29 @@ def test_labeled_shards_and_the_stream_read_the_same_samples(tmp_path):
     assert labeled.ids == [sample["__key__"] for sample in streamed] == ["v1.0/red"]
     assert labeled.classes == ["red"] and labeled.labels.tolist() == [0]
     assert labeled.load_image(0).size == decode_image(streamed[0]).size == (12, 10)
+
+
+def test_a_sample_with_broken_json_is_kept_and_the_warning_names_shard_and_sample(tmp_path, caplog):
+    import io
+    import logging
+    import tarfile
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    members = [("a.png", png.getvalue()), ("a.cls", b"0"), ("a.json", b"{not json"),
+               ("b.png", png.getvalue()), ("b.cls", b"1"), ("b.json", json.dumps({"class_name": "blue"}).encode())]
+    shard = tmp_path / "shards" / "broken_json.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with caplog.at_level(logging.WARNING, logger="ssl_hybrid.data.labeled"):
+        labeled = load_labeled(shard.parent)
+    assert labeled.ids == ["a", "b"] and labeled.classes == ["0", "blue"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(shard) in warnings[0] and "sample 'a'" in warnings[0]
+    assert "not valid JSON" in warnings[0]
