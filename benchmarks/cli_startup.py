@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ssl_hybrid.machine import machine_info
 
 COMMANDS = {
     "help": [sys.executable, "-m", "ssl_hybrid", "--help"],
@@ -53,9 +54,7 @@ def main() -> None:
         "what": "median wall-clock seconds of a fresh process, the three commands interleaved; "
                 "ratio = CLI time / `import torch` time; target: help and version under 1 s",
         "commands": {name: " ".join(["python", *command[1:]]) for name, command in COMMANDS.items()},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "load_average_before": round(load_before, 2)},
+        "machine": {**machine_info(device=None), "load_average_before": round(load_before, 2)},  # no torch here
         "median_s": median,
         "ratio_to_import_torch": {name: round(median[name] / median["import_torch"], 3) for name in ("help", "version")},
         "under_1s": {name: median[name] < 1.0 for name in ("help", "version")},

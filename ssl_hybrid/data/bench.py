@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import statistics
 import time
 
@@ -124,11 +123,10 @@ def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    import torch
-
     from ssl_hybrid.config import REPO_ROOT, DataConfig
     from ssl_hybrid.data.stream import read_shard, resolve_shards
     from ssl_hybrid.data.views import build_transform
+    from ssl_hybrid.machine import machine_info
 
     spec = args.shards or str(REPO_ROOT / DataConfig().train)
     cfg = DataConfig(train=spec, image_size=args.image_size, views="dino", num_local_views=0)
@@ -148,6 +146,5 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "shards": spec, "corpus_samples": len(raw_samples), "shuffle_buffer": cfg.shuffle_buffer,
         "results": results,
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+        "machine": machine_info(),
     }

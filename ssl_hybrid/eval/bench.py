@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from typing import Callable
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from ssl_hybrid.eval.knn import DEFAULT_KS, HEADLINE_K, TEMPERATURE, knn_evaluate, l2_normalize, search, \
     set_faiss_threads, topk_accuracy, vote
+from ssl_hybrid.machine import machine_info
 
 FULL_BANK, FULL_QUERIES, DIM = 50_000, 10_000, 384
 QUERY_CHUNK = 1024  # rows of the [chunk, N] similarity block: 1024 x 50k x 4 B = 200 MB
@@ -169,12 +169,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     "sklearn_speedup_met": ratios.get("sklearn_over_knn_evaluate_k20", float("inf")) >= 5.0,
                     "sklearn_cosine_speedup_met":
                         ratios.get("sklearn_cosine_over_knn_evaluate_k20", float("inf")) >= 5.0},
-        "load_average": os.getloadavg(),
         "checks": checks, "knn_top1_k20": result["top1"],
         "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "threads": threads, "torch": torch.__version__, "numpy": np.__version__,
-                    "faiss": __import__("faiss").__version__},
+        "machine": machine_info(packages=("numpy", "faiss")),  # threads: the one count every variant ran at
     }
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +22,7 @@ import torch
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import Config, load_config
+from ssl_hybrid.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +101,6 @@ def collect_batches(config: Config, count: int) -> list[dict]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Loop, bare joint and bare DINO-only, interleaved ``--repeats`` times; the best of each is kept
     (on a shared machine the fastest repeat is the least disturbed one)."""
@@ -128,7 +121,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     overhead = 1.0 - loop["img_per_s"] / bare_joint["img_per_s"]
     return {
         "command": "ssl-hybrid " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine_info(),
         "setup": {"recipe": args.config, "model": args.model, "image_size": args.image_size,
                   "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "repeats": args.repeats, "num_workers": dino.data.num_workers,
