@@ -2,9 +2,11 @@
 
 1. The full loop (``pretrain``: shard stream with workers, schedules, masks, EMA, logging, progress bar)
    images/s, against the bare forward + backward + optimizer step + EMA update of the same model and
-   objective on the same batches already in memory. Overhead = 1 - loop / bare (target <= 15%).
+   objective on the same batches already in memory. Overhead = 1 - loop / bare.
 2. The joint objective's step (student on masked views + MIM decoder + DINO vs the teacher's full
    views) against DINO-only on full views, same batches, same model size.
+
+The JSON holds measurements only: the targets they are judged against are in the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -115,6 +117,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             samples["loop"].append(time_full_loop(joint, args.warmup))
             samples["bare_joint"].append(time_bare(joint, batches, args.warmup))
             samples["bare_dino"].append(time_bare(dino, batches, args.warmup))
+    return summarize(args, dino, samples)
+
+
+def summarize(args: argparse.Namespace, config: Config, samples: dict[str, list[dict]]) -> dict[str, Any]:
+    """The JSON of one run: the best repeat of each side and the ratios between them."""
     loop = max(samples["loop"], key=lambda r: r["img_per_s"])
     bare_joint = max(samples["bare_joint"], key=lambda r: r["img_per_s"])
     bare_dino = max(samples["bare_dino"], key=lambda r: r["img_per_s"])
@@ -124,13 +131,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(),
         "setup": {"recipe": args.config, "model": args.model, "image_size": args.image_size,
                   "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
-                  "repeats": args.repeats, "num_workers": dino.data.num_workers,
-                  "num_local_views": dino.data.num_local_views, "mask_ratio": dino.objective.mask_ratio},
+                  "repeats": args.repeats, "num_workers": config.data.num_workers,
+                  "num_local_views": config.data.num_local_views, "mask_ratio": config.objective.mask_ratio},
         "full_loop": loop,
         "bare_step": bare_joint,
         "loop_overhead": overhead,
-        "loop_overhead_target": 0.15,
-        "loop_overhead_ok": overhead <= 0.15,
         "joint_step_seconds": bare_joint["step_seconds"],
         "dino_only_step_seconds": bare_dino["step_seconds"],
         "joint_vs_dino_time_ratio": bare_joint["step_seconds"] / bare_dino["step_seconds"],
