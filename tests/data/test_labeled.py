@@ -177,23 +177,14 @@ def test_labeled_shards_and_the_stream_read_the_same_samples(tmp_path):
 
 
 def test_a_sample_with_broken_json_is_kept_and_the_warning_names_shard_and_sample(tmp_path, caplog):
-    import io
     import logging
-    import tarfile
 
-    from PIL import Image
+    from data_helpers import jpeg_bytes, write_tar
 
-    png = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(png, format="PNG")
-    members = [("a.png", png.getvalue()), ("a.cls", b"0"), ("a.json", b"{not json"),
-               ("b.png", png.getvalue()), ("b.cls", b"1"), ("b.json", json.dumps({"class_name": "blue"}).encode())]
-    shard = tmp_path / "shards" / "broken_json.tar"
-    shard.parent.mkdir()
-    with tarfile.open(shard, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "shards").mkdir()
+    shard = write_tar(tmp_path / "shards" / "broken_json.tar", [
+        {"__key__": "a", "jpg": jpeg_bytes(0), "cls": b"0", "json": b"{not json"},
+        {"__key__": "b", "jpg": jpeg_bytes(1), "cls": b"1", "json": json.dumps({"class_name": "blue"}).encode()}])
     with caplog.at_level(logging.WARNING, logger="ssl_hybrid.data.labeled"):
         labeled = load_labeled(shard.parent)
     assert labeled.ids == ["a", "b"] and labeled.classes == ["0", "blue"]
