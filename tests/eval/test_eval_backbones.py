@@ -28,6 +28,7 @@ def test_random_spec_is_reproducible_and_sized():
     assert load_backbone_spec("timm:resnet10t")[1]["image_size"] == 224  # no pretraining size -> 224
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: seconds
 def test_our_models_are_known_to_timm_after_importing_only_the_loader():
     """A fresh process: ``random:resvit_tiny`` resolves with no other ssl_hybrid import (registration rides on
     the models package import that the loader module makes)."""
