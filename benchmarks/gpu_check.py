@@ -34,7 +34,6 @@ import argparse
 import datetime
 import logging
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -55,6 +54,7 @@ import gpu_sections  # noqa: E402  (the measurements; this file is the runner)
 
 from ssl_hybrid.config import REPO_ROOT  # noqa: E402
 from ssl_hybrid.errors import UserError  # noqa: E402
+from ssl_hybrid.machine import machine_info  # noqa: E402
 from ssl_hybrid.runs import write_json_atomic  # noqa: E402
 
 log = logging.getLogger("gpu_check")
@@ -143,19 +143,12 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 features=mode["features"], caps=caps, budget_s=args.budget_s or mode["budget_s"])
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    import accelerate
-    import timm
-
-    info: dict[str, Any] = dict(python=platform.python_version(), platform=platform.platform(),
-                                cpu_count=os.cpu_count(), torch=torch.__version__, cuda=torch.version.cuda,
-                                cudnn=torch.backends.cudnn.version(), timm=timm.__version__,
-                                accelerate=accelerate.__version__, device=device, git_commit=git_commit())
+def gpu_machine_info(device: str) -> dict[str, Any]:
+    """ssl_hybrid.machine.machine_info plus what only this report shows: the commit and the GPU driver."""
+    info = machine_info(device, packages=("timm", "accelerate"))
+    info["git_commit"] = git_commit()
     if torch.device(device).type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    compute_capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported(),
-                    driver=command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
+        info["driver"] = command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
     return info
 
 
@@ -252,7 +245,7 @@ def start_result(plan: Plan, argv: list[str], resume: bool) -> dict[str, Any]:
     return dict(check="gpu_check", smoke=plan.smoke,
                 command="bash benchmarks/gpu_check.sh " + shlex.join(a for a in argv if a != "--resume"),
                 started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                started_at=time.time(), machine=machine_info(plan.device), settings=settings, sections={})
+                started_at=time.time(), machine=gpu_machine_info(plan.device), settings=settings, sections={})
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:

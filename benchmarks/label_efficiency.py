@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import os
-import platform
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 
 from ssl_hybrid.config import REPO_ROOT, load_config, run_dir
 from ssl_hybrid.logs import setup_logging
+from ssl_hybrid.machine import machine_info
 from ssl_hybrid.runs import read_metrics, write_json_atomic
 
 log = logging.getLogger("label_efficiency")
@@ -279,8 +279,7 @@ def main() -> int:
     table = headline_table(headline, specs, results, {run_name(r['method'], r['lr']): r for r in runs}, args)
     result = {
         "command": "python " + " ".join(sys.argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads_per_job": args.threads, "jobs": args.jobs, "cuda": torch.cuda.is_available()},
+        "machine": {**machine_info(), "threads_per_job": args.threads, "jobs": args.jobs},
         "data": str(args.data), "image_size": args.image_size, "batch_size": args.batch_size,
         "budget_minutes_per_run": args.minutes, "lr_grid": lrs, "methods": methods,
         "lr_selection": "per method, best leave-one-out k-NN top-1 (k=20) on the train split (multiscale pooling)",

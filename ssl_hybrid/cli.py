@@ -106,7 +106,7 @@ def _run_config(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# bench: side-by-side measurements written as JSON (targets live in their stage's bench module)
+# bench: side-by-side measurements written as JSON (measurements only: README's benchmark table has the goals)
 # --------------------------------------------------------------------------------------------
 
 # target -> (module with run_benchmark(args) -> dict and add_arguments(parser), one-line help)

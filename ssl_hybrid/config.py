@@ -76,6 +76,11 @@ class DataConfig:
                                              "worker-epoch end): 1 bad of 3 is noise.")
 
 
+# Attention in the transformer stages (model.attn_mode); ssl_hybrid.models.attention imports this tuple, so it lives
+# here, where no torch is imported (the CLI parses configs without torch).
+ATTN_MODES = ("global", "window", "topk")
+
+
 @dataclass
 class ModelConfig:
     name: str = option("resvit_tiny", "Any timm model name; resvit_* and hybrid_* are registered by ``import "
@@ -83,8 +88,8 @@ class ModelConfig:
                                       "fastest of ours at small budgets (benchmarks/results/label_efficiency).")
     drop_path_rate: float = option(0.1, "Stochastic depth; 0.1 is the ViT-S/DINO setting and harmless for small "
                                         "models.")
-    attn_mode: str = option("global", "Attention in the transformer stages: global | window | topk (sparse options "
-                                      "trade accuracy for speed).")
+    attn_mode: str = option("global", f"Attention in the transformer stages: {' | '.join(ATTN_MODES)} (sparse "
+                                      "options trade accuracy for speed).")
     token_keep_rate: float = option(1.0, "Token selection keep rate at the selection blocks; 1.0 = off (pretraining "
                                          "wants every token).")
     grad_checkpointing: bool = option(False, "Activation checkpointing trades ~30% more compute for much less memory "
@@ -310,7 +315,7 @@ def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[st
 
 _CHOICES = {
     "data.views": ("dino", "simclr", "mae"),
-    "model.attn_mode": ("global", "window", "topk"),
+    "model.attn_mode": ATTN_MODES,
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.pooling": POOLINGS,
     "objective.embedding": ("default", "multiscale"),

@@ -89,7 +89,8 @@ def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.o
 
 
 def recipe_summary() -> str:
-    """'hybrid_tiny, MIM + DINO, 200 steps' from the recipe on disk (for --help; the recipe may change)."""
+    """'<model> with <objectives> (<steps> steps at <size> px)' from the recipe on disk, e.g. 'resvit_tiny with
+    SimCLR (400 steps at 64 px)' (for --help; read at run time because the recipe may change)."""
     try:
         config = load_config(QUICKSTART_RECIPE)
     except UserError as err:  # --help must work even when the recipe on disk is broken or missing

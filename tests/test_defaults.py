@@ -157,3 +157,16 @@ def test_evaluation_functions_default_to_the_config(key):
                  "batch_size": [features.cached_features, features.features_for_spec, report.build_report]}[name]
     for function in functions:
         assert inspect.signature(function).parameters[param].default == value, function.__name__
+
+
+def test_attention_modes_are_one_tuple_in_the_torch_free_config():
+    import subprocess
+    import sys
+
+    from ssl_hybrid.models import attention, hybrid
+
+    assert attention.ATTN_MODES is cfg.ATTN_MODES and hybrid.ATTN_MODES is cfg.ATTN_MODES
+    assert cfg._CHOICES["model.attn_mode"] is cfg.ATTN_MODES
+    probe = "import sys, ssl_hybrid.config; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr

@@ -55,6 +55,16 @@ def test_quickstart_rejects_a_bad_budget(capsys, tmp_path):
     assert "--minutes" in capsys.readouterr().err
 
 
+def test_help_summary_names_model_objectives_steps_and_size(tmp_path, monkeypatch):
+    from ssl_hybrid import quickstart
+
+    recipe = tmp_path / "quickstart.yaml"
+    recipe.write_text("model: {name: hybrid_tiny}\ndata: {image_size: 96}\ntrain: {steps: 200}\n"
+                      "objective: {mim_weight: 1.0, dino_weight: 0.5, simclr_weight: 0.0}\n")
+    monkeypatch.setattr(quickstart, "QUICKSTART_RECIPE", recipe)
+    assert quickstart.recipe_summary() == "hybrid_tiny with MIM + DINO (200 steps at 96 px)"
+
+
 def test_help_summary_survives_a_broken_recipe(tmp_path, monkeypatch):
     from ssl_hybrid import quickstart
 

@@ -274,8 +274,9 @@ def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarIn
             meta = json.loads(fields["json"])
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
-        except json.JSONDecodeError:
-            pass
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8: the sample itself is fine
+            log.warning("%s: sample '%s': its 'json' is not valid JSON (%s); the sample is kept, its class_name "
+                        "is ignored (the class is named by another sample's json, else by its number)", url, key, err)
     return Sample(id=key, label=label, path=url, offset=image.offset_data, size=image.size)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+# Importing any ssl_hybrid.models submodule runs the package __init__, which registers hybrid_*/resvit_* with timm.
 from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, CHECKPOINT_WEIGHTS_NAME, META_NAME, WEIGHTS_NAME
 from ssl_hybrid.models.export import BackboneLoadError as BackboneError
 from ssl_hybrid.models.export import read_meta, read_meta_file, rebuild, upgrade_meta
@@ -65,7 +66,6 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
 def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
     import timm
 
-    import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
     from ssl_hybrid.models.factory import create_backbone
 
     if not timm.is_model(name):

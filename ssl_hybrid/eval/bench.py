@@ -12,15 +12,15 @@ At 50k bank x 10k queries x 384 dims (``--scale`` shrinks bank and queries toget
 - ``sklearn_brute``: ``KNeighborsClassifier(algorithm="brute")`` at k=20 with the same exp(sim/T)
   weights, euclidean on unit vectors (sklearn's fastest, GEMM-based path) and ``metric="cosine"``.
 
-Targets: knn_evaluate <= 1.25x faiss_search; >= 5x faster than scikit-learn. Same thread count for all.
-The machine's load average is recorded: on a shared machine absolute times move, ratios less so.
+Same thread count for all. The machine's load average is recorded: on a shared machine absolute times move,
+ratios less so. The JSON holds measurements only: the targets they are judged against are in the README's
+benchmark table.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from typing import Callable
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from ssl_hybrid.eval.knn import DEFAULT_KS, HEADLINE_K, TEMPERATURE, knn_evaluate, l2_normalize, search, \
     set_faiss_threads, topk_accuracy, vote
+from ssl_hybrid.machine import machine_info
 
 FULL_BANK, FULL_QUERIES, DIM = 50_000, 10_000, 384
 QUERY_CHUNK = 1024  # rows of the [chunk, N] similarity block: 1024 x 50k x 4 B = 200 MB
@@ -163,18 +164,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "shape": {"bank": n_bank, "queries": n_query, "dim": args.dim, "classes": args.classes, "k_search": k_max},
         "seconds": timings, "seconds_per_round": rounds, "ratios": ratios,
         "matmul_gflops": flops / timings["matmul_peak"] / 1e9,
-        "targets": {"knn_evaluate_over_faiss_search_max": 1.25, "sklearn_over_knn_evaluate_k20_min": 5.0,
-                    "search_overhead_met": ratios["knn_evaluate_over_faiss_search"] <= 1.25
-                    and 1.0 + ratios["overhead_over_faiss_search"] <= 1.25,
-                    "sklearn_speedup_met": ratios.get("sklearn_over_knn_evaluate_k20", float("inf")) >= 5.0,
-                    "sklearn_cosine_speedup_met":
-                        ratios.get("sklearn_cosine_over_knn_evaluate_k20", float("inf")) >= 5.0},
-        "load_average": os.getloadavg(),
         "checks": checks, "knn_top1_k20": result["top1"],
         "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-                    "threads": threads, "torch": torch.__version__, "numpy": np.__version__,
-                    "faiss": __import__("faiss").__version__},
+        "machine": machine_info(packages=("numpy", "faiss")),  # threads: the one count every variant ran at
     }
 
 

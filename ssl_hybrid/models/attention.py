@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch import nn
 
-ATTN_MODES = ("global", "window", "topk")
+from ssl_hybrid.config import ATTN_MODES  # the choices of model.attn_mode, defined once in the torch-free config
 
 
 @dataclass

@@ -28,10 +28,11 @@ import contextlib
 import copy
 import logging
 import os
-import platform
 import statistics
 import time
 from typing import Any, Callable
+
+from ssl_hybrid.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -323,18 +324,6 @@ def bench_selection(args) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- entry
 
-def _machine(device: str = "cpu") -> dict[str, Any]:
-    import timm
-    import torch
-
-    machine = dict(platform=platform.platform(), processor=platform.processor() or platform.machine(),
-                   cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                   timm=timm.__version__, load_average=list(os.getloadavg()))
-    if torch.device(device).type == "cuda":
-        machine.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
-    return machine
-
-
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -355,7 +344,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = dict(
         command="ssl-hybrid bench backbone " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k in options),
-        machine=_machine(args.device), batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
+        machine=machine_info(args.device, packages=("timm",)), batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
         train_step="forward + cross-entropy + backward + AdamW(foreach)",
         flops_note="FlopCounterMode: matmul/conv/attention only, 2 FLOPs per multiply-add")
     if "masked" in sections:

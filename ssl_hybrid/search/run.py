@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 
 from ssl_hybrid.config import TrainConfig
 from ssl_hybrid.errors import ConfigError, UserError
+from ssl_hybrid.machine import machine_info
 from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
 from ssl_hybrid.search.budget import Budget, count_params, measure_and_check
@@ -146,13 +146,14 @@ def zero_cost_prune(state: SearchState, config: SearchConfig, images: Callable[[
     return [cid for cid in accepted if cid not in state.data["pruned"]]
 
 
-def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str], seconds: float) -> dict[str, Any]:
+def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str], seconds: float,
+                  device: torch.device) -> dict[str, Any]:
     """pareto.md / pareto.json / pareto.png / chosen.yaml in the search directory; returns the JSON summary."""
     out = config.out_dir()
     rows = report.build_rows(state.data, winner)
     summary = {
         "name": config.name, "command": " ".join(["ssl-hybrid", *sys.argv[1:]]) if _from_cli() else None,
-        "chosen": winner, "seconds": seconds, "device": _device_info(),
+        "chosen": winner, "seconds": seconds, "machine": machine_info(str(device)),
         "plan": rung_plan(len(state.data["rungs"][0]["members"]) if state.data["rungs"] else 0, config.schedule),
         "zero_cost_spearman_vs_rung0": _rank_correlation(rows, "zero_cost"),
         # How much of the rung-0 ranking the architecture's random-init features already give.
@@ -202,14 +203,6 @@ def _from_cli() -> bool:
     return bool(sys.argv) and Path(sys.argv[0]).name in ("ssl-hybrid", "__main__.py") and "search" in sys.argv
 
 
-def _device_info() -> dict[str, Any]:
-    import os
-
-    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def run_search(config: SearchConfig, scorer: Optional[Scorer] = None, device: Optional[torch.device] = None,
                zero_cost_images: Optional[Callable[[], torch.Tensor]] = None) -> dict[str, Any]:
     """Run or resume the search in ``config.out_dir()``; returns the summary written to pareto.json.
@@ -241,7 +234,7 @@ def run_search(config: SearchConfig, scorer: Optional[Scorer] = None, device: Op
         generator=torch.Generator().manual_seed(config.seed)))
     members = zero_cost_prune(state, config, zero_cost_images)
     winner = successive_halving(state, members, config.schedule, scorer)
-    summary = write_outputs(state, config, winner, time.perf_counter() - start)
+    summary = write_outputs(state, config, winner, time.perf_counter() - start, device)
     summary["seconds_all_invocations"] = state.elapsed_seconds()
     write_json_atomic(out / "pareto.json", summary)
     return summary

@@ -2,17 +2,17 @@
 
 1. The full loop (``pretrain``: shard stream with workers, schedules, masks, EMA, logging, progress bar)
    images/s, against the bare forward + backward + optimizer step + EMA update of the same model and
-   objective on the same batches already in memory. Overhead = 1 - loop / bare (target <= 15%).
+   objective on the same batches already in memory. Overhead = 1 - loop / bare.
 2. The joint objective's step (student on masked views + MIM decoder + DINO vs the teacher's full
    views) against DINO-only on full views, same batches, same model size.
+
+The JSON holds measurements only: the targets they are judged against are in the README's benchmark table.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,6 +24,7 @@ import torch
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import Config, load_config
+from ssl_hybrid.machine import machine_info
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +103,6 @@ def collect_batches(config: Config, count: int) -> list[dict]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Loop, bare joint and bare DINO-only, interleaved ``--repeats`` times; the best of each is kept
     (on a shared machine the fastest repeat is the least disturbed one)."""
@@ -122,22 +117,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             samples["loop"].append(time_full_loop(joint, args.warmup))
             samples["bare_joint"].append(time_bare(joint, batches, args.warmup))
             samples["bare_dino"].append(time_bare(dino, batches, args.warmup))
+    return summarize(args, dino, samples)
+
+
+def summarize(args: argparse.Namespace, config: Config, samples: dict[str, list[dict]]) -> dict[str, Any]:
+    """The JSON of one run: the best repeat of each side and the ratios between them."""
     loop = max(samples["loop"], key=lambda r: r["img_per_s"])
     bare_joint = max(samples["bare_joint"], key=lambda r: r["img_per_s"])
     bare_dino = max(samples["bare_dino"], key=lambda r: r["img_per_s"])
     overhead = 1.0 - loop["img_per_s"] / bare_joint["img_per_s"]
     return {
         "command": "ssl-hybrid " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": machine_info(),
         "setup": {"recipe": args.config, "model": args.model, "image_size": args.image_size,
                   "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
-                  "repeats": args.repeats, "num_workers": dino.data.num_workers,
-                  "num_local_views": dino.data.num_local_views, "mask_ratio": dino.objective.mask_ratio},
+                  "repeats": args.repeats, "num_workers": config.data.num_workers,
+                  "num_local_views": config.data.num_local_views, "mask_ratio": config.objective.mask_ratio},
         "full_loop": loop,
         "bare_step": bare_joint,
         "loop_overhead": overhead,
-        "loop_overhead_target": 0.15,
-        "loop_overhead_ok": overhead <= 0.15,
         "joint_step_seconds": bare_joint["step_seconds"],
         "dino_only_step_seconds": bare_dino["step_seconds"],
         "joint_vs_dino_time_ratio": bare_joint["step_seconds"] / bare_dino["step_seconds"],

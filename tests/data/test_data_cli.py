@@ -55,7 +55,7 @@ def test_bench_data_smoke(good_shards: Path, tmp_path: Path, capsys):
     assert main(["-q", "bench", "data", "--out", str(out), "--shards", str(good_shards), "--workers", "0,1",
                  "--samples", "6", "--batch-size", "3", "--image-size", "32", "--repeats", "1"]) == 0
     result = json.loads(out.read_text())
-    assert result["target"] == "data" and result["corpus_samples"] == 24
+    assert result["benchmark"] == "data" and result["corpus_samples"] == 24
     assert [r["workers"] for r in result["results"]] == [0, 1]
     for row in result["results"]:
         assert row["stream_samples_per_s"] > 0 and row["raw_samples_per_s"] > 0

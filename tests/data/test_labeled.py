@@ -174,3 +174,20 @@ def test_labeled_shards_and_the_stream_read_the_same_samples(tmp_path):
     assert labeled.ids == [sample["__key__"] for sample in streamed] == ["v1.0/red"]
     assert labeled.classes == ["red"] and labeled.labels.tolist() == [0]
     assert labeled.load_image(0).size == decode_image(streamed[0]).size == (12, 10)
+
+
+def test_a_sample_with_broken_json_is_kept_and_the_warning_names_shard_and_sample(tmp_path, caplog):
+    import logging
+
+    from data_helpers import jpeg_bytes, write_tar
+
+    (tmp_path / "shards").mkdir()
+    shard = write_tar(tmp_path / "shards" / "broken_json.tar", [
+        {"__key__": "a", "jpg": jpeg_bytes(0), "cls": b"0", "json": b"{not json"},
+        {"__key__": "b", "jpg": jpeg_bytes(1), "cls": b"1", "json": json.dumps({"class_name": "blue"}).encode()}])
+    with caplog.at_level(logging.WARNING, logger="ssl_hybrid.data.labeled"):
+        labeled = load_labeled(shard.parent)
+    assert labeled.ids == ["a", "b"] and labeled.classes == ["0", "blue"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(shard) in warnings[0] and "sample 'a'" in warnings[0]
+    assert "not valid JSON" in warnings[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,17 @@ def test_random_spec_is_reproducible_and_sized():
     assert meta["image_size"] == 32 and meta["kind"] == "random" and meta["num_features"] == a.num_features
     torch.testing.assert_close(_features(a), _features(b))
     assert load_backbone_spec("timm:resnet10t")[1]["image_size"] == 224  # no pretraining size -> 224
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: seconds
+def test_our_models_are_known_to_timm_after_importing_only_the_loader():
+    """A fresh process: ``random:resvit_tiny`` resolves with no other ssl_hybrid import (registration rides on
+    the models package import that the loader module makes)."""
+    code = ("import ssl_hybrid.eval.backbones as b, sys; assert 'ssl_hybrid.models.hybrid' in sys.modules; "
+            "m, meta = b.load_backbone_spec('random:resvit_tiny', image_size=32); print(type(m).__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ResViT"
 
 
 def test_exported_backbone_loads_from_dir_and_file(tmp_path):

@@ -18,10 +18,12 @@ from torchvision.models.feature_extraction import NodePathTracer, create_feature
 import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS, RESVIT_VARIANTS
 
+from models_helpers import HYBRID_CASES, size_marks
+
 # 64 px (4x4 patches) and 96 px (6x6) inputs on models built for 224 px: the graph resamples the
 # position embedding and picks the attention path at run time, for any size (both sizes on the nano models).
 SIZES = (64, 96)
-CASES = [pytest.param(name, {}, id=name) for name in HYBRID_VARIANTS + RESVIT_VARIANTS] + [
+CASES = [pytest.param(name, {}, id=name, marks=size_marks(name)) for name in HYBRID_VARIANTS + RESVIT_VARIANTS] + [
     pytest.param("hybrid_nano", dict(attn_mode="window", window_size=2), id="hybrid_nano-window2"),  # fast path
     pytest.param("hybrid_nano", dict(attn_mode="window", window_size=5), id="hybrid_nano-window5"),  # masked SDPA
     pytest.param("hybrid_nano", dict(attn_mode="topk", attn_topk=20), id="hybrid_nano-topk20"),  # k > tokens at 64 px
@@ -88,7 +90,7 @@ def test_model_backward_fx(built, name, kwargs):
     assert sum(p.grad.numel() for p in fx_model.parameters()) == num_params
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_fx_feature_extraction_matches_forward_intermediates(built, name):
     """Stage outputs by module name (timm's feature_info names): stride-4/8 maps are channels-last
     ``[B, H, W, C]``, block outputs ``[B, 1+N, C]`` tokens (class token first), ``norm`` the features."""

@@ -20,6 +20,8 @@ import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS
 from ssl_hybrid.models.masking import random_grid_mask
 
+from models_helpers import HYBRID_CASES
+
 IMG = 64
 GRID = IMG // 16
 NUM_CLASSES = 5
@@ -52,7 +54,7 @@ def test_every_registered_hybrid_is_tested_and_sizes_match_the_names(built):
         assert model.default_cfg["architecture"] == model.pretrained_cfg["architecture"]
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_shapes_no_nan_and_backward_reaches_every_parameter(built, images, name):
     model = built[name]
     model.train()
@@ -73,7 +75,7 @@ def test_shapes_no_nan_and_backward_reaches_every_parameter(built, images, name)
         model.eval()
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_forward_masked_contract(built, images, name):
     model = built[name]
     mask = _mask(0.75)
@@ -105,7 +107,7 @@ def _leak_sensitive_copy(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_changing_hidden_pixels_changes_no_masked_output(built, images, name):
     model = _leak_sensitive_copy(built[name])
     mask = _mask(0.5, seed=3)
@@ -149,7 +151,7 @@ def test_random_grid_mask_hides_exact_count_reproducibly():
         random_grid_mask(1, 4, 4, 1.0)
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_features_only_matches_feature_info(images, name):
     model = timm.create_model(name, features_only=True, out_indices=(0, 1, -1)).eval()
     with torch.no_grad():
@@ -179,7 +181,7 @@ def _loss_and_grads(model, images):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_grad_checkpointing_gives_same_outputs_and_grads(built, images, name):
     model = built[name]
     model.train()
@@ -266,6 +268,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: seconds
 def test_models_package_imports_no_other_stage():
     code = ("import sys, ssl_hybrid.models, ssl_hybrid.models.export, ssl_hybrid.models.flops;"
             "bad = [m for m in sys.modules if m.split('.')[:2] in (['ssl_hybrid', s] for s in "

@@ -18,6 +18,8 @@ from ssl_hybrid.models import RESVIT_VARIANTS, load_backbone, save_backbone
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.resvit import MaskedBatchNorm2d, keep_map
 
+from models_helpers import RESVIT_CASES
+
 IMG = 64
 GRID = IMG // 16
 NUM_CLASSES = 5
@@ -63,7 +65,7 @@ def test_registered_variants_sizes_and_conv_share_of_compute(built):
     assert conv_only / total > 0.6, "the conv stages must carry most of the compute"  # 0.68 at 96 px
 
 
-@pytest.mark.parametrize("name", RESVIT_VARIANTS)
+@pytest.mark.parametrize("name", RESVIT_CASES)
 def test_shapes_and_backward_reaches_every_parameter(built, images, name):
     model = _trained_like(built[name]).train()
     feats = model.forward_features(images)
@@ -99,7 +101,7 @@ def test_keep_map_upsamples_patch_mask():
     assert keep.shape == (1, 1, 8, 8) and keep[0, 0, :4, :4].sum() == 0 and keep[0, 0, 4:, :].min() == 1
 
 
-@pytest.mark.parametrize("name", RESVIT_VARIANTS)
+@pytest.mark.parametrize("name", RESVIT_CASES)
 @pytest.mark.parametrize("train_mode", [False, True])
 def test_changing_hidden_pixels_changes_no_masked_output(built, images, name, train_mode):
     model = _trained_like(built[name]).train(train_mode)

@@ -19,6 +19,8 @@ from ssl_hybrid.models.flops import count_flops
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.token_select import TokenSelectConfig, select_tokens, tokens_to_keep
 
+from models_helpers import HYBRID_CASES
+
 IMG = 64
 GRID = IMG // 16
 
@@ -51,7 +53,7 @@ def restore(built):
 
 # ------------------------------------------------------------------------------- attention modes
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_window_covering_whole_grid_equals_global(restore, images, name):
     model = restore(name)
     mask = random_grid_mask(3, GRID, GRID, 0.5, generator=torch.Generator().manual_seed(0))
@@ -86,7 +88,7 @@ def test_window_allowed_pattern():
     assert int(allowed[1:, 1:].sum()) == 16 * 4  # each patch sees the 4 patches of its window
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_topk_with_all_keys_equals_global_and_fewer_keys_differ(restore, images, name):
     model = restore(name)
     with torch.no_grad():
@@ -117,7 +119,7 @@ def _expected_fixed_counts(num_patches: int, keep_rate: float, stages: int) -> i
     return kept
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_fixed_token_selection_shapes_and_reported_counts(restore, images, name):
     model = restore(name)
     model.set_token_selection(keep_rate=0.7)
@@ -131,7 +133,7 @@ def test_fixed_token_selection_shapes_and_reported_counts(restore, images, name)
     assert torch.isfinite(feats).all()
 
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_adaptive_token_selection_pads_and_pools_only_real_tokens(restore, images, name):
     model = restore(name)
     model.set_token_selection(keep_share=0.6, blocks=(1,))
@@ -204,7 +206,7 @@ def test_selection_is_off_in_forward_masked(restore, images):
 
 # ------------------------------------------------------------------------------- export
 
-@pytest.mark.parametrize("name", HYBRID_VARIANTS)
+@pytest.mark.parametrize("name", HYBRID_CASES)
 def test_export_round_trip_identical_outputs(built, images, name, tmp_path):
     model = built[name]
     weights, meta_path = save_backbone(model, tmp_path / "export", {"image_size": IMG, "step": 7})
