@@ -60,6 +60,31 @@ def test_weight_decay_skips_norms_biases_and_tokens(run_root):
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
 
 
+@pytest.mark.parametrize("model_name", ["resvit_nano", "hybrid_nano"])
+def test_decay_groups_are_timms_plus_the_heads_tokens(run_root, model_name):
+    from timm.optim import param_groups_weight_decay
+    from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
+
+    config = tiny_config(run_root, model__name=model_name)
+    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    # the rule of before, spelled out: 1-D, declared by the backbone, or a token / position table by name
+    declared = {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
+    expected = {name for name, p in trainable.items() if p.ndim <= 1 or name in declared
+                or any(part in name.rsplit(".", 1)[-1] for part in ("token", "pos_embed", "position", "rel_pos"))}
+    assert no_decay_names(model) == expected
+    # on the backbone alone, timm's own grouping (its no_weight_decay list) says the same
+    backbone = model.backbone
+    timm_no_decay = {id(p) for g in param_groups_weight_decay(backbone, 0.05, no_weight_decay_list=backbone.no_weight_decay())
+                     if g["weight_decay"] == 0 for p in g["params"]}
+    assert {f"backbone.{n}" for n, p in backbone.named_parameters() if id(p) in timm_no_decay} == \
+        {n for n in expected if n.startswith("backbone.")}
+    # the optimizer's groups carry exactly that split
+    optimizer = build_optimizer(model, config.optim)
+    undecayed = {id(p) for g in optimizer.param_groups if not g["apply_wd"] for p in g["params"]}
+    assert undecayed == {id(trainable[n]) for n in expected}
+
+
 def test_transformer_lr_scale_applies_to_the_vit_part_only(run_root):
     config = tiny_config(run_root, model__name="resvit_nano", optim__transformer_lr_scale=0.25)
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
