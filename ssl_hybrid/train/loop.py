@@ -218,8 +218,8 @@ def clip_gradients(run: Run) -> float:
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.config.optim.clip_grad > 0:
         return float(run.accelerator.clip_grad_norm_(params, run.config.optim.clip_grad))
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,6 +144,24 @@ def test_parameter_count_says_what_it_counts(run_root):
     assert "EMA teacher" in text.split("not trained:")[1] and text.endswith(f"exported: the {backbone / 1e6:.2f}M backbone")
 
 
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_grad_norm_is_the_total_norm_before_clipping_with_or_without_a_clip(clip):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model[1].bias.requires_grad_(False)  # frozen: not counted
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    expected = 0.5 * math.sqrt(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    run = SimpleNamespace(model=model, accelerator=Accelerator(cpu=True),
+                          config=SimpleNamespace(optim=SimpleNamespace(clip_grad=clip)))
+    assert loop.clip_gradients(run) == pytest.approx(expected)
+    clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.requires_grad))
+    assert clipped == pytest.approx(min(expected, clip) if clip else expected)
+
+
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     torch.save(ckpt.capture_rng(), tmp_path / "rng.pt")
