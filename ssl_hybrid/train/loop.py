@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ssl_hybrid import runs
+from ssl_hybrid import rng, runs
 from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, validate
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
@@ -238,7 +238,7 @@ def shared_state(run: Run) -> dict[str, Any]:
 def save(run: Run) -> Path:
     from ssl_hybrid.models.export import make_meta
 
-    rank_state = {"rng": ckpt.capture_rng(), "stream": run.stream.state_dict()}
+    rank_state = {"rng": rng.capture(), "stream": run.stream.state_dict()}
     return ckpt.save_checkpoint(run.directory, run.counters.step, run.raw_model, shared_state(run), rank_state,
                                 run.config, make_meta(run.raw_model.backbone, training_meta(run.config)),
                                 run.accelerator)
@@ -256,22 +256,13 @@ def resume(run: Run, path: Path) -> None:
             raise ckpt.CheckpointError(f"{path}: schedule '{name}' differs from this config's")
     run.counters = Counters(**state["counters"])
     run.stream.load_state_dict(loaded["rank"]["stream"])
-    ckpt.restore_rng(loaded["rank"]["rng"])
+    rng.restore(loaded["rank"]["rng"])
     log.info("resumed from %s (step %d of %d)", path, run.counters.step, run.config.train.steps)
 
 
 # ---------------------------------------------------------------------------------------------
 # Signals, logging, monitoring
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    state = ckpt.capture_rng()
-    try:
-        yield
-    finally:
-        ckpt.restore_rng(state)
 
 
 class StopSignal:
@@ -330,7 +321,7 @@ def log_step(run: Run, values: dict[str, float], seconds: float, images: int, ba
 def run_monitor(run: Run) -> None:
     if run.monitor is None:
         return
-    with preserved_rng():  # the monitor must not shift training randomness (resume would diverge)
+    with rng.preserved():  # the monitor must not shift training randomness (resume would diverge)
         result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
     run.model.train()
     record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
@@ -528,7 +519,7 @@ def log_precision(run: Run, batch: dict) -> None:
     linear = next((m for m in backbone.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
     seen: list[torch.dtype] = []
     hook = linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype)) if linear else None
-    with preserved_rng(), torch.no_grad(), run.accelerator.autocast():
+    with rng.preserved(), torch.no_grad(), run.accelerator.autocast():
         backbone.eval()
         backbone.forward_features(batch["global_views"][0][:1])
         backbone.train()
