@@ -177,7 +177,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_losses(run: Run, micro: dict, step: int, index: int) -> tuple[dict, dict]:
+def forward_losses(run: Run, micro: dict, step: int) -> tuple[dict, dict]:
     with run.accelerator.autocast():
         return run.model(micro["global_views"], micro["local_views"], micro["masks"],
                          float(run.schedules["teacher_temp"][step]))
@@ -195,7 +195,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
         last = index == len(micros) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
         with sync:
-            losses, step_stats = forward_losses(run, micro, step, index)
+            losses, step_stats = forward_losses(run, micro, step)
             finite = sync_flags(accelerator, 0.0 if torch.isfinite(losses["loss"].detach()).all() else 1.0)[0] == 0
             if not finite:
                 break
@@ -372,8 +372,8 @@ def setup(config: Config) -> Run:
     # TensorBoard events land in <run>/tensorboard/ (`tensorboard --logdir runs` compares runs).
     accelerator.init_trackers("tensorboard", config=flat_hparams(config))
     run.start_step = run.counters.step
-    log.info("%s: %d processes on %s, mixed precision %s", config.name, accelerator.num_processes,
-             accelerator.device, accelerator.mixed_precision)
+    log.info("%s: %d processes on %s", config.name, accelerator.num_processes, accelerator.device)
+    log_precision(accelerator)
     log.info("parameters: %s", describe_parameters(raw_model))
     return run
 
@@ -453,7 +453,7 @@ def train(run: Run) -> None:
     every = config.train.checkpoint_every
     bar = make_bar(run)
     started = time.monotonic()
-    window_images, window_start, logged_dtype = 0, time.perf_counter(), False
+    window_images, window_start = 0, time.perf_counter()
     if config.train.knn_every > 0 and counters.step == 0:
         run_monitor(run)
     run.model.train()
@@ -463,9 +463,6 @@ def train(run: Run) -> None:
             while counters.step < config.train.steps:
                 batch = next(source)
                 values = train_step(run, batch, counters.step)
-                if not logged_dtype:
-                    log_precision(run, batch)
-                    logged_dtype = True
                 images = len(batch["global_views"][0]) * run.accelerator.num_processes
                 if not handle_nonfinite(run, values):
                     continue
@@ -512,21 +509,16 @@ def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
     return False
 
 
-def log_precision(run: Run, batch: dict) -> None:
-    """Log the dtype the backbone's matmuls actually produce under this autocast setting (eval mode,
-    RNG untouched, so the probe changes nothing a resumed run would have to replay)."""
-    backbone = run.raw_model.backbone
-    linear = next((m for m in backbone.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
-    seen: list[torch.dtype] = []
-    hook = linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype)) if linear else None
-    with rng.preserved(), torch.no_grad(), run.accelerator.autocast():
-        backbone.eval()
-        backbone.forward_features(batch["global_views"][0][:1])
-        backbone.train()
-    if hook is not None:
-        hook.remove()
-    log.info("mixed precision '%s': backbone matmuls in %s, normalization/softmax/losses in float32",
-             run.accelerator.mixed_precision, seen[0] if seen else "unknown")
+def autocast_dtype(accelerator) -> torch.dtype:
+    """The dtype ``accelerator.autocast()`` runs matmuls and convolutions in (float32 when it is off)."""
+    device = accelerator.device.type
+    with accelerator.autocast():
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+
+
+def log_precision(accelerator) -> None:
+    log.info("mixed precision '%s': autocast runs matmuls/convolutions in %s, normalization/softmax/losses "
+             "in float32", accelerator.mixed_precision, autocast_dtype(accelerator))
 
 
 def make_bar(run: Run):

@@ -226,8 +226,8 @@ def inject_nan(monkeypatch, bad_calls):
     real = loop.forward_losses
     calls = []
 
-    def forward(run, micro, step, index):
-        losses, stats = real(run, micro, step, index)
+    def forward(run, micro, step):
+        losses, stats = real(run, micro, step)
         calls.append(step)
         if len(calls) in bad_calls or (None in bad_calls and len(calls) >= min(c for c in bad_calls if c)):
             losses["loss"] = losses["loss"] * float("nan")
@@ -308,8 +308,8 @@ def test_gradient_accumulation_is_refused_for_simclr():
 def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
     real = loop.forward_losses
 
-    def collapsed(run, micro, step, index):
-        losses, stats = real(run, micro, step, index)
+    def collapsed(run, micro, step):
+        losses, stats = real(run, micro, step)
         return losses, dict(stats, embedding_std=torch.tensor(0.001))
 
     monkeypatch.setattr(loop, "forward_losses", collapsed)
@@ -341,10 +341,20 @@ def test_corrupt_samples_are_counted_and_logged(corpus, run_root, tmp_path, capl
     assert "zz_corrupt" in caplog.text and "1 corrupt/unreadable samples skipped" in caplog.text
 
 
+@pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_dtype_is_what_the_accelerators_autocast_computes_in(precision, dtype):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, mixed_precision=precision)
+    assert loop.autocast_dtype(accelerator) == dtype
+    with accelerator.autocast():
+        assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2)).dtype == dtype
+
+
 def test_bf16_autocast_logs_the_dtype_and_keeps_losses_fp32(corpus, run_root, caplog):
     caplog.set_level("INFO")
     summary = loop.pretrain(tiny_config(run_root, "bf16", train__steps=1, train__mixed_precision="bf16"))
     assert summary["step"] == 1
-    assert "mixed precision 'bf16': backbone matmuls in torch.bfloat16" in caplog.text
+    assert "mixed precision 'bf16': autocast runs matmuls/convolutions in torch.bfloat16" in caplog.text
     record = [r for r in runs.read_metrics(run_root / "bf16") if "loss" in r][-1]
     assert math.isfinite(record["loss"])
