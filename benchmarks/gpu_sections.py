@@ -74,8 +74,8 @@ def layout_compile(plan, out: dict) -> None:
 
 def inject_overflow(forward_losses: Callable, at_step: int) -> Callable:
     """``loop.forward_losses`` whose loss at ``at_step`` is multiplied by OVERFLOW_FACTOR."""
-    def wrapped(run, micro, step, index):
-        losses, stats = forward_losses(run, micro, step, index)
+    def wrapped(run, micro, step):
+        losses, stats = forward_losses(run, micro, step)
         if step == at_step:
             log.info("step %d: loss x %g injected (fp16 gradients will overflow)", step, OVERFLOW_FACTOR)
             losses = dict(losses, loss=losses["loss"] * OVERFLOW_FACTOR)

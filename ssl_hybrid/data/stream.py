@@ -64,6 +64,7 @@ samples were seen, and at every worker-epoch end) the stream stops with a :class
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -76,6 +77,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
+from ssl_hybrid import rng as rng_state
 from ssl_hybrid.config import DEFAULT_CORPUS, REPO_ROOT
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.errors import UserError
@@ -289,25 +291,11 @@ def _seed_from(*parts: Any) -> int:
     return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little")
 
 
-class _SeededRNG:
-    """Seed python/numpy/torch global RNGs (torchvision and lightly draw from them) for one sample;
-    restore them afterwards when running in the main process, whose RNGs belong to the trainer."""
-
-    def __init__(self, seed: int, restore: bool):
-        self.seed, self.restore = seed, restore
-
-    def __enter__(self):
-        if self.restore:
-            self.saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
-        random.seed(self.seed)
-        np.random.seed(self.seed % 2**32)
-        torch.default_generator.manual_seed(self.seed)  # CPU only: torch.manual_seed would reseed CUDA too
-
-    def __exit__(self, *exc):
-        if self.restore:
-            random.setstate(self.saved[0])
-            np.random.set_state(self.saved[1])
-            torch.set_rng_state(self.saved[2])
+def seed_global_rngs(seed: int) -> None:
+    """Seed python/numpy/torch global RNGs (torchvision and lightly draw from them) for one sample."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed would reseed CUDA too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,7 +351,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             label = sample_label(raw)
         except (ValueError, UnicodeDecodeError):
             return None, "malformed cls field"
-        with _SeededRNG(seed, restore=in_main):
+        # In the main process the global RNGs belong to the trainer: put them back after the sample.
+        with rng_state.preserved(cuda=False) if in_main else contextlib.nullcontext():
+            seed_global_rngs(seed)
             views = self.transform(image)
         item = {"global_views": views["global_views"], "local_views": views.get("local_views", []),
                 "key": raw["__key__"]}

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -168,6 +167,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
 def run_finetune(args: argparse.Namespace) -> int:
     from ssl_hybrid.data.labeled import kshot_indices, save_split
     from ssl_hybrid.eval.backbones import load_backbone_spec
+    from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.eval.finetune import FinetuneSettings, finetune
 
     if args.epochs < 1 or args.patience < 1:
@@ -177,7 +177,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     train, test = load_pair(args)
     if args.shots:
         indices = kshot_indices(train.labels, args.shots, args.seed)
-        if args.out and int(os.environ.get("RANK", "0")) == 0:
+        if args.out and is_main_process():
             out = Path(args.out)
             save_split(out.with_name(f"{out.stem}_split.json"), train, indices.tolist(), shots=args.shots,
                        seed=args.seed)

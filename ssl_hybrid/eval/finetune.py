@@ -6,13 +6,17 @@ head at the full lr. Training uses the same Accelerate machinery as pretraining 
 mixed precision on GPUs), light augmentation (random resized crop + flip), label smoothing, a warm-up +
 cosine schedule, and early stopping on a stratified validation split carved out of the training set:
 the best epoch's weights are restored before the test set is scored.
+
+The schedule is pretraining's (``train.schedules.warmup_cosine``, one value per optimizer step): lr 0 at
+the first step, rising linearly to the peak over ``warmup_fraction`` of the steps, then cosine to 0 at the
+last step. (Before it shared that function, fine-tuning started the warm-up at peak / warmup_steps and
+stopped the cosine one step short of 0.)
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -25,6 +29,7 @@ from torch import nn
 from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
 from ssl_hybrid.eval.features import embed, eval_transform, extract_features, make_loader, one_line_worker_errors
 from ssl_hybrid.eval.knn import topk_accuracy
+from ssl_hybrid.train.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +103,18 @@ def layer_decay_param_groups(model: Classifier, settings: FinetuneSettings) -> l
     return groups
 
 
-def warmup_cosine(total_steps: int, warmup_fraction: float):
+def lr_factors(total_steps: int, warmup_fraction: float) -> np.ndarray:
+    """Per-step multiplier of every group's lr: pretraining's ``train.schedules.warmup_cosine`` with peak 1,
+    from 0 at step 0 up to 1 after the warm-up, then cosine to 0 at the last step."""
     warmup = max(1, int(warmup_fraction * total_steps))
+    return warmup_cosine(1.0, 0.0, total_steps, warmup)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-    return factor
+def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
+                 warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    factors = lr_factors(max(1, total_steps), warmup_fraction)
+    # LambdaLR asks for one step past the end after the last optimizer step: hold the final value.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(factors[min(step, len(factors) - 1)]))
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -143,7 +150,7 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
                          drop_last=len(fit_set) > settings.batch_size)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = settings.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, settings.warmup_fraction))
+    scheduler = lr_scheduler(optimizer, total_steps, settings.warmup_fraction)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     history, best, best_state, stale = [], -1.0, None, 0
     for epoch in range(settings.epochs):

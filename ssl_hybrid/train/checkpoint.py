@@ -7,14 +7,14 @@ next start). It holds:
 - ``model.safetensors``: student backbone (``backbone.*``), heads and EMA teacher (``teacher.*``);
 - ``state.pt``: optimizer, grad scaler, schedules, counters, the resolved config (tensors and plain
   Python only, loaded with ``weights_only=True``);
-- ``rank_<r>.pt``: each process's RNG states (python, numpy, torch, cuda) and data-stream position;
+- ``rank_<r>.pt``: each process's RNG states (``ssl_hybrid.rng.capture``: python, numpy, torch, cuda)
+  and data-stream position;
 - ``backbone.json`` + ``config.yaml``: what the evaluators need to rebuild the backbone from it.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import re
 import shutil
 from pathlib import Path
@@ -76,43 +76,6 @@ def prune(run_dir: Path, keep: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
         log.debug("removed old checkpoint %s", old)
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG states (everything weights_only=True can load: tensors, ints, tuples, lists, dicts)
-# ---------------------------------------------------------------------------------------------
-
-
-def capture_rng() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(_as_python_state(state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_python_state(value: Any) -> Any:
-    """torch.load returns lists where random.setstate wants tuples."""
-    if isinstance(value, list):
-        return tuple(_as_python_state(v) for v in value)
-    if isinstance(value, tuple):
-        return tuple(_as_python_state(v) for v in value)
-    return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from ssl_hybrid import runs
+from ssl_hybrid import rng, runs
 from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, validate
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
@@ -177,7 +177,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_losses(run: Run, micro: dict, step: int, index: int) -> tuple[dict, dict]:
+def forward_losses(run: Run, micro: dict, step: int) -> tuple[dict, dict]:
     with run.accelerator.autocast():
         return run.model(micro["global_views"], micro["local_views"], micro["masks"],
                          float(run.schedules["teacher_temp"][step]))
@@ -195,7 +195,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
         last = index == len(micros) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
         with sync:
-            losses, step_stats = forward_losses(run, micro, step, index)
+            losses, step_stats = forward_losses(run, micro, step)
             finite = sync_flags(accelerator, 0.0 if torch.isfinite(losses["loss"].detach()).all() else 1.0)[0] == 0
             if not finite:
                 break
@@ -218,8 +218,8 @@ def clip_gradients(run: Run) -> float:
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.config.optim.clip_grad > 0:
         return float(run.accelerator.clip_grad_norm_(params, run.config.optim.clip_grad))
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def shared_state(run: Run) -> dict[str, Any]:
 def save(run: Run) -> Path:
     from ssl_hybrid.models.export import make_meta
 
-    rank_state = {"rng": ckpt.capture_rng(), "stream": run.stream.state_dict()}
+    rank_state = {"rng": rng.capture(), "stream": run.stream.state_dict()}
     return ckpt.save_checkpoint(run.directory, run.counters.step, run.raw_model, shared_state(run), rank_state,
                                 run.config, make_meta(run.raw_model.backbone, training_meta(run.config)),
                                 run.accelerator)
@@ -256,22 +256,13 @@ def resume(run: Run, path: Path) -> None:
             raise ckpt.CheckpointError(f"{path}: schedule '{name}' differs from this config's")
     run.counters = Counters(**state["counters"])
     run.stream.load_state_dict(loaded["rank"]["stream"])
-    ckpt.restore_rng(loaded["rank"]["rng"])
+    rng.restore(loaded["rank"]["rng"])
     log.info("resumed from %s (step %d of %d)", path, run.counters.step, run.config.train.steps)
 
 
 # ---------------------------------------------------------------------------------------------
 # Signals, logging, monitoring
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def preserved_rng():
-    state = ckpt.capture_rng()
-    try:
-        yield
-    finally:
-        ckpt.restore_rng(state)
 
 
 class StopSignal:
@@ -330,7 +321,7 @@ def log_step(run: Run, values: dict[str, float], seconds: float, images: int, ba
 def run_monitor(run: Run) -> None:
     if run.monitor is None:
         return
-    with preserved_rng():  # the monitor must not shift training randomness (resume would diverge)
+    with rng.preserved():  # the monitor must not shift training randomness (resume would diverge)
         result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
     run.model.train()
     record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
@@ -381,8 +372,8 @@ def setup(config: Config) -> Run:
     # TensorBoard events land in <run>/tensorboard/ (`tensorboard --logdir runs` compares runs).
     accelerator.init_trackers("tensorboard", config=flat_hparams(config))
     run.start_step = run.counters.step
-    log.info("%s: %d processes on %s, mixed precision %s", config.name, accelerator.num_processes,
-             accelerator.device, accelerator.mixed_precision)
+    log.info("%s: %d processes on %s", config.name, accelerator.num_processes, accelerator.device)
+    log_precision(accelerator)
     log.info("parameters: %s", describe_parameters(raw_model))
     return run
 
@@ -462,7 +453,7 @@ def train(run: Run) -> None:
     every = config.train.checkpoint_every
     bar = make_bar(run)
     started = time.monotonic()
-    window_images, window_start, logged_dtype = 0, time.perf_counter(), False
+    window_images, window_start = 0, time.perf_counter()
     if config.train.knn_every > 0 and counters.step == 0:
         run_monitor(run)
     run.model.train()
@@ -472,9 +463,6 @@ def train(run: Run) -> None:
             while counters.step < config.train.steps:
                 batch = next(source)
                 values = train_step(run, batch, counters.step)
-                if not logged_dtype:
-                    log_precision(run, batch)
-                    logged_dtype = True
                 images = len(batch["global_views"][0]) * run.accelerator.num_processes
                 if not handle_nonfinite(run, values):
                     continue
@@ -521,21 +509,16 @@ def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
     return False
 
 
-def log_precision(run: Run, batch: dict) -> None:
-    """Log the dtype the backbone's matmuls actually produce under this autocast setting (eval mode,
-    RNG untouched, so the probe changes nothing a resumed run would have to replay)."""
-    backbone = run.raw_model.backbone
-    linear = next((m for m in backbone.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))), None)
-    seen: list[torch.dtype] = []
-    hook = linear.register_forward_hook(lambda module, args, out: seen.append(out.dtype)) if linear else None
-    with preserved_rng(), torch.no_grad(), run.accelerator.autocast():
-        backbone.eval()
-        backbone.forward_features(batch["global_views"][0][:1])
-        backbone.train()
-    if hook is not None:
-        hook.remove()
-    log.info("mixed precision '%s': backbone matmuls in %s, normalization/softmax/losses in float32",
-             run.accelerator.mixed_precision, seen[0] if seen else "unknown")
+def autocast_dtype(accelerator) -> torch.dtype:
+    """The dtype ``accelerator.autocast()`` runs matmuls and convolutions in (float32 when it is off)."""
+    device = accelerator.device.type
+    with accelerator.autocast():
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+
+
+def log_precision(accelerator) -> None:
+    log.info("mixed precision '%s': autocast runs matmuls/convolutions in %s, normalization/softmax/losses "
+             "in float32", accelerator.mixed_precision, autocast_dtype(accelerator))
 
 
 def make_bar(run: Run):

@@ -13,7 +13,8 @@ import torch
 
 from ssl_hybrid.data.labeled import load_labeled
 from ssl_hybrid.eval.backbones import load_backbone_spec
-from ssl_hybrid.eval.features import cached_features, embed, eval_transform, extract_features, make_loader
+from ssl_hybrid.eval.features import (cached_features, embed, eval_transform, extract_features, is_main_process,
+                                      make_loader)
 
 
 def test_features_are_in_dataset_order_with_exactly_n_rows(labeled_pair):
@@ -108,6 +109,15 @@ def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_pa
     assert got["features"].shape == (11, model.num_features)
     np.testing.assert_allclose(got["features"], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got["labels"], labels)
+
+
+def test_main_process_check_asks_accelerate(monkeypatch):
+    from accelerate import PartialState
+
+    assert is_main_process() and PartialState().num_processes == 1  # one plain process is the main one
+    monkeypatch.setenv("RANK", "0")  # a stray launcher variable does not decide it: accelerate's state does
+    monkeypatch.setattr(PartialState, "is_main_process", property(lambda self: False))
+    assert not is_main_process()
 
 
 def test_an_unreadable_image_in_a_dataloader_worker_is_one_line_naming_the_file(labeled_pair):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from ssl_hybrid.data.labeled import load_labeled
 from ssl_hybrid.eval.backbones import load_backbone_spec
-from ssl_hybrid.eval.finetune import Classifier, FinetuneSettings, finetune, layer_decay_param_groups
+from ssl_hybrid.eval.finetune import Classifier, FinetuneSettings, finetune, layer_decay_param_groups, lr_scheduler
 
 
 def test_layer_decay_gives_deeper_layers_larger_lrs():
@@ -25,6 +26,23 @@ def test_layer_decay_gives_deeper_layers_larger_lrs():
     assert lr_of[id(last_block)] == pytest.approx(1e-3 * 0.5)
     no_decay = [g for g in groups if g["weight_decay"] == 0.0]
     assert any(p is classifier.head.bias for g in no_decay for p in g["params"])
+
+
+def test_schedule_warms_up_from_zero_then_cosine_to_zero_per_group():
+    head, body = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([{"params": [head], "lr": 1e-3}, {"params": [body], "lr": 2.5e-4}])
+    scheduler = lr_scheduler(optimizer, total_steps=20, warmup_fraction=0.1)
+    seen = []
+    for _ in range(20):  # the lr each optimizer step uses, then the scheduler steps (as _train_epoch)
+        seen.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    seen = np.array(seen)
+    expected = np.concatenate([[0.0, 0.5], 0.5 * (1 + np.cos(np.pi * np.arange(18) / 17))])
+    np.testing.assert_allclose(seen[:, 0], 1e-3 * expected, atol=1e-15)
+    np.testing.assert_allclose(seen[:, 1], 2.5e-4 * expected, atol=1e-15)
+    assert seen[2, 0] == pytest.approx(1e-3)  # the peak right after the 2 warm-up steps
+    assert optimizer.param_groups[0]["lr"] == 0.0  # one step past the end holds the last value
 
 
 @pytest.mark.slow
