@@ -191,13 +191,13 @@ def select_lr(runs: list[dict], train_set, args: argparse.Namespace) -> dict[str
     """Per method, the lr whose backbone has the best leave-one-out k-NN top-1 on the *train* split (labels of
     the train split only; the test split never picks a setting). Features come from the report's cache."""
     from ssl_hybrid.eval.features import features_for_spec
-    from ssl_hybrid.train.monitor import leave_one_out_knn
+    from ssl_hybrid.eval.knn import leave_one_out_knn
 
     chosen: dict[str, dict] = {}
     for run in runs:
         _, [(features, labels)] = features_for_spec(run["run_dir"], [train_set], args.image_size, 64,
                                                     cache_dir=args.work_dir / "features", pooling=POOLINGS[0])
-        run["train_loo_knn"] = leave_one_out_knn(features, labels, 20, 0.07)["top1"]
+        run["train_loo_knn"] = leave_one_out_knn(features, labels)["top1"]
         best = chosen.get(run["method"])
         if best is None or run["train_loo_knn"] > best["train_loo_knn"]:
             chosen[run["method"]] = run

@@ -304,6 +304,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
+    from ssl_hybrid.config import KNN_PROTOCOLS
+
     parser = sub.add_parser(
         "report", formatter_class=_HelpFormatter, help="compare backbones: markdown table, JSON, plots",
         description="k-NN and k-shot numbers of each backbone, a label-efficiency plot and retrieval grids.\n\n"
@@ -318,6 +320,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--baseline", default=None, metavar="NAME",
                         help="the backbone (by name) the verdict compares the others with; default: the random: or "
                              "timm: one when the others are pretrained")
+    parser.add_argument("--knn-protocol", choices=KNN_PROTOCOLS, default=KNN_PROTOCOLS[0],
+                        help="heldout: --test images against the --train bank; leave_one_out: every image of both "
+                             "classified by all the others (all labels become queries: less noise on small sets)")
     _add_out_arg(parser, "the report")
     parser.set_defaults(handler=_eval_handler("run_report"))
 

@@ -173,6 +173,9 @@ class TrainConfig:
 POOLINGS = ("multiscale", "default")
 # Every k the k-NN evaluation reports under per_k (DINO reports 10/20/100/200); eval.knn_k is the headline.
 KNN_REPORTED_KS = (10, 20, 100, 200)
+# How a report's k-NN column is measured (ssl_hybrid.eval.report.evaluate_knn): test images against the
+# training bank, or every labeled image against all the others (all labels become queries on a small set).
+KNN_PROTOCOLS = ("heldout", "leave_one_out")
 
 
 @dataclass

@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ssl_hybrid.machine import machine_info
+from ssl_hybrid.machine import cpu_steal, machine_info
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BASE_KEYS = {"platform", "processor", "python", "cpu_count", "load_average"}
+BASE_KEYS = {"platform", "processor", "python", "cpu_count", "load_average", "cpu_steal"}
 TORCH_KEYS = {"torch", "threads", "device", "cuda", "gpu"}
 
 
@@ -28,7 +28,7 @@ def test_cpu_description_has_the_shared_keys():
 
 
 def test_without_a_device_it_imports_no_torch():
-    probe = ("import sys; from ssl_hybrid.machine import machine_info; info = machine_info(device=None); "
+    probe = ("import sys; from ssl_hybrid.machine import cpu_steal, machine_info; info = machine_info(device=None); "
              "print(sorted(info), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -44,3 +44,27 @@ def test_no_benchmark_describes_the_machine_itself():
     found = [f"{path.relative_to(REPO_ROOT)}:{number}" for path in sources if path.name != "machine.py"
              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if twin.search(line)]
     assert not found, "use ssl_hybrid.machine.machine_info: " + ", ".join(found)
+
+
+def _stat_line(user: int, idle: int, steal: int) -> str:
+    # user nice system idle iowait irq softirq steal guest guest_nice, then a per-CPU line
+    return f"cpu  {user} 0 0 {idle} 0 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n"
+
+
+def test_cpu_steal_is_the_stolen_share_of_the_window(tmp_path, monkeypatch):
+    stat = tmp_path / "stat"
+    stat.write_text(_stat_line(100, 100, 0))
+    # the window: +30 user, +10 idle, +60 steal
+    monkeypatch.setattr("ssl_hybrid.machine.time.sleep", lambda s: stat.write_text(_stat_line(130, 110, 60)))
+    assert cpu_steal(0.0, stat) == 0.6
+
+
+def test_cpu_steal_is_none_without_proc_stat(tmp_path):
+    assert cpu_steal(0.0, tmp_path / "missing") is None
+    (tmp_path / "odd").write_text("intr 1 2 3\n")
+    assert cpu_steal(0.0, tmp_path / "odd") is None
+
+
+def test_cpu_steal_on_this_machine_is_a_share_or_none():
+    steal = cpu_steal(0.05)
+    assert steal is None or 0.0 <= steal <= 1.0

@@ -209,7 +209,7 @@ def run_report(args: argparse.Namespace) -> int:
     report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
                           methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
                           num_workers=args.workers, cache_dir=cache_dir(args), pooling=args.pooling,
-                          baseline=args.baseline)
+                          baseline=args.baseline, knn_protocol=args.knn_protocol)
     from ssl_hybrid.runs import write_json_atomic
 
     if not report["entries"]:  # not the main process

@@ -17,10 +17,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ssl_hybrid.config import EvalConfig
+from ssl_hybrid.config import KNN_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet
 from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, fewshot_evaluate
-from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, search
+from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, leave_one_out_knn, search
 from ssl_hybrid.eval.verdict import budget_text, data_context, verdict
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,26 @@ def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec.strip("/")).strip("_")[-60:] or "backbone"
 
 
+def evaluate_knn(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], num_classes: int,
+                 protocol: str = "heldout") -> dict[str, Any]:
+    """The k-NN entry of the report (``protocol`` one of config.KNN_PROTOCOLS). Leave-one-out classifies
+    every labeled image (train and test) by all the others, so a small labeled set gives all its labels as
+    queries (the quickstart: 370 instead of 111); the held-out result is kept under ``heldout``."""
+    if protocol not in KNN_PROTOCOLS:
+        raise ValueError(f"unknown k-NN protocol '{protocol}' (one of {', '.join(KNN_PROTOCOLS)})")
+    heldout = knn_evaluate(*train, *test, num_classes=num_classes)
+    if protocol == "heldout":
+        return {**heldout, "protocol": "heldout"}
+    features, labels = np.concatenate([train[0], test[0]]), np.concatenate([train[1], test[1]])
+    result = leave_one_out_knn(features, labels)
+    result["heldout"] = {key: heldout[key] for key in ("top1", "top5", "n_train", "n_test")}
+    return result
+
+
 def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                       shots: Sequence[int], seeds: int, methods: Sequence[str], train_set: LabeledSet,
-                      split_dir: Optional[Path], num_classes: int) -> dict[str, Any]:
-    knn = knn_evaluate(*train, *test, num_classes=num_classes)
+                      split_dir: Optional[Path], num_classes: int, knn_protocol: str = "heldout") -> dict[str, Any]:
+    knn = evaluate_knn(train, test, num_classes, knn_protocol)
     fewest = int(np.bincount(train[1]).min())
     kept = [k for k in shots if k <= fewest]
     fewshot = fewshot_evaluate(*train, *test, shots=kept, seeds=seeds, methods=methods, train_set=train_set,
@@ -48,7 +64,8 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
                     "/".join(map(str, dropped)), fewest)
     return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "image_size",
                                                                 "num_features", "hash", "pooling", "pretraining")},
-            "knn": knn, "fewshot": fewshot["results"], "shots_skipped": dropped}
+            "knn": knn, "fewshot": fewshot["results"], "fewshot_n_test": fewshot["n_test"],
+            "shots_skipped": dropped}
 
 
 def markdown_table(entries: list[dict[str, Any]], chance: Optional[dict[str, float]] = None) -> str:
@@ -239,11 +256,12 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
                  batch_size: int = EvalConfig.batch_size,
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
                  pooling: str = EvalConfig.pooling, split_note: Optional[str] = None,
-                 baseline: Optional[str] = None) -> dict[str, Any]:
+                 baseline: Optional[str] = None, knn_protocol: str = "heldout") -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
     ``pooling`` (config.POOLINGS) applies to every backbone alike; what each one got is in its entry.
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
-    the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline)."""
+    the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
+    ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured."""
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
@@ -256,7 +274,7 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
         if not is_main_process():  # other ranks only helped extract (a collective step)
             continue
         entry = evaluate_backbone(name, meta, train, test, shots, seeds, methods, train_set,
-                                  out_dir / "splits", len(train_set.classes))
+                                  out_dir / "splits", len(train_set.classes), knn_protocol)
         entry["budget"] = budget_text(entry["backbone"])
         entry["retrieval_grid"] = retrieval_grid(train_set, test_set, train[0], test[0],
                                                  out_dir / f"retrieval_{slug(name)}.png", queries=grid_queries,
@@ -282,7 +300,11 @@ def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str]) 
     """How every number was measured: k-NN settings, shots × seeds, image size and pooling per backbone."""
     knn = entries[0]["knn"] if entries else {"k": HEADLINE_K, "temperature": None}
     shots = sorted({r["shots"] for e in entries for r in e["fewshot"]})
-    return {"knn": {"k": knn["k"], "temperature": knn["temperature"], "bank": "every training image"},
+    leave_one_out = knn.get("protocol") == "leave_one_out"
+    bank = ("leave-one-out: every labeled image (train and test) is a query, the other "
+            f"{knn.get('n_train')} are its bank" if leave_one_out else "every training image")
+    return {"knn": {"k": knn["k"], "temperature": knn["temperature"], "bank": bank,
+                    "protocol": "leave_one_out" if leave_one_out else "heldout"},
             "fewshot": {"methods": list(methods), "shots": shots, "seeds": seeds,
                         "skipped_shots": sorted({k for e in entries for k in e.get("shots_skipped", [])})},
             "image_size": sorted({e["backbone"]["image_size"] for e in entries}),
@@ -307,8 +329,9 @@ def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[
                         f"common test class: {100 * chance['majority_top1']:.1f}%), {100 * chance['top5']:.1f}% top-5"),
             ("train", images(train) + ": the k-NN bank and the pool the k-shot labels are drawn from"),
             ("test", images(test) + f": {context['split']}"),
-            ("k-NN", f"DINO protocol: k={proto['knn']['k']}, T={proto['knn']['temperature']}, cosine similarity, "
-                     "every training image in the bank"),
+            ("k-NN", f"DINO protocol: k={proto['knn']['k']}, T={proto['knn']['temperature']}, cosine similarity; "
+                     + (proto["knn"]["bank"] if proto["knn"].get("protocol") == "leave_one_out"
+                        else "every training image in the bank")),
             ("k-shot", f"{' and '.join(METHOD_NAMES.get(m, m) for m in fewshot['methods'])} on {shots} labels per class × {fewshot['seeds']} seeded "
                        f"draws (mean ± std; the ids are in splits/){skipped}"),
             ("image size", f"{', '.join(f'{s} px' for s in proto['image_size'])} (resize + center crop); "

@@ -9,28 +9,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
-
 from ssl_hybrid.config import Config
 
 log = logging.getLogger(__name__)
-
-
-def leave_one_out_knn(features: np.ndarray, labels: np.ndarray, k: int, temperature: float) -> dict[str, Any]:
-    """Top-1/top-5 of each row classified by its k most similar other rows (cosine, exp(sim/T) votes)."""
-    from ssl_hybrid.eval.knn import l2_normalize, search, topk_accuracy, vote
-
-    n = len(features)
-    k = min(k, n - 1)
-    similarities, indices = search(l2_normalize(features), l2_normalize(features), k + 1)  # [N, k+1]
-    not_self = indices != np.arange(n)[:, None]
-    keep = np.argsort(~not_self, axis=1, kind="stable")[:, :k]  # the first k neighbours that are not the query
-    similarities = np.take_along_axis(similarities, keep, axis=1)
-    neighbours = np.take_along_axis(indices, keep, axis=1)
-    num_classes = int(labels.max()) + 1
-    scores = vote(similarities, labels[neighbours], num_classes, temperature)
-    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5), "k": k,
-            "n_test": n, "num_classes": num_classes}
 
 
 class KNNMonitor:
@@ -50,7 +31,7 @@ class KNNMonitor:
 
     def evaluate(self, backbone, accelerator=None) -> dict[str, Any]:
         from ssl_hybrid.eval.features import extract_features, pooling_forward
-        from ssl_hybrid.eval.knn import faiss_threads
+        from ssl_hybrid.eval.knn import faiss_threads, leave_one_out_knn
 
         features, labels = extract_features(backbone, self.loader, accelerator,
                                             forward=pooling_forward(backbone, self.config.eval.pooling))

@@ -135,6 +135,35 @@ def test_noise_is_the_larger_of_seed_spread_and_test_set_size():
     assert binomial_se(0.0, 50) > 0  # a 0% accuracy on 50 images is not exact
 
 
+def test_few_shot_noise_uses_the_few_shot_test_set_when_knn_scores_more_queries():
+    """Leave-one-out k-NN scores every labeled image; the k-shot rows are scored on the test part only."""
+    from ssl_hybrid.eval.verdict import binomial_se, metrics
+
+    entry = {**_entry("x", "file", 0.1, n_test=370, fewshot=[(5, 0.1, 0.0, 5)]), "fewshot_n_test": 111}
+    knn_row, shot_row = metrics(entry)
+    assert knn_row["n_test"] == 370 and knn_row["se"] == pytest.approx(binomial_se(0.1, 370))
+    assert shot_row["n_test"] == 111 and shot_row["se"] == pytest.approx(binomial_se(0.1, 111))
+
+
+def test_leave_one_out_knn_queries_every_image_and_keeps_the_heldout_result():
+    from ssl_hybrid.eval.knn import knn_evaluate, leave_one_out_knn
+    from ssl_hybrid.eval.report import evaluate_knn
+
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 5, size=90)
+    features = (rng.normal(size=(90, 12)) + 1.2 * np.eye(12)[labels]).astype(np.float32)
+    train, test = (features[:60], labels[:60]), (features[60:], labels[60:])
+    heldout = evaluate_knn(train, test, 5)
+    assert heldout["protocol"] == "heldout" and heldout["n_test"] == 30
+    assert heldout["top1"] == knn_evaluate(*train, *test, num_classes=5)["top1"]
+    loo = evaluate_knn(train, test, 5, protocol="leave_one_out")
+    assert loo["protocol"] == "leave_one_out" and loo["n_test"] == 90 and loo["n_train"] == 89
+    assert loo["top1"] == leave_one_out_knn(features, labels)["top1"]
+    assert loo["heldout"]["top1"] == heldout["top1"] and loo["heldout"]["n_test"] == 30
+    with pytest.raises(ValueError, match="unknown k-NN protocol 'both'"):
+        evaluate_knn(train, test, 5, protocol="both")
+
+
 def test_budget_says_steps_time_limit_and_why_training_stopped():
     from ssl_hybrid.eval.verdict import budget_text
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ssl_hybrid.train.monitor import leave_one_out_knn
+from ssl_hybrid.eval.knn import leave_one_out_knn
 
 
 def reference(features, labels, k, temperature):
