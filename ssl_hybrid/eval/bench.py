@@ -166,7 +166,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "matmul_gflops": flops / timings["matmul_peak"] / 1e9,
         "checks": checks, "knn_top1_k20": result["top1"],
         "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
-        "machine": machine_info(packages=("numpy", "faiss")),  # threads: the one count every variant ran at
+        # threads: the one count every variant ran at; sklearn's version because its two metrics' speeds swap
+        # between releases (euclidean was 2.8x faster than cosine in one, 1.6x slower in 1.9.1)
+        "machine": machine_info(packages=("numpy", "faiss", *(() if "sklearn_brute" not in timings else ("sklearn",)))),
     }
 
 

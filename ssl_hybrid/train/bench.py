@@ -43,7 +43,10 @@ def bench_config(args: argparse.Namespace, workdir: Path, **objective: float) ->
     overrides = [f"model.name={args.model}", f"data.image_size={args.image_size}",
                  f"train.batch_size={args.batch_size}", f"train.steps={args.warmup + args.steps}",
                  f"train.output_dir={workdir}", "train.log_every=1", "train.checkpoint_every=0",
-                 "train.knn_every=0", "data.val=''", "optim.warmup_fraction=0.0"]
+                 "train.knn_every=0", "data.val=''", "optim.warmup_fraction=0.0",
+                 # the timed objectives are MIM/DINO: their views, and the default embedding (a recipe's
+                 # SimCLR-only multiscale embedding would not load; SimCLR views would time the wrong augmentations)
+                 "data.views=dino", "objective.embedding=default"]
     overrides += [f"objective.{k}={v}" for k, v in objective.items()]
     return load_config(args.config if Path(args.config).exists() else None, overrides)
 
@@ -132,7 +135,8 @@ def summarize(args: argparse.Namespace, config: Config, samples: dict[str, list[
         "setup": {"recipe": args.config, "model": args.model, "image_size": args.image_size,
                   "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
                   "repeats": args.repeats, "num_workers": config.data.num_workers,
-                  "num_local_views": config.data.num_local_views, "mask_ratio": config.objective.mask_ratio},
+                  "views": config.data.views, "num_local_views": config.data.num_local_views,
+                  "mask_ratio": config.objective.mask_ratio},
         "full_loop": loop,
         "bare_step": bare_joint,
         "loop_overhead": overhead,

@@ -23,3 +23,16 @@ def test_summary_keeps_the_best_repeat_and_carries_no_targets(tmp_path):
     assert result["joint_vs_dino_time_ratio"] == pytest.approx(2.0)
     assert result["setup"]["timed_steps"] == 4 and result["machine"]["cpu_count"] >= 1
     assert not [key for key in result if "target" in key or key.endswith(("_ok", "_met"))]  # targets: README
+
+
+def test_bench_configs_load_on_the_default_recipe(tmp_path):
+    """The default recipe (quickstart: SimCLR with the multiscale embedding) once made every measurement fail
+    to load: the bench times MIM + DINO and DINO-only, for which that embedding is an error."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    joint = bench.bench_config(args, tmp_path, mim_weight=1.0, dino_weight=1.0, simclr_weight=0.0)
+    dino = bench.bench_config(args, tmp_path, mim_weight=0.0, dino_weight=1.0, simclr_weight=0.0)
+    assert joint.objective.embedding == dino.objective.embedding == "default"
+    assert joint.data.views == dino.data.views == "dino"
+    assert (joint.objective.mim_weight, dino.objective.mim_weight) == (1.0, 0.0) and joint.model.name == "hybrid_tiny"
