@@ -321,17 +321,18 @@ def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[
         return f"{side['images']} images of `{side['source']}` ({counts} per class{skipped})"
 
     fewshot = proto["fewshot"]
+    leave_one_out = proto["knn"].get("protocol") == "leave_one_out"
     shots = ", ".join(map(str, fewshot["shots"])) or "none"
     skipped = (f" ({'/'.join(map(str, fewshot['skipped_shots']))}-shot skipped: a class has fewer training images)"
                if fewshot["skipped_shots"] else "")
     rows = [("classes", f"{context['num_classes']}: chance level {100 * chance['top1']:.1f}% top-1 "
                         f"(1/{context['num_classes']} = {100 * chance['uniform_top1']:.1f}%; always naming the most "
                         f"common test class: {100 * chance['majority_top1']:.1f}%), {100 * chance['top5']:.1f}% top-5"),
-            ("train", images(train) + ": the k-NN bank and the pool the k-shot labels are drawn from"),
+            ("train", images(train) + (": the pool the k-shot labels are drawn from" if leave_one_out
+                                       else ": the k-NN bank and the pool the k-shot labels are drawn from")),
             ("test", images(test) + f": {context['split']}"),
             ("k-NN", f"DINO protocol: k={proto['knn']['k']}, T={proto['knn']['temperature']}, cosine similarity; "
-                     + (proto["knn"]["bank"] if proto["knn"].get("protocol") == "leave_one_out"
-                        else "every training image in the bank")),
+                     + (proto["knn"]["bank"] if leave_one_out else "every training image in the bank")),
             ("k-shot", f"{' and '.join(METHOD_NAMES.get(m, m) for m in fewshot['methods'])} on {shots} labels per class × {fewshot['seeds']} seeded "
                        f"draws (mean ± std; the ids are in splits/){skipped}"),
             ("image size", f"{', '.join(f'{s} px' for s in proto['image_size'])} (resize + center crop); "

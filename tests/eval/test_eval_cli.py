@@ -169,3 +169,13 @@ def test_report_baseline_must_name_a_backbone(labeled_pair, capsys, tmp_path):
                         "--out-dir", str(tmp_path / "r"))
     assert code == 2 and "--baseline 'c' is not one of the backbone names (a, b)" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_report_knn_protocol_leave_one_out_queries_train_and_test(labeled_pair, capsys, tmp_path):
+    code, _, _ = _run(capsys, "report", "random:resnet10t", "--train", str(labeled_pair[0]), "--test",
+                      str(labeled_pair[1]), "--image-size", "32", "--workers", "0", "--shots", "1", "--seeds", "1",
+                      "--method", "knn", "--knn-protocol", "leave_one_out", "--out-dir", str(tmp_path / "r"))
+    assert code == 0
+    entry = json.loads((tmp_path / "r" / "report.json").read_text())["entries"][0]
+    assert entry["knn"]["protocol"] == "leave_one_out" and entry["knn"]["n_test"] == 18 + 9
+    assert entry["knn"]["heldout"]["n_test"] == 9 and entry["fewshot_n_test"] == 9
