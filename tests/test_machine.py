@@ -28,7 +28,7 @@ def test_cpu_description_has_the_shared_keys():
 
 
 def test_without_a_device_it_imports_no_torch():
-    probe = ("import sys; from ssl_hybrid.machine import cpu_steal, machine_info; info = machine_info(device=None); "
+    probe = ("import sys; from ssl_hybrid.machine import machine_info; info = machine_info(device=None); "
              "print(sorted(info), 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -168,7 +168,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
         # threads: the one count every variant ran at; sklearn's version because its two metrics' speeds swap
         # between releases (euclidean was 2.8x faster than cosine in one, 1.6x slower in 1.9.1)
-        "machine": machine_info(packages=("numpy", "faiss", *(() if "sklearn_brute" not in timings else ("sklearn",)))),
+        "machine": machine_info(packages=("numpy", "faiss", "sklearn") if "sklearn_brute" in timings
+                                else ("numpy", "faiss")),
     }
 
 

@@ -300,11 +300,10 @@ def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str]) 
     """How every number was measured: k-NN settings, shots × seeds, image size and pooling per backbone."""
     knn = entries[0]["knn"] if entries else {"k": HEADLINE_K, "temperature": None}
     shots = sorted({r["shots"] for e in entries for r in e["fewshot"]})
-    leave_one_out = knn.get("protocol") == "leave_one_out"
+    knn_protocol = knn.get("protocol", "heldout")
     bank = ("leave-one-out: every labeled image (train and test) is a query, the other "
-            f"{knn.get('n_train')} are its bank" if leave_one_out else "every training image")
-    return {"knn": {"k": knn["k"], "temperature": knn["temperature"], "bank": bank,
-                    "protocol": "leave_one_out" if leave_one_out else "heldout"},
+            f"{knn.get('n_train')} are its bank" if knn_protocol == "leave_one_out" else "every training image")
+    return {"knn": {"k": knn["k"], "temperature": knn["temperature"], "bank": bank, "protocol": knn_protocol},
             "fewshot": {"methods": list(methods), "shots": shots, "seeds": seeds,
                         "skipped_shots": sorted({k for e in entries for k in e.get("shots_skipped", [])})},
             "image_size": sorted({e["backbone"]["image_size"] for e in entries}),
