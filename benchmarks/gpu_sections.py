@@ -162,7 +162,8 @@ def recipe_config(plan, name: str, *, image_size: int, batch_size: int, steps: i
     from ssl_hybrid.quickstart import QUICKSTART_RECIPE
 
     overrides = [f"name={name}", f"train.output_dir={plan.work_dir / 'runs'}", "data.val=",
-                 f"data.image_size={image_size}", f"data.num_workers={plan.workers}",
+                 f"data.image_size={image_size}", f"data.local_image_size={image_size // 2}",
+                 f"data.num_workers={plan.workers}",
                  f"train.batch_size={batch_size}", f"train.steps={steps}", f"train.max_seconds={max_seconds}",
                  "train.knn_every=0", "train.checkpoint_every=0", f"train.log_every={log_every}"]
     # "no" is the default; as an override it would parse as YAML's boolean false and be refused.

@@ -55,13 +55,16 @@ class DataConfig:
     num_workers: int = option(2, "2 workers keep decoding + augmentation off the training process on a small machine; "
                                  "raise on GPUs.")
     image_size: int = option(224, "224 px is the size every reference number (DINO, MAE, timm) is quoted at.")
-    local_image_size: int = option(96, "Local crops for multi-crop DINO; 96 px is DINO's default.")
-    num_local_views: int = option(0, "DINO uses 2 global + several local crops; 0 local crops halves the step cost on "
-                                     "small machines.")
+    local_image_size: int = option(96, "Local crops for multi-crop DINO and SimCLR; 96 px is DINO's default (a "
+                                       "third to a half of image_size).")
+    num_local_views: int = option(0, "Multi-crop (DINO, SimCLR): local crops next to the 2 global ones; 0 halves a DINO "
+                                     "step's cost on small machines.")
     views: str = option("dino", "Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one "
                                 "light crop).")
     simclr_min_scale: float = option(0.08, "SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small "
                                            "images and corpora want more context per view).")
+    simclr_local_min_scale: float = option(0.05, "SimCLR local crops (data.num_local_views > 0): smallest crop "
+                                                 "share; they span this .. simclr_min_scale (SwAV's 0.05 .. 0.14).")
     simclr_blur: float = option(0.5, "SimCLR views: Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns "
                                      "blur off).")
     simclr_color_jitter: float = option(1.0, "SimCLR views: colour-jitter strength (lightly's 1.0; lower keeps colour, a "
@@ -353,6 +356,9 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(config.data.local_image_size > 0, "data.local_image_size", "must be > 0")
     need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
     need(0.0 < config.data.simclr_min_scale <= 1.0, "data.simclr_min_scale", "must be in (0, 1]")
+    if config.data.views == "simclr" and config.data.num_local_views > 0:
+        need(0.0 < config.data.simclr_local_min_scale < config.data.simclr_min_scale, "data.simclr_local_min_scale",
+             "must be in (0, data.simclr_min_scale): local crops are the smaller ones")
     need(0.0 <= config.data.simclr_blur <= 1.0, "data.simclr_blur", "must be in [0, 1]")
     need(0.0 <= config.data.simclr_color_jitter <= 1.0, "data.simclr_color_jitter", "must be in [0, 1]")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")

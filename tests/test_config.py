@@ -89,6 +89,15 @@ def test_bad_overrides_name_key(override, key):
     assert key in str(err.value) and "\n" not in str(err.value)
 
 
+def test_simclr_local_crops_must_be_smaller_than_the_global_ones():
+    multicrop = ["data.views=simclr", "data.num_local_views=4", "data.simclr_min_scale=0.25"]
+    with pytest.raises(ConfigError, match="data.simclr_local_min_scale"):
+        cfg.load_config(None, [*multicrop, "data.simclr_local_min_scale=0.3"])
+    assert cfg.load_config(None, [*multicrop, "data.simclr_local_min_scale=0.05"]).data.num_local_views == 4
+    # without local crops the local scale is unused and not judged
+    assert cfg.load_config(None, ["data.views=simclr", "data.simclr_min_scale=0.04"]).data.simclr_min_scale == 0.04
+
+
 @pytest.mark.parametrize("override, suggestion", [
     ("train.stpes=5", "train.steps"),             # a typo in the key
     ("trian.steps=5", "train"),                   # a typo in the group

@@ -5,7 +5,9 @@
 
 - ``dino``: lightly ``DINOTransform`` -- 2 global crops of ``data.image_size`` + ``data.num_local_views``
   local crops of ``data.local_image_size`` (multi-crop);
-- ``simclr``: lightly ``SimCLRTransform`` -- 2 global views;
+- ``simclr``: lightly ``SimCLRTransform`` -- 2 global views; with ``data.num_local_views`` > 0, lightly
+  ``SwaVTransform`` with the same augmentations makes the 2 global crops (``data.simclr_min_scale`` .. 1) and the
+  local crops of ``data.local_image_size`` (``data.simclr_local_min_scale`` .. ``data.simclr_min_scale``);
 - ``mae``: lightly ``MAETransform`` -- 1 light crop (MIM needs no second view).
 
 Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly's colour jitter and the
@@ -22,11 +24,18 @@ VIEW_KINDS = ("dino", "simclr", "mae")
 
 
 def _lightly_transform(data_cfg):
-    from lightly.transforms import DINOTransform, MAETransform, SimCLRTransform
+    from lightly.transforms import DINOTransform, MAETransform, SimCLRTransform, SwaVTransform
 
     if data_cfg.views == "dino":
         transform = DINOTransform(global_crop_size=data_cfg.image_size, local_crop_size=data_cfg.local_image_size,
                                   n_local_views=data_cfg.num_local_views)
+        return transform, 2
+    if data_cfg.views == "simclr" and data_cfg.num_local_views > 0:
+        transform = SwaVTransform(
+            crop_sizes=(data_cfg.image_size, data_cfg.local_image_size), crop_counts=(2, data_cfg.num_local_views),
+            crop_min_scales=(data_cfg.simclr_min_scale, data_cfg.simclr_local_min_scale),
+            crop_max_scales=(1.0, data_cfg.simclr_min_scale),
+            gaussian_blur=data_cfg.simclr_blur, cj_strength=data_cfg.simclr_color_jitter)
         return transform, 2
     if data_cfg.views == "simclr":
         return SimCLRTransform(input_size=data_cfg.image_size, min_scale=data_cfg.simclr_min_scale,

@@ -92,12 +92,16 @@ class PretrainModel(nn.Module):
     def uses_masks(self) -> bool:
         return self.mim is not None
 
+    def view_embedding(self, view: Tensor) -> Tensor:
+        """The student's unmasked embedding of one view [B, C] (objective.embedding picks the pooling)."""
+        if self.settings.embedding == "multiscale":  # every conv stage feeds the objective directly
+            return multiscale_embed(self.backbone, view)
+        return embed(self.backbone, self.backbone.forward_features(view))
+
     def student_views(self, global_views: list[Tensor], masks: Optional[list[Tensor]]):
         """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
         if not self.uses_masks:
-            if self.settings.embedding == "multiscale":  # every conv stage feeds the objective directly
-                return [multiscale_embed(self.backbone, v) for v in global_views], []
-            return [embed(self.backbone, self.backbone.forward_features(v)) for v in global_views], []
+            return [self.view_embedding(v) for v in global_views], []
         if masks is None or len(masks) != len(global_views):
             raise ValueError("MIM needs one mask per global view")
         outs = [self.backbone.forward_masked(v, m) for v, m in zip(global_views, masks)]
@@ -117,13 +121,14 @@ class PretrainModel(nn.Module):
             terms = [self.mim(o, v)["mim"] for o, v in zip(masked_outs, global_views)]
             losses["mim"] = torch.stack(terms).mean()
         stats = {"embedding_std": embedding_spread(embeddings[0])}
+        # local crops (multi-crop) are embedded like the global views, once for every objective that uses them
+        local = [self.view_embedding(v) for v in local_views] if self.dino is not None or self.simclr is not None else []
         if self.dino is not None:
-            local = [embed(self.backbone, self.backbone.forward_features(v)) for v in local_views]
             teacher_logits = self.teacher(global_views)
             losses.update(self.dino(embeddings + local, teacher_logits, teacher_temp))
             stats["teacher_std"] = embedding_spread(teacher_logits[0])
         if self.simclr is not None:
-            losses.update(self.simclr(embeddings[:2]))
+            losses.update(self.simclr(embeddings[:2], local))
         losses["loss"] = sum(self.weights[name] * value.float() for name, value in losses.items())
         return losses, stats
 

@@ -44,9 +44,10 @@ def bench_config(args: argparse.Namespace, workdir: Path, **objective: float) ->
                  f"train.batch_size={args.batch_size}", f"train.steps={args.warmup + args.steps}",
                  f"train.output_dir={workdir}", "train.log_every=1", "train.checkpoint_every=0",
                  "train.knn_every=0", "data.val=''", "optim.warmup_fraction=0.0",
-                 # the timed objectives are MIM/DINO: their views, and the default embedding (a recipe's
-                 # SimCLR-only multiscale embedding would not load; SimCLR views would time the wrong augmentations)
-                 "data.views=dino", "objective.embedding=default"]
+                 # the timed objectives are MIM/DINO: their two global views (a recipe's multi-crop would time
+                 # local crops too), and the default embedding (a recipe's SimCLR-only multiscale embedding would
+                 # not load; SimCLR views would time the wrong augmentations)
+                 "data.views=dino", "data.num_local_views=0", "objective.embedding=default"]
     overrides += [f"objective.{k}={v}" for k, v in objective.items()]
     return load_config(args.config if Path(args.config).exists() else None, overrides)
 

@@ -19,9 +19,10 @@ def small_cfg(**overrides) -> DataConfig:
     return DataConfig(**values)
 
 
-@pytest.mark.parametrize("kind,globals_,locals_", [("dino", 2, 3), ("simclr", 2, 0), ("mae", 1, 0)])
-def test_view_counts_and_shapes(kind: str, globals_: int, locals_: int):
-    transform = build_transform(small_cfg(views=kind))
+@pytest.mark.parametrize("kind,num_local,globals_,locals_", [("dino", 3, 2, 3), ("simclr", 0, 2, 0), ("simclr", 3, 2, 3),
+                                                            ("mae", 0, 1, 0)])
+def test_view_counts_and_shapes(kind: str, num_local: int, globals_: int, locals_: int):
+    transform = build_transform(small_cfg(views=kind, num_local_views=num_local))
     views = transform(Image.new("RGB", (50, 40), (200, 30, 30)))
     assert len(views["global_views"]) == globals_ and len(views["local_views"]) == locals_
     assert all(tuple(v.shape) == (3, 32, 32) for v in views["global_views"])
@@ -53,19 +54,34 @@ def test_simclr_views_take_the_crop_scale_blur_and_colour_settings():
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     expected = reference(image)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
-    ours = build_transform(small_cfg(views="simclr", simclr_min_scale=0.5, simclr_blur=0.0,
+    ours = build_transform(small_cfg(views="simclr", num_local_views=0, simclr_min_scale=0.5, simclr_blur=0.0,
                                      simclr_color_jitter=0.3))(image)
     assert all(torch.equal(a, b) for a, b in zip(expected, ours["global_views"]))
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
-    default = build_transform(small_cfg(views="simclr"))(image)
+    default = build_transform(small_cfg(views="simclr", num_local_views=0))(image)
     assert not all(torch.equal(a, b) for a, b in zip(expected, default["global_views"]))  # the settings matter
+
+
+def test_simclr_multicrop_views_are_lightly_swav_crops_with_the_simclr_settings():
+    from lightly.transforms import SwaVTransform
+
+    image = Image.effect_noise((48, 40), 60).convert("RGB")
+    reference = SwaVTransform(crop_sizes=(32, 16), crop_counts=(2, 3), crop_min_scales=(0.5, 0.1),
+                              crop_max_scales=(1.0, 0.5), gaussian_blur=0.0, cj_strength=0.3)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = reference(image)
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    ours = build_transform(small_cfg(views="simclr", num_local_views=3, simclr_min_scale=0.5,
+                                     simclr_local_min_scale=0.1, simclr_blur=0.0, simclr_color_jitter=0.3))(image)
+    assert len(expected) == 5
+    assert all(torch.equal(a, b) for a, b in zip(expected, ours["global_views"] + ours["local_views"]))
 
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "CMYK"])
 def test_non_rgb_inputs_become_three_channels(mode: str):
     image = Image.new(mode, (40, 40))
     views = build_transform(small_cfg(views="simclr"))(image)
-    assert all(v.shape[0] == 3 for v in views["global_views"])
+    assert all(v.shape[0] == 3 for v in views["global_views"] + views["local_views"])
 
 
 def test_collate_names_the_views():

@@ -84,6 +84,20 @@ def test_ntxent_matches_reference():
     assert set(out) == {"simclr"} and out["simclr"].dtype == torch.float32
 
 
+def test_multicrop_ntxent_is_the_mean_over_the_global_pair_and_every_global_local_pair():
+    objective = ContrastiveObjective(embed_dim=8, out_dim=4, temperature=0.2, hidden_dim=16)
+    gen = torch.Generator().manual_seed(3)
+    g0, g1, l0, l1 = (torch.randn(6, 8, generator=gen) for _ in range(4))
+    z = {name: objective.project(e) for name, e in (("g0", g0), ("g1", g1), ("l0", l0), ("l1", l1))}
+    pairs = [("g0", "g1"), ("g0", "l0"), ("g1", "l0"), ("g0", "l1"), ("g1", "l1")]
+    expected = sum(reference_ntxent(z[a], z[b], 0.2) for a, b in pairs) / len(pairs)
+    assert objective([g0, g1], [l0, l1])["simclr"].item() == pytest.approx(expected, rel=1e-5)
+    assert objective([g0, g1], [])["simclr"].item() == pytest.approx(reference_ntxent(z["g0"], z["g1"], 0.2),
+                                                                       rel=1e-5)
+    with pytest.raises(ValueError, match="exactly 2 global views"):
+        objective([g0, g1, l0])
+
+
 # ------------------------------------------------------------------------------------- DINO
 
 def reference_dino(teacher, student, center, teacher_temp, student_temp):
