@@ -21,6 +21,7 @@ ROWS = {
     "hybrid_tiny_simclr": ("architecture", "hybrid_tiny (light conv stem, 12 ViT blocks) instead of resvit_tiny"),
     "resvit_cj05": ("(lever on) colour jitter 0.5", "lightly's colour jitter at half strength"),
     "resvit_dino": ("objective", "DINO (fast teacher, 256 prototypes) instead of SimCLR"),
+    "resvit_multicrop": ("(lever on) multi-crop", "+ 4 local crops of half the image size, NT-Xent to both global views"),
     "resnet18_ms_embed": ("architecture, same embedding", "ResNet-18 SimCLR on its multi-scale embedding"),
     "simclr_resnet18": ("baseline", "ResNet-18 SimCLR (lightly recipe), same lr and pooling treatment"),
 }

@@ -65,6 +65,9 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "resvit_one_lr": ("resvit_tiny SimCLR, multi-scale embedding, one lr", without(OURS, "optim.transformer_lr_scale")),
     "hybrid_tiny_simclr": ("hybrid_tiny SimCLR, multi-scale embedding", [*without(OURS, "model.name"), "model.name=hybrid_tiny"]),
     "resvit_cj05": ("resvit_tiny SimCLR, multi-scale embedding, colour jitter 0.5", [*OURS, "data.simclr_color_jitter=0.5"]),
+    # multi-crop: + 4 local crops of half the image size (method_config sets data.local_image_size)
+    "resvit_multicrop": ("resvit_tiny multi-crop SimCLR (2 global + 4 local crops), multi-scale embedding",
+                         [*OURS, "data.num_local_views=4"]),
     "resvit_dino": ("resvit_tiny DINO (fast teacher)", ["model.name=resvit_tiny", *DINO_FAST,
                     "objective.mim_weight=0.0", "objective.dino_weight=1.0", "optim.transformer_lr_scale=0.3"]),
     # the baseline given our training embedding: separates the embedding's effect from the architecture's
@@ -96,7 +99,8 @@ def run_name(method: str, lr: float) -> str:
 
 def method_config(method: str, args: argparse.Namespace, steps: int, name: str, lr: float):
     overrides = [f"name={name}", f"train.output_dir={args.work_dir}", f"data.train={args.train_source}",
-                 f"data.image_size={args.image_size}", f"train.batch_size={args.batch_size}",
+                 f"data.image_size={args.image_size}", f"data.local_image_size={args.image_size // 2}",
+                 f"train.batch_size={args.batch_size}",
                  f"train.seed={args.seed}", f"train.steps={steps}", *COMMON, *METHODS[method][1], f"optim.lr={lr}"]
     return load_config(None, overrides)
 
