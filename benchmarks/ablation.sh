@@ -15,6 +15,7 @@ LR="${LR:-3e-3}"
 METHODS="${METHODS:-ours,resvit_pooled_embed,resvit_one_lr,hybrid_tiny_simclr,resvit_cj05,resvit_multicrop,resvit_dino,resnet18_ms_embed,simclr_resnet18}"
 FLOWERS="${FLOWERS:-../shared/datasets/flowers12}"
 ONLY="${ONLY:-}"
+case "$ONLY" in ""|flowers12|pets37) ;; *) echo "ablation: ONLY must be flowers12 or pets37, got '$ONLY'" >&2; exit 2 ;; esac
 if [ "$ONLY" = pets37 ]; then
   echo "ablation: ONLY=pets37, skipping flowers12" >&2
 elif [ -d "$FLOWERS/train" ]; then

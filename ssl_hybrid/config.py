@@ -57,12 +57,14 @@ class DataConfig:
     image_size: int = option(224, "224 px is the size every reference number (DINO, MAE, timm) is quoted at.")
     local_image_size: int = option(96, "Local crops for multi-crop DINO and SimCLR; 96 px is DINO's default (a "
                                        "third to a half of image_size).")
-    num_local_views: int = option(0, "Multi-crop (DINO, SimCLR): local crops next to the 2 global ones; 0 halves a DINO "
-                                     "step's cost on small machines.")
-    views: str = option("dino", "Which lightly transform makes the views: dino (multi-crop), simclr, or mae (one "
-                                "light crop).")
-    simclr_min_scale: float = option(0.08, "SimCLR views: smallest crop share (SimCLR's 0.08 at ImageNet scale; small "
-                                           "images and corpora want more context per view).")
+    num_local_views: int = option(0, "Multi-crop (DINO, SimCLR): local crops next to the 2 global ones, used by every "
+                                     "objective with views (DINO, SimCLR); 0 halves a DINO step's cost on small "
+                                     "machines.")
+    views: str = option("dino", "Which lightly transform makes the views: dino, simclr (both multi-crop with "
+                                "data.num_local_views > 0), or mae (one light crop).")
+    simclr_min_scale: float = option(0.08, "SimCLR views: smallest crop share of the global views, and the largest of "
+                                           "the local crops (SimCLR's 0.08 at ImageNet scale; small images and corpora "
+                                           "want more context per view).")
     simclr_local_min_scale: float = option(0.05, "SimCLR local crops (data.num_local_views > 0): smallest crop "
                                                  "share; they span this .. simclr_min_scale (SwAV's 0.05 .. 0.14).")
     simclr_blur: float = option(0.5, "SimCLR views: Gaussian blur probability (lightly's 0.5; its CIFAR recipe turns "
@@ -354,6 +356,10 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(config.data.image_size > 0 and config.data.image_size % 16 == 0, "data.image_size",
          "must be a positive multiple of 16 (the patch grid stride)")
     need(config.data.local_image_size > 0, "data.local_image_size", "must be > 0")
+    if config.data.num_local_views > 0:
+        need(config.data.local_image_size % 16 == 0 and config.data.local_image_size <= config.data.image_size,
+             "data.local_image_size", f"must be a multiple of 16 (the patch grid stride) and at most data.image_size "
+             f"({config.data.image_size}) when data.num_local_views > 0")
     need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
     need(0.0 < config.data.simclr_min_scale <= 1.0, "data.simclr_min_scale", "must be in (0, 1]")
     if config.data.views == "simclr" and config.data.num_local_views > 0:

@@ -30,3 +30,23 @@ def test_objective_probe_trains_for_its_budget_and_reports(image_folder: Path, t
     assert "10shot" not in result  # 6 images per class cannot make a 10-shot split
     assert set(result["last_losses"]) >= {"mim", "dino"}
     assert not (tmp_path / "work" / "probe").exists()  # the run is removed after evaluation
+
+
+@pytest.mark.parametrize("image_size", [64, 96])
+def test_every_label_efficiency_method_config_loads(tmp_path: Path, image_size: int):
+    """Each method's overrides are a valid config at the sizes the benchmark runs (the multi-crop method's local
+    crops are half the image size, which must stay a multiple of 16)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_efficiency", REPO_ROOT / "benchmarks" / "label_efficiency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(work_dir=tmp_path, train_source="data/pets37", image_size=image_size, batch_size=64,
+                              seed=0)
+    for method in bench.METHODS:
+        config = bench.method_config(method, args, steps=10, name=method, lr=3e-3)
+        assert config.model.name == bench.model_of(method) and config.data.image_size == image_size
+    multicrop = bench.method_config("resvit_multicrop", args, steps=10, name="m", lr=3e-3)
+    assert (multicrop.data.num_local_views, multicrop.data.local_image_size) == (4, image_size // 2)
+    assert bench.method_config("ours", args, steps=10, name="o", lr=3e-3).data.num_local_views == 0

@@ -94,7 +94,11 @@ def test_simclr_local_crops_must_be_smaller_than_the_global_ones():
     with pytest.raises(ConfigError, match="data.simclr_local_min_scale"):
         cfg.load_config(None, [*multicrop, "data.simclr_local_min_scale=0.3"])
     assert cfg.load_config(None, [*multicrop, "data.simclr_local_min_scale=0.05"]).data.num_local_views == 4
-    # without local crops the local scale is unused and not judged
+    for size in (40, 96):  # not a multiple of 16; larger than the global views
+        with pytest.raises(ConfigError, match="data.local_image_size"):
+            cfg.load_config(None, [*multicrop, "data.image_size=64", f"data.local_image_size={size}"])
+    # without local crops the local scale and size are unused and not judged
+    assert cfg.load_config(None, ["data.local_image_size=40"]).data.local_image_size == 40
     assert cfg.load_config(None, ["data.views=simclr", "data.simclr_min_scale=0.04"]).data.simclr_min_scale == 0.04
 
 

@@ -77,10 +77,11 @@ def test_simclr_multicrop_views_are_lightly_swav_crops_with_the_simclr_settings(
     assert all(torch.equal(a, b) for a, b in zip(expected, ours["global_views"] + ours["local_views"]))
 
 
+@pytest.mark.parametrize("num_local", [0, 3])  # SimCLRTransform, SwaVTransform
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "CMYK"])
-def test_non_rgb_inputs_become_three_channels(mode: str):
+def test_non_rgb_inputs_become_three_channels(mode: str, num_local: int):
     image = Image.new(mode, (40, 40))
-    views = build_transform(small_cfg(views="simclr"))(image)
+    views = build_transform(small_cfg(views="simclr", num_local_views=num_local))(image)
     assert all(v.shape[0] == 3 for v in views["global_views"] + views["local_views"])
 
 

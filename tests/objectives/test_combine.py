@@ -74,3 +74,26 @@ def test_joint_student_sees_only_visible_tokens_and_teacher_full_views():
     model(views, [], masks, 0.04)
     assert seen["student"]["fused"].shape[1] == 1 + 4  # class token + the 25% visible of 16 patches
     assert seen["teacher"].shape[1] == 1 + 16
+
+
+@pytest.mark.parametrize("embedding", ["default", "multiscale"])
+def test_simclr_pairs_the_local_crops_with_both_global_views(embedding):
+    """Multi-crop SimCLR: the model's loss is the contrastive objective on the global and the local embeddings
+    (made by the training embedding), not on the global pair alone."""
+    config = load_config(None, ["objective.mim_weight=0", "objective.dino_weight=0", "objective.simclr_weight=1",
+                                "data.image_size=32", f"objective.embedding={embedding}"])
+    torch.manual_seed(0)
+    model = PretrainModel(timm.create_model("resvit_nano", num_classes=0, img_size=32),
+                          ObjectiveSettings.from_config(config))
+    model.eval()  # batch norm from running statistics: the same embedding on every call
+    global_views = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    local_views = [torch.randn(4, 3, 16, 16) for _ in range(2)]
+    with torch.no_grad():
+        losses, _ = model(global_views, local_views)
+        embed = model.view_embedding
+        expected = model.simclr([embed(v) for v in global_views], [embed(v) for v in local_views])["simclr"]
+        two_view = model.simclr([embed(v) for v in global_views])["simclr"]
+    width = model.backbone.num_multiscale_features if embedding == "multiscale" else model.backbone.num_features
+    assert embed(local_views[0]).shape == (4, width)
+    torch.testing.assert_close(losses["simclr"], expected)
+    assert not torch.allclose(losses["simclr"], two_view)

@@ -35,4 +35,5 @@ def test_bench_configs_load_on_the_default_recipe(tmp_path):
     dino = bench.bench_config(args, tmp_path, mim_weight=0.0, dino_weight=1.0, simclr_weight=0.0)
     assert joint.objective.embedding == dino.objective.embedding == "default"
     assert joint.data.views == dino.data.views == "dino"
+    assert joint.data.num_local_views == dino.data.num_local_views == 0  # the recipe's multi-crop is not timed
     assert (joint.objective.mim_weight, dino.objective.mim_weight) == (1.0, 0.0) and joint.model.name == "hybrid_tiny"
