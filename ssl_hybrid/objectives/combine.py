@@ -98,6 +98,15 @@ class PretrainModel(nn.Module):
             return multiscale_embed(self.backbone, view)
         return embed(self.backbone, self.backbone.forward_features(view))
 
+    def local_embeddings(self, local_views: list[Tensor]) -> list[Tensor]:
+        """The local crops (multi-crop; all of one size) embedded in one forward, as DINO's MultiCropWrapper does:
+        batch norm normalizes them as one batch and updates its running statistics once per step for them, not
+        once per crop (4 small-crop updates against 2 global ones would skew the statistics evaluation uses).
+        Computed once for every objective that uses them."""
+        if not local_views:
+            return []
+        return list(self.view_embedding(torch.cat(local_views)).chunk(len(local_views)))
+
     def student_views(self, global_views: list[Tensor], masks: Optional[list[Tensor]]):
         """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
         if not self.uses_masks:
@@ -121,8 +130,7 @@ class PretrainModel(nn.Module):
             terms = [self.mim(o, v)["mim"] for o, v in zip(masked_outs, global_views)]
             losses["mim"] = torch.stack(terms).mean()
         stats = {"embedding_std": embedding_spread(embeddings[0])}
-        # local crops (multi-crop) are embedded like the global views, once for every objective that uses them
-        local = [self.view_embedding(v) for v in local_views] if self.dino is not None or self.simclr is not None else []
+        local = self.local_embeddings(local_views) if self.dino is not None or self.simclr is not None else []
         if self.dino is not None:
             teacher_logits = self.teacher(global_views)
             losses.update(self.dino(embeddings + local, teacher_logits, teacher_temp))
