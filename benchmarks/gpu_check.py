@@ -15,8 +15,9 @@ section; a section that fails or hits its cap records its error string and keeps
                   and training continue
   features        extract_features images/s under CUDA autocast vs a bare forward (and their agreement)
   pretrain        the default recipe (recipes/quickstart.yaml: resvit_tiny + multi-crop SimCLR, local crops at
-                  half the size) for 4 minutes of GPU training at 224 px, batch 256, bf16 on flowers12/train (the embedded corpus when flowers12
-                  is absent); then k-NN and 1/5-shot linear probes vs the same model at random init
+                  half the size) for 4 minutes of GPU training at 224 px, batch 256, bf16 on flowers12/train
+                  (the embedded corpus when flowers12 is absent); then k-NN and 1/5-shot linear probes vs the
+                  same model at random init
   layout_compile  resvit_small train step NCHW vs channels_last, then torch.compile on/off at the faster
                   layout (last: compiling takes what time is left of the budget)
 

@@ -356,11 +356,11 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(config.data.image_size > 0 and config.data.image_size % 16 == 0, "data.image_size",
          "must be a positive multiple of 16 (the patch grid stride)")
     need(config.data.local_image_size > 0, "data.local_image_size", "must be > 0")
+    need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
     if config.data.num_local_views > 0:
         need(config.data.local_image_size % 16 == 0 and config.data.local_image_size <= config.data.image_size,
              "data.local_image_size", f"must be a multiple of 16 (the patch grid stride) and at most data.image_size "
              f"({config.data.image_size}) when data.num_local_views > 0")
-    need(config.data.num_local_views >= 0, "data.num_local_views", "must be >= 0")
     need(0.0 < config.data.simclr_min_scale <= 1.0, "data.simclr_min_scale", "must be in (0, 1]")
     if config.data.views == "simclr" and config.data.num_local_views > 0:
         need(0.0 < config.data.simclr_local_min_scale < config.data.simclr_min_scale, "data.simclr_local_min_scale",
