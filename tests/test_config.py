@@ -82,6 +82,8 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("data.simclr_color_jitter=-0.1", "data.simclr_color_jitter"),
     ("optim.transformer_lr_scale=0", "optim.transformer_lr_scale"),
     ("eval.pooling=max", "eval.pooling"),
+    ("data.worker_nice=20", "data.worker_nice"),
+    ("data.worker_nice=-2", "data.worker_nice"),
 ])
 def test_bad_overrides_name_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -33,6 +33,15 @@ class TinyViews:
         return {"global_views": [view + torch.rand(1)], "local_views": []}
 
 
+class NicenessViews:
+    """Reports the niceness of the process that made the view (the view is one number: ``os.nice(0)``)."""
+
+    def __call__(self, image) -> dict:
+        import os
+
+        return {"global_views": [torch.full((1,), float(os.nice(0)))], "local_views": []}
+
+
 def write_tar(path: Path, samples: list[dict]) -> Path:
     import webdataset as wds
 

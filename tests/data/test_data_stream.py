@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import jpeg_bytes, write_manifest, write_tar
+from data_helpers import NicenessViews, jpeg_bytes, write_manifest, write_tar
 
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.data.stream import (DataQualityError, build_train_stream, decode_image, decode_image_or_reason,
@@ -203,6 +203,31 @@ def test_main_process_rng_is_left_alone(good_shards: Path, tiny_cfg, tiny_views)
     torch.manual_seed(123)
     take(build_train_stream(tiny_cfg(good_shards), 2, 0, 0, 1, tiny_views), 3)
     assert torch.equal(torch.rand(3), expected)
+
+
+def view_niceness(stream) -> set[float]:
+    return {float(value) for batch in take(stream, 2) for value in batch["global_views"][0].flatten()}
+
+
+@pytest.mark.parametrize("setting, cuda, expected_raise", [(-1, False, 19), (-1, True, 0), (7, False, 7), (0, False, 0)])
+def test_workers_run_at_the_configured_priority(good_shards: Path, tiny_cfg, monkeypatch, setting: int, cuda: bool,
+                                                expected_raise: int):
+    import os
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    trainer = os.nice(0)
+    stream = build_train_stream(tiny_cfg(good_shards, num_workers=1, worker_nice=setting), 2, 0, 0, 1, NicenessViews())
+    assert view_niceness(stream) == {float(max(trainer, expected_raise))}
+    assert os.nice(0) == trainer  # the trainer keeps its priority
+
+
+def test_no_workers_never_renices_the_trainer(good_shards: Path, tiny_cfg):
+    import os
+
+    trainer = os.nice(0)
+    stream = build_train_stream(tiny_cfg(good_shards, num_workers=0, worker_nice=19), 2, 0, 0, 1, NicenessViews())
+    assert view_niceness(stream) == {float(trainer)}
+    assert os.nice(0) == trainer
 
 
 # ---------------------------------------------------------------------------------------------
