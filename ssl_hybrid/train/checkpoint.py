@@ -40,6 +40,7 @@ STATE_FILE = "state.pt"
 RESUME_MAY_DIFFER = {
     "train.max_seconds", "train.log_every", "train.knn_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.max_nonfinite_steps", "data.val", "data.max_skip_rate",
+    "data.worker_nice",  # how the workers are scheduled, not what they compute
 }
 
 

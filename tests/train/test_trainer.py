@@ -219,6 +219,7 @@ def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpu
     assert (run_root / "same" / "config.yaml").read_text() == before
     # Observation-only keys may change: this resumes (nothing left to do) instead of refusing.
     assert loop.pretrain(tiny_config(run_root, "same", train__steps=2, train__log_every=5))["step"] == 2
+    assert loop.pretrain(tiny_config(run_root, "same", train__steps=2, data__worker_nice=5))["step"] == 2
 
 
 def inject_nan(monkeypatch, bad_calls):
