@@ -56,7 +56,7 @@ class DataConfig:
                                  "raise on GPUs.")
     worker_nice: int = option(-1, "Niceness (0..19) of the data workers; -1 = auto: 19 when training on CPU, where "
                                   "the workers share the cores with the compute threads and the step waits for any "
-                                  "thread they preempt (20-25% more steps on a 2-core VM), 0 with a GPU.")
+                                  "thread they preempt (1.09-1.24x the steps/s on a 2-core VM), 0 with a GPU.")
     image_size: int = option(224, "224 px is the size every reference number (DINO, MAE, timm) is quoted at.")
     local_image_size: int = option(96, "Local crops for multi-crop DINO and SimCLR; 96 px is DINO's default (a "
                                        "third to a half of image_size).")

@@ -64,8 +64,8 @@ samples were seen, and at every worker-epoch end) the stream stops with a :class
 Worker priority. On a CPU trainer the workers share the cores with the training step's compute threads, which
 wait for each other: a worker that preempts one of them stalls the whole step. The workers therefore run at
 niceness ``data.worker_nice`` (auto: 19 without a GPU, 0 with one) and decode in the time the step leaves; the
-trainer's own priority is never touched. On the 2-core VM this bought 20-25% more steps per minute
-(benchmarks/results/quickstart/README.md).
+trainer's own priority is never touched. On the 2-core VM the quickstart's loop ran 1.09x faster side by side
+(benchmarks/results/worker_priority.json; 1.24x in an earlier run).
 """
 
 from __future__ import annotations
