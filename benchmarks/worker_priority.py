@@ -46,12 +46,11 @@ def main(argv=None) -> dict:
                 config = loop_config(args, Path(tmp), f"{name}{repeat}", nice)
                 samples[name].append(time_full_loop(config, args.warmup))
     mean = {name: sum(r["img_per_s"] for r in runs) / len(runs) for name, runs in samples.items()}
-    config = loop_config(args, Path("."), "setup", 0)
     result = {
         "command": "python benchmarks/worker_priority.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine_info(),
-        "setup": {"recipe": os.path.relpath(args.recipe, REPO_ROOT), "model": config.model.name, "batch_size": config.train.batch_size,
-                  "image_size": config.data.image_size, "num_local_views": config.data.num_local_views,
+        "setup": {"recipe": os.path.relpath(args.recipe, REPO_ROOT), "model": config.model.name,
+                  "batch_size": config.train.batch_size, "image_size": config.data.image_size, "num_local_views": config.data.num_local_views,
                   "local_image_size": config.data.local_image_size, "num_workers": config.data.num_workers,
                   "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats},
         "img_per_s": mean,

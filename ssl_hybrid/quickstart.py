@@ -34,9 +34,9 @@ SHOTS = (1, 5)
 # test images: over 5 random inits the held-out k-NN top-1 spread 3.6-9.0%, leave-one-out 4.3-6.2%.
 KNN_PROTOCOL = "leave_one_out"
 SEEDS = 5
-# Pretraining wall-clock limit: the recipe's 400 multi-crop steps take ~23 min on the 2-core VM (3.2-3.4 s/step); the
+# Pretraining wall-clock limit: the recipe's 400 multi-crop steps take ~20 min on the 2-core VM (2.7-3.7 s/step); the
 # budget stops earlier, and evaluation adds about a minute, so the whole quickstart stays under 10 minutes
-# (measured: 8.9 min, 150 steps); faster machines get more of the 400 steps.
+# (measured: 8.9 min, 153-176 steps); faster machines get more of the 400 steps.
 DEFAULT_MINUTES = 8.0
 
 
