@@ -263,7 +263,8 @@ def _add_linear(sub: argparse._SubParsersAction) -> None:
 def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "fewshot", formatter_class=_HelpFormatter, help="k-shot accuracy over seeded k-per-class subsets",
-        description="Seeded k-per-class subsets of --train (sample ids saved), evaluated on all of --test.\n\n"
+        description="Seeded k-per-class subsets of --train (sample ids saved), evaluated on all of --test\n"
+                    "(--fewshot-protocol rest: subsets of both, each evaluated on the images it left out).\n\n"
                     "example:\n  ssl-hybrid fewshot random:hybrid_tiny --train T --test V --shots 1,2,5,10 "
                     "--seeds 5 --method knn,linear --out fewshot.json")
     _eval_data_args(parser)
@@ -271,8 +272,18 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeded subsets per shot count")
     parser.add_argument("--method", default="knn,linear", help="knn and/or linear")
     parser.add_argument("--splits-dir", default=None, help="where subset ids go; default <out>_splits/ or ./fewshot_splits")
+    _add_fewshot_protocol_arg(parser)
     _add_out_arg(parser, "the result")
     parser.set_defaults(handler=_eval_handler("run_fewshot"))
+
+
+def _add_fewshot_protocol_arg(parser: argparse.ArgumentParser) -> None:
+    from ssl_hybrid.eval.fewshot import PROTOCOLS
+
+    parser.add_argument("--fewshot-protocol", choices=PROTOCOLS, default=PROTOCOLS[0],
+                        help="heldout: shots drawn from --train, every draw scored on all of --test; rest: shots "
+                             "drawn from --train and --test together, each draw scored on every image it did not "
+                             "draw (a different test set per draw: less noise on small sets)")
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -323,6 +334,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--knn-protocol", choices=KNN_PROTOCOLS, default=KNN_PROTOCOLS[0],
                         help="heldout: --test images against the --train bank; leave_one_out: every image of both "
                              "classified by all the others (all labels become queries: less noise on small sets)")
+    _add_fewshot_protocol_arg(parser)
     _add_out_arg(parser, "the report")
     parser.set_defaults(handler=_eval_handler("run_report"))
 

@@ -74,6 +74,10 @@ class DataConfig:
                                      "blur off).")
     simclr_color_jitter: float = option(1.0, "SimCLR views: colour-jitter strength (lightly's 1.0; lower keeps colour, a "
                                              "cue for flowers, pets and birds).")
+    simclr_hue: float = option(0.2, "SimCLR views: largest hue shift before data.simclr_color_jitter scales it "
+                                    "(lightly's 0.2); 0 skips the hue step, the costliest part of the jitter.")
+    simclr_grayscale: float = option(0.2, "SimCLR views: probability of a grayscale view (lightly's 0.2); 0 keeps "
+                                          "every view in colour.")
     shuffle_buffer: int = option(1000, "Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few "
                                        "MB of memory.")
     resampled: bool = option(True, "Infinite resampled shards for training, so every rank gets the same number of "
@@ -371,6 +375,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
              "must be in (0, data.simclr_min_scale): local crops are the smaller ones")
     need(0.0 <= config.data.simclr_blur <= 1.0, "data.simclr_blur", "must be in [0, 1]")
     need(0.0 <= config.data.simclr_color_jitter <= 1.0, "data.simclr_color_jitter", "must be in [0, 1]")
+    need(0.0 <= config.data.simclr_hue <= 0.5, "data.simclr_hue", "must be in [0, 0.5] (a share of the hue circle)")
+    need(0.0 <= config.data.simclr_grayscale <= 1.0, "data.simclr_grayscale", "must be in [0, 1]")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
     need(0.0 <= config.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
     need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")

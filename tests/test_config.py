@@ -80,6 +80,8 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("data.simclr_min_scale=0", "data.simclr_min_scale"),
     ("data.simclr_blur=1.5", "data.simclr_blur"),
     ("data.simclr_color_jitter=-0.1", "data.simclr_color_jitter"),
+    ("data.simclr_hue=0.6", "data.simclr_hue"),
+    ("data.simclr_grayscale=-0.1", "data.simclr_grayscale"),
     ("optim.transformer_lr_scale=0", "optim.transformer_lr_scale"),
     ("eval.pooling=max", "eval.pooling"),
     ("data.worker_nice=20", "data.worker_nice"),

@@ -26,9 +26,10 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
         assert 0.0 <= entry["knn"]["top1"] <= 1.0
         # k-NN: all 370 images are queries (leave-one-out); the 111-image held-out result is kept beside it
         assert entry["knn"]["protocol"] == "leave_one_out" and entry["knn"]["n_test"] == 370
-        assert entry["knn"]["heldout"]["n_test"] == 111 and entry["fewshot_n_test"] == 111
-        assert sorted(r["shots"] for r in entry["fewshot"]) == [1, 5]
-        assert all(r["method"] == "linear" and len(r["runs"]) == 5 for r in entry["fewshot"])
+        assert entry["knn"]["heldout"]["n_test"] == 111
+        # k-shot: 10 draws from all 370 images, each scored on every image it did not draw
+        assert {r["shots"]: r["n_test"] for r in entry["fewshot"]} == {1: 370 - 37, 5: 370 - 185}
+        assert all(r["method"] == "linear" and len(r["runs"]) == 10 for r in entry["fewshot"])
     assert "| hybrid_nano pretrained (3 steps) |" in printed and "report.md" in printed
     for name in ("report.md", "report.json", "label_efficiency.png", "backbone.safetensors", "config.yaml",
                  "metrics.jsonl", "quickstart_split.json"):
@@ -42,7 +43,8 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
     context = report["context"]
     assert context["chance"]["top1"] == pytest.approx(1 / 37) and context["test_images_in_train"] == 0
     assert "disjoint parts of" in context["split"] and "held out at random (seed 0" in context["split"]
-    assert context["protocol"]["fewshot"]["shots"] == [1, 5] and context["protocol"]["fewshot"]["seeds"] == 5
+    assert context["protocol"]["fewshot"]["shots"] == [1, 5] and context["protocol"]["fewshot"]["seeds"] == 10
+    assert context["protocol"]["fewshot"]["protocol"] == "rest"
     assert context["protocol"]["knn"]["protocol"] == "leave_one_out"
     assert "every labeled image (train and test) is a query, the other 369" in (run / "report.md").read_text()
     assert report["entries"][0]["budget"].startswith("3 of 3 steps in ")

@@ -158,7 +158,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
     result = fewshot_evaluate(train_f, train_y, test_f, test_y, shots=shots, seeds=args.seeds, methods=methods,
                               train_set=train, split_dir=_split_dir(args) if is_main_process() else None,
-                              num_classes=len(train.classes))
+                              num_classes=len(train.classes), protocol=args.fewshot_protocol, test_set=test)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), splits_dir=str(_split_dir(args)))
     emit(args, result)
     return 0
@@ -209,7 +209,8 @@ def run_report(args: argparse.Namespace) -> int:
     report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
                           methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
                           num_workers=args.workers, cache_dir=cache_dir(args), pooling=args.pooling,
-                          baseline=args.baseline, knn_protocol=args.knn_protocol)
+                          baseline=args.baseline, knn_protocol=args.knn_protocol,
+                          fewshot_protocol=args.fewshot_protocol)
     from ssl_hybrid.runs import write_json_atomic
 
     if not report["entries"]:  # not the main process

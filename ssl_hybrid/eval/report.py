@@ -19,7 +19,7 @@ import numpy as np
 
 from ssl_hybrid.config import KNN_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet
-from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, fewshot_evaluate
+from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, PROTOCOLS as FEWSHOT_PROTOCOLS, fewshot_evaluate
 from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, leave_one_out_knn, search
 from ssl_hybrid.eval.verdict import budget_text, data_context, verdict
 
@@ -52,12 +52,15 @@ def evaluate_knn(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, n
 
 def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                       shots: Sequence[int], seeds: int, methods: Sequence[str], train_set: LabeledSet,
-                      split_dir: Optional[Path], num_classes: int, knn_protocol: str = "heldout") -> dict[str, Any]:
+                      split_dir: Optional[Path], num_classes: int, knn_protocol: str = "heldout",
+                      fewshot_protocol: str = "heldout", test_set: Optional[LabeledSet] = None) -> dict[str, Any]:
     knn = evaluate_knn(train, test, num_classes, knn_protocol)
-    fewest = int(np.bincount(train[1]).min())
+    pool = train[1] if fewshot_protocol == "heldout" else np.concatenate([train[1], test[1]])
+    fewest = int(np.bincount(pool).min())
     kept = [k for k in shots if k <= fewest]
     fewshot = fewshot_evaluate(*train, *test, shots=kept, seeds=seeds, methods=methods, train_set=train_set,
-                               split_dir=split_dir, num_classes=num_classes)
+                               split_dir=split_dir, num_classes=num_classes, protocol=fewshot_protocol,
+                               test_set=test_set)
     dropped = [k for k in shots if k > fewest]
     if dropped:
         log.warning("%s: %s-shot skipped: the smallest training class has %d images", name,
@@ -256,12 +259,16 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
                  batch_size: int = EvalConfig.batch_size,
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
                  pooling: str = EvalConfig.pooling, split_note: Optional[str] = None,
-                 baseline: Optional[str] = None, knn_protocol: str = "heldout") -> dict[str, Any]:
+                 baseline: Optional[str] = None, knn_protocol: str = "heldout",
+                 fewshot_protocol: str = "heldout") -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
     ``pooling`` (config.POOLINGS) applies to every backbone alike; what each one got is in its entry.
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
-    ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured."""
+    ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured, ``fewshot_protocol``
+    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on."""
+    if fewshot_protocol not in FEWSHOT_PROTOCOLS:
+        raise ValueError(f"unknown few-shot protocol '{fewshot_protocol}' (one of {', '.join(FEWSHOT_PROTOCOLS)})")
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
@@ -274,7 +281,8 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
         if not is_main_process():  # other ranks only helped extract (a collective step)
             continue
         entry = evaluate_backbone(name, meta, train, test, shots, seeds, methods, train_set,
-                                  out_dir / "splits", len(train_set.classes), knn_protocol)
+                                  out_dir / "splits", len(train_set.classes), knn_protocol, fewshot_protocol,
+                                  test_set)
         entry["budget"] = budget_text(entry["backbone"])
         entry["retrieval_grid"] = retrieval_grid(train_set, test_set, train[0], test[0],
                                                  out_dir / f"retrieval_{slug(name)}.png", queries=grid_queries,
@@ -283,7 +291,7 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     if not is_main_process():
         return {"entries": [], "table": "", "plot": None, "markdown": None, "verdict": None}
     context = data_context(train_set, test_set, split_note)
-    context["protocol"] = protocol(entries, seeds, methods)
+    context["protocol"] = protocol(entries, seeds, methods, fewshot_protocol)
     plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png", context["chance"]["top1"], seeds)
     table = markdown_table(entries, context["chance"])
     judged = verdict(entries, context["chance"]["top1"], baseline)
@@ -296,7 +304,8 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     return report
 
 
-def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str]) -> dict[str, Any]:
+def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str],
+             fewshot_protocol: str = "heldout") -> dict[str, Any]:
     """How every number was measured: k-NN settings, shots × seeds, image size and pooling per backbone."""
     knn = entries[0]["knn"] if entries else {"k": HEADLINE_K, "temperature": None}
     shots = sorted({r["shots"] for e in entries for r in e["fewshot"]})
@@ -304,7 +313,7 @@ def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str]) 
     bank = ("leave-one-out: every labeled image (train and test) is a query, the other "
             f"{knn.get('n_train')} are its bank" if knn_protocol == "leave_one_out" else "every training image")
     return {"knn": {"k": knn["k"], "temperature": knn["temperature"], "bank": bank, "protocol": knn_protocol},
-            "fewshot": {"methods": list(methods), "shots": shots, "seeds": seeds,
+            "fewshot": {"methods": list(methods), "shots": shots, "seeds": seeds, "protocol": fewshot_protocol,
                         "skipped_shots": sorted({k for e in entries for k in e.get("shots_skipped", [])})},
             "image_size": sorted({e["backbone"]["image_size"] for e in entries}),
             "pooling": sorted({str(e["backbone"].get("pooling")) for e in entries})}
@@ -324,16 +333,20 @@ def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[
     shots = ", ".join(map(str, fewshot["shots"])) or "none"
     skipped = (f" ({'/'.join(map(str, fewshot['skipped_shots']))}-shot skipped: a class has fewer training images)"
                if fewshot["skipped_shots"] else "")
+    pooled = fewshot.get("protocol") == "rest"
+    roles = ([] if leave_one_out else ["the k-NN bank"]) + ([] if pooled else ["the pool the k-shot labels are drawn from"])
+    methods = " and ".join(METHOD_NAMES.get(m, m) for m in fewshot["methods"])
+    drawn = (f"drawn from all {train['images'] + test['images']} labeled images (train and test) × {fewshot['seeds']} "
+             "seeded draws, each scored on every image it did not draw" if pooled
+             else f"× {fewshot['seeds']} seeded draws")
     rows = [("classes", f"{context['num_classes']}: chance level {100 * chance['top1']:.1f}% top-1 "
                         f"(1/{context['num_classes']} = {100 * chance['uniform_top1']:.1f}%; always naming the most "
                         f"common test class: {100 * chance['majority_top1']:.1f}%), {100 * chance['top5']:.1f}% top-5"),
-            ("train", images(train) + (": the pool the k-shot labels are drawn from" if leave_one_out
-                                       else ": the k-NN bank and the pool the k-shot labels are drawn from")),
+            ("train", images(train) + f": {' and '.join(roles) if roles else 'the bank of the retrieval grids'}"),
             ("test", images(test) + f": {context['split']}"),
             ("k-NN", f"DINO protocol: k={proto['knn']['k']}, T={proto['knn']['temperature']}, cosine similarity; "
                      + (proto["knn"]["bank"] if leave_one_out else "every training image in the bank")),
-            ("k-shot", f"{' and '.join(METHOD_NAMES.get(m, m) for m in fewshot['methods'])} on {shots} labels per class × {fewshot['seeds']} seeded "
-                       f"draws (mean ± std; the ids are in splits/){skipped}"),
+            ("k-shot", f"{methods} on {shots} labels per class {drawn} (mean ± std; the ids are in splits/){skipped}"),
             ("image size", f"{', '.join(f'{s} px' for s in proto['image_size'])} (resize + center crop); "
                            f"{', '.join(proto['pooling'])} pooling")]
     return rows + [(e["name"], e["budget"]) for e in entries]

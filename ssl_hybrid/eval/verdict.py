@@ -77,9 +77,10 @@ def metrics(entry: dict[str, Any]) -> list[dict[str, Any]]:
     knn = entry["knn"]
     rows = [{"metric": "knn_top1", "label": f"k-NN top-1 (k={knn['k']})", "method": None, "shots": None,
              "value": knn["top1"], "se": binomial_se(knn["top1"], knn["n_test"]), "n_test": knn["n_test"]}]
-    n_test = entry.get("fewshot_n_test", knn["n_test"])  # the k-NN may score more queries (leave-one-out)
+    scored = entry.get("fewshot_n_test", knn["n_test"])  # the k-NN may score more queries (leave-one-out)
     for row in sorted(entry["fewshot"], key=lambda r: (r["method"], r["shots"])):
         seeds = len(row.get("runs") or [None])
+        n_test = row.get("n_test", scored)  # protocol "rest": each shot count scores its own number of images
         rows.append({"metric": f"{row['method']}_{row['shots']}shot", "label": f"{row['method']} {row['shots']}-shot",
                      "method": row["method"], "shots": row["shots"], "value": row["mean"], "n_test": n_test,
                      "se": max(row["std"] / math.sqrt(seeds), binomial_se(row["mean"], n_test))})

@@ -146,9 +146,12 @@ def _barrier(accelerator) -> None:
 
 
 def check_compatible(saved: dict[str, Any], config: Config, where: Path) -> None:
-    """Refuse a checkpoint written under a different config (other than RESUME_MAY_DIFFER keys)."""
+    """Refuse a checkpoint written under a different config (other than RESUME_MAY_DIFFER keys).
+
+    A key the checkpoint's config lacks was added to the code after it was written; new keys default to
+    what the code did before, so the checkpoint counts as written with the default."""
     current = _flatten(to_dict(config))
-    before = _flatten(saved)
+    before = {**_flatten(to_dict(Config())), **_flatten(saved)}
     differ = sorted(k for k in set(current) | set(before)
                     if k not in RESUME_MAY_DIFFER and not k.startswith("eval.") and current.get(k) != before.get(k))
     if differ:

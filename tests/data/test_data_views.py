@@ -67,14 +67,20 @@ def test_simclr_multicrop_views_are_lightly_swav_crops_with_the_simclr_settings(
 
     image = Image.effect_noise((48, 40), 60).convert("RGB")
     reference = SwaVTransform(crop_sizes=(32, 16), crop_counts=(2, 3), crop_min_scales=(0.5, 0.1),
-                              crop_max_scales=(1.0, 0.5), gaussian_blur=0.0, cj_strength=0.3)
+                              crop_max_scales=(1.0, 0.5), gaussian_blur=0.0, cj_strength=0.3, cj_hue=0.0,
+                              random_gray_scale=0.0)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     expected = reference(image)
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     ours = build_transform(small_cfg(views="simclr", num_local_views=3, simclr_min_scale=0.5,
-                                     simclr_local_min_scale=0.1, simclr_blur=0.0, simclr_color_jitter=0.3))(image)
+                                     simclr_local_min_scale=0.1, simclr_blur=0.0, simclr_color_jitter=0.3,
+                                     simclr_hue=0.0, simclr_grayscale=0.0))(image)
     assert len(expected) == 5
     assert all(torch.equal(a, b) for a, b in zip(expected, ours["global_views"] + ours["local_views"]))
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    with_hue = build_transform(small_cfg(views="simclr", num_local_views=3, simclr_min_scale=0.5,
+                                         simclr_local_min_scale=0.1, simclr_blur=0.0, simclr_color_jitter=0.3))(image)
+    assert not all(torch.equal(a, b) for a, b in zip(expected, with_hue["global_views"] + with_hue["local_views"]))
 
 
 @pytest.mark.parametrize("num_local", [0, 3])  # SimCLRTransform, SwaVTransform

@@ -111,6 +111,11 @@ def test_fewshot_linear_and_finetune_commands(labeled_pair, capsys, tmp_path):
 
     code, _, err = _run(capsys, "fewshot", "random:resnet10t", *common, "--shots", "9")
     assert code == 2 and "fewer than 9 shots" in err
+    # --fewshot-protocol rest: 9 images per class in train + test together, so 8 shots fit
+    code, _, _ = _run(capsys, "fewshot", "random:resnet10t", *common, "--shots", "8", "--seeds", "2", "--method",
+                      "knn", "--fewshot-protocol", "rest", "--out", str(tmp_path / "rest.json"))
+    rest = json.loads((tmp_path / "rest.json").read_text())
+    assert code == 0 and rest["protocol"] == "rest" and rest["results"][0]["n_test"] == 27 - 24
 
 
 def test_report_command_checks_names(labeled_pair, capsys, tmp_path):

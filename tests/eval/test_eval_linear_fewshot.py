@@ -63,3 +63,37 @@ def test_fewshot_is_deterministic_and_saves_split_ids(tmp_path):
     assert split == json.loads((tmp_path / "b" / "shots5_seed1.json").read_text()) | {"source": "mem"}
     five_shot_knn = first["results"][2]
     assert five_shot_knn["mean"] > 0.5  # separable clusters: well above the 25% chance level
+
+
+def test_fewshot_rest_protocol_draws_from_train_and_test_and_scores_every_image_left_out(tmp_path):
+    from ssl_hybrid.data.labeled import LabeledSet, Sample, kshot_indices
+    from ssl_hybrid.eval.fewshot import evaluate_subset
+
+    centers = np.random.default_rng(0).standard_normal((3, 8)) * 2
+    train_y, test_y = np.repeat(np.arange(3), 4), np.repeat(np.arange(3), 2)
+    train = centers[train_y] + np.random.default_rng(1).standard_normal((12, 8))
+    test = centers[test_y] + np.random.default_rng(2).standard_normal((6, 8))
+    train_set = LabeledSet("mem", list("abc"), [Sample(f"tr{i}", int(y), "x") for i, y in enumerate(train_y)])
+    test_set = LabeledSet("mem", list("abc"), [Sample(f"te{i}", int(y), "x") for i, y in enumerate(test_y)])
+    result = fewshot_evaluate(train, train_y, test, test_y, shots=(2, 5), seeds=3, methods=("knn",),
+                              train_set=train_set, test_set=test_set, split_dir=tmp_path, protocol="rest")
+    assert result["protocol"] == "rest"
+    # 5-shot needs 5 images of each class: only the pool of train (4 per class) and test (2) has them
+    five = next(r for r in result["results"] if r["shots"] == 5)
+    assert five["n_test"] == 18 - 15 and result["n_test"] == 3
+    pool_x, pool_y = np.concatenate([train, test]), np.concatenate([train_y, test_y])
+    for row in result["results"]:
+        assert row["n_test"] == 18 - 3 * row["shots"]
+        for run in row["runs"]:
+            drawn = kshot_indices(pool_y, row["shots"], run["seed"])
+            rest = np.setdiff1d(np.arange(18), drawn)
+            assert run["top1"] == evaluate_subset("knn", pool_x[drawn], pool_y[drawn], pool_x[rest], pool_y[rest],
+                                                  3, run["seed"])
+            ids = json.loads(Path(run["split"]).read_text())["ids"]
+            assert ids == [f"tr{i}" if i < 12 else f"te{i - 12}" for i in drawn]  # the pool is train, then test
+    assert any(i.startswith("te") for r in result["results"] for run in r["runs"]
+               for i in json.loads(Path(run["split"]).read_text())["ids"])
+    heldout = fewshot_evaluate(train, train_y, test, test_y, shots=(2,), seeds=3, methods=("knn",))
+    assert heldout["protocol"] == "heldout" and heldout["results"][0]["n_test"] == 6
+    with pytest.raises(ValueError, match="few-shot protocol 'pooled'"):
+        fewshot_evaluate(train, train_y, test, test_y, shots=(2,), protocol="pooled")

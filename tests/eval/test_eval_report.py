@@ -52,7 +52,8 @@ def test_report_says_what_the_numbers_mean(labeled_pair, tmp_path):
     assert context["chance"]["top1"] == pytest.approx(1 / 3) and context["num_classes"] == 3
     assert context["train"]["images"] == 18 and context["test"]["images"] == 9
     assert context["test_images_in_train"] == 0 and "separate sets" in context["split"]
-    assert context["protocol"]["fewshot"] == {"methods": ["knn"], "shots": [1, 2], "seeds": 2, "skipped_shots": [10]}
+    assert context["protocol"]["fewshot"] == {"methods": ["knn"], "shots": [1, 2], "seeds": 2, "protocol": "heldout",
+                                              "skipped_shots": [10]}
     assert context["protocol"]["image_size"] == [32]
     assert saved["entries"][0]["budget"].startswith("random initialization")
     # no baseline among a single random backbone: the verdict judges it against chance only
@@ -143,6 +144,28 @@ def test_few_shot_noise_uses_the_few_shot_test_set_when_knn_scores_more_queries(
     knn_row, shot_row = metrics(entry)
     assert knn_row["n_test"] == 370 and knn_row["se"] == pytest.approx(binomial_se(0.1, 370))
     assert shot_row["n_test"] == 111 and shot_row["se"] == pytest.approx(binomial_se(0.1, 111))
+
+
+def test_report_with_the_rest_protocol_draws_shots_from_train_and_test(labeled_pair, tmp_path):
+    from ssl_hybrid.eval.verdict import binomial_se, metrics
+
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])  # 6 + 3 images per class
+    out = tmp_path / "report"
+    build_report(["random:hybrid_nano"], train, test, out, names=["nano"], shots=(1, 8, 10), seeds=2,
+                 methods=("knn",), image_size=32, batch_size=16, grid_queries=2, knn_protocol="leave_one_out",
+                 fewshot_protocol="rest")
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["context"]["protocol"]["fewshot"]["protocol"] == "rest"
+    assert saved["context"]["protocol"]["fewshot"]["skipped_shots"] == [10]  # 8-shot fits the 9 per class of both
+    entry = saved["entries"][0]
+    assert {r["shots"]: r["n_test"] for r in entry["fewshot"]} == {1: 27 - 3, 8: 27 - 24}
+    rows = {m["metric"]: m for m in metrics(entry)}
+    assert rows["knn_8shot"]["se"] >= binomial_se(rows["knn_8shot"]["value"], 3)
+    markdown = (out / "report.md").read_text()
+    assert "drawn from all 27 labeled images (train and test) × 2 seeded draws, each scored on every image" in markdown
+    assert "the bank of the retrieval grids" in markdown
+    with pytest.raises(ValueError, match="few-shot protocol"):
+        build_report(["random:hybrid_nano"], train, test, out, fewshot_protocol="pooled")
 
 
 def test_leave_one_out_knn_queries_every_image_and_keeps_the_heldout_result():

@@ -222,6 +222,18 @@ def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpu
     assert loop.pretrain(tiny_config(run_root, "same", train__steps=2, data__worker_nice=5))["step"] == 2
 
 
+def test_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_default(tmp_path):
+    from ssl_hybrid.config import Config, to_dict
+
+    saved = to_dict(Config())
+    del saved["data"]["simclr_hue"]  # written by code that had no such key, so it did what the default does
+    ckpt.check_compatible(saved, Config(), tmp_path)
+    changed = Config()
+    changed.data.simclr_hue = 0.0
+    with pytest.raises(ckpt.CheckpointError, match=r"data.simclr_hue: 0.2 -> 0.0"):
+        ckpt.check_compatible(saved, changed, tmp_path)
+
+
 def inject_nan(monkeypatch, bad_calls):
     """Make the loss of the given forward calls (1-based) NaN."""
     real = loop.forward_losses
