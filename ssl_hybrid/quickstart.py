@@ -36,14 +36,14 @@ SHOTS = (1, 5)
 KNN_PROTOCOL = "leave_one_out"
 # k-shot: the shots of each draw come from all 370 images and the draw is scored on the other 333 (1-shot) or
 # 185 (5-shot), not on the 111 fixed test images: those carry a binomial error of ~2.8 points at 10% top-1 whatever
-# the number of draws, and moved the 5-shot column by up to 3 points between runs a few steps apart. On the same
-# 7 pretrained checkpoints the pretrained-minus-random 5-shot gap read +0.0..+4.7 on the 111 and +3.3..+5.5 with
-# 20 draws scored on the rest (random init 8.5 ± 1.6 vs 8.8 ± 2.2).
+# the number of draws, and moved the 5-shot column by up to 3 points between runs a few steps apart. On 7
+# pretrained checkpoints (benchmarks/fewshot_protocol.py) the pretrained-minus-random 5-shot gap read +0.0..+3.4 on
+# the 111 (above its std in 1 of 7) and +3.6..+5.2 with 10 draws scored on the rest (above it in 7 of 7).
 FEWSHOT_PROTOCOL = "rest"
 SEEDS = 10
-# Pretraining wall-clock limit: the recipe's 400 multi-crop steps take ~20 min on the 2-core VM (2.7-3.7 s/step); the
-# budget stops earlier, and evaluation adds about a minute, so the whole quickstart stays under 10 minutes
-# (measured: 8.9 min, 153-176 steps); faster machines get more of the 400 steps.
+# Pretraining wall-clock limit: the recipe's 400 multi-crop steps take ~15-20 min on the 2-core VM (2.1-3.2 s/step);
+# the budget stops earlier, and evaluation adds about a minute, so the whole quickstart stays under 10 minutes
+# (measured: 9.0 min, 150-210 steps); faster machines get more of the 400 steps.
 DEFAULT_MINUTES = 8.0
 
 

@@ -50,3 +50,21 @@ def test_every_label_efficiency_method_config_loads(tmp_path: Path, image_size: 
     multicrop = bench.method_config("resvit_multicrop", args, steps=10, name="m", lr=3e-3)
     assert (multicrop.data.num_local_views, multicrop.data.local_image_size) == (4, image_size // 2)
     assert bench.method_config("ours", args, steps=10, name="o", lr=3e-3).data.num_local_views == 0
+
+
+@pytest.mark.slow
+def test_fewshot_protocol_benchmark_scores_both_protocols_against_random_init(tmp_path: Path):
+    out = tmp_path / "fewshot_protocol.json"
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "fewshot_protocol.py"), "random:resnet10t",
+               "--heldout-seeds", "2", "--rest-seeds", "2", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["random_init"]["spec"] == "random:resvit_tiny"
+    (entry,) = result["pretrained"]
+    for protocol, n_test in (("heldout", {"1shot": 111, "5shot": 111}), ("rest", {"1shot": 333, "5shot": 185})):
+        rows = entry["protocols"][protocol]
+        assert {key: row["n_test"] for key, row in rows.items()} == n_test
+        base = result["random_init"]["protocols"][protocol]
+        assert all(row["gap"] == pytest.approx(row["mean"] - base[key]["mean"]) for key, row in rows.items())
+        assert all(row["seeds"] == 2 for row in rows.values())

@@ -97,3 +97,17 @@ def test_fewshot_rest_protocol_draws_from_train_and_test_and_scores_every_image_
     assert heldout["protocol"] == "heldout" and heldout["results"][0]["n_test"] == 6
     with pytest.raises(ValueError, match="few-shot protocol 'pooled'"):
         fewshot_evaluate(train, train_y, test, test_y, shots=(2,), protocol="pooled")
+
+
+def test_fewshot_draws_evaluated_at_once_give_the_same_numbers_as_in_turn(monkeypatch):
+    import ssl_hybrid.eval.fewshot as fewshot
+
+    features, labels = clustered(60, 3, 8, seed=4, noise=2.0)
+    args = dict(shots=(2, 5), seeds=4, methods=("knn", "linear"), protocol="rest")
+    monkeypatch.setattr(fewshot, "MAX_JOBS", 1)
+    in_turn = fewshot_evaluate(features[:40], labels[:40], features[40:], labels[40:], **args)
+    monkeypatch.setattr(fewshot, "MAX_JOBS", 2)
+    monkeypatch.setattr(fewshot.os, "cpu_count", lambda: 2)
+    at_once = fewshot_evaluate(features[:40], labels[:40], features[40:], labels[40:], **args)
+    assert [[run["top1"] for run in r["runs"]] for r in at_once["results"]] == \
+           [[run["top1"] for run in r["runs"]] for r in in_turn["results"]]
