@@ -38,7 +38,7 @@ KNN_PROTOCOL = "leave_one_out"
 # 185 (5-shot), not on the 111 fixed test images: those carry a binomial error of ~2.8 points at 10% top-1 whatever
 # the number of draws, and moved the 5-shot column by up to 3 points between runs a few steps apart. On 7
 # pretrained checkpoints (benchmarks/fewshot_protocol.py) the pretrained-minus-random 5-shot gap read +0.0..+3.4 on
-# the 111 (above its std in 1 of 7) and +3.6..+5.2 with 10 draws scored on the rest (above it in 7 of 7).
+# the 111 (above the larger of the two stds in 2 of 7) and +3.6..+5.2 with 10 draws scored on the rest (7 of 7).
 FEWSHOT_PROTOCOL = "rest"
 SEEDS = 10
 # Pretraining wall-clock limit: the recipe's 400 multi-crop steps take ~15-20 min on the 2-core VM (2.1-3.2 s/step);

@@ -156,9 +156,11 @@ def run_fewshot(args: argparse.Namespace) -> int:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     train, test = load_pair(args)
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
+    if not is_main_process():  # other ranks only helped extract (a collective step); the fits are cheap
+        return 0
     result = fewshot_evaluate(train_f, train_y, test_f, test_y, shots=shots, seeds=args.seeds, methods=methods,
-                              train_set=train, split_dir=_split_dir(args) if is_main_process() else None,
-                              num_classes=len(train.classes), protocol=args.fewshot_protocol, test_set=test)
+                              train_set=train, split_dir=_split_dir(args), num_classes=len(train.classes),
+                              protocol=args.fewshot_protocol, test_set=test)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), splits_dir=str(_split_dir(args)))
     emit(args, result)
     return 0

@@ -16,7 +16,6 @@ time (every image is a query in about half of the 5-shot draws).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -59,6 +58,9 @@ def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_
     saved splits (the pool is train then test)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown few-shot protocol '{protocol}' (one of {', '.join(PROTOCOLS)})")
+    if protocol == "rest" and train_set is not None and test_set is None:
+        raise ValueError("few-shot protocol 'rest' draws from train and test: pass test_set too, or the saved "
+                         "splits could not name the test images drawn")
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     num_classes = num_classes or int(max(train_labels.max(), np.max(test_labels))) + 1
@@ -70,7 +72,8 @@ def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_
     results = []
     for k in shots:
         subsets = [kshot_indices(pool_labels, k, seed) for seed in range(seeds)]
-        split_files = [_save(split_dir, pool_set, idx, k, seed) for seed, idx in enumerate(subsets)]
+        split_files = [_save(split_dir, pool_set, idx, k, seed, protocol, len(train_labels))
+                       for seed, idx in enumerate(subsets)]
         if protocol == "rest":
             rests = [np.setdiff1d(np.arange(len(pool_labels)), idx) for idx in subsets]
             scored = [(pool_features[rest], pool_labels[rest]) for rest in rests]
@@ -96,10 +99,11 @@ def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_
 def _run_draws(tasks: list[tuple]) -> list[float]:
     """``evaluate_subset(*task)`` for every draw, several at once: each fit is single-threaded (linear.py), so
     on a 2-core machine two draws at a time halve the wall time of a 10-draw probe. Same results as in turn."""
-    jobs = min(MAX_JOBS, os.cpu_count() or 1, len(tasks))
+    from joblib import Parallel, cpu_count, delayed
+
+    jobs = min(MAX_JOBS, cpu_count(only_physical_cores=False), len(tasks))  # joblib's count honours affinity and cgroups
     if jobs <= 1:
         return [evaluate_subset(*task) for task in tasks]
-    from joblib import Parallel, delayed
 
     return Parallel(n_jobs=jobs)(delayed(evaluate_subset)(*task) for task in tasks)
 
@@ -107,14 +111,19 @@ def _run_draws(tasks: list[tuple]) -> list[float]:
 def _pooled(train_set: Optional[LabeledSet], test_set: Optional[LabeledSet]) -> Optional[LabeledSet]:
     if train_set is None or test_set is None:
         return None
-    return LabeledSet(train_set.source, train_set.classes, train_set.samples + test_set.samples,
-                      train_set.skipped)
+    source = train_set.source if train_set.source == test_set.source else f"{train_set.source} + {test_set.source}"
+    return LabeledSet(source, train_set.classes, train_set.samples + test_set.samples,
+                      train_set.skipped + test_set.skipped)
 
 
-def _save(split_dir: Optional[Path], train_set: Optional[LabeledSet], indices: np.ndarray, shots: int,
-          seed: int) -> Optional[str]:
-    if split_dir is None or train_set is None:
+def _save(split_dir: Optional[Path], labeled: Optional[LabeledSet], indices: np.ndarray, shots: int,
+          seed: int, protocol: str = "heldout", n_train: int = 0) -> Optional[str]:
+    """The draw's ids; under ``rest`` also which set each came from (two folders may share relative ids)."""
+    if split_dir is None or labeled is None:
         return None
     path = Path(split_dir) / f"shots{shots}_seed{seed}.json"
-    save_split(path, train_set, indices.tolist(), shots=shots, seed=seed)
+    meta = {"shots": shots, "seed": seed, "protocol": protocol}
+    if protocol == "rest":
+        meta["from"] = ["train" if i < n_train else "test" for i in indices.tolist()]
+    save_split(path, labeled, indices.tolist(), **meta)
     return str(path)

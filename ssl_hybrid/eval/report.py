@@ -63,8 +63,8 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
                                test_set=test_set)
     dropped = [k for k in shots if k > fewest]
     if dropped:
-        log.warning("%s: %s-shot skipped: the smallest training class has %d images", name,
-                    "/".join(map(str, dropped)), fewest)
+        log.warning("%s: %s-shot skipped: the smallest class has %d %s", name, "/".join(map(str, dropped)), fewest,
+                    "training images" if fewshot_protocol == "heldout" else "labeled images (train + test)")
     return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "image_size",
                                                                 "num_features", "hash", "pooling", "pretraining")},
             "knn": knn, "fewshot": fewshot["results"], "fewshot_n_test": fewshot["n_test"],
@@ -331,7 +331,8 @@ def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[
     fewshot = proto["fewshot"]
     leave_one_out = proto["knn"].get("protocol") == "leave_one_out"
     shots = ", ".join(map(str, fewshot["shots"])) or "none"
-    skipped = (f" ({'/'.join(map(str, fewshot['skipped_shots']))}-shot skipped: a class has fewer training images)"
+    pool = "labeled images (train + test)" if fewshot.get("protocol") == "rest" else "training images"
+    skipped = (f" ({'/'.join(map(str, fewshot['skipped_shots']))}-shot skipped: a class has fewer {pool})"
                if fewshot["skipped_shots"] else "")
     pooled = fewshot.get("protocol") == "rest"
     roles = ([] if leave_one_out else ["the k-NN bank"]) + ([] if pooled else ["the pool the k-shot labels are drawn from"])

@@ -151,11 +151,13 @@ def check_compatible(saved: dict[str, Any], config: Config, where: Path) -> None
     A key the checkpoint's config lacks was added to the code after it was written; new keys default to
     what the code did before, so the checkpoint counts as written with the default."""
     current = _flatten(to_dict(config))
-    before = {**_flatten(to_dict(Config())), **_flatten(saved)}
+    recorded = _flatten(saved)
+    before = {**_flatten(to_dict(Config())), **recorded}
     differ = sorted(k for k in set(current) | set(before)
                     if k not in RESUME_MAY_DIFFER and not k.startswith("eval.") and current.get(k) != before.get(k))
     if differ:
-        shown = ", ".join(f"{k}: {before.get(k)!r} -> {current.get(k)!r}" for k in differ[:4])
+        shown = ", ".join(f"{k}: {before.get(k)!r}{'' if k in recorded else ' (not recorded: the default)'} -> "
+                          f"{current.get(k)!r}" for k in differ[:4])
         raise CheckpointError(
             f"{where}: checkpoint was written with a different config ({shown}"
             f"{', ...' if len(differ) > 4 else ''}); resume with the same recipe and overrides, "

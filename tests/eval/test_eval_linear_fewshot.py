@@ -89,12 +89,15 @@ def test_fewshot_rest_protocol_draws_from_train_and_test_and_scores_every_image_
             rest = np.setdiff1d(np.arange(18), drawn)
             assert run["top1"] == evaluate_subset("knn", pool_x[drawn], pool_y[drawn], pool_x[rest], pool_y[rest],
                                                   3, run["seed"])
-            ids = json.loads(Path(run["split"]).read_text())["ids"]
-            assert ids == [f"tr{i}" if i < 12 else f"te{i - 12}" for i in drawn]  # the pool is train, then test
+            split = json.loads(Path(run["split"]).read_text())
+            assert split["ids"] == [f"tr{i}" if i < 12 else f"te{i - 12}" for i in drawn]  # the pool: train, test
+            assert split["from"] == ["train" if i < 12 else "test" for i in drawn] and split["protocol"] == "rest"
     assert any(i.startswith("te") for r in result["results"] for run in r["runs"]
                for i in json.loads(Path(run["split"]).read_text())["ids"])
     heldout = fewshot_evaluate(train, train_y, test, test_y, shots=(2,), seeds=3, methods=("knn",))
     assert heldout["protocol"] == "heldout" and heldout["results"][0]["n_test"] == 6
+    with pytest.raises(ValueError, match="pass test_set too"):
+        fewshot_evaluate(train, train_y, test, test_y, shots=(2,), train_set=train_set, protocol="rest")
     with pytest.raises(ValueError, match="few-shot protocol 'pooled'"):
         fewshot_evaluate(train, train_y, test, test_y, shots=(2,), protocol="pooled")
 
@@ -104,10 +107,21 @@ def test_fewshot_draws_evaluated_at_once_give_the_same_numbers_as_in_turn(monkey
 
     features, labels = clustered(60, 3, 8, seed=4, noise=2.0)
     args = dict(shots=(2, 5), seeds=4, methods=("knn", "linear"), protocol="rest")
+    import joblib
+
     monkeypatch.setattr(fewshot, "MAX_JOBS", 1)
     in_turn = fewshot_evaluate(features[:40], labels[:40], features[40:], labels[40:], **args)
+    jobs = []
+
+    class Spy(joblib.Parallel):
+        def __init__(self, n_jobs=None, **kwargs):
+            jobs.append(n_jobs)
+            super().__init__(n_jobs=n_jobs, **kwargs)
+
+    monkeypatch.setattr(joblib, "Parallel", Spy)
+    monkeypatch.setattr(joblib, "cpu_count", lambda only_physical_cores=False: 2)
     monkeypatch.setattr(fewshot, "MAX_JOBS", 2)
-    monkeypatch.setattr(fewshot.os, "cpu_count", lambda: 2)
     at_once = fewshot_evaluate(features[:40], labels[:40], features[40:], labels[40:], **args)
+    assert jobs == [2] * 4  # every (shots, method) ran its draws two at a time
     assert [[run["top1"] for run in r["runs"]] for r in at_once["results"]] == \
            [[run["top1"] for run in r["runs"]] for r in in_turn["results"]]

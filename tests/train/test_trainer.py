@@ -230,7 +230,7 @@ def test_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_def
     ckpt.check_compatible(saved, Config(), tmp_path)
     changed = Config()
     changed.data.simclr_hue = 0.0
-    with pytest.raises(ckpt.CheckpointError, match=r"data.simclr_hue: 0.2 -> 0.0"):
+    with pytest.raises(ckpt.CheckpointError, match=r"data.simclr_hue: 0.2 \(not recorded: the default\) -> 0.0"):
         ckpt.check_compatible(saved, changed, tmp_path)
 
 
