@@ -47,6 +47,16 @@ def evaluate_subset(method: str, features: np.ndarray, labels: np.ndarray, test_
     return result["top1"]
 
 
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown few-shot protocol '{protocol}' (one of {', '.join(PROTOCOLS)})")
+
+
+def draw_pool(train: np.ndarray, test: np.ndarray, protocol: str) -> np.ndarray:
+    """What the shots are drawn from (features or labels): train, or train then test under ``rest``."""
+    return train if protocol == "heldout" else np.concatenate([train, test])
+
+
 def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                      test_labels: np.ndarray, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 5,
                      methods: Sequence[str] = METHODS, train_set: Optional[LabeledSet] = None,
@@ -56,19 +66,16 @@ def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_
     """``{"results": [{"method", "shots", "mean", "std", "n_test", "runs"}], ...}``; runs hold per-seed
     accuracies. ``protocol`` is one of ``PROTOCOLS``; with ``rest``, ``test_set`` names the test rows in the
     saved splits (the pool is train then test)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown few-shot protocol '{protocol}' (one of {', '.join(PROTOCOLS)})")
+    check_protocol(protocol)
     if protocol == "rest" and train_set is not None and test_set is None:
         raise ValueError("few-shot protocol 'rest' draws from train and test: pass test_set too, or the saved "
                          "splits could not name the test images drawn")
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     num_classes = num_classes or int(max(train_labels.max(), np.max(test_labels))) + 1
-    pool_features, pool_labels, pool_set = train_features, train_labels, train_set
-    if protocol == "rest":
-        pool_features = np.concatenate([train_features, test_features])
-        pool_labels = np.concatenate([train_labels, test_labels])
-        pool_set = _pooled(train_set, test_set)
+    pool_features = draw_pool(train_features, test_features, protocol)
+    pool_labels = draw_pool(train_labels, test_labels, protocol)
+    pool_set = train_set if protocol == "heldout" else _pooled(train_set, test_set)
     results = []
     for k in shots:
         subsets = [kshot_indices(pool_labels, k, seed) for seed in range(seeds)]
@@ -82,11 +89,10 @@ def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_
         for method in methods:
             tasks = [(method, pool_features[idx], pool_labels[idx], *test, num_classes, seed, knn_k, temperature)
                      for seed, (idx, test) in enumerate(zip(subsets, scored))]
-            accs = _run_draws(tasks)
-            runs = [{"seed": seed, "top1": acc, "n_train": int(len(idx)), "n_test": int(len(test[1])),
+            accs = np.array(_run_draws(tasks))
+            runs = [{"seed": seed, "top1": float(acc), "n_train": int(len(idx)), "n_test": int(len(test[1])),
                      "split": split_file}
                     for seed, (acc, idx, test, split_file) in enumerate(zip(accs, subsets, scored, split_files))]
-            accs = np.array([r["top1"] for r in runs])
             std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
             results.append({"method": method, "shots": int(k), "mean": float(accs.mean()), "std": std,
                             "n_test": runs[0]["n_test"], "runs": runs})
@@ -101,10 +107,9 @@ def _run_draws(tasks: list[tuple]) -> list[float]:
     on a 2-core machine two draws at a time halve the wall time of a 10-draw probe. Same results as in turn."""
     from joblib import Parallel, cpu_count, delayed
 
-    jobs = min(MAX_JOBS, cpu_count(only_physical_cores=False), len(tasks))  # joblib's count honours affinity and cgroups
+    jobs = min(MAX_JOBS, cpu_count(only_physical_cores=False), len(tasks))  # honours affinity and cgroups
     if jobs <= 1:
         return [evaluate_subset(*task) for task in tasks]
-
     return Parallel(n_jobs=jobs)(delayed(evaluate_subset)(*task) for task in tasks)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ssl_hybrid.config import KNN_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet
-from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, PROTOCOLS as FEWSHOT_PROTOCOLS, fewshot_evaluate
+from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, check_protocol, draw_pool, fewshot_evaluate
 from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, leave_one_out_knn, search
 from ssl_hybrid.eval.verdict import budget_text, data_context, verdict
 
@@ -55,8 +55,7 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
                       split_dir: Optional[Path], num_classes: int, knn_protocol: str = "heldout",
                       fewshot_protocol: str = "heldout", test_set: Optional[LabeledSet] = None) -> dict[str, Any]:
     knn = evaluate_knn(train, test, num_classes, knn_protocol)
-    pool = train[1] if fewshot_protocol == "heldout" else np.concatenate([train[1], test[1]])
-    fewest = int(np.bincount(pool).min())
+    fewest = int(np.bincount(draw_pool(train[1], test[1], fewshot_protocol)).min())
     kept = [k for k in shots if k <= fewest]
     fewshot = fewshot_evaluate(*train, *test, shots=kept, seeds=seeds, methods=methods, train_set=train_set,
                                split_dir=split_dir, num_classes=num_classes, protocol=fewshot_protocol,
@@ -267,8 +266,7 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
     ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured, ``fewshot_protocol``
     (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on."""
-    if fewshot_protocol not in FEWSHOT_PROTOCOLS:
-        raise ValueError(f"unknown few-shot protocol '{fewshot_protocol}' (one of {', '.join(FEWSHOT_PROTOCOLS)})")
+    check_protocol(fewshot_protocol)  # before any extraction
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
