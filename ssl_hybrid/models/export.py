@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_hybrid.errors import UserError
-from ssl_hybrid.models.factory import create_model
+from ssl_hybrid.models.factory import check_factory_args, create_model
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def save_backbone(model: nn.Module, directory: Union[str, os.PathLike], extra_me
 # ------------------------------------------------------------------------------------------- reading
 
 def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[str, Any]:
-    """``meta`` in the current layout; raises when no model is named.
+    """``meta`` in the current layout; raises when no model is named, or when the name or the factory kwargs
+    are not what a file may set (:func:`ssl_hybrid.models.factory.check_factory_args`).
 
     The old layout (the trainer's checkpoints before this format, and files written by hand after them)
     is ``{"model": name, "image_size": px, "kwargs": {...}}``, meaning ``create_backbone(name, px, **kwargs)``:
@@ -110,6 +111,7 @@ def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[s
         raise BackboneLoadError(f"{where}: no 'model_name' key naming the timm model; "
                                 "write one with {\"model_name\": \"<timm name>\", \"image_size\": <px>}")
     meta["factory_kwargs"] = dict(meta.get("factory_kwargs") or {})
+    check_factory_args(meta["model_name"], meta["factory_kwargs"], str(where))  # a file is data, never code
     return meta
 
 
@@ -122,6 +124,10 @@ def read_meta_file(meta_path: Union[str, os.PathLike]) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise BackboneLoadError(f"{meta_path}: malformed JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise BackboneLoadError(f"{meta_path}: JSON nested too deeply to be a backbone description") from None
+    if not isinstance(meta, dict):
+        raise BackboneLoadError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     return upgrade_meta(meta, meta_path)
 
 

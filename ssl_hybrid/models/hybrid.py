@@ -184,7 +184,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self.last_token_mask: Optional[torch.Tensor] = None
 
         num_blocks = sum(conv_depths) + depth
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, num_blocks)]  # stochastic depth decay rule
+        rates = torch.linspace(0, drop_path_rate, num_blocks, device="cpu").tolist()  # stochastic depth decay rule
         self.stem_conv = nn.Conv2d(in_chans, c4, kernel_size=4, stride=4)
         self.stem_norm = nn.LayerNorm(c4, eps=1e-6)
         self.stage1 = nn.ModuleList([ConvBlock(c4, conv_kernel_size, conv_mlp_ratio, drop_path=rates.pop(0))

@@ -164,7 +164,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
         self.patch_embed = nn.Conv2d(conv_dims[2], embed_dim, 1)  # stride-16 map -> tokens, per position
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
-        rates = [r.item() for r in torch.linspace(0, drop_path_rate, depth)]  # stochastic depth decay rule
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
                   attn_drop=attn_drop_rate, drop_path=rates[i]) for i in range(depth)])

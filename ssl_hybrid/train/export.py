@@ -31,7 +31,8 @@ def resolve_checkpoint(path: Path) -> Path:
 def export_checkpoint(path: Path, out_dir: Optional[Path] = None) -> Path:
     """Write the checkpoint's student backbone to ``out_dir`` (default: the checkpoint directory)."""
     from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, save_backbone
-    from ssl_hybrid.train.loop import build_backbone, training_meta
+    from ssl_hybrid.models.factory import check_factory_args
+    from ssl_hybrid.train.loop import build_backbone, model_kwargs, training_meta
 
     step_dir = resolve_checkpoint(path)
     config_file = step_dir / "config.yaml"
@@ -39,6 +40,8 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None) -> Path:
         raise ckpt.CheckpointError(f"{step_dir}: no config.yaml, cannot tell which backbone it holds")
     config = from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")), source=str(config_file))
     config.model.drop_path_rate = 0.0  # inference copy; weights are independent of it
+    # The checkpoint's config.yaml is a file like any other: it may only name the model class's own arguments.
+    check_factory_args(config.model.name, dict(model_kwargs(config), drop_path_rate=0.0), str(config_file))
     backbone = build_backbone(config)
     weights = load_file(str(step_dir / ckpt.MODEL_FILE))
     state = {k[len(CHECKPOINT_BACKBONE_PREFIX):]: v for k, v in weights.items()

@@ -240,3 +240,121 @@ def test_labeled_folder_with_an_empty_class_and_a_one_image_class(image_folder, 
     with pytest.raises(LabeledDataError, match=r"^class 2 has 1 training samples, fewer than 2 shots; the smallest "
                                                r"class has 1: use at most 1 shots or add images$"):
         kshot_indices(labeled.labels, 2, seed=0)
+
+
+# ------------------------------------------------------------------------------------- model files
+
+
+class _Marker:
+    """Unpickling this writes a file: proof that a pickle ran code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def evil_pickle(tmp_path: Path) -> tuple[Path, Path]:
+    """(a .pth whose unpickling creates a marker file, that marker's path)."""
+    import pickle
+
+    marker = tmp_path / "pickle_ran"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"state_dict": _Marker(str(marker))}))
+    return path, marker
+
+
+def exported_variants(directory: Path, changes: dict[str, dict]) -> dict[str, Path]:
+    """One exported hybrid_nano (32 px) per entry, its backbone.json with that entry's keys merged in."""
+    import json
+    import shutil
+
+    from ssl_hybrid.models.export import save_backbone
+    from ssl_hybrid.models.factory import create_backbone
+
+    weights, meta_path = save_backbone(create_backbone("hybrid_nano", 32), directory / "original", {"image_size": 32})
+    meta = json.loads(meta_path.read_text())
+    made = {}
+    for index, (what, change) in enumerate(changes.items()):
+        made[what] = directory / f"export{index}"
+        made[what].mkdir()
+        shutil.copy(weights, made[what] / weights.name)
+        changed = {k: dict(meta[k], **v) if isinstance(v, dict) else v for k, v in change.items()}
+        (made[what] / meta_path.name).write_text(json.dumps(dict(meta, **changed)))
+    return made
+
+
+@pytest.mark.fault(injected="backbone.json / a checkpoint's config.yaml naming checkpoint_path (a code-running "
+                            "pickle), pretrained_cfg_overlay, cache_dir, an unknown argument, or a model "
+                            "source (local-dir:, hf-hub:, timm/)",
+                   did="refused with one line naming the file and the argument before timm is called: a file "
+                       "may only set the model class's own constructor arguments",
+                   lost="nothing (no pickle is read)")
+def test_model_files_may_only_set_the_model_classes_own_arguments(tmp_path):
+    from ssl_hybrid.errors import UserError
+    from ssl_hybrid.eval.backbones import load_backbone_spec
+    from ssl_hybrid.models.export import load_backbone
+
+    pickle_path, marker = evil_pickle(tmp_path)
+    hostile = {"checkpoint_path": {"factory_kwargs": {"checkpoint_path": str(pickle_path)}},
+               "pretrained_cfg_overlay": {"factory_kwargs": {"pretrained_cfg_overlay": {"file": str(pickle_path)}}},
+               "cache_dir": {"factory_kwargs": {"cache_dir": str(tmp_path)}},
+               "not_an_argument": {"factory_kwargs": {"not_an_argument": 1}},
+               "local-dir:": {"model_name": f"local-dir:{tmp_path}"},
+               "hf-hub:": {"model_name": "hf-hub:timm/resnet18.a1_in1k"},
+               "timm/": {"model_name": "timm/resnet18"}}
+    exports = exported_variants(tmp_path, dict(hostile, fine={"factory_kwargs": {"depth": 4}}))
+    for what in hostile:
+        for load in (load_backbone, load_backbone_spec):
+            with pytest.raises(UserError) as caught:
+                load(str(exports[what]))
+            message = str(caught.value)
+            assert str(exports[what] / "backbone.json") in message and what in message and "\n" not in message
+    assert not marker.exists()
+    # The arguments our factories record load as before.
+    model, meta = load_backbone_spec(str(exports["fine"]))
+    assert meta["model"] == "hybrid_nano" and meta["image_size"] == 32
+
+
+@pytest.mark.fault(injected="a checkpoint's config.yaml whose model.arch holds checkpoint_path (a pickle), or a "
+                            "run's config.yaml naming local-dir:<folder>, read by `export` and the evaluators",
+                   did="refused with one line naming the config.yaml and the argument or name",
+                   lost="nothing (the checkpoint is untouched, no pickle is read)")
+def test_checkpoint_configs_may_only_set_the_model_classes_own_arguments(tmp_path):
+    import yaml
+    from safetensors.torch import save_file
+
+    from ssl_hybrid.config import load_config, to_yaml
+    from ssl_hybrid.errors import UserError
+    from ssl_hybrid.eval.backbones import load_backbone_spec
+    from ssl_hybrid.train.export import export_checkpoint
+
+    pickle_path, marker = evil_pickle(tmp_path)
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    save_file({"backbone.x": __import__("torch").zeros(1)}, str(step / "model.safetensors"))
+    config = load_config(overrides=["model.name=hybrid_nano", "data.image_size=32"])
+    config.model.arch = {"checkpoint_path": str(pickle_path)}
+    (step / "config.yaml").write_text(to_yaml(config))
+    before = sorted(p.name for p in step.iterdir())
+    with pytest.raises(UserError, match=r"config\.yaml: factory argument checkpoint_path not accepted"):
+        export_checkpoint(step)
+    assert sorted(p.name for p in step.iterdir()) == before and not marker.exists()
+    run_config = yaml.safe_load(to_yaml(config))
+    run_config["model"]["name"] = f"local-dir:{tmp_path}"
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(run_config))
+    with pytest.raises(UserError, match=r"run/config\.yaml: model name 'local-dir:"):
+        load_backbone_spec(str(tmp_path / "run"))
+
+
+def test_timm_loads_checkpoints_with_weights_only():
+    """The pinned timm (>= 1.0.26) reads any checkpoint it is pointed at without running pickled code."""
+    import inspect
+
+    from timm.models import load_checkpoint, load_state_dict
+
+    for function in (load_checkpoint, load_state_dict):
+        assert inspect.signature(function).parameters["weights_only"].default is True
+    pins = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"timm>=1.0.26"' in pins
