@@ -86,6 +86,8 @@ class DataConfig:
                                        "are normal, 10% is not.")
     skip_rate_min_samples: int = option(100, "The skip rate is only judged after this many samples (and at each "
                                              "worker-epoch end): 1 bad of 3 is noise.")
+    allow_pipe_in_lists: bool = option(False, "A 'pipe:' line in a shard list file runs a shell command; off, so a "
+                                              "list from elsewhere runs nothing (pipe: typed in data.train always runs).")
 
 
 # Attention in the transformer stages (model.attn_mode); ssl_hybrid.models.attention imports this tuple, so it lives

@@ -24,7 +24,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ssl_hybrid.data.shards import IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, tar_members, unsafe_member_name
+from ssl_hybrid.data.shards import (IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, manifest_shard_paths, tar_members,
+                                   unsafe_member_name)
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -199,16 +200,26 @@ def _resolve_shards(spec: str) -> tuple[list[str], Optional[list[str]]]:
     if path.is_dir():
         manifest = path / MANIFEST
         if manifest.exists():
-            meta = json.loads(manifest.read_text(encoding="utf-8"))
-            names = [item["name"] if isinstance(item, dict) else item for item in meta.get("shards", [])]
-            return [str(path / n) for n in names], meta.get("classes")
+            meta = _manifest_json(manifest)
+            names = [item.get("name") if isinstance(item, dict) else item for item in meta.get("shards", [])]
+            return manifest_shard_paths(path, names, manifest), meta.get("classes")
         return sorted(str(p) for p in path.glob("*.tar")), None
     from ssl_hybrid.data.stream import resolve_shards  # imports torch: only when shards are named this way
 
     urls = list(resolve_shards(spec))
     manifest = Path(urls[0]).parent / MANIFEST if urls else None
-    classes = json.loads(manifest.read_text(encoding="utf-8")).get("classes") if manifest and manifest.exists() else None
+    classes = _manifest_json(manifest).get("classes") if manifest and manifest.exists() else None
     return urls, classes
+
+
+def _manifest_json(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested deeper than any manifest
+        raise LabeledDataError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict):
+        raise LabeledDataError(f"{path}: a manifest is a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def _load_shards(spec: str) -> LabeledSet:
@@ -218,7 +229,7 @@ def _load_shards(spec: str) -> LabeledSet:
     samples: list[Sample] = []
     names_by_label: dict[int, str] = {}
     for url in urls:
-        if not Path(url).is_file():
+        if "://" in url or url.startswith("pipe:") or not Path(url).is_file():  # never gopen a command or URL
             raise LabeledDataError(f"{url}: shard not found (labeled sets are read from local files)")
         samples.extend(_index_tar(url, names_by_label))
     if not samples:

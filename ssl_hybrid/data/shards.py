@@ -17,6 +17,7 @@ atomically. A re-run first removes the previous run's shards, temporary files an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -187,6 +188,31 @@ def unsafe_member_name(name: str) -> Optional[str]:
     return None
 
 
+def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[str]:
+    """The shards a manifest lists, as paths inside its folder; ``UserError`` naming the manifest otherwise.
+
+    A manifest is data that describes the files next to it: an absolute name or a '..' segment would point
+    a reader anywhere on disk, and a URL scheme ('pipe:' runs a shell command; a folder of '.' turns
+    ``./pipe:x`` into ``pipe:x``) is never a file name our writer makes.
+    """
+    paths = []
+    for name in names:
+        problem = _manifest_name_problem(name)
+        if problem:
+            raise UserError(f"{manifest}: shard name {name!r} refused ({problem}); "
+                            "a manifest lists the shard files in its own folder")
+        paths.append(str(Path(directory) / name))
+    return paths
+
+
+def _manifest_name_problem(name) -> Optional[str]:
+    if not isinstance(name, str) or not name:
+        return "not a file name"
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", name):
+        return "a URL scheme, not a file"
+    return unsafe_member_name(name)
+
+
 def is_webdataset_meta(name: str) -> bool:
     """webdataset's per-shard metadata members (``__name__`` at the top level) are not samples."""
     return "/" not in name and name.startswith("__") and name.endswith("__")
@@ -215,9 +241,20 @@ def tar_members(url: str, mode: str = "r|*") -> Iterator[tuple[tarfile.TarInfo, 
 # ---------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def image_formats() -> tuple[str, ...]:
+    """PIL's decoders for :data:`IMAGE_EXTENSIONS`, and only those: bytes are never handed to the other
+    decoders PIL would try (EPS/PostScript runs Ghostscript on them, and a rarely used decoder is attack
+    surface), whatever the file claims to be."""
+    from PIL import Image
+
+    Image.init()
+    return tuple(sorted({Image.registered_extensions()[extension] for extension in IMAGE_EXTENSIONS}))
+
+
 def check_image_bytes(data: bytes, max_pixels: Optional[int] = None):
-    """Fully decode ``data``; return the PIL image or raise ValueError with a short reason.
-    Images declaring more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) are refused unread."""
+    """Fully decode ``data`` with one of :func:`image_formats`; return the PIL image or raise ValueError with
+    a short reason. Images declaring more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) are refused unread."""
     from PIL import Image
 
     max_pixels = max_pixels or MAX_IMAGE_PIXELS
@@ -226,7 +263,7 @@ def check_image_bytes(data: bytes, max_pixels: Optional[int] = None):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=image_formats())
             width, height = image.size
             if width * height > max_pixels:
                 raise ValueError(f"decompression bomb refused ({width}x{height} > {max_pixels} pixels)")
@@ -415,8 +452,8 @@ def read_manifest(directory: str | Path) -> dict:
     except FileNotFoundError:
         raise UserError(f"{directory}: no {MANIFEST} (not a shard directory, or an interrupted "
                         f"'ssl-hybrid shards' run; re-run it)") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable manifest ({err})") from None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested deeper than any manifest
+        raise UserError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not an {FORMAT} manifest")
     return manifest

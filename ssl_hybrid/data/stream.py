@@ -55,9 +55,9 @@ consumed batches the rebuilt loader rotates the logical worker ids by ``n mod nu
 therefore only resumes exactly with the same num_workers, world size, seed, batch size and shard
 count, and :meth:`TrainStream.load_state_dict` refuses a mismatch rather than silently repeating data.
 
-Bad data. Corrupt image bytes, zero-byte images, samples without an image, unreadable/truncated tars
-and decompression bombs are skipped with a warning naming ``__url__`` and ``__key__`` and counted.
-A truncated or unreadable shard counts as many skipped samples as the manifest says it lost (1 when
+Bad data. Corrupt image bytes, zero-byte images, samples without an image, unreadable/truncated tars,
+decompression bombs and images the transform fails on are skipped with a warning naming ``__url__`` and
+``__key__`` and counted. A truncated or unreadable shard counts as many skipped samples as the manifest says it lost (1 when
 there is no manifest). Above ``data.max_skip_rate`` (checked once ``data.skip_rate_min_samples``
 samples were seen, and at every worker-epoch end) the stream stops with a :class:`DataQualityError`.
 
@@ -125,7 +125,22 @@ def _looks_like_image_folder(directory: Path, look_at: int = 2000) -> bool:
     return False
 
 
-def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]]:
+def _list_entries(path: Path, allow_pipe: bool) -> list[str]:
+    """A shard list file's shards: one per line, relative to the file, '#' comments. A ``pipe:`` line runs a
+    shell command, so a list (a file that may come from elsewhere) holds one only with data.allow_pipe_in_lists."""
+    urls = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("pipe:") and not allow_pipe:
+            raise UserError(f"{path} line {number}: a 'pipe:' shard runs a shell command; a shard list may hold one "
+                            "only with data.allow_pipe_in_lists=true (type pipe: specs in data.train to run them)")
+        urls.append(line if _is_url(line) or Path(line).is_absolute() else str(path.parent / line))
+    return urls
+
+
+def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[list[str], Optional[dict[str, int]]]:
     """Shard URLs and, when a manifest is known, the sample count of each shard."""
     spec = str(spec).strip()
     if not spec:
@@ -142,8 +157,9 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
             # yourself to choose shard size, re-encoding and where the shards live).
             directory = shard_format.shards_for_image_folder(directory)
         manifest = shard_format.read_manifest(directory)
-        urls = [str(directory / item["name"]) for item in manifest["shards"]]
-        counts = {str(directory / item["name"]): int(item["samples"]) for item in manifest["shards"]}
+        urls = shard_format.manifest_shard_paths(directory, [item.get("name") for item in manifest["shards"]],
+                                                 directory / shard_format.MANIFEST)
+        counts = {url: int(item["samples"]) for url, item in zip(urls, manifest["shards"])}
         if not urls:
             raise UserError(f"{directory}/{shard_format.MANIFEST}: lists no shards")
         missing = [url for url in urls if not Path(url).exists()]
@@ -152,11 +168,7 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
                             f"are missing, e.g. {Path(missing[0]).name}")
         return urls, counts
     if path.suffix.lower() in (".txt", ".list", ".lst") and path.is_file():
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        urls = []
-        for line in lines:
-            if line and not line.startswith("#"):
-                urls.append(line if _is_url(line) or Path(line).is_absolute() else str(path.parent / line))
+        urls = _list_entries(path, allow_pipe_in_lists)
     else:
         urls = _expand(spec)
     missing = [url for url in urls if not _is_url(url) and not Path(url).exists()]
@@ -167,16 +179,18 @@ def _resolve_with_counts(spec: str) -> tuple[list[str], Optional[dict[str, int]]
     return urls, None
 
 
-def resolve_shards(spec: str) -> list[str]:
+def resolve_shards(spec: str, allow_pipe_in_lists: bool = False) -> list[str]:
     """Shard URLs from a brace pattern (``a-{000000..000009}.tar``, several joined by ``::``), a list
     file (``.txt``: one shard per line, relative to the file), a directory with ``manifest.json`` (or
-    that manifest's path), or URLs (``pipe:``, ``http(s)://``...). Raises UserError naming what is wrong."""
-    return _resolve_with_counts(spec)[0]
+    that manifest's path), or URLs (``pipe:``, ``http(s)://``...). Raises UserError naming what is wrong.
+    ``pipe:`` runs where the spec itself says it; inside a list file only with ``allow_pipe_in_lists``, and
+    a manifest lists only files in its folder."""
+    return _resolve_with_counts(spec, allow_pipe_in_lists)[0]
 
 
-def shard_counts(spec: str) -> Optional[dict[str, int]]:
+def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> Optional[dict[str, int]]:
     """Samples per shard from the manifest, or None when the spec has none (patterns, URLs)."""
-    return _resolve_with_counts(spec)[1]
+    return _resolve_with_counts(spec, allow_pipe_in_lists)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +393,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         # In the main process the global RNGs belong to the trainer: put them back after the sample.
         with rng_state.preserved(cuda=False) if in_main else contextlib.nullcontext():
             seed_global_rngs(seed)
-            views = self.transform(image)
+            try:
+                views = self.transform(image)
+            except Exception as err:  # an image the augmentations cannot take: skipped and counted like a corrupt one
+                return None, f"cannot be transformed ({type(err).__name__}: {err})"
         item = {"global_views": views["global_views"], "local_views": views.get("local_views", []),
                 "key": raw["__key__"]}
         if label is not None:
@@ -563,7 +580,7 @@ def build_train_stream(data_cfg, batch_size: int, seed: int, rank: int, world_si
                        spec: Optional[str] = None) -> TrainStream:
     """The training stream of one rank over ``data_cfg.train`` (or ``spec``); see the module doc."""
     spec = spec or data_cfg.train
-    urls, counts = _resolve_with_counts(spec)
+    urls, counts = _resolve_with_counts(spec, data_cfg.allow_pipe_in_lists)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     if batch_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"batch_size must be >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")

@@ -21,7 +21,9 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
 
 from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
@@ -35,15 +37,32 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SSL_HYBRID_CACHE", Path.home() / ".cache" / "ssl_hybrid")) / "features"
 
 
-def eval_transform(image_size: int):
-    """Resize (shorter side to size / crop_pct, bicubic) + center crop + ImageNet normalization: timm's
-    evaluation transform with the crop_pct of our models' pretrained_cfg, except that the resize side is
-    rounded where timm's ``create_transform`` floors it (110 px rather than 109 at 96 px): every committed
-    evaluation number was measured with the rounded side."""
-    from torchvision import transforms as T
+# The resize's longer side is at most this many times its shorter one: a 1 x 100,000 px strip (a few hundred
+# bytes of PNG) would otherwise become 110 x 11,000,000 px (3.6 GB) before the centre crop keeps 96 x 96 of it.
+MAX_RESIZE_ASPECT = 16
 
+
+class BoundedResize(T.Resize):
+    """``T.Resize(side)`` (shorter side to ``side``) whose longer side never exceeds ``max_size``: beyond it the
+    longer side is ``max_size`` and the shorter one what the aspect ratio leaves, at least 1 px (torchvision's own
+    ``max_size`` asks PIL for a 0-px side there and fails). Images within the bound resize exactly as T.Resize."""
+
+    def forward(self, image):
+        width, height = image.size
+        if int(self.size * max(width, height) / max(1, min(width, height))) <= self.max_size:
+            return super().forward(image)
+        scale = self.max_size / max(width, height)
+        return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+
+
+def eval_transform(image_size: int):
+    """Resize (shorter side to size / crop_pct, bicubic; the longer side bounded, :class:`BoundedResize`) +
+    center crop + ImageNet normalization: timm's evaluation transform with the crop_pct of our models'
+    pretrained_cfg, except that the resize side is rounded where timm's ``create_transform`` floors it (110 px
+    rather than 109 at 96 px): every committed evaluation number was measured with the rounded side."""
+    side = int(round(image_size / EVAL_CROP_PCT))
     return T.Compose([
-        T.Resize(int(round(image_size / EVAL_CROP_PCT)), interpolation=T.InterpolationMode.BICUBIC),
+        BoundedResize(side, interpolation=T.InterpolationMode.BICUBIC, max_size=MAX_RESIZE_ASPECT * side),
         T.CenterCrop(image_size),
         T.ToTensor(),
         T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),

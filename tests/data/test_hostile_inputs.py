@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import jpeg_bytes, write_manifest, write_tar
+from data_helpers import TinyViews, jpeg_bytes, write_manifest, write_tar
 
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.data.labeled import LabeledDataError, kshot_indices, load_labeled
@@ -358,3 +358,144 @@ def test_timm_loads_checkpoints_with_weights_only():
         assert inspect.signature(function).parameters["weights_only"].default is True
     pins = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"timm>=1.0.26"' in pins
+
+
+# ------------------------------------------------------------------------------------- shard lists
+
+
+def labeled_shard(path: Path, count: int = 2) -> Path:
+    return write_tar(path, [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "cls": str(i % 2).encode()} for i in range(count)])
+
+
+@pytest.mark.fault(injected="a shard list file (.txt) with a line 'pipe:touch <marker>; cat shard.tar'",
+                   did="refused with one line naming the list and the line, before anything runs; runs only "
+                       "with data.allow_pipe_in_lists=true; pipe: typed in data.train runs as before",
+                   lost="nothing (no command runs)")
+def test_a_pipe_line_in_a_shard_list_runs_only_when_allowed(tmp_path, tiny_cfg, tiny_views):
+    from ssl_hybrid.errors import UserError
+
+    shard = labeled_shard(tmp_path / "a-000000.tar")
+    marker = tmp_path / "pipe_ran"
+    listing = tmp_path / "shards.txt"
+    listing.write_text(f"# from elsewhere\n\npipe:touch {marker}; cat {shard}\n")
+    for load in (lambda: build_train_stream(tiny_cfg(listing), 1, 0, 0, 1, tiny_views, epochs=1),
+                 lambda: load_labeled(listing)):
+        with pytest.raises(UserError, match=rf"^{listing} line 3: a 'pipe:' shard runs a shell command.*"
+                                            r"data\.allow_pipe_in_lists=true"):
+            load()
+    assert not marker.exists()
+    allowed = build_train_stream(tiny_cfg(listing, allow_pipe_in_lists=True), 1, 0, 0, 1, tiny_views, epochs=1)
+    assert sorted(key for batch in allowed for key in batch["key"]) == ["k0", "k1"] and marker.exists()
+    typed = build_train_stream(tiny_cfg(f"pipe:cat {shard}"), 1, 0, 0, 1, tiny_views, epochs=1)
+    assert sorted(key for batch in typed for key in batch["key"]) == ["k0", "k1"]
+
+
+@pytest.mark.fault(injected="manifest.json listing shards named ../outside.tar, /abs/path.tar and pipe:<command>",
+                   did="refused with one line naming the manifest and the name, by the stream and labeled sets "
+                       "alike: a manifest lists files in its own folder",
+                   lost="nothing (no file outside the folder is read, no command runs)")
+def test_manifest_shard_names_outside_its_folder_are_refused(tmp_path, tiny_cfg, tiny_views):
+    from ssl_hybrid.errors import UserError
+
+    directory = tmp_path / "set"
+    directory.mkdir()
+    outside = labeled_shard(tmp_path / "outside.tar")
+    marker = tmp_path / "pipe_ran"
+    for name in ("../outside.tar", str(outside), f"pipe:touch {marker}; cat {outside}"):
+        write_manifest(directory, {name: 2}, classes=["a", "b"])
+        for load in (lambda: build_train_stream(tiny_cfg(directory), 1, 0, 0, 1, tiny_views, epochs=1),
+                     lambda: load_labeled(directory)):
+            with pytest.raises(UserError) as caught:
+                load()
+            assert str(directory / "manifest.json") in str(caught.value) and repr(name) in str(caught.value)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------- image decoders and sizes
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+@pytest.mark.fault(injected="a PostScript/EPS file named .jpg (PIL hands EPS to Ghostscript)",
+                   did="decoded only by the formats of the supported extensions: skipped and counted as not a "
+                       "readable image (stream, labeled sets, shard writer); Ghostscript never runs",
+                   lost="nothing but that file")
+def test_postscript_never_reaches_ghostscript(tmp_path, monkeypatch, image_folder):
+    from PIL import EpsImagePlugin
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args) or 1 / 0)
+    reason = decode_image_or_reason({"__key__": "k", "jpg": EPS})[1]
+    assert reason.startswith("not a readable image (UnidentifiedImageError")
+    (image_folder / "alpha" / "drawing.jpg").write_bytes(EPS)
+    labeled = load_labeled(image_folder)
+    assert labeled.decode(labeled.ids.index("alpha/drawing.jpg"))[0] is None
+    manifest = shard_format.write_shards(image_folder, tmp_path / "out", progress=False, workers=1)
+    assert [s["path"] for s in manifest["skipped"]] == ["alpha/drawing.jpg"]
+    assert calls == []
+
+
+def bounded_resizes(monkeypatch, limit: int) -> list[tuple[int, int]]:
+    """Record every PIL resize; one asking for more than ``limit`` pixels fails before it allocates."""
+    from PIL import Image
+
+    sizes, resize = [], Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(tuple(size))
+        if size[0] * size[1] > limit:
+            raise MemoryError(f"resize to {size[0]}x{size[1]} px")
+        return resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    return sizes
+
+
+@pytest.mark.fault(injected="a 1 x 60000 px PNG strip (a few hundred bytes) in an evaluation set",
+                   did="the evaluation resize bounds its longer side (16x the shorter): the strip becomes a padded "
+                       "96 px crop from a 1 x 1760 px resize instead of a 110 x 6.6M px (2 GB) one",
+                   lost="nothing")
+def test_an_extreme_aspect_ratio_cannot_make_the_evaluation_resize_allocate_gigabytes(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from ssl_hybrid.data.labeled import TorchLabeledDataset
+    from ssl_hybrid.eval.features import eval_transform
+
+    folder = tmp_path / "labeled" / "a"
+    folder.mkdir(parents=True)
+    (folder / "strip.png").write_bytes(encoded(Image.new("RGB", (60_000, 1), RED), "PNG"))
+    (folder / "tall.png").write_bytes(encoded(Image.new("RGB", (1, 60_000), RED), "PNG"))
+    (folder / "square.png").write_bytes(encoded(quadrants(), "PNG"))
+    sizes = bounded_resizes(monkeypatch, limit=110 * 110 * 16)
+    dataset = TorchLabeledDataset(load_labeled(tmp_path / "labeled"), eval_transform(96))
+    pixels = [dataset[index][0] for index in range(len(dataset))]
+    assert all(tensor.shape == (3, 96, 96) for tensor in pixels)
+    assert max(w * h for w, h in sizes) <= 110 * 110 * 16 and (110, 110) in sizes  # the square one as before
+
+
+class StripRefusingViews:
+    """TinyViews that fail on an image 50 times wider than tall, as an augmentation pipeline may."""
+
+    def __call__(self, image) -> dict:
+        if image.width > 50 * image.height:
+            raise ValueError(f"cannot crop a {image.width}x{image.height} image")
+        return TinyViews()(image)
+
+
+@pytest.mark.fault(injected="a transform that raises on one image of a shard (an extreme aspect ratio)",
+                   did="that sample is skipped, counted and logged with its url and key like a corrupt image; "
+                       "the other samples train",
+                   lost="only that sample")
+def test_a_transform_failure_is_a_counted_skip(tmp_path, tiny_cfg, caplog):
+    from PIL import Image
+
+    directory = tmp_path / "shards"
+    directory.mkdir()
+    samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes(i)} for i in range(3)]
+    samples.insert(1, {"__key__": "strip", "png": encoded(Image.new("RGB", (2000, 1)), "PNG")})
+    write_tar(directory / "s-000000.tar", samples)
+    write_manifest(directory, {"s-000000.tar": 4})
+    stream = build_train_stream(tiny_cfg(directory, max_skip_rate=0.5), 1, 0, 0, 1, StripRefusingViews(), epochs=1)
+    assert sorted(key for batch in stream for key in batch["key"]) == ["k0", "k1", "k2"]
+    assert stream.stats()["seen"] == 4 and stream.stats()["skipped"] == 1
+    assert "key strip: cannot be transformed (ValueError: cannot crop a 2000x1 image)" in caplog.text
