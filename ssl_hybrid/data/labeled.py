@@ -24,8 +24,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ssl_hybrid.data.shards import (IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, manifest_shard_paths, tar_members,
-                                   unsafe_member_name)
+from ssl_hybrid.data.shards import (IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, manifest_shard_paths, oversized_member,
+                                   parse_label, tar_members, unsafe_member_name)
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,10 @@ def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
             if key is None:  # no extension: a group without image, skipped below with a warning
                 key, ext = member.name, ""
             ext = ext.lower()
+            too_large = oversized_member(member, ext)
+            if too_large:  # never read (here or later): the sample is skipped below with a warning
+                groups.setdefault(key, {})["__error__"] = too_large.encode()
+                continue
             groups.setdefault(key, {})[ext] = read() if ext in _READ_WHILE_INDEXING else member
     except tarfile.TarError as err:
         raise LabeledDataError(f"{url}: unreadable tar shard ({err})") from None
@@ -272,20 +276,23 @@ def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
 def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarInfo, bytes]],
                        names_by_label: dict[int, str]) -> Optional[Sample]:
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
+    if "__error__" in fields:
+        log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())
+        return None
     if image is None or "cls" not in fields:
         log.warning("%s: sample '%s' skipped (needs an image and a 'cls')", url, key)
         return None
     try:
-        label = int(fields["cls"].decode().strip())
-    except ValueError:
-        log.warning("%s: sample '%s' skipped ('cls' is not an integer)", url, key)
+        label = parse_label(fields["cls"])
+    except (ValueError, UnicodeDecodeError) as err:
+        log.warning("%s: sample '%s' skipped ('cls' is not a class index: %s)", url, key, err)
         return None
     if "json" in fields:
         try:
             meta = json.loads(fields["json"])
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
-        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8: the sample itself is fine
+        except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the decoder goes
             log.warning("%s: sample '%s': its 'json' is not valid JSON (%s); the sample is kept, its class_name "
                         "is ignored (the class is named by another sample's json, else by its number)", url, key, err)
     return Sample(id=key, label=label, path=url, offset=image.offset_data, size=image.size)

@@ -47,6 +47,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 IMAGE_KEYS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
 # PIL's own default (about 89 Mpx); an image declaring more pixels is refused before decoding.
 MAX_IMAGE_PIXELS = 89_478_485
+# Tar members are read whole, so a shard from elsewhere could ask for any amount of memory: a larger member is
+# refused unread (its sample skipped and counted). 1 GiB holds any image within MAX_IMAGE_PIXELS even stored raw
+# (89 Mpx x 4 channels x 16 bit = 716 MB); the sidecars the tool parses (cls, json) are a few bytes.
+MAX_MEMBER_BYTES = 1 << 30
+MAX_SIDECAR_BYTES = 1 << 20
+SIDECAR_KEYS = ("cls", "json")
+# A label is a class index; more classes than the largest common label sets (ImageNet-21k: 21,841) by far means a
+# malformed 'cls', not a dataset: a class list and k-NN scores are sized by it.
+MAX_CLASSES = 100_000
 _TMP_PREFIX = ".partial-"
 
 
@@ -211,6 +220,22 @@ def _manifest_name_problem(name) -> Optional[str]:
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", name):
         return "a URL scheme, not a file"
     return unsafe_member_name(name)
+
+
+def oversized_member(member: tarfile.TarInfo, field: str) -> Optional[str]:
+    """Why a tar member is too large to read (see :data:`MAX_MEMBER_BYTES`), or None."""
+    limit = MAX_SIDECAR_BYTES if field.lower() in SIDECAR_KEYS else MAX_MEMBER_BYTES
+    if member.size <= limit:
+        return None
+    return f"tar member {member.name!r} has {member.size} bytes, over the {limit}-byte limit for .{field} fields"
+
+
+def parse_label(data: bytes) -> int:
+    """A ``cls`` field's class index; ValueError when it is not an integer in ``0 .. MAX_CLASSES - 1``."""
+    label = int(bytes(data).decode("ascii").strip())
+    if not 0 <= label < MAX_CLASSES:
+        raise ValueError(f"label {label} outside 0..{MAX_CLASSES - 1}")
+    return label
 
 
 def is_webdataset_meta(name: str) -> bool:

@@ -233,11 +233,14 @@ def sample_label(sample: dict) -> Optional[int]:
     """The integer ``cls`` of a labeled sample, None when unlabeled; ValueError when malformed."""
     if "cls" not in sample:
         return None
-    return int(bytes(sample["cls"]).decode("ascii").strip())
+    return shard_format.parse_label(sample["cls"])
 
 
 def sample_meta(sample: dict) -> Optional[dict]:
-    return json.loads(sample["json"]) if "json" in sample else None
+    try:
+        return json.loads(sample["json"]) if "json" in sample else None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,6 +277,10 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
                 current = None
             if current is None:
                 current = {"__key__": prefix, "__url__": url}
+            too_large = shard_format.oversized_member(member, suffix)
+            if too_large:  # left unread; the sample is a counted bad one
+                current["__error__"] = too_large
+                continue
             current[suffix.lower()] = read()
         if current is not None:
             count += 1
@@ -388,8 +395,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             return None, reason
         try:
             label = sample_label(raw)
-        except (ValueError, UnicodeDecodeError):
-            return None, "malformed cls field"
+        except (ValueError, UnicodeDecodeError) as err:
+            return None, f"malformed cls field ({err})"
         # In the main process the global RNGs belong to the trainer: put them back after the sample.
         with rng_state.preserved(cuda=False) if in_main else contextlib.nullcontext():
             seed_global_rngs(seed)

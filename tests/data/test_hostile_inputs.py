@@ -499,3 +499,83 @@ def test_a_transform_failure_is_a_counted_skip(tmp_path, tiny_cfg, caplog):
     assert sorted(key for batch in stream for key in batch["key"]) == ["k0", "k1", "k2"]
     assert stream.stats()["seen"] == 4 and stream.stats()["skipped"] == 1
     assert "key strip: cannot be transformed (ValueError: cannot crop a 2000x1 image)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- sidecars, labels, sizes
+
+DEEP_JSON = b"[" * 200_000 + b"]" * 200_000  # 400 KB: deeper than json's decoder recurses
+
+
+@pytest.mark.fault(injected="a labeled shard whose sample's .json sidecar is nested 200,000 levels deep, and a "
+                            "manifest.json / backbone.json nested as deep",
+                   did="the sample is kept with a warning (its class_name ignored); the nested manifest or "
+                       "backbone.json is refused with one line naming it",
+                   lost="nothing")
+def test_deeply_nested_json_is_a_warning_or_one_line(tmp_path, tiny_cfg, tiny_views, caplog):
+    from ssl_hybrid.errors import UserError
+    from ssl_hybrid.eval.backbones import load_backbone_spec
+
+    directory = tmp_path / "set"
+    directory.mkdir()
+    write_tar(directory / "s-000000.tar", [{"__key__": "deep", "jpg": jpeg_bytes(0), "cls": b"1", "json": DEEP_JSON},
+                                           {"__key__": "fine", "jpg": jpeg_bytes(1), "cls": b"0",
+                                            "json": b'{"class_name": "cat"}'}])
+    (directory / "manifest.json").write_text(
+        '{"format": "ssl_hybrid-shards/1", "shards": [{"name": "s-000000.tar", "samples": 2}]}')
+    labeled = load_labeled(directory)
+    assert labeled.ids == ["deep", "fine"] and labeled.classes == ["cat", "1"]
+    assert "sample 'deep': its 'json' is not valid JSON" in caplog.text
+    (directory / "manifest.json").write_bytes(DEEP_JSON)
+    for load in (lambda: load_labeled(directory),
+                 lambda: build_train_stream(tiny_cfg(directory), 1, 0, 0, 1, tiny_views, epochs=1)):
+        with pytest.raises(UserError, match=r"manifest\.json: unreadable manifest \(RecursionError"):
+            load()
+    (tmp_path / "backbone.json").write_bytes(DEEP_JSON)
+    (tmp_path / "backbone.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"backbone\.json: JSON nested too deeply"):
+        load_backbone_spec(str(tmp_path))
+
+
+@pytest.mark.fault(injected="cls fields of -3, 10^30 and 10^12 (a labeled set without class names would list "
+                            "10^12 classes)",
+                   did="the stream skips and counts those samples ('malformed cls field (label ... outside "
+                       "0..99999)'); labeled sets skip them with a warning",
+                   lost="only those samples")
+def test_labels_out_of_range_or_absurdly_large_are_skipped(tmp_path, tiny_cfg, tiny_views, caplog):
+    directory = tmp_path / "set"
+    directory.mkdir()
+    labels = {"neg": b"-3", "huge": str(10**30).encode(), "wide": str(10**12).encode(), "ok0": b"0", "ok1": b"1"}
+    write_tar(directory / "s-000000.tar", [{"__key__": key, "jpg": jpeg_bytes(i), "cls": cls}
+                                           for i, (key, cls) in enumerate(labels.items())])
+    write_manifest(directory, {"s-000000.tar": 5})  # no class names: the labels size the class list
+    stream = build_train_stream(tiny_cfg(directory, max_skip_rate=1.0), 1, 0, 0, 1, tiny_views, epochs=1)
+    batches = list(stream)
+    assert sorted(key for batch in batches for key in batch["key"]) == ["ok0", "ok1"]
+    assert sorted(int(batch["label"][0]) for batch in batches) == [0, 1]
+    assert stream.stats()["skipped"] == 3 and "key huge: malformed cls field (label 10000" in caplog.text
+    labeled = load_labeled(directory)
+    assert labeled.ids == ["ok0", "ok1"] and labeled.classes == ["0", "1"]
+    assert "sample 'wide' skipped ('cls' is not a class index: label 1000000000000 outside 0..99999)" in caplog.text
+
+
+@pytest.mark.fault(injected="tar members larger than the tool reads: a 2 MiB .json sidecar (limit 1 MiB), and an "
+                            "image member over the member limit (lowered for the test)",
+                   did="left unread; their samples skipped and counted by the stream, skipped with a warning by "
+                       "labeled sets", lost="only those samples")
+def test_oversized_tar_members_are_skipped_unread(tmp_path, tiny_cfg, tiny_views, monkeypatch, caplog):
+    directory = tmp_path / "set"
+    directory.mkdir()
+    big_json = b'{"pad": "' + b"x" * (2 << 20) + b'"}'
+    write_tar(directory / "s-000000.tar", [
+        {"__key__": "ok0", "jpg": jpeg_bytes(0), "cls": b"0"},
+        {"__key__": "bigjson", "jpg": jpeg_bytes(1), "cls": b"1", "json": big_json},
+        {"__key__": "bigimage", "png": encoded(quadrants(size=64), "PNG", compress_level=0), "cls": b"1"},
+        {"__key__": "ok1", "jpg": jpeg_bytes(2), "cls": b"1"}])
+    write_manifest(directory, {"s-000000.tar": 4}, classes=["a", "b"])
+    monkeypatch.setattr(shard_format, "MAX_MEMBER_BYTES", 20_000)  # the PNG is ~49 KB, the JPEGs ~1.5 KB
+    stream = build_train_stream(tiny_cfg(directory, max_skip_rate=1.0), 1, 0, 0, 1, tiny_views, epochs=1)
+    assert sorted(key for batch in stream for key in batch["key"]) == ["ok0", "ok1"]
+    assert stream.stats()["seen"] == 4 and stream.stats()["skipped"] == 2
+    assert "key bigjson: tar member 'bigjson.json' has 2097163 bytes, over the 1048576-byte limit" in caplog.text
+    assert "key bigimage: tar member 'bigimage.png' has" in caplog.text
+    assert load_labeled(directory).ids == ["ok0", "ok1"]
