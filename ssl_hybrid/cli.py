@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 from ssl_hybrid import __version__
 from ssl_hybrid.errors import UserError
-from ssl_hybrid.logs import setup_logging
+from ssl_hybrid.logs import redact, setup_logging
 
 log = logging.getLogger("ssl_hybrid")
 
@@ -495,7 +495,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except UserError as err:
-        print(f"ssl-hybrid {args.command}: error: {err}", file=sys.stderr)
+        print(f"ssl-hybrid {args.command}: error: {redact(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"ssl-hybrid {args.command}: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -279,7 +280,28 @@ def unknown_key_message(key: str, known: list[str]) -> str:
     return f"unknown key '{key}'" + (f" — did you mean '{match[0]}'?" if match else "")
 
 
+# ${oc.env:NAME} would put the variable's value (often a secret) into the resolved config, which is saved
+# (config.yaml, checkpoints) and logged: a recipe or override names what a run reads, not the secret.
+_ENV_INTERPOLATION = re.compile(r"\$\{\s*oc\.env\s*:")
+
+
+def _env_interpolations(values: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of ``values`` (dict, list or DictConfig, unresolved) whose string uses ``${oc.env:...}``."""
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=False)
+    if isinstance(values, dict):
+        return [key for name, value in values.items() for key in _env_interpolations(value, f"{prefix}{name}.")]
+    if isinstance(values, (list, tuple)):
+        return [key for i, value in enumerate(values) for key in _env_interpolations(value, f"{prefix}{i}.")]
+    return [prefix.rstrip(".")] if isinstance(values, str) and _ENV_INTERPOLATION.search(values) else []
+
+
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    env_keys = _env_interpolations(update)
+    if env_keys:
+        raise ConfigError(f"{source}: key '{env_keys[0]}': ${{oc.env:...}} is not resolved, since the resolved config "
+                          "is saved and logged; let a pipe: command's shell read the variable ($NAME) or use the "
+                          "storage tool's own credentials")
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as err:

@@ -426,8 +426,11 @@ def build_monitor(config: Config):
 
 
 def flat_hparams(config: Config) -> dict[str, Any]:
+    from ssl_hybrid.logs import redact
+
     flat = ckpt._flatten(to_dict(config))
-    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+    # Shard URLs may carry credentials (user:pass@, signed query strings); TensorBoard files get shared.
+    return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
 
 
 def batches(run: Run) -> Iterator[dict]:

@@ -579,3 +579,68 @@ def test_oversized_tar_members_are_skipped_unread(tmp_path, tiny_cfg, tiny_views
     assert "key bigjson: tar member 'bigjson.json' has 2097163 bytes, over the 1048576-byte limit" in caplog.text
     assert "key bigimage: tar member 'bigimage.png' has" in caplog.text
     assert load_labeled(directory).ids == ["ok0", "ok1"]
+
+
+# ------------------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.fault(injected="${oc.env:SSL_HYBRID_TEST_SECRET} in a recipe, a command-line override and a saved "
+                            "config.yaml (the variable holding a secret)",
+                   did="refused with one line naming the source and the key before anything is resolved or "
+                       "written; a pipe: command that reads $VAR in its shell is kept literally",
+                   lost="nothing (the secret is in no saved config or log)")
+def test_environment_variables_are_never_resolved_into_configs(tmp_path, monkeypatch):
+    from ssl_hybrid.config import ConfigError, from_dict, load_config, to_dict, write_config
+
+    monkeypatch.setenv("SSL_HYBRID_TEST_SECRET", "s3cr3t-value")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  train: https://host/s-{000000..000003}.tar?token=${oc.env:SSL_HYBRID_TEST_SECRET}\n")
+    with pytest.raises(ConfigError, match=rf"^{recipe}: key 'data\.train': \$\{{oc\.env:\.\.\.}} is not resolved"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"^command line \(train\.output_dir=.*key 'train\.output_dir'"):
+        load_config(overrides=["train.output_dir=/runs/${oc.env:SSL_HYBRID_TEST_SECRET}"])
+    saved = dict(to_dict(load_config()), name="${oc.env:SSL_HYBRID_TEST_SECRET}")
+    with pytest.raises(ConfigError, match=r"^run/config\.yaml: key 'name'"):
+        from_dict(saved, "run/config.yaml")
+    typed = load_config(overrides=["data.train=pipe:curl -s https://host/a.tar?token=$SSL_HYBRID_TEST_SECRET"])
+    written = write_config(typed, tmp_path / "run").read_text()
+    assert "token=$SSL_HYBRID_TEST_SECRET" in written and "s3cr3t" not in written
+
+
+@pytest.mark.fault(injected="shard URLs with credentials (https://user:pass@host/..., ?X-Amz-Signature=, Azure "
+                            "sig=, a Bearer token in a pipe: curl)",
+                   did="replaced by *** in TensorBoard hparams, in every log line and in the CLI's one-line "
+                       "errors; the config itself is used as typed",
+                   lost="nothing")
+def test_credentials_in_shard_urls_are_not_written_to_hparams_or_logs(tmp_path, capsys):
+    import logging
+
+    from ssl_hybrid.cli import main
+    from ssl_hybrid.config import load_config
+    from ssl_hybrid.logs import setup_logging
+    from ssl_hybrid.train.loop import flat_hparams
+
+    secrets = ("pa55w0rd", "SIGabc123", "AKIAEXAMPLE", "c2FzLXNpZw", "eyJtoken.x")
+    train = ("https://alice:pa55w0rd@store.example/s-{000000..000009}.tar"
+             "?X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=SIGabc123&part=1")
+    val = "https://acct.blob.core.windows.net/c/val?sv=2024&sig=c2FzLXNpZw"
+    config = load_config(overrides=[f"data.train={train}", f"data.val={val}"])
+    hparams = flat_hparams(config)
+    assert hparams["data.train"] == "https://***@store.example/s-{000000..000009}.tar" \
+                                   "?X-Amz-Credential=***&X-Amz-Signature=***&part=1"
+    assert not any(secret in str(value) for value in hparams.values() for secret in secrets)
+    stream = io.StringIO()
+    setup_logging(0, stream)
+    try:
+        logging.getLogger("ssl_hybrid.data.stream").warning("shard %s unreadable", train)
+        logging.getLogger("webdataset").error("curl failed: pipe:curl -H 'Authorization: Bearer eyJtoken.x' %s", val)
+    finally:
+        logging.getLogger().handlers.clear()
+    assert "store.example/s-{000000..000009}.tar" in stream.getvalue()
+    assert not any(secret in stream.getvalue() for secret in secrets)
+    try:
+        assert main(["shards", "--src", train, "--out", str(tmp_path / "out")]) == 2
+    finally:
+        logging.getLogger().handlers.clear()
+    error = capsys.readouterr().err
+    assert "source not found" in error and not any(secret in error for secret in secrets)
