@@ -57,8 +57,8 @@ count, and :meth:`TrainStream.load_state_dict` refuses a mismatch rather than si
 
 Bad data. Corrupt image bytes, zero-byte images, samples without an image, unreadable/truncated tars,
 decompression bombs and images the transform fails on are skipped with a warning naming ``__url__`` and
-``__key__`` and counted. A truncated or unreadable shard counts as many skipped samples as the manifest says it lost (1 when
-there is no manifest). Above ``data.max_skip_rate`` (checked once ``data.skip_rate_min_samples``
+``__key__`` and counted. A truncated or unreadable shard counts as many skipped samples as the manifest
+says it lost (1 when there is no manifest). Above ``data.max_skip_rate`` (checked once ``data.skip_rate_min_samples``
 samples were seen, and at every worker-epoch end) the stream stops with a :class:`DataQualityError`.
 
 Worker priority. On a CPU trainer the workers share the cores with the training step's compute threads, which

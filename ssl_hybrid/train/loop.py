@@ -430,7 +430,8 @@ def flat_hparams(config: Config) -> dict[str, Any]:
 
     flat = ckpt._flatten(to_dict(config))
     # Shard URLs may carry credentials (user:pass@, signed query strings); TensorBoard files get shared.
-    return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+    return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()
+            if isinstance(v, (int, float, str, bool))}
 
 
 def batches(run: Run) -> Iterator[dict]:

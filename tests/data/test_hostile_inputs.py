@@ -364,7 +364,8 @@ def test_timm_loads_checkpoints_with_weights_only():
 
 
 def labeled_shard(path: Path, count: int = 2) -> Path:
-    return write_tar(path, [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "cls": str(i % 2).encode()} for i in range(count)])
+    samples = [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "cls": str(i % 2).encode()} for i in range(count)]
+    return write_tar(path, samples)
 
 
 @pytest.mark.fault(injected="a shard list file (.txt) with a line 'pipe:touch <marker>; cat shard.tar'",
