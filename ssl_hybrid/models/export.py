@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ssl_hybrid.errors import UserError
-from ssl_hybrid.models.factory import check_factory_args, create_model
+from ssl_hybrid.models.factory import ModelArgsError, check_factory_args, create_model_from_file_args
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,10 @@ def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[s
         raise BackboneLoadError(f"{where}: no 'model_name' key naming the timm model; "
                                 "write one with {\"model_name\": \"<timm name>\", \"image_size\": <px>}")
     meta["factory_kwargs"] = dict(meta.get("factory_kwargs") or {})
-    check_factory_args(meta["model_name"], meta["factory_kwargs"], str(where))  # a file is data, never code
+    try:
+        check_factory_args(meta["model_name"], meta["factory_kwargs"], str(where))  # a file is data, never code
+    except ModelArgsError as err:
+        raise BackboneLoadError(str(err)) from None
     return meta
 
 
@@ -191,7 +194,7 @@ def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignor
     kwargs = {k: v for k, v in {**meta["factory_kwargs"], **override_kwargs}.items() if k != "pretrained"}
     image_size = kwargs.pop("img_size", None)
     try:
-        model = create_model(meta["model_name"], image_size, **kwargs)
+        model = create_model_from_file_args(meta["model_name"], image_size, kwargs, str(weights_path))
     except (RuntimeError, TypeError, ValueError) as err:
         raise BackboneLoadError(f"{weights_path}: cannot build {meta['model_name']} with "
                                 f"{dict(kwargs, img_size=image_size)}: {err}") from err

@@ -66,9 +66,13 @@ def factory_arguments(name: str) -> frozenset[str]:
     """The constructor arguments of the model class ``name`` builds: what a model family defines.
 
     Read from the class's signature (the class is found by building the default model on the meta device,
-    which allocates nothing), so every registered family, ours and timm's, has its exact list.
+    which allocates nothing), so every registered family, ours and timm's, has its exact list. Our
+    ``hybrid_*``/``resvit_*`` constructors compute their drop-path rates on the CPU for that reason.
     """
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            model_class = type(timm.create_model(name, pretrained=False))
+    except Exception:  # a constructor that reads tensor values cannot run on meta: build it for real, once
         model_class = type(timm.create_model(name, pretrained=False))
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return frozenset(p.name for p in inspect.signature(model_class).parameters.values() if p.kind in named)
