@@ -339,6 +339,161 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_eval_handler("run_report"))
 
 
+# --------------------------------------------------------------------------------------------
+# embed / neighbors / predict: use a trained backbone (logic in ssl_hybrid/eval/embed.py and predict.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _model_input_args(parser: argparse.ArgumentParser, pooling: bool = True) -> None:
+    """Image size, batch, workers (and pooling): the evaluators' extraction settings and defaults."""
+    from ssl_hybrid.config import POOLINGS, EvalConfig
+
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="resize + center crop size; 0 = the backbone's pretraining size (224 for timm:/random:)")
+    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
+    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    if pooling:
+        parser.add_argument("--pooling", choices=POOLINGS, default=EvalConfig.pooling,
+                            help="the evaluators' pooling: multiscale where the backbone has a pyramid, else default")
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "embed", formatter_class=_HelpFormatter,
+        help="write the embeddings of images (+ ids, FAISS index, meta) for retrieval, de-duplication, viewers",
+        description="Embed every image of DATA (image folder, flat or with class sub-folders; shards; a text list of\n"
+                    "images) with the evaluators' preprocessing and pooling. Writes to --out: embeddings.npy (float32,\n"
+                    "L2-normalised, N x D, np.load(..., mmap_mode='r')), ids.csv (id, label, class, path in the same\n"
+                    "order), index.faiss (IndexFlatIP) and meta.json (backbone + hash, pooling, preprocessing).\n"
+                    "Chunks are saved as they finish: re-running an interrupted command resumes it. A folder holding\n"
+                    "another backbone's embeddings is refused. Unreadable images are skipped and counted.\n\n"
+                    "examples:\n  ssl-hybrid embed runs/quickstart photos/ --out emb/photos --plot\n"
+                    "  ssl-hybrid neighbors emb/photos photos/cat.jpg -k 8 --grid cat_neighbours.png")
+    parser.add_argument("backbone", metavar="BACKBONE", help=_BACKBONE_HELP)
+    parser.add_argument("data", metavar="DATA", help="image folder, shard directory / pattern, or a .txt list of images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the embeddings folder")
+    _model_input_args(parser)
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="images per saved chunk (rounded up to whole batches); 0 = 32 batches")
+    parser.add_argument("--plot", nargs="?", const="map.png", default=None, metavar="FILE.png",
+                        help="also draw a 2-D map of the embeddings (UMAP when installed, else PCA), coloured by "
+                             "label; a relative FILE goes into --out")
+    parser.set_defaults(handler=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssl_hybrid.eval.embed import embed_folder, load_embedder, open_embeddings, plot_map
+
+    embedder = load_embedder(args.backbone, args.image_size or None, args.pooling, args.batch_size, args.workers,
+                             progress=sys.stderr.isatty())
+    meta = embed_folder(embedder, args.data, args.out, args.chunk_size)
+    print(f"{args.out}: {meta['count']} x {meta['dim']} embeddings ({meta['pooling']} pooling, {meta['image_size']} px), "
+          f"{len(meta['skipped_unreadable'])} unreadable image(s) skipped")
+    if args.plot:
+        plot = Path(args.plot) if Path(args.plot).is_absolute() else Path(args.out) / args.plot
+        drawn = plot_map(open_embeddings(args.out), plot)
+        print(f"map:  {drawn['path']} ({drawn['method']}, {drawn['points']} points)")
+    return 0
+
+
+def _add_neighbors(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "neighbors", formatter_class=_HelpFormatter, help="nearest images of a query in an embeddings folder; near-duplicates",
+        description="The k most similar images (cosine similarity, exact FAISS search) of each QUERY: an image file\n"
+                    "or folder (embedded with the folder's backbone, checked by its hash) or an id from ids.csv\n"
+                    "(which is then not its own neighbour). --duplicates lists pairs above a similarity instead.\n\n"
+                    "examples:\n  ssl-hybrid neighbors emb/photos photos/cat.jpg -k 8 --grid cat.png --out cat.csv\n"
+                    "  ssl-hybrid neighbors emb/photos --duplicates 0.95 --out dups.csv")
+    parser.add_argument("folder", metavar="DIR", help="an embeddings folder written by `ssl-hybrid embed`")
+    parser.add_argument("queries", nargs="*", metavar="QUERY", help="image paths, image folders or ids of DIR")
+    parser.add_argument("-k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--duplicates", type=float, default=None, metavar="SIMILARITY",
+                        help="list the pairs of images whose cosine similarity is at least this, e.g. 0.95")
+    parser.add_argument("--grid", default=None, metavar="FILE.png", help="also draw the queries and their neighbours")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the result: .csv as rows, else JSON")
+    _model_input_args(parser, pooling=False)
+    parser.set_defaults(handler=_run_neighbors)
+
+
+def _run_neighbors(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval import embed as emb
+    from ssl_hybrid.eval.predict import write_result
+
+    embeddings = emb.open_embeddings(args.folder)
+    if args.duplicates is not None:
+        pairs = emb.duplicates(embeddings, args.duplicates)
+        print(f"{len(pairs)} pair(s) with similarity >= {args.duplicates:g}")
+        for pair in pairs:
+            print(f"{pair['similarity']:.4f}  {pair['a']}  {pair['b']}")
+        if args.out:
+            write_result(args.out, {"threshold": args.duplicates, "pairs": pairs}, pairs, ("similarity", "a", "b", "row_a", "row_b"))
+        return 0
+    if not args.queries:
+        raise UserError("name at least one QUERY (an image, a folder or an id), or use --duplicates")
+    embedder = None
+    known = {s.id for s in embeddings.items.samples}
+    if any(q not in known for q in args.queries):
+        embedder = emb.embedder_for(embeddings, args.batch_size, args.workers)
+    results = emb.nearest(embeddings, args.queries, args.k, embedder)
+    for result in results:
+        print(f"query {result['query']}")
+        for item in result["neighbours"]:
+            print(f"  {item['rank']:3d}  {item['similarity']:.4f}  {item['id']}" + (f"  ({item['class']})" if item["class"] else ""))
+    if args.out:
+        rows = [dict(item, query=r["query"]) for r in results for item in r["neighbours"]]
+        write_result(args.out, {"folder": args.folder, "k": args.k, "results": results}, rows,
+                     ("query", "rank", "similarity", "id", "label", "class", "path"))
+    if args.grid:
+        print(f"grid: {emb.neighbour_grid(embeddings, results, args.grid)}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from ssl_hybrid.config import EvalConfig
+
+    parser = sub.add_parser(
+        "predict", formatter_class=_HelpFormatter, help="classify images with a fine-tuned model, or by k-NN on a labeled bank",
+        description="MODEL is a classifier folder saved by `ssl-hybrid finetune`: the top classes with their softmax\n"
+                    "probabilities. Or MODEL is any backbone and --bank a labeled folder/shards (a few images per\n"
+                    "class): k-NN with the evaluators' protocol (k=20, T=0.07, votes weighted by exp(sim/T)), the\n"
+                    "probability being a class's share of the votes. Unreadable images are skipped and counted.\n\n"
+                    "examples:\n  ssl-hybrid predict runs/finetuned photos/a.jpg photos/b.jpg --out predictions.csv\n"
+                    "  ssl-hybrid predict runs/quickstart photos/ --bank labeled_examples/ --top 3")
+    parser.add_argument("model", metavar="MODEL", help="classifier folder, or (with --bank) " + _BACKBONE_HELP)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, image lists or shards")
+    parser.add_argument("--bank", default=None, help="labeled image folder (class sub-folders) or labeled shards: "
+                                                     "classify by k-NN instead of a classifier head")
+    parser.add_argument("--top", type=int, default=5, help="classes listed per image")
+    parser.add_argument("-k", type=int, default=EvalConfig.knn_k, help="neighbours that vote (with --bank)")
+    parser.add_argument("--temperature", type=float, default=EvalConfig.knn_temperature, help="vote temperature (with --bank)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the predictions: .csv as rows, else JSON")
+    _model_input_args(parser)
+    parser.add_argument("--no-cache", action="store_true", help="with --bank: do not read or write the feature cache")
+    parser.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval import predict as pr
+
+    if args.bank:
+        from ssl_hybrid.eval.features import default_cache_dir
+
+        result = pr.predict_with_bank(args.model, args.bank, args.images, k=args.k, temperature=args.temperature,
+                                      top=args.top, image_size=args.image_size or None, pooling=args.pooling,
+                                      batch_size=args.batch_size, num_workers=args.workers,
+                                      cache_dir=None if args.no_cache else default_cache_dir(),
+                                      progress=sys.stderr.isatty())
+    else:
+        result = pr.predict_with_model(args.model, args.images, top=args.top, batch_size=args.batch_size,
+                                       num_workers=args.workers, progress=sys.stderr.isatty())
+    print(pr.prediction_table(result), end="")
+    if args.out:
+        pr.write_result(args.out, result, pr.prediction_rows(result), ("image", "rank", "class", "label", "probability"))
+    return 0
+
+
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "pretrain", formatter_class=_HelpFormatter, help="self-supervised pretraining (resumes automatically)",
@@ -461,6 +616,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fewshot,
     _add_finetune,
     _add_report,
+    _add_embed,
+    _add_neighbors,
+    _add_predict,
     _add_pretrain,
     _add_export,
     _add_search,

@@ -35,18 +35,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SSL_HYBRID_CACHE", Path.home() / ".cache" / "ssl_hybrid")) / "features"
 
 
-def eval_transform(image_size: int):
+def eval_transform(image_size: int, mean=None, std=None, crop_pct: Optional[float] = None):
     """Resize (shorter side to size / crop_pct, bicubic) + center crop + ImageNet normalization: timm's
     evaluation transform with the crop_pct of our models' pretrained_cfg, except that the resize side is
     rounded where timm's ``create_transform`` floors it (110 px rather than 109 at 96 px): every committed
-    evaluation number was measured with the rounded side."""
+    evaluation number was measured with the rounded side. ``mean``/``std``/``crop_pct``: a model folder's
+    own values (``predict``), when it records others."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.Resize(int(round(image_size / EVAL_CROP_PCT)), interpolation=T.InterpolationMode.BICUBIC),
+        T.Resize(int(round(image_size / (crop_pct or EVAL_CROP_PCT))), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(image_size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        T.Normalize(mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD),
     ])
 
 
