@@ -64,8 +64,9 @@ def predict_with_bank(spec: str, bank_spec: str, images: Sequence[str], *, k: in
 
     if k < 1 or temperature <= 0:
         raise UserError(f"-k must be >= 1 and --temperature > 0, got {k} and {temperature}")
+    queries = image_set(images)  # a mistyped image path fails before anything is loaded
     bank = check_images(load_labeled(bank_spec))
-    queries = check_images(image_set(images))
+    queries = check_images(queries)
     meta, ((bank_f, bank_y), (query_f, _)) = features_for_spec(spec, [bank, queries], image_size, batch_size,
                                                                num_workers, cache_dir, progress, pooling)
     with faiss_threads():
