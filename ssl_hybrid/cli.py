@@ -344,15 +344,15 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _model_input_args(parser: argparse.ArgumentParser, pooling: bool = True) -> None:
-    """Image size, batch, workers (and pooling): the evaluators' extraction settings and defaults."""
+def _model_input_args(parser: argparse.ArgumentParser, size_and_pooling: bool = True) -> None:
+    """Batch, workers (and image size, pooling): the evaluators' extraction settings and defaults."""
     from ssl_hybrid.config import POOLINGS, EvalConfig
 
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="resize + center crop size; 0 = the backbone's pretraining size (224 for timm:/random:)")
     parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
-    if pooling:
+    if size_and_pooling:
+        parser.add_argument("--image-size", type=int, default=0,
+                            help="resize + center crop size; 0 = the backbone's pretraining size (224 for timm:/random:)")
         parser.add_argument("--pooling", choices=POOLINGS, default=EvalConfig.pooling,
                             help="the evaluators' pooling: multiscale where the backbone has a pyramid, else default")
 
@@ -413,7 +413,7 @@ def _add_neighbors(sub: argparse._SubParsersAction) -> None:
                         help="list the pairs of images whose cosine similarity is at least this, e.g. 0.95")
     parser.add_argument("--grid", default=None, metavar="FILE.png", help="also draw the queries and their neighbours")
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the result: .csv as rows, else JSON")
-    _model_input_args(parser, pooling=False)
+    _model_input_args(parser, size_and_pooling=False)  # size and pooling: the folder's own
     parser.set_defaults(handler=_run_neighbors)
 
 
@@ -432,11 +432,7 @@ def _run_neighbors(args: argparse.Namespace) -> int:
         return 0
     if not args.queries:
         raise UserError("name at least one QUERY (an image, a folder or an id), or use --duplicates")
-    embedder = None
-    known = {s.id for s in embeddings.items.samples}
-    if any(q not in known for q in args.queries):
-        embedder = emb.embedder_for(embeddings, args.batch_size, args.workers)
-    results = emb.nearest(embeddings, args.queries, args.k, embedder)
+    results = emb.nearest(embeddings, args.queries, args.k, batch_size=args.batch_size, num_workers=args.workers)
     for result in results:
         print(f"query {result['query']}")
         for item in result["neighbours"]:

@@ -197,7 +197,9 @@ def load_images(spec: str | Path) -> LabeledSet:
         if not source.items:
             raise LabeledDataError(f"{path}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         return _from_source(source, spec)
-    if not path.exists() and "{" not in spec and "::" not in spec:
+    from ssl_hybrid.config import DEFAULT_CORPUS
+
+    if not path.exists() and "{" not in spec and "::" not in spec and spec.rstrip("/") != DEFAULT_CORPUS:
         raise LabeledDataError(f"{spec}: not found (expected an image folder, shards, an image list or an image)")
     return _load_shards(spec, require_labels=False)
 

@@ -95,6 +95,8 @@ def load_embedder(spec: str, image_size: Optional[int] = None, pooling: str = Ev
     from ssl_hybrid.eval.backbones import load_backbone_spec
     from ssl_hybrid.eval.features import eval_device, pooling_forward, resolved_pooling
 
+    if image_size is not None and image_size < 0:
+        raise EmbeddingsError(f"--image-size must be >= 0 (0 = the backbone's pretraining size), got {image_size}")
     if spec.startswith(("timm:", "random:")) or "://" in spec:
         resolved = spec
     else:  # a path: absolute, so `neighbors` finds the backbone again from any directory
@@ -148,6 +150,8 @@ def embed_folder(embedder: Embedder, data_spec: str, out: str | Path, chunk_size
     from filelock import FileLock, Timeout
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EmbeddingsError(f"--out {out}: is a file, not a folder")
     data = load_images(data_spec)
     chunk = _chunk_size(chunk_size, embedder.batch_size)
     wanted = _identity(embedder, data, chunk)
@@ -372,20 +376,21 @@ def resolve_queries(embeddings: Embeddings, queries: Sequence[str]) -> tuple[lis
 
 
 def query_vectors(embeddings: Embeddings, rows: list[int], images: LabeledSet,
-                  embedder: Optional[Embedder] = None) -> np.ndarray:
-    """[Q, D]: stored rows for ids, freshly embedded (same backbone, checked) vectors for images."""
+                  embedder: Optional[Embedder] = None, **loading) -> np.ndarray:
+    """[Q, D]: stored rows for ids, freshly embedded (same backbone, checked) vectors for images; the
+    backbone is loaded only when there are images (``loading``: embedder_for's batch_size, num_workers)."""
     vectors = np.zeros((len(rows), embeddings.vectors.shape[1]), dtype=np.float32)
     stored = [i for i, row in enumerate(rows) if row >= 0]
     vectors[stored] = embeddings.vectors[[rows[i] for i in stored]]
     if len(images):
         checked = check_images(images, max_skip_rate=0.0)  # a query the user named must be readable
-        embedder = embedder or embedder_for(embeddings)
+        embedder = embedder or embedder_for(embeddings, **loading)
         vectors[[i for i, row in enumerate(rows) if row < 0]] = embedder.features(checked)
     return vectors
 
 
 def nearest(embeddings: Embeddings, queries: Sequence[str], k: int = 10,
-            embedder: Optional[Embedder] = None) -> list[dict[str, Any]]:
+            embedder: Optional[Embedder] = None, **loading) -> list[dict[str, Any]]:
     """The k nearest images of each query (an id of the folder, or an image file/folder), by cosine
     similarity, most similar first. An id query does not return itself."""
     from ssl_hybrid.eval.knn import faiss_threads
@@ -393,7 +398,7 @@ def nearest(embeddings: Embeddings, queries: Sequence[str], k: int = 10,
     if k < 1:
         raise EmbeddingsError(f"-k must be >= 1, got {k}")
     names, rows, images = resolve_queries(embeddings, queries)
-    vectors = query_vectors(embeddings, rows, images, embedder)
+    vectors = query_vectors(embeddings, rows, images, embedder, **loading)
     extra = int(any(row >= 0 for row in rows))  # one more, to drop the query itself
     with faiss_threads():
         similarities, indices = embeddings.index().search(vectors, min(k + extra, len(embeddings.vectors)))

@@ -62,8 +62,8 @@ def predict_with_bank(spec: str, bank_spec: str, images: Sequence[str], *, k: in
     from ssl_hybrid.eval.features import features_for_spec
     from ssl_hybrid.eval.knn import faiss_threads, knn_predict
 
-    if k < 1 or temperature <= 0:
-        raise UserError(f"-k must be >= 1 and --temperature > 0, got {k} and {temperature}")
+    if k < 1 or temperature <= 0 or (image_size or 0) < 0:
+        raise UserError(f"-k must be >= 1, --temperature > 0 and --image-size >= 0, got {k}, {temperature} and {image_size}")
     queries = image_set(images)  # a mistyped image path fails before anything is loaded
     bank = check_images(load_labeled(bank_spec))
     queries = check_images(queries)

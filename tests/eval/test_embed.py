@@ -39,13 +39,14 @@ def test_embed_and_neighbors_give_the_knn_evaluators_features_and_neighbours(lab
     k = 5
     sims, indices = search(l2_normalize(train_f), l2_normalize(test_f), k)  # what knn_evaluate searches
 
-    meta = emb.embed_folder(_embedder(), str(train_dir), tmp_path / "emb", chunk_size=2 * BATCH)
+    embedder = _embedder()
+    meta = emb.embed_folder(embedder, str(train_dir), tmp_path / "emb", chunk_size=2 * BATCH)
     embeddings = emb.open_embeddings(tmp_path / "emb")
     np.testing.assert_array_equal(np.load(tmp_path / "emb" / emb.EMBEDDINGS), l2_normalize(train_f))
     assert [s.id for s in embeddings.items.samples] == train.ids and meta["count"] == len(train)
     assert [s.label for s in embeddings.items.samples] == train_y.tolist()
 
-    results = emb.nearest(embeddings, [s.path for s in test.samples], k)
+    results = emb.nearest(embeddings, [s.path for s in test.samples], k, embedder)
     found = np.array([[train.ids.index(n["id"]) for n in r["neighbours"]] for r in results])
     np.testing.assert_array_equal(found, indices)
     np.testing.assert_allclose([[n["similarity"] for n in r["neighbours"]] for r in results], sims, atol=1e-6)
@@ -141,3 +142,21 @@ def test_unlabeled_folder_with_corrupt_image_duplicates_grid_and_map(flat_image_
     assert code == 2 and "no_such_image.jpg" in err and len(err.strip().splitlines()) == 1
     code, _, err = _run(capsys, "predict", SPEC, tmp_path / "missing.jpg", "--bank", flat_image_folder)
     assert code == 2 and "missing.jpg" in err
+
+
+def test_load_images_reads_unlabeled_shards_and_image_lists(flat_image_folder, image_folder, tmp_path):
+    from ssl_hybrid.data.labeled import UNLABELED, load_images, load_labeled
+    from ssl_hybrid.data.shards import write_shards
+
+    write_shards(flat_image_folder, tmp_path / "shards", shard_size=4, labels="none", shuffle=False)
+    shards = load_images(tmp_path / "shards")
+    assert len(shards) == 10 and shards.classes == [] and {s.label for s in shards.samples} == {UNLABELED}
+    assert shards.load_image(3).size[0] > 0  # the image bytes are found inside the tar
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{flat_image_folder / 'img_001.jpg'}\tcat\n{flat_image_folder / 'img_002.jpg'}\tdog\n")
+    listed = load_images(listing)
+    assert listed.classes == ["cat", "dog"] and listed.labels.tolist() == [0, 1]
+    labeled = load_images(image_folder)  # class sub-folders: the evaluators' reader, same order
+    assert labeled.ids == load_labeled(image_folder).ids and labeled.classes == ["alpha", "beta", "gamma"]
+    with pytest.raises(UserError, match="not found"):
+        load_images(tmp_path / "nowhere")
