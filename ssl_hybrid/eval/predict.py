@@ -98,16 +98,21 @@ def predict_with_model(folder: str, images: Sequence[str], *, top: int = DEFAULT
             "predictions": top_classes(probabilities, names, queries, top), "skipped_unreadable": queries.skipped}
 
 
+BANK_HINT = "to classify with a backbone, give a few labeled images per class: predict BACKBONE IMAGES --bank FOLDER"
+
+
 def _load_classifier(folder: str):
-    from ssl_hybrid.models.export import load_model
+    from ssl_hybrid.models.export import BackboneLoadError, load_model
 
     if not Path(folder).exists():
-        raise UserError(f"{folder}: model folder not found")
-    model, config = load_model(folder)
+        raise UserError(f"{folder}: classifier folder not found ({BANK_HINT})")
+    try:
+        model, config = load_model(folder)
+    except BackboneLoadError as err:
+        raise UserError(f"{err} ({BANK_HINT})") from None
     names = config.get("label_names")
     if not names:
-        raise UserError(f"{folder}: holds no classifier (no label_names in its config.json); to classify with a "
-                        "backbone, give a labeled bank: predict BACKBONE IMAGES --bank FOLDER")
+        raise UserError(f"{folder}: holds no classifier (no label_names in its config.json); {BANK_HINT}")
     classes = getattr(model, "num_classes", None)
     if classes is not None and classes != len(names):
         raise UserError(f"{folder}: the classifier has {classes} outputs but config.json names {len(names)} classes")
