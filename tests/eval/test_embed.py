@@ -84,6 +84,8 @@ def test_an_interrupted_embed_resumes_without_recomputing_done_chunks(labeled_pa
     np.testing.assert_array_equal(np.load(out / emb.EMBEDDINGS), np.load(whole / emb.EMBEDDINGS))
     assert (out / emb.IDS).read_text() == (whole / emb.IDS).read_text()
     assert not (out / emb.PARTS).exists()
+    calls.clear()
+    assert emb.embed_folder(_embedder(), str(data), out, chunk_size=BATCH)["count"] == 18 and calls == []  # complete
 
 
 @pytest.mark.fault(injected="embed into a folder holding another backbone's embeddings (complete or interrupted)",
