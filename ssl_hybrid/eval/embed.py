@@ -165,6 +165,10 @@ def embed_folder(embedder: Embedder, data_spec: str, out: str | Path, chunk_size
                 log.info("%s: already holds these %d embeddings", out, done["count"])
                 return done
             _refuse_foreign_files(out)
+            started = _read_json(out / PARTS / META)
+            if started is not None:  # resume: the parts are numbered by the chunk size they were made with
+                _check_same(started, wanted, out)
+                chunk = wanted["chunk_size"] = int(started["identity"]["chunk_size"])
             _embed_chunks(embedder, data, out / PARTS, chunk, wanted)
             meta = _assemble(embedder, data, out, chunk, wanted)
             shutil.rmtree(out / PARTS)
@@ -195,10 +199,7 @@ def _embed_chunks(embedder: Embedder, data: LabeledSet, parts: Path, chunk: int,
 
     from ssl_hybrid.runs import write_json_atomic
 
-    started = _read_json(parts / META)
-    if started is not None:
-        _check_same(started, wanted, parts.parent)
-    else:
+    if not (parts / META).exists():
         write_json_atomic(parts / META, {"identity": wanted, "backbone": embedder.describe()["backbone"]})
     starts = range(0, len(data), chunk)
     todo = [i for i, _ in enumerate(starts) if not (parts / _part_name(i)).exists()]

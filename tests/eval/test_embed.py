@@ -79,7 +79,7 @@ def test_an_interrupted_embed_resumes_without_recomputing_done_chunks(labeled_pa
         emb.embed_folder(_embedder(), str(data), out, chunk_size=BATCH)
     assert not (out / emb.META).exists() and len(list((out / emb.PARTS).glob("chunk_*.npz"))) == 1
     calls.clear()
-    emb.embed_folder(_embedder(), str(data), out, chunk_size=BATCH)
+    emb.embed_folder(_embedder(), str(data), out, chunk_size=3 * BATCH)  # resumed in the chunks it started with
     assert len(calls) == 4  # 18 images in chunks of 4: 5 chunks, the first one already done
     np.testing.assert_array_equal(np.load(out / emb.EMBEDDINGS), np.load(whole / emb.EMBEDDINGS))
     assert (out / emb.IDS).read_text() == (whole / emb.IDS).read_text()
