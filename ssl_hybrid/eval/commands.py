@@ -97,8 +97,8 @@ def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def _backbone_summary(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("spec", "model", "kind", "image_size", "num_features", "hash",
-                                     "missing_keys", "unexpected_keys")}
+    return {k: meta.get(k) for k in ("spec", "model", "kind", "weights", "step", "image_size", "num_features",
+                                     "hash", "missing_keys", "unexpected_keys")}
 
 
 def run_knn(args: argparse.Namespace) -> int:
