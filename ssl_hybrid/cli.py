@@ -290,7 +290,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
         description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
-                    "split of --train. Runs under 'accelerate launch' for several GPUs.",
+                    "split of --train. Runs under 'accelerate launch' for several GPUs. The best model (by the\n"
+                    "validation split) is saved as a model folder with its class names and preprocessing (--save).\n\n"
+                    "example:\n  ssl-hybrid finetune runs/quickstart --train pets/train --test pets/test --save pets_model/",
         declare=_finetune_arguments)
     parser.set_defaults(handler=_eval_handler("run_finetune"))
 
@@ -311,6 +313,12 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=tuned.seed, help="seed of subsets, splits, init and order")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=tuned.mixed_precision,
                         help="Accelerate AMP")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="model folder for the best model (by the validation split), with class names and "
+                             "preprocessing; default: <out stem>_model beside --out, <run>/finetuned for a run, "
+                             "else ./finetuned (numbered -2, -3 ... rather than replacing one)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
+    parser.add_argument("--no-save", action="store_true", help="keep only the scores, not the model")
     _add_out_arg(parser, "the result")
 
 
