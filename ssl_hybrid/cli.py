@@ -200,8 +200,8 @@ def _run_shards(args: argparse.Namespace) -> int:
 # knn / linear / fewshot / finetune / report: few-label evaluation (handlers in ssl_hybrid/eval/commands.py)
 # --------------------------------------------------------------------------------------------
 
-_BACKBONE_HELP = ("run directory, backbone.safetensors, timm:<name> or random:<name> (timm: is also a random "
-                  "init: pretrained=False, no network)")
+_BACKBONE_HELP = ("model folder (model.safetensors + config.json), run directory (its newest weights by step), "
+                  "timm:<name> or random:<name> (timm: is also a random init: pretrained=False, no network)")
 
 
 def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cache: bool = True) -> None:
@@ -213,7 +213,7 @@ def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cach
                                                       "or labeled shards (directory with manifest.json, pattern)")
     parser.add_argument("--test", default=None, help="labeled test set, same forms as --train")
     parser.add_argument("--image-size", type=int, default=0,
-                        help="evaluation size (resize + center crop); 0 = backbone.json's image_size, 224 for timm:/random:")
+                        help="evaluation size (resize + center crop); 0 = the size the backbone was trained at, 224 for timm:/random:")
     parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     parser.add_argument("--pooling", choices=POOLINGS, default=EvalConfig.pooling,
@@ -290,7 +290,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
         description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
-                    "split of --train. Runs under 'accelerate launch' for several GPUs.",
+                    "split of --train. Runs under 'accelerate launch' for several GPUs. The best model (by the\n"
+                    "validation split) is saved as a model folder with its class names and preprocessing (--save).\n\n"
+                    "example:\n  ssl-hybrid finetune runs/quickstart --train pets/train --test pets/test --save pets_model/",
         declare=_finetune_arguments)
     parser.set_defaults(handler=_eval_handler("run_finetune"))
 
@@ -311,6 +313,12 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=tuned.seed, help="seed of subsets, splits, init and order")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=tuned.mixed_precision,
                         help="Accelerate AMP")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="model folder for the best model (by the validation split), with class names and "
+                             "preprocessing; default: <out stem>_model beside --out, <run>/finetuned for a run, "
+                             "else ./finetuned (numbered -2, -3 ... rather than replacing one)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
+    parser.add_argument("--no-save", action="store_true", help="keep only the scores, not the model")
     _add_out_arg(parser, "the result")
 
 
@@ -517,12 +525,19 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "export", formatter_class=_HelpFormatter, help="checkpoint -> backbone.safetensors + backbone.json",
+        "export", formatter_class=_HelpFormatter, help="checkpoint -> model folder (timm / Hugging Face format)",
         description="Export the student backbone of a checkpoint (a step_* directory, or a run directory's\n"
-                    "newest complete checkpoint) for evaluation or fine-tuning.\n\n"
-                    "example:\n  ssl-hybrid export runs/quickstart --out-dir exported/")
+                    "newest complete checkpoint) as a model folder: model.safetensors + config.json + README.md,\n"
+                    "loaded by timm.create_model('local-dir:<folder>', pretrained=True) after\n"
+                    "`import ssl_hybrid.models`, by every ssl-hybrid evaluator, and uploaded as is by\n"
+                    "huggingface_hub.upload_folder. An existing folder is replaced only with --force.\n\n"
+                    "examples:\n  ssl-hybrid export runs/quickstart                 # -> runs/quickstart/model/\n"
+                    "  ssl-hybrid export runs/quickstart/checkpoints/step_00000100  # -> runs/quickstart/exports/step_00000100/\n"
+                    "  ssl-hybrid export runs/quickstart --out-dir exported/ --force")
     parser.add_argument("checkpoint", metavar="RUN_OR_STEP_DIR", help="run directory or checkpoints/step_* directory")
-    parser.add_argument("--out-dir", default=None, help="where to write the pair (default: the checkpoint directory)")
+    parser.add_argument("--out-dir", default=None,
+                        help="the model folder to write (default: <run>/model for a run, <run>/exports/step_<N> for a step)")
+    parser.add_argument("--force", action="store_true", help="replace an existing folder (once the new one is complete)")
     parser.set_defaults(handler=_run_export)
 
 
@@ -531,7 +546,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from ssl_hybrid.train.export import export_checkpoint
 
-    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None))
+    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None, force=args.force))
     return 0
 
 
@@ -628,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining of hybrid CNN->Transformer backbones on sharded image "
                     "streams,\nand few-label evaluation of what they learned.\n\n"
                     "Runs land in <train.output_dir>/<name>/ (default runs/<name>/): config.yaml, "
-                    "metrics.jsonl,\ncheckpoints/step_<8-digit step>/, backbone.safetensors + backbone.json.",
+                    "metrics.jsonl,\ncheckpoints/step_<8-digit step>/ and, at the end, the model folder model/ "
+                    "(model.safetensors +\nconfig.json + README.md: timm and the Hugging Face Hub read it).",
         epilog="Run 'ssl-hybrid <command> --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"ssl-hybrid {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")

@@ -31,7 +31,7 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
         assert {r["shots"]: r["n_test"] for r in entry["fewshot"]} == {1: 370 - 37, 5: 370 - 185}
         assert all(r["method"] == "linear" and len(r["runs"]) == 10 for r in entry["fewshot"])
     assert "| hybrid_nano pretrained (3 steps) |" in printed and "report.md" in printed
-    for name in ("report.md", "report.json", "label_efficiency.png", "backbone.safetensors", "config.yaml",
+    for name in ("report.md", "report.json", "label_efficiency.png", "model/model.safetensors", "config.yaml",
                  "metrics.jsonl", "quickstart_split.json"):
         assert (run / name).exists(), name
     assert (run / "label_efficiency.png").read_bytes()[:8] == PNG_MAGIC

@@ -97,8 +97,8 @@ def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def _backbone_summary(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("spec", "model", "kind", "image_size", "num_features", "hash",
-                                     "missing_keys", "unexpected_keys")}
+    return {k: meta.get(k) for k in ("spec", "model", "kind", "weights", "step", "image_size", "num_features",
+                                     "hash", "missing_keys", "unexpected_keys")}
 
 
 def run_knn(args: argparse.Namespace) -> int:
@@ -176,6 +176,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise UserError("--epochs and --patience must be >= 1")
     if not 0 < args.layer_decay <= 1:
         raise UserError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    save_dir = finetune_save_dir(args)
     train, test = load_pair(args)
     if args.shots:
         indices = kshot_indices(train.labels, args.shots, args.seed)
@@ -189,10 +190,40 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 layer_decay=args.layer_decay, weight_decay=args.weight_decay,
                                 patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
                                 num_workers=args.workers, mixed_precision=args.mixed_precision)
-    result = finetune(model, train, test, int(meta["image_size"]), settings)
+    record = {"base_model": args.backbone, **(meta.get("pretraining") or {})}
+    result = finetune(model, train, test, int(meta["image_size"]), settings, save_dir=save_dir, record=record,
+                      force=args.force)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
     emit(args, result)
+    if result.get("model"):
+        print(f"saved the fine-tuned model (best epoch {result['best_epoch']}) to {result['model']}")
     return 0
+
+
+def finetune_save_dir(args: argparse.Namespace) -> Optional[Path]:
+    """Where ``finetune`` saves its model: ``--save``, refused up front when it exists without ``--force``;
+    by default a new folder beside ``--out`` (``<out stem>_model``), in the run directory of a run backbone
+    (``<run>/finetuned``) or ``./finetuned``, numbered (``-2``, ``-3`` ...) rather than replacing one."""
+    from ssl_hybrid.models.export import is_model_folder
+
+    if args.no_save:
+        return None
+    if args.save:
+        save = Path(args.save)
+        if save.exists() and not args.force:
+            raise UserError(f"--save {save}: already exists; pass --force to replace it or choose another folder")
+        return save
+    backbone = Path(args.backbone)
+    if args.out:
+        base = Path(args.out).with_name(f"{Path(args.out).stem}_model")
+    elif backbone.is_dir() and not is_model_folder(backbone):
+        base = backbone / "finetuned"
+    elif backbone.is_dir():
+        base = backbone.with_name(f"{backbone.name}-finetuned")
+    else:
+        base = Path("finetuned")
+    candidates = (base if n == 1 else base.with_name(f"{base.name}-{n}") for n in range(1, 10_000))
+    return next(path for path in candidates if not path.exists())
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -64,8 +64,9 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
     if dropped:
         log.warning("%s: %s-shot skipped: the smallest class has %d %s", name, "/".join(map(str, dropped)), fewest,
                     "training images" if fewshot_protocol == "heldout" else "labeled images (train + test)")
-    return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "image_size",
-                                                                "num_features", "hash", "pooling", "pretraining")},
+    return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "weights", "step",
+                                                                "image_size", "num_features", "hash", "pooling",
+                                                                "pretraining")},
             "knn": knn, "fewshot": fewshot["results"], "fewshot_n_test": fewshot["n_test"],
             "shots_skipped": dropped}
 

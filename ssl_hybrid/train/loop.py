@@ -4,7 +4,7 @@
 One code path for a CPU, one GPU, or many GPUs/nodes (Hugging Face Accelerate). Counting is in
 optimizer steps; every scheduled value is ``schedules[name][step]``. The run directory holds
 ``config.yaml`` (written at start), ``metrics.jsonl``, TensorBoard events, ``checkpoints/step_*/``
-and, at the end, ``backbone.safetensors`` + ``backbone.json``.
+and, at the end, the model folder ``model/`` (``model.safetensors`` + ``config.json`` + ``README.md``).
 
 Stopping: ``train.steps`` reached, ``train.max_seconds`` spent (checkpoint + export), SIGTERM/SIGINT
 (checkpoint, exit cleanly; re-running the same command resumes), or ``train.max_nonfinite_steps``
@@ -104,7 +104,7 @@ def build_backbone(config: Config) -> torch.nn.Module:
 
 
 def training_meta(config: Config) -> dict[str, Any]:
-    """What the trainer adds to ``backbone.json`` (checkpoints and export) besides how to rebuild the
+    """What the trainer adds to ``backbone.json`` (checkpoints) and the model folder's record besides how to rebuild the
     backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
     return {"image_size": config.data.image_size, "run": config.name,
             "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")}}
@@ -561,24 +561,36 @@ def budget_record(run: Run) -> dict[str, Any]:
 
 def exported_record(directory: Path) -> Optional[dict[str, Any]]:
     """The budget record of the run's export; None when it has not been exported yet."""
-    from ssl_hybrid.models.export import BackboneLoadError, read_meta
+    from ssl_hybrid.models.export import (
+        RECORD_KEY,
+        BackboneLoadError,
+        read_model_config,
+    )
+    from ssl_hybrid.train.export import MODEL_DIR
 
     try:
-        return read_meta(directory)[1].get("pretraining")
+        return (read_model_config(directory / MODEL_DIR).get(RECORD_KEY) or {}).get("pretraining")
     except BackboneLoadError:  # not exported yet (or the export is unreadable): a new record is written
         return None
 
 
 def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
-    from ssl_hybrid.models.export import save_backbone
+    """The run's model folder ``<run>/model/``; the run owns it, so a finished re-run replaces it (atomically)."""
+    from ssl_hybrid.train.export import MODEL_DIR, save_run_model
 
     run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
-        return None
-    weights, _ = save_backbone(run.raw_model.backbone, run.directory,
-                               dict(training_meta(run.config), step=run.counters.step, pretraining=budget))
-    log.info("exported %s", weights)
-    return weights
+    folder, failure = None, None
+    if run.accelerator.is_main_process:
+        try:
+            folder = save_run_model(run.raw_model.backbone, run.config, run.directory / MODEL_DIR,
+                                    {"step": run.counters.step, "pretraining": budget}, force=True,
+                                    run_dir=run.directory)
+            log.info("exported %s", folder)
+        except UserError as err:  # a full disk: one line; every rank stops here, none waits at a later collective
+            failure = err
+    if sync_flags(run.accelerator, float(failure is not None))[0]:
+        raise failure or UserError("the export failed on the main process (its error is in its log)")
+    return folder
 
 
 def pretrain(config: Config) -> dict[str, Any]:

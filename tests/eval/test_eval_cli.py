@@ -108,6 +108,23 @@ def test_fewshot_linear_and_finetune_commands(labeled_pair, capsys, tmp_path):
     finetuned = json.loads((tmp_path / "ft.json").read_text())
     assert finetuned["shots"] == 4 and finetuned["n_train"] + finetuned["n_val"] == 12
     assert len(json.loads((tmp_path / "ft_split.json").read_text())["ids"]) == 12
+    # the best model is kept: a model folder beside --out with the class names, scoring what finetune scored
+    from ssl_hybrid.data.labeled import align_classes, load_labeled
+    from ssl_hybrid.eval.features import eval_transform, extract_features, make_loader
+    from ssl_hybrid.eval.knn import topk_accuracy
+    from ssl_hybrid.models import load_model
+
+    assert finetuned["model"] == str(tmp_path / "ft_model")
+    model, config = load_model(tmp_path / "ft_model")
+    train_set = load_labeled(str(labeled_pair[0]))
+    assert config["label_names"] == list(train_set.classes) and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    test_set = align_classes(train_set, load_labeled(str(labeled_pair[1])))
+    logits, labels = extract_features(model, make_loader(test_set, eval_transform(32), 8, 0),
+                                      forward=lambda m, x: m(x))
+    assert topk_accuracy(logits, labels, 1) == finetuned["top1"]
+    code, _, err = _run(capsys, "finetune", "random:resnet10t", *common, "--epochs", "1", "--save",
+                        str(tmp_path / "ft_model"))
+    assert code == 2 and "already exists; pass --force" in err  # refused before training, the model kept
 
     code, _, err = _run(capsys, "fewshot", "random:resnet10t", *common, "--shots", "9")
     assert code == 2 and "fewer than 9 shots" in err
