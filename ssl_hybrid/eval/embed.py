@@ -140,8 +140,10 @@ def _check_same(found: dict, wanted: dict, where: Path) -> None:
     changed = [k for k in wanted if k != "chunk_size" and theirs.get(k) != wanted[k]]
     if changed:
         key = changed[0]
-        raise EmbeddingsError(f"{where} holds embeddings made with another {key.replace('_', ' ')} "
-                              f"({theirs.get(key)!r}, now {wanted[key]!r}): choose another --out")
+        what = "of other images (or the images changed since)" if key == "data_fingerprint" else \
+            f"made with another {key.replace('_', ' ')} ({theirs.get(key)!r}, now {wanted[key]!r})"
+        again = f"; or delete {where / PARTS} to start this run over" if (where / PARTS / META).exists() else ""
+        raise EmbeddingsError(f"{where} holds embeddings {what}: choose another --out{again}")
 
 
 def embed_folder(embedder: Embedder, data_spec: str, out: str | Path, chunk_size: int = 0) -> dict[str, Any]:
