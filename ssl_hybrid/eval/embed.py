@@ -250,9 +250,6 @@ def _part_summary(path: Path) -> tuple[int, int, list[dict]]:
 
 def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wanted: dict) -> dict[str, Any]:
     """Join the parts into embeddings.npy, ids.csv and index.faiss (each via a temp name), then meta.json."""
-    import faiss
-
-    from ssl_hybrid.eval.knn import faiss_threads
     from ssl_hybrid.runs import write_json_atomic
 
     parts = [out / PARTS / _part_name(i) for i in range(len(range(0, len(data), chunk)))]
@@ -263,6 +260,27 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
     if rows == 0:
         raise EmbeddingsError(f"{data.source}: no readable image to embed")
     tmp = {name: out / f".{name}.partial" for name in (EMBEDDINGS, IDS, INDEX)}
+    try:
+        _write_outputs(data, parts, tmp, rows, dim)
+        for name, path in tmp.items():
+            os.replace(path, out / name)
+    finally:  # a failed write (full disk) leaves no temp file; the parts stay for the next run
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+    labeled = any(s.label != UNLABELED for s in data.samples)
+    meta = dict(format=FORMAT, count=rows, dim=dim, **embedder.describe(),
+                data={"source": data.source, "images": len(data), "labeled": labeled, "classes": data.classes},
+                skipped_unreadable=skipped, index={"file": INDEX, "type": "IndexFlatIP", "metric": "inner_product"},
+                files={"embeddings": EMBEDDINGS, "ids": IDS}, identity=wanted)
+    write_json_atomic(out / META, meta)
+    log.info("%s: %d x %d embeddings, %d unreadable image(s) skipped", out, rows, dim, len(skipped))
+    return meta
+
+
+def _write_outputs(data: LabeledSet, parts: list[Path], tmp: dict[str, Path], rows: int, dim: int) -> None:
+    """embeddings.npy (memory-mapped, filled chunk by chunk), ids.csv and the FAISS index, at the temp names."""
+    import faiss
+
     matrix = np.lib.format.open_memmap(tmp[EMBEDDINGS], mode="w+", dtype=np.float32, shape=(rows, dim))
     index = faiss.IndexFlatIP(dim)
     row = 0
@@ -279,18 +297,7 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
             row += len(positions)
     matrix.flush()
     del matrix
-    with faiss_threads():
-        faiss.write_index(index, str(tmp[INDEX]))
-    for name, path in tmp.items():
-        os.replace(path, out / name)
-    labeled = any(s.label != UNLABELED for s in data.samples)
-    meta = dict(format=FORMAT, count=rows, dim=dim, **embedder.describe(),
-                data={"source": data.source, "images": len(data), "labeled": labeled, "classes": data.classes},
-                skipped_unreadable=skipped, index={"file": INDEX, "type": "IndexFlatIP", "metric": "inner_product"},
-                files={"embeddings": EMBEDDINGS, "ids": IDS}, identity=wanted)
-    write_json_atomic(out / META, meta)
-    log.info("%s: %d x %d embeddings, %d unreadable image(s) skipped", out, rows, dim, len(skipped))
-    return meta
+    faiss.write_index(index, str(tmp[INDEX]))
 
 
 def _id_row(data: LabeledSet, position: int) -> tuple:
