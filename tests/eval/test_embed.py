@@ -161,3 +161,35 @@ def test_load_images_reads_unlabeled_shards_and_image_lists(flat_image_folder, i
     assert labeled.ids == load_labeled(image_folder).ids and labeled.classes == ["alpha", "beta", "gamma"]
     with pytest.raises(UserError, match="not found"):
         load_images(tmp_path / "nowhere")
+
+
+def test_map_is_umap_when_importable_else_pca_coloured_by_label(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from ssl_hybrid.data.labeled import LabeledSet, Sample
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((30, 8)).astype(np.float32)
+    items = LabeledSet("synthetic", ["a", "b", "c"], [Sample(f"{i}", i % 3, "x.jpg") for i in range(30)])
+    embeddings = emb.Embeddings(tmp_path, {"backbone": {"model": "m"}, "pooling": "default"}, vectors, items)
+    monkeypatch.setitem(sys.modules, "umap", None)  # not installed: PCA, the two leading components
+    drawn = emb.plot_map(embeddings, tmp_path / "pca.png")
+    assert drawn["method"] == "pca" and drawn["coloured_by_label"] and drawn["points"] == 30
+    points, _ = emb._project(vectors, "pca", 0)
+    centred = vectors - vectors.mean(0)
+    assert np.isclose(points[:, 0].var(), np.linalg.svd(centred, compute_uv=False)[0] ** 2 / 30, rtol=1e-4)
+    with pytest.raises(UserError, match="umap-learn"):
+        emb._project(vectors, "umap", 0)
+
+    fitted = []
+
+    class UMAP:  # the umap-learn API the map uses
+        def __init__(self, **kwargs):
+            fitted.append(kwargs)
+
+        def fit_transform(self, x):
+            return x[:, :2] * 2
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=UMAP))
+    assert emb.plot_map(embeddings, tmp_path / "umap.png")["method"] == "umap" and fitted[0]["metric"] == "cosine"
