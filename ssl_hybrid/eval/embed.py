@@ -455,8 +455,12 @@ def duplicates(embeddings: Embeddings, threshold: float, block: int = 4096) -> l
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_GRID_ROWS = 32  # a picture of more queries is too tall to look at; the table and --out hold them all
+
+
 def neighbour_grid(embeddings: Embeddings, results: list[dict[str, Any]], path: str | Path, thumb: float = 1.4) -> Path:
-    """One row per query: the query, then its neighbours with their similarity and class (matplotlib)."""
+    """One row per query (the first MAX_GRID_ROWS): the query, then its neighbours with their similarity
+    and class (matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,6 +468,9 @@ def neighbour_grid(embeddings: Embeddings, results: list[dict[str, Any]], path: 
     from PIL import ImageOps
 
     path = Path(path)
+    if len(results) > MAX_GRID_ROWS:
+        log.warning("the grid shows the first %d of %d queries", MAX_GRID_ROWS, len(results))
+        results = results[:MAX_GRID_ROWS]
     cols = 1 + max((len(r["neighbours"]) for r in results), default=0)
     fig, axes = plt.subplots(len(results), cols, figsize=(thumb * cols, (thumb + 0.35) * len(results)), squeeze=False)
     for ax in axes.ravel():
