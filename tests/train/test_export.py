@@ -65,3 +65,11 @@ def test_export_writes_outside_checkpoints_and_never_replaces_without_force(tmp_
     assert "export outside it" in capsys.readouterr().err and not (run / "checkpoints" / "mine").exists()
     assert main(["-q", "export", str(run), "--force"]) == 0
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "exports", "model"]  # no temp folder left
+
+
+def test_the_published_data_source_carries_no_credentials_or_home_folders():
+    from ssl_hybrid.train.export import public_source
+
+    assert public_source("https://me:s3cret@host/s-{000..009}.tar?X-Amz-Signature=abc") == "https://host/s-{000..009}.tar"
+    assert public_source("pipe:curl -s https://me:s3cret@host/a.tar") == "pipe:curl -s https://host/a.tar"
+    assert public_source("/home/alice/corpora/pets") == "pets" and public_source("data/pets37") == "data/pets37"
