@@ -97,6 +97,10 @@ def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.o
                    "quickstart_split.json); pretraining saw every image without labels",
         baseline=names[1], knn_protocol=KNN_PROTOCOL, fewshot_protocol=FEWSHOT_PROTOCOL)
     report["pretraining"] = summary
+    if report.get("entries"):  # the main process: the model card gets the report's table
+        from ssl_hybrid.train.export import refresh_model_card
+
+        refresh_model_card(directory)
     return report
 
 

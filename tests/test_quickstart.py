@@ -35,6 +35,8 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
                  "metrics.jsonl", "quickstart_split.json"):
         assert (run / name).exists(), name
     assert (run / "label_efficiency.png").read_bytes()[:8] == PNG_MAGIC
+    card = (run / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and "| hybrid_nano pretrained (3 steps) |" in card  # the report's table
     assert len(list(run.glob("retrieval_*.png"))) == 2
     split = json.loads((run / "quickstart_split.json").read_text())
     assert len(split["ids"]) == 37 * 3  # 3 test images of each of the 37 breeds

@@ -233,8 +233,23 @@ def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,
     return directory
 
 
-def _fsync_folder(folder: Path) -> None:
-    for path in [*folder.iterdir(), folder]:
+def write_model_card(folder: Union[str, os.PathLike], evaluation: Optional[str]) -> Path:
+    """Rewrite the folder's model card from its config.json with ``evaluation`` (temp file + rename)."""
+    folder = Path(folder)
+    card = model_card(read_model_config(folder), evaluation)
+    tmp = folder / f".{CARD_NAME}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(card, encoding="utf-8")
+        os.replace(tmp, folder / CARD_NAME)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ModelFolderError(f"{folder / CARD_NAME}: could not write the model card ({err.strerror or err})") from None
+    return folder / CARD_NAME
+
+
+def _fsync_folder(folder: Path, files: bool = True) -> None:
+    """Flush the folder's files (``files``) and the folder itself, so a power cut cannot undo the rename."""
+    for path in [*(folder.iterdir() if files else ()), folder]:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -244,12 +259,11 @@ def _fsync_folder(folder: Path) -> None:
 
 def _swap_in(tmp: Path, final: Path) -> None:
     """Rename the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first, removed after."""
-    if not final.exists():
-        os.rename(tmp, final)
-        return
     old = final.parent / f".{final.name}.old-{os.getpid()}"
-    os.rename(final, old)
+    if final.exists():
+        os.rename(final, old)
     os.rename(tmp, final)
+    _fsync_folder(final.parent, files=False)
     shutil.rmtree(old, ignore_errors=True)
 
 

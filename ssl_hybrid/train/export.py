@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -67,10 +68,30 @@ def save_run_model(backbone: nn.Module, config: Config, directory: Path, record:
     from ssl_hybrid.train.loop import training_meta
 
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
-        extra = dict(training_meta(config), data=config.data.train, eval_pooling=config.eval.pooling,
-                     token_pool=token_pool, **record)
+        extra = dict(training_meta(config), data=public_source(config.data.train),
+                     eval_pooling=config.eval.pooling, token_pool=token_pool, **record)
         return save_model_folder(backbone, directory, extra=extra, force=force,
                                  evaluation=_report_table(run_dir) if run_dir else None)
+
+
+def refresh_model_card(run_dir: Path) -> Optional[Path]:
+    """Put the run's report table on its model folder's card (after ``quickstart``/``report`` wrote it)."""
+    from ssl_hybrid.models.export import is_model_folder, write_model_card
+
+    table = _report_table(run_dir)
+    if table is None or not is_model_folder(Path(run_dir) / MODEL_DIR):
+        return None
+    return write_model_card(Path(run_dir) / MODEL_DIR, table)
+
+
+def public_source(spec: str) -> str:
+    """``data.train`` as it may be published with the model: no credentials in URLs (``user:token@``, query
+    strings), no local directories above the corpus (an absolute path keeps its last part)."""
+    if "://" in spec or spec.startswith("pipe:"):
+        spec = re.sub(r"//[^/@\s]+@", "//", spec)
+        return re.sub(r"\?[^\s'\"]*", "", spec)
+    path = Path(spec)
+    return path.name if path.is_absolute() else spec
 
 
 def _report_table(run_dir: Path) -> Optional[str]:
@@ -118,7 +139,7 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
              if k.startswith(CHECKPOINT_BACKBONE_PREFIX)}
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
-    record = {"step": step, "checkpoint": str(step_dir), "pretraining": _budget(step_dir.parent.parent, config)}
+    record = {"step": step, "pretraining": _budget(step_dir.parent.parent, config)}
     folder = save_run_model(backbone.eval(), config, out, record, force=force, run_dir=step_dir.parent.parent)
     log.info("exported %s (step %s)", folder, step)
     return folder

@@ -77,8 +77,8 @@ def test_classifier_folder_keeps_its_head_and_class_names(tmp_path):
         save_model_folder(model, tmp_path / "bad", label_names=["cat", "dog"])
 
 
-@pytest.mark.fault(injected="exporting onto an existing model folder (no --force), then with --force",
-                   did="refused with one line; with --force the new folder is written beside it and swapped in "
+@pytest.mark.fault(injected="exporting onto an existing model folder (no `--force`), then with `--force`",
+                   did="refused with one line; with `--force` the new folder is written beside it and swapped in "
                        "only when complete",
                    lost="nothing")
 def test_an_existing_model_folder_is_replaced_only_with_force(tmp_path):
