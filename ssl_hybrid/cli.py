@@ -449,6 +449,8 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     for entry in report["entries"]:
         print(f"grid:   {entry['retrieval_grid']['path']}")
     print(f"\nverdict: {report['verdict']['line']}")
+    if report.get("budget_note"):  # last, so a short run's verdict is never read without it
+        print(f"note: {report['budget_note']}")
     return 0
 
 

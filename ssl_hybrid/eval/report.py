@@ -259,13 +259,14 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
                  pooling: str = EvalConfig.pooling, split_note: Optional[str] = None,
                  baseline: Optional[str] = None, knn_protocol: str = "heldout",
-                 fewshot_protocol: str = "heldout") -> dict[str, Any]:
+                 fewshot_protocol: str = "heldout", budget_note: Optional[str] = None) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
     ``pooling`` (config.POOLINGS) applies to every backbone alike; what each one got is in its entry.
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
     ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured, ``fewshot_protocol``
-    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on."""
+    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on; ``budget_note`` a
+    sentence on a pretraining too short for the comparison (quickstart.too_few_steps), shown under the verdict."""
     check_protocol(fewshot_protocol)  # before any extraction
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
@@ -293,9 +294,10 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png", context["chance"]["top1"], seeds)
     table = markdown_table(entries, context["chance"])
     judged = verdict(entries, context["chance"]["top1"], baseline)
-    (out_dir / "report.md").write_text(report_markdown(entries, context, judged, table, Path(plot["path"]).name),
-                                       encoding="utf-8")
+    (out_dir / "report.md").write_text(report_markdown(entries, context, judged, table, Path(plot["path"]).name,
+                                                       budget_note), encoding="utf-8")
     report = {"train": train_set.source, "test": test_set.source, "context": context, "verdict": judged,
+              "budget_note": budget_note,
               "entries": entries, "table": table, "plot": plot["path"], "plot_data": plot,
               "markdown": str(out_dir / "report.md")}
     write_json_atomic(out_dir / "report.json", report)
@@ -366,10 +368,11 @@ def _difference_table(judged: dict[str, Any]) -> str:
 
 
 def report_markdown(entries: list[dict[str, Any]], context: dict[str, Any], judged: dict[str, Any], table: str,
-                    plot_name: str) -> str:
+                    plot_name: str, budget_note: Optional[str] = None) -> str:
     setup = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in _setup_rows(entries, context))
     grids = "".join(f"![retrieval {e['name']}]({Path(e['retrieval_grid']['path']).name})\n" for e in entries)
-    return (f"# Backbone comparison\n\n**Verdict:** {judged['line']}\n\n{setup}\n"
+    note = f"**Too few steps:** {budget_note}\n\n" if budget_note else ""
+    return (f"# Backbone comparison\n\n**Verdict:** {judged['line']}\n\n{note}{setup}\n"
             f"Top-1 / top-5 in %; k-shot cells are mean ± std over {context['protocol']['fewshot']['seeds']} "
             f"seeded draws; the last row is chance.\n\n{table}\n{_difference_table(judged)}"
             f"![label efficiency]({plot_name})\n\n{grids}")

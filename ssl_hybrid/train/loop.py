@@ -524,10 +524,10 @@ def log_precision(accelerator) -> None:
 def make_bar(run: Run):
     if not run.accelerator.is_main_process:
         return None
-    from tqdm.auto import tqdm
+    from ssl_hybrid.train.progress import TrainBar
 
-    return tqdm(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
-                dynamic_ncols=True)
+    return TrainBar(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
+                    dynamic_ncols=True, budget_seconds=run.config.train.max_seconds)
 
 
 def finish(run: Run) -> dict[str, Any]:
