@@ -315,3 +315,28 @@ def test_random_baseline_beside_two_pretrained_sizes_is_refused(labeled_pair, tm
     assert not out.exists()
     assert image_sizes([small, large, "random:hybrid_nano"], 64) == [64, 64, 64]  # an explicit size applies to all
     assert image_sizes([small, large]) == [32, 48]  # pretrained backbones keep their own sizes
+
+
+@pytest.mark.fault(injected="the quickstart's protocols: k-NN leave-one-out and k-shot 'rest' (every label a query)",
+                   did="the report's test row says the held-out part only serves the retrieval grids and that the "
+                       "columns score all the labeled images",
+                   lost="nothing; before, the report named a 111-image test set while its numbers used all 370")
+def test_report_test_row_names_what_the_numbers_were_scored_on(labeled_pair):
+    from ssl_hybrid.eval.report import _setup_rows
+    from ssl_hybrid.eval.verdict import data_context
+
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
+
+    def test_row(knn_protocol: str, fewshot_protocol: str) -> str:
+        context = data_context(train, test)
+        context["protocol"] = {"knn": {"k": 20, "temperature": 0.07, "bank": "…", "protocol": knn_protocol},
+                               "fewshot": {"methods": ["linear"], "shots": [1], "seeds": 2,
+                                           "protocol": fewshot_protocol, "skipped_shots": []},
+                               "image_size": [32], "pooling": ["default"]}
+        return dict(_setup_rows([], context))["test"]
+
+    assert test_row("leave_one_out", "rest").startswith("9 images of")
+    assert ("the queries of the retrieval grids only (the k-NN and k-shot columns score all 27 labeled images)"
+            in test_row("leave_one_out", "rest"))
+    assert "the k-NN queries and what the k-shot probes are scored on" in test_row("heldout", "heldout")
+    assert "the k-NN queries;" in test_row("heldout", "rest")
