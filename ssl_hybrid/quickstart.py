@@ -116,11 +116,17 @@ def too_few_steps(summary: dict[str, Any], needed: int = REFERENCE_STEPS) -> Opt
     done = summary["step"] - summary.get("start_step", 0)
     if summary.get("stopped") != "max_seconds" or summary["step"] >= needed or done <= 0:
         return None
-    per_step = summary["train_seconds"] / done  # start-up and monitor included: a fresh run pays them too
-    minutes = math.ceil(needed * per_step / 60)
-    return (f"only {summary['step']} of {summary['steps']} steps fit in {summary['max_seconds'] / 60:g} min on this "
-            f"machine ({per_step:.1f} s/step); the reference run ({REFERENCE_RUN}) needed {needed} steps before "
-            f"pretraining beat random init beyond noise, so this comparison is too short to show it. "
+    resumed = f" ({done} of them after resuming)" if summary.get("start_step") else ""
+    text = (f"only {summary['step']} of {summary['steps']} steps{resumed} fit in {summary['max_seconds'] / 60:g} "
+            f"min on this machine")
+    reason = (f"the reference run ({REFERENCE_RUN}) needed {needed} steps before pretraining beat random init "
+              "beyond noise, so this comparison is too short to show it")
+    startup = summary.get("startup_seconds", 0.0)  # the first step's start-up is paid once, not per step
+    if done < 2:
+        return f"{text} (start-up and the first step: {startup:.0f} s); {reason}. Give it more --minutes."
+    per_step = (summary["train_seconds"] - startup) / (done - 1)  # checkpoints and monitor included
+    minutes = math.ceil((startup + needed * per_step) / 60)
+    return (f"{text} ({per_step:.1f} s/step after {startup:.0f} s of start-up); {reason}. "
             f"`ssl-hybrid quickstart --fresh --minutes {minutes}` fits {needed} steps here.")
 
 

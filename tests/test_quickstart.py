@@ -106,7 +106,8 @@ def test_reference_steps_are_where_the_committed_run_left_noise():
 
 @pytest.mark.fault(injected="a loaded machine: the 8-minute budget fits 55 of the recipe's 400 steps",
                    did="the last printed line (and report.md/json via budget_note) says 55 of 400 steps fit, "
-                       "8.7 s/step, and that --minutes 23 fits the 156 steps the reference run needed",
+                       "8.4 s/step after 24 s of start-up, and that --minutes 23 fits the 156 steps the reference "
+                       "run needed",
                    lost="nothing; before, a 'do not differ beyond noise' verdict read as if pretraining did not help")
 def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
     from ssl_hybrid import quickstart
@@ -114,7 +115,7 @@ def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
     from ssl_hybrid.train import loop
 
     summary = {"run_dir": str(tmp_path), "step": 55, "steps": 400, "max_seconds": 480.0, "stopped": "max_seconds",
-               "start_step": 0, "train_seconds": 480.0, "backbone": str(tmp_path / "backbone.safetensors")}
+               "start_step": 0, "train_seconds": 480.0, "startup_seconds": 24.0, "backbone": str(tmp_path / "backbone.safetensors")}
     monkeypatch.setattr(loop, "pretrain", lambda config: dict(summary))
     monkeypatch.setattr(quickstart, "split_corpus", lambda spec, seed, directory: (None, None))
     passed = {}
@@ -128,8 +129,11 @@ def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
     assert main(["-q", "quickstart", "--output-dir", str(tmp_path)]) == 0
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
     assert last == f"note: {passed['note']}"
-    assert "only 55 of 400 steps fit in 8 min" in last and "(8.7 s/step)" in last
-    assert "needed 156 steps" in last and "--minutes 23`" in last  # ceil(156 * 8.73 s / 60)
+    assert "only 55 of 400 steps fit in 8 min" in last and "(8.4 s/step after 24 s of start-up)" in last
+    assert "needed 156 steps" in last and "--minutes 23`" in last  # ceil((24 s + 156 x 8.44 s) / 60)
+    # a first step that ate the whole budget (start-up) gives no step time to extrapolate from
+    only_startup = quickstart.too_few_steps(dict(summary, step=1, train_seconds=20.3, startup_seconds=20.3))
+    assert "(start-up and the first step: 20 s)" in only_startup and "--minutes" in only_startup
     # not flagged: enough steps, or a run the user asked to be short (the machine did not cut it)
     assert quickstart.too_few_steps(dict(summary, step=156)) is None
     assert quickstart.too_few_steps(dict(summary, steps=55, stopped="done")) is None

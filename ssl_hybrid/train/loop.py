@@ -75,6 +75,7 @@ class Run:
     # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
     start_step: int = 0
     train_seconds: float = 0.0
+    startup_seconds: float = 0.0  # to the end of the session's first step (workers, first forward): not a step time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +470,8 @@ def train(run: Run) -> None:
                     continue
                 counters.step += 1
                 counters.images += images
+                if counters.step == run.start_step + 1:
+                    run.startup_seconds = time.monotonic() - started
                 window_images += images
                 if bar is not None:
                     bar.update(1)
@@ -557,7 +560,7 @@ def budget_record(run: Run) -> dict[str, Any]:
             return previous
     return {"steps": run.config.train.steps, "max_seconds": run.config.train.max_seconds,
             "stopped": run.stop_reason or "done", "start_step": run.start_step,
-            "train_seconds": round(run.train_seconds, 1)}
+            "train_seconds": round(run.train_seconds, 1), "startup_seconds": round(run.startup_seconds, 1)}
 
 
 def exported_record(directory: Path) -> Optional[dict[str, Any]]:
