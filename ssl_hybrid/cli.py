@@ -327,7 +327,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "report", formatter_class=_HelpFormatter, help="compare backbones: markdown table, JSON, plots",
-        description="k-NN and k-shot numbers of each backbone, a label-efficiency plot and retrieval grids.\n\n"
+        description="k-NN and k-shot numbers of each backbone, a label-efficiency plot and retrieval grids.\n"
+                    "Without --image-size a random:/timm: baseline is evaluated at the size of the pretrained\n"
+                    "backbone(s) it is compared with.\n\n"
                     "example:\n  ssl-hybrid report runs/quickstart random:hybrid_tiny --train T --test V --out-dir reports/")
     parser.add_argument("runs", nargs="+", metavar="RUN", help=_BACKBONE_HELP)
     _eval_data_args(parser, backbone=False)
@@ -588,10 +590,12 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         help="pretrain on the embedded corpus, compare with random init, write a report with a verdict",
         description=f"The whole pipeline on the embedded corpus (data/pets37), no download, CPU or GPU:\n"
                     f"pretrain {recipe} from recipes/quickstart.yaml;\n"
-                    "training stops at train.steps or after --minutes, whichever comes first. Then k-NN and\n"
-                    "1/5-shot linear probes of the pretrained and a randomly initialized backbone on a seeded\n"
-                    "per-class hold-out of the corpus, and a verdict computed from the numbers (beyond noise or\n"
-                    "not, above chance or not). Writes <output-dir>/quickstart/: report.md, report.json,\n"
+                    "training stops at train.steps or after --minutes, whichever comes first (too few steps for\n"
+                    "the effect: the last line says how many minutes would fit them). Then k-NN (every labeled\n"
+                    "image against all the others) and 1/5-shot linear probes (shots drawn from all images, each\n"
+                    "draw scored on the rest) of the pretrained and a randomly initialized backbone, and a verdict\n"
+                    "computed from the numbers (beyond noise or not, above chance or not).\n"
+                    "Writes <output-dir>/quickstart/: report.md, report.json,\n"
                     "label_efficiency.png, retrieval_*.png, plus the usual run files. Re-running resumes;\n"
                     "--fresh starts over.")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
@@ -615,6 +619,8 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     for entry in report["entries"]:
         print(f"grid:   {entry['retrieval_grid']['path']}")
     print(f"\nverdict: {report['verdict']['line']}")
+    if report.get("budget_note"):  # last, so a short run's verdict is never read without it
+        print(f"note: {report['budget_note']}")
     return 0
 
 

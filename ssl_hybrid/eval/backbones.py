@@ -78,6 +78,14 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
     return model, meta
 
 
+def native_image_size(spec: str) -> int | None:
+    """The size a saved backbone was pretrained at (what ``load_backbone_spec`` builds it for by default);
+    None for ``timm:``/``random:``, which have none. Reads the metadata only."""
+    if str(spec).startswith(("timm:", "random:")):
+        return None
+    return _pretrained_size(_locate_weights(Path(spec))[2])
+
+
 def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
     import timm
 

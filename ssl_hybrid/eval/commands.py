@@ -7,7 +7,6 @@ Bad inputs (missing folders, unknown backbones, bad lists) raise UserError: one 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -84,7 +83,8 @@ def features(args: argparse.Namespace, spec: str, train, test):
     return meta, train_f, train_y, test_f, test_y
 
 
-def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+def emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> None:
+    """Print the result as one line; everything else (per-k, draws, data summary, backbone) goes to --out."""
     from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
@@ -92,8 +92,41 @@ def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
         return
     if args.out:
         write_json_atomic(args.out, result)
-        log.info("wrote %s", args.out)
-    print(json.dumps(result, indent=2, default=str))
+    print(f"{line} -> {args.out}" if args.out else line)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _scored(result: dict[str, Any]) -> str:
+    """What the numbers were measured on, and at which size: the part of --out that a reader needs at once."""
+    backbone = result["backbone"]
+    return f"{result['n_test']} test images; {backbone['spec']} at {backbone['image_size']} px"
+
+
+def knn_line(result: dict[str, Any]) -> str:
+    return (f"k-NN top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (k={result['k']}, "
+            f"T={result['temperature']:g}, bank of {result['n_train']}; {_scored(result)})")
+
+
+def linear_line(result: dict[str, Any]) -> str:
+    return (f"linear probe top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (C={result['C']:g}, "
+            f"{result['selection']}; {_scored(result)})")
+
+
+def fewshot_line(result: dict[str, Any]) -> str:
+    cells = [f"{r['method']} {r['shots']}-shot {100 * r['mean']:.1f} ± {100 * r['std']:.1f}%" for r in result["results"]]
+    scored = ("each draw scored on the images it did not draw" if result["protocol"] == "rest"
+              else f"{result['n_test']} test images")
+    backbone = result["backbone"]
+    return (f"{', '.join(cells)} (top-1, mean ± std over {result['seeds']} draws; {scored}; {backbone['spec']} "
+            f"at {backbone['image_size']} px)")
+
+
+def finetune_line(result: dict[str, Any]) -> str:
+    return (f"fine-tuned top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (best epoch "
+            f"{result['best_epoch']} of {result['epochs_run']}; {_scored(result)})")
 
 
 def _backbone_summary(meta: dict) -> dict:
@@ -113,7 +146,7 @@ def run_knn(args: argparse.Namespace) -> int:
                           headline_k=int_list(str(args.k), "--k")[0], num_classes=len(train.classes),
                           threads=args.threads or None)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
-    emit(args, result)
+    emit(args, result, knn_line(result))
     return 0
 
 
@@ -133,7 +166,7 @@ def run_linear(args: argparse.Namespace) -> int:
     result = linear_probe(train_f, train_y, test_f, test_y, cs=cs, holdout=args.holdout, seed=args.seed,
                           num_classes=len(train.classes))
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
-    emit(args, result)
+    emit(args, result, linear_line(result))
     return 0
 
 
@@ -162,7 +195,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
                               train_set=train, split_dir=_split_dir(args), num_classes=len(train.classes),
                               protocol=args.fewshot_protocol, test_set=test)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), splits_dir=str(_split_dir(args)))
-    emit(args, result)
+    emit(args, result, fewshot_line(result))
     return 0
 
 
@@ -194,7 +227,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     result = finetune(model, train, test, int(meta["image_size"]), settings, save_dir=save_dir, record=record,
                       force=args.force)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
-    emit(args, result)
+    emit(args, result, finetune_line(result))
     if result.get("model"):
         print(f"saved the fine-tuned model (best epoch {result['best_epoch']}) to {result['model']}")
     return 0

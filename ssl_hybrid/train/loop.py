@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ssl_hybrid import rng, runs
-from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, validate
+from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, unused_settings, validate
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 from ssl_hybrid.train import checkpoint as ckpt
@@ -75,6 +75,7 @@ class Run:
     # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
     start_step: int = 0
     train_seconds: float = 0.0
+    startup_seconds: float = 0.0  # to the end of the session's first step (workers, first forward): not a step time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,10 +296,9 @@ class StopSignal:
 
 def log_step(run: Run, values: dict[str, float], seconds: float, images: int, bar) -> None:
     step = run.counters.step
-    record = {"step": step, "lr": float(run.schedules["lr"][step - 1]),
-              "weight_decay": float(run.schedules["weight_decay"][step - 1]),
-              "momentum": float(run.schedules["momentum"][step - 1]),
-              "teacher_temp": float(run.schedules["teacher_temp"][step - 1]),
+    unused = unused_settings(run.config)  # DINO's momentum/teacher_temp only when DINO is on
+    record = {"step": step, **{name: float(run.schedules[name][step - 1])
+                               for name in ("lr", "weight_decay", "momentum", "teacher_temp") if name not in unused},
               "img_per_s": images / seconds if seconds > 0 else 0.0,
               "nonfinite_total": run.counters.nonfinite_total, **values}
     data = run.stream.stats()
@@ -325,8 +325,9 @@ def run_monitor(run: Run) -> None:
         result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
     run.model.train()
     record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
-    log.info("online k-NN at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
-             run.counters.step, 100 * result["top1"], 100 / result["num_classes"], result["k"], result["n_test"])
+    log.info("online k-NN on %s at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
+             result["corpus"], run.counters.step, 100 * result["top1"], 100 / result["num_classes"], result["k"],
+             result["n_test"])
     if run.accelerator.is_main_process:
         runs.append_metrics(run.directory, record)
     run.accelerator.log({"knn_top1": result["top1"], "knn_top5": result["top5"]}, step=run.counters.step)
@@ -427,7 +428,8 @@ def build_monitor(config: Config):
 
 def flat_hparams(config: Config) -> dict[str, Any]:
     flat = ckpt._flatten(to_dict(config))
-    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool))}
+    unused = unused_settings(config)
+    return {k: v for k, v in flat.items() if isinstance(v, (int, float, str, bool)) and k not in unused}
 
 
 def batches(run: Run) -> Iterator[dict]:
@@ -468,6 +470,8 @@ def train(run: Run) -> None:
                     continue
                 counters.step += 1
                 counters.images += images
+                if counters.step == run.start_step + 1:
+                    run.startup_seconds = time.monotonic() - started
                 window_images += images
                 if bar is not None:
                     bar.update(1)
@@ -524,10 +528,10 @@ def log_precision(accelerator) -> None:
 def make_bar(run: Run):
     if not run.accelerator.is_main_process:
         return None
-    from tqdm.auto import tqdm
+    from ssl_hybrid.train.progress import TrainBar
 
-    return tqdm(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
-                dynamic_ncols=True)
+    return TrainBar(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
+                    dynamic_ncols=True, budget_seconds=run.config.train.max_seconds)
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -556,7 +560,7 @@ def budget_record(run: Run) -> dict[str, Any]:
             return previous
     return {"steps": run.config.train.steps, "max_seconds": run.config.train.max_seconds,
             "stopped": run.stop_reason or "done", "start_step": run.start_step,
-            "train_seconds": round(run.train_seconds, 1)}
+            "train_seconds": round(run.train_seconds, 1), "startup_seconds": round(run.startup_seconds, 1)}
 
 
 def exported_record(directory: Path) -> Optional[dict[str, Any]]:

@@ -161,6 +161,33 @@ def test_grad_norm_is_the_total_norm_before_clipping_with_or_without_a_clip(clip
     assert clipped == pytest.approx(min(expected, clip) if clip else expected)
 
 
+@pytest.mark.fault(injected="a SimCLR-only run (objective.mim_weight=0, objective.dino_weight=0)",
+                   did="its logs (derived values, metrics.jsonl, TensorBoard hparams) show no DINO or MIM setting; "
+                       "a DINO run still shows them",
+                   lost="nothing; before, a SimCLR run logged DINO's teacher temperature and EMA momentum")
+def test_logs_show_only_the_settings_of_the_objectives_in_use(run_root, caplog):
+    from types import SimpleNamespace
+
+    from ssl_hybrid.config import log_derived
+
+    simclr = tiny_config(run_root, "simclr", objective__mim_weight=0, objective__dino_weight=0,
+                         objective__simclr_weight=1)
+    with caplog.at_level("INFO", logger="ssl_hybrid.config"):
+        log_derived(simclr)
+    assert "derived effective_lr" in caplog.text and "teacher" not in caplog.text
+    hparams = loop.flat_hparams(simclr)
+    assert "objective.simclr_temperature" in hparams and "data.image_size" in hparams
+    assert not [k for k in hparams if "teacher" in k or k in ("objective.mask_ratio", "objective.decoder_dim")]
+    assert {"objective.teacher_temp", "objective.mask_ratio"} <= set(loop.flat_hparams(tiny_config(run_root)))
+    stats = {"seen": 4, "skipped": 0, "epoch": 0, "skip_rate": 0.0}
+    run = SimpleNamespace(config=simclr, counters=loop.Counters(step=1), schedules=build_schedules(simclr),
+                          stream=SimpleNamespace(stats=lambda: stats), directory=run_root,
+                          accelerator=SimpleNamespace(is_main_process=True, log=lambda *args, **kwargs: None))
+    loop.log_step(run, {"loss": 1.0, "simclr": 1.0}, 1.0, 4, None)
+    record = runs.read_metrics(run_root)[-1]
+    assert {"lr", "weight_decay", "simclr"} <= set(record) and not {"momentum", "teacher_temp"} & set(record)
+
+
 # ------------------------------------------------------------------------------------- the loop
 
 def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, image_folder):
@@ -178,6 +205,7 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     assert all(math.isfinite(r[k]) for r in steps for k in ("loss", "mim", "dino", "lr", "img_per_s", "grad_norm"))
     knn = [r for r in records if "knn_top1" in r]
     assert [r["step"] for r in knn] == [0, 3] and all(0.0 <= r["knn_top1"] <= 1.0 for r in knn)
+    assert all(r["knn_corpus"] == str(image_folder) for r in knn)  # which set the monitor scored
     assert list(directory.rglob("events.out.tfevents.*")), "TensorBoard events expected"
     model_config = json.loads((directory / "model" / "config.json").read_text())
     meta = model_config["ssl_hybrid"]
@@ -300,6 +328,8 @@ def test_every_recipe_runs_a_step(corpus, run_root, recipe):
     assert summary["step"] == 1
     record = [r for r in runs.read_metrics(run_root / recipe) if "loss" in r][-1]
     assert math.isfinite(record["loss"])
+    # DINO's schedules are logged only when DINO is on (a SimCLR run does not show settings it does not use)
+    assert ("teacher_temp" in record) == ("momentum" in record) == (config.objective.dino_weight > 0)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(corpus, run_root):
