@@ -200,8 +200,8 @@ def _run_shards(args: argparse.Namespace) -> int:
 # knn / linear / fewshot / finetune / report: few-label evaluation (handlers in ssl_hybrid/eval/commands.py)
 # --------------------------------------------------------------------------------------------
 
-_BACKBONE_HELP = ("run directory, backbone.safetensors, timm:<name> or random:<name> (timm: is also a random "
-                  "init: pretrained=False, no network)")
+_BACKBONE_HELP = ("model folder (model.safetensors + config.json), run directory (its newest weights by step), "
+                  "timm:<name> or random:<name> (timm: is also a random init: pretrained=False, no network)")
 
 
 def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cache: bool = True) -> None:
@@ -213,7 +213,7 @@ def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cach
                                                       "or labeled shards (directory with manifest.json, pattern)")
     parser.add_argument("--test", default=None, help="labeled test set, same forms as --train")
     parser.add_argument("--image-size", type=int, default=0,
-                        help="evaluation size (resize + center crop); 0 = backbone.json's image_size, 224 for timm:/random:")
+                        help="evaluation size (resize + center crop); 0 = the size the backbone was trained at, 224 for timm:/random:")
     parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
     parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
     parser.add_argument("--pooling", choices=POOLINGS, default=EvalConfig.pooling,
@@ -290,7 +290,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "finetune", formatter_class=_HelpFormatter, help="fine-tune backbone + head on few labels, report test accuracy",
         description="Full fine-tuning with layer-wise lr decay, augmentation and early stopping on a validation\n"
-                    "split of --train. Runs under 'accelerate launch' for several GPUs.",
+                    "split of --train. Runs under 'accelerate launch' for several GPUs. The best model (by the\n"
+                    "validation split) is saved as a model folder with its class names and preprocessing (--save).\n\n"
+                    "example:\n  ssl-hybrid finetune runs/quickstart --train pets/train --test pets/test --save pets_model/",
         declare=_finetune_arguments)
     parser.set_defaults(handler=_eval_handler("run_finetune"))
 
@@ -311,6 +313,12 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=tuned.seed, help="seed of subsets, splits, init and order")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=tuned.mixed_precision,
                         help="Accelerate AMP")
+    parser.add_argument("--save", metavar="DIR", default=None,
+                        help="model folder for the best model (by the validation split), with class names and "
+                             "preprocessing; default: <out stem>_model beside --out, <run>/finetuned for a run, "
+                             "else ./finetuned (numbered -2, -3 ... rather than replacing one)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --save folder")
+    parser.add_argument("--no-save", action="store_true", help="keep only the scores, not the model")
     _add_out_arg(parser, "the result")
 
 
@@ -319,7 +327,9 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 
     parser = sub.add_parser(
         "report", formatter_class=_HelpFormatter, help="compare backbones: markdown table, JSON, plots",
-        description="k-NN and k-shot numbers of each backbone, a label-efficiency plot and retrieval grids.\n\n"
+        description="k-NN and k-shot numbers of each backbone, a label-efficiency plot and retrieval grids.\n"
+                    "Without --image-size a random:/timm: baseline is evaluated at the size of the pretrained\n"
+                    "backbone(s) it is compared with.\n\n"
                     "example:\n  ssl-hybrid report runs/quickstart random:hybrid_tiny --train T --test V --out-dir reports/")
     parser.add_argument("runs", nargs="+", metavar="RUN", help=_BACKBONE_HELP)
     _eval_data_args(parser, backbone=False)
@@ -337,6 +347,157 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     _add_fewshot_protocol_arg(parser)
     _add_out_arg(parser, "the report")
     parser.set_defaults(handler=_eval_handler("run_report"))
+
+
+# --------------------------------------------------------------------------------------------
+# embed / neighbors / predict: use a trained backbone (logic in ssl_hybrid/eval/embed.py and predict.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _model_input_args(parser: argparse.ArgumentParser, size_and_pooling: bool = True) -> None:
+    """Batch, workers (and image size, pooling): the evaluators' extraction settings and defaults."""
+    from ssl_hybrid.config import POOLINGS, EvalConfig
+
+    parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
+    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    if size_and_pooling:
+        parser.add_argument("--image-size", type=int, default=0,
+                            help="resize + center crop size; 0 = the backbone's pretraining size (224 for timm:/random:)")
+        parser.add_argument("--pooling", choices=POOLINGS, default=EvalConfig.pooling,
+                            help="the evaluators' pooling: multiscale where the backbone has a pyramid, else default")
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "embed", formatter_class=_HelpFormatter,
+        help="write the embeddings of images (+ ids, FAISS index, meta) for retrieval, de-duplication, viewers",
+        description="Embed every image of DATA (image folder, flat or with class sub-folders; shards; a text list of\n"
+                    "images) with the evaluators' preprocessing and pooling. Writes to --out: embeddings.npy (float32,\n"
+                    "L2-normalised, N x D, np.load(..., mmap_mode='r')), ids.csv (id, label, class, path in the same\n"
+                    "order), index.faiss (IndexFlatIP) and meta.json (backbone + hash, pooling, preprocessing).\n"
+                    "Chunks are saved as they finish: re-running an interrupted command resumes it. A folder holding\n"
+                    "another backbone's embeddings is refused. Unreadable images are skipped and counted.\n\n"
+                    "examples:\n  ssl-hybrid embed runs/quickstart photos/ --out emb/photos --plot\n"
+                    "  ssl-hybrid neighbors emb/photos photos/cat.jpg -k 8 --grid cat_neighbours.png")
+    parser.add_argument("backbone", metavar="BACKBONE", help=_BACKBONE_HELP)
+    parser.add_argument("data", metavar="DATA", help="image folder, shard directory / pattern, or a .txt list of images")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the embeddings folder")
+    _model_input_args(parser)
+    parser.add_argument("--chunk-size", type=int, default=0,
+                        help="images per saved chunk (rounded up to whole batches); 0 = 32 batches")
+    parser.add_argument("--plot", nargs="?", const="map.png", default=None, metavar="FILE.png",
+                        help="also draw a 2-D map of the embeddings (UMAP when installed, else PCA), coloured by "
+                             "label; a relative FILE goes into --out")
+    parser.set_defaults(handler=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssl_hybrid.eval.embed import embed_folder, load_embedder, open_embeddings, plot_map
+
+    embedder = load_embedder(args.backbone, args.image_size or None, args.pooling, args.batch_size, args.workers,
+                             progress=sys.stderr.isatty())
+    meta = embed_folder(embedder, args.data, args.out, args.chunk_size)
+    print(f"{args.out}: {meta['count']} x {meta['dim']} embeddings ({meta['pooling']} pooling, {meta['image_size']} px), "
+          f"{len(meta['skipped_unreadable'])} unreadable image(s) skipped")
+    if args.plot:
+        plot = Path(args.plot) if Path(args.plot).is_absolute() else Path(args.out) / args.plot
+        drawn = plot_map(open_embeddings(args.out), plot)
+        print(f"map:  {drawn['path']} ({drawn['method']}, {drawn['points']} points)")
+    return 0
+
+
+def _add_neighbors(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "neighbors", formatter_class=_HelpFormatter, help="nearest images of a query in an embeddings folder; near-duplicates",
+        description="The k most similar images (cosine similarity, exact FAISS search) of each QUERY: an image file\n"
+                    "or folder (embedded with the folder's backbone, checked by its hash) or an id from ids.csv\n"
+                    "(which is then not its own neighbour). --duplicates lists pairs above a similarity instead.\n\n"
+                    "examples:\n  ssl-hybrid neighbors emb/photos photos/cat.jpg -k 8 --grid cat.png --out cat.csv\n"
+                    "  ssl-hybrid neighbors emb/photos --duplicates 0.95 --out dups.csv")
+    parser.add_argument("folder", metavar="DIR", help="an embeddings folder written by `ssl-hybrid embed`")
+    parser.add_argument("queries", nargs="*", metavar="QUERY", help="image paths, image folders or ids of DIR")
+    parser.add_argument("-k", type=int, default=10, help="neighbours per query")
+    parser.add_argument("--duplicates", type=float, default=None, metavar="SIMILARITY",
+                        help="list the pairs of images whose cosine similarity is at least this, e.g. 0.95")
+    parser.add_argument("--grid", default=None, metavar="FILE.png", help="also draw the queries and their neighbours")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the result: .csv as rows, else JSON")
+    _model_input_args(parser, size_and_pooling=False)  # size and pooling: the folder's own
+    parser.set_defaults(handler=_run_neighbors)
+
+
+def _run_neighbors(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval import embed as emb
+    from ssl_hybrid.eval.predict import write_result
+
+    embeddings = emb.open_embeddings(args.folder)
+    if args.duplicates is not None:
+        pairs = emb.duplicates(embeddings, args.duplicates)
+        print(f"{len(pairs)} pair(s) with similarity >= {args.duplicates:g}")
+        for pair in pairs:
+            print(f"{pair['similarity']:.4f}  {pair['a']}  {pair['b']}")
+        if args.out:
+            write_result(args.out, {"threshold": args.duplicates, "pairs": pairs}, pairs, ("similarity", "a", "b", "row_a", "row_b"))
+        return 0
+    if not args.queries:
+        raise UserError("name at least one QUERY (an image, a folder or an id), or use --duplicates")
+    results = emb.nearest(embeddings, args.queries, args.k, batch_size=args.batch_size, num_workers=args.workers)
+    for result in results:
+        print(f"query {result['query']}")
+        for item in result["neighbours"]:
+            print(f"  {item['rank']:3d}  {item['similarity']:.4f}  {item['id']}" + (f"  ({item['class']})" if item["class"] else ""))
+    if args.out:
+        rows = [dict(item, query=r["query"]) for r in results for item in r["neighbours"]]
+        write_result(args.out, {"folder": args.folder, "k": args.k, "results": results}, rows,
+                     ("query", "rank", "similarity", "id", "label", "class", "path"))
+    if args.grid:
+        print(f"grid: {emb.neighbour_grid(embeddings, results, args.grid)}")
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from ssl_hybrid.config import EvalConfig
+
+    parser = sub.add_parser(
+        "predict", formatter_class=_HelpFormatter, help="classify images with a fine-tuned model, or by k-NN on a labeled bank",
+        description="MODEL is a classifier folder saved by `ssl-hybrid finetune`: the top classes with their softmax\n"
+                    "probabilities. Or MODEL is any backbone and --bank a labeled folder/shards (a few images per\n"
+                    "class): k-NN with the evaluators' protocol (k=20, T=0.07, votes weighted by exp(sim/T)), the\n"
+                    "probability being a class's share of the votes. Unreadable images are skipped and counted.\n\n"
+                    "examples:\n  ssl-hybrid predict runs/finetuned photos/a.jpg photos/b.jpg --out predictions.csv\n"
+                    "  ssl-hybrid predict runs/quickstart photos/ --bank labeled_examples/ --top 3")
+    parser.add_argument("model", metavar="MODEL", help="classifier folder, or (with --bank) " + _BACKBONE_HELP)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders, image lists or shards")
+    parser.add_argument("--bank", default=None, help="labeled image folder (class sub-folders) or labeled shards: "
+                                                     "classify by k-NN instead of a classifier head")
+    parser.add_argument("--top", type=int, default=5, help="classes listed per image")
+    parser.add_argument("-k", type=int, default=EvalConfig.knn_k, help="neighbours that vote (with --bank)")
+    parser.add_argument("--temperature", type=float, default=EvalConfig.knn_temperature, help="vote temperature (with --bank)")
+    parser.add_argument("--out", default=None, metavar="FILE", help="also write the predictions: .csv as rows, else JSON")
+    _model_input_args(parser)
+    parser.add_argument("--no-cache", action="store_true", help="with --bank: do not read or write the feature cache")
+    parser.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval import predict as pr
+
+    if args.bank:
+        from ssl_hybrid.eval.features import default_cache_dir
+
+        result = pr.predict_with_bank(args.model, args.bank, args.images, k=args.k, temperature=args.temperature,
+                                      top=args.top, image_size=args.image_size or None, pooling=args.pooling,
+                                      batch_size=args.batch_size, num_workers=args.workers,
+                                      cache_dir=None if args.no_cache else default_cache_dir(),
+                                      progress=sys.stderr.isatty())
+    else:
+        result = pr.predict_with_model(args.model, args.images, top=args.top, batch_size=args.batch_size,
+                                       num_workers=args.workers, progress=sys.stderr.isatty())
+    print(pr.prediction_table(result), end="")
+    if args.out:
+        pr.write_result(args.out, result, pr.prediction_rows(result), ("image", "rank", "class", "label", "probability"))
+    return 0
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
@@ -366,12 +527,19 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "export", formatter_class=_HelpFormatter, help="checkpoint -> backbone.safetensors + backbone.json",
+        "export", formatter_class=_HelpFormatter, help="checkpoint -> model folder (timm / Hugging Face format)",
         description="Export the student backbone of a checkpoint (a step_* directory, or a run directory's\n"
-                    "newest complete checkpoint) for evaluation or fine-tuning.\n\n"
-                    "example:\n  ssl-hybrid export runs/quickstart --out-dir exported/")
+                    "newest complete checkpoint) as a model folder: model.safetensors + config.json + README.md,\n"
+                    "loaded by timm.create_model('local-dir:<folder>', pretrained=True) after\n"
+                    "`import ssl_hybrid.models`, by every ssl-hybrid evaluator, and uploaded as is by\n"
+                    "huggingface_hub.upload_folder. An existing folder is replaced only with --force.\n\n"
+                    "examples:\n  ssl-hybrid export runs/quickstart                 # -> runs/quickstart/model/\n"
+                    "  ssl-hybrid export runs/quickstart/checkpoints/step_00000100  # -> runs/quickstart/exports/step_00000100/\n"
+                    "  ssl-hybrid export runs/quickstart --out-dir exported/ --force")
     parser.add_argument("checkpoint", metavar="RUN_OR_STEP_DIR", help="run directory or checkpoints/step_* directory")
-    parser.add_argument("--out-dir", default=None, help="where to write the pair (default: the checkpoint directory)")
+    parser.add_argument("--out-dir", default=None,
+                        help="the model folder to write (default: <run>/model for a run, <run>/exports/step_<N> for a step)")
+    parser.add_argument("--force", action="store_true", help="replace an existing folder (once the new one is complete)")
     parser.set_defaults(handler=_run_export)
 
 
@@ -380,7 +548,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from ssl_hybrid.train.export import export_checkpoint
 
-    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None))
+    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None, force=args.force))
     return 0
 
 
@@ -422,10 +590,12 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
         help="pretrain on the embedded corpus, compare with random init, write a report with a verdict",
         description=f"The whole pipeline on the embedded corpus (data/pets37), no download, CPU or GPU:\n"
                     f"pretrain {recipe} from recipes/quickstart.yaml;\n"
-                    "training stops at train.steps or after --minutes, whichever comes first. Then k-NN and\n"
-                    "1/5-shot linear probes of the pretrained and a randomly initialized backbone on a seeded\n"
-                    "per-class hold-out of the corpus, and a verdict computed from the numbers (beyond noise or\n"
-                    "not, above chance or not). Writes <output-dir>/quickstart/: report.md, report.json,\n"
+                    "training stops at train.steps or after --minutes, whichever comes first (too few steps for\n"
+                    "the effect: the last line says how many minutes would fit them). Then k-NN (every labeled\n"
+                    "image against all the others) and 1/5-shot linear probes (shots drawn from all images, each\n"
+                    "draw scored on the rest) of the pretrained and a randomly initialized backbone, and a verdict\n"
+                    "computed from the numbers (beyond noise or not, above chance or not).\n"
+                    "Writes <output-dir>/quickstart/: report.md, report.json,\n"
                     "label_efficiency.png, retrieval_*.png, plus the usual run files. Re-running resumes;\n"
                     "--fresh starts over.")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
@@ -449,6 +619,8 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     for entry in report["entries"]:
         print(f"grid:   {entry['retrieval_grid']['path']}")
     print(f"\nverdict: {report['verdict']['line']}")
+    if report.get("budget_note"):  # last, so a short run's verdict is never read without it
+        print(f"note: {report['budget_note']}")
     return 0
 
 
@@ -461,6 +633,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_fewshot,
     _add_finetune,
     _add_report,
+    _add_embed,
+    _add_neighbors,
+    _add_predict,
     _add_pretrain,
     _add_export,
     _add_search,
@@ -474,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Self-supervised pretraining of hybrid CNN->Transformer backbones on sharded image "
                     "streams,\nand few-label evaluation of what they learned.\n\n"
                     "Runs land in <train.output_dir>/<name>/ (default runs/<name>/): config.yaml, "
-                    "metrics.jsonl,\ncheckpoints/step_<8-digit step>/, backbone.safetensors + backbone.json.",
+                    "metrics.jsonl,\ncheckpoints/step_<8-digit step>/ and, at the end, the model folder model/ "
+                    "(model.safetensors +\nconfig.json + README.md: timm and the Hugging Face Hub read it).",
         epilog="Run 'ssl-hybrid <command> --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"ssl-hybrid {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v debug)")

@@ -479,10 +479,30 @@ def derived_values(config: Config, num_processes: int = 1) -> dict[str, Any]:
     }
 
 
+# What only one objective reads (dotted config keys, derived values, schedule names): the logs (derived values,
+# metrics.jsonl, TensorBoard hparams) leave them out when that objective is off, so a SimCLR run shows no DINO
+# teacher schedule. config.yaml keeps every key (resume compares it whole).
+OBJECTIVE_ONLY = {
+    "mim_weight": ("objective.mask_ratio", "objective.norm_pix_loss", "objective.decoder_depth",
+                   "objective.decoder_dim"),
+    "dino_weight": ("objective.dino_out_dim", "objective.student_temp", "objective.teacher_temp",
+                    "objective.warmup_teacher_temp", "objective.warmup_teacher_temp_steps",
+                    "objective.momentum_teacher", "teacher_temp_warmup_steps", "teacher_temp", "momentum"),
+    "simclr_weight": ("objective.simclr_temperature", "objective.simclr_out_dim", "objective.embedding"),
+}
+
+
+def unused_settings(config: Config) -> set[str]:
+    """The OBJECTIVE_ONLY names of the objectives this config turns off (weight 0)."""
+    return {key for weight, keys in OBJECTIVE_ONLY.items() if getattr(config.objective, weight) <= 0 for key in keys}
+
+
 def log_derived(config: Config, num_processes: int = 1) -> dict[str, Any]:
     values = derived_values(config, num_processes)
+    unused = unused_settings(config)
     for key, value in values.items():
-        log.info("derived %s = %s", key, value)
+        if key not in unused:
+            log.info("derived %s = %s", key, value)
     return values
 
 

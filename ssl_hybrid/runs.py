@@ -2,7 +2,7 @@
 
 ``<train.output_dir>/<name>/`` holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON
 object per logged step), ``checkpoints/step_<8-digit step>/`` (complete ones only) and, at the end,
-``backbone.safetensors`` + ``backbone.json``.
+the model folder ``model/`` (``ssl_hybrid.models.export``).
 """
 
 from __future__ import annotations

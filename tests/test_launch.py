@@ -93,7 +93,7 @@ def test_two_process_cpu_pretraining_through_launch_torchrun(tmp_path, free_port
     run = tmp_path / "two"
     checkpoint = run / "checkpoints" / "step_00000002"
     assert sorted(p.name for p in checkpoint.glob("rank_*.pt")) == ["rank_0.pt", "rank_1.pt"]
-    assert (run / "backbone.safetensors").exists()
-    assert json.loads((run / "backbone.json").read_text())["model_name"] == "hybrid_nano"
+    assert (run / "model" / "model.safetensors").exists()
+    assert json.loads((run / "model" / "config.json").read_text())["architecture"] == "hybrid_nano"
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps and max(steps) == 2 and len(steps) == len(set(steps))  # one writer, no duplicate lines

@@ -31,10 +31,12 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
         assert {r["shots"]: r["n_test"] for r in entry["fewshot"]} == {1: 370 - 37, 5: 370 - 185}
         assert all(r["method"] == "linear" and len(r["runs"]) == 10 for r in entry["fewshot"])
     assert "| hybrid_nano pretrained (3 steps) |" in printed and "report.md" in printed
-    for name in ("report.md", "report.json", "label_efficiency.png", "backbone.safetensors", "config.yaml",
+    for name in ("report.md", "report.json", "label_efficiency.png", "model/model.safetensors", "config.yaml",
                  "metrics.jsonl", "quickstart_split.json"):
         assert (run / name).exists(), name
     assert (run / "label_efficiency.png").read_bytes()[:8] == PNG_MAGIC
+    card = (run / "model" / "README.md").read_text()
+    assert "## Evaluation" in card and "| hybrid_nano pretrained (3 steps) |" in card  # the report's table
     assert len(list(run.glob("retrieval_*.png"))) == 2
     split = json.loads((run / "quickstart_split.json").read_text())
     assert len(split["ids"]) == 37 * 3  # 3 test images of each of the 37 breeds
@@ -80,3 +82,60 @@ def test_help_summary_survives_a_broken_recipe(tmp_path, monkeypatch):
     broken.write_text("train: [1, 2\n")
     monkeypatch.setattr(quickstart, "QUICKSTART_RECIPE", broken)
     assert quickstart.recipe_summary() == "the model and objective of recipes/quickstart.yaml"
+
+
+def _online_knn_beyond_noise_step(metrics_file) -> int:
+    """The first monitored step whose online k-NN (leave-one-out, the report's k-NN protocol) is beyond noise
+    above step 0's (the random init) by the verdict's rule."""
+    from ssl_hybrid.eval.verdict import binomial_se
+
+    knn = [json.loads(line) for line in metrics_file.read_text().splitlines() if '"knn_top1"' in line]
+    start = knn[0]
+    for record in knn:
+        se = (binomial_se(record["knn_top1"], record["knn_n_test"]) ** 2
+              + binomial_se(start["knn_top1"], start["knn_n_test"]) ** 2) ** 0.5
+        if record["knn_top1"] - start["knn_top1"] > 2 * se:
+            return record["step"]
+    raise AssertionError(f"{metrics_file}: the online k-NN never left noise")
+
+
+def test_reference_steps_are_where_the_committed_run_left_noise():
+    from ssl_hybrid.config import REPO_ROOT
+    from ssl_hybrid.quickstart import REFERENCE_RUN, REFERENCE_STEPS
+
+    assert _online_knn_beyond_noise_step(REPO_ROOT / REFERENCE_RUN / "metrics.jsonl") == REFERENCE_STEPS
+
+
+@pytest.mark.fault(injected="a loaded machine: the 8-minute budget fits 55 of the recipe's 400 steps",
+                   did="the last printed line (and report.md/json via budget_note) says 55 of 400 steps fit, "
+                       "8.4 s/step after 24 s of start-up, and that --minutes 23 fits the 156 steps the reference "
+                       "run needed",
+                   lost="nothing; before, a 'do not differ beyond noise' verdict read as if pretraining did not help")
+def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
+    from ssl_hybrid import quickstart
+    from ssl_hybrid.eval import report as report_module
+    from ssl_hybrid.train import loop
+
+    summary = {"run_dir": str(tmp_path), "step": 55, "steps": 400, "max_seconds": 480.0, "stopped": "max_seconds",
+               "start_step": 0, "train_seconds": 480.0, "startup_seconds": 24.0, "backbone": str(tmp_path / "backbone.safetensors")}
+    monkeypatch.setattr(loop, "pretrain", lambda config: dict(summary))
+    monkeypatch.setattr(quickstart, "split_corpus", lambda spec, seed, directory: (None, None))
+    passed = {}
+
+    def fake_report(*args, budget_note=None, **kwargs):
+        passed["note"] = budget_note
+        return {"table": "", "markdown": "report.md", "plot": "plot.png", "entries": [], "budget_note": budget_note,
+                "verdict": {"line": "x and y do not differ beyond noise on any of 3 metrics."}}
+
+    monkeypatch.setattr(report_module, "build_report", fake_report)
+    assert main(["-q", "quickstart", "--output-dir", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == f"note: {passed['note']}"
+    assert "only 55 of 400 steps fit in 8 min" in last and "(8.4 s/step after 24 s of start-up)" in last
+    assert "needed 156 steps" in last and "--minutes 23`" in last  # ceil((24 s + 156 x 8.44 s) / 60)
+    # a first step that ate the whole budget (start-up) gives no step time to extrapolate from
+    only_startup = quickstart.too_few_steps(dict(summary, step=1, train_seconds=20.3, startup_seconds=20.3))
+    assert "(start-up and the first step: 20 s)" in only_startup and "--minutes" in only_startup
+    # not flagged: enough steps, or a run the user asked to be short (the machine did not cut it)
+    assert quickstart.too_few_steps(dict(summary, step=156)) is None
+    assert quickstart.too_few_steps(dict(summary, steps=55, stopped="done")) is None

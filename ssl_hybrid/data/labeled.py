@@ -174,6 +174,47 @@ def load_labeled(spec: str | Path) -> LabeledSet:
     return _load_shards(spec)
 
 
+UNLABELED = -1  # the label of a sample whose class is unknown (load_images)
+LIST_SUFFIXES = (".txt", ".list", ".lst")
+
+
+def load_images(spec: str | Path) -> LabeledSet:
+    """Any image collection, labeled or not: what :func:`load_labeled` reads (in its order, so rows match
+    the evaluators'), plus a folder of images without class sub-folders, shards without 'cls', a text list
+    of images (one path per line, optionally '<TAB>class', as ``ssl-hybrid shards`` reads it) and a single
+    image file. Unlabeled samples carry ``UNLABELED``; ``classes`` is empty when nothing is labeled."""
+    from ssl_hybrid.data.shards import collect_folder, collect_list
+
+    spec = str(spec)
+    path = Path(spec)
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+        return LabeledSet(spec, [], [Sample(id=spec, label=UNLABELED, path=str(path))])
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        return _from_source(collect_list(path), spec)
+    if path.is_dir() and not (path / MANIFEST).exists() and not list(path.glob("*.tar")):
+        source = collect_folder(path, labels="auto")
+        if source.classes:
+            return _load_image_folder(path)
+        if not source.items:
+            raise LabeledDataError(f"{path}: holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        return _from_source(source, spec)
+    from ssl_hybrid.config import DEFAULT_CORPUS
+
+    if not path.exists() and "{" not in spec and "::" not in spec and spec.rstrip("/") != DEFAULT_CORPUS:
+        raise LabeledDataError(f"{spec}: not found (expected an image folder, shards, an image list or an image)")
+    return _load_shards(spec, require_labels=False)
+
+
+def _from_source(source, spec: str) -> LabeledSet:
+    """A LabeledSet from ``ssl_hybrid.data.shards``' collected source (folder or list), ids = relative paths."""
+    if not source.items:
+        raise LabeledDataError(f"{spec}: names no images")
+    index = {name: i for i, name in enumerate(source.classes or [])}
+    samples = [Sample(id=item.relative, label=index.get(item.class_name, UNLABELED), path=str(item.path))
+               for item in source.items]
+    return LabeledSet(spec, list(source.classes or []), samples)
+
+
 def _load_image_folder(root: Path) -> LabeledSet:
     """Class sub-folders in sorted order; a class folder without images is left out with a warning (no
     evaluator could use it, and it would count as a class no query can belong to)."""
@@ -222,7 +263,8 @@ def _manifest_json(path: Path) -> dict:
     return meta
 
 
-def _load_shards(spec: str) -> LabeledSet:
+def _load_shards(spec: str, require_labels: bool = True) -> LabeledSet:
+    """``require_labels=False`` keeps samples without 'cls' (label ``UNLABELED``): ``load_images``."""
     urls, classes = _resolve_shards(spec)
     if not urls:
         raise LabeledDataError(f"{spec}: not an image folder, and no shards found there")
@@ -231,13 +273,14 @@ def _load_shards(spec: str) -> LabeledSet:
     for url in urls:
         if "://" in url or url.startswith("pipe:") or not Path(url).is_file():  # never gopen a command or URL
             raise LabeledDataError(f"{url}: shard not found (labeled sets are read from local files)")
-        samples.extend(_index_tar(url, names_by_label))
+        samples.extend(_index_tar(url, names_by_label, require_labels))
     if not samples:
-        raise LabeledDataError(f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)")
+        raise LabeledDataError(f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)"
+                               if require_labels else f"{spec}: shards hold no images")
     if not classes:
         count = max(s.label for s in samples) + 1
         classes = [names_by_label.get(i, str(i)) for i in range(count)]
-    bad = [s.id for s in samples if not 0 <= s.label < len(classes)]
+    bad = [s.id for s in samples if not 0 <= s.label < len(classes) and (require_labels or s.label != UNLABELED)]
     if bad:
         raise LabeledDataError(f"{spec}: sample '{bad[0]}' has label outside the {len(classes)} classes")
     return LabeledSet(spec, [str(c) for c in classes], samples)
@@ -246,7 +289,7 @@ def _load_shards(spec: str) -> LabeledSet:
 _READ_WHILE_INDEXING = ("cls", "json")  # small fields read during the one pass; the image is only located
 
 
-def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
+def _index_tar(url: str, names_by_label: dict[int, str], require_labels: bool = True) -> list[Sample]:
     """One pass over a tar (seekable, so the image offsets stay valid): group members by webdataset key,
     in order of first appearance."""
     from webdataset.tariterators import base_plus_ext  # webdataset imports torch: only when reading shards
@@ -269,19 +312,21 @@ def _index_tar(url: str, names_by_label: dict[int, str]) -> list[Sample]:
             groups.setdefault(key, {})[ext] = read() if ext in _READ_WHILE_INDEXING else member
     except tarfile.TarError as err:
         raise LabeledDataError(f"{url}: unreadable tar shard ({err})") from None
-    samples = (_sample_from_group(url, key, fields, names_by_label) for key, fields in groups.items())
+    samples = (_sample_from_group(url, key, fields, names_by_label, require_labels) for key, fields in groups.items())
     return [sample for sample in samples if sample is not None]
 
 
 def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarInfo, bytes]],
-                       names_by_label: dict[int, str]) -> Optional[Sample]:
+                       names_by_label: dict[int, str], require_label: bool = True) -> Optional[Sample]:
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
     if "__error__" in fields:
         log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())
         return None
-    if image is None or "cls" not in fields:
-        log.warning("%s: sample '%s' skipped (needs an image and a 'cls')", url, key)
+    if image is None or ("cls" not in fields and require_label):
+        log.warning("%s: sample '%s' skipped (needs an image%s)", url, key, " and a 'cls'" if require_label else "")
         return None
+    if "cls" not in fields:
+        return Sample(id=key, label=UNLABELED, path=url, offset=image.offset_data, size=image.size)
     try:
         label = parse_label(fields["cls"])
     except (ValueError, UnicodeDecodeError) as err:

@@ -2,16 +2,23 @@
 
 Accepted specs:
 
-- a run directory: its exported ``backbone.safetensors`` (+ ``backbone.json``), or else the model
-  weights in the newest complete ``checkpoints/step_*/``;
-- a ``backbone.safetensors`` path (its ``backbone.json`` next to it says which model to build);
+- a model folder (``model.safetensors`` + ``config.json``, ``ssl_hybrid.models.export``), or its
+  ``model.safetensors`` path;
+- a run directory: its newest weights by step, among its model folders (``model/`` written at the end of
+  training, ``exports/*/`` by ``ssl-hybrid export``) and its newest complete ``checkpoints/step_*/``; an
+  export has the same weights as the checkpoint of its step and wins a tie;
+- an old export (``backbone.safetensors`` + ``backbone.json``, written before the model folder), or a
+  directory holding one;
 - ``timm:<name>``: a timm model with pretrained=False (there is no network at run time, so this is a
   random init too; it exists so any timm architecture can be named explicitly);
 - ``random:<name>``: random initialization (seeded, so baselines are reproducible), e.g. ``random:hybrid_tiny``.
 
-Files are read by ``ssl_hybrid.models.export`` (the one backbone format and its reader). Weights are loaded
-from safetensors only (never pickles). Missing keys are an error (the model would be silently part-random);
-unexpected keys (e.g. a projection head saved alongside) are reported and ignored.
+Files are read by ``ssl_hybrid.models.export``. Weights are loaded from safetensors only (never pickles).
+Missing keys are an error (the model would be silently part-random); unexpected keys (a classifier head,
+a projection head saved alongside) are reported and ignored. The evaluators pick their pooling themselves
+(``eval.pooling``): a model folder saved with ``global_pool="multiscale"`` is rebuilt with the token pooling
+it was trained with, so "default" keeps meaning the model's token pooling. ``meta["step"]`` is the training
+step of the weights (None for ``timm:``/``random:``).
 """
 
 from __future__ import annotations
@@ -24,9 +31,22 @@ from typing import Any
 import torch
 
 # Importing any ssl_hybrid.models submodule runs the package __init__, which registers hybrid_*/resvit_* with timm.
-from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, CHECKPOINT_WEIGHTS_NAME, META_NAME, WEIGHTS_NAME
+from ssl_hybrid.models.export import (
+    CHECKPOINT_BACKBONE_PREFIX,
+    CHECKPOINT_WEIGHTS_NAME,
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    META_NAME,
+    RECORD_KEY,
+    build_from_folder,
+    is_model_folder,
+    read_meta,
+    read_meta_file,
+    read_model_config,
+    rebuild,
+    upgrade_meta,
+)
 from ssl_hybrid.models.export import BackboneLoadError as BackboneError
-from ssl_hybrid.models.export import read_meta, read_meta_file, rebuild, upgrade_meta
 
 DEFAULT_IMAGE_SIZE = 224  # timm:/random: models have no pretraining size; 224 is where timm quotes numbers
 RANDOM_INIT_SEED = 0
@@ -46,21 +66,24 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
         size = image_size or DEFAULT_IMAGE_SIZE
         torch.manual_seed(RANDOM_INIT_SEED)
         model = _create(name, size, spec)
-        meta = {"spec": spec, "kind": kind, "model": name, "image_size": size, "weights": None,
+        meta = {"spec": spec, "kind": kind, "model": name, "image_size": size, "weights": None, "step": None,
                 "missing_keys": [], "unexpected_keys": []}
     else:
-        weights, prefix, model_meta = _locate_weights(Path(spec))
-        size = image_size or _pretrained_size(model_meta)
-        # Evaluated without a classifier: a head saved alongside is an unexpected key, reported and ignored.
-        model, unexpected = rebuild(weights, model_meta, prefix=prefix, ignore_unexpected=True,
-                                    num_classes=0, img_size=size)
-        meta = {"spec": spec, "kind": "file", "model": model_meta["model_name"], "image_size": size,
-                "weights": str(weights), "missing_keys": [], "unexpected_keys": unexpected,
-                "pretraining": _pretraining(model_meta)}
+        path = _resolve(Path(spec))
+        model, meta = _load_folder(path, image_size) if is_model_folder(path) else _load_files(path, image_size)
+        meta["spec"] = spec
     model.eval()
     meta["num_features"] = int(model.num_features)
     meta["hash"] = model_hash(model)
     return model, meta
+
+
+def native_image_size(spec: str) -> int | None:
+    """The size a saved backbone was pretrained at (what ``load_backbone_spec`` builds it for by default);
+    None for ``timm:``/``random:``, which have none. Reads the metadata only."""
+    if str(spec).startswith(("timm:", "random:")):
+        return None
+    return _pretrained_size(_locate_weights(Path(spec))[2])
 
 
 def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
@@ -73,21 +96,82 @@ def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
     return create_backbone(name, image_size)
 
 
-def _locate_weights(path: Path) -> tuple[Path, str, dict[str, Any]]:
-    """(weights file, key prefix of the backbone in it, upgraded meta) for a file or run directory."""
+def _resolve(path: Path) -> Path:
+    """The model folder, old export or checkpoint a path stands for: a run directory resolves to its newest
+    weights by step (see the module docstring)."""
     if not path.exists():
-        raise BackboneError(f"{path}: backbone not found (expected a run directory, a .safetensors file, "
+        raise BackboneError(f"{path}: backbone not found (expected a model folder, a run directory, "
                             "timm:<name> or random:<name>)")
-    if path.is_file() or (path / WEIGHTS_NAME).exists():
+    if path.is_file():
+        return path.parent if path.name in (CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME) and is_model_folder(path.parent) \
+            else path
+    if is_model_folder(path) or (path / LEGACY_WEIGHTS_NAME).exists() or _is_checkpoint(path):
+        return path
+    candidates = [(step, 2, folder) for folder, step in _model_folders(path)]
+    if (path / LEGACY_WEIGHTS_NAME).exists():
+        candidates.append((read_meta_file(path / META_NAME).get("step") or -1, 1, path))
+    checkpoint = _newest_checkpoint(path)
+    if checkpoint is not None:
+        candidates.append((int(checkpoint.name.split("_")[1]), 0, checkpoint))
+    if not candidates:
+        raise BackboneError(f"{path}: no model folder ({CHECKPOINT_WEIGHTS_NAME} + {CONFIG_NAME}) and no complete "
+                            "checkpoints/step_*/ with model weights")
+    return max(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+def _model_folders(run: Path) -> list[tuple[Path, int]]:
+    """A run's model folders (``model/``, ``exports/*/``) with the step of their weights (-1 when unknown)."""
+    folders = [run / "model", *sorted((run / "exports").glob("[!.]*"))]
+    found = []
+    for folder in folders:
+        if is_model_folder(folder):
+            step = (read_model_config(folder).get(RECORD_KEY) or {}).get("step")
+            found.append((folder, int(step) if isinstance(step, int) else -1))
+    return found
+
+
+def _load_folder(folder: Path, image_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    config = read_model_config(folder)
+    record = config.get(RECORD_KEY) or {}
+    input_size = (config.get("pretrained_cfg") or {}).get("input_size") or [DEFAULT_IMAGE_SIZE]
+    size = image_size or int(record.get("image_size") or input_size[-1])
+    override: dict[str, Any] = {"num_classes": 0, "img_size": size}
+    if config.get("model_args", {}).get("global_pool") == "multiscale":
+        override["global_pool"] = record.get("token_pool", "token_avg")
+    # Evaluated without a classifier: a head saved with it is an unexpected key, reported and ignored.
+    model, unexpected = build_from_folder(folder, config, ignore_unexpected=True, **override)
+    return model, {"kind": "file", "model": config["architecture"], "image_size": size,
+                   "weights": str(folder / CHECKPOINT_WEIGHTS_NAME), "step": record.get("step"),
+                   "missing_keys": [], "unexpected_keys": unexpected, "pretraining": _pretraining(record)}
+
+
+def _load_files(path: Path, image_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """An old export (file or directory) or a checkpoint directory."""
+    weights, prefix, model_meta = _locate_weights(path)
+    size = image_size or _pretrained_size(model_meta)
+    model, unexpected = rebuild(weights, model_meta, prefix=prefix, ignore_unexpected=True,
+                                num_classes=0, img_size=size)
+    step = int(path.name.split("_")[1]) if _is_checkpoint(path) else model_meta.get("step")
+    return model, {"kind": "file", "model": model_meta["model_name"], "image_size": size, "weights": str(weights),
+                   "step": step, "missing_keys": [], "unexpected_keys": unexpected,
+                   "pretraining": _pretraining(model_meta)}
+
+
+def _locate_weights(path: Path) -> tuple[Path, str, dict[str, Any]]:
+    """(weights file, key prefix of the backbone in it, upgraded meta) for an old export or a checkpoint."""
+    if path.is_file() or (path / LEGACY_WEIGHTS_NAME).exists():
         weights, meta = read_meta(path)
         return weights, "", meta
-    checkpoint = _newest_checkpoint(path)
-    if checkpoint is None:
-        raise BackboneError(f"{path}: no {WEIGHTS_NAME} and no complete checkpoints/step_*/ with model weights")
-    meta_file = next((p for p in (checkpoint / META_NAME, path / META_NAME) if p.exists()), None)
-    meta = read_meta_file(meta_file) if meta_file else upgrade_meta(_meta_from_config(path), path / "config.yaml")
-    weights = _checkpoint_weights(checkpoint)
+    run = path.parent.parent
+    meta_file = next((p for p in (path / META_NAME, run / META_NAME) if p.exists()), None)
+    meta = read_meta_file(meta_file) if meta_file else upgrade_meta(_meta_from_config(run), run / "config.yaml")
+    weights = _checkpoint_weights(path)
     return weights, CHECKPOINT_BACKBONE_PREFIX if weights.name == CHECKPOINT_WEIGHTS_NAME else "", meta
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and re.fullmatch(r"step_\d+", path.name) is not None and \
+        (path / CHECKPOINT_WEIGHTS_NAME).exists()
 
 
 def _newest_checkpoint(run: Path) -> Path | None:
@@ -103,10 +187,10 @@ def _newest_checkpoint(run: Path) -> Path | None:
 
 
 def _checkpoint_weights(step: Path) -> Path:
-    for name in (WEIGHTS_NAME, CHECKPOINT_WEIGHTS_NAME):
+    for name in (LEGACY_WEIGHTS_NAME, CHECKPOINT_WEIGHTS_NAME):
         if (step / name).exists():
             return step / name
-    raise BackboneError(f"{step}: no {WEIGHTS_NAME} or {CHECKPOINT_WEIGHTS_NAME} in the checkpoint")
+    raise BackboneError(f"{step}: no {CHECKPOINT_WEIGHTS_NAME} in the checkpoint")
 
 
 def _meta_from_config(run: Path) -> dict[str, Any]:

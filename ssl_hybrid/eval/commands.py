@@ -7,7 +7,6 @@ Bad inputs (missing folders, unknown backbones, bad lists) raise UserError: one 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -84,7 +83,8 @@ def features(args: argparse.Namespace, spec: str, train, test):
     return meta, train_f, train_y, test_f, test_y
 
 
-def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
+def emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> None:
+    """Print the result as one line; everything else (per-k, draws, data summary, backbone) goes to --out."""
     from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.runs import write_json_atomic
 
@@ -92,13 +92,46 @@ def emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
         return
     if args.out:
         write_json_atomic(args.out, result)
-        log.info("wrote %s", args.out)
-    print(json.dumps(result, indent=2, default=str))
+    print(f"{line} -> {args.out}" if args.out else line)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _scored(result: dict[str, Any]) -> str:
+    """What the numbers were measured on, and at which size: the part of --out that a reader needs at once."""
+    backbone = result["backbone"]
+    return f"{result['n_test']} test images; {backbone['spec']} at {backbone['image_size']} px"
+
+
+def knn_line(result: dict[str, Any]) -> str:
+    return (f"k-NN top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (k={result['k']}, "
+            f"T={result['temperature']:g}, bank of {result['n_train']}; {_scored(result)})")
+
+
+def linear_line(result: dict[str, Any]) -> str:
+    return (f"linear probe top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (C={result['C']:g}, "
+            f"{result['selection']}; {_scored(result)})")
+
+
+def fewshot_line(result: dict[str, Any]) -> str:
+    cells = [f"{r['method']} {r['shots']}-shot {100 * r['mean']:.1f} ± {100 * r['std']:.1f}%" for r in result["results"]]
+    scored = ("each draw scored on the images it did not draw" if result["protocol"] == "rest"
+              else f"{result['n_test']} test images")
+    backbone = result["backbone"]
+    return (f"{', '.join(cells)} (top-1, mean ± std over {result['seeds']} draws; {scored}; {backbone['spec']} "
+            f"at {backbone['image_size']} px)")
+
+
+def finetune_line(result: dict[str, Any]) -> str:
+    return (f"fine-tuned top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (best epoch "
+            f"{result['best_epoch']} of {result['epochs_run']}; {_scored(result)})")
 
 
 def _backbone_summary(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("spec", "model", "kind", "image_size", "num_features", "hash",
-                                     "missing_keys", "unexpected_keys")}
+    return {k: meta.get(k) for k in ("spec", "model", "kind", "weights", "step", "image_size", "num_features",
+                                     "hash", "missing_keys", "unexpected_keys")}
 
 
 def run_knn(args: argparse.Namespace) -> int:
@@ -113,7 +146,7 @@ def run_knn(args: argparse.Namespace) -> int:
                           headline_k=int_list(str(args.k), "--k")[0], num_classes=len(train.classes),
                           threads=args.threads or None)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
-    emit(args, result)
+    emit(args, result, knn_line(result))
     return 0
 
 
@@ -133,7 +166,7 @@ def run_linear(args: argparse.Namespace) -> int:
     result = linear_probe(train_f, train_y, test_f, test_y, cs=cs, holdout=args.holdout, seed=args.seed,
                           num_classes=len(train.classes))
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
-    emit(args, result)
+    emit(args, result, linear_line(result))
     return 0
 
 
@@ -162,7 +195,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
                               train_set=train, split_dir=_split_dir(args), num_classes=len(train.classes),
                               protocol=args.fewshot_protocol, test_set=test)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), splits_dir=str(_split_dir(args)))
-    emit(args, result)
+    emit(args, result, fewshot_line(result))
     return 0
 
 
@@ -176,6 +209,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         raise UserError("--epochs and --patience must be >= 1")
     if not 0 < args.layer_decay <= 1:
         raise UserError(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    save_dir = finetune_save_dir(args)
     train, test = load_pair(args)
     if args.shots:
         indices = kshot_indices(train.labels, args.shots, args.seed)
@@ -189,10 +223,40 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 layer_decay=args.layer_decay, weight_decay=args.weight_decay,
                                 patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
                                 num_workers=args.workers, mixed_precision=args.mixed_precision)
-    result = finetune(model, train, test, int(meta["image_size"]), settings)
+    record = {"base_model": args.backbone, **(meta.get("pretraining") or {})}
+    result = finetune(model, train, test, int(meta["image_size"]), settings, save_dir=save_dir, record=record,
+                      force=args.force)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
-    emit(args, result)
+    emit(args, result, finetune_line(result))
+    if result.get("model"):
+        print(f"saved the fine-tuned model (best epoch {result['best_epoch']}) to {result['model']}")
     return 0
+
+
+def finetune_save_dir(args: argparse.Namespace) -> Optional[Path]:
+    """Where ``finetune`` saves its model: ``--save``, refused up front when it exists without ``--force``;
+    by default a new folder beside ``--out`` (``<out stem>_model``), in the run directory of a run backbone
+    (``<run>/finetuned``) or ``./finetuned``, numbered (``-2``, ``-3`` ...) rather than replacing one."""
+    from ssl_hybrid.models.export import is_model_folder
+
+    if args.no_save:
+        return None
+    if args.save:
+        save = Path(args.save)
+        if save.exists() and not args.force:
+            raise UserError(f"--save {save}: already exists; pass --force to replace it or choose another folder")
+        return save
+    backbone = Path(args.backbone)
+    if args.out:
+        base = Path(args.out).with_name(f"{Path(args.out).stem}_model")
+    elif backbone.is_dir() and not is_model_folder(backbone):
+        base = backbone / "finetuned"
+    elif backbone.is_dir():
+        base = backbone.with_name(f"{backbone.name}-finetuned")
+    else:
+        base = Path("finetuned")
+    candidates = (base if n == 1 else base.with_name(f"{base.name}-{n}") for n in range(1, 10_000))
+    return next(path for path in candidates if not path.exists())
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -55,17 +55,18 @@ class BoundedResize(T.Resize):
         return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
 
 
-def eval_transform(image_size: int):
+def eval_transform(image_size: int, mean=None, std=None, crop_pct: Optional[float] = None):
     """Resize (shorter side to size / crop_pct, bicubic; the longer side bounded, :class:`BoundedResize`) +
     center crop + ImageNet normalization: timm's evaluation transform with the crop_pct of our models'
     pretrained_cfg, except that the resize side is rounded where timm's ``create_transform`` floors it (110 px
-    rather than 109 at 96 px): every committed evaluation number was measured with the rounded side."""
-    side = int(round(image_size / EVAL_CROP_PCT))
+    rather than 109 at 96 px): every committed evaluation number was measured with the rounded side.
+    ``mean``/``std``/``crop_pct``: a model folder's own values (``predict``), when it records others."""
+    side = int(round(image_size / (crop_pct or EVAL_CROP_PCT)))
     return T.Compose([
         BoundedResize(side, interpolation=T.InterpolationMode.BICUBIC, max_size=MAX_RESIZE_ASPECT * side),
         T.CenterCrop(image_size),
         T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        T.Normalize(mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD),
     ])
 
 

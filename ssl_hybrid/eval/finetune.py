@@ -5,7 +5,9 @@ head is one layer above the top block, so block ``i`` of ``L`` trains at lr * de
 head at the full lr. Training uses the same Accelerate machinery as pretraining (one process or many,
 mixed precision on GPUs), light augmentation (random resized crop + flip), label smoothing, a warm-up +
 cosine schedule, and early stopping on a stratified validation split carved out of the training set:
-the best epoch's weights are restored before the test set is scored.
+the best epoch's weights are restored before the test set is scored, and saved (``save_dir``) as a model
+folder: the backbone with the trained head as its timm classifier, the class names (``label_names``) and
+the evaluation preprocessing, so ``timm.create_model("local-dir:<folder>", pretrained=True)`` classifies.
 
 The schedule is pretraining's (``train.schedules.warmup_cosine``, one value per optimizer step): lr 0 at
 the first step, rising linearly to the peak over ``warmup_fraction`` of the steps, then cosine to 0 at the
@@ -19,7 +21,8 @@ import copy
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,7 +30,13 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
-from ssl_hybrid.eval.features import embed, eval_transform, extract_features, make_loader, one_line_worker_errors
+from ssl_hybrid.eval.features import (
+    embed,
+    eval_transform,
+    extract_features,
+    make_loader,
+    one_line_worker_errors,
+)
 from ssl_hybrid.eval.knn import topk_accuracy
 from ssl_hybrid.train.schedules import warmup_cosine
 
@@ -117,6 +126,31 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(factors[min(step, len(factors) - 1)]))
 
 
+def as_timm_classifier(model: Classifier) -> nn.Module:
+    """The backbone with ``model.head`` as its own classifier: ``out(x) == model(x)`` (timm's forward is
+    ``head(forward_head(forward_features(x), pre_logits=True))``, what ``Classifier`` computes)."""
+    out = copy.deepcopy(model.backbone).eval()
+    out.reset_classifier(model.head.out_features)
+    out.get_classifier().load_state_dict(model.head.state_dict())
+    return out
+
+
+def save_finetuned(model: Classifier, directory: Path, label_names: list[str], image_size: int, result: dict,
+                   record: Optional[dict[str, Any]] = None, force: bool = False) -> Path:
+    """The fine-tuned classifier as a model folder with its class names, preprocessing and scores."""
+    from ssl_hybrid.models.export import save_model_folder
+
+    best = f"best epoch {result['best_epoch']} of {result['epochs_run']}" + (
+        f" by validation top-1 {result['val_top1']:.3f} on {result['n_val']} held-out images"
+        if result["val_top1"] is not None else " (no validation split: the last epoch)")
+    extra = dict(record or {}, image_size=image_size, finetuned=f"{result['n_train']} labeled images, {best}",
+                 test={k: result[k] for k in ("top1", "top5", "n_test")})
+    table = ("| test images | top-1 | top-5 |\n|---|---|---|\n"
+             f"| {result['n_test']} | {100 * result['top1']:.1f} | {100 * result['top5']:.1f} |\n")
+    return save_model_folder(as_timm_classifier(model), directory, label_names=label_names, extra=extra,
+                             force=force, evaluation=table)
+
+
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
@@ -128,8 +162,11 @@ def _score(model, labeled: LabeledSet, image_size: int, settings: FinetuneSettin
 
 
 def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, image_size: int,
-             settings: Optional[FinetuneSettings] = None, accelerator=None) -> dict:
-    """Fine-tune on ``train_set`` (minus a validation split), restore the best epoch, score ``test_set``."""
+             settings: Optional[FinetuneSettings] = None, accelerator=None, save_dir: Optional[Path] = None,
+             record: Optional[dict[str, Any]] = None, force: bool = False) -> dict:
+    """Fine-tune on ``train_set`` (minus a validation split), restore the best epoch, score ``test_set``;
+    with ``save_dir``, save that model there (``save_finetuned``; ``record`` describes the backbone) and
+    name the folder in the result's ``model``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -174,10 +211,14 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
         accelerator.unwrap_model(model).load_state_dict(best_state)
     test = _score(model, test_set, image_size, settings, accelerator)
     best_epoch = max((r for r in history if r.get("best")), key=lambda r: r["epoch"], default=history[-1])
-    return {"top1": test["top1"], "top5": test["top5"], "best_epoch": best_epoch["epoch"],
-            "val_top1": best if best >= 0 else None, "epochs_run": len(history), "n_train": len(fit_set),
-            "n_val": len(val_set), "n_test": len(test_set), "image_size": image_size,
-            "settings": asdict(settings), "history": history, "seconds": time.perf_counter() - start}
+    result = {"top1": test["top1"], "top5": test["top5"], "best_epoch": best_epoch["epoch"],
+              "val_top1": best if best >= 0 else None, "epochs_run": len(history), "n_train": len(fit_set),
+              "n_val": len(val_set), "n_test": len(test_set), "image_size": image_size,
+              "settings": asdict(settings), "history": history, "seconds": time.perf_counter() - start}
+    if save_dir is not None and accelerator.is_main_process:
+        result["model"] = str(save_finetuned(accelerator.unwrap_model(model), Path(save_dir), list(train_set.classes),
+                                             image_size, result, record, force))
+    return result
 
 
 def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator) -> float:

@@ -64,8 +64,9 @@ def evaluate_backbone(name: str, meta: dict, train: tuple[np.ndarray, np.ndarray
     if dropped:
         log.warning("%s: %s-shot skipped: the smallest class has %d %s", name, "/".join(map(str, dropped)), fewest,
                     "training images" if fewshot_protocol == "heldout" else "labeled images (train + test)")
-    return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "image_size",
-                                                                "num_features", "hash", "pooling", "pretraining")},
+    return {"name": name, "backbone": {k: meta.get(k) for k in ("spec", "model", "kind", "weights", "step",
+                                                                "image_size", "num_features", "hash", "pooling",
+                                                                "pretraining")},
             "knn": knn, "fewshot": fewshot["results"], "fewshot_n_test": fewshot["n_test"],
             "shots_skipped": dropped}
 
@@ -259,13 +260,14 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
                  num_workers: int = 0, cache_dir: Optional[Path] = None, grid_queries: int = 8,
                  pooling: str = EvalConfig.pooling, split_note: Optional[str] = None,
                  baseline: Optional[str] = None, knn_protocol: str = "heldout",
-                 fewshot_protocol: str = "heldout") -> dict[str, Any]:
+                 fewshot_protocol: str = "heldout", budget_note: Optional[str] = None) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
     ``pooling`` (config.POOLINGS) applies to every backbone alike; what each one got is in its entry.
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
     ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured, ``fewshot_protocol``
-    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on."""
+    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on; ``budget_note`` a
+    sentence on a pretraining too short for the comparison (quickstart.too_few_steps), shown under the verdict."""
     check_protocol(fewshot_protocol)  # before any extraction
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
     from ssl_hybrid.runs import write_json_atomic
@@ -273,8 +275,8 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     out_dir = Path(out_dir)
     names = list(names) if names else [slug(s) for s in specs]
     entries = []
-    for spec, name in zip(specs, names):
-        meta, (train, test) = features_for_spec(spec, [train_set, test_set], image_size, batch_size,
+    for spec, name, size in zip(specs, names, image_sizes(specs, image_size)):
+        meta, (train, test) = features_for_spec(spec, [train_set, test_set], size, batch_size,
                                                 num_workers, cache_dir, pooling=pooling)
         if not is_main_process():  # other ranks only helped extract (a collective step)
             continue
@@ -293,13 +295,33 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
     plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png", context["chance"]["top1"], seeds)
     table = markdown_table(entries, context["chance"])
     judged = verdict(entries, context["chance"]["top1"], baseline)
-    (out_dir / "report.md").write_text(report_markdown(entries, context, judged, table, Path(plot["path"]).name),
-                                       encoding="utf-8")
+    (out_dir / "report.md").write_text(report_markdown(entries, context, judged, table, Path(plot["path"]).name,
+                                                       budget_note), encoding="utf-8")
     report = {"train": train_set.source, "test": test_set.source, "context": context, "verdict": judged,
+              "budget_note": budget_note,
               "entries": entries, "table": table, "plot": plot["path"], "plot_data": plot,
               "markdown": str(out_dir / "report.md")}
     write_json_atomic(out_dir / "report.json", report)
     return report
+
+
+def image_sizes(specs: Sequence[str], image_size: Optional[int] = None) -> list[Optional[int]]:
+    """The size each backbone is evaluated at: ``image_size`` for all when given; else a saved backbone at its
+    pretraining size and a random init (timm:/random:, no size of its own) at the size of the saved ones it is
+    compared with, so a gap measures pretraining, not 64 vs 224 px. Saved backbones of different sizes beside a
+    random init are refused (it can match only one of them); all random: None (224, backbones.py)."""
+    from ssl_hybrid.errors import UserError
+    from ssl_hybrid.eval.backbones import native_image_size
+
+    if image_size:
+        return [image_size] * len(specs)
+    native = [native_image_size(spec) for spec in specs]
+    pretrained = sorted({size for size in native if size is not None})
+    if len(pretrained) > 1 and None in native:
+        raise UserError(f"the saved backbones were pretrained at {' and '.join(f'{s} px' for s in pretrained)}: "
+                        "a random init can be evaluated at only one of them; pass --image-size N to evaluate "
+                        "every backbone at N px")
+    return [size if size is not None else next(iter(pretrained), None) for size in native]
 
 
 def protocol(entries: list[dict[str, Any]], seeds: int, methods: Sequence[str],
@@ -334,6 +356,11 @@ def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[
                if fewshot["skipped_shots"] else "")
     pooled = fewshot.get("protocol") == "rest"
     roles = ([] if leave_one_out else ["the k-NN bank"]) + ([] if pooled else ["the pool the k-shot labels are drawn from"])
+    # With both protocols pooled, no accuracy is measured on the test part alone: say what it is used for.
+    test_roles = ([] if leave_one_out else ["the k-NN queries"]) + ([] if pooled else ["what the k-shot probes are scored on"])
+    test_role = (" and ".join(test_roles) if test_roles else
+                 f"the queries of the retrieval grids only (the k-NN and k-shot columns score all "
+                 f"{train['images'] + test['images']} labeled images)")
     methods = " and ".join(METHOD_NAMES.get(m, m) for m in fewshot["methods"])
     drawn = (f"drawn from all {train['images'] + test['images']} labeled images (train and test) × {fewshot['seeds']} "
              "seeded draws, each scored on every image it did not draw" if pooled
@@ -342,7 +369,7 @@ def _setup_rows(entries: list[dict[str, Any]], context: dict[str, Any]) -> list[
                         f"(1/{context['num_classes']} = {100 * chance['uniform_top1']:.1f}%; always naming the most "
                         f"common test class: {100 * chance['majority_top1']:.1f}%), {100 * chance['top5']:.1f}% top-5"),
             ("train", images(train) + f": {' and '.join(roles) if roles else 'the bank of the retrieval grids'}"),
-            ("test", images(test) + f": {context['split']}"),
+            ("test", images(test) + f": {test_role}; {context['split']}"),
             ("k-NN", f"DINO protocol: k={proto['knn']['k']}, T={proto['knn']['temperature']}, cosine similarity; "
                      + (proto["knn"]["bank"] if leave_one_out else "every training image in the bank")),
             ("k-shot", f"{methods} on {shots} labels per class {drawn} (mean ± std; the ids are in splits/){skipped}"),
@@ -366,10 +393,11 @@ def _difference_table(judged: dict[str, Any]) -> str:
 
 
 def report_markdown(entries: list[dict[str, Any]], context: dict[str, Any], judged: dict[str, Any], table: str,
-                    plot_name: str) -> str:
+                    plot_name: str, budget_note: Optional[str] = None) -> str:
     setup = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in _setup_rows(entries, context))
     grids = "".join(f"![retrieval {e['name']}]({Path(e['retrieval_grid']['path']).name})\n" for e in entries)
-    return (f"# Backbone comparison\n\n**Verdict:** {judged['line']}\n\n{setup}\n"
+    note = f"**Too few steps:** {budget_note}\n\n" if budget_note else ""
+    return (f"# Backbone comparison\n\n**Verdict:** {judged['line']}\n\n{note}{setup}\n"
             f"Top-1 / top-5 in %; k-shot cells are mean ± std over {context['protocol']['fewshot']['seeds']} "
             f"seeded draws; the last row is chance.\n\n{table}\n{_difference_table(judged)}"
             f"![label efficiency]({plot_name})\n\n{grids}")

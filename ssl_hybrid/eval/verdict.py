@@ -210,7 +210,7 @@ def budget_text(backbone: dict[str, Any]) -> str:
         return "random initialization (seeded), no pretraining"
     record = backbone.get("pretraining") or {}
     if "step" not in record:
-        return "pretrained weights (no training record in backbone.json)"
+        return "pretrained weights (no training record with the weights)"
     step, steps = record["step"], record.get("steps")
     text = f"{step} of {steps} steps" if steps else f"{step} steps"
     seconds, start = record.get("train_seconds"), record.get("start_step", 0)

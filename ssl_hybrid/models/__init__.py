@@ -3,7 +3,7 @@
 Depends on timm/torch only (never on ssl_hybrid.data/train/eval/objectives).
 """
 
-from ssl_hybrid.models.export import load_backbone, save_backbone  # noqa: F401
+from ssl_hybrid.models.export import load_backbone, load_model, save_model_folder  # noqa: F401
 from ssl_hybrid.models.flops import count_flops  # noqa: F401
 from ssl_hybrid.models.hybrid import HybridViT, hybrid_base, hybrid_nano, hybrid_small, hybrid_tiny  # noqa: F401
 from ssl_hybrid.models.masking import random_grid_mask  # noqa: F401

@@ -6,12 +6,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from timm.layers import register_notrace_function, resample_abs_pos_embed
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 PATCH_SIZE = 16
-GLOBAL_POOLS = ("token_avg", "token", "avg", "")
+# "multiscale": every stage's average + class token + patch mean, each L2-normalized, concatenated (what the
+# evaluators score by default); the exported model folder sets it so that timm's model(x) gives that embedding.
+GLOBAL_POOLS = ("token_avg", "token", "avg", "", "multiscale")
 # Evaluation resize + center crop share (224 from 256, the standard ImageNet crop): our models' pretrained_cfg
 # crop_pct and the evaluators' transform both read it, so what timm reports is what the numbers were made with.
 EVAL_CROP_PCT = 0.875
@@ -35,9 +38,42 @@ def check_global_pool(global_pool: str) -> str:
     return global_pool
 
 
+def multiscale_pool(stage_means: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, sum C_i + 2D]``: each stage's global average, the class token and the patch mean of ``tokens
+    [B, 1+N, D]``, each L2-normalized (so no scale dominates by its magnitude), concatenated."""
+    parts = [*stage_means, tokens[:, 0], tokens[:, 1:].mean(dim=1)]
+    return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+
+
 class TokenBackboneMixin:
-    """For backbones with ``embed_dim``, ``head``, ``pos_embed`` over ``patch_grid``, a class token and
-    ``grad_checkpointing``; see ``HybridViT`` / ``ResViT``."""
+    """For backbones with ``embed_dim``, ``head``, ``pos_embed`` over ``patch_grid``, a class token,
+    ``num_multiscale_features`` and ``grad_checkpointing``; see ``HybridViT`` / ``ResViT``.
+
+    ``global_pool="multiscale"`` pools with ``multiscale_pool`` over the stage averages that the last
+    ``forward_features`` kept (``last_stage_means``): ``forward_head(forward_features(x), pre_logits=True)``
+    and ``forward(x)`` then equal ``forward_multiscale(x)``.
+    """
+
+    last_stage_means: Optional[list[torch.Tensor]] = None
+
+    @property
+    def head_hidden_size(self) -> int:
+        """Width of ``forward_head(..., pre_logits=True)`` (timm's name): the classifier's input."""
+        return self.num_multiscale_features if self.global_pool == "multiscale" else self.embed_dim
+
+    def _keep_stage_means(self, maps: list[torch.Tensor], channels_last: bool = False) -> None:
+        """Remember each stage map's global average when pooling needs it (``multiscale``), else nothing."""
+        if self.global_pool != "multiscale" or isinstance(maps[0], torch.fx.Proxy):
+            self.last_stage_means = None
+            return
+        self.last_stage_means = [m.mean(dim=(1, 2) if channels_last else (2, 3)) for m in maps]
+
+    def _multiscale_head_input(self, x: torch.Tensor) -> torch.Tensor:
+        means = self.last_stage_means
+        if means is None or means[0].shape[0] != x.shape[0]:
+            raise ValueError("global_pool='multiscale' pools the stage maps of the same forward_features call: "
+                             "call forward_head(forward_features(images)) or model(images)")
+        return multiscale_pool(means, x)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -55,7 +91,7 @@ class TokenBackboneMixin:
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = check_global_pool(global_pool)
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def _run(self, module: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():

@@ -1,17 +1,20 @@
-"""The one exported-backbone format: ``backbone.safetensors`` + ``backbone.json``, its writer and its reader.
+"""The model folder timm and the Hugging Face Hub read, its writer and its readers.
 
-The JSON holds what is needed to rebuild the module without our code's defaults drifting:
-the timm model name, the factory kwargs it was created with, ``img_size`` and ``num_features``,
-plus whatever the caller adds (e.g. the ``image_size`` it was pretrained at, the run's step).
-``save_backbone`` writes it (the trainer's checkpoints write the same JSON through ``make_meta`` +
-``write_meta``); ``load_backbone`` reads it back and loads the weights strictly. The weights also load
-through timm alone::
+A model folder holds ``model.safetensors`` (the model's own state dict), ``config.json`` (timm's layout:
+``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args`` = the factory kwargs,
+``pretrained_cfg`` with input size, mean/std, crop and interpolation, ``label_names`` for classifiers, and
+under ``ssl_hybrid`` what this tool recorded: run, step, pretraining budget, the token pooling the
+evaluators use) and ``README.md`` (a model card). After ``import ssl_hybrid.models`` it loads with
+``timm.create_model("local-dir:<folder>", pretrained=True)``, and ``huggingface_hub.upload_folder`` publishes
+it unchanged.
 
-    timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=".../backbone.safetensors"),
-                      **meta["factory_kwargs"])
+``save_model_folder`` writes one (into a temp folder, renamed when complete; an existing folder is replaced
+only with ``force``); ``load_model`` rebuilds the model exactly as saved, ``load_backbone`` its features.
 
-Older run directories named the model ``model`` and its kwargs ``kwargs`` (the trainer's checkpoints did,
-and hand-written files followed them); ``read_meta`` still reads those (``upgrade_meta``).
+A trainer checkpoint still describes its backbone with ``backbone.json`` (``make_meta`` + ``write_meta``).
+Exports written before the model folder were ``backbone.safetensors`` + ``backbone.json``;
+``load_backbone`` and the evaluators still read them (``read_meta``, old key names upgraded by
+``upgrade_meta``); ``ssl-hybrid export RUN`` re-exports a run as a model folder.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
@@ -33,12 +37,21 @@ from ssl_hybrid.models.factory import ModelArgsError, check_factory_args, create
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "backbone.safetensors"
+# The model folder (timm / Hugging Face names).
+MODEL_WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+RECORD_KEY = "ssl_hybrid"  # config.json section with what this tool recorded (run, step, pretraining, ...)
+# A trainer checkpoint: its weights hold the student backbone under this prefix; backbone.json says how to build it.
+CHECKPOINT_WEIGHTS_NAME = MODEL_WEIGHTS_NAME
+CHECKPOINT_BACKBONE_PREFIX = "backbone."
 META_NAME = "backbone.json"
 FORMAT_VERSION = 1
-# A trainer checkpoint's weights (next to a backbone.json) hold the student backbone under this prefix.
-CHECKPOINT_WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_BACKBONE_PREFIX = "backbone."
+# The export before the model folder: backbone.safetensors + backbone.json (read, never written).
+LEGACY_WEIGHTS_NAME = "backbone.safetensors"
+# Regularization rates change training, not the function a saved model computes: not recorded.
+_TRAINING_ONLY_ARGS = {"drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "drop_block_rate",
+                       "pretrained"}
 
 
 class BackboneLoadError(UserError):
@@ -73,23 +86,244 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def save_backbone(model: nn.Module, directory: Union[str, os.PathLike], extra_meta: dict[str, Any] | None = None
-                  ) -> tuple[Path, Path]:
-    """Write ``backbone.safetensors`` and ``backbone.json`` into ``directory``; returns both paths.
+# ------------------------------------------------------------------------------------------- model folder
 
-    Files are written under temporary names and renamed, so a crash never leaves a half-written pair.
+class ModelFolderError(UserError):
+    """A model folder that cannot be written (exists without force, disk full, ...)."""
+
+
+def model_args(model: nn.Module) -> dict[str, Any]:
+    """The factory kwargs that rebuild ``model`` as it is now (class count, pooling, image size included)."""
+    args = {k: v for k, v in _factory_kwargs(model).items() if k not in _TRAINING_ONLY_ARGS}
+    args["num_classes"] = int(getattr(model, "num_classes", args.get("num_classes", 0)))
+    pool = getattr(model, "global_pool", None)
+    pool = getattr(pool, "pool_type", pool)  # timm CNNs keep a pooling module
+    if isinstance(pool, str):
+        args["global_pool"] = pool
+    if getattr(model, "img_size", None) is not None:  # models that take img_size keep it
+        args["img_size"] = list(model.img_size)
+    return json.loads(json.dumps(args, default=list))
+
+
+def _input_size(model: nn.Module, args: dict[str, Any], image_size: Optional[int]) -> list[int]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = image_size or getattr(model, "img_size", None) or cfg.get("input_size", (3, 224, 224))[-2:]
+    height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    return [int(args.get("in_chans") or cfg.get("input_size", (3,))[0]), int(height), int(width)]
+
+
+def pretrained_cfg(model: nn.Module, args: dict[str, Any], image_size: Optional[int] = None,
+                   license: str = "other") -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` for the saved weights: the preprocessing the evaluators use (resize to
+    size / crop_pct, bicubic, center crop, ImageNet mean/std) at the size the model was trained at."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from ssl_hybrid.models.contract import EVAL_CROP_PCT
+
+    source = getattr(model, "pretrained_cfg", None) or {}
+    kept = {k: source[k] for k in ("first_conv", "classifier", "fixed_input_size") if k in source}
+    return json.loads(json.dumps(dict(
+        kept, input_size=_input_size(model, args, image_size), mean=list(IMAGENET_DEFAULT_MEAN),
+        std=list(IMAGENET_DEFAULT_STD), crop_pct=EVAL_CROP_PCT, crop_mode="center", interpolation="bicubic",
+        num_classes=args["num_classes"], license=license), default=list))
+
+
+def model_config(model: nn.Module, label_names: Optional[Sequence[str]] = None,
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The ``config.json`` of ``model``; ``extra`` (run, step, image_size, ...) goes under ``ssl_hybrid``."""
+    extra = dict(extra or {})
+    args = model_args(model)
+    if label_names is not None and len(label_names) != args["num_classes"]:
+        raise ValueError(f"{len(label_names)} label names for a model with {args['num_classes']} classes")
+    config: dict[str, Any] = {
+        "architecture": _model_name(model), "num_classes": args["num_classes"],
+        "num_features": int(getattr(model, "num_features", 0)),
+        "head_hidden_size": int(getattr(model, "head_hidden_size", getattr(model, "num_features", 0))),
+        "model_args": args,
+        "pretrained_cfg": pretrained_cfg(model, args, extra.get("image_size"), extra.pop("license", "other")),
+    }
+    if "global_pool" in args:
+        config["global_pool"] = args["global_pool"]
+    if label_names is not None:
+        config["label_names"] = [str(name) for name in label_names]
+    config[RECORD_KEY] = json.loads(json.dumps(dict(format_version=FORMAT_VERSION, **extra), default=str))
+    return config
+
+
+def model_card(config: dict[str, Any], evaluation: Optional[str] = None) -> str:
+    """README.md: Hub metadata (YAML front matter) and what the model is, how it was made, how to load it."""
+    record = config.get(RECORD_KEY, {})
+    classifier = bool(config.get("label_names"))
+    task = "image-classification" if classifier else "image-feature-extraction"
+    tags = ["timm", "ssl_hybrid", task] + ([] if classifier else ["self-supervised"])
+    front = ["---", "library_name: timm", f"license: {config['pretrained_cfg'].get('license', 'other')}",
+             f"pipeline_tag: {task}", "tags:", *[f"- {tag}" for tag in tags], "---", ""]
+    size = config["pretrained_cfg"]["input_size"]
+    what = f"classifier over {config['num_classes']} classes" if classifier else "self-supervised backbone"
+    lines = [f"# {record.get('run') or config['architecture']}", "",
+             f"`{config['architecture']}` {what}, trained with ssl_hybrid at {size[1]}x{size[2]} px.", ""]
+    lines += _card_training(record)
+    if evaluation:
+        lines += ["## Evaluation", "", evaluation.strip(), ""]
+    pooled = config.get("global_pool") == "multiscale"
+    lines += ["## Use", "", "```python", "import timm", "import ssl_hybrid.models  # registers the architecture",
+              "", 'model = timm.create_model("local-dir:<this folder>", pretrained=True).eval()',
+              "cfg = timm.data.resolve_data_config({}, model=model)",
+              "transform = timm.data.create_transform(**cfg)",
+              "out = model(transform(image).unsqueeze(0))  # "
+              + ("class logits" if classifier else "the embedding the evaluators scored"),
+              "```", ""]
+    if pooled:
+        lines += [("`global_pool` is `multiscale`: `model(x)` and `forward_head(..., pre_logits=True)` return the "
+                   "multi-scale embedding (every stage's average, class token and patch mean, each L2-normalized). "
+                   "Pass `global_pool=\"token_avg\"` for the plain token pooling."), ""]
+    return "\n".join(front + lines)
+
+
+def _card_training(record: dict[str, Any]) -> list[str]:
+    facts = []
+    if record.get("data"):
+        facts.append(f"- pretrained on: `{record['data']}`")
+    budget = record.get("pretraining") or {}
+    if record.get("step") is not None:
+        planned = f" of {budget['steps']}" if budget.get("steps") else ""
+        seconds = f", {budget['train_seconds']} s of training" if budget.get("train_seconds") else ""
+        facts.append(f"- steps: {record['step']}{planned}{seconds}")
+    if record.get("objective"):
+        facts.append("- objective weights: " + ", ".join(f"{k} {v}" for k, v in record["objective"].items()))
+    if record.get("finetuned"):
+        facts.append(f"- fine-tuned: {record['finetuned']}")
+    return ["## Training", "", *facts, ""] if facts else []
+
+
+def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,
+                      label_names: Optional[Sequence[str]] = None, extra: Optional[dict[str, Any]] = None,
+                      force: bool = False, evaluation: Optional[str] = None) -> Path:
+    """Write ``model`` as a model folder (``model.safetensors`` + ``config.json`` + ``README.md``).
+
+    Written into a temp folder beside ``directory`` and renamed when every file is on disk, so a crash or a
+    full disk leaves either no folder or the complete old one. An existing ``directory`` is refused
+    (ModelFolderError) unless ``force``; then it is replaced only once the new folder is complete.
+    ``evaluation``: a markdown table for the model card.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    weights_path, meta_path = directory / WEIGHTS_NAME, directory / META_NAME
+    if directory.exists() and not force:
+        raise ModelFolderError(f"{directory}: already exists; pass --force to replace it "
+                               "(the new folder is complete before the old one is removed)")
+    config = model_config(model, label_names, extra)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = make_meta(model, extra_meta)
-    tmp_weights, tmp_meta = weights_path.with_suffix(".safetensors.tmp"), meta_path.with_suffix(".json.tmp")
-    save_file(state, str(tmp_weights), metadata={"model_name": meta["model_name"]})
-    write_meta(tmp_meta, meta)
-    os.replace(tmp_weights, weights_path)
-    os.replace(tmp_meta, meta_path)
-    return weights_path, meta_path
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(state, str(tmp / MODEL_WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card(config, evaluation), encoding="utf-8")
+        _fsync_folder(tmp)
+        _swap_in(tmp, directory)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, UserError) or not isinstance(err, Exception):
+            raise
+        # a full disk or a file-size limit surfaces as whatever the writer raises (SafetensorError, OSError)
+        why = " ".join(str(err).split()) or type(err).__name__
+        raise ModelFolderError(f"{directory}: could not write the model folder ({why}); "
+                               f"nothing was replaced: free space and export again") from None
+    return directory
+
+
+def write_model_card(folder: Union[str, os.PathLike], evaluation: Optional[str]) -> Path:
+    """Rewrite the folder's model card from its config.json with ``evaluation`` (temp file + rename)."""
+    folder = Path(folder)
+    card = model_card(read_model_config(folder), evaluation)
+    tmp = folder / f".{CARD_NAME}.tmp-{os.getpid()}"
+    try:
+        tmp.write_text(card, encoding="utf-8")
+        os.replace(tmp, folder / CARD_NAME)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ModelFolderError(f"{folder / CARD_NAME}: could not write the model card ({err.strerror or err})") from None
+    return folder / CARD_NAME
+
+
+def _fsync_folder(folder: Path, files: bool = True) -> None:
+    """Flush the folder's files (``files``) and the folder itself, so a power cut cannot undo the rename."""
+    for path in [*(folder.iterdir() if files else ()), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Rename the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first, removed after."""
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_folder(final.parent, files=False)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def is_model_folder(path: Union[str, os.PathLike]) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / MODEL_WEIGHTS_NAME).is_file()
+
+
+def read_model_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
+    """``config.json`` of a model folder, checked: one line naming the folder and key when it is not one."""
+    folder = Path(folder)
+    if (folder / LEGACY_WEIGHTS_NAME).exists() or (folder / META_NAME).exists() and not (folder / CONFIG_NAME).exists():
+        raise BackboneLoadError(f"{folder}: an export in the old format ({LEGACY_WEIGHTS_NAME} + {META_NAME}); "
+                                f"re-export the run as a model folder: ssl-hybrid export <run directory>")
+    if not is_model_folder(folder):
+        raise BackboneLoadError(f"{folder}: not a model folder (expected {MODEL_WEIGHTS_NAME} + {CONFIG_NAME})")
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BackboneLoadError(f"{folder / CONFIG_NAME}: malformed JSON ({err.msg} at line {err.lineno})") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise BackboneLoadError(f"{folder / CONFIG_NAME}: JSON nested too deeply to be a model config") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise BackboneLoadError(f"{folder / CONFIG_NAME}: no 'architecture' naming the timm model")
+    if not isinstance(config.get("model_args", {}), dict):
+        raise BackboneLoadError(f"{folder / CONFIG_NAME}: 'model_args' must be an object of factory arguments")
+    try:  # a file is data, never code: a plain registered name and the model class's own arguments only
+        check_factory_args(config["architecture"], config.get("model_args") or {}, str(folder / CONFIG_NAME))
+    except ModelArgsError as err:
+        raise BackboneLoadError(str(err)) from None
+    return config
+
+
+def build_from_folder(folder: Union[str, os.PathLike], config: dict[str, Any], *, ignore_unexpected: bool = False,
+                      **override_kwargs: Any) -> tuple[nn.Module, list[str]]:
+    """The folder's model from ``config`` (``model_args``, ``override_kwargs`` on top), weights loaded
+    strictly; returns it in eval mode and the unexpected (ignored) keys."""
+    weights = Path(folder) / MODEL_WEIGHTS_NAME
+    args = dict(config.get("model_args") or {})
+    meta = {"model_name": config["architecture"], "factory_kwargs": args}
+    # rebuilt with another class count (features only: 0): the saved classifier is not part of the model
+    other_head = override_kwargs.get("num_classes", args.get("num_classes")) != args.get("num_classes")
+    classifier = (config.get("pretrained_cfg") or {}).get("classifier") if other_head else None
+    return rebuild(weights, meta, ignore_unexpected=ignore_unexpected, drop=f"{classifier}." if classifier else None,
+                   **override_kwargs)
+
+
+def load_model(folder: Union[str, os.PathLike]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model exactly as saved (its classifier head when it has one), in eval mode, and its config.json."""
+    folder = _folder_of(folder)
+    config = read_model_config(folder)
+    return build_from_folder(folder, config)[0], config
+
+
+def _folder_of(path: Union[str, os.PathLike]) -> Path:
+    path = Path(path)
+    if path.is_file() and path.name in (MODEL_WEIGHTS_NAME, CONFIG_NAME):
+        return path.parent
+    if not path.exists():
+        raise BackboneLoadError(f"{path}: not found (a model folder holds {MODEL_WEIGHTS_NAME} + {CONFIG_NAME})")
+    return path
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -122,7 +356,7 @@ def read_meta_file(meta_path: Union[str, os.PathLike]) -> dict[str, Any]:
     """One ``backbone.json``, old key names upgraded."""
     meta_path = Path(meta_path)
     if not meta_path.is_file():
-        raise BackboneLoadError(f"{meta_path}: not found (a saved backbone is {WEIGHTS_NAME} + {META_NAME})")
+        raise BackboneLoadError(f"{meta_path}: not found (an old export is {LEGACY_WEIGHTS_NAME} + {META_NAME})")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -138,13 +372,13 @@ def read_meta(path_or_dir: Union[str, os.PathLike]) -> tuple[Path, dict[str, Any
     """Resolve ``(weights_path, meta)`` from a directory, the .safetensors or the .json path."""
     path = Path(path_or_dir)
     if not path.exists():
-        raise BackboneLoadError(f"{path}: not found (expected a directory with {WEIGHTS_NAME} + {META_NAME})")
+        raise BackboneLoadError(f"{path}: not found (expected a model folder)")
     if path.is_file() and path.suffix not in (".safetensors", ".json"):
         raise BackboneLoadError(f"{path}: weights must be a .safetensors file (pickled checkpoints are not loaded)")
     directory = path if path.is_dir() else path.parent
-    weights_path = path if path.suffix == ".safetensors" else directory / WEIGHTS_NAME
+    weights_path = path if path.suffix == ".safetensors" else directory / LEGACY_WEIGHTS_NAME
     if not weights_path.is_file():
-        raise BackboneLoadError(f"{weights_path}: not found (a saved backbone is {WEIGHTS_NAME} + {META_NAME})")
+        raise BackboneLoadError(f"{weights_path}: not found (an old export is {LEGACY_WEIGHTS_NAME} + {META_NAME})")
     return weights_path, read_meta_file(directory / META_NAME)
 
 
@@ -183,10 +417,11 @@ def _read_weights(weights_path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignore_unexpected: bool = False,
-            **override_kwargs: Any) -> tuple[nn.Module, list[str]]:
+            drop: Optional[str] = None, **override_kwargs: Any) -> tuple[nn.Module, list[str]]:
     """Build ``meta``'s model (its factory kwargs, ``override_kwargs`` on top) and load the weights strictly.
 
-    ``prefix``: use only the weights under it (``CHECKPOINT_BACKBONE_PREFIX`` for a trainer checkpoint).
+    ``prefix``: use only the weights under it (``CHECKPOINT_BACKBONE_PREFIX`` for a trainer checkpoint);
+    ``drop``: leave out the weights under it (a classifier the rebuilt model does not have).
     The model's timm module adapts the weights first when it has a ``checkpoint_filter_fn`` (ViTs, our
     hybrids: the position embedding is resampled when ``img_size`` changes). Returns the model in eval
     mode and the unexpected keys (see ``load_state_strict``).
@@ -199,6 +434,8 @@ def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignor
         raise BackboneLoadError(f"{weights_path}: cannot build {meta['model_name']} with "
                                 f"{dict(kwargs, img_size=image_size)}: {err}") from err
     state = _read_weights(weights_path, prefix)
+    if drop:
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
     adapt = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     if adapt is not None:
         state = adapt(state, model)
@@ -207,12 +444,17 @@ def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignor
 
 
 def load_backbone(path_or_dir: Union[str, os.PathLike], **override_kwargs: Any) -> nn.Module:
-    """Rebuild the saved model (``timm.create_model(name, **factory_kwargs)``) and load weights strictly.
+    """The features of a saved model: a model folder rebuilt without its classifier (``num_classes=0``),
+    its pooling as saved; an old ``backbone.safetensors`` + ``backbone.json`` export as it was saved.
 
-    ``override_kwargs`` replace saved factory kwargs (e.g. ``num_classes=0``, ``img_size=96``; the
-    position embedding is resampled when ``img_size`` changes). The model is returned in eval mode.
-    Raises BackboneLoadError naming the missing/unexpected/mismatched keys when the weights do not
-    fit the architecture.
+    ``override_kwargs`` replace saved factory kwargs (e.g. ``img_size=96``: the position embedding is
+    resampled). Eval mode. Raises BackboneLoadError naming the missing/unexpected/mismatched keys when
+    the weights do not fit the architecture.
     """
-    weights_path, meta = read_meta(path_or_dir)
+    path = Path(path_or_dir)
+    folder = _folder_of(path)
+    if is_model_folder(folder):
+        config = read_model_config(folder)
+        return build_from_folder(folder, config, **{"num_classes": 0, **override_kwargs})[0]
+    weights_path, meta = read_meta(path)
     return rebuild(weights_path, meta, **override_kwargs)[0]

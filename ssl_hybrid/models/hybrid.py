@@ -28,7 +28,6 @@ import math
 from typing import Any, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -38,7 +37,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
-from ssl_hybrid.models.contract import EVAL_CROP_PCT, GLOBAL_POOLS, PATCH_SIZE, TokenBackboneMixin, token_grid
+from ssl_hybrid.models.contract import (EVAL_CROP_PCT, PATCH_SIZE, TokenBackboneMixin, check_global_pool,
+                                        multiscale_pool, token_grid)
 from ssl_hybrid.models.masking import check_mask, upsample_mask, visible_indices
 from ssl_hybrid.models.token_select import TokenSelectConfig, default_select_blocks, select_tokens
 
@@ -160,14 +160,13 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if img_size[0] % PATCH_SIZE or img_size[1] % PATCH_SIZE:
             raise ValueError(f"img_size {img_size} must be a multiple of {PATCH_SIZE}")
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+        check_global_pool(global_pool)
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
         c4, c8 = conv_dims
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = self.head_hidden_size = embed_dim
+        self.num_features = self.embed_dim = embed_dim
         self.patch_size = PATCH_SIZE
         self.img_size = img_size
         self.patch_grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
@@ -206,7 +205,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self.fuse8 = nn.Linear(4 * c8, embed_dim)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
         self.feature_info = [dict(num_chs=c4, reduction=4, module="stage1"),
                              dict(num_chs=c8, reduction=8, module="stage2")]
@@ -349,13 +348,14 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         ``last_token_mask [B, 1+N]`` marks padding (zeroed in the output) and ``last_tokens_kept [B]``
         the patch tokens each image kept. Without selection N = H*W/256 and the mask is None.
         """
-        select = self.token_select.enabled
+        select = self.token_select.enabled and self.global_pool != "multiscale"  # multiscale: every position
         tracing = isinstance(x, torch.fx.Proxy)
         if select and tracing:
             raise torch.fx.proxy.TraceError(
                 "token selection keeps a data-dependent number of tokens, which FX cannot trace; trace the "
                 "model with model.set_token_selection(1.0) (same weights), then switch it back on")
-        tokens, fusion, layout, kept, _ = self._encode(x, None, select)
+        tokens, fusion, layout, kept, stages = self._encode(x, None, select)
+        self._keep_stage_means(list(stages), channels_last=True)
         out = self.norm(self._add_fusion(tokens, fusion))
         if layout.valid is not None:
             out = out * layout.valid[..., None].to(out.dtype)
@@ -384,12 +384,17 @@ class HybridViT(TokenBackboneMixin, nn.Module):
                      token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled ``[B, C]`` (pre_logits) or logits. Padding from token selection is excluded using
         ``token_mask`` or, when not given, the mask of the last forward_features if shapes match."""
+        if self.global_pool == "multiscale":
+            x = self.head_drop(self._multiscale_head_input(x))
+            return x if pre_logits else self.head(x)
         if token_mask is None and self.last_token_mask is not None and self.last_token_mask.shape == x.shape[:2]:
             token_mask = self.last_token_mask
         x = self.head_drop(self.pool(x, token_mask))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "multiscale":  # one pass, no side channel (traceable)
+            return self.head(self.head_drop(self.forward_multiscale(x)))
         return self.forward_head(self.forward_features(x))
 
     def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,8 +402,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         patch mean, each L2-normalized, concatenated (no token selection: every position counts)."""
         tokens, fusion, _, _, (s4, s8) = self._encode(x, None, select=False)
         out = self.norm(self._add_fusion(tokens, fusion))  # [B, 1+N, D]
-        parts = [s4.mean(dim=(1, 2)), s8.mean(dim=(1, 2)), out[:, 0], out[:, 1:].mean(dim=1)]
-        return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+        return multiscale_pool([s4.mean(dim=(1, 2)), s8.mean(dim=(1, 2))], out)
 
     def forward_masked(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         """Masked-image-modeling encoder pass; ``mask [B, H/16, W/16]`` bool, True = hidden.
@@ -501,7 +505,7 @@ default_cfgs = generate_default_cfgs({
 
 # timm/builder plumbing that is not a model argument (kept out of the exported factory kwargs)
 _BUILDER_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                   "feature_cls", "feature_cfg", "pretrained_strict", "checkpoint_path"}
+                   "feature_cls", "feature_cfg", "pretrained_strict", "checkpoint_path", "pretrained_model_args"}
 
 
 def _create_hybrid(variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs) -> HybridViT:

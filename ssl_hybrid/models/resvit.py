@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 
-from ssl_hybrid.models.contract import PATCH_SIZE, TokenBackboneMixin, check_global_pool
+from ssl_hybrid.models.contract import PATCH_SIZE, TokenBackboneMixin, check_global_pool, multiscale_pool
 from ssl_hybrid.models.hybrid import _BUILDER_KWARGS, _cfg, checkpoint_filter_fn
 from ssl_hybrid.models.masking import check_mask, visible_indices
 
@@ -141,7 +141,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             raise ValueError(f"conv_dims and conv_depths need 3 stages (strides 4/8/16), got {conv_dims}, {conv_depths}")
         self.num_classes = num_classes
         self.global_pool = global_pool
-        self.num_features = self.embed_dim = self.head_hidden_size = embed_dim
+        self.num_features = self.embed_dim = embed_dim
         self.patch_size = PATCH_SIZE
         self.img_size = img_size
         self.patch_grid = (img_size[0] // PATCH_SIZE, img_size[1] // PATCH_SIZE)
@@ -172,7 +172,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
         self.fuse8 = nn.Linear(conv_dims[1], embed_dim) if fuse_stages else None
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
         self.feature_info = [dict(num_chs=conv_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}") for i in range(3)]
         self.feature_info += [dict(num_chs=embed_dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
@@ -267,7 +267,9 @@ class ResViT(TokenBackboneMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image ``[B, 3, H, W]`` -> normed tokens ``[B, 1+N, C]`` (class token first, multi-scale fused)."""
-        return self._encode(x)[0]
+        tokens, maps = self._encode(x)
+        self._keep_stage_means(maps)
+        return tokens
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 1+N, C]`` -> ``[B, C]``: class token, mean of patch tokens, or (default) their average."""
@@ -279,18 +281,19 @@ class ResViT(TokenBackboneMixin, nn.Module):
         return mean if self.global_pool == "avg" else 0.5 * (x[:, 0] + mean)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.pool(x))
+        x = self.head_drop(self._multiscale_head_input(x) if self.global_pool == "multiscale" else self.pool(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.global_pool == "multiscale":  # one pass, no side channel (traceable)
+            return self.head(self.head_drop(self.forward_multiscale(x)))
         return self.forward_head(self.forward_features(x))
 
     def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor:
         """Multi-scale pooled embedding ``[B, C4 + C8 + C16 + 2D]``: GAP of each conv stage, class token and
         patch mean, each L2-normalized (so no scale dominates by its magnitude), concatenated."""
         out, maps = self._encode(x)  # [B, 1+N, D], stage maps
-        parts = [m.mean(dim=(2, 3)) for m in maps] + [out[:, 0], out[:, 1:].mean(dim=1)]
-        return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
+        return multiscale_pool([m.mean(dim=(2, 3)) for m in maps], out)
 
     def forward_masked(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
         """Masked-image-modeling encoder pass; ``mask [B, H/16, W/16]`` bool, True = hidden.

@@ -58,7 +58,7 @@ class ProxyConfig:
     # Also score each candidate at random init (no training), so the table shows what pretraining added.
     score_init: bool = True
     # Keep each proxy run's resumable checkpoints (~100 MB each) after it is scored; the exported
-    # backbone.safetensors is always kept. Off: a scored run never needs resuming (state.json has its score).
+    # model folder (model/) is always kept. Off: a scored run never needs resuming (state.json has its score).
     keep_checkpoints: bool = False
     # Seed for the bank's k-shot draw and the hold-out split.
     seed: int = 0

@@ -1,25 +1,40 @@
-"""Checkpoint -> ``backbone.safetensors`` + ``backbone.json`` (the student backbone only), so any
-checkpoint of a run, not just its end, can be evaluated or fine-tuned."""
+"""A run's backbone -> a model folder (``ssl_hybrid.models.export``): at the end of training (``<run>/model/``)
+and from any checkpoint with ``ssl-hybrid export`` (``<run>/model/`` for a run's newest checkpoint,
+``<run>/exports/step_<N>/`` for a given one), outside ``checkpoints/``, which pruning deletes.
+
+The folder's default pooling is the one the evaluators score (``eval.pooling``): our backbones are saved
+with ``global_pool="multiscale"`` when that is ``multiscale``, so ``model(x)`` is the embedding of the
+report, not the plain token pooling; the token pooling they trained with is recorded for the evaluators.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import yaml
 from safetensors.torch import load_file
+from torch import nn
 
-from ssl_hybrid.config import from_dict
+from ssl_hybrid.config import Config, from_dict
+from ssl_hybrid.errors import UserError
+from ssl_hybrid.runs import CHECKPOINTS_DIR
 from ssl_hybrid.train import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"  # <run>/model/: the end-of-run export, and `ssl-hybrid export RUN`'s default
+EXPORTS_DIR = "exports"  # <run>/exports/step_<N>/: `ssl-hybrid export <step dir>`'s default
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step directory as given, or the newest complete checkpoint of a run directory."""
     path = Path(path)
-    if (path / ckpt.MODEL_FILE).exists():
+    if (path / ckpt.MODEL_FILE).exists() and (path / ckpt.STATE_FILE).exists():
         return path
     newest = ckpt.latest_checkpoint(path)
     if newest is None:
@@ -28,13 +43,92 @@ def resolve_checkpoint(path: Path) -> Path:
     return newest
 
 
-def export_checkpoint(path: Path, out_dir: Optional[Path] = None) -> Path:
-    """Write the checkpoint's student backbone to ``out_dir`` (default: the checkpoint directory)."""
-    from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, save_backbone
+@contextlib.contextmanager
+def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[Optional[str]]:
+    """``backbone`` pooled as the evaluators score it while the block runs; yields the token pooling it had.
+
+    Only our backbones have a ``multiscale`` global_pool; a timm CNN keeps its own pooling (the card says
+    that the evaluators' multi-scale embedding is ``ssl_hybrid.models.pooling.multiscale_embed``)."""
+    before = getattr(backbone, "global_pool", None)
+    switch = pooling == "multiscale" and hasattr(backbone, "forward_multiscale") and backbone.num_classes == 0
+    if switch:
+        backbone.global_pool = "multiscale"
+    try:
+        yield before if isinstance(before, str) else None
+    finally:
+        if switch:
+            backbone.global_pool = before
+
+
+def save_run_model(backbone: nn.Module, config: Config, directory: Path, record: dict[str, Any], *,
+                   force: bool = False, run_dir: Optional[Path] = None) -> Path:
+    """Write ``backbone`` as a model folder with the run's record (``training_meta`` + ``record``) and, when
+    the run has a report, its table on the model card."""
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.train.loop import training_meta
+
+    with scored_pooling(backbone, config.eval.pooling) as token_pool:
+        extra = dict(training_meta(config), data=public_source(config.data.train),
+                     eval_pooling=config.eval.pooling, token_pool=token_pool, **record)
+        return save_model_folder(backbone, directory, extra=extra, force=force,
+                                 evaluation=_report_table(run_dir) if run_dir else None)
+
+
+def refresh_model_card(run_dir: Path) -> Optional[Path]:
+    """Put the run's report table on its model folder's card (after ``quickstart``/``report`` wrote it)."""
+    from ssl_hybrid.models.export import is_model_folder, write_model_card
+
+    table = _report_table(run_dir)
+    if table is None or not is_model_folder(Path(run_dir) / MODEL_DIR):
+        return None
+    return write_model_card(Path(run_dir) / MODEL_DIR, table)
+
+
+def public_source(spec: str) -> str:
+    """``data.train`` as it may be published with the model: no credentials in URLs (``user:token@``, query
+    strings), no local directories above the corpus (an absolute path keeps its last part)."""
+    if "://" in spec or spec.startswith("pipe:"):
+        spec = re.sub(r"//[^/@\s]+@", "//", spec)
+        return re.sub(r"\?[^\s'\"]*", "", spec)
+    path = Path(spec)
+    return path.name if path.is_absolute() else spec
+
+
+def _report_table(run_dir: Path) -> Optional[str]:
+    """The evaluation table of the run's report (``report.json``, written by ``quickstart``/``report``)."""
+    path = Path(run_dir) / "report.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    table = report.get("table") if isinstance(report, dict) else None
+    verdict = (report.get("verdict") or {}).get("line") if isinstance(report.get("verdict"), dict) else None
+    return (table or "") + (f"\nVerdict: {verdict}\n" if verdict else "") if table else None
+
+
+def default_out_dir(path: Path, step_dir: Path) -> Path:
+    run = step_dir.parent.parent
+    return run / MODEL_DIR if Path(path).resolve() == run.resolve() else run / EXPORTS_DIR / step_dir.name
+
+
+def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = False) -> Path:
+    """Write the checkpoint's student backbone as a model folder; returns the folder.
+
+    Default folder: ``default_out_dir``. An existing folder is replaced only with ``force``; a folder inside
+    the run's ``checkpoints/`` is refused (pruning deletes what is there)."""
+    from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, ModelFolderError
     from ssl_hybrid.models.factory import check_factory_args
-    from ssl_hybrid.train.loop import build_backbone, model_kwargs, training_meta
+    from ssl_hybrid.train.loop import build_backbone, model_kwargs
 
     step_dir = resolve_checkpoint(path)
+    out = Path(out_dir) if out_dir else default_out_dir(path, step_dir)
+    checkpoints = step_dir.parent.resolve()
+    if step_dir.parent.name == CHECKPOINTS_DIR and out.resolve().is_relative_to(checkpoints):
+        raise UserError(f"{out}: inside {checkpoints}, whose old checkpoints are deleted as training goes on; "
+                        "export outside it (--out-dir)")
+    if out.exists() and not force:
+        raise ModelFolderError(f"{out}: already exists; pass --force to replace it "
+                               "(the new folder is complete before the old one is removed)")
     config_file = step_dir / "config.yaml"
     if not config_file.exists():
         raise ckpt.CheckpointError(f"{step_dir}: no config.yaml, cannot tell which backbone it holds")
@@ -48,7 +142,23 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None) -> Path:
              if k.startswith(CHECKPOINT_BACKBONE_PREFIX)}
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
-    weights_path, _ = save_backbone(backbone, out_dir or step_dir,
-                                    dict(training_meta(config), step=step, checkpoint=str(step_dir)))
-    log.info("exported %s (step %s)", weights_path, step)
-    return weights_path
+    record = {"step": step, "pretraining": _budget(step_dir.parent.parent, config)}
+    folder = save_run_model(backbone.eval(), config, out, record, force=force, run_dir=step_dir.parent.parent)
+    log.info("exported %s (step %s)", folder, step)
+    return folder
+
+
+def _budget(run_dir: Path, config: Config) -> dict[str, Any]:
+    """The run's budget record as its end-of-run export wrote it (model folder or old export), else the
+    planned steps and time limit from its config."""
+    from ssl_hybrid.models.export import META_NAME, RECORD_KEY
+
+    for path, section in ((run_dir / MODEL_DIR / "config.json", RECORD_KEY), (run_dir / META_NAME, None)):
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+            budget = (values.get(section) or {} if section else values).get("pretraining")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(budget, dict):
+            return budget
+    return {"steps": config.train.steps, "max_seconds": config.train.max_seconds}

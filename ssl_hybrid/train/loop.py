@@ -4,7 +4,7 @@
 One code path for a CPU, one GPU, or many GPUs/nodes (Hugging Face Accelerate). Counting is in
 optimizer steps; every scheduled value is ``schedules[name][step]``. The run directory holds
 ``config.yaml`` (written at start), ``metrics.jsonl``, TensorBoard events, ``checkpoints/step_*/``
-and, at the end, ``backbone.safetensors`` + ``backbone.json``.
+and, at the end, the model folder ``model/`` (``model.safetensors`` + ``config.json`` + ``README.md``).
 
 Stopping: ``train.steps`` reached, ``train.max_seconds`` spent (checkpoint + export), SIGTERM/SIGINT
 (checkpoint, exit cleanly; re-running the same command resumes), or ``train.max_nonfinite_steps``
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ssl_hybrid import rng, runs
-from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, validate
+from ssl_hybrid.config import Config, log_derived, run_dir, to_dict, unused_settings, validate
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 from ssl_hybrid.train import checkpoint as ckpt
@@ -75,6 +75,7 @@ class Run:
     # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
     start_step: int = 0
     train_seconds: float = 0.0
+    startup_seconds: float = 0.0  # to the end of the session's first step (workers, first forward): not a step time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ def build_backbone(config: Config) -> torch.nn.Module:
 
 
 def training_meta(config: Config) -> dict[str, Any]:
-    """What the trainer adds to ``backbone.json`` (checkpoints and export) besides how to rebuild the
+    """What the trainer adds to ``backbone.json`` (checkpoints) and the model folder's record besides how to rebuild the
     backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
     return {"image_size": config.data.image_size, "run": config.name,
             "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")}}
@@ -295,10 +296,9 @@ class StopSignal:
 
 def log_step(run: Run, values: dict[str, float], seconds: float, images: int, bar) -> None:
     step = run.counters.step
-    record = {"step": step, "lr": float(run.schedules["lr"][step - 1]),
-              "weight_decay": float(run.schedules["weight_decay"][step - 1]),
-              "momentum": float(run.schedules["momentum"][step - 1]),
-              "teacher_temp": float(run.schedules["teacher_temp"][step - 1]),
+    unused = unused_settings(run.config)  # DINO's momentum/teacher_temp only when DINO is on
+    record = {"step": step, **{name: float(run.schedules[name][step - 1])
+                               for name in ("lr", "weight_decay", "momentum", "teacher_temp") if name not in unused},
               "img_per_s": images / seconds if seconds > 0 else 0.0,
               "nonfinite_total": run.counters.nonfinite_total, **values}
     data = run.stream.stats()
@@ -325,8 +325,9 @@ def run_monitor(run: Run) -> None:
         result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
     run.model.train()
     record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
-    log.info("online k-NN at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
-             run.counters.step, 100 * result["top1"], 100 / result["num_classes"], result["k"], result["n_test"])
+    log.info("online k-NN on %s at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
+             result["corpus"], run.counters.step, 100 * result["top1"], 100 / result["num_classes"], result["k"],
+             result["n_test"])
     if run.accelerator.is_main_process:
         runs.append_metrics(run.directory, record)
     run.accelerator.log({"knn_top1": result["top1"], "knn_top5": result["top5"]}, step=run.counters.step)
@@ -429,9 +430,10 @@ def flat_hparams(config: Config) -> dict[str, Any]:
     from ssl_hybrid.logs import redact
 
     flat = ckpt._flatten(to_dict(config))
+    unused = unused_settings(config)
     # Shard URLs may carry credentials (user:pass@, signed query strings); TensorBoard files get shared.
     return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()
-            if isinstance(v, (int, float, str, bool))}
+            if isinstance(v, (int, float, str, bool)) and k not in unused}
 
 
 def batches(run: Run) -> Iterator[dict]:
@@ -472,6 +474,8 @@ def train(run: Run) -> None:
                     continue
                 counters.step += 1
                 counters.images += images
+                if counters.step == run.start_step + 1:
+                    run.startup_seconds = time.monotonic() - started
                 window_images += images
                 if bar is not None:
                     bar.update(1)
@@ -528,10 +532,10 @@ def log_precision(accelerator) -> None:
 def make_bar(run: Run):
     if not run.accelerator.is_main_process:
         return None
-    from tqdm.auto import tqdm
+    from ssl_hybrid.train.progress import TrainBar
 
-    return tqdm(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
-                dynamic_ncols=True)
+    return TrainBar(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
+                    dynamic_ncols=True, budget_seconds=run.config.train.max_seconds)
 
 
 def finish(run: Run) -> dict[str, Any]:
@@ -560,29 +564,41 @@ def budget_record(run: Run) -> dict[str, Any]:
             return previous
     return {"steps": run.config.train.steps, "max_seconds": run.config.train.max_seconds,
             "stopped": run.stop_reason or "done", "start_step": run.start_step,
-            "train_seconds": round(run.train_seconds, 1)}
+            "train_seconds": round(run.train_seconds, 1), "startup_seconds": round(run.startup_seconds, 1)}
 
 
 def exported_record(directory: Path) -> Optional[dict[str, Any]]:
     """The budget record of the run's export; None when it has not been exported yet."""
-    from ssl_hybrid.models.export import BackboneLoadError, read_meta
+    from ssl_hybrid.models.export import (
+        RECORD_KEY,
+        BackboneLoadError,
+        read_model_config,
+    )
+    from ssl_hybrid.train.export import MODEL_DIR
 
     try:
-        return read_meta(directory)[1].get("pretraining")
+        return (read_model_config(directory / MODEL_DIR).get(RECORD_KEY) or {}).get("pretraining")
     except BackboneLoadError:  # not exported yet (or the export is unreadable): a new record is written
         return None
 
 
 def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
-    from ssl_hybrid.models.export import save_backbone
+    """The run's model folder ``<run>/model/``; the run owns it, so a finished re-run replaces it (atomically)."""
+    from ssl_hybrid.train.export import MODEL_DIR, save_run_model
 
     run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
-        return None
-    weights, _ = save_backbone(run.raw_model.backbone, run.directory,
-                               dict(training_meta(run.config), step=run.counters.step, pretraining=budget))
-    log.info("exported %s", weights)
-    return weights
+    folder, failure = None, None
+    if run.accelerator.is_main_process:
+        try:
+            folder = save_run_model(run.raw_model.backbone, run.config, run.directory / MODEL_DIR,
+                                    {"step": run.counters.step, "pretraining": budget}, force=True,
+                                    run_dir=run.directory)
+            log.info("exported %s", folder)
+        except UserError as err:  # a full disk: one line; every rank stops here, none waits at a later collective
+            failure = err
+    if sync_flags(run.accelerator, float(failure is not None))[0]:
+        raise failure or UserError("the export failed on the main process (its error is in its log)")
+    return folder
 
 
 def pretrain(config: Config) -> dict[str, Any]:

@@ -7,6 +7,7 @@ halves the noise of a half/half split on the small labeled sets a monitor can af
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from ssl_hybrid.config import Config
@@ -26,8 +27,13 @@ class KNNMonitor:
         size = config.eval.image_size or config.data.image_size
         self.loader = make_loader(labeled, eval_transform(size), config.eval.batch_size,
                                   num_workers=min(2, config.data.num_workers))
-        log.info("online k-NN monitor on %s: %d images (leave-one-out), %d classes", config.data.val,
+        self.corpus = config.data.val  # named in every measurement: the monitor scores this set, not data.train
+        log.info("online k-NN monitor scores %s (data.val): %d images (leave-one-out), %d classes", self.corpus,
                  len(labeled), len(labeled.classes))
+        if not same_data(config.data.val, config.data.train):
+            log.warning("the online k-NN scores data.val=%s, not the training data (data.train=%s): it tells how the "
+                        "features do on that set. Set data.val to labeled images of your own data, or data.val= to "
+                        "turn the monitor off", config.data.val, config.data.train)
 
     def evaluate(self, backbone, accelerator=None) -> dict[str, Any]:
         from ssl_hybrid.eval.features import extract_features, pooling_forward
@@ -37,4 +43,13 @@ class KNNMonitor:
                                             forward=pooling_forward(backbone, self.config.eval.pooling))
         backbone.train()
         with faiss_threads(1):  # restores torch's thread count too: training continues on all threads
-            return leave_one_out_knn(features, labels, self.config.eval.knn_k, self.config.eval.knn_temperature)
+            result = leave_one_out_knn(features, labels, self.config.eval.knn_k, self.config.eval.knn_temperature)
+        return dict(result, corpus=self.corpus)
+
+
+def same_data(a: str, b: str) -> bool:
+    """Do two data specs name the same set? Paths compare resolved (``data/pets37`` and ``./data/pets37/``)."""
+    if a == b:
+        return True
+    local = all(s and "://" not in s and not s.startswith("pipe:") and "{" not in s for s in (a, b))
+    return local and Path(a).resolve() == Path(b).resolve()

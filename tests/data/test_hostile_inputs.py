@@ -265,55 +265,66 @@ def evil_pickle(tmp_path: Path) -> tuple[Path, Path]:
     return path, marker
 
 
-def exported_variants(directory: Path, changes: dict[str, dict]) -> dict[str, Path]:
-    """One exported hybrid_nano (32 px) per entry, its backbone.json with that entry's keys merged in."""
+def model_folder_variants(directory: Path, changes: dict[str, dict]) -> dict[str, Path]:
+    """One hybrid_nano (32 px) model folder per entry, its config.json with that entry's keys merged in."""
     import json
     import shutil
 
-    from ssl_hybrid.models.export import save_backbone
+    from ssl_hybrid.models.export import CONFIG_NAME, MODEL_WEIGHTS_NAME, save_model_folder
     from ssl_hybrid.models.factory import create_backbone
 
-    weights, meta_path = save_backbone(create_backbone("hybrid_nano", 32), directory / "original", {"image_size": 32})
-    meta = json.loads(meta_path.read_text())
+    original = save_model_folder(create_backbone("hybrid_nano", 32), directory / "original", extra={"image_size": 32})
+    config = json.loads((original / CONFIG_NAME).read_text())
     made = {}
     for index, (what, change) in enumerate(changes.items()):
-        made[what] = directory / f"export{index}"
+        made[what] = directory / f"model{index}"
         made[what].mkdir()
-        shutil.copy(weights, made[what] / weights.name)
-        changed = {k: dict(meta[k], **v) if isinstance(v, dict) else v for k, v in change.items()}
-        (made[what] / meta_path.name).write_text(json.dumps(dict(meta, **changed)))
+        shutil.copy(original / MODEL_WEIGHTS_NAME, made[what] / MODEL_WEIGHTS_NAME)
+        changed = {k: dict(config[k], **v) if isinstance(v, dict) else v for k, v in change.items()}
+        (made[what] / CONFIG_NAME).write_text(json.dumps(dict(config, **changed)))
     return made
 
 
-@pytest.mark.fault(injected="backbone.json / a checkpoint's config.yaml naming checkpoint_path (a code-running "
-                            "pickle), pretrained_cfg_overlay, cache_dir, an unknown argument, or a model "
-                            "source (local-dir:, hf-hub:, timm/)",
+@pytest.mark.fault(injected="a model folder's config.json (or an old backbone.json) whose model_args hold "
+                            "checkpoint_path (a code-running pickle), pretrained_cfg_overlay, cache_dir or an "
+                            "unknown argument, or whose architecture names a source (local-dir:, hf-hub:, timm/)",
                    did="refused with one line naming the file and the argument before timm is called: a file "
                        "may only set the model class's own constructor arguments",
                    lost="nothing (no pickle is read)")
 def test_model_files_may_only_set_the_model_classes_own_arguments(tmp_path):
+    import json
+    import shutil
+
     from ssl_hybrid.errors import UserError
     from ssl_hybrid.eval.backbones import load_backbone_spec
     from ssl_hybrid.models.export import load_backbone
 
     pickle_path, marker = evil_pickle(tmp_path)
-    hostile = {"checkpoint_path": {"factory_kwargs": {"checkpoint_path": str(pickle_path)}},
-               "pretrained_cfg_overlay": {"factory_kwargs": {"pretrained_cfg_overlay": {"file": str(pickle_path)}}},
-               "cache_dir": {"factory_kwargs": {"cache_dir": str(tmp_path)}},
-               "not_an_argument": {"factory_kwargs": {"not_an_argument": 1}},
-               "local-dir:": {"model_name": f"local-dir:{tmp_path}"},
-               "hf-hub:": {"model_name": "hf-hub:timm/resnet18.a1_in1k"},
-               "timm/": {"model_name": "timm/resnet18"}}
-    exports = exported_variants(tmp_path, dict(hostile, fine={"factory_kwargs": {"depth": 4}}))
+    hostile = {"checkpoint_path": {"model_args": {"checkpoint_path": str(pickle_path)}},
+               "pretrained_cfg_overlay": {"model_args": {"pretrained_cfg_overlay": {"file": str(pickle_path)}}},
+               "cache_dir": {"model_args": {"cache_dir": str(tmp_path)}},
+               "not_an_argument": {"model_args": {"not_an_argument": 1}},
+               "local-dir:": {"architecture": f"local-dir:{tmp_path}"},
+               "hf-hub:": {"architecture": "hf-hub:timm/resnet18.a1_in1k"},
+               "timm/": {"architecture": "timm/resnet18"}}
+    folders = model_folder_variants(tmp_path, dict(hostile, fine={"model_args": {"depth": 4}}))
     for what in hostile:
         for load in (load_backbone, load_backbone_spec):
             with pytest.raises(UserError) as caught:
-                load(str(exports[what]))
+                load(str(folders[what]))
             message = str(caught.value)
-            assert str(exports[what] / "backbone.json") in message and what in message and "\n" not in message
+            assert str(folders[what] / "config.json") in message and what in message and "\n" not in message
+    # The export before model folders (backbone.safetensors + backbone.json) is read through the same check.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(folders["fine"] / "model.safetensors", legacy / "backbone.safetensors")
+    (legacy / "backbone.json").write_text(json.dumps({"model_name": "hybrid_nano", "image_size": 32,
+                                                      "factory_kwargs": {"checkpoint_path": str(pickle_path)}}))
+    with pytest.raises(UserError, match=rf"^{legacy}/backbone\.json: factory argument checkpoint_path not accepted"):
+        load_backbone(str(legacy))
     assert not marker.exists()
     # The arguments our factories record load as before.
-    model, meta = load_backbone_spec(str(exports["fine"]))
+    model, meta = load_backbone_spec(str(folders["fine"]))
     assert meta["model"] == "hybrid_nano" and meta["image_size"] == 32
 
 
@@ -334,6 +345,7 @@ def test_checkpoint_configs_may_only_set_the_model_classes_own_arguments(tmp_pat
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)
     save_file({"backbone.x": __import__("torch").zeros(1)}, str(step / "model.safetensors"))
+    (step / "state.pt").write_bytes(b"")  # never read: the config is refused first
     config = load_config(overrides=["model.name=hybrid_nano", "data.image_size=32"])
     config.model.arch = {"checkpoint_path": str(pickle_path)}
     (step / "config.yaml").write_text(to_yaml(config))

@@ -39,20 +39,48 @@ def test_our_models_are_known_to_timm_after_importing_only_the_loader():
     assert done.stdout.strip() == "ResViT"
 
 
-def test_exported_backbone_loads_from_dir_and_file(tmp_path):
-    import timm
-
-    from ssl_hybrid.models.export import save_backbone
+def test_model_folder_loads_from_dir_and_file_with_token_pooling(tmp_path):
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.factory import create_backbone
 
     torch.manual_seed(3)
-    original = timm.create_model("hybrid_nano", num_classes=0, img_size=32).eval()
-    save_backbone(original, tmp_path / "run", {"image_size": 32})
-    for spec in (tmp_path / "run", tmp_path / "run" / "backbone.safetensors"):
+    original = create_backbone("hybrid_nano", 32).eval()
+    original.global_pool = "multiscale"  # as the trainer exports: timm's model(x) is the multi-scale embedding
+    save_model_folder(original, tmp_path / "model", extra={"image_size": 32, "step": 4, "token_pool": "token_avg"})
+    original.global_pool = "token_avg"
+    for spec in (tmp_path / "model", tmp_path / "model" / "model.safetensors"):
         model, meta = load_backbone_spec(str(spec))
         assert meta["image_size"] == 32 and meta["missing_keys"] == [] and meta["unexpected_keys"] == []
+        assert meta["step"] == 4 and model.global_pool == "token_avg"  # pooling=default stays the token pooling
         torch.testing.assert_close(_features(model), _features(original))
-    resized, meta = load_backbone_spec(str(tmp_path / "run"), image_size=64)  # position embeddings resampled
+    resized, meta = load_backbone_spec(str(tmp_path / "model"), image_size=64)  # position embeddings resampled
     assert _features(resized, 64).shape == (2, original.num_features)
+
+
+@pytest.mark.fault(injected="evaluating a run folder whose export is older than its newest checkpoint",
+                   did="the newest weights by step are scored (export or checkpoint; the export wins a tie) and "
+                       "the result records the step and the weights file",
+                   lost="nothing")
+def test_a_run_folder_is_evaluated_at_its_newest_step_and_the_result_says_which(tmp_path):
+    import timm
+
+    from ssl_hybrid.eval.commands import _backbone_summary
+    from ssl_hybrid.models.export import save_model_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  name: resnet10t\ndata:\n  image_size: 32\n")
+    exported, newer = timm.create_model("resnet10t", num_classes=0), timm.create_model("resnet10t", num_classes=0)
+    save_model_folder(exported, run / "model", extra={"image_size": 32, "step": 10})
+    save_file({f"backbone.{k}": v for k, v in newer.state_dict().items()},
+              str(run / "checkpoints" / "step_00000020" / "model.safetensors"))
+    model, meta = load_backbone_spec(str(run))
+    assert meta["step"] == 20 and meta["weights"].endswith("step_00000020/model.safetensors")
+    assert _backbone_summary(meta)["step"] == 20
+    torch.testing.assert_close(_features(model.eval()), _features(newer.eval()))
+    save_model_folder(newer, run / "exports" / "step_00000020", extra={"image_size": 32, "step": 20})
+    model, meta = load_backbone_spec(str(run))  # same step: the export (a model folder) is read
+    assert meta["step"] == 20 and meta["weights"] == str(run / "exports" / "step_00000020" / "model.safetensors")
 
 
 def test_run_directory_without_export_uses_newest_checkpoint(tmp_path):

@@ -261,3 +261,82 @@ def test_wrap_text_breaks_at_spaces_and_cuts_words_longer_than_a_line():
     assert len(lines) == 2 and " ".join(lines).replace("…", "").startswith("english cocker")
     cut = wrap_text(draw, "x" * 80, font, 60, max_lines=3)
     assert len(cut) == 3 and all(draw.textlength(line, font=font) <= 60 for line in cut)
+
+
+def _saved_nano(folder, size: int) -> str:
+    import timm
+    import torch
+
+    from ssl_hybrid.models.export import save_backbone
+
+    torch.manual_seed(size)
+    save_backbone(timm.create_model("hybrid_nano", num_classes=0, img_size=size).eval(), folder, {"image_size": size})
+    return str(folder)
+
+
+@pytest.mark.fault(injected="`report RUN random:hybrid_nano` with RUN pretrained at 32 px and no --image-size",
+                   did="the random init is evaluated at 32 px too (the report's image-size row reads '32 px' alone)",
+                   lost="nothing; before, the baseline ran at 224 px and the gap mixed resolution with pretraining")
+def test_random_baseline_is_evaluated_at_the_pretrained_size(labeled_pair, tmp_path, monkeypatch):
+    from ssl_hybrid.eval import features
+
+    class BothSizesKnown(Exception):
+        pass
+
+    extracted = []
+
+    def record_size(spec, sets, image_size, *args, **kwargs):  # the size each backbone would be extracted at
+        extracted.append(image_size)
+        if len(extracted) == 2:
+            raise BothSizesKnown
+        return {"image_size": image_size}, [(np.eye(len(s), 8, dtype=np.float32), s.labels) for s in sets]
+
+    monkeypatch.setattr(features, "features_for_spec", record_size)
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
+    with pytest.raises(BothSizesKnown):  # image_size=None: what `ssl-hybrid report` passes without --image-size
+        build_report([_saved_nano(tmp_path / "run", 32), "random:hybrid_nano"], train, test, tmp_path / "report",
+                     shots=(1,), seeds=1, methods=("knn",), image_size=None, grid_queries=1)
+    assert extracted == [32, 32]
+
+
+@pytest.mark.fault(injected="a report of backbones pretrained at 32 and 48 px beside a random init, no --image-size",
+                   did="exit 2 before any extraction, one line naming both sizes and --image-size",
+                   lost="nothing (no report folder is written)")
+def test_random_baseline_beside_two_pretrained_sizes_is_refused(labeled_pair, tmp_path, capsys):
+    from ssl_hybrid.cli import main
+    from ssl_hybrid.eval.report import image_sizes
+
+    small, large = _saved_nano(tmp_path / "small", 32), _saved_nano(tmp_path / "large", 48)
+    out = tmp_path / "report"
+    code = main(["report", small, large, "random:hybrid_nano", "--train", str(labeled_pair[0]), "--test",
+                 str(labeled_pair[1]), "--out-dir", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "32 px and 48 px" in err and "--image-size" in err
+    assert not out.exists()
+    assert image_sizes([small, large, "random:hybrid_nano"], 64) == [64, 64, 64]  # an explicit size applies to all
+    assert image_sizes([small, large]) == [32, 48]  # pretrained backbones keep their own sizes
+
+
+@pytest.mark.fault(injected="the quickstart's protocols: k-NN leave-one-out and k-shot 'rest' (every label a query)",
+                   did="the report's test row says the held-out part only serves the retrieval grids and that the "
+                       "columns score all the labeled images",
+                   lost="nothing; before, the report named a 111-image test set while its numbers used all 370")
+def test_report_test_row_names_what_the_numbers_were_scored_on(labeled_pair):
+    from ssl_hybrid.eval.report import _setup_rows
+    from ssl_hybrid.eval.verdict import data_context
+
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
+
+    def test_row(knn_protocol: str, fewshot_protocol: str) -> str:
+        context = data_context(train, test)
+        context["protocol"] = {"knn": {"k": 20, "temperature": 0.07, "bank": "…", "protocol": knn_protocol},
+                               "fewshot": {"methods": ["linear"], "shots": [1], "seeds": 2,
+                                           "protocol": fewshot_protocol, "skipped_shots": []},
+                               "image_size": [32], "pooling": ["default"]}
+        return dict(_setup_rows([], context))["test"]
+
+    assert test_row("leave_one_out", "rest").startswith("9 images of")
+    assert ("the queries of the retrieval grids only (the k-NN and k-shot columns score all 27 labeled images)"
+            in test_row("leave_one_out", "rest"))
+    assert "the k-NN queries and what the k-shot probes are scored on" in test_row("heldout", "heldout")
+    assert "the k-NN queries;" in test_row("heldout", "rest")

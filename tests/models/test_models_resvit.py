@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import ssl_hybrid.models  # noqa: F401  (registers resvit_*)
-from ssl_hybrid.models import RESVIT_VARIANTS, load_backbone, save_backbone
+from ssl_hybrid.models import RESVIT_VARIANTS, load_backbone, save_model_folder
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.resvit import MaskedBatchNorm2d, keep_map
 
@@ -206,16 +206,15 @@ def test_layer_decay_groups_and_no_weight_decay(built):
 
 def test_export_round_trip_and_other_input_size(built, images, tmp_path):
     model = timm.create_model("resvit_nano", num_classes=0, img_size=96).eval()
-    weights, meta_path = save_backbone(model, tmp_path, {"image_size": 96})
-    assert json.loads(meta_path.read_text())["model_name"] == "resvit_nano"
+    folder = save_model_folder(model, tmp_path / "m", extra={"image_size": 96})
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "resvit_nano"
     x = torch.randn(2, 3, 96, 96)
-    loaded = load_backbone(tmp_path)
+    loaded = load_backbone(folder)
     with torch.no_grad():
         torch.testing.assert_close(loaded.forward_features(x), model.forward_features(x), atol=0, rtol=0)
-        via_timm = timm.create_model("resvit_nano", pretrained=True, num_classes=0, img_size=96,
-                                     pretrained_cfg_overlay=dict(file=str(weights), num_classes=0)).eval()
+        via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
         torch.testing.assert_close(via_timm.forward_features(x), model.forward_features(x), atol=0, rtol=0)
-    resized = load_backbone(tmp_path, img_size=64)  # new grid: pos_embed resampled, not rejected
+    resized = load_backbone(folder, img_size=64)  # new grid: pos_embed resampled, not rejected
     assert resized.pos_embed.shape[1] == 16 and resized.forward_features(images).shape[1] == 17
 
 

@@ -14,7 +14,7 @@ import ssl_hybrid.models  # noqa: F401
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.models import HYBRID_VARIANTS
 from ssl_hybrid.models.attention import TokenLayout, attention_allowed
-from ssl_hybrid.models.export import BackboneLoadError, load_backbone, save_backbone
+from ssl_hybrid.models.export import BackboneLoadError, load_backbone, save_model_folder
 from ssl_hybrid.models.flops import count_flops
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.token_select import TokenSelectConfig, select_tokens, tokens_to_keep
@@ -209,51 +209,52 @@ def test_selection_is_off_in_forward_masked(restore, images):
 @pytest.mark.parametrize("name", HYBRID_CASES)
 def test_export_round_trip_identical_outputs(built, images, name, tmp_path):
     model = built[name]
-    weights, meta_path = save_backbone(model, tmp_path / "export", {"image_size": IMG, "step": 7})
-    meta = json.loads(meta_path.read_text())
-    assert meta["model_name"] == name and meta["image_size"] == IMG and meta["step"] == 7
-    assert meta["num_features"] == model.num_features and meta["factory_kwargs"] == {"num_classes": 0}
-    loaded = load_backbone(tmp_path / "export").eval()
+    folder = save_model_folder(model, tmp_path / "export", extra={"image_size": IMG, "step": 7})
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == name and config["ssl_hybrid"]["step"] == 7
+    assert config["pretrained_cfg"]["input_size"] == [3, IMG, IMG]
+    assert config["num_features"] == model.num_features
+    assert config["model_args"] == {"num_classes": 0, "global_pool": "token_avg", "img_size": [224, 224]}
+    loaded = load_backbone(folder).eval()
     with torch.no_grad():
         expected = model.forward_features(images)
         torch.testing.assert_close(loaded.forward_features(images), expected, atol=0, rtol=0)
         if name in ("hybrid_nano", "hybrid_small"):  # the timm-only path, offline (skip rebuilding base)
-            via_timm = timm.create_model(name, pretrained=True, num_classes=0,
-                                         pretrained_cfg_overlay=dict(file=str(weights), num_classes=0)).eval()
+            via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
             torch.testing.assert_close(via_timm.forward_features(images), expected, atol=0, rtol=0)
 
 
 def test_export_keeps_factory_kwargs_and_resamples_pos_embed(tmp_path):
     model = timm.create_model("hybrid_nano", img_size=96, num_classes=0, attn_mode="window", window_size=3).eval()
-    save_backbone(model, tmp_path, {})
-    loaded = load_backbone(tmp_path / "backbone.json")
+    save_model_folder(model, tmp_path / "m")
+    loaded = load_backbone(tmp_path / "m" / "config.json")
     assert loaded.img_size == (96, 96) and loaded.attn_mode == "window" and loaded.window_size == 3
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
-    resized = load_backbone(tmp_path, img_size=64)  # new grid: pos_embed resampled, not rejected
+    resized = load_backbone(tmp_path / "m", img_size=64)  # new grid: pos_embed resampled, not rejected
     assert resized.pos_embed.shape[1] == 16
 
 
 def test_load_backbone_reports_missing_and_unexpected_keys(built, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    weights, _ = save_backbone(built["hybrid_nano"], tmp_path, {})
+    weights = save_model_folder(built["hybrid_nano"], tmp_path / "m") / "model.safetensors"
     state = load_file(str(weights))
     state.pop("blocks.0.attn.qkv.weight")
     state["extra.weight"] = torch.zeros(1)
     save_file(state, str(weights))
     with pytest.raises(BackboneLoadError, match=r"missing keys \(1\): blocks.0.attn.qkv.weight") as err:
-        load_backbone(tmp_path)
+        load_backbone(tmp_path / "m")
     assert "unexpected keys (1): extra.weight" in str(err.value) and isinstance(err.value, UserError)
     with pytest.raises(BackboneLoadError, match="not found"):
         load_backbone(tmp_path / "nowhere")
 
 
-def test_save_backbone_works_for_plain_timm_models(tmp_path):
+def test_model_folder_works_for_plain_timm_models(tmp_path):
     model = timm.create_model("resnet18", num_classes=0).eval()
-    save_backbone(model, tmp_path, {"image_size": 32})
-    loaded = load_backbone(tmp_path)
+    save_model_folder(model, tmp_path / "m", extra={"image_size": 32})
+    loaded = load_backbone(tmp_path / "m")
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))

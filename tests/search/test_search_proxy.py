@@ -61,7 +61,7 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
     for rung in state["rungs"]:
         for result in rung["scores"].values():
             run = out / "runs" / result["run_dir"].split("/")[-1]
-            assert (run / "backbone.safetensors").exists() and not (run / "checkpoints").exists()
+            assert (run / "model" / "model.safetensors").exists() and not (run / "checkpoints").exists()
             assert "init_score" in result or rung["index"] > 0
     assert "k-NN top-1 init" in (out / "pareto.md").read_text()
     chosen_yaml = (out / "chosen.yaml").read_text()

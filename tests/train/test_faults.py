@@ -83,7 +83,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_resume_
         f"on device); nothing was replaced, the newest complete checkpoint is {checkpoints / 'step_00000002'}: free "
         "space and re-run to resume"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002"]  # no temp dir, nothing half-written
-    assert not (run_root / "full" / "backbone.safetensors").exists()
+    assert not (run_root / "full" / "model").exists()
 
     monkeypatch.setattr(ckpt, "save_file", real_save)  # space freed: the same command again
     assert main(["pretrain", *overrides]) == 0

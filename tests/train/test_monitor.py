@@ -50,3 +50,28 @@ def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
         assert torch.get_num_threads() == 2 and result["n_test"] == 18
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.fault(injected="the quickstart recipe with a new data.train and no data.val (data.val stays the pets corpus)",
+                   did="a warning names the corpus the monitor scores and says it is not the training data; every "
+                       "online k-NN log line and metrics.jsonl record names the corpus (knn_corpus)",
+                   lost="nothing; before, the pets numbers read as the user's own data's")
+def test_monitor_names_its_corpus_and_warns_when_it_is_not_the_training_data(image_folder, run_root, caplog):
+    from trainhelpers import CORPUS, tiny_overrides
+    from ssl_hybrid.config import load_config
+    from ssl_hybrid.train.monitor import KNNMonitor, same_data
+
+    config = load_config(None, tiny_overrides(run_root, data__val=image_folder, train__knn_every=1))
+    assert config.data.train == str(CORPUS)
+    with caplog.at_level("INFO", logger="ssl_hybrid.train.monitor"):
+        monitor = KNNMonitor(config)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"scores data.val={image_folder}, not the training data" in warnings[0]
+    assert f"data.train={CORPUS}" in warnings[0] and "data.val=" in warnings[0]
+    assert monitor.corpus == str(image_folder)  # evaluate() returns it; test_trainer checks it in metrics.jsonl
+
+    caplog.clear()
+    same = load_config(None, tiny_overrides(run_root, data__train=image_folder, data__val=image_folder))
+    KNNMonitor(same)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert same_data("data/pets37", "./data/pets37/") and not same_data("data/pets37", "data/other")

@@ -94,7 +94,7 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
             assert torch.equal(value[moment], state_b["optimizer"]["state"][key][moment]), (key, moment)
     assert torch.equal(rank_a["rng"]["torch"], rank_b["rng"]["torch"])
     assert rank_a["stream"] == rank_b["stream"]
-    assert (resumed / "backbone.safetensors").exists()
+    assert (resumed / "model" / "model.safetensors").exists()
 
 
 @pytest.mark.fault(injected="SIGKILL from outside after the step-4 checkpoint (1 thread and default threads; 0 and"
@@ -116,7 +116,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(corpus, run_root, stra
     assert code == -signal.SIGKILL, err[-2000:]
     saved = [p.name for p in list_checkpoints(run_root / "killed")]
     assert step_dir_name(4) in saved and step_dir_name(STEPS) not in saved
-    assert not (run_root / "killed" / "backbone.safetensors").exists()
+    assert not (run_root / "killed" / "model").exists()
     code, err = wait_pretrain(start_pretrain(overrides, threads=threads, quiet=False))
     assert "resumed from" in err, err[-2000:]
     assert_same_run(straight(threads, workers), run_root / "killed")
@@ -138,6 +138,6 @@ def test_sigterm_mid_run_saves_exits_cleanly_and_resumes_identically(corpus, run
     stopped_at = int(list_checkpoints(run_root / "term")[-1].name[5:])
     assert 2 <= stopped_at < STEPS, err[-2000:]
     assert "SIGTERM received" in err and "re-run the same command to resume" in err
-    assert not (run_root / "term" / "backbone.safetensors").exists()
+    assert not (run_root / "term" / "model").exists()
     wait_pretrain(start_pretrain(overrides, threads=threads))
     assert_same_run(straight(threads, 2), run_root / "term")

@@ -161,6 +161,33 @@ def test_grad_norm_is_the_total_norm_before_clipping_with_or_without_a_clip(clip
     assert clipped == pytest.approx(min(expected, clip) if clip else expected)
 
 
+@pytest.mark.fault(injected="a SimCLR-only run (objective.mim_weight=0, objective.dino_weight=0)",
+                   did="its logs (derived values, metrics.jsonl, TensorBoard hparams) show no DINO or MIM setting; "
+                       "a DINO run still shows them",
+                   lost="nothing; before, a SimCLR run logged DINO's teacher temperature and EMA momentum")
+def test_logs_show_only_the_settings_of_the_objectives_in_use(run_root, caplog):
+    from types import SimpleNamespace
+
+    from ssl_hybrid.config import log_derived
+
+    simclr = tiny_config(run_root, "simclr", objective__mim_weight=0, objective__dino_weight=0,
+                         objective__simclr_weight=1)
+    with caplog.at_level("INFO", logger="ssl_hybrid.config"):
+        log_derived(simclr)
+    assert "derived effective_lr" in caplog.text and "teacher" not in caplog.text
+    hparams = loop.flat_hparams(simclr)
+    assert "objective.simclr_temperature" in hparams and "data.image_size" in hparams
+    assert not [k for k in hparams if "teacher" in k or k in ("objective.mask_ratio", "objective.decoder_dim")]
+    assert {"objective.teacher_temp", "objective.mask_ratio"} <= set(loop.flat_hparams(tiny_config(run_root)))
+    stats = {"seen": 4, "skipped": 0, "epoch": 0, "skip_rate": 0.0}
+    run = SimpleNamespace(config=simclr, counters=loop.Counters(step=1), schedules=build_schedules(simclr),
+                          stream=SimpleNamespace(stats=lambda: stats), directory=run_root,
+                          accelerator=SimpleNamespace(is_main_process=True, log=lambda *args, **kwargs: None))
+    loop.log_step(run, {"loss": 1.0, "simclr": 1.0}, 1.0, 4, None)
+    record = runs.read_metrics(run_root)[-1]
+    assert {"lr", "weight_decay", "simclr"} <= set(record) and not {"momentum", "teacher_temp"} & set(record)
+
+
 # ------------------------------------------------------------------------------------- the loop
 
 def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, image_folder):
@@ -178,15 +205,19 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     assert all(math.isfinite(r[k]) for r in steps for k in ("loss", "mim", "dino", "lr", "img_per_s", "grad_norm"))
     knn = [r for r in records if "knn_top1" in r]
     assert [r["step"] for r in knn] == [0, 3] and all(0.0 <= r["knn_top1"] <= 1.0 for r in knn)
+    assert all(r["knn_corpus"] == str(image_folder) for r in knn)  # which set the monitor scored
     assert list(directory.rglob("events.out.tfevents.*")), "TensorBoard events expected"
-    meta = json.loads((directory / "backbone.json").read_text())
-    assert meta["image_size"] == 32 and meta["model_name"] == "hybrid_nano"
+    model_config = json.loads((directory / "model" / "config.json").read_text())
+    meta = model_config["ssl_hybrid"]
+    assert model_config["architecture"] == "hybrid_nano" and meta["image_size"] == 32 and meta["step"] == 3
+    assert model_config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    assert model_config["global_pool"] == "multiscale" and meta["token_pool"] == "token_avg"  # eval.pooling's
     in_checkpoint = json.loads((ckpt.latest_checkpoint(directory) / "backbone.json").read_text())
-    assert {k: in_checkpoint[k] for k in ("model_name", "factory_kwargs", "image_size", "run")} == {
-        k: meta[k] for k in ("model_name", "factory_kwargs", "image_size", "run")}  # one format for both
+    assert in_checkpoint["model_name"] == model_config["architecture"] and in_checkpoint["run"] == meta["run"]
     from ssl_hybrid.eval.backbones import load_backbone_spec
 
-    backbone, _ = load_backbone_spec(str(directory))
+    backbone, info = load_backbone_spec(str(directory))
+    assert info["step"] == 3 and info["weights"] == str(directory / "model" / "model.safetensors")
     saved = load_file(str(ckpt.latest_checkpoint(directory) / "model.safetensors"))
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, saved[f"backbone.{name}"]), name
@@ -195,17 +226,17 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
 
     step_dir = ckpt.list_checkpoints(directory)[0]
     assert main(["export", str(step_dir), "--out-dir", str(run_root / "exported")]) == 0
-    exported = load_file(str(run_root / "exported" / "backbone.safetensors"))
+    exported = load_file(str(run_root / "exported" / "model.safetensors"))
     early = load_file(str(step_dir / "model.safetensors"))
     assert exported and all(torch.equal(v, early[f"backbone.{k}"]) for k, v in exported.items())
-    assert json.loads((run_root / "exported" / "backbone.json").read_text())["step"] == 2
+    assert json.loads((run_root / "exported" / "config.json").read_text())["ssl_hybrid"]["step"] == 2
     # The export records the budget; a re-run of the finished run trains nothing and keeps that record.
     record = meta["pretraining"]
     assert {k: record[k] for k in ("steps", "max_seconds", "stopped", "start_step")} == {
         "steps": 3, "max_seconds": 0.0, "stopped": "done", "start_step": 0}
     assert record["train_seconds"] > 0 and summary["train_seconds"] == record["train_seconds"]
     assert loop.pretrain(config)["train_seconds"] == record["train_seconds"]
-    assert json.loads((directory / "backbone.json").read_text())["pretraining"] == record
+    assert json.loads((directory / "model" / "config.json").read_text())["ssl_hybrid"]["pretraining"] == record
 
 
 @pytest.mark.fault(injected="re-running a run name with a changed config",
@@ -276,10 +307,10 @@ def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, ru
 def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
     summary = loop.pretrain(tiny_config(run_root, "budget", train__steps=50, train__max_seconds=0.01))
     assert summary["stopped"] == "max_seconds" and 1 <= summary["step"] < 50
-    record = json.loads((run_root / "budget" / "backbone.json").read_text())["pretraining"]
+    record = json.loads((run_root / "budget" / "model" / "config.json").read_text())["ssl_hybrid"]["pretraining"]
     assert record["stopped"] == "max_seconds" and record["max_seconds"] == 0.01 and record["steps"] == 50
     assert ckpt.latest_checkpoint(run_root / "budget").name == f"step_{summary['step']:08d}"
-    assert (run_root / "budget" / "backbone.safetensors").exists()
+    assert (run_root / "budget" / "model" / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -297,6 +328,8 @@ def test_every_recipe_runs_a_step(corpus, run_root, recipe):
     assert summary["step"] == 1
     record = [r for r in runs.read_metrics(run_root / recipe) if "loss" in r][-1]
     assert math.isfinite(record["loss"])
+    # DINO's schedules are logged only when DINO is on (a SimCLR run does not show settings it does not use)
+    assert ("teacher_temp" in record) == ("momentum" in record) == (config.objective.dino_weight > 0)
 
 
 def test_gradient_accumulation_matches_the_whole_batch(corpus, run_root):

@@ -1,0 +1,75 @@
+"""`ssl-hybrid export`: a checkpoint's student backbone -> a model folder outside checkpoints/ (which pruning
+deletes), never replacing an existing folder without --force."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ssl_hybrid.cli import main
+from ssl_hybrid.config import load_config, to_yaml
+from ssl_hybrid.train import checkpoint as ckpt
+from ssl_hybrid.train.loop import build_backbone
+
+from trainhelpers import tiny_overrides
+
+
+def _fake_run(root):
+    """A run with two complete checkpoints (steps 2 and 4) holding different student backbones."""
+    config = load_config(None, tiny_overrides(root, "run"))
+    run = root / "run"
+    for step in (2, 4):
+        folder = run / "checkpoints" / ckpt.step_dir_name(step)
+        folder.mkdir(parents=True)
+        torch.manual_seed(step)
+        state = {f"backbone.{k}": v.contiguous() for k, v in build_backbone(config).state_dict().items()}
+        save_file(state, str(folder / ckpt.MODEL_FILE))
+        torch.save({}, folder / ckpt.STATE_FILE)
+        (folder / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    return run
+
+
+def _weights_of(step_dir):
+    return {k[len("backbone."):]: v for k, v in load_file(str(step_dir / ckpt.MODEL_FILE)).items()}
+
+
+@pytest.mark.fault(injected="exporting a run twice, a step whose checkpoint is later pruned, and into `checkpoints/`",
+                   did="a run exports to `<run>/model/`, a step to `<run>/exports/step_<N>/` (outside what pruning "
+                       "deletes); an existing export is refused without `--force`, a folder in `checkpoints/` always",
+                   lost="nothing")
+def test_export_writes_outside_checkpoints_and_never_replaces_without_force(tmp_path, capsys):
+    run = _fake_run(tmp_path)
+    step2, step4 = run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000004"
+    assert main(["-q", "export", str(run)]) == 0
+    model = run / "model"
+    config = json.loads((model / "config.json").read_text())
+    assert config["ssl_hybrid"]["step"] == 4 and config["architecture"] == "hybrid_nano"
+    exported = load_file(str(model / "model.safetensors"))
+    assert exported.keys() == _weights_of(step4).keys()
+    assert all(torch.equal(exported[k], v) for k, v in _weights_of(step4).items())
+    before = (model / "model.safetensors").read_bytes()
+
+    assert main(["-q", "export", str(step2)]) == 0  # a step: its own folder, outside checkpoints/
+    early = run / "exports" / "step_00000002"
+    expected = _weights_of(step2)
+    ckpt.prune(run, 1)  # training goes on: the step-2 checkpoint is deleted, its export is not
+    assert not step2.exists() and json.loads((early / "config.json").read_text())["ssl_hybrid"]["step"] == 2
+    assert all(torch.equal(load_file(str(early / "model.safetensors"))[k], v) for k, v in expected.items())
+    assert main(["-q", "export", str(run)]) == 2
+    assert f"{model}: already exists; pass --force" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before
+    assert main(["-q", "export", str(run), "--out-dir", str(run / "checkpoints" / "mine")]) == 2
+    assert "export outside it" in capsys.readouterr().err and not (run / "checkpoints" / "mine").exists()
+    assert main(["-q", "export", str(run), "--force"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "exports", "model"]  # no temp folder left
+
+
+def test_the_published_data_source_carries_no_credentials_or_home_folders():
+    from ssl_hybrid.train.export import public_source
+
+    assert public_source("https://me:s3cret@host/s-{000..009}.tar?X-Amz-Signature=abc") == "https://host/s-{000..009}.tar"
+    assert public_source("pipe:curl -s https://me:s3cret@host/a.tar") == "pipe:curl -s https://host/a.tar"
+    assert public_source("/home/alice/corpora/pets") == "pets" and public_source("data/pets37") == "data/pets37"
