@@ -164,7 +164,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
                     "examples:\n  ssl-hybrid shards --src photos/ --out shards/photos --max-side 512\n"
                     "  ssl-hybrid shards --src pets/ --out data/pets37 --label-regex '^(.*)_\\d+\\.\\w+$'")
     parser.add_argument("--src", default=None, help="image folder or text file listing images (required)")
-    parser.add_argument("--out", default=None, help="output directory (required); previous shards there are replaced")
+    parser.add_argument("--out", default=None, help="output directory (required); a previous shard set there is replaced once the new one is complete")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--max-side", type=int, default=0,
                         help="shrink images larger than this and re-encode as JPEG; 0 keeps the original bytes")
