@@ -18,6 +18,7 @@ shard set (anything else is refused).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -375,6 +376,8 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_s
     if replace and (out.exists() or out.is_symlink()):
         _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}{_TMP_PREFIX}*") if replace else []:  # a killed run's temp folder
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}{_TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:

@@ -389,7 +389,8 @@ def open_run_folder(accelerator, config: Config, fresh: bool, fingerprint: Optio
             held.enter_context(runs.claim(directory))
         if fresh:
             runs.start_fresh(directory)
-        else:
+        else:  # a save killed between the two renames of its swap gets its step back before the listing
+            runs.restore_replaced(directory / runs.CHECKPOINTS_DIR)
             ckpt.check_run_config(directory, config)
 
     on_main(accelerator, claim_and_check)

@@ -176,6 +176,7 @@ def test_interrupted_rerun_keeps_the_previous_output_and_a_complete_one_replaces
 
     monkeypatch.setattr(shards, "_load_item", real_load)
     (out / "out-000009.tar").write_bytes(b"stale shard from an older run")
+    (tmp_path / ".out.partial-0badc0de").mkdir()  # the temp folder of a run killed with SIGKILL
     manifest = shards.write_shards(image_folder, out, shard_size=4, progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == [s["name"] for s in manifest["shards"]]
     assert manifest["num_samples"] == 18 == len(read_all(out))
