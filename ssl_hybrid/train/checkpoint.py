@@ -185,11 +185,6 @@ def _failed_anywhere(accelerator, failed: bool) -> bool:
     return bool(accelerator.gather(flag).max() > 0) if accelerator is not None else failed
 
 
-def _barrier(accelerator) -> None:
-    if accelerator is not None and accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-
-
 def check_compatible(saved: dict[str, Any], config: Config, where: Path) -> None:
     """Refuse a checkpoint written under a different config (other than RESUME_MAY_DIFFER keys).
 
