@@ -164,7 +164,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
                     "examples:\n  ssl-hybrid shards --src photos/ --out shards/photos --max-side 512\n"
                     "  ssl-hybrid shards --src pets/ --out data/pets37 --label-regex '^(.*)_\\d+\\.\\w+$'")
     parser.add_argument("--src", default=None, help="image folder or text file listing images (required)")
-    parser.add_argument("--out", default=None, help="output directory (required); previous shards there are replaced")
+    parser.add_argument("--out", default=None, help="output directory (required); a previous shard set there is replaced once the new one is complete")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     parser.add_argument("--max-side", type=int, default=0,
                         help="shrink images larger than this and re-encode as JPEG; 0 keeps the original bytes")
@@ -509,6 +509,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
                     "examples:\n  ssl-hybrid pretrain -c recipes/quickstart.yaml\n"
                     "  accelerate launch --config_file launch/1gpu.yaml -m ssl_hybrid pretrain -c recipes/hybrid_small_joint.yaml")
     _add_recipe_args(parser)
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the run folder and start over (only a run folder, and only once the new config, "
+                             "model and data are built)")
     _add_out_arg(parser, "the run summary")
     parser.set_defaults(handler=_run_pretrain)
 
@@ -519,7 +522,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     from ssl_hybrid.config import load_config
     from ssl_hybrid.train.loop import pretrain
 
-    summary = pretrain(load_config(args.config, args.overrides))
+    summary = pretrain(load_config(args.config, args.overrides), fresh=args.fresh)
     _write_out(args, summary)
     print(json.dumps(summary, indent=2))
     return 0
@@ -602,7 +605,8 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
                         help="wall-clock limit of the pretraining; it stops at train.steps or this, whichever comes "
                              "first (evaluation adds about a minute)")
     parser.add_argument("--output-dir", default=TrainConfig.output_dir, help="where the run directory 'quickstart' goes")
-    parser.add_argument("--fresh", action="store_true", help="delete an earlier quickstart run first")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the earlier quickstart run and start over (once the new one is built)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides on top of recipes/quickstart.yaml, e.g. train.steps=300")
     _add_out_arg(parser, "the report")

@@ -381,7 +381,8 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
 
     for key, choices in _CHOICES.items():
         need(_get(config, key) in choices, key, f"must be one of {', '.join(choices)}")
-    need(bool(config.name) and "/" not in config.name, "name", "must be a non-empty name without '/'")
+    need(is_folder_name(config.name), "name", "must be one folder name inside train.output_dir (not empty, '.' or "
+         "'..', no '/' or '\\')")
     need(bool(config.data.train), "data.train", "must name shards, a shard directory or an image folder")
     need(config.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(-1 <= config.data.worker_nice <= 19, "data.worker_nice", "must be -1 (auto) or a niceness 0..19")
@@ -527,8 +528,22 @@ def from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
     return config
 
 
+def is_folder_name(name: str) -> bool:
+    """One path component that stays where it is put: no separator (either OS's), not '.' or '..', no NUL."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def run_dir(config: Config) -> Path:
-    return Path(config.train.output_dir) / config.name
+    """``<train.output_dir>/<name>``, refused (ConfigError) when it resolves outside the output folder (a symlink
+    out of it): every command that writes or deletes a run goes through here."""
+    output = Path(config.train.output_dir)
+    if not is_folder_name(config.name):  # configs built without load_config (tests, notebooks) are checked too
+        raise ConfigError(f"config: key 'name' = {config.name!r}: must be one folder name inside train.output_dir")
+    directory = output / config.name
+    if directory.resolve().parent != output.resolve():
+        raise ConfigError(f"{directory}: the run folder resolves to {directory.resolve()}, outside train.output_dir "
+                          f"{output}; choose another name=")
+    return directory
 
 
 def write_config(config: Config, directory: Path) -> Path:

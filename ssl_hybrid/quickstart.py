@@ -17,12 +17,14 @@ corpus does); labels are used only by the evaluation, on the split written to ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import shutil
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ssl_hybrid import runs
 from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
 from ssl_hybrid.errors import UserError
 
@@ -81,15 +83,22 @@ def split_corpus(spec: str, seed: int, directory: Path):
 def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
                overrides: Sequence[str] = (), shots: Sequence[int] = SHOTS, seeds: int = SEEDS) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
-    from ssl_hybrid.eval.report import build_report
     from ssl_hybrid.train.loop import pretrain
 
     config = quickstart_config(minutes, output_dir, overrides)
     directory = run_dir(config)
-    if fresh and directory.exists():
-        log.info("--fresh: removing %s", directory)
-        shutil.rmtree(directory)
-    summary = pretrain(config)
+    # The run folder is this job's until the report is written (pretraining alone would release it before).
+    with runs.claim(directory) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        # --fresh deletes the old run only once the new config, model and data have been built (runs.start_fresh).
+        summary = pretrain(config, fresh=fresh)
+        return evaluate(config, summary, shots, seeds)
+
+
+def evaluate(config, summary: dict[str, Any], shots: Sequence[int], seeds: int) -> dict[str, Any]:
+    """Steps 2-4 of the module doc on the pretrained run."""
+    from ssl_hybrid.eval.report import build_report
+
+    directory = run_dir(config)
     log.info("pretraining %s at step %d/%d", summary["stopped"], summary["step"], summary["steps"])
     if summary["backbone"] is None:
         raise UserError(f"{directory}: pretraining was interrupted before the export; re-run to resume")

@@ -10,14 +10,16 @@ Shard format (``ssl_hybrid-shards/1``; other stages read it, so it does not chan
 - ``manifest.json``: format, source, num_samples, shards (name, samples, sha256), classes (or null),
   skipped (path + reason) and shard_size; labeled output also gets ``classes.json``.
 
-Interrupting a run never leaves a shard that counts as complete: a shard is written under a temporary
-name and renamed when closed, and ``manifest.json`` (which is what readers trust) is written last,
-atomically. A re-run first removes the previous run's shards, temporary files and manifest.
+The whole set is written into a temporary folder next to the output and swapped in when complete
+(``runs.replace_dir``): interrupting a run, or a run that fails, leaves a previous output as it was, and
+readers never see a mix of two runs. The output folder is replaced as a whole, so it may hold only a previous
+shard set (anything else is refused).
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -25,9 +27,9 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import tarfile
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -57,6 +59,8 @@ SIDECAR_KEYS = ("cls", "json")
 # malformed 'cls', not a dataset: a class list and k-NN scores are sized by it.
 MAX_CLASSES = 100_000
 _TMP_PREFIX = ".partial-"
+# What a shard set's folder holds; anything else in an output folder is not ours to replace.
+_OUTPUT_FILE = re.compile(rf"(?:{re.escape(_TMP_PREFIX)})?.+-\d{{6}}\.tar|{re.escape(MANIFEST)}|{re.escape(CLASSES)}")
 
 
 class ShardWriteError(UserError):
@@ -365,12 +369,33 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _clean_previous(out: Path, prefix: str) -> None:
-    """Remove a previous (possibly interrupted) run's shards, temp files and manifest."""
-    pattern = re.compile(rf"^(?:{re.escape(_TMP_PREFIX)})?{re.escape(prefix)}-\d{{6}}\.tar$")
-    for path in out.iterdir():
-        if pattern.match(path.name) or path.name in (MANIFEST, CLASSES):
-            path.unlink()
+def _check_replaceable(out: Path) -> None:
+    """Refuse an output folder that holds anything but a shard set (it is replaced as a whole)."""
+    if out.is_symlink() or not out.is_dir():
+        raise ShardWriteError(f"{out}: exists and is not a directory (or is a symbolic link); choose another --out")
+    foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _OUTPUT_FILE.fullmatch(p.name)))
+    if foreign:
+        raise ShardWriteError(f"{out}: holds {foreign[0]!r}, which is not part of a shard set; --out is replaced as "
+                              "a whole, so choose an empty or new folder")
+
+
+def _publish(tmp: Path, out: Path, replace: bool) -> None:
+    """Swap the complete set in (on disk first: fsynced); without ``replace`` an output another process
+    completed first is kept."""
+    from ssl_hybrid.runs import fsync_dir, fsync_file, replace_dir
+
+    for path in tmp.iterdir():
+        fsync_file(path)
+    fsync_dir(tmp)
+    if replace:
+        replace_dir(tmp, out)
+        return
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if not (out / MANIFEST).exists():
+            raise
+        log.info("another process wrote %s first; using its copy", out)
 
 
 def _write_json(path: Path, payload) -> None:
@@ -391,11 +416,12 @@ def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int
 
 def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_side: int = 0, quality: int = 90,
                  seed: int = 0, shuffle: bool = True, workers: int = 1, prefix: Optional[str] = None,
-                 labels: str = "auto", label_regex: Optional[str] = None, progress: bool = True) -> dict:
-    """Write shards + manifest.json (+ classes.json) into ``out``; return the manifest."""
-    import webdataset as wds
-    from tqdm import tqdm
+                 labels: str = "auto", label_regex: Optional[str] = None, progress: bool = True,
+                 replace: bool = True) -> dict:
+    """Write shards + manifest.json (+ classes.json) as the folder ``out``; return the manifest.
 
+    Written into ``.<out>.partial-*`` next to ``out`` and swapped in when complete; ``replace=False`` keeps an
+    ``out`` that another process completed first (the image-folder cache)."""
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise ShardWriteError(f"--shard-size must be >= 1, got {shard_size}")
@@ -409,27 +435,47 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_s
     if shuffle:
         random.Random(seed).shuffle(source.items)
     prefix = prefix or out.resolve().name
-    if out.exists() and not out.is_dir():
-        raise ShardWriteError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_previous(out, prefix)
+    if replace and (out.exists() or out.is_symlink()):
+        _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{glob.escape(out.name)}{_TMP_PREFIX}*") if replace else []:  # a killed run's temp folder
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}{_TMP_PREFIX}{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        manifest = _write_set(source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress,
+                              seed if shuffle else None)
+        _publish(tmp, out, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("wrote %d samples in %d shards to %s (%d skipped)", manifest["num_samples"], len(manifest["shards"]),
+             out, len(manifest["skipped"]))
+    return manifest
+
+
+def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, shard_size: int, max_side: int,
+               quality: int, workers: int, progress: bool, seed: Optional[int]) -> dict:
+    """The shards, classes.json and manifest.json of ``source``, written into ``tmp``."""
+    import webdataset as wds
+    from tqdm import tqdm
+
     class_index = {name: index for index, name in enumerate(source.classes or [])}
 
     shards: list[dict] = []
     skipped = list(source.skipped)
     keys: set[str] = set()
 
-    def finished(tmp_name: str) -> None:
-        tmp = Path(tmp_name)
-        final = tmp.with_name(tmp.name[len(_TMP_PREFIX):])
+    def finished(partial_name: str) -> None:
+        partial = Path(partial_name)
+        final = partial.with_name(partial.name[len(_TMP_PREFIX):])
         count = writer.count
         if count == 0:  # ShardWriter opens a next shard eagerly; an empty one is not a shard
-            tmp.unlink()
+            partial.unlink()
             return
-        os.replace(tmp, final)
+        os.replace(partial, final)
         shards.append({"name": final.name, "samples": count, "sha256": _sha256(final)})
 
-    writer = wds.ShardWriter(str(out / f"{_TMP_PREFIX}{prefix}-%06d.tar"), maxcount=shard_size, post=finished,
+    writer = wds.ShardWriter(str(tmp / f"{_TMP_PREFIX}{prefix}-%06d.tar"), maxcount=shard_size, post=finished,
                              verbose=0, encoder=False, mtime=0)
     try:
         loaded = _load_all(source.items, max_side, quality, workers)
@@ -456,17 +502,13 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_s
     except BaseException:
         if getattr(writer, "tarstream", None) is not None:
             writer.tarstream.close()
-        for leftover in out.glob(f"{_TMP_PREFIX}{prefix}-*.tar"):
-            leftover.unlink()
         raise
     manifest = {"format": FORMAT, "source": str(src), "num_samples": sum(s["samples"] for s in shards),
                 "shards": shards, "classes": source.classes, "skipped": sorted(skipped, key=lambda s: s["path"]),
-                "shard_size": shard_size, "max_side": max_side, "seed": seed if shuffle else None}
+                "shard_size": shard_size, "max_side": max_side, "seed": seed}
     if source.classes is not None:
-        _write_json(out / CLASSES, source.classes)
-    _write_json(out / MANIFEST, manifest)  # last: its presence marks the output as complete
-    log.info("wrote %d samples in %d shards to %s (%d skipped)", manifest["num_samples"], len(shards), out,
-             len(skipped))
+        _write_json(tmp / CLASSES, source.classes)
+    _write_json(tmp / MANIFEST, manifest)
     return manifest
 
 
@@ -507,25 +549,30 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     """Shard an image folder once (labels from class sub-folders when present) and return the shard dir.
 
     The output is keyed by :func:`folder_fingerprint`, so re-runs reuse it and edits to the folder make a
-    new one. Written to a private temp dir and renamed into place, so concurrent ranks or an interrupted
-    run never expose a half-written set (the loser of a rename race just uses the winner's copy).
+    new one. :func:`write_shards` writes a private temp dir and renames it into place, so concurrent ranks or an
+    interrupted run never expose a half-written set (the loser of a rename race just uses the winner's copy).
     """
     root = Path(root)
     target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}"
     if (target / MANIFEST).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     log.info("sharding image folder %s once into %s", root, target)
-    try:
-        write_shards(root, tmp, shard_size=shard_size, max_side=max_side, prefix=target.name.rsplit("-", 1)[0],
-                     workers=1, progress=True)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / MANIFEST).exists():
-            raise
-        log.info("another process sharded %s first; using its copy", root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_shards(root, target, shard_size=shard_size, max_side=max_side, prefix=target.name.rsplit("-", 1)[0],
+                 workers=1, progress=True, replace=False)
     return target
+
+
+def manifest_fingerprint(urls: list[str]) -> Optional[str]:
+    """A hash of what the manifests say about the shards in ``urls`` (name, samples, sha256 of each): it changes
+    when the data under the same path does. None when no shard has a manifest (brace patterns of bare tars,
+    ``pipe:`` and http URLs): such data cannot be checked."""
+    wanted: dict[Path, set[str]] = {}
+    for url in urls:
+        if not ("://" in url or url.startswith("pipe:")):
+            wanted.setdefault(Path(url).parent, set()).add(Path(url).name)
+    entries = []
+    for directory in sorted(wanted):
+        if (directory / MANIFEST).exists():
+            entries += [[s["name"], s["samples"], s["sha256"]] for s in read_manifest(directory)["shards"]
+                        if s["name"] in wanted[directory]]
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] if entries else None

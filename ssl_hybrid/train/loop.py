@@ -76,6 +76,8 @@ class Run:
     start_step: int = 0
     train_seconds: float = 0.0
     startup_seconds: float = 0.0  # to the end of the session's first step (workers, first forward): not a step time
+    # What the shard manifests say the data is (data.shards.manifest_fingerprint); checkpointed, checked on resume.
+    data_fingerprint: Optional[str] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def shared_state(run: Run) -> dict[str, Any]:
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
     return {"format": STATE_FORMAT, "optimizer": run.optimizer.state_dict(), "scaler": scaler,
             "schedules": ckpt.schedules_to_tensors(run.schedules), "counters": run.counters.as_dict(),
-            "config": to_dict(run.config)}
+            "config": to_dict(run.config), "data_fingerprint": run.data_fingerprint}
 
 
 def save(run: Run) -> Path:
@@ -245,8 +247,7 @@ def save(run: Run) -> Path:
                                 run.accelerator)
 
 
-def resume(run: Run, path: Path) -> None:
-    loaded = ckpt.load_checkpoint(path, run.config, run.accelerator.process_index)
+def resume(run: Run, path: Path, loaded: dict[str, Any]) -> None:
     ckpt.load_model_state(run.raw_model, loaded["model"], path)
     state = loaded["state"]
     run.optimizer.load_state_dict(state["optimizer"])
@@ -338,22 +339,18 @@ def run_monitor(run: Run) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def setup(config: Config) -> Run:
+def setup(config: Config, fresh: bool = False, held: Optional[contextlib.ExitStack] = None) -> Run:
+    """Build the run; the run folder is claimed (its lock entered into ``held``), checked against this config
+    and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
 
+    from ssl_hybrid.data.shards import manifest_fingerprint
     from ssl_hybrid.data.stream import build_train_stream
     from ssl_hybrid.data.views import build_transform
 
     directory = run_dir(config)
     accelerator = make_accelerator(config, directory)
     validate(config, source="config", num_processes=accelerator.num_processes)
-    existing = ckpt.latest_checkpoint(directory)
-    if existing is not None:  # refuse a foreign checkpoint before anything in the run dir is touched
-        ckpt.load_checkpoint(existing, config, accelerator.process_index)
-    if accelerator.is_main_process:
-        runs.prepare_run_dir(config)
-        ckpt.remove_partial(directory)
-    accelerator.wait_for_everyone()
     derived = log_derived(config, accelerator.num_processes)
     set_seed(config.train.seed)  # identical initial weights on every process
     raw_model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config))
@@ -362,13 +359,15 @@ def setup(config: Config) -> Run:
     optimizer = build_optimizer(raw_model, config.optim)
     stream = build_train_stream(config.data, derived["per_process_batch_size"], config.train.seed,
                                 accelerator.process_index, accelerator.num_processes, build_transform(config.data))
+    fingerprint = manifest_fingerprint(stream.urls)
+    existing = open_run_folder(accelerator, config, fresh, fingerprint, held)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
     run = Run(config, accelerator, directory, model, raw_model, optimizer,
-              build_schedules(config, accelerator.num_processes), stream)
+              build_schedules(config, accelerator.num_processes), stream, data_fingerprint=fingerprint)
     # Per-rank randomness (drop-path, augment fallbacks) differs across ranks but is reproducible.
     set_seed(config.train.seed + accelerator.process_index)
     if existing is not None:
-        resume(run, existing)
+        resume(run, *existing)
     run.monitor = build_monitor(config)
     # TensorBoard events land in <run>/tensorboard/ (`tensorboard --logdir runs` compares runs).
     accelerator.init_trackers("tensorboard", config=flat_hparams(config))
@@ -377,6 +376,76 @@ def setup(config: Config) -> Run:
     log_precision(accelerator)
     log.info("parameters: %s", describe_parameters(raw_model))
     return run
+
+
+def open_run_folder(accelerator, config: Config, fresh: bool, fingerprint: Optional[str],
+                    held: Optional[contextlib.ExitStack]) -> Optional[tuple[Path, dict[str, Any]]]:
+    """Claim the run folder (main process), start it over (``fresh``) or refuse it when its config.yaml, newest
+    readable checkpoint or data differ from this run's, then write config.yaml. Returns (checkpoint, loaded) to
+    resume from, or None. Nothing in the folder is written or deleted before every check has passed."""
+    directory = run_dir(config)
+
+    def claim_and_check() -> None:
+        if held is not None:
+            held.enter_context(runs.claim(directory))
+        if fresh:
+            runs.start_fresh(directory)
+        else:  # a save killed between the two renames of its swap gets its step back before the listing
+            runs.restore_replaced(directory / runs.CHECKPOINTS_DIR)
+            ckpt.check_run_config(directory, config)
+
+    on_main(accelerator, claim_and_check)
+    existing, unreadable = (None, []) if fresh else newest_readable(accelerator, config, directory)
+    if existing is not None:
+        ckpt.check_data(existing[1]["state"].get("data_fingerprint"), fingerprint, config, existing[0])
+
+    def prepare() -> None:
+        for path in unreadable:
+            log.warning("set aside the unreadable checkpoint %s as %s", path, ckpt.set_aside(path).name)
+        runs.prepare_run_dir(config)
+        ckpt.remove_partial(directory)
+
+    on_main(accelerator, prepare)
+    return existing
+
+
+def newest_readable(accelerator, config: Config, directory: Path):
+    """((path, loaded) of the newest checkpoint every process can read, or None; the unreadable newer ones).
+    A checkpoint of another config is refused (CheckpointError), never skipped."""
+    unreadable: list[Path] = []
+    for path in reversed(ckpt.list_checkpoints(directory)):
+        loaded, failure, refusal = None, None, None
+        try:
+            loaded = ckpt.load_checkpoint(path, config, accelerator.process_index)
+        except ckpt.UnreadableCheckpoint as err:
+            failure = err
+        except ckpt.CheckpointError as err:
+            refusal = err
+        failed, refused = sync_flags(accelerator, float(failure is not None), float(refusal is not None))
+        if refused:
+            raise refusal or ckpt.CheckpointError(f"{path}: refused on another process (see its error)")
+        if not failed:
+            return (path, loaded), unreadable
+        log.warning("%s; falling back to the previous complete checkpoint", failure or f"{path}: unreadable on "
+                    "another process")
+        unreadable.append(path)
+    if unreadable:
+        raise ckpt.CheckpointError(f"{unreadable[0]}: unreadable, and no older checkpoint can be read either; move "
+                                   f"{directory / runs.CHECKPOINTS_DIR} away or start over with --fresh")
+    return None, unreadable
+
+
+def on_main(accelerator, action) -> None:
+    """Run ``action`` on the main process only; if it raises a UserError, every process raises (no process waits
+    at a barrier for a main process that gave up)."""
+    error: Optional[UserError] = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except UserError as err:
+            error = err
+    if sync_flags(accelerator, float(error is not None))[0]:
+        raise error or UserError(f"rank {accelerator.process_index}: the main process stopped (see its error)")
 
 
 # What each part of the pretraining model is, for the start-up parameter count.
@@ -601,14 +670,17 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
     return folder
 
 
-def pretrain(config: Config) -> dict[str, Any]:
-    """Run (or resume) the pretraining job described by ``config``; returns a summary dict."""
+def pretrain(config: Config, fresh: bool = False) -> dict[str, Any]:
+    """Run (or resume) the pretraining job described by ``config``; returns a summary dict. ``fresh`` deletes
+    the run folder first (``runs.start_fresh``: a run folder only, after the model and data were built)."""
     run: Optional[Run] = None
+    held = contextlib.ExitStack()  # the run folder's lock, held until the job ends
     try:
-        run = setup(config)
-        if run.counters.step < config.train.steps:
-            train(run)
-        return finish(run)
+        with held:
+            run = setup(config, fresh, held)
+            if run.counters.step < config.train.steps:
+                train(run)
+            return finish(run)
     finally:
         if run is not None:
             run.accelerator.end_training()

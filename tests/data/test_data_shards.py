@@ -58,10 +58,10 @@ def test_shuffle_seed_changes_order_and_no_shuffle_sorts(image_folder: Path, tmp
 
 
 def test_flat_folder_is_unlabeled(flat_image_folder: Path, tmp_path: Path):
-    manifest = shards.write_shards(flat_image_folder, tmp_path / "flat", shard_size=3, workers=2, progress=False)
+    manifest = shards.write_shards(flat_image_folder, tmp_path / "flat_shards", shard_size=3, workers=2, progress=False)
     assert manifest["classes"] is None and manifest["num_samples"] == 10
-    assert not (tmp_path / "flat" / "classes.json").exists()
-    samples = read_all(tmp_path / "flat")
+    assert not (tmp_path / "flat_shards" / "classes.json").exists()
+    samples = read_all(tmp_path / "flat_shards")
     assert sorted(s["__key__"] for s in samples) == [f"img_{i:03d}" for i in range(10)]
     assert all("cls" not in s and "json" not in s for s in samples)
 
@@ -148,12 +148,16 @@ def test_max_side_reencodes_jpeg(image_folder: Path, tmp_path: Path):
     assert sizes == {(32, 24)}
 
 
-@pytest.mark.fault(injected="ssl-hybrid shards interrupted mid-shard, plus a stale shard from an older run",
-                   did="the half-written shard is removed and no manifest is written; the re-run removes the stale"
-                       " shard",
-                   lost="nothing (the re-run writes the whole set)")
-def test_interrupted_run_leaves_nothing_counted_and_rerun_is_clean(image_folder: Path, tmp_path: Path, monkeypatch):
+@pytest.mark.fault(injected="ssl-hybrid shards re-run over a complete output, interrupted mid-shard; a stale shard "
+                            "from an older run",
+                   did="the previous output stays as it was (manifest and shards readable), no temp folder is left; "
+                       "the completed re-run swaps the whole new set in, the stale shard gone",
+                   lost="nothing")
+def test_interrupted_rerun_keeps_the_previous_output_and_a_complete_one_replaces_it(image_folder: Path,
+                                                                                   tmp_path: Path, monkeypatch):
     out = tmp_path / "out"
+    previous = shards.write_shards(image_folder, out, shard_size=6, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_load = shards._load_item
     calls = {"n": 0}
 
@@ -166,17 +170,24 @@ def test_interrupted_run_leaves_nothing_counted_and_rerun_is_clean(image_folder:
     monkeypatch.setattr(shards, "_load_item", interrupting_load)
     with pytest.raises(KeyboardInterrupt):
         shards.write_shards(image_folder, out, shard_size=4, progress=False)
-    assert not (out / "manifest.json").exists()
-    assert not list(out.glob(".partial-*")), "the half-written shard must be removed"
-    assert sorted(p.name for p in out.glob("*.tar")) == ["out-000000.tar", "out-000001.tar"]
-    with pytest.raises(UserError, match="no manifest.json"):
-        resolve_shards(str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"]  # no temp folder beside it
+    assert len(read_all(out)) == previous["num_samples"] == 18
 
     monkeypatch.setattr(shards, "_load_item", real_load)
     (out / "out-000009.tar").write_bytes(b"stale shard from an older run")
+    (tmp_path / ".out.partial-0badc0de").mkdir()  # the temp folder of a run killed with SIGKILL
     manifest = shards.write_shards(image_folder, out, shard_size=4, progress=False)
     assert sorted(p.name for p in out.glob("*.tar")) == [s["name"] for s in manifest["shards"]]
     assert manifest["num_samples"] == 18 == len(read_all(out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "out"]
+
+
+def test_an_output_folder_with_other_files_is_refused_and_left_alone(image_folder: Path, tmp_path: Path):
+    before = sorted(p.relative_to(image_folder) for p in image_folder.rglob("*"))
+    with pytest.raises(UserError, match=r"holds 'alpha', which is not part of a shard set"):
+        shards.write_shards(image_folder, image_folder, progress=False)  # --out = --src: replacing it would delete it
+    assert sorted(p.relative_to(image_folder) for p in image_folder.rglob("*")) == before
 
 
 def test_source_errors(tmp_path: Path):

@@ -343,6 +343,6 @@ def test_batch_layout_with_lightly_views(good_shards: Path, tiny_cfg):
 
 
 def test_unlabeled_shards_have_no_label(flat_image_folder: Path, tmp_path: Path, tiny_cfg, tiny_views):
-    shard_format.write_shards(flat_image_folder, tmp_path / "flat", shard_size=4, progress=False)
-    batch = take(build_train_stream(tiny_cfg(tmp_path / "flat"), 5, 0, 0, 1, tiny_views), 1)[0]
+    shard_format.write_shards(flat_image_folder, tmp_path / "flat_shards", shard_size=4, progress=False)
+    batch = take(build_train_stream(tiny_cfg(tmp_path / "flat_shards"), 5, 0, 0, 1, tiny_views), 1)[0]
     assert "label" not in batch and len(batch["key"]) == 5
