@@ -189,7 +189,7 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 layer_decay=args.layer_decay, weight_decay=args.weight_decay,
                                 patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
                                 num_workers=args.workers, mixed_precision=args.mixed_precision)
-    result = finetune(model, train, test, int(meta["image_size"]), settings)
+    result = finetune(model, train, test, int(meta["image_size"]), settings, name=args.backbone)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
     emit(args, result)
     return 0
