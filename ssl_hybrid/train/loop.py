@@ -194,6 +194,8 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
     totals: dict[str, float] = {}
     stats: dict[str, float] = {}
     loss_finite = True
+    # A forward updates BatchNorm running statistics before its loss is known: a skipped step restores them.
+    buffers = [(buffer, buffer.detach().clone()) for buffer in run.raw_model.buffers()]
     for index, micro in enumerate(micros):
         last = index == len(micros) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
@@ -210,7 +212,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
     bad_loss, bad_grad = sync_flags(accelerator, 0.0 if loss_finite else 1.0,
                                     0.0 if np.isfinite(grad_norm) else 1.0)  # one all-reduce for both
     if bad_loss or bad_grad:
-        skip_step(run)
+        skip_step(run, buffers)
         return {"nonfinite": 1.0, "nonfinite_loss": bad_loss, "nonfinite_grad_norm": bad_grad}
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -218,9 +220,13 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
     return {**totals, **stats, "grad_norm": grad_norm}
 
 
-def skip_step(run: Run) -> None:
-    """Drop the step's gradients without touching the weights, the optimizer state or the EMA teacher."""
+def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+    """Drop the step's gradients and restore the model's ``(buffer, value before the step)`` pairs, without
+    touching the weights, the optimizer state or the EMA teacher."""
     run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
     scaler = run.accelerator.scaler
     if scaler is not None:
         # clip_gradients unscaled (and inf-checked) this step's gradients: update() backs the fp16 loss scale
