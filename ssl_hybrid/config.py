@@ -180,8 +180,8 @@ class TrainConfig:
                                       "in-batch-negative losses like SimCLR).")
     log_every: int = option(10, "Log metrics every N steps.")
     knn_every: int = option(0, "Online k-NN monitor on data.val every N steps; 0 = off.")
-    max_nonfinite_steps: int = option(5, "Stop after this many non-finite losses in a row (single spikes are skipped "
-                                         "and counted).")
+    max_nonfinite_steps: int = option(5, "Stop after this many non-finite steps in a row: a non-finite loss or "
+                                         "gradient norm (fp16 overflow included) skips the step and counts it.")
 
 
 # Frozen-feature poolings (eval.pooling): see EvalConfig.pooling and ssl_hybrid.eval.features.

@@ -225,7 +225,8 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 num_workers=args.workers, mixed_precision=args.mixed_precision)
     record = {"base_model": args.backbone, **(meta.get("pretraining") or {})}
     result = finetune(model, train, test, int(meta["image_size"]), settings, save_dir=save_dir, record=record,
-                      force=args.force)
+                      force=args.force,
+                      name=args.backbone)
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
     emit(args, result, finetune_line(result))
     if result.get("model"):

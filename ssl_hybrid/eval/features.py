@@ -5,8 +5,14 @@ loader is sharded and padded so every rank runs the same number of batches; each
 sample indices, so after the gather the padded duplicates are dropped and rows land at their index:
 the bank has exactly N rows, in dataset order, whatever the number of processes.
 
-Features are cached on disk keyed by (backbone content hash, data fingerprint, transform), so a second
-k-NN / linear / few-shot evaluation of the same backbone on the same data does not re-extract.
+Features or logits that are not finite (NaN/inf: a diverged or broken backbone) are refused with one line
+naming the backbone, on every rank alike (the check runs on the gathered batch), never scored.
+
+Features are cached on disk keyed by everything that changes the forward (backbone content hash, data
+fingerprint, transform, pooling, autocast dtype), so a second k-NN / linear / few-shot evaluation of the
+same backbone on the same data does not re-extract. Rank 0 alone reads the cache and broadcasts what it
+found; an unreadable, corrupt or mismatching entry is a logged miss, a failed write a logged warning. The
+cache keeps at most ``$SSL_HYBRID_CACHE_MAX_GB`` (default 10) GiB: the least recently used entries go first.
 """
 
 from __future__ import annotations
@@ -27,10 +33,19 @@ from torchvision import transforms as T
 
 from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
+from ssl_hybrid.errors import UserError
 from ssl_hybrid.models.contract import EVAL_CROP_PCT
 from ssl_hybrid.models.pooling import multiscale_embed, offers_multiscale
 
 log = logging.getLogger(__name__)
+
+# Bump when the stored entry or the meaning of its key changes: older entries then simply miss.
+CACHE_FORMAT = "ssl_hybrid-features/2"
+DEFAULT_CACHE_MAX_GB = 10.0
+
+
+class NonFiniteError(UserError):
+    """A backbone whose features (or a classifier whose logits) contain NaN or inf."""
 
 
 def default_cache_dir() -> Path:
@@ -143,14 +158,17 @@ def one_line_worker_errors(iterator=None):
 
 @torch.inference_mode()
 def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progress: bool = False,
-                     forward=embed) -> tuple[np.ndarray, np.ndarray]:
+                     forward=embed, name: str = "the backbone", what: str = "features") -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [N, C], labels int64 [N]) in dataset order, exactly N rows.
 
     ``loader`` yields (images, labels, indices). With an ``accelerate.Accelerator`` the loader is
     prepared (sharded + padded) and results gathered across processes; every process gets the full arrays.
     ``forward(model, images) -> [B, C]`` defaults to the pooled features (the fine-tuner passes logits).
+    A non-finite output raises NonFiniteError naming ``name`` (the backbone) and ``what`` was extracted.
     """
     n = len(loader.dataset)
+    labeled = getattr(loader.dataset, "labeled", None)  # a TorchLabeledDataset names its files
+    where = labeled.where if labeled is not None else (lambda index: f"sample {index}")
     device = accelerator.device if accelerator is not None else next(backbone.parameters()).device
     backbone = backbone.to(device).eval()
     if accelerator is not None and accelerator.num_processes > 1:
@@ -173,6 +191,7 @@ def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progre
                 # Plain gather (not gather_for_metrics): we drop duplicates ourselves, by index.
                 out, batch_labels, indices = accelerator.gather((out.contiguous(), batch_labels, indices))
             out_np, idx = out.cpu().numpy(), indices.cpu().numpy()
+            check_finite(out_np, idx, name, what, where)  # on the gathered batch: every rank decides alike
             if features is None:
                 features = np.zeros((n, out_np.shape[1]), dtype=np.float32)
             features[idx] = out_np  # duplicates of padded samples overwrite their identical twin
@@ -183,14 +202,112 @@ def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progre
     return features, labels
 
 
+def check_finite(rows: np.ndarray, indices: np.ndarray, name: str, what: str, where) -> None:
+    """Refuse NaN/inf outputs: scored, they give a chance-like k-NN and a 100% top-1 from argmax ties.
+    ``where(index)`` names a sample (its file)."""
+    bad = ~np.isfinite(rows).all(axis=tuple(range(1, rows.ndim)))
+    if bad.any():
+        raise NonFiniteError(f"{name}: its {what} are not finite (NaN or inf) for {int(bad.sum())} of the "
+                             f"{len(rows)} images of a batch (first: {where(int(indices[bad][0]))}); its weights "
+                             "or forward pass are broken (a diverged run?): evaluate an earlier checkpoint")
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
 
 
 def cache_key(backbone_hash: str, labeled: LabeledSet, transform_desc: str) -> str:
-    digest = hashlib.sha256(f"{backbone_hash}\n{labeled.fingerprint()}\n{transform_desc}".encode())
+    digest = hashlib.sha256(f"{CACHE_FORMAT}\n{backbone_hash}\n{labeled.fingerprint()}\n{transform_desc}".encode())
     return digest.hexdigest()[:24]
+
+
+def forward_desc(image_size: int, transform, pooled: str, device: torch.device) -> str:
+    """Everything besides the weights and the data that changes the extracted features."""
+    autocast = autocast_context(device)
+    dtype = autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
+    return f"eval:{image_size}:{transform!r}:pooling={pooled}:{device.type}:{dtype}"
+
+
+def cache_max_bytes() -> int:
+    text = os.environ.get("SSL_HYBRID_CACHE_MAX_GB", str(DEFAULT_CACHE_MAX_GB))
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise UserError(f"SSL_HYBRID_CACHE_MAX_GB must be a number of GiB >= 0, got '{text}'")
+    return int(value * 2**30)
+
+
+def read_entry(path: Path, key: str, labeled: LabeledSet) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The stored (features, labels) when ``path`` holds them for ``labeled``; None (a miss) otherwise.
+    An entry must say it is ``key`` and match the set's size and labels, with finite float32 features."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as stored:
+            features, labels, stored_key = stored["features"], stored["labels"], str(stored["key"])
+    except Exception as err:  # truncated, not a zip, missing arrays, unreadable: the cache is only a cache
+        log.warning("feature cache entry %s is unreadable (%s: %s): extracting again", path, type(err).__name__, err)
+        return None
+    problem = (f"it is entry {stored_key[:24]}" if stored_key != key
+               else f"{features.dtype} {features.shape} features for {len(labeled)} images"
+               if features.dtype != np.float32 or features.ndim != 2 or len(features) != len(labeled)
+               else "its labels differ from the set's" if not np.array_equal(labels, labeled.labels)
+               else "its features are not finite" if not np.isfinite(features).all() else None)
+    if problem:
+        log.warning("feature cache entry %s does not hold the features of %s (%s): extracting again", path,
+                    labeled.source, problem)
+        return None
+    with contextlib.suppress(OSError):  # a read-only cache still serves
+        os.utime(path)  # the eviction order is least recently used
+    return features, labels
+
+
+def write_entry(path: Path, key: str, features: np.ndarray, labels: np.ndarray, max_bytes: int) -> None:
+    """Write atomically (a crash leaves no half entry); a failure (full disk, read-only) is only logged."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, features=features, labels=labels, key=np.array(key))
+        os.replace(tmp, path)
+    except Exception as err:  # whatever the writer raises: the features are in memory and still returned
+        log.warning("cannot write the feature cache entry %s (%s: %s); continuing without it", path,
+                    type(err).__name__, err)
+        tmp.unlink(missing_ok=True)
+        return
+    evict(path.parent, max_bytes, keep=path)
+
+
+def evict(folder: Path, max_bytes: int, keep: Path) -> None:
+    """Delete the least recently used entries until the folder holds at most ``max_bytes`` (``keep`` stays)."""
+    entries = []
+    for entry in folder.glob("*.npz"):
+        try:
+            stat = entry.stat()
+        except OSError:  # removed by another process meanwhile
+            continue
+        if not entry.name.startswith("."):
+            entries.append((stat.st_mtime, stat.st_size, entry))
+    total = sum(size for _, size, _ in entries)
+    for _, size, entry in sorted(entries, key=lambda e: e[:2]):
+        if total <= max_bytes:
+            break
+        if entry != keep:
+            entry.unlink(missing_ok=True)
+            total -= size
+            log.info("feature cache over %.1f GiB: removed the least recently used entry %s", max_bytes / 2**30,
+                     entry)
+
+
+def from_main_process(accelerator, value):
+    """Rank 0's ``value`` on every rank (what rank 0 found in its cache decides for all; multi-node safe)."""
+    if accelerator is None or accelerator.num_processes <= 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: LabeledSet, image_size: int,
@@ -205,26 +322,27 @@ def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: La
     transform = eval_transform(image_size)
     forward = pooling_forward(backbone, pooling)
     pooled = resolved_pooling(backbone, pooling)
-    path = None
+    name = meta.get("spec") or "the backbone"
+    is_main = accelerator is None or accelerator.is_main_process
+    path = key = None
     if cache_dir is not None:
+        max_bytes = cache_max_bytes()
+        device = accelerator.device if accelerator is not None else next(backbone.parameters()).device
         key = cache_key(meta.get("hash") or _hash_of(backbone), labeled,
-                        f"eval:{image_size}:{transform!r}" + ("" if pooled == "default" else f":{pooled}"))
+                        forward_desc(image_size, transform, pooled, device))
         path = Path(cache_dir) / f"{key}.npz"
-        if path.exists():
-            with np.load(path) as stored:
-                log.info("features from cache %s (%d x %d)", path, *stored["features"].shape)
-                return stored["features"], stored["labels"]
+        found = from_main_process(accelerator, read_entry(path, key, labeled) if is_main else None)
+        if found is not None:
+            log.info("features from cache %s (%d x %d)", path, *found[0].shape)
+            return found
     start = time.perf_counter()
     loader = make_loader(labeled, transform, batch_size, num_workers)
-    features, labels = extract_features(backbone, loader, accelerator, progress=progress, forward=forward)
+    features, labels = extract_features(backbone, loader, accelerator, progress=progress, forward=forward,
+                                        name=name)
     log.info("extracted %d x %d %s-pooled features from %s in %.1fs", *features.shape, pooled, labeled.source,
              time.perf_counter() - start)
-    is_main = accelerator is None or accelerator.is_main_process
     if path is not None and is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-        np.savez(tmp, features=features, labels=labels)
-        os.replace(tmp, path)  # a crash never leaves a half-written cache entry
+        write_entry(path, key, features, labels, max_bytes)
     return features, labels
 
 

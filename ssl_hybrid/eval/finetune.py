@@ -31,6 +31,7 @@ from torch import nn
 
 from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
 from ssl_hybrid.eval.features import (
+    NonFiniteError,
     embed,
     eval_transform,
     extract_features,
@@ -155,18 +156,20 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
 
-def _score(model, labeled: LabeledSet, image_size: int, settings: FinetuneSettings, accelerator) -> dict:
+def _score(model, labeled: LabeledSet, image_size: int, settings: FinetuneSettings, accelerator, name: str) -> dict:
     loader = make_loader(labeled, eval_transform(image_size), settings.batch_size * 2, settings.num_workers)
-    scores, labels = extract_features(model, loader, accelerator, forward=_logits)
+    scores, labels = extract_features(model, loader, accelerator, forward=_logits, name=name,
+                                      what="fine-tuned logits")
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
 
 
 def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, image_size: int,
              settings: Optional[FinetuneSettings] = None, accelerator=None, save_dir: Optional[Path] = None,
-             record: Optional[dict[str, Any]] = None, force: bool = False) -> dict:
+             record: Optional[dict[str, Any]] = None, force: bool = False, name: str = "the backbone") -> dict:
     """Fine-tune on ``train_set`` (minus a validation split), restore the best epoch, score ``test_set``;
     with ``save_dir``, save that model there (``save_finetuned``; ``record`` describes the backbone) and
-    name the folder in the result's ``model``."""
+    name the folder in the result's ``model``. A non-finite training loss or non-finite logits raise
+    NonFiniteError naming ``name`` on every rank."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -192,9 +195,12 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
     history, best, best_state, stale = [], -1.0, None, 0
     for epoch in range(settings.epochs):
         loss = _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator)
+        if not np.isfinite(loss):
+            raise NonFiniteError(f"{name}: the fine-tuning loss is not finite (NaN or inf) in epoch {epoch}; the "
+                                 "backbone's weights are broken or --lr is too high")
         record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
         if len(val_set):
-            record["val_top1"] = _score(model, val_set, image_size, settings, accelerator)["top1"]
+            record["val_top1"] = _score(model, val_set, image_size, settings, accelerator, name)["top1"]
             if record["val_top1"] > best:
                 best, stale = record["val_top1"], 0
                 best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
@@ -209,7 +215,7 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
             break
     if best_state is not None:
         accelerator.unwrap_model(model).load_state_dict(best_state)
-    test = _score(model, test_set, image_size, settings, accelerator)
+    test = _score(model, test_set, image_size, settings, accelerator, name)
     best_epoch = max((r for r in history if r.get("best")), key=lambda r: r["epoch"], default=history[-1])
     result = {"top1": test["top1"], "top5": test["top5"], "best_epoch": best_epoch["epoch"],
               "val_top1": best if best >= 0 else None, "epochs_run": len(history), "n_train": len(fit_set),
@@ -233,5 +239,8 @@ def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator) ->
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
-            losses.append(loss.detach().float().item())
-    return float(np.mean(losses)) if losses else float("nan")
+            losses.append(loss.detach().float())
+    if not losses:
+        return float("nan")
+    # The mean over every rank's batches: the same number (and the same non-finite verdict) on every rank.
+    return float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))

@@ -115,11 +115,14 @@ class KnnSets:
         return images[torch.as_tensor(np.sort(picks))]
 
     def evaluate(self, backbone: torch.nn.Module, image_size: int, proxy: ProxyConfig) -> dict[str, Any]:
-        from ssl_hybrid.eval.features import extract_features
+        from ssl_hybrid.eval.features import NonFiniteError, extract_features
         from ssl_hybrid.eval.knn import knn_evaluate
 
-        bank = extract_features(backbone, self.loader("train", image_size))
-        queries = extract_features(backbone, self.loader("test", image_size))
+        try:
+            bank = extract_features(backbone, self.loader("train", image_size), name="the candidate")
+            queries = extract_features(backbone, self.loader("test", image_size), name="the candidate")
+        except NonFiniteError as err:  # a candidate that diverged fails alone (halving scores it None)
+            raise RuntimeError(str(err)) from None
         return knn_evaluate(*bank, *queries, ks=(proxy.knn_k,), headline_k=proxy.knn_k,
                             temperature=proxy.knn_temperature, num_classes=self.num_classes)
 

@@ -8,7 +8,8 @@ and, at the end, the model folder ``model/`` (``model.safetensors`` + ``config.j
 
 Stopping: ``train.steps`` reached, ``train.max_seconds`` spent (checkpoint + export), SIGTERM/SIGINT
 (checkpoint, exit cleanly; re-running the same command resumes), or ``train.max_nonfinite_steps``
-non-finite losses in a row (stop with an error; the last good checkpoint stays the newest).
+non-finite steps in a row (a non-finite loss or gradient norm on any rank skips the step; stop with an
+error; the last good checkpoint stays the newest).
 """
 
 from __future__ import annotations
@@ -187,40 +188,62 @@ def forward_losses(run: Run, micro: dict, step: int) -> tuple[dict, dict]:
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
-    """Forward/backward over the micro-batches, then clip + step + EMA, or skip on a non-finite loss."""
+    """Forward/backward over the micro-batches, then clip + step + EMA, or skip when the loss or the gradient
+    norm is not finite on any rank (an fp16 overflow is an infinite gradient norm: the step the grad scaler
+    skips is skipped here too, never counted as a good one)."""
     accelerator, config = run.accelerator, run.config
     apply_schedule(run.optimizer, float(run.schedules["lr"][step]), float(run.schedules["weight_decay"][step]))
     micros = split_micro(add_masks(run, batch, step), config.train.grad_accum_steps)
     totals: dict[str, float] = {}
     stats: dict[str, float] = {}
-    finite = True
+    loss_finite = True
+    # A forward updates BatchNorm running statistics before its loss is known: a skipped step restores them.
+    buffers = [(buffer, buffer.detach().clone()) for buffer in run.raw_model.buffers()]
     for index, micro in enumerate(micros):
         last = index == len(micros) - 1
         sync = contextlib.nullcontext() if last else accelerator.no_sync(run.model)
         with sync:
             losses, step_stats = forward_losses(run, micro, step)
-            finite = sync_flags(accelerator, 0.0 if torch.isfinite(losses["loss"].detach()).all() else 1.0)[0] == 0
-            if not finite:
-                break
+            # Every rank runs every backward (no rank-local break, so DDP's gradient all-reduce never waits
+            # for a rank that stopped); a non-finite loss is agreed on below, with the gradient norm.
+            loss_finite = loss_finite and bool(torch.isfinite(losses["loss"].detach()).all())
             accelerator.backward(losses["loss"] / len(micros))
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micros)
         stats = {k: float(v) for k, v in step_stats.items()}
-    if not finite:
-        run.optimizer.zero_grad(set_to_none=True)
-        run.raw_model.after_skipped_step()
-        return {"nonfinite": 1.0}
     grad_norm = clip_gradients(run)
+    bad_loss, bad_grad = sync_flags(accelerator, 0.0 if loss_finite else 1.0,
+                                    0.0 if np.isfinite(grad_norm) else 1.0)  # one all-reduce for both
+    if bad_loss or bad_grad:
+        skip_step(run, buffers)
+        return {"nonfinite": 1.0, "nonfinite_loss": bad_loss, "nonfinite_grad_norm": bad_grad}
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.raw_model.after_good_step(float(run.schedules["momentum"][step]))
     return {**totals, **stats, "grad_norm": grad_norm}
 
 
+def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+    """Drop the step's gradients and restore the model's ``(buffer, value before the step)`` pairs, without
+    touching the weights, the optimizer state or the EMA teacher."""
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
+    scaler = run.accelerator.scaler
+    if scaler is not None:
+        # clip_gradients unscaled (and inf-checked) this step's gradients: update() backs the fp16 loss scale
+        # off and resets the scaler for the next step, as the skipped scaler.step() would have.
+        scaler.update()
+    run.raw_model.after_skipped_step()
+
+
 def clip_gradients(run: Run) -> float:
+    """The total gradient norm (unscaled under fp16), after clipping to optim.clip_grad when it is > 0."""
     params = [p for p in run.model.parameters() if p.requires_grad]
     if run.config.optim.clip_grad > 0:
         return float(run.accelerator.clip_grad_norm_(params, run.config.optim.clip_grad))
+    run.accelerator.unscale_gradients()  # a no-op without an fp16 grad scaler
     grads = [p.grad.detach() for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
@@ -575,12 +598,13 @@ def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
         return True
     counters.nonfinite_in_row += 1
     counters.nonfinite_total += 1
-    log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in total)", counters.step,
+    what = "loss" if values.get("nonfinite_loss") else "gradient norm"
+    log.warning("step %d: non-finite %s, step skipped (%d in a row, %d in total)", counters.step, what,
                 counters.nonfinite_in_row, counters.nonfinite_total)
     if counters.nonfinite_in_row >= run.config.train.max_nonfinite_steps:
         newest = ckpt.latest_checkpoint(run.directory)
         raise NonFiniteLossError(
-            f"{counters.nonfinite_in_row} non-finite losses in a row at step {counters.step} "
+            f"{counters.nonfinite_in_row} non-finite steps (loss or gradient norm) in a row at step {counters.step} "
             f"(train.max_nonfinite_steps={run.config.train.max_nonfinite_steps}); lower optim.lr or use "
             f"mixed_precision=bf16 instead of fp16. Last good checkpoint: {newest or 'none'}")
     return False

@@ -40,7 +40,8 @@ class KNNMonitor:
         from ssl_hybrid.eval.knn import faiss_threads, leave_one_out_knn
 
         features, labels = extract_features(backbone, self.loader, accelerator,
-                                            forward=pooling_forward(backbone, self.config.eval.pooling))
+                                            forward=pooling_forward(backbone, self.config.eval.pooling),
+                                            name=f"the backbone of run {self.config.name} (online k-NN monitor)")
         backbone.train()
         with faiss_threads(1):  # restores torch's thread count too: training continues on all threads
             result = leave_one_out_knn(features, labels, self.config.eval.knn_k, self.config.eval.knn_temperature)

@@ -71,25 +71,43 @@ def test_cache_hit_skips_extraction_and_keys_on_backbone_data_and_transform(labe
 
 
 DIST_SCRIPT = r"""
-import sys, numpy as np
+import sys, numpy as np, torch
+from pathlib import Path
 from accelerate import Accelerator
 from ssl_hybrid.data.labeled import load_labeled
 from ssl_hybrid.eval.backbones import load_backbone_spec
-from ssl_hybrid.eval.features import eval_transform, extract_features, make_loader
+from ssl_hybrid.eval.features import NonFiniteError, cached_features, eval_transform, extract_features, make_loader
 accelerator = Accelerator(cpu=True)
 assert accelerator.num_processes == 2
+rank, work = accelerator.process_index, Path(sys.argv[3])
 labeled = load_labeled(sys.argv[1])
 model, _ = load_backbone_spec("random:resnet10t", image_size=32)
 loader = make_loader(labeled, eval_transform(32), batch_size=4, num_workers=0)
 features, labels = extract_features(model, loader, accelerator)
 if accelerator.is_main_process:
     np.savez(sys.argv[2], features=features, labels=labels)
+# Node-local caches: rank 0's holds the entry, rank 1's has none. Rank 0's answer must reach rank 1.
+cached, _ = cached_features(model, {"hash": "h"}, labeled, 32, batch_size=4, cache_dir=work / f"cache{rank}",
+                            accelerator=accelerator)
+np.save(work / f"cached{rank}.npy", cached)
+with torch.inference_mode():  # the parameters are inference tensors after the cached extraction
+    next(model.parameters()).view(-1)[0] = float("nan")
+try:
+    extract_features(model, loader, accelerator, name="nan-model")
+    (work / f"refused{rank}.txt").write_text("scored")
+except NonFiniteError as err:
+    (work / f"refused{rank}.txt").write_text(str(err))
 accelerator.end_training()
 """
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.fault(injected="two ranks whose feature caches differ (node-local folders: rank 0 has the entry, rank 1 "
+                            "none), then a backbone made NaN, under torchrun",
+                   did="rank 0 decides the cache and broadcasts the features (no rank starts an extraction the other "
+                       "skips: no hang); both ranks refuse the NaN features with the same one line",
+                   lost="nothing")
 def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_path, free_port):
     train = load_labeled(labeled_pair[0]).subset(range(11))  # 11 rows: 2 ranks x batch 4 pad duplicates
     folder = tmp_path / "eleven"
@@ -99,16 +117,26 @@ def test_two_processes_give_exactly_the_single_process_bank(labeled_pair, tmp_pa
         target.write_bytes(Path(sample.path).read_bytes())
     script = tmp_path / "dist_features.py"
     script.write_text(DIST_SCRIPT)
+    model, _ = load_backbone_spec("random:resnet10t", image_size=32)
+    cached_features(model, {"hash": "h"}, load_labeled(folder), 32, batch_size=4, cache_dir=tmp_path / "cache0")
+    entry = next((tmp_path / "cache0").glob("*.npz"))
+    with np.load(entry) as stored:  # marked content: only rank 0's entry can be the source of what rank 1 gets
+        np.savez(entry, **{**{name: stored[name] for name in stored.files},
+                           "features": np.full_like(stored["features"], 7.0)})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
-                    str(script), str(folder), str(tmp_path / "out.npz")], check=True, env=env, timeout=240,
-                   capture_output=True)
+                    str(script), str(folder), str(tmp_path / "out.npz"), str(tmp_path)], check=True, env=env,
+                   timeout=240, capture_output=True)
     got = np.load(tmp_path / "out.npz")
-    model, _ = load_backbone_spec("random:resnet10t", image_size=32)
     expected, labels = extract_features(model, make_loader(load_labeled(folder), eval_transform(32), 4, 0))
     assert got["features"].shape == (11, model.num_features)
     np.testing.assert_allclose(got["features"], expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got["labels"], labels)
+    for rank in (0, 1):
+        assert (np.load(tmp_path / f"cached{rank}.npy") == 7.0).all()
+    refusals = [(tmp_path / f"refused{rank}.txt").read_text() for rank in (0, 1)]
+    assert refusals[0] == refusals[1] and refusals[0].startswith("nan-model: its features are not finite")
+    assert not list((tmp_path / "cache1").glob("*.npz"))  # rank 1 neither extracted nor wrote
 
 
 def test_main_process_check_asks_accelerate(monkeypatch):

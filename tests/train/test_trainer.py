@@ -299,9 +299,78 @@ def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, ru
     inject_nan(monkeypatch, {3, None})  # every call from the third on
     config = tiny_config(run_root, "diverge", train__steps=4, train__checkpoint_every=1,
                          train__max_nonfinite_steps=3)
-    with pytest.raises(loop.NonFiniteLossError, match="3 non-finite losses in a row at step 2.*step_00000002"):
+    with pytest.raises(loop.NonFiniteLossError, match="3 non-finite steps .* in a row at step 2.*step_00000002"):
         loop.pretrain(config)
     assert ckpt.latest_checkpoint(run_root / "diverge").name == "step_00000002"
+
+
+class BadGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite), a non-finite gradient backward: an fp16 overflow or a bad
+    op in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, loss, value):
+        ctx.value = value
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.value, None
+
+
+@pytest.mark.fault(injected="a finite loss whose gradient is NaN in one step; a NaN image in the next (its forward "
+                            "writes NaN into BatchNorm running statistics)",
+                   did="both steps are skipped and counted like a non-finite loss (nonfinite_total), on every rank "
+                       "(one all-reduce of both flags); the running statistics are restored; the checkpoints, "
+                       "buffers included, stay finite",
+                   lost="those two batches")
+def test_nonfinite_gradient_norm_or_forward_skips_the_step_and_keeps_the_model_finite(corpus, run_root, monkeypatch):
+    real = loop.forward_losses
+    calls = []
+
+    def forward(run, micro, step):
+        calls.append(step)
+        if len(calls) == 3:
+            micro = dict(micro, global_views=[view.clone() for view in micro["global_views"]])
+            micro["global_views"][0][0] = float("nan")
+        losses, stats = real(run, micro, step)
+        if len(calls) == 2:
+            losses["loss"] = BadGradient.apply(losses["loss"], float("nan"))
+            assert torch.isfinite(losses["loss"]).all()
+        return losses, stats
+
+    monkeypatch.setattr(loop, "forward_losses", forward)
+    summary = loop.pretrain(tiny_config(run_root, "badgrad", model__name="resvit_nano", train__steps=2,
+                                        train__checkpoint_every=1, train__max_nonfinite_steps=3))
+    assert summary["step"] == 2 and summary["nonfinite_total"] == 2 and len(calls) == 4
+    for step in ckpt.list_checkpoints(run_root / "badgrad"):
+        weights = load_file(str(step / "model.safetensors"))
+        assert any("running_var" in name for name in weights)
+        assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), step
+    records = [json.loads(line) for line in (run_root / "badgrad" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["grad_norm"]) for r in records if "grad_norm" in r)
+
+
+def test_a_skipped_step_resets_the_fp16_grad_scaler_and_backs_off_its_scale():
+    """The fp16 path of skip_step on a real GradScaler (CPU): the overflowed step leaves no state that would
+    make the next step's unscale fail, and halves the loss scale as a skipped scaler.step() would."""
+    from types import SimpleNamespace
+
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    skipped = []
+    run = SimpleNamespace(optimizer=optimizer, accelerator=SimpleNamespace(scaler=scaler),
+                          raw_model=SimpleNamespace(after_skipped_step=lambda: skipped.append(True)))
+    scaler.scale((param * float("inf")).sum()).backward()
+    scaler.unscale_(optimizer)  # what clip_gradients does
+    loop.skip_step(run)
+    assert scaler.get_scale() == 512.0 and param.grad is None and skipped == [True]
+    scaler.scale(param.sum()).backward()
+    scaler.unscale_(optimizer)  # raises if the skipped step's unscale state were left behind
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.allclose(param.detach(), torch.full((3,), 0.9))
 
 
 def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
