@@ -216,7 +216,8 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
                                     0.0 if np.isfinite(grad_norm) else 1.0)  # one all-reduce for both
     if bad_loss or bad_grad:
         skip_step(run, buffers)
-        return {"nonfinite": 1.0, "nonfinite_loss": bad_loss, "nonfinite_grad_norm": bad_grad}
+        return {"nonfinite": 1.0, "nonfinite_loss": bad_loss, "nonfinite_grad_norm": bad_grad,
+                "fp16_overflow": float(scaler_overflow(run, bool(bad_loss)))}
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.raw_model.after_good_step(float(run.schedules["momentum"][step]))
@@ -236,6 +237,15 @@ def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -
         # off and resets the scaler for the next step, as the skipped scaler.step() would have.
         scaler.update()
     run.raw_model.after_skipped_step()
+
+
+def scaler_overflow(run: Run, bad_loss: bool) -> bool:
+    """An fp16 overflow the grad scaler is still backing off from: a finite loss, an infinite gradient norm and
+    a loss scale of at least 1 (a scale pushed below 1 means the gradients are bad at any scale). Such steps are
+    skipped but not counted towards train.max_nonfinite_steps: an fp16 run skips several in a row at its start
+    while the scale comes down from 2**16, as torch.amp.GradScaler is designed to."""
+    scaler = run.accelerator.scaler
+    return scaler is not None and not bad_loss and float(scaler.get_scale()) >= 1.0
 
 
 def clip_gradients(run: Run) -> float:
@@ -596,8 +606,12 @@ def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
     if "nonfinite" not in values:
         counters.nonfinite_in_row = 0
         return True
-    counters.nonfinite_in_row += 1
     counters.nonfinite_total += 1
+    if values.get("fp16_overflow"):  # the grad scaler's own back-off (scaler_overflow), not a diverging run
+        log.info("step %d: fp16 gradient overflow, step skipped and the loss scale lowered (%d skipped in total)",
+                 counters.step, counters.nonfinite_total)
+        return False
+    counters.nonfinite_in_row += 1
     what = "loss" if values.get("nonfinite_loss") else "gradient norm"
     log.warning("step %d: non-finite %s, step skipped (%d in a row, %d in total)", counters.step, what,
                 counters.nonfinite_in_row, counters.nonfinite_total)

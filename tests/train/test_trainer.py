@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -371,6 +372,28 @@ def test_a_skipped_step_resets_the_fp16_grad_scaler_and_backs_off_its_scale():
     scaler.step(optimizer)
     scaler.update()
     assert torch.allclose(param.detach(), torch.full((3,), 0.9))
+
+
+@pytest.mark.fault(injected="an fp16 run whose first 8 steps overflow (loss scale 2**16 backing off), train.max_nonfinite_steps=5",
+                   did="the steps are skipped and counted in nonfinite_total but not towards the in-a-row stop, while the scale is >= 1; a non-finite loss still counts",
+                   lost="nothing; before, a healthy fp16 run stopped at its fifth overflow")
+def test_fp16_scaler_back_off_is_not_a_diverging_run():
+    from types import SimpleNamespace
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    run = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), counters=loop.Counters(), directory=Path("."),
+                          config=SimpleNamespace(train=SimpleNamespace(max_nonfinite_steps=5)))
+    for _ in range(8):  # what train_step reports for an overflowed step, after skip_step's scaler.update()
+        scaler._scale = scaler._scale / 2 if scaler._scale is not None else torch.tensor(2.0 ** 15)
+        values = {"nonfinite": 1.0, "nonfinite_loss": 0.0, "fp16_overflow": float(loop.scaler_overflow(run, False))}
+        assert not loop.handle_nonfinite(run, values)
+    assert run.counters.nonfinite_total == 8 and run.counters.nonfinite_in_row == 0
+    assert not loop.scaler_overflow(run, True)  # a non-finite loss is never the scaler's business
+    scaler._scale = torch.tensor(0.5)
+    assert not loop.scaler_overflow(run, False)  # pushed below 1: the gradients are bad at any scale
+    with pytest.raises(loop.NonFiniteLossError):
+        for _ in range(5):
+            loop.handle_nonfinite(run, {"nonfinite": 1.0, "nonfinite_loss": 1.0, "fp16_overflow": 0.0})
 
 
 def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
