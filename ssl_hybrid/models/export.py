@@ -173,6 +173,9 @@ def model_card(config: dict[str, Any], evaluation: Optional[str] = None) -> str:
               "out = model(transform(image).unsqueeze(0))  # "
               + ("class logits" if classifier else "the embedding the evaluators scored"),
               "```", ""]
+    if record.get("scored_pooling") == "multiscale" and not pooled:
+        lines += [("The evaluators scored the multi-scale embedding, `ssl_hybrid.models.pooling.multiscale_embed("
+                   "model, x)`; `model(x)` is timm's own pooling of this architecture."), ""]
     if pooled:
         lines += [("`global_pool` is `multiscale`: `model(x)` and `forward_head(..., pre_logits=True)` return the "
                    "multi-scale embedding (every stage's average, class token and patch mean, each L2-normalized). "
