@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -64,10 +63,9 @@ def save_run_model(backbone: nn.Module, config: Config, directory: Path, record:
                    force: bool = False, run_dir: Optional[Path] = None) -> Path:
     """Write ``backbone`` as a model folder with the run's record (``training_meta`` + ``record``) and, when
     the run has a report, its table on the model card."""
-    from ssl_hybrid.models.export import save_model_folder
-    from ssl_hybrid.train.loop import training_meta
-
+    from ssl_hybrid.models.export import public_source, save_model_folder
     from ssl_hybrid.models.pooling import offers_multiscale
+    from ssl_hybrid.train.loop import training_meta
 
     scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
@@ -85,16 +83,6 @@ def refresh_model_card(run_dir: Path) -> Optional[Path]:
     if table is None or not is_model_folder(Path(run_dir) / MODEL_DIR):
         return None
     return write_model_card(Path(run_dir) / MODEL_DIR, table)
-
-
-def public_source(spec: str) -> str:
-    """``data.train`` as it may be published with the model: no credentials in URLs (``user:token@``, query
-    strings), no local directories above the corpus (an absolute path keeps its last part)."""
-    if "://" in spec or spec.startswith("pipe:"):
-        spec = re.sub(r"//[^/@\s]+@", "//", spec)
-        return re.sub(r"\?[^\s'\"]*", "", spec)
-    path = Path(spec)
-    return path.name if path.is_absolute() else spec
 
 
 def _report_table(run_dir: Path) -> Optional[str]:
@@ -119,7 +107,11 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
 
     Default folder: ``default_out_dir``. An existing folder is replaced only with ``force``; a folder inside
     the run's ``checkpoints/`` is refused (pruning deletes what is there)."""
-    from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, LEGACY_WEIGHTS_NAME, ModelFolderError
+    from ssl_hybrid.models.export import (
+        CHECKPOINT_BACKBONE_PREFIX,
+        LEGACY_WEIGHTS_NAME,
+        ModelFolderError,
+    )
     from ssl_hybrid.train.loop import build_backbone
 
     if (Path(path) / LEGACY_WEIGHTS_NAME).exists() and ckpt.latest_checkpoint(path) is None:

@@ -68,7 +68,7 @@ def test_export_writes_outside_checkpoints_and_never_replaces_without_force(tmp_
 
 
 def test_the_published_data_source_carries_no_credentials_or_home_folders():
-    from ssl_hybrid.train.export import public_source
+    from ssl_hybrid.models.export import public_source
 
     assert public_source("https://me:s3cret@host/s-{000..009}.tar?X-Amz-Signature=abc") == "https://host/s-{000..009}.tar"
     assert public_source("pipe:curl -s https://me:s3cret@host/a.tar") == "pipe:curl -s https://host/a.tar"
