@@ -105,7 +105,7 @@ def _resolve(path: Path) -> Path:
     if path.is_file():
         return path.parent if path.name in (CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME) and is_model_folder(path.parent) \
             else path
-    if is_model_folder(path) or (path / LEGACY_WEIGHTS_NAME).exists() or _is_checkpoint(path):
+    if is_model_folder(path) or _is_checkpoint(path):
         return path
     candidates = [(step, 2, folder) for folder, step in _model_folders(path)]
     if (path / LEGACY_WEIGHTS_NAME).exists():

@@ -223,7 +223,9 @@ def run_finetune(args: argparse.Namespace) -> int:
                                 layer_decay=args.layer_decay, weight_decay=args.weight_decay,
                                 patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
                                 num_workers=args.workers, mixed_precision=args.mixed_precision)
-    record = {"base_model": args.backbone, **(meta.get("pretraining") or {})}
+    from ssl_hybrid.models.export import public_source
+
+    record = {"base_model": public_source(args.backbone), **(meta.get("pretraining") or {})}
     result = finetune(model, train, test, int(meta["image_size"]), settings, save_dir=save_dir, record=record,
                       force=args.force,
                       name=args.backbone)

@@ -77,7 +77,8 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        # the width of embed(): timm's head_hidden_size where a model's pre-logits differ from its tokens
+        self.head = nn.Linear(getattr(backbone, "head_hidden_size", backbone.num_features), num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init: start from ~uniform predictions
         nn.init.zeros_(self.head.bias)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -173,6 +174,9 @@ def model_card(config: dict[str, Any], evaluation: Optional[str] = None) -> str:
               "out = model(transform(image).unsqueeze(0))  # "
               + ("class logits" if classifier else "the embedding the evaluators scored"),
               "```", ""]
+    if record.get("scored_pooling") == "multiscale" and not pooled:
+        lines += [("The evaluators scored the multi-scale embedding, `ssl_hybrid.models.pooling.multiscale_embed("
+                   "model, x)`; `model(x)` is timm's own pooling of this architecture."), ""]
     if pooled:
         lines += [("`global_pool` is `multiscale`: `model(x)` and `forward_head(..., pre_logits=True)` return the "
                    "multi-scale embedding (every stage's average, class token and patch mean, each L2-normalized). "
@@ -194,6 +198,16 @@ def _card_training(record: dict[str, Any]) -> list[str]:
     if record.get("finetuned"):
         facts.append(f"- fine-tuned: {record['finetuned']}")
     return ["## Training", "", *facts, ""] if facts else []
+
+
+def public_source(spec: str) -> str:
+    """``data.train`` as it may be published with the model: no credentials in URLs (``user:token@``, query
+    strings), no local directories above the corpus (an absolute path keeps its last part)."""
+    if "://" in spec or spec.startswith("pipe:"):
+        spec = re.sub(r"//[^/@\s]+@", "//", spec)
+        return re.sub(r"\?[^\s'\"]*", "", spec)
+    path = Path(spec)
+    return path.name if path.is_absolute() else spec
 
 
 def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,

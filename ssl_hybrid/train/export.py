@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -64,12 +63,14 @@ def save_run_model(backbone: nn.Module, config: Config, directory: Path, record:
                    force: bool = False, run_dir: Optional[Path] = None) -> Path:
     """Write ``backbone`` as a model folder with the run's record (``training_meta`` + ``record``) and, when
     the run has a report, its table on the model card."""
-    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.export import public_source, save_model_folder
+    from ssl_hybrid.models.pooling import offers_multiscale
     from ssl_hybrid.train.loop import training_meta
 
+    scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
-        extra = dict(training_meta(config), data=public_source(config.data.train),
-                     eval_pooling=config.eval.pooling, token_pool=token_pool, **record)
+        extra = dict(training_meta(config), data=public_source(config.data.train), scored_pooling=scored,
+                     token_pool=token_pool, **record)
         return save_model_folder(backbone, directory, extra=extra, force=force,
                                  evaluation=_report_table(run_dir) if run_dir else None)
 
@@ -82,16 +83,6 @@ def refresh_model_card(run_dir: Path) -> Optional[Path]:
     if table is None or not is_model_folder(Path(run_dir) / MODEL_DIR):
         return None
     return write_model_card(Path(run_dir) / MODEL_DIR, table)
-
-
-def public_source(spec: str) -> str:
-    """``data.train`` as it may be published with the model: no credentials in URLs (``user:token@``, query
-    strings), no local directories above the corpus (an absolute path keeps its last part)."""
-    if "://" in spec or spec.startswith("pipe:"):
-        spec = re.sub(r"//[^/@\s]+@", "//", spec)
-        return re.sub(r"\?[^\s'\"]*", "", spec)
-    path = Path(spec)
-    return path.name if path.is_absolute() else spec
 
 
 def _report_table(run_dir: Path) -> Optional[str]:
@@ -116,10 +107,16 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
 
     Default folder: ``default_out_dir``. An existing folder is replaced only with ``force``; a folder inside
     the run's ``checkpoints/`` is refused (pruning deletes what is there)."""
-    from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, ModelFolderError
+    from ssl_hybrid.models.export import (
+        CHECKPOINT_BACKBONE_PREFIX,
+        LEGACY_WEIGHTS_NAME,
+        ModelFolderError,
+    )
     from ssl_hybrid.models.factory import check_factory_args
     from ssl_hybrid.train.loop import build_backbone, model_kwargs
 
+    if (Path(path) / LEGACY_WEIGHTS_NAME).exists() and ckpt.latest_checkpoint(path) is None:
+        return _convert_old_export(Path(path), Path(out_dir) if out_dir else Path(path) / MODEL_DIR, force)
     step_dir = resolve_checkpoint(path)
     out = Path(out_dir) if out_dir else default_out_dir(path, step_dir)
     checkpoints = step_dir.parent.resolve()
@@ -146,6 +143,21 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
     folder = save_run_model(backbone.eval(), config, out, record, force=force, run_dir=step_dir.parent.parent)
     log.info("exported %s (step %s)", folder, step)
     return folder
+
+
+def _convert_old_export(run: Path, out: Path, force: bool) -> Path:
+    """A run whose checkpoints are gone but whose old export (backbone.safetensors + backbone.json) is
+    there: the same weights as a model folder, with the old record."""
+    from ssl_hybrid.models.export import read_meta, rebuild, save_model_folder
+
+    weights, meta = read_meta(run)
+    model, _ = rebuild(weights, meta)
+    record = {k: meta[k] for k in ("run", "step", "objective", "pretraining") if k in meta}
+    config_file = run / "config.yaml"
+    if not config_file.exists():
+        return save_model_folder(model, out, extra=dict(record, image_size=meta.get("image_size")), force=force)
+    config = from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")), source=str(config_file))
+    return save_run_model(model, config, out, record, force=force, run_dir=run)
 
 
 def _budget(run_dir: Path, config: Config) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -78,6 +79,11 @@ def test_a_run_folder_is_evaluated_at_its_newest_step_and_the_result_says_which(
     assert meta["step"] == 20 and meta["weights"].endswith("step_00000020/model.safetensors")
     assert _backbone_summary(meta)["step"] == 20
     torch.testing.assert_close(_features(model.eval()), _features(newer.eval()))
+    # the same for an export in the old format, read where it lies (run folders written before the model folder)
+    (run / "model" / "model.safetensors").rename(run / "backbone.safetensors")
+    (run / "backbone.json").write_text(json.dumps({"model_name": "resnet10t", "image_size": 32, "step": 10}))
+    shutil.rmtree(run / "model")
+    assert load_backbone_spec(str(run))[1]["step"] == 20
     save_model_folder(newer, run / "exports" / "step_00000020", extra={"image_size": 32, "step": 20})
     model, meta = load_backbone_spec(str(run))  # same step: the export (a model folder) is read
     assert meta["step"] == 20 and meta["weights"] == str(run / "exports" / "step_00000020" / "model.safetensors")

@@ -68,8 +68,28 @@ def test_export_writes_outside_checkpoints_and_never_replaces_without_force(tmp_
 
 
 def test_the_published_data_source_carries_no_credentials_or_home_folders():
-    from ssl_hybrid.train.export import public_source
+    from ssl_hybrid.models.export import public_source
 
     assert public_source("https://me:s3cret@host/s-{000..009}.tar?X-Amz-Signature=abc") == "https://host/s-{000..009}.tar"
     assert public_source("pipe:curl -s https://me:s3cret@host/a.tar") == "pipe:curl -s https://host/a.tar"
     assert public_source("/home/alice/corpora/pets") == "pets" and public_source("data/pets37") == "data/pets37"
+
+
+def test_a_run_exported_the_old_way_without_checkpoints_is_rewritten_as_a_model_folder(tmp_path):
+    """A search-proxy run keeps only its old export (backbone.safetensors + backbone.json): export converts it."""
+    from ssl_hybrid.models import load_backbone
+    from ssl_hybrid.models.export import make_meta, write_meta
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config = load_config(None, tiny_overrides(tmp_path, "run"))
+    (run / "config.yaml").write_text(to_yaml(config), encoding="utf-8")
+    old = build_backbone(config).eval()
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(run / "backbone.safetensors"))
+    write_meta(run / "backbone.json", make_meta(old, {"image_size": 32, "step": 4, "run": "run"}))
+    assert main(["-q", "export", str(run)]) == 0
+    folder_config = json.loads((run / "model" / "config.json").read_text())
+    assert folder_config["ssl_hybrid"]["step"] == 4 and folder_config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # eval.pooling=multiscale: the folder's default embedding is the multi-scale one
+        torch.testing.assert_close(load_backbone(run / "model")(x), old.forward_multiscale(x), atol=0, rtol=0)
