@@ -118,7 +118,7 @@ def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
 
     summary = {"run_dir": str(tmp_path), "step": 55, "steps": 400, "max_seconds": 480.0, "stopped": "max_seconds",
                "start_step": 0, "train_seconds": 480.0, "startup_seconds": 24.0, "backbone": str(tmp_path / "backbone.safetensors")}
-    monkeypatch.setattr(loop, "pretrain", lambda config: dict(summary))
+    monkeypatch.setattr(loop, "pretrain", lambda config, fresh=False: dict(summary))
     monkeypatch.setattr(quickstart, "split_corpus", lambda spec, seed, directory: (None, None))
     passed = {}
 

@@ -83,7 +83,9 @@ def native_image_size(spec: str) -> int | None:
     None for ``timm:``/``random:``, which have none. Reads the metadata only."""
     if str(spec).startswith(("timm:", "random:")):
         return None
-    return _pretrained_size(_locate_weights(Path(spec))[2])
+    path = _resolve(Path(spec))
+    return _folder_size(read_model_config(path)) if is_model_folder(path) else \
+        _pretrained_size(_locate_weights(path)[2])
 
 
 def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
@@ -133,8 +135,7 @@ def _model_folders(run: Path) -> list[tuple[Path, int]]:
 def _load_folder(folder: Path, image_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:
     config = read_model_config(folder)
     record = config.get(RECORD_KEY) or {}
-    input_size = (config.get("pretrained_cfg") or {}).get("input_size") or [DEFAULT_IMAGE_SIZE]
-    size = image_size or int(record.get("image_size") or input_size[-1])
+    size = image_size or _folder_size(config)
     override: dict[str, Any] = {"num_classes": 0, "img_size": size}
     if config.get("model_args", {}).get("global_pool") == "multiscale":
         override["global_pool"] = record.get("token_pool", "token_avg")
@@ -143,6 +144,12 @@ def _load_folder(folder: Path, image_size: int | None) -> tuple[torch.nn.Module,
     return model, {"kind": "file", "model": config["architecture"], "image_size": size,
                    "weights": str(folder / CHECKPOINT_WEIGHTS_NAME), "step": record.get("step"),
                    "missing_keys": [], "unexpected_keys": unexpected, "pretraining": _pretraining(record)}
+
+
+def _folder_size(config: dict[str, Any]) -> int:
+    """The size a model folder's model was trained at: the recorded image size, else its input size."""
+    input_size = (config.get("pretrained_cfg") or {}).get("input_size") or [DEFAULT_IMAGE_SIZE]
+    return int((config.get(RECORD_KEY) or {}).get("image_size") or input_size[-1])
 
 
 def _load_files(path: Path, image_size: int | None) -> tuple[torch.nn.Module, dict[str, Any]]:

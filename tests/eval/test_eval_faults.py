@@ -44,12 +44,12 @@ class TinyBackbone(torch.nn.Module):
 @pytest.fixture
 def nan_backbone(tmp_path) -> Path:
     """A saved backbone folder (what `export` writes) with one NaN weight, as a diverged run leaves."""
-    from ssl_hybrid.models.export import save_backbone
+    from ssl_hybrid.models.export import save_model_folder
 
     model, _ = load_backbone_spec("random:hybrid_nano", image_size=32)
     with torch.no_grad():
         next(model.parameters()).view(-1)[0] = float("nan")
-    save_backbone(model, tmp_path / "diverged", {"image_size": 32})
+    save_model_folder(model, tmp_path / "diverged", extra={"image_size": 32})
     return tmp_path / "diverged"
 
 

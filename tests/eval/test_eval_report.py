@@ -267,10 +267,11 @@ def _saved_nano(folder, size: int) -> str:
     import timm
     import torch
 
-    from ssl_hybrid.models.export import save_backbone
+    from ssl_hybrid.models.export import save_model_folder
 
     torch.manual_seed(size)
-    save_backbone(timm.create_model("hybrid_nano", num_classes=0, img_size=size).eval(), folder, {"image_size": size})
+    save_model_folder(timm.create_model("hybrid_nano", num_classes=0, img_size=size).eval(), folder,
+                      extra={"image_size": size})
     return str(folder)
 
 
