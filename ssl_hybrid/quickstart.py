@@ -17,10 +17,11 @@ corpus does); labels are used only by the evaluation, on the split written to ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
 from ssl_hybrid.errors import UserError
@@ -63,13 +64,32 @@ def quickstart_config(minutes: float, output_dir: str, overrides: Sequence[str] 
 
 def split_corpus(spec: str, seed: int, directory: Path):
     """Seeded per-class train/test split of the labeled corpus; the test ids are saved."""
-    from ssl_hybrid.data.labeled import check_images, load_labeled, save_split, stratified_holdout
+    from ssl_hybrid.data.labeled import (
+        check_images,
+        load_labeled,
+        save_split,
+        stratified_holdout,
+    )
 
     labeled = check_images(load_labeled(spec))
     train_idx, test_idx = stratified_holdout(labeled.labels, TEST_FRACTION, seed)
-    save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
-               test_fraction=TEST_FRACTION, seed=seed)
+    with main_process_first() as main:
+        if main:
+            save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
+                       test_fraction=TEST_FRACTION, seed=seed)
     return labeled.subset(train_idx), labeled.subset(test_idx)
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[bool]:
+    """Under torchrun / accelerate launch, rank 0 alone deletes and writes the run's files (the block gets True
+    there) while the other ranks wait, so none of them removes or rewrites what another is using."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():
+        yield state.is_main_process
 
 
 def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
@@ -80,9 +100,11 @@ def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.o
 
     config = quickstart_config(minutes, output_dir, overrides)
     directory = run_dir(config)
-    if fresh and directory.exists():
-        log.info("--fresh: removing %s", directory)
-        shutil.rmtree(directory)
+    if fresh:
+        with main_process_first() as main:
+            if main and directory.exists():
+                log.info("--fresh: removing %s", directory)
+                shutil.rmtree(directory)
     summary = pretrain(config)
     log.info("pretraining %s at step %d/%d", summary["stopped"], summary["step"], summary["steps"])
     if summary["backbone"] is None:

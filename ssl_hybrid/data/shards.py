@@ -17,6 +17,7 @@ atomically. A re-run first removes the previous run's shards, temporary files an
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -445,13 +446,42 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     """Shard an image folder once (labels from class sub-folders when present) and return the shard dir.
 
     The output is keyed by :func:`folder_fingerprint`, so re-runs reuse it and edits to the folder make a
-    new one. Written to a private temp dir and renamed into place, so concurrent ranks or an interrupted
-    run never expose a half-written set (the loser of a rename race just uses the winner's copy).
+    new one. Written to a private temp dir and renamed into place, so an interrupted run never exposes a
+    half-written set. Under torchrun / accelerate launch one process per node writes it while the node's
+    other ranks wait, then find it; nodes that share the cache folder may race, and the loser of the rename
+    just uses the winner's copy.
     """
     root = Path(root)
     target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}"
-    if (target / MANIFEST).exists():
-        return target
+    with local_main_process_first():
+        if not (target / MANIFEST).exists():
+            _shard_into(root, target, max_side, shard_size)
+    return target
+
+
+@contextlib.contextmanager
+def local_main_process_first() -> Iterator[None]:
+    """Accelerate's ``local_main_process_first`` (the node's local rank 0 runs the block, then the node's other
+    ranks), except that a failing local main still releases the others: they then run the block themselves
+    and meet the same error, each with its one line, instead of waiting for a barrier that never comes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_local_main_process:
+        state.wait_for_everyone()
+        yield
+        return
+    try:
+        yield
+    finally:
+        state.wait_for_everyone()
+
+
+def _shard_into(root: Path, target: Path, max_side: int, shard_size: int) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     log.info("sharding image folder %s once into %s", root, target)
@@ -466,4 +496,3 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target

@@ -589,15 +589,16 @@ def exported_record(directory: Path) -> Optional[dict[str, Any]]:
 
 
 def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
-    from ssl_hybrid.models.export import save_backbone
+    from ssl_hybrid.models.export import WEIGHTS_NAME, save_backbone
 
     run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
-        return None
-    weights, _ = save_backbone(run.raw_model.backbone, run.directory,
-                               dict(training_meta(run.config), step=run.counters.step, pretraining=budget))
-    log.info("exported %s", weights)
-    return weights
+    if run.accelerator.is_main_process:
+        weights, _ = save_backbone(run.raw_model.backbone, run.directory,
+                                   dict(training_meta(run.config), step=run.counters.step, pretraining=budget))
+        log.info("exported %s", weights)
+    # Every rank returns once the export exists: what runs next on any rank (quickstart's evaluation) reads it.
+    run.accelerator.wait_for_everyone()
+    return run.directory / WEIGHTS_NAME
 
 
 def pretrain(config: Config) -> dict[str, Any]:
