@@ -18,6 +18,7 @@ corpus does); labels are used only by the evaluation, on the split written to ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 from pathlib import Path
@@ -92,6 +93,24 @@ def main_process_first() -> Iterator[bool]:
         yield state.is_main_process
 
 
+def one_process_group(function):
+    """Under torchrun / accelerate launch, one process group serves the whole command (pretraining and the
+    evaluation after it) and ends with it: pretrain leaves a group it did not create alone."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())  # creates the group when launched with several processes
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    return wrapper
+
+
+@one_process_group
 def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
                overrides: Sequence[str] = (), shots: Sequence[int] = SHOTS, seeds: int = SEEDS) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""

@@ -604,6 +604,9 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
 def pretrain(config: Config) -> dict[str, Any]:
     """Run (or resume) the pretraining job described by ``config``; returns a summary dict."""
     run: Optional[Run] = None
+    # A process group that exists already is its creator's to end (quickstart keeps one for its evaluation):
+    # destroying and re-creating one over the launcher's store can hang (gloo reconnects to stale addresses).
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     # Signals are taken over for the whole job, setup and export included: a launcher's SIGTERM ends the job
     # at the next safe point (after setup, after the current step, before the export) with exit 0.
     with StopSignal() as stop:
@@ -614,8 +617,9 @@ def pretrain(config: Config) -> dict[str, Any]:
             return finish(run, stop)
         finally:
             if run is not None:
-                run.accelerator.end_training()
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                for tracker in run.accelerator.trackers:  # accelerator.end_training(), less its group destroy
+                    tracker.finish()
+            if owns_group and torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
             # Accelerate keeps one process-wide state; clear it so a later job in this process (benchmarks,
             # notebooks, tests) may pick another mixed precision (Accelerate's own tests do the same).
