@@ -614,9 +614,12 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quickstart(args: argparse.Namespace) -> int:
+    from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.quickstart import quickstart
 
     report = quickstart(args.minutes, args.output_dir, args.fresh, args.overrides)
+    if not is_main_process():  # torchrun / accelerate launch: rank 0 writes and prints the report
+        return 0
     _write_out(args, report)
     print(report["table"], end="")
     print(f"\nreport: {report['markdown']}\nplot:   {report['plot']}")

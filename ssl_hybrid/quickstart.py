@@ -18,11 +18,12 @@ corpus does); labels are used only by the evaluation, on the split written to ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
@@ -71,15 +72,52 @@ def quickstart_config(minutes: float, output_dir: str, overrides: Sequence[str] 
 
 def split_corpus(spec: str, seed: int, directory: Path):
     """Seeded per-class train/test split of the labeled corpus; the test ids are saved."""
-    from ssl_hybrid.data.labeled import check_images, load_labeled, save_split, stratified_holdout
+    from ssl_hybrid.data.labeled import (
+        check_images,
+        load_labeled,
+        save_split,
+        stratified_holdout,
+    )
 
     labeled = check_images(load_labeled(spec))
     train_idx, test_idx = stratified_holdout(labeled.labels, TEST_FRACTION, seed)
-    save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
-               test_fraction=TEST_FRACTION, seed=seed)
+    with main_process_first() as main:
+        if main:
+            save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
+                       test_fraction=TEST_FRACTION, seed=seed)
     return labeled.subset(train_idx), labeled.subset(test_idx)
 
 
+@contextlib.contextmanager
+def main_process_first() -> Iterator[bool]:
+    """Under torchrun / accelerate launch, rank 0 alone deletes and writes the run's files (the block gets True
+    there) while the other ranks wait, so none of them removes or rewrites what another is using."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.main_process_first():
+        yield state.is_main_process
+
+
+def one_process_group(function):
+    """Under torchrun / accelerate launch, one process group serves the whole command (pretraining and the
+    evaluation after it) and ends with it: pretrain leaves a group it did not create alone."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        import torch
+        from accelerate import PartialState
+
+        PartialState(cpu=not torch.cuda.is_available())  # creates the group when launched with several processes
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+    return wrapper
+
+
+@one_process_group
 def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
                overrides: Sequence[str] = (), shots: Sequence[int] = SHOTS, seeds: int = SEEDS) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""

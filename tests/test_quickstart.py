@@ -139,3 +139,37 @@ def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
     # not flagged: enough steps, or a run the user asked to be short (the machine did not cut it)
     assert quickstart.too_few_steps(dict(summary, step=156)) is None
     assert quickstart.too_few_steps(dict(summary, steps=55, stopped="done")) is None
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.fault(injected="`quickstart --fresh` under `torchrun --nproc_per_node 2` (gloo on CPU) over an image folder",
+                   did="rank 0 alone removes the old run, writes the split and the report and prints them; the other "
+                       "rank helps train and extract, then exits 0; the folder is sharded once per node",
+                   lost="nothing (every rank deleted the run, one of them possibly after another had started it; the "
+                        "rank without the export stopped with 'interrupted before the export'; each rank sharded)")
+def test_quickstart_under_torchrun_rank_0_owns_deletes_and_the_report(tmp_path, image_folder, free_port):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    old = tmp_path / "quickstart"
+    old.mkdir()
+    (old / "config.yaml").write_text("name: quickstart\n")  # an earlier run that --fresh replaces
+    (old / "old_marker").write_text("old")
+    overrides = [o for o in TINY if not o.startswith(("train.steps", "train.knn_every"))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port), "-m", "ssl_hybrid", "quickstart", "--minutes", "1", "--output-dir",
+           str(tmp_path), "--fresh", *overrides, "train.steps=2", "train.knn_every=0", f"data.train={image_folder}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("--fresh: removed") == 1 and not (old / "old_marker").exists()
+    assert proc.stderr.count("sharding image folder") == 1, proc.stderr[-4000:]
+    assert proc.stdout.count("verdict: ") == 1  # printed by rank 0 only
+    report = json.loads((old / "report.json").read_text())
+    assert [e["name"] for e in report["entries"]] == ["hybrid_nano pretrained (2 steps)", "hybrid_nano random init"]
+    assert len(json.loads((old / "quickstart_split.json").read_text())["ids"]) == 3 * 2

@@ -18,6 +18,7 @@ shard set (anything else is refused).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import hashlib
@@ -549,16 +550,18 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     """Shard an image folder once (labels from class sub-folders when present) and return the shard dir.
 
     The output is keyed by :func:`folder_fingerprint`, so re-runs reuse it and edits to the folder make a
-    new one. :func:`write_shards` writes a private temp dir and renames it into place, so concurrent ranks or an
-    interrupted run never expose a half-written set (the loser of a rename race just uses the winner's copy).
+    new one. :func:`write_shards` writes a private temp dir and renames it into place, so an interrupted run never
+    exposes a half-written set. Under torchrun / accelerate launch one process per node writes it while the node's
+    other ranks wait, then find it; nodes that share the cache folder may race, and the loser of the rename just
+    uses the winner's copy.
     """
     root = Path(root)
     target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}"
-    if (target / MANIFEST).exists():
-        return target
-    log.info("sharding image folder %s once into %s", root, target)
-    write_shards(root, target, shard_size=shard_size, max_side=max_side, prefix=target.name.rsplit("-", 1)[0],
-                 workers=1, progress=True, replace=False)
+    with local_main_process_first():
+        if not (target / MANIFEST).exists():
+            log.info("sharding image folder %s once into %s", root, target)
+            write_shards(root, target, shard_size=shard_size, max_side=max_side,
+                         prefix=target.name.rsplit("-", 1)[0], workers=1, progress=True, replace=False)
     return target
 
 
@@ -576,3 +579,25 @@ def manifest_fingerprint(urls: list[str]) -> Optional[str]:
             entries += [[s["name"], s["samples"], s["sha256"]] for s in read_manifest(directory)["shards"]
                         if s["name"] in wanted[directory]]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] if entries else None
+
+
+@contextlib.contextmanager
+def local_main_process_first() -> Iterator[None]:
+    """Accelerate's ``local_main_process_first`` (the node's local rank 0 runs the block, then the node's other
+    ranks), except that a failing local main still releases the others: they then run the block themselves
+    and meet the same error, each with its one line, instead of waiting for a barrier that never comes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield
+        return
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not state.is_local_main_process:
+        state.wait_for_everyone()
+        yield
+        return
+    try:
+        yield
+    finally:
+        state.wait_for_everyone()

@@ -87,6 +87,7 @@ import torch
 from ssl_hybrid import rng as rng_state
 from ssl_hybrid.config import DEFAULT_CORPUS, REPO_ROOT
 from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.data.workers import ignore_stop_signals
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -521,7 +522,7 @@ class TrainStream:
         # trainer's global torch RNG (augmentations are seeded per sample anyway).
         generator = torch.Generator().manual_seed(_seed_from("loader", self.seed, self.rank) % 2**63)
         loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
-                               generator=generator, **extra)
+                               generator=generator, worker_init_fn=ignore_stop_signals, **extra)
         for batch in loader:
             if "_abort" in batch:
                 raise DataQualityError(f"{self.spec or 'stream'}: {batch['_abort']}")

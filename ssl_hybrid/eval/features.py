@@ -33,6 +33,7 @@ from torchvision import transforms as T
 
 from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
+from ssl_hybrid.data.workers import ignore_stop_signals
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.models.contract import EVAL_CROP_PCT
 from ssl_hybrid.models.pooling import multiscale_embed, offers_multiscale
@@ -90,7 +91,7 @@ def make_loader(labeled: LabeledSet, transform, batch_size: int, num_workers: in
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
         TorchLabeledDataset(labeled, transform), batch_size=batch_size, shuffle=shuffle,
-        num_workers=num_workers, drop_last=drop_last, generator=generator,
+        num_workers=num_workers, drop_last=drop_last, generator=generator, worker_init_fn=ignore_stop_signals,
         persistent_workers=False, pin_memory=torch.cuda.is_available())
 
 

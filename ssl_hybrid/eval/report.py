@@ -274,12 +274,16 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
 
     out_dir = Path(out_dir)
     names = list(names) if names else [slug(s) for s in specs]
+    # Every collective extraction first, on every rank; rank 0 analyses afterwards, alone. (Analysing each backbone
+    # between extractions would leave the other ranks waiting in the next collective for as long as the analysis
+    # takes, past the process group's timeout on a slow fit.)
+    extracted = [(name, *features_for_spec(spec, [train_set, test_set], size, batch_size, num_workers, cache_dir,
+                                           pooling=pooling))
+                 for spec, name, size in zip(specs, names, image_sizes(specs, image_size))]
+    if not is_main_process():  # other ranks only helped extract
+        return {"entries": [], "table": "", "plot": None, "markdown": None, "verdict": None}
     entries = []
-    for spec, name, size in zip(specs, names, image_sizes(specs, image_size)):
-        meta, (train, test) = features_for_spec(spec, [train_set, test_set], size, batch_size,
-                                                num_workers, cache_dir, pooling=pooling)
-        if not is_main_process():  # other ranks only helped extract (a collective step)
-            continue
+    for name, meta, (train, test) in extracted:
         entry = evaluate_backbone(name, meta, train, test, shots, seeds, methods, train_set,
                                   out_dir / "splits", len(train_set.classes), knn_protocol, fewshot_protocol,
                                   test_set)
@@ -288,8 +292,6 @@ def build_report(specs: Sequence[str], train_set: LabeledSet, test_set: LabeledS
                                                  out_dir / f"retrieval_{slug(name)}.png", queries=grid_queries,
                                                  title=f"{name}: nearest training images of test queries")
         entries.append(entry)
-    if not is_main_process():
-        return {"entries": [], "table": "", "plot": None, "markdown": None, "verdict": None}
     context = data_context(train_set, test_set, split_note)
     context["protocol"] = protocol(entries, seeds, methods, fewshot_protocol)
     plot = plot_label_efficiency(entries, out_dir / "label_efficiency.png", context["chance"]["top1"], seeds)

@@ -321,7 +321,7 @@ class StopSignal:
         if self.received and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = name
-        log.warning("%s received: saving a checkpoint after this step, then exiting", name)
+        log.warning("%s received: stopping at the next safe point (the end of this step, with a checkpoint)", name)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -556,17 +556,28 @@ def should_stop(run: Run, stop: StopSignal, started: float) -> Optional[str]:
     return None
 
 
-def train(run: Run) -> None:
+def signalled(run: Run, stop: StopSignal) -> bool:
+    """Whether any process got SIGTERM/SIGINT (all ranks agree, so they all take the same branch)."""
+    return sync_flags(run.accelerator, 1.0 if stop.received else 0.0)[0] > 0
+
+
+def train(run: Run, stop: StopSignal) -> None:
     config, counters = run.config, run.counters
     every = config.train.checkpoint_every
-    bar = make_bar(run)
     started = time.monotonic()
-    window_images, window_start = 0, time.perf_counter()
+    # A signal during setup or the step-0 monitor stops before the first step (nothing new to save).
+    if signalled(run, stop):
+        run.stop_reason = "signal"
+        return
     if config.train.knn_every > 0 and counters.step == 0:
         run_monitor(run)
+        if signalled(run, stop):
+            run.stop_reason = "signal"
+            return
+    bar = make_bar(run)
+    window_images, window_start = 0, time.perf_counter()
     run.model.train()
-    source = batches(run)
-    with StopSignal() as stop:
+    with contextlib.closing(batches(run)) as source:
         try:
             while counters.step < config.train.steps:
                 batch = next(source)
@@ -584,13 +595,15 @@ def train(run: Run) -> None:
                 if counters.step % config.train.log_every == 0 or counters.step == config.train.steps:
                     log_step(run, values, time.perf_counter() - window_start, window_images, bar)
                     window_images, window_start = 0, time.perf_counter()
+                run.stop_reason = should_stop(run, stop, started)
+                if run.stop_reason == "signal":
+                    break  # straight to the checkpoint: the launcher kills soon (torchrun: 30 s after its SIGTERM)
                 paused = time.perf_counter()  # monitor and checkpoint time is not training throughput
                 if config.train.knn_every > 0 and counters.step % config.train.knn_every == 0:
                     run_monitor(run)
                 if every > 0 and counters.step % every == 0 and counters.step < config.train.steps:
                     save(run)
                 window_start += time.perf_counter() - paused
-                run.stop_reason = should_stop(run, stop, started)
                 if run.stop_reason:
                     break
         finally:
@@ -645,19 +658,25 @@ def make_bar(run: Run):
                     dynamic_ncols=True, budget_seconds=run.config.train.max_seconds)
 
 
-def finish(run: Run) -> dict[str, Any]:
-    """Final checkpoint, export (unless interrupted by a signal), summary."""
-    save(run)
+def finish(run: Run, stop: StopSignal) -> dict[str, Any]:
+    """Final checkpoint, export and final monitor, each skipped once a signal asked to stop (re-running the
+    same command does what was skipped); a session that trained no step has nothing new to save."""
+    interrupted = run.stop_reason == "signal"
+    if not interrupted or run.counters.step > run.start_step:
+        save(run)
     exported = None
     budget = budget_record(run)
-    if run.stop_reason != "signal":
+    interrupted = interrupted or signalled(run, stop)  # e.g. a SIGTERM during the final checkpoint
+    if not interrupted:
         exported = export_backbone(run, budget)
-        if run.config.train.knn_every > 0 and run.counters.step % run.config.train.knn_every != 0:
+        if (run.config.train.knn_every > 0 and run.counters.step % run.config.train.knn_every != 0
+                and not signalled(run, stop)):
             run_monitor(run)
     summary = {"run_dir": str(run.directory), "step": run.counters.step, **budget,
                "nonfinite_total": run.counters.nonfinite_total, "backbone": str(exported) if exported else None}
-    if run.stop_reason == "signal":
-        log.warning("stopped by signal at step %d; re-run the same command to resume", run.counters.step)
+    if interrupted:
+        nothing = " before training a step (nothing new to save)" if run.counters.step == run.start_step else ""
+        log.warning("stopped by signal at step %d%s; re-run the same command to resume", run.counters.step, nothing)
     return summary
 
 
@@ -703,9 +722,11 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
             log.info("exported %s", folder)
         except UserError as err:  # a full disk: one line; every rank stops here, none waits at a later collective
             failure = err
+    # The flag's all-reduce is also the barrier after which every rank may read the export (quickstart's
+    # evaluation runs on every rank).
     if sync_flags(run.accelerator, float(failure is not None))[0]:
         raise failure or UserError("the export failed on the main process (its error is in its log)")
-    return folder
+    return run.directory / MODEL_DIR
 
 
 def pretrain(config: Config, fresh: bool = False) -> dict[str, Any]:
@@ -713,19 +734,25 @@ def pretrain(config: Config, fresh: bool = False) -> dict[str, Any]:
     the run folder first (``runs.start_fresh``: a run folder only, after the model and data were built)."""
     run: Optional[Run] = None
     held = contextlib.ExitStack()  # the run folder's lock, held until the job ends
-    try:
-        with held:
+    # A process group that exists already is its creator's to end (quickstart keeps one for its evaluation):
+    # destroying and re-creating one over the launcher's store can hang (gloo reconnects to stale addresses).
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    # Signals are taken over for the whole job, setup and export included: a launcher's SIGTERM ends the job
+    # at the next safe point (after setup, after the current step, before the export) with exit 0.
+    with StopSignal() as stop, held:
+        try:
             run = setup(config, fresh, held)
             if run.counters.step < config.train.steps:
-                train(run)
-            return finish(run)
-    finally:
-        if run is not None:
-            run.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        # Accelerate keeps one process-wide state; clear it so a later job in this process (benchmarks,
-        # notebooks, tests) may pick another mixed precision (Accelerate's own tests do the same).
-        from accelerate.state import AcceleratorState
+                train(run, stop)
+            return finish(run, stop)
+        finally:
+            if run is not None:
+                for tracker in run.accelerator.trackers:  # accelerator.end_training(), less its group destroy
+                    tracker.finish()
+            if owns_group and torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            # Accelerate keeps one process-wide state; clear it so a later job in this process (benchmarks,
+            # notebooks, tests) may pick another mixed precision (Accelerate's own tests do the same).
+            from accelerate.state import AcceleratorState
 
-        AcceleratorState._reset_state(reset_partial_state=True)
+            AcceleratorState._reset_state(reset_partial_state=True)

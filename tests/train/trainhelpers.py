@@ -39,11 +39,12 @@ def pretrain_env(threads: str | None = "1", env_extra: dict | None = None) -> di
 
 
 def start_pretrain(overrides: list[str], env_extra: dict | None = None, quiet: bool = True,
-                   threads: str | None = "1") -> subprocess.Popen:
-    """Start ``ssl-hybrid pretrain`` in the background."""
+                   threads: str | None = "1", new_session: bool = False) -> subprocess.Popen:
+    """Start ``ssl-hybrid pretrain`` in the background; ``new_session``: as the leader of a process group of its
+    own (with its data workers), the way launchers start their jobs (see :func:`signal_when`)."""
     args = [sys.executable, "-m", "ssl_hybrid", *(["-q"] if quiet else []), "pretrain", *overrides]
     return subprocess.Popen(args, cwd=REPO, env=pretrain_env(threads, env_extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=new_session)
 
 
 def wait_pretrain(proc: subprocess.Popen, check: bool = True, timeout: float = 180) -> tuple[int, str]:
@@ -58,9 +59,10 @@ def run_pretrain(overrides: list[str], env_extra: dict | None = None, check: boo
     return wait_pretrain(start_pretrain(overrides, env_extra, threads=threads), check=check)
 
 
-def signal_when(proc: subprocess.Popen, path: Path, signum: int, timeout: float = 120) -> None:
+def signal_when(proc: subprocess.Popen, path: Path, signum: int, timeout: float = 120, group: bool = False) -> None:
     """Send ``signum`` to ``proc`` as soon as ``path`` exists (from outside, like a user or a scheduler);
-    fails if the process ended first, so the test always exercises the signal path."""
+    fails if the process ended first, so the test always exercises the signal path. ``group``: to its whole
+    process group, data workers included, as torchrun, SLURM, systemd, ``timeout`` and Ctrl-C do."""
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
@@ -70,4 +72,7 @@ def signal_when(proc: subprocess.Popen, path: Path, signum: int, timeout: float 
             proc.kill()
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.005)
-    proc.send_signal(signum)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
