@@ -39,7 +39,7 @@ def test_report_extracts_every_backbone_before_rank_0_analyses_any(monkeypatch, 
     labeled = SimpleNamespace(classes=["x", "y"])  # only passed through to the fakes above
     if main:
         with pytest.raises(AnalysisStarted):
-            report.build_report(["a", "b"], labeled, labeled, "unused", names=["a", "b"])
+            report.build_report(["a", "b"], labeled, labeled, "unused", names=["a", "b"], image_size=32)
     else:
-        assert report.build_report(["a", "b"], labeled, labeled, "unused", names=["a", "b"])["entries"] == []
+        assert report.build_report(["a", "b"], labeled, labeled, "unused", names=["a", "b"], image_size=32)["entries"] == []
     assert events == ["extract a", "extract b"] + (["analyse a"] if main else [])

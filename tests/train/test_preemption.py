@@ -76,11 +76,11 @@ def test_sigterm_in_every_phase_exits_0_and_the_same_command_completes(corpus, r
     assert f"stopped by signal at step {stopped_at}" in err, err[-2000:]
     run_dir = run_root / "phase"
     assert [p.name for p in list_checkpoints(run_dir)] == ([step_dir_name(STEPS)] if stopped_at else [])
-    assert not (run_dir / "backbone.safetensors").exists()
+    assert not (run_dir / "model").exists()
     assert not [p.name for p in run_dir.rglob("*") if ".tmp" in p.name or p.name.startswith(".")]
     if not stopped_at:
         return  # nothing was trained: the next run is an ordinary first run
     code = main(["-q", "pretrain", *overrides])
     assert code == 0, capsys.readouterr().err[-2000:]
-    assert (run_dir / "backbone.safetensors").exists()
+    assert (run_dir / "model" / "model.safetensors").exists()
     assert [p.name for p in list_checkpoints(run_dir)][-1] == step_dir_name(STEPS)
