@@ -625,6 +625,9 @@ def _run_quickstart(args: argparse.Namespace) -> int:
     print(f"\nreport: {report['markdown']}\nplot:   {report['plot']}")
     for entry in report["entries"]:
         print(f"grid:   {entry['retrieval_grid']['path']}")
+    if report["pretraining"].get("backbone"):  # where the tour goes next: predict, embed, neighbors
+        print(f"model:  {report['pretraining']['backbone']} (to classify photos and find similar images: "
+              "README, 'Then use it')")
     print(f"\nverdict: {report['verdict']['line']}")
     if report.get("budget_note"):  # last, so a short run's verdict is never read without it
         print(f"note: {report['budget_note']}")

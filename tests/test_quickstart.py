@@ -31,6 +31,7 @@ def test_quickstart_writes_report_plot_grids_and_prints_table(tmp_path, capsys):
         assert {r["shots"]: r["n_test"] for r in entry["fewshot"]} == {1: 370 - 37, 5: 370 - 185}
         assert all(r["method"] == "linear" and len(r["runs"]) == 10 for r in entry["fewshot"])
     assert "| hybrid_nano pretrained (3 steps) |" in printed and "report.md" in printed
+    assert f"model:  {run / 'model'} " in printed  # the model the README's tour goes on with
     for name in ("report.md", "report.json", "label_efficiency.png", "model/model.safetensors", "config.yaml",
                  "metrics.jsonl", "quickstart_split.json"):
         assert (run / name).exists(), name

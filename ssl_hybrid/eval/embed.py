@@ -273,7 +273,7 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
                 skipped_unreadable=skipped, index={"file": INDEX, "type": "IndexFlatIP", "metric": "inner_product"},
                 files={"embeddings": EMBEDDINGS, "ids": IDS}, identity=wanted)
     write_json_atomic(out / META, meta)
-    log.info("%s: %d x %d embeddings, %d unreadable image(s) skipped", out, rows, dim, len(skipped))
+    log.debug("%s: %d x %d embeddings, %d unreadable image(s) skipped", out, rows, dim, len(skipped))  # `embed` prints it
     return meta
 
 
