@@ -159,7 +159,7 @@ def test_quickstart_under_torchrun_rank_0_owns_deletes_and_the_report(tmp_path, 
         pytest.skip("torchrun not on PATH")
     old = tmp_path / "quickstart"
     old.mkdir()
-    (old / "config.yaml").write_text("name: quickstart\n")  # an earlier run that --fresh replaces
+    (old / "config.yaml").write_text("name: quickstart\ntrain: {steps: 2}\n")  # an earlier run that --fresh replaces
     (old / "old_marker").write_text("old")
     overrides = [o for o in TINY if not o.startswith(("train.steps", "train.knn_every"))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
