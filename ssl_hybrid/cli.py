@@ -372,6 +372,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "example:\n  ssl-hybrid export runs/quickstart --out-dir exported/")
     parser.add_argument("checkpoint", metavar="RUN_OR_STEP_DIR", help="run directory or checkpoints/step_* directory")
     parser.add_argument("--out-dir", default=None, help="where to write the pair (default: the checkpoint directory)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx there (dynamic batch and image size; needs the onnx extra)")
     parser.set_defaults(handler=_run_export)
 
 
@@ -380,7 +382,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from ssl_hybrid.train.export import export_checkpoint
 
-    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None))
+    weights = export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None)
+    print(weights)
+    if args.onnx:
+        from ssl_hybrid.models.onnx import export_saved_onnx
+
+        print(export_saved_onnx(weights))
     return 0
 
 
