@@ -590,10 +590,11 @@ def pretrain(config: Config) -> dict[str, Any]:
             train(run)
         return finish(run)
     finally:
-        if run is not None:
-            run.accelerator.end_training()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        from ssl_hybrid.distributed import end_distributed
+
+        accelerator = run.accelerator if run is not None else None
+        run = None  # it holds the DDP-wrapped model, which keeps the process group alive past its destruction
+        end_distributed(accelerator)
         # Accelerate keeps one process-wide state; clear it so a later job in this process (benchmarks,
         # notebooks, tests) may pick another mixed precision (Accelerate's own tests do the same).
         from accelerate.state import AcceleratorState
