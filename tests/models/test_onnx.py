@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from ssl_hybrid.models.factory import create_backbone  # noqa: E402
 from ssl_hybrid.models.onnx import export_onnx  # noqa: E402
 
-MAX_ABS_DIFF = 1e-4  # fp32; measured about 1e-6 (embeddings) and 2e-7 (logits)
+MAX_ABS_DIFF = 1e-4  # fp32; measured about 1.3e-6 (embeddings) and 2e-7 (logits)
 TRACED = 64  # the example input's side; the graph is also run at RUN_AT, where the position embedding is resampled
 RUN_AT = ((2, 64), (3, 96), (2, 32))  # (batch, side): the traced size, one larger (upsampled), one smaller
 
@@ -46,23 +46,22 @@ def with_loud_position_embedding(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("name,num_classes", [("resvit_nano", 0), ("hybrid_nano", 0), ("resvit_nano", 5)],
-                         ids=["resvit-backbone", "hybrid-backbone", "resvit-classifier"])
-def test_onnx_graph_matches_torch_at_two_resolutions(tmp_path, name, num_classes):
-    model = with_loud_position_embedding(create_backbone(name, TRACED, num_classes=num_classes))
+@pytest.mark.parametrize("name", ["resvit_nano", "hybrid_nano"])
+def test_onnx_graph_matches_torch_at_two_resolutions(tmp_path, name):
+    model = with_loud_position_embedding(create_backbone(name, TRACED))
     model.train()  # export traces the eval forward and gives the model back as it was
     path = export_onnx(model, tmp_path / "model.onnx", TRACED)
     assert model.training and path.exists() and not list(tmp_path.glob(".*.tmp"))
-    assert onnx.load(str(path)).graph.output[0].name == ("logits" if num_classes else "embedding")
+    assert onnx.load(str(path)).graph.output[0].name == "embedding"
     assert runtime_matches_torch(model.eval(), path) < MAX_ABS_DIFF
 
 
-def test_export_onnx_flag_writes_model_onnx_next_to_the_export(tmp_path, monkeypatch, capsys):
+def test_export_onnx_flag_writes_a_classifier_graph_next_to_the_export(tmp_path, monkeypatch, capsys):
     from ssl_hybrid.cli import main
     from ssl_hybrid.models.export import save_backbone
     from ssl_hybrid.train import export as train_export
 
-    model = with_loud_position_embedding(create_backbone("hybrid_nano", TRACED))
+    model = with_loud_position_embedding(create_backbone("hybrid_nano", TRACED, num_classes=5))  # with a head
 
     def exported(checkpoint, out_dir):  # the checkpoint export itself is tested with the trainer
         return save_backbone(model, out_dir, {"step": 1})[0]
@@ -70,4 +69,5 @@ def test_export_onnx_flag_writes_model_onnx_next_to_the_export(tmp_path, monkeyp
     monkeypatch.setattr(train_export, "export_checkpoint", exported)
     assert main(["export", str(tmp_path / "run"), "--out-dir", str(tmp_path / "out"), "--onnx"]) == 0
     assert capsys.readouterr().out.strip().endswith(str(tmp_path / "out" / "model.onnx"))
+    assert onnx.load(str(tmp_path / "out" / "model.onnx")).graph.output[0].name == "logits"
     assert runtime_matches_torch(model, tmp_path / "out" / "model.onnx") < MAX_ABS_DIFF
