@@ -88,8 +88,9 @@ SMOKE: dict[str, Any] = dict(
     pretrain=dict(seconds=3.0, image_size=32, batch_size=8, calibration_steps=3, log_every=1, shots=(1, 5),
                   seeds=2, model="resvit_nano", eval_classes=6),  # decoding every test image is the slow part
     features=dict(models=("resvit_nano", "hybrid_nano"), images=16, batch_size=8, image_size=32, iters=2, warmup=1),
-    caps=dict(throughput=180.0, masked=180.0, fp16_overflow=180.0, features=180.0, pretrain=180.0,
-              layout_compile=180.0),
+    # No per-section caps: the smoke run checks that every code path runs, and a wall-clock cap turns a machine
+    # loaded by other work into a failure (fp16 on a CPU alone took 60-190 s); the budget only guards against a hang.
+    caps=dict.fromkeys(("throughput", "masked", "fp16_overflow", "features", "pretrain", "layout_compile")),
     budget_s=1200.0)
 
 

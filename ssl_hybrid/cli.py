@@ -543,6 +543,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out-dir", default=None,
                         help="the model folder to write (default: <run>/model for a run, <run>/exports/step_<N> for a step)")
     parser.add_argument("--force", action="store_true", help="replace an existing folder (once the new one is complete)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write model.onnx into the folder (dynamic batch and image size; needs the onnx extra)")
     parser.set_defaults(handler=_run_export)
 
 
@@ -551,7 +553,12 @@ def _run_export(args: argparse.Namespace) -> int:
 
     from ssl_hybrid.train.export import export_checkpoint
 
-    print(export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None, force=args.force))
+    folder = export_checkpoint(Path(args.checkpoint), Path(args.out_dir) if args.out_dir else None, force=args.force)
+    print(folder)
+    if args.onnx:
+        from ssl_hybrid.models.onnx import export_saved_onnx
+
+        print(export_saved_onnx(folder))
     return 0
 
 

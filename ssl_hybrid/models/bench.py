@@ -92,8 +92,15 @@ def _median(times: dict[str, list[float]], clock: str = "wall") -> float:
     return statistics.median(times[clock])
 
 
+def significant(value: float, digits: int = 3) -> float:
+    """``value`` to ``digits`` significant digits. Fixed decimals turn a small measurement into 0: a smoke-size
+    step at 1% of the GEMM peak reads 0.001 on an idle machine and ``round(., 3) == 0.0`` once other work
+    slows the step but not the much shorter GEMM; a positive measurement must stay positive."""
+    return float(f"{value:.{digits}g}")
+
+
 def _rounded(times: dict[str, list[float]]) -> dict[str, list[float]]:
-    return {clock: [round(t, 3) for t in values] for clock, values in times.items()}
+    return {clock: [significant(t) for t in values] for clock, values in times.items()}
 
 
 GEMM_SIZE = 1024
@@ -191,12 +198,12 @@ def bench_models(names: list[str], args) -> list[dict[str, Any]]:
         utilization_cpu = (flops / _median(times["step"], "cpu")) / (gemm_flops / _median(times["gemm"], "cpu"))
         rows.append(dict(
             model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-            img_per_s=round(args.batch_size / step_s, 3), step_s=round(step_s, 4),
-            train_gflops_per_img=round(flops / args.batch_size / 1e9, 3),
-            achieved_gflop_per_s=round(flops / step_s / 1e9, 2),
-            gemm_peak_gflop_per_s=round(gemm_flops / gemm_s / 1e9, 2),
-            utilization=round((flops / step_s) / (gemm_flops / gemm_s), 3),
-            utilization_cpu_time=round(utilization_cpu, 3),
+            img_per_s=significant(args.batch_size / step_s, 4), step_s=significant(step_s),
+            train_gflops_per_img=significant(flops / args.batch_size / 1e9),
+            achieved_gflop_per_s=significant(flops / step_s / 1e9),
+            gemm_peak_gflop_per_s=significant(gemm_flops / gemm_s / 1e9),
+            utilization=significant((flops / step_s) / (gemm_flops / gemm_s)),
+            utilization_cpu_time=significant(utilization_cpu),
             times_s=_rounded(times["step"]), gemm_times_s=_rounded(times["gemm"])))
         log.info("%s", rows[-1])
         del model

@@ -104,4 +104,15 @@ class TokenBackboneMixin:
     def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
         """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default (timm's
         resampler returns it unchanged otherwise, and is a leaf for FX tracing)."""
+        if torch.jit.is_tracing():  # the ONNX exporter: timm's same-size early-out would freeze the example's grid
+            return resample_traced(self.pos_embed, grid, self.patch_grid)
         return resample_abs_pos_embed(self.pos_embed, new_size=grid, old_size=self.patch_grid, num_prefix_tokens=0)
+
+
+def resample_traced(pos_embed: torch.Tensor, grid, old_grid: tuple[int, int]) -> torch.Tensor:
+    """timm's ``resample_abs_pos_embed`` (bicubic, antialiased, no prefix tokens) without its size check, so a
+    traced graph resamples to whatever grid its input has (at the same grid the resampling is the identity)."""
+    dim = pos_embed.shape[-1]
+    maps = pos_embed.float().reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)  # [1, D, h, w]
+    maps = F.interpolate(maps, size=grid, mode="bicubic", antialias=True)  # [1, D, H/16, W/16]
+    return maps.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)  # [1, N, D]

@@ -252,11 +252,6 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             self.token_select_blocks = tuple(blocks)
 
     # ---------------------------------------------------------------- stages
-    def _pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """``[1, N, D]`` position embedding, bicubically resampled when the grid is not the default (timm's
-        resampler returns it unchanged otherwise, and is a leaf for FX tracing)."""
-        return resample_abs_pos_embed(self.pos_embed, new_size=grid, old_size=self.patch_grid, num_prefix_tokens=0)
-
     def _run(self, module: nn.Module, *args):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint(module, *args, use_reentrant=False)

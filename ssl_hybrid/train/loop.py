@@ -746,11 +746,11 @@ def pretrain(config: Config, fresh: bool = False) -> dict[str, Any]:
                 train(run, stop)
             return finish(run, stop)
         finally:
-            if run is not None:
-                for tracker in run.accelerator.trackers:  # accelerator.end_training(), less its group destroy
-                    tracker.finish()
-            if owns_group and torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            from ssl_hybrid.distributed import end_distributed
+
+            accelerator = run.accelerator if run is not None else None
+            run = None  # it holds the DDP-wrapped model, which keeps the process group alive past its destruction
+            end_distributed(accelerator, destroy_group=owns_group)
             # Accelerate keeps one process-wide state; clear it so a later job in this process (benchmarks,
             # notebooks, tests) may pick another mixed precision (Accelerate's own tests do the same).
             from accelerate.state import AcceleratorState

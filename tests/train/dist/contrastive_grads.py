@@ -12,6 +12,8 @@ import torch.distributed as dist
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from dist_model import build_model, make_batch  # noqa: E402
 
+from ssl_hybrid.distributed import end_distributed, gloo_threads  # noqa: E402
+
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 model = torch.nn.parallel.DistributedDataParallel(build_model())
@@ -23,4 +25,6 @@ loss.backward()
 if rank == 0:
     torch.save({n: p.grad for n, p in model.module.named_parameters()}, sys.argv[1])
 dist.barrier()
-dist.destroy_process_group()
+del model  # the DDP wrapper holds the process group (and gloo's threads) past destroy_process_group
+end_distributed()
+assert not gloo_threads(), gloo_threads()  # nothing left for interpreter finalization to tear down

@@ -21,6 +21,10 @@ config = load_config(None, overrides)
 summary = loop.pretrain(config)
 import os  # noqa: E402
 
+from ssl_hybrid.distributed import gloo_threads  # noqa: E402
+
+assert not gloo_threads(), gloo_threads()  # pretrain left no process group for interpreter finalization
+
 rank = int(os.environ["RANK"])
 with open(f"{out_dir}/keys_rank{rank}.json", "w") as handle:
     json.dump({"keys": seen, "summary": summary}, handle)
