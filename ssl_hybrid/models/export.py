@@ -202,10 +202,13 @@ def _card_training(record: dict[str, Any]) -> list[str]:
 
 def public_source(spec: str) -> str:
     """``data.train`` as it may be published with the model: no credentials in URLs (``user:token@``, query
-    strings), no local directories above the corpus (an absolute path keeps its last part)."""
+    strings), no local directories above the corpus (an absolute path keeps its last part). What the logs
+    redact (``ssl_hybrid.logs.redact``: Authorization headers in a ``pipe:`` command, ...) is redacted here too."""
+    from ssl_hybrid.logs import redact
+
     if "://" in spec or spec.startswith("pipe:"):
         spec = re.sub(r"//[^/@\s]+@", "//", spec)
-        return re.sub(r"\?[^\s'\"]*", "", spec)
+        return redact(re.sub(r"\?[^\s'\"]*", "", spec))
     path = Path(spec)
     return path.name if path.is_absolute() else spec
 

@@ -73,6 +73,9 @@ def test_the_published_data_source_carries_no_credentials_or_home_folders():
     assert public_source("https://me:s3cret@host/s-{000..009}.tar?X-Amz-Signature=abc") == "https://host/s-{000..009}.tar"
     assert public_source("pipe:curl -s https://me:s3cret@host/a.tar") == "pipe:curl -s https://host/a.tar"
     assert public_source("/home/alice/corpora/pets") == "pets" and public_source("data/pets37") == "data/pets37"
+    # the logs' redaction applies too: a bearer token in a pipe: command never reaches config.json or the card
+    assert public_source('pipe:curl -s -H "Authorization: Bearer abc123" https://host/a.tar') == \
+        'pipe:curl -s -H "Authorization: Bearer ***" https://host/a.tar'
 
 
 def test_a_run_exported_the_old_way_without_checkpoints_is_rewritten_as_a_model_folder(tmp_path):
