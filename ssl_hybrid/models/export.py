@@ -275,13 +275,11 @@ def _fsync_folder(folder: Path, files: bool = True) -> None:
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename the complete ``tmp`` to ``final``; an existing ``final`` is moved aside first, removed after."""
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_folder(final.parent, files=False)
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename the complete ``tmp`` to ``final``: the run folders' swap (``runs.replace_dir``), which puts an existing
+    ``final`` back when the rename fails, so "nothing was replaced" stays true."""
+    from ssl_hybrid.runs import replace_dir
+
+    replace_dir(tmp, final)
 
 
 def is_model_folder(path: Union[str, os.PathLike]) -> bool:

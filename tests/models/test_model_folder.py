@@ -119,6 +119,29 @@ def test_a_write_that_fails_midway_leaves_the_old_folder_and_no_temp_folder(tmp_
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+@pytest.mark.fault(injected="the rename that puts a complete new model folder in place fails (--force)",
+                   did="one line; the existing folder is back in its place (the run folders' swap, runs.replace_dir)",
+                   lost="nothing")
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    import os
+
+    folder = save_model_folder(create_backbone("hybrid_nano", SIZE).eval(), tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rename = os.rename
+
+    def failing(src, dst, *args, **kwargs):
+        if ".tmp-" in os.fspath(src):
+            raise OSError(28, "No space left on device")
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(ModelFolderError, match="nothing was replaced"):
+        save_model_folder(create_backbone("hybrid_nano", SIZE).eval(), folder, force=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_old_exports_name_the_command_that_rewrites_them(tmp_path):
     (tmp_path / "backbone.json").write_text(json.dumps({"model_name": "hybrid_nano"}))
     (tmp_path / "backbone.safetensors").write_bytes(b"")
