@@ -199,18 +199,18 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
         if not np.isfinite(loss):
             raise NonFiniteError(f"{name}: the fine-tuning loss is not finite (NaN or inf) in epoch {epoch}; the "
                                  "backbone's weights are broken or --lr is too high")
-        record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
+        epoch_record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
         if len(val_set):
-            record["val_top1"] = _score(model, val_set, image_size, settings, accelerator, name)["top1"]
-            if record["val_top1"] > best:
-                best, stale = record["val_top1"], 0
+            epoch_record["val_top1"] = _score(model, val_set, image_size, settings, accelerator, name)["top1"]
+            if epoch_record["val_top1"] > best:
+                best, stale = epoch_record["val_top1"], 0
                 best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
-                record["best"] = True
+                epoch_record["best"] = True
             else:
                 stale += 1
-        history.append(record)
+        history.append(epoch_record)
         log.info("finetune epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in record.items()})
+                                                  for k, v in epoch_record.items()})
         if len(val_set) and stale >= settings.patience:
             log.info("early stop: no better val accuracy for %d epochs", stale)
             break

@@ -58,3 +58,16 @@ def test_finetune_learns_and_early_stops(labeled_pair):
     frozen, _ = load_backbone_spec("random:resnet10t", image_size=32)
     stalled = finetune(frozen, train, test, 32, FinetuneSettings(epochs=10, batch_size=8, lr=0.0, patience=2))
     assert stalled["epochs_run"] == 3 and stalled["best_epoch"] == 0  # lr 0: val never improves after epoch 0
+
+
+def test_the_saved_model_records_its_base_not_the_last_epoch(labeled_pair, tmp_path):
+    """``record`` (what the backbone was) reaches the saved folder's config.json; the epoch loop must not rebind it."""
+    import json
+
+    train, test = load_labeled(labeled_pair[0]), load_labeled(labeled_pair[1])
+    model, _ = load_backbone_spec("random:resnet10t", image_size=32)
+    result = finetune(model, train, test, 32, FinetuneSettings(epochs=1, batch_size=8), save_dir=tmp_path / "ft",
+                      record={"base_model": "runs/base", "steps": 7})
+    saved = json.loads((tmp_path / "ft" / "config.json").read_text(encoding="utf-8"))["ssl_hybrid"]
+    assert saved["base_model"] == "runs/base" and saved["steps"] == 7 and "loss" not in saved
+    assert result["model"] == str(tmp_path / "ft")
