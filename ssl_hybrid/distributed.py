@@ -13,9 +13,10 @@ joined, while Python is fully alive.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -35,6 +36,28 @@ def end_distributed(accelerator: Optional[Any] = None, destroy_group: bool = Tru
     gc.collect()  # wrappers in reference cycles hold the group until collected
     if destroy_group and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def main_process_first(local: bool = False) -> Iterator[bool]:
+    """Accelerate's ``main_process_first`` (``local``: ``local_main_process_first``, once per node): the main
+    process runs the block first (it gets True), the others wait and then run it (they get False). A failing main
+    process still releases the others at the barrier: they run the block themselves and meet the same error,
+    each with its one line, instead of waiting for a barrier that never comes. A no-op in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield True
+        return
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if not (state.is_local_main_process if local else state.is_main_process):
+        state.wait_for_everyone()
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        state.wait_for_everyone()
 
 
 def gloo_threads() -> list[str]:

@@ -21,9 +21,8 @@ import contextlib
 import functools
 import logging
 import math
-import os
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
@@ -81,23 +80,13 @@ def split_corpus(spec: str, seed: int, directory: Path):
 
     labeled = check_images(load_labeled(spec))
     train_idx, test_idx = stratified_holdout(labeled.labels, TEST_FRACTION, seed)
+    from ssl_hybrid.distributed import main_process_first
+
     with main_process_first() as main:
         if main:
             save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
                        test_fraction=TEST_FRACTION, seed=seed)
     return labeled.subset(train_idx), labeled.subset(test_idx)
-
-
-@contextlib.contextmanager
-def main_process_first() -> Iterator[bool]:
-    """Under torchrun / accelerate launch, rank 0 alone deletes and writes the run's files (the block gets True
-    there) while the other ranks wait, so none of them removes or rewrites what another is using."""
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    with state.main_process_first():
-        yield state.is_main_process
 
 
 def one_process_group(function):
@@ -108,13 +97,20 @@ def one_process_group(function):
         import torch
         from accelerate import PartialState
 
+        from ssl_hybrid.distributed import end_distributed
+
         PartialState(cpu=not torch.cuda.is_available())  # creates the group when launched with several processes
         try:
             return function(*args, **kwargs)
         finally:
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
+            end_distributed()
     return wrapper
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process  # the state one_process_group created
 
 
 @one_process_group
@@ -126,7 +122,7 @@ def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.o
     config = quickstart_config(minutes, output_dir, overrides)
     directory = run_dir(config)
     # The run folder is this job's until the report is written (pretraining alone would release it before).
-    with runs.claim(directory) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+    with runs.claim(directory) if is_main_process() else contextlib.nullcontext():
         # --fresh deletes the old run only once the new config, model and data have been built (runs.start_fresh).
         summary = pretrain(config, fresh=fresh)
         return evaluate(config, summary, shots, seeds)

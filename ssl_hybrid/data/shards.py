@@ -18,7 +18,6 @@ shard set (anything else is refused).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import glob
 import hashlib
@@ -557,7 +556,9 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     """
     root = Path(root)
     target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}"
-    with local_main_process_first():
+    from ssl_hybrid.distributed import main_process_first
+
+    with main_process_first(local=True):
         if not (target / MANIFEST).exists():
             log.info("sharding image folder %s once into %s", root, target)
             write_shards(root, target, shard_size=shard_size, max_side=max_side,
@@ -579,25 +580,3 @@ def manifest_fingerprint(urls: list[str]) -> Optional[str]:
             entries += [[s["name"], s["samples"], s["sha256"]] for s in read_manifest(directory)["shards"]
                         if s["name"] in wanted[directory]]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] if entries else None
-
-
-@contextlib.contextmanager
-def local_main_process_first() -> Iterator[None]:
-    """Accelerate's ``local_main_process_first`` (the node's local rank 0 runs the block, then the node's other
-    ranks), except that a failing local main still releases the others: they then run the block themselves
-    and meet the same error, each with its one line, instead of waiting for a barrier that never comes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        yield
-        return
-    import torch
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    if not state.is_local_main_process:
-        state.wait_for_everyone()
-        yield
-        return
-    try:
-        yield
-    finally:
-        state.wait_for_everyone()

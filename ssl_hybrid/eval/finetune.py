@@ -222,10 +222,27 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
               "val_top1": best if best >= 0 else None, "epochs_run": len(history), "n_train": len(fit_set),
               "n_val": len(val_set), "n_test": len(test_set), "image_size": image_size,
               "settings": asdict(settings), "history": history, "seconds": time.perf_counter() - start}
-    if save_dir is not None and accelerator.is_main_process:
-        result["model"] = str(save_finetuned(accelerator.unwrap_model(model), Path(save_dir), list(train_set.classes),
-                                             image_size, result, record, force))
+    if save_dir is not None:
+        result["model"] = _save_on_main(accelerator, lambda: save_finetuned(
+            accelerator.unwrap_model(model), Path(save_dir), list(train_set.classes), image_size, result, record, force))
     return result
+
+
+def _save_on_main(accelerator, save) -> Optional[str]:
+    """``save()`` on the main process; a failure there (a full disk: one line) stops every rank the same way."""
+    from ssl_hybrid.errors import UserError
+
+    folder, error = None, None
+    if accelerator.is_main_process:
+        try:
+            folder = str(save())
+        except UserError as err:
+            error = err
+    failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
+    if float(failed.item()) > 0:
+        raise error or UserError(f"rank {accelerator.process_index}: saving the fine-tuned model failed on the "
+                                 "main process (see its error)")
+    return folder
 
 
 def _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator) -> float:

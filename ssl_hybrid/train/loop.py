@@ -241,7 +241,7 @@ def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -
 
 def scaler_overflow(run: Run, bad_loss: bool) -> bool:
     """An fp16 overflow the grad scaler is still backing off from: a finite loss, an infinite gradient norm and
-    a loss scale of at least 1 (a scale pushed below 1 means the gradients are bad at any scale). Such steps are
+    a loss scale still at least 1 after skip_step's back-off (pushed below 1, the gradients are bad at any scale). Such steps are
     skipped but not counted towards train.max_nonfinite_steps: an fp16 run skips several in a row at its start
     while the scale comes down from 2**16, as torch.amp.GradScaler is designed to."""
     scaler = run.accelerator.scaler
@@ -720,8 +720,10 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
                                     {"step": run.counters.step, "pretraining": budget}, force=True,
                                     run_dir=run.directory)
             log.info("exported %s", folder)
-        except UserError as err:  # a full disk: one line; every rank stops here, none waits at a later collective
-            failure = err
+        except Exception as err:  # a full disk, a record that cannot be written: one line; every rank stops here,
+            # none waits at a later collective
+            failure = err if isinstance(err, UserError) else UserError(f"{run.directory / MODEL_DIR}: the export "
+                                                                      f"failed ({type(err).__name__}: {err})")
     # The flag's all-reduce is also the barrier after which every rank may read the export (quickstart's
     # evaluation runs on every rank).
     if sync_flags(run.accelerator, float(failure is not None))[0]:

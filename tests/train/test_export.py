@@ -96,3 +96,31 @@ def test_a_run_exported_the_old_way_without_checkpoints_is_rewritten_as_a_model_
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():  # eval.pooling=multiscale: the folder's default embedding is the multi-scale one
         torch.testing.assert_close(load_backbone(run / "model")(x), old.forward_multiscale(x), atol=0, rtol=0)
+
+
+@pytest.mark.fault(injected="the end-of-run export raising something other than a UserError (a ValueError from the "
+                            "model record, say) on the main process",
+                   did="one line naming the model folder and the error, raised on every rank after the flag all-reduce",
+                   lost="nothing: the checkpoints stay; re-running the same command exports")
+def test_an_unexpected_export_error_is_one_line_shared_by_every_rank(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from ssl_hybrid.errors import UserError
+    from ssl_hybrid.train import export as train_export
+    from ssl_hybrid.train import loop
+
+    def broken(*args, **kwargs):
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    monkeypatch.setattr(train_export, "save_run_model", broken)
+    run = SimpleNamespace(accelerator=Accelerator(cpu=True), raw_model=SimpleNamespace(backbone=None), config=None,
+                          directory=tmp_path, counters=SimpleNamespace(step=3))
+    try:
+        with pytest.raises(UserError, match=r"model: the export failed \(ValueError: Out of range"):
+            loop.export_backbone(run, {})
+    finally:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # as pretrain does, for the tests after this one
