@@ -155,6 +155,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_folder(folder: Path) -> None:
+    """Flush every file of a complete temp folder, then the folder, before it is renamed into place."""
+    for path in folder.iterdir():
+        fsync_file(path)
+    fsync_dir(folder)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Put the complete folder ``tmp`` where ``final`` is (same file system), so that a complete copy is there
     at every moment: an existing ``final`` is renamed aside (``.<name>.replaced-*``), ``tmp`` renamed in, and only

@@ -382,11 +382,9 @@ def _check_replaceable(out: Path) -> None:
 def _publish(tmp: Path, out: Path, replace: bool) -> None:
     """Swap the complete set in (on disk first: fsynced); without ``replace`` an output another process
     completed first is kept."""
-    from ssl_hybrid.runs import fsync_dir, fsync_file, replace_dir
+    from ssl_hybrid.runs import fsync_folder, replace_dir
 
-    for path in tmp.iterdir():
-        fsync_file(path)
-    fsync_dir(tmp)
+    fsync_folder(tmp)
     if replace:
         replace_dir(tmp, out)
         return

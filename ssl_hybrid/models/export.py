@@ -237,7 +237,9 @@ def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,
         save_file(state, str(tmp / MODEL_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_NAME).write_text(model_card(config, evaluation), encoding="utf-8")
-        _fsync_folder(tmp)
+        from ssl_hybrid.runs import fsync_folder
+
+        fsync_folder(tmp)
         _swap_in(tmp, directory)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -262,16 +264,6 @@ def write_model_card(folder: Union[str, os.PathLike], evaluation: Optional[str])
         tmp.unlink(missing_ok=True)
         raise ModelFolderError(f"{folder / CARD_NAME}: could not write the model card ({err.strerror or err})") from None
     return folder / CARD_NAME
-
-
-def _fsync_folder(folder: Path, files: bool = True) -> None:
-    """Flush the folder's files (``files``) and the folder itself, so a power cut cannot undo the rename."""
-    for path in [*(folder.iterdir() if files else ()), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
