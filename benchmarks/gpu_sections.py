@@ -73,10 +73,14 @@ def layout_compile(plan, out: dict) -> None:
 # ---------------------------------------------------------------------------------------- 2. fp16 + GradScaler
 
 def inject_overflow(forward_losses: Callable, at_step: int) -> Callable:
-    """``loop.forward_losses`` whose loss at ``at_step`` is multiplied by OVERFLOW_FACTOR."""
+    """``loop.forward_losses`` whose loss at ``at_step`` is multiplied by OVERFLOW_FACTOR, once: the loop retries
+    a skipped step with the next batch under the same step number, and that retry must be a normal step."""
+    injected = []
+
     def wrapped(run, micro, step):
         losses, stats = forward_losses(run, micro, step)
-        if step == at_step:
+        if step == at_step and not injected:
+            injected.append(step)
             log.info("step %d: loss x %g injected (fp16 gradients will overflow)", step, OVERFLOW_FACTOR)
             losses = dict(losses, loss=losses["loss"] * OVERFLOW_FACTOR)
         return losses, stats
@@ -94,7 +98,9 @@ def watch_scaler(train_step: Callable, records: list[dict]) -> Callable:
         values = train_step(run, batch, step)
         records.append(dict(step=step, loss=values.get("loss"), loop_skipped="nonfinite" in values,
                             scale_before=scale, scale_after=float(scaler.get_scale()),
-                            scaler_skipped=bool(run.optimizer.step_was_skipped),
+                            # the loop skips an overflowed step itself (no optimizer.step(), scaler.update() backs
+                            # off); Accelerate's flag covers a step the scaler skipped inside optimizer.step()
+                            scaler_skipped="nonfinite" in values or bool(run.optimizer.step_was_skipped),
                             params_changed=any(not torch.equal(a, p.detach()) for a, p in zip(before, params))))
         return values
     return wrapped
@@ -133,8 +139,9 @@ def fp16_overflow(plan, out: dict) -> None:
         summary = loop.pretrain(config)
     out.update(summarize_overflow(records, s["inject_step"]), steps_done=summary["step"],
                loop_nonfinite_total=summary["nonfinite_total"],
-               note="a step the scaler skips still counts as a loop step (its lr and EMA schedule advance); the "
-                    "loop's non-finite counter counts non-finite losses only, so it stays 0 here")
+               note="a step the scaler skips is not a good step: the loop counts it in nonfinite_total (not towards "
+                    "train.max_nonfinite_steps while the loss scale backs off) and retries the step number with the "
+                    "next batch, so its lr and EMA schedule do not advance")
     shutil.rmtree(summary["run_dir"], ignore_errors=True)
 
 

@@ -101,7 +101,9 @@ def test_smoke_mode_runs_every_section_and_reports_numbers(tmp_path):
     assert injected in fp16["scaler_skipped_steps"] and fp16["injected_step_skipped"]
     assert fp16["scale_at_injection"][1] == fp16["scale_at_injection"][0] / 2
     assert fp16["recovered"] and fp16["updated_after_injection"] >= 1 and math.isfinite(fp16["final_loss"])
-    assert fp16["loop_nonfinite_total"] == 0 and fp16["steps_done"] == fp16["steps"]
+    # every step the scaler skipped is counted by the loop, never as a good one, and the run still ends its steps
+    assert fp16["loop_nonfinite_total"] == len(fp16["scaler_skipped_steps"]) >= 1
+    assert fp16["steps_done"] == fp16["steps"]
 
     for name in result["settings"]["features"]["models"]:
         feats = sections["features"][name]
