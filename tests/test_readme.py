@@ -1,8 +1,9 @@
-"""README.md stays runnable: its python snippets run, its `ssl-hybrid` commands parse, its links resolve.
+"""README.md and docs/*.md stay runnable: their python snippets run, their `ssl-hybrid` commands parse, their
+links resolve.
 
 The python snippets run in a temp folder holding what they name (a nano model folder as
 ``runs/quickstart/model``, a photo, an embeddings folder); the bash blocks are parsed by the real argument
-parser (nothing is trained); links are checked against the files of the checkout and the README's headings.
+parser (nothing is trained); links are checked against the files of the checkout (relative to the linking file) and the linked file's headings.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from ssl_hybrid.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the user documentation: every check runs on each
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 PHOTO = "photos/cats/Birman_121.jpg"  # the tour's first photo
 EMBEDDINGS = "runs/quickstart/embeddings"  # the tour's embeddings folder
 
 
-def blocks(language: str, text: str | None = None) -> list[tuple[int, str]]:
-    """(line number, body) of every fenced block of ``language`` in the README (or in ``text``)."""
-    text = README.read_text(encoding="utf-8") if text is None else text
+def blocks(language: str, text: str) -> list[tuple[int, str]]:
+    """(line number, body) of every fenced block of ``language`` in ``text``."""
     return [(text[:m.start()].count("\n") + 1, m.group(2)) for m in FENCE.finditer(text) if m.group(1) == language]
+
+
+def doc_blocks(language: str) -> list[tuple[str, str]]:
+    """("file:line", body) of every fenced block of ``language`` in the documentation files."""
+    return [(f"{doc.relative_to(ROOT).as_posix()}:{line}", body)
+            for doc in DOCS for line, body in blocks(language, doc.read_text(encoding="utf-8"))]
 
 
 def commands(body: str) -> list[list[str]]:
@@ -42,8 +49,8 @@ def commands(body: str) -> list[list[str]]:
     return found
 
 
-PYTHON_BLOCKS = blocks("python")
-BASH_COMMANDS = [(line, argv) for line, body in blocks("bash") for argv in commands(body)]
+PYTHON_BLOCKS = doc_blocks("python")
+BASH_COMMANDS = [(where, argv) for where, body in doc_blocks("bash") for argv in commands(body)]
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +78,12 @@ def snippet_files(tmp_path_factory) -> Path:
 
 
 def test_readme_has_what_this_checks():
-    assert len(PYTHON_BLOCKS) >= 3 and len(BASH_COMMANDS) >= 10
+    assert len(DOCS) >= 5 and len(PYTHON_BLOCKS) >= 3 and len(BASH_COMMANDS) >= 10
+    assert blocks("python", README.read_text(encoding="utf-8")) and any(w.startswith("README.md:") for w, _ in BASH_COMMANDS)
 
 
-@pytest.mark.parametrize("line,code", PYTHON_BLOCKS, ids=[f"line{line}" for line, _ in PYTHON_BLOCKS])
-def test_python_snippet_runs(line, code, snippet_files, monkeypatch):
+@pytest.mark.parametrize("where,code", PYTHON_BLOCKS, ids=[where for where, _ in PYTHON_BLOCKS])
+def test_python_snippet_runs(where, code, snippet_files, monkeypatch):
     import huggingface_hub
 
     monkeypatch.chdir(snippet_files)
@@ -86,18 +94,18 @@ def test_python_snippet_runs(line, code, snippet_files, monkeypatch):
         uploads.append(repo_id)
 
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "readme"})
+    exec(compile(code, where, "exec"), {"__name__": "readme"})
 
 
-@pytest.mark.parametrize("line,argv", BASH_COMMANDS, ids=[f"line{line}-{a[0] if a else ''}" for line, a in BASH_COMMANDS])
-def test_bash_command_parses(line, argv):
+@pytest.mark.parametrize("where,argv", BASH_COMMANDS, ids=[f"{w}-{a[0] if a else ''}" for w, a in BASH_COMMANDS])
+def test_bash_command_parses(where, argv):
     """Each command names a real subcommand with options it has, in a form its parser accepts."""
     if argv[:1] in (["--help"], ["--version"]) or "--help" in argv:
         return
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
-        pytest.fail(f"README.md:{line}: `ssl-hybrid {shlex.join(argv)}` does not parse (exit {exit_.code})")
+        pytest.fail(f"{where}: `ssl-hybrid {shlex.join(argv)}` does not parse (exit {exit_.code})")
     assert args.command == argv[0]
 
 
@@ -117,15 +125,21 @@ def _slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
-def test_relative_links_resolve():
-    text = README.read_text(encoding="utf-8")
-    outside_code = FENCE.sub("", text)
-    anchors = {_slug(h) for h in re.findall(r"^#+ (.*)$", outside_code, re.M)}
+def _anchors(doc: Path) -> set[str]:
+    outside_code = FENCE.sub("", doc.read_text(encoding="utf-8"))
+    return {_slug(h) for h in re.findall(r"^#+ (.*)$", outside_code, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(ROOT).as_posix() for d in DOCS])
+def test_relative_links_resolve(doc):
+    """Every relative link names a file of the checkout, and an anchor into a Markdown file one of its headings."""
+    outside_code = FENCE.sub("", doc.read_text(encoding="utf-8"))
     broken = []
     for target in re.findall(r"\]\(([^)\s]+)\)", outside_code):
         if re.match(r"[a-z]+:", target):
             continue  # https:, mailto:
         path, _, anchor = target.partition("#")
-        if (not (ROOT / path).exists()) if path else (anchor not in anchors):
+        linked = (doc.parent / path).resolve() if path else doc
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in _anchors(linked)):
             broken.append(target)
-    assert not broken, f"README.md links to what does not exist: {broken}"
+    assert not broken, f"{doc.relative_to(ROOT)} links to what does not exist: {broken}"

@@ -131,7 +131,7 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys, monkeypatch):
     from filelock import FileLock
 
     directory = tmp_path / "busy"
-    lock = tmp_path / ".busy.lock"  # next to the run folder (README: Run folders)
+    lock = tmp_path / ".busy.lock"  # next to the run folder (docs/configuration.md: Run folders)
     holder = FileLock(lock)  # another holder, as another process's lock is to this one
     holder.acquire()
     try:
