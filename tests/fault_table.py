@@ -1,7 +1,7 @@
 """The fault table of docs/faults.md, generated from the tests marked
 ``@pytest.mark.fault(injected=..., did=..., lost=...)`` (read with ``ast``, so no test module is imported).
-``tests/test_fault_table.py`` checks that docs/faults.md holds
-exactly this table, so a fault test cannot be added, renamed or removed without the table following.
+``tests/test_fault_table.py`` checks that docs/faults.md holds exactly this table, so a fault test cannot be
+added, renamed or removed without the table following.
 
     python tests/fault_table.py           # print the table
     python tests/fault_table.py --write   # rewrite it in docs/faults.md
