@@ -22,7 +22,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 import yaml
 
@@ -216,17 +216,34 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
-    """Write JSON through a temp file + rename, so a crash never leaves half a file (used by --out)."""
+def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: Optional[str] = None) -> Path:
+    """Write a text file through a temp file + rename, so a crash never leaves half a file; ``write(handle)``
+    writes the content. The file gets the permissions of a plain ``open()`` (mkstemp's 0600 would hide
+    results and manifests from the user's group and other jobs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, default=_jsonable)
-            handle.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
+            write(handle)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(mask)
+    return mask
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    """JSON through :func:`write_text_atomic` (``--out`` files, manifests, meta.json)."""
+    def write(handle: TextIO) -> None:
+        json.dump(payload, handle, indent=2, default=_jsonable)
+        handle.write("\n")
+
+    return write_text_atomic(path, write)

@@ -400,7 +400,6 @@ def _write_json(path: Path, payload) -> None:
     from ssl_hybrid.runs import write_json_atomic
 
     write_json_atomic(path, payload)
-    os.chmod(path, 0o644)  # mkstemp makes 0600; shards are read by other users and jobs
 
 
 def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int) -> Iterator[tuple]:

@@ -148,22 +148,14 @@ def prediction_table(result: dict[str, Any]) -> str:
 
 def write_rows(path: str | Path, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:
     """A CSV written through a temp file + rename (a crash never leaves half a file)."""
-    import os
-    import tempfile
+    from ssl_hybrid.runs import write_text_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    def write(handle) -> None:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    return write_text_atomic(path, write, newline="")
 
 
 def prediction_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -381,3 +381,21 @@ def test_checkpoints_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     synced = {path for kind, path in events[:renamed] if kind == "fsync"}
     assert synced >= {f"{tmp}/{p.name}" for p in final.iterdir()} | {tmp}
     assert ("fsync", str(tmp_path / "checkpoints")) in events[renamed:]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    """Results, manifests and meta.json are read by the user's group and by other jobs: mkstemp's 0600 must not
+    stick to them (one writer, runs.write_text_atomic, for JSON and CSV alike)."""
+    import os
+
+    from ssl_hybrid.eval.predict import write_rows
+
+    old = os.umask(0o022)
+    try:
+        written = [runs.write_json_atomic(tmp_path / "result.json", {"top1": 0.5}),
+                   write_rows(tmp_path / "predictions.csv", [{"image": "a.jpg", "rank": 1}], ("image", "rank"))]
+    finally:
+        os.umask(old)
+    assert [oct(path.stat().st_mode & 0o777) for path in written] == [oct(0o644)] * 2
+    assert (tmp_path / "predictions.csv").read_text().splitlines() == ["image,rank", "a.jpg,1"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
