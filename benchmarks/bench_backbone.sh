@@ -10,4 +10,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
-exec ssl-hybrid bench backbone --out benchmarks/results/backbone.json "$@"
+exec python3 benchmarks/bench_models.py --out benchmarks/results/backbone.json "$@"

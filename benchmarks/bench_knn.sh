@@ -5,4 +5,4 @@
 # Targets: knn_evaluate <= 1.25x faiss_search, >= 5x faster than scikit-learn.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec ssl-hybrid bench knn --out benchmarks/results/knn.json "$@"
+exec python3 benchmarks/bench_eval.py --out benchmarks/results/knn.json "$@"

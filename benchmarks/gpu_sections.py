@@ -2,7 +2,7 @@
 and writes the results). Every section is ``section(plan, out)``: it fills the dict ``out`` as it goes,
 so whatever it finished before a failure or its time cap is kept.
 
-The measurements reuse the project's own code: ``ssl_hybrid.models.bench`` for train-step throughput,
+The measurements reuse the project's own code: ``benchmarks/bench_models.py`` for train-step throughput,
 FLOP utilization, masking and layout/compile; ``ssl_hybrid.train.loop.pretrain`` for fp16 and the
 GPU-length pretraining; ``ssl_hybrid.eval.features.extract_features`` and ``eval.report.build_report``
 for feature extraction and the k-NN / k-shot comparison. Faults are injected from outside (monkeypatching
@@ -31,7 +31,7 @@ OVERFLOW_FACTOR = 1e30
 
 
 def bench_args(plan, **changes: Any) -> argparse.Namespace:
-    """The ``ssl-hybrid bench backbone`` options of this plan (device, precision, sizes), with ``changes``."""
+    """The ``benchmarks/bench_models.py`` options of this plan (device, precision, sizes), with ``changes``."""
     return argparse.Namespace(**{**plan.bench, "device": plan.device, **changes})
 
 
@@ -39,7 +39,7 @@ def bench_args(plan, **changes: Any) -> argparse.Namespace:
 
 def throughput(plan, out: dict) -> None:
     """bf16 train step (fwd + CE + bwd + AdamW) per model, each timed in alternation with a bf16 GEMM."""
-    from ssl_hybrid.models.bench import bench_models
+    from bench_models import bench_models
 
     out["rows"] = []
     for name in plan.models:
@@ -49,7 +49,7 @@ def throughput(plan, out: dict) -> None:
 
 def masked(plan, out: dict) -> None:
     """Encoder train step with a 75% mask vs without, for each of our models."""
-    from ssl_hybrid.models.bench import bench_masked
+    from bench_models import bench_masked
 
     for name in plan.masked:
         out[name] = bench_masked(bench_args(plan, variant=name))
@@ -58,7 +58,7 @@ def masked(plan, out: dict) -> None:
 
 def layout_compile(plan, out: dict) -> None:
     """Our model's train step: NCHW vs channels_last, then torch.compile on/off at the faster layout."""
-    from ssl_hybrid.models.bench import bench_compile, bench_layout
+    from bench_models import bench_compile, bench_layout
 
     args = bench_args(plan, variant=plan.variant)
     out["layout"] = bench_layout(args)
@@ -268,8 +268,9 @@ def features(plan, out: dict) -> None:
 
 
 def extraction_speed(plan, name: str) -> dict[str, Any]:
+    from timing import time_alternating
+
     from ssl_hybrid.eval import features as feats
-    from ssl_hybrid.models.bench import time_alternating
     from ssl_hybrid.models.factory import create_backbone
 
     s = plan.features

@@ -17,9 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_train import time_full_loop  # sibling script: benchmarks/ is sys.path[0]
+
 from ssl_hybrid.config import REPO_ROOT, load_config
 from ssl_hybrid.machine import machine_info
-from ssl_hybrid.train.bench import time_full_loop
 
 SETTINGS = {"normal": 0, "low": 19}
 

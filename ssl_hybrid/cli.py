@@ -109,12 +109,11 @@ def _run_config(args: argparse.Namespace) -> int:
 # bench: side-by-side measurements written as JSON (measurements only: README's benchmark table has the goals)
 # --------------------------------------------------------------------------------------------
 
-# target -> (module with run_benchmark(args) -> dict and add_arguments(parser), one-line help)
+# target -> (module with run_benchmark(args) -> dict and add_arguments(parser), one-line help). Only the data
+# profiler is a user tool (is my loader the bottleneck?); the model, k-NN and training-loop benchmarks are
+# scripts in benchmarks/ (python benchmarks/bench_models.py, bench_eval.py, bench_train.py).
 BENCH_TARGETS: dict[str, tuple[str, str]] = {
     "data": ("ssl_hybrid.data.bench", "samples/s of the full shard stream vs decode+augment from memory, 1 and 2 workers"),
-    "knn": ("ssl_hybrid.eval.bench", "whole k-NN eval vs bare FAISS search vs GEMM peak, torch and sklearn (50k x 10k x 384)"),
-    "pretrain": ("ssl_hybrid.train.bench", "training-loop img/s vs bare fwd+bwd+step on in-memory batches; joint vs DINO-only step time"),
-    "backbone": ("ssl_hybrid.models.bench", "train-step img/s, GFLOPs, FLOP utilization vs GEMM peak; masked vs unmasked; token selection"),
 }
 
 

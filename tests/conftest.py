@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -25,6 +26,10 @@ SESSION_TMP_PREFIX = "ssl_hybrid_tests_"
 TORCH_CACHE = "torchinductor"
 _SESSION_TMP = pytest.StashKey[Path]()
 _LEFT = pytest.StashKey[list]()
+
+# The benchmark scripts (benchmarks/bench_*.py, timing.py) import each other as siblings, as they do when run
+# as ``python benchmarks/<x>.py``; tests import them the same way.
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 def pytest_configure(config):

@@ -1,4 +1,4 @@
-"""The k-NN benchmark at a tiny scale: every variant timed, predictions agree, ratios reported."""
+"""The k-NN benchmark (benchmarks/bench_eval.py) at a tiny scale: every variant timed, predictions agree, ratios reported."""
 
 from __future__ import annotations
 
@@ -7,9 +7,18 @@ import argparse
 import pytest
 
 
+def test_bench_knn_options_parse():
+    import bench_eval
+
+    parser = argparse.ArgumentParser()
+    bench_eval.add_arguments(parser)
+    args = parser.parse_args(["--scale", "0.01", "--skip-sklearn"])
+    assert args.scale == 0.01 and args.skip_sklearn
+
+
 @pytest.mark.slow
 def test_bench_knn_small_scale_reports_ratios_and_agreement():
-    from ssl_hybrid.eval.bench import run_benchmark
+    from bench_eval import run_benchmark
 
     args = argparse.Namespace(scale=0.02, dim=64, classes=10, threads=1, repeats=1, skip_sklearn=False)
     result = run_benchmark(args)

@@ -154,14 +154,6 @@ def test_report_command_checks_names(labeled_pair, capsys, tmp_path):
     assert code == 2 and "--names" in err
 
 
-def test_bench_knn_is_registered():
-    from ssl_hybrid.cli import BENCH_TARGETS, build_parser
-
-    assert BENCH_TARGETS["knn"][0] == "ssl_hybrid.eval.bench"
-    args = build_parser().parse_args(["bench", "knn", "--scale", "0.01", "--skip-sklearn"])
-    assert args.scale == 0.01 and args.skip_sklearn
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_knn_under_two_processes_matches_one(labeled_pair, capsys, tmp_path, free_port):

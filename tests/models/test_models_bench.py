@@ -1,21 +1,21 @@
-"""The backbone benchmark runs end to end on a tiny configuration and reports every section."""
+"""The backbone benchmark (benchmarks/bench_models.py) runs end to end on a tiny configuration and reports every
+section."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+import bench_models as bench
 import pytest
-
-from ssl_hybrid.cli import main
+import timing
 
 
 def test_bench_backbone_cli_writes_all_sections(tmp_path, capsys):
     out = tmp_path / "backbone.json"
-    code = main(["-q", "bench", "backbone", "--out", str(out), "--models", "hybrid_nano", "--variant", "hybrid_nano",
-                 "--iters", "1", "--warmup", "0", "--batch-size", "2", "--img-size", "32", "--threads", "1",
-                 "--extra-threads", "2"])
-    assert code == 0
+    timing.main(bench, ["-q", "--out", str(out), "--models", "hybrid_nano", "--variant", "hybrid_nano",
+                        "--iters", "1", "--warmup", "0", "--batch-size", "2", "--img-size", "32", "--threads", "1",
+                        "--extra-threads", "2"])
     result = json.loads(out.read_text())
     assert result["machine"]["cpu_count"] >= 1 and "torch" in result["machine"]
     row = result["models"][0]
@@ -33,8 +33,6 @@ def test_bench_backbone_cli_writes_all_sections(tmp_path, capsys):
                        "positive (fixed decimals rounded the utilization to 0.0)",
                    lost="nothing")
 def test_throughput_row_stays_positive_when_the_step_is_slowed_by_load(monkeypatch):
-    from ssl_hybrid.models import bench
-
     def loaded(sides, iters, warmup):  # runs each side once, then reports the times of a loaded machine
         for fn in sides.values():
             fn()

@@ -1,13 +1,13 @@
-"""`ssl-hybrid bench pretrain`'s JSON from given timings: the ratios, and measurements only (no targets)."""
+"""`python benchmarks/bench_train.py`'s JSON from given timings: the ratios, and measurements only (no targets)."""
 
 from __future__ import annotations
 
 import argparse
 
+import bench_train as bench
 import pytest
 
 from ssl_hybrid.config import load_config
-from ssl_hybrid.train import bench
 
 
 def test_summary_keeps_the_best_repeat_and_carries_no_targets(tmp_path):

@@ -1,4 +1,4 @@
-"""``ssl-hybrid bench knn``: the whole k-NN evaluation against its limits, measured side by side.
+"""``python benchmarks/bench_eval.py``: the whole k-NN evaluation against its limits, measured side by side.
 
 At 50k bank x 10k queries x 384 dims (``--scale`` shrinks bank and queries together):
 
@@ -21,13 +21,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from timing import time_alternating
 
-from ssl_hybrid.eval.knn import DEFAULT_KS, HEADLINE_K, TEMPERATURE, knn_evaluate, l2_normalize, search, \
-    set_faiss_threads, topk_accuracy, vote
+from ssl_hybrid.eval.knn import (
+    DEFAULT_KS,
+    HEADLINE_K,
+    TEMPERATURE,
+    knn_evaluate,
+    l2_normalize,
+    search,
+    set_faiss_threads,
+    topk_accuracy,
+    vote,
+)
 from ssl_hybrid.machine import machine_info
 
 FULL_BANK, FULL_QUERIES, DIM = 50_000, 10_000, 384
@@ -43,19 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="rounds; each times every variant once, back to back (the best time is kept)")
     parser.add_argument("--skip-sklearn", action="store_true", help="leave out the (slow) scikit-learn variant")
-
-
-def _interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> tuple[dict[str, list[float]], dict]:
-    """Time every variant once per round, rounds back to back, so load from other processes on a shared
-    machine falls on all variants alike; the best (least disturbed) time per variant is reported."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    outputs: dict[str, object] = {}
-    for _ in range(max(1, rounds)):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            outputs[name] = fn()
-            times[name].append(time.perf_counter() - start)
-    return times, outputs
 
 
 def _synthetic(n_bank: int, n_query: int, dim: int, classes: int, seed: int = 0):
@@ -110,7 +107,7 @@ def _sklearn_brute(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarra
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
-    import sklearn.neighbors  # noqa: F401  (imported before any timing: a first import costs seconds)
+    import sklearn.neighbors
     import torch
     from threadpoolctl import threadpool_limits
 
@@ -134,15 +131,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if not args.skip_sklearn:
         variants["sklearn_brute"] = lambda: _sklearn_brute(bank, bank_labels, queries, HEADLINE_K)
         variants["sklearn_brute_cosine"] = lambda: _sklearn_brute(bank, bank_labels, queries, HEADLINE_K, "cosine")
+    outputs: dict[str, Any] = {}
     with threadpool_limits(limits=threads):
-        rounds, outputs = _interleaved(variants, args.repeats)
+        rounds = {name: t["wall"] for name, t in time_alternating(variants, max(1, args.repeats), 0, outputs).items()}
     timings = {name: min(times) for name, times in rounds.items()}
     # What knn_evaluate adds to the search, timed alone on the search's own output: a load-robust check
     # of the overhead (the two end-to-end numbers above differ by less than the load's noise).
     sims, idx = outputs["faiss_search"]
     overhead = lambda: _evaluation_overhead(bank, queries, sims, bank_labels[idx], query_labels, args.classes)
     with threadpool_limits(limits=threads):
-        timings["evaluation_overhead"] = min(_interleaved({"overhead": overhead}, args.repeats)[0]["overhead"])
+        timings["evaluation_overhead"] = min(time_alternating({"overhead": overhead}, max(1, args.repeats))["overhead"]["wall"])
     ours_pred = vote(*_top(bank_n, bank_labels, queries_n), args.classes).argmax(1)
     result = outputs["knn_evaluate"]
     checks = {f"{name}_agreement_k20": float((outputs[variant] == ours_pred).mean())
@@ -165,7 +163,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "seconds": timings, "seconds_per_round": rounds, "ratios": ratios,
         "matmul_gflops": flops / timings["matmul_peak"] / 1e9,
         "checks": checks, "knn_top1_k20": result["top1"],
-        "command": f"ssl-hybrid bench knn --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
+        "command": f"python benchmarks/bench_eval.py --scale {args.scale} --threads {args.threads} --repeats {args.repeats}",
         # threads: the one count every variant ran at; sklearn's version because its two metrics' speeds swap
         # between releases (euclidean was 2.8x faster than cosine in one, 1.6x slower in 1.9.1)
         "machine": machine_info(packages=("numpy", "faiss", "sklearn") if "sklearn_brute" in timings
@@ -184,3 +182,11 @@ def _evaluation_overhead(bank, queries, sims, neighbor_labels, query_labels, cla
 def _top(bank_n: np.ndarray, bank_labels: np.ndarray, queries_n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sims, idx = search(bank_n, queries_n, HEADLINE_K)
     return sims, bank_labels[idx]
+
+
+if __name__ == "__main__":
+    import sys
+
+    import timing
+
+    timing.main(sys.modules[__name__])

@@ -1,4 +1,4 @@
-"""`ssl-hybrid bench backbone`: train-step and inference throughput of the backbones, side by side.
+"""``python benchmarks/bench_models.py``: train-step and inference throughput of the backbones, side by side.
 
 Three measurements, each written to one JSON:
 
@@ -28,9 +28,10 @@ import contextlib
 import copy
 import logging
 import os
-import statistics
 import time
 from typing import Any, Callable
+
+from timing import median, rounded, significant, synchronized, time_alternating
 
 from ssl_hybrid.machine import machine_info
 
@@ -67,58 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adaptive token selection: share of class-token attention to keep")
 
 
-# ---------------------------------------------------------------------------------------- timing
-
-def time_alternating(sides: dict[str, Callable[[], Any]], iters: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    """Time callables in alternation (A, B, A, B, ...): ``{side: {"wall": [...], "cpu": [...]}}`` seconds.
-
-    ``cpu`` is this process's CPU time (all threads): it barely grows when other processes compete
-    for the cores, so its ratios are the more load-robust ones; ``wall`` is what a user waits.
-    """
-    for _ in range(warmup):
-        for fn in sides.values():
-            fn()
-    times = {name: {"wall": [], "cpu": []} for name in sides}
-    for _ in range(iters):
-        for name, fn in sides.items():
-            wall, cpu = time.perf_counter(), time.process_time()
-            fn()
-            times[name]["cpu"].append(time.process_time() - cpu)
-            times[name]["wall"].append(time.perf_counter() - wall)
-    return times
-
-
-def _median(times: dict[str, list[float]], clock: str = "wall") -> float:
-    return statistics.median(times[clock])
-
-
-def significant(value: float, digits: int = 3) -> float:
-    """``value`` to ``digits`` significant digits. Fixed decimals turn a small measurement into 0: a smoke-size
-    step at 1% of the GEMM peak reads 0.001 on an idle machine and ``round(., 3) == 0.0`` once other work
-    slows the step but not the much shorter GEMM; a positive measurement must stay positive."""
-    return float(f"{value:.{digits}g}")
-
-
-def _rounded(times: dict[str, list[float]]) -> dict[str, list[float]]:
-    return {clock: [significant(t) for t in values] for clock, values in times.items()}
-
-
 GEMM_SIZE = 1024
 GEMM_REPEATS = 4
-
-
-def synchronized(fn: Callable[[], Any], device) -> Callable[[], None]:
-    """``fn`` followed by a CUDA synchronize on GPUs (kernels run asynchronously; the clock must wait)."""
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return fn
-
-    def run() -> None:
-        fn()
-        torch.cuda.synchronize(device)
-
-    return run
 
 
 def autocast_for(device, precision: str) -> Callable[[], Any]:
@@ -194,8 +145,8 @@ def bench_models(names: list[str], args) -> list[dict[str, Any]]:
         flops = count_flops(model, x, train_step=True)
         step = synchronized(_train_step_fn(model, x, labels, _adamw(model), autocast), args.device)
         times = time_alternating({"step": step, "gemm": gemm}, args.iters, args.warmup)
-        step_s, gemm_s = _median(times["step"]), _median(times["gemm"])
-        utilization_cpu = (flops / _median(times["step"], "cpu")) / (gemm_flops / _median(times["gemm"], "cpu"))
+        step_s, gemm_s = median(times["step"]), median(times["gemm"])
+        utilization_cpu = (flops / median(times["step"], "cpu")) / (gemm_flops / median(times["gemm"], "cpu"))
         rows.append(dict(
             model=name, params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             img_per_s=significant(args.batch_size / step_s, 4), step_s=significant(step_s),
@@ -204,7 +155,7 @@ def bench_models(names: list[str], args) -> list[dict[str, Any]]:
             gemm_peak_gflop_per_s=significant(gemm_flops / gemm_s / 1e9),
             utilization=significant((flops / step_s) / (gemm_flops / gemm_s)),
             utilization_cpu_time=significant(utilization_cpu),
-            times_s=_rounded(times["step"]), gemm_times_s=_rounded(times["gemm"])))
+            times_s=rounded(times["step"]), gemm_times_s=rounded(times["gemm"])))
         log.info("%s", rows[-1])
         del model
     return rows
@@ -241,11 +192,11 @@ def bench_masked(args) -> dict[str, Any]:
     times = time_alternating({"unmasked": encoder_step(False), "masked": encoder_step(True)}, args.iters, args.warmup)
     return dict(
         model=args.variant, mask_ratio=args.mask_ratio, precision=args.precision,
-        img_per_s={side: round(args.batch_size / _median(t), 3) for side, t in times.items()},
-        times_s={side: _rounded(t) for side, t in times.items()},
+        img_per_s={side: round(args.batch_size / median(t), 3) for side, t in times.items()},
+        times_s={side: rounded(t) for side, t in times.items()},
         train_gflops_per_img={side: round(f / args.batch_size / 1e9, 3) for side, f in flops.items()},
-        speedup=round(_median(times["unmasked"]) / _median(times["masked"]), 3),
-        speedup_cpu_time=round(_median(times["unmasked"], "cpu") / _median(times["masked"], "cpu"), 3),
+        speedup=round(median(times["unmasked"]) / median(times["masked"]), 3),
+        speedup_cpu_time=round(median(times["unmasked"], "cpu") / median(times["masked"], "cpu"), 3),
         flops_ratio=round(flops["unmasked"] / flops["masked"], 3))
 
 
@@ -261,10 +212,10 @@ def bench_layout(args) -> dict[str, Any]:
     steps = {layout: synchronized(_train_step_fn(model, inputs[layout], labels, _adamw(model), autocast), args.device)
              for layout, model in models.items()}
     times = time_alternating(steps, args.iters, args.warmup)
-    img_per_s = {layout: round(args.batch_size / _median(t), 3) for layout, t in times.items()}
+    img_per_s = {layout: round(args.batch_size / median(t), 3) for layout, t in times.items()}
     return dict(model=args.variant, precision=args.precision, img_per_s=img_per_s,
-                times_s={layout: _rounded(t) for layout, t in times.items()},
-                channels_last_speedup=round(_median(times["channels_first"]) / _median(times["channels_last"]), 3),
+                times_s={layout: rounded(t) for layout, t in times.items()},
+                channels_last_speedup=round(median(times["channels_first"]) / median(times["channels_last"]), 3),
                 faster=max(img_per_s, key=img_per_s.get))
 
 
@@ -285,10 +236,10 @@ def bench_compile(args, layout: str = "channels_first") -> dict[str, Any]:
     steps["compiled"]()
     compile_s = time.perf_counter() - start
     times = time_alternating(steps, args.iters, args.warmup)
-    img_per_s = {name: round(args.batch_size / _median(t), 3) for name, t in times.items()}
+    img_per_s = {name: round(args.batch_size / median(t), 3) for name, t in times.items()}
     return dict(model=args.variant, precision=args.precision, layout=layout, backend=args.compile_backend,
-                compile_s=round(compile_s, 2), img_per_s=img_per_s, times_s={n: _rounded(t) for n, t in times.items()},
-                compile_speedup=round(_median(times["eager"]) / _median(times["compiled"]), 3),
+                compile_s=round(compile_s, 2), img_per_s=img_per_s, times_s={n: rounded(t) for n, t in times.items()},
+                compile_speedup=round(median(times["eager"]) / median(times["compiled"]), 3),
                 faster=max(img_per_s, key=img_per_s.get))
 
 
@@ -318,9 +269,9 @@ def bench_selection(args) -> dict[str, Any]:
         flops = count_flops(model, x)
         kept = model.last_tokens_kept.float()
         result["sides"][name] = dict(
-            img_per_s=round(args.batch_size / _median(times[name]), 3), times_s=_rounded(times[name]),
-            speedup=round(_median(times["none"]) / _median(times[name]), 3),
-            speedup_cpu_time=round(_median(times["none"], "cpu") / _median(times[name], "cpu"), 3),
+            img_per_s=round(args.batch_size / median(times[name]), 3), times_s=rounded(times[name]),
+            speedup=round(median(times["none"]) / median(times[name]), 3),
+            speedup_cpu_time=round(median(times["none"], "cpu") / median(times[name], "cpu"), 3),
             gflops_per_img=round(flops / args.batch_size / 1e9, 3),
             tokens_kept_mean=round(float(kept.mean()), 1), tokens_kept_min=int(kept.min()),
             tokens_kept_max=int(kept.max()))
@@ -349,7 +300,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                "extra_threads", "mask_ratio", "keep_rate", "keep_share", "device", "precision", "gemm_size",
                "compile_backend")
     result: dict[str, Any] = dict(
-        command="ssl-hybrid bench backbone " + " ".join(
+        command="python benchmarks/bench_models.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items()) if k in options),
         machine=machine_info(args.device, packages=("timm",)), batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
         train_step="forward + cross-entropy + backward + AdamW(foreach)",
@@ -375,3 +326,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result["machine"]["load_average_end"] = list(os.getloadavg())
     result["wall_s"] = round(time.perf_counter() - start, 1)
     return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    import timing
+
+    timing.main(sys.modules[__name__])

@@ -1,4 +1,4 @@
-"""``ssl-hybrid bench pretrain``: what the training loop costs on top of the math, side by side.
+"""``python benchmarks/bench_train.py``: what the training loop costs on top of the math, side by side.
 
 1. The full loop (``pretrain``: shard stream with workers, schedules, masks, EMA, logging, progress bar)
    images/s, against the bare forward + backward + optimizer step + EMA update of the same model and
@@ -16,11 +16,11 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from timing import time_alternating
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import Config, load_config
@@ -73,9 +73,10 @@ def time_bare(config: Config, batches: list[dict], warmup: int) -> dict[str, Any
     model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config)).train()
     optimizer = build_optimizer(model, config.optim)
     generator = torch.Generator().manual_seed(0)
-    durations = []
-    for index, batch in enumerate(batches):
-        start = time.perf_counter()
+    pending = iter(batches)
+
+    def step() -> None:
+        batch = next(pending)
         views = batch["global_views"]
         masks = None
         if model.uses_masks:
@@ -86,8 +87,9 @@ def time_bare(config: Config, batches: list[dict], warmup: int) -> dict[str, Any
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         model.after_good_step(config.objective.momentum_teacher)
-        if index >= warmup:
-            durations.append(time.perf_counter() - start)
+
+    timed = max(0, len(batches) - warmup)  # the first ``warmup`` batches are stepped untimed
+    durations = time_alternating({"step": step}, timed, min(warmup, len(batches)))["step"]["wall"]
     images = batches[0]["global_views"][0].shape[0]
     mean = statistics.fmean(durations)
     return {"img_per_s": images / mean, "step_seconds": mean, "steps": len(durations)}
@@ -131,7 +133,7 @@ def summarize(args: argparse.Namespace, config: Config, samples: dict[str, list[
     bare_dino = max(samples["bare_dino"], key=lambda r: r["img_per_s"])
     overhead = 1.0 - loop["img_per_s"] / bare_joint["img_per_s"]
     return {
-        "command": "ssl-hybrid " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/bench_train.py " + " ".join(sys.argv[1:]),
         "machine": machine_info(),
         "setup": {"recipe": args.config, "model": args.model, "image_size": args.image_size,
                   "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
@@ -146,3 +148,9 @@ def summarize(args: argparse.Namespace, config: Config, samples: dict[str, list[
         "joint_vs_dino_time_ratio": bare_joint["step_seconds"] / bare_dino["step_seconds"],
         "samples": samples,
     }
+
+
+if __name__ == "__main__":
+    import timing
+
+    timing.main(sys.modules[__name__])
