@@ -25,8 +25,10 @@ from typing import Any, Optional, Sequence
 
 def machine_info(device: Optional[str] = "cpu", packages: Sequence[str] = ()) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "cpu_steal": cpu_steal(),
     }
@@ -66,19 +68,28 @@ def _cpu_times(stat: Path) -> Optional[list[int]]:
         return None
     if first[:1] != ["cpu"] or len(first) < STEAL_FIELD + 2:
         return None
-    return [int(x) for x in first[1:STEAL_FIELD + 2]]
+    return [int(x) for x in first[1 : STEAL_FIELD + 2]]
 
 
 def _torch_info(device: str) -> dict[str, Any]:
     import torch
 
-    info: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
-                            "cuda": torch.version.cuda, "gpu": None}
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device,
+        "cuda": torch.version.cuda,
+        "gpu": None,
+    }
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, cudnn=torch.backends.cudnn.version(),
-                    gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    compute_capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+        info.update(
+            gpu=props.name,
+            cudnn=torch.backends.cudnn.version(),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            compute_capability=f"{props.major}.{props.minor}",
+            bf16=torch.cuda.is_bf16_supported(),
+        )
     return info
 
 

@@ -54,8 +54,9 @@ def prepare_run_dir(config: Config) -> Path:
 
 
 def unwritable(directory: Path, err: OSError) -> UserError:
-    return UserError(f"{directory}: cannot write the run directory ({err.strerror or err}); "
-                     "choose a writable train.output_dir")
+    return UserError(
+        f"{directory}: cannot write the run directory ({err.strerror or err}); choose a writable train.output_dir"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +86,10 @@ def claim(directory: Path) -> Iterator[Path]:
         lock = _held.setdefault(str(path.resolve()), FileLock(path))
         lock.acquire(timeout=0)
     except Timeout:
-        raise RunInUseError(f"{directory}: in use by another ssl-hybrid process (it holds {path}); wait for it to "
-                            "end, or choose another name= or train.output_dir=") from None
+        raise RunInUseError(
+            f"{directory}: in use by another ssl-hybrid process (it holds {path}); wait for it to "
+            "end, or choose another name= or train.output_dir="
+        ) from None
     except OSError as err:
         raise unwritable(Path(directory), err) from None
     try:
@@ -128,8 +131,10 @@ def start_fresh(directory: Path) -> None:
         return
     why = not_a_run(directory)
     if why:
-        raise UserError(f"{directory}: --fresh deletes only a run folder of ssl-hybrid, and this one {why}; "
-                        "move it away yourself or choose another name=")
+        raise UserError(
+            f"{directory}: --fresh deletes only a run folder of ssl-hybrid, and this one {why}; "
+            "move it away yourself or choose another name="
+        )
     trash = directory.with_name(f".{directory.name}.deleting-{secrets.token_hex(4)}")
     os.rename(directory, trash)
     shutil.rmtree(trash)
@@ -242,6 +247,7 @@ def _umask() -> int:
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """JSON through :func:`write_text_atomic` (``--out`` files, manifests, meta.json)."""
+
     def write(handle: TextIO) -> None:
         json.dump(payload, handle, indent=2, default=_jsonable)
         handle.write("\n")

@@ -24,8 +24,16 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ssl_hybrid.data.shards import (IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, manifest_shard_paths, oversized_member,
-                                   parse_label, tar_members, unsafe_member_name)
+from ssl_hybrid.data.shards import (
+    IMAGE_EXTENSIONS,
+    IMAGE_KEYS,
+    MANIFEST,
+    manifest_shard_paths,
+    oversized_member,
+    parse_label,
+    tar_members,
+    unsafe_member_name,
+)
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -144,14 +152,22 @@ def check_images(labeled: LabeledSet, max_skip_rate: Optional[float] = None) -> 
     if rate > max_skip_rate:
         raise LabeledDataError(
             f"{labeled.source}: {len(skipped)} of {len(labeled)} images are unreadable ({rate:.0%} > "
-            f"data.max_skip_rate={max_skip_rate:g}); first: {first['path']}: {first['reason']}")
+            f"data.max_skip_rate={max_skip_rate:g}); first: {first['path']}: {first['reason']}"
+        )
     for item in skipped[:5]:
         log.warning("skipping unreadable image %s: %s", item["path"], item["reason"])
-    log.warning("%s: %d of %d images skipped as unreadable (%.1f%%, limit data.max_skip_rate=%g)",
-                labeled.source, len(skipped), len(labeled), 100 * rate, max_skip_rate)
+    log.warning(
+        "%s: %d of %d images skipped as unreadable (%.1f%%, limit data.max_skip_rate=%g)",
+        labeled.source,
+        len(skipped),
+        len(labeled),
+        100 * rate,
+        max_skip_rate,
+    )
     bad = {item["id"] for item in skipped}
-    return LabeledSet(labeled.source, labeled.classes, [s for s in labeled.samples if s.id not in bad],
-                      labeled.skipped + skipped)
+    return LabeledSet(
+        labeled.source, labeled.classes, [s for s in labeled.samples if s.id not in bad], labeled.skipped + skipped
+    )
 
 
 def shared_images(first: LabeledSet, second: LabeledSet) -> int:
@@ -210,8 +226,10 @@ def _from_source(source, spec: str) -> LabeledSet:
     if not source.items:
         raise LabeledDataError(f"{spec}: names no images")
     index = {name: i for i, name in enumerate(source.classes or [])}
-    samples = [Sample(id=item.relative, label=index.get(item.class_name, UNLABELED), path=str(item.path))
-               for item in source.items]
+    samples = [
+        Sample(id=item.relative, label=index.get(item.class_name, UNLABELED), path=str(item.path))
+        for item in source.items
+    ]
     return LabeledSet(spec, list(source.classes or []), samples)
 
 
@@ -221,17 +239,27 @@ def _load_image_folder(root: Path) -> LabeledSet:
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise LabeledDataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
-    files = {name: [f for f in sorted((root / name).rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-             for name in folders}
+    files = {
+        name: [f for f in sorted((root / name).rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        for name in folders
+    }
     classes = [name for name in folders if files[name]]
     if not classes:
         raise LabeledDataError(f"{root}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     empty = [name for name in folders if not files[name]]
     if empty:
-        log.warning("%s: class folder%s %s hold%s no images: left out", root, "s" if len(empty) > 1 else "",
-                    ", ".join(repr(name) for name in empty), "" if len(empty) > 1 else "s")
-    samples = [Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file))
-               for label, name in enumerate(classes) for file in files[name]]
+        log.warning(
+            "%s: class folder%s %s hold%s no images: left out",
+            root,
+            "s" if len(empty) > 1 else "",
+            ", ".join(repr(name) for name in empty),
+            "" if len(empty) > 1 else "s",
+        )
+    samples = [
+        Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file))
+        for label, name in enumerate(classes)
+        for file in files[name]
+    ]
     return LabeledSet(str(root), classes, samples)
 
 
@@ -275,8 +303,11 @@ def _load_shards(spec: str, require_labels: bool = True) -> LabeledSet:
             raise LabeledDataError(f"{url}: shard not found (labeled sets are read from local files)")
         samples.extend(_index_tar(url, names_by_label, require_labels))
     if not samples:
-        raise LabeledDataError(f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)"
-                               if require_labels else f"{spec}: shards hold no images")
+        raise LabeledDataError(
+            f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)"
+            if require_labels
+            else f"{spec}: shards hold no images"
+        )
     if not classes:
         count = max(s.label for s in samples) + 1
         classes = [names_by_label.get(i, str(i)) for i in range(count)]
@@ -316,8 +347,13 @@ def _index_tar(url: str, names_by_label: dict[int, str], require_labels: bool = 
     return [sample for sample in samples if sample is not None]
 
 
-def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarInfo, bytes]],
-                       names_by_label: dict[int, str], require_label: bool = True) -> Optional[Sample]:
+def _sample_from_group(
+    url: str,
+    key: str,
+    fields: dict[str, Union[tarfile.TarInfo, bytes]],
+    names_by_label: dict[int, str],
+    require_label: bool = True,
+) -> Optional[Sample]:
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
     if "__error__" in fields:
         log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())
@@ -338,8 +374,13 @@ def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarIn
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
         except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the decoder goes
-            log.warning("%s: sample '%s': its 'json' is not valid JSON (%s); the sample is kept, its class_name "
-                        "is ignored (the class is named by another sample's json, else by its number)", url, key, err)
+            log.warning(
+                "%s: sample '%s': its 'json' is not valid JSON (%s); the sample is kept, its class_name "
+                "is ignored (the class is named by another sample's json, else by its number)",
+                url,
+                key,
+                err,
+            )
     return Sample(id=key, label=label, path=url, offset=image.offset_data, size=image.size)
 
 
@@ -361,8 +402,10 @@ def kshot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     classes, counts = np.unique(labels, return_counts=True)
     if counts.min() < shots:
         label, count = classes[counts < shots][0], counts.min()
-        raise LabeledDataError(f"class {label} has {counts[classes == label][0]} training samples, fewer than {shots} "
-                               f"shots; the smallest class has {count}: use at most {count} shots or add images")
+        raise LabeledDataError(
+            f"class {label} has {counts[classes == label][0]} training samples, fewer than {shots} "
+            f"shots; the smallest class has {count}: use at most {count} shots or add images"
+        )
     picked = []
     for label in classes:
         members = np.flatnonzero(labels == label)
@@ -375,9 +418,12 @@ def save_split(path: str | Path, labeled: LabeledSet, indices: Sequence[int], **
     """Write the subset's sample ids and labels (plus ``meta`` such as shots and seed) as JSON."""
     from ssl_hybrid.runs import write_json_atomic
 
-    payload = dict(meta, source=labeled.source,
-                   ids=[labeled.samples[i].id for i in indices],
-                   labels=[labeled.samples[i].label for i in indices])
+    payload = dict(
+        meta,
+        source=labeled.source,
+        ids=[labeled.samples[i].id for i in indices],
+        labels=[labeled.samples[i].label for i in indices],
+    )
     return write_json_atomic(path, payload)
 
 
@@ -405,8 +451,9 @@ class TorchLabeledDataset:
         try:
             pixels = self.transform(image)
         except Exception as err:  # e.g. an image too small for the crop: name the file, not the worker
-            raise LabeledDataError(f"{self.labeled.where(index)}: cannot be transformed "
-                                   f"({type(err).__name__}: {err})") from None
+            raise LabeledDataError(
+                f"{self.labeled.where(index)}: cannot be transformed ({type(err).__name__}: {err})"
+            ) from None
         return pixels, self.labeled.samples[index].label, index
 
 

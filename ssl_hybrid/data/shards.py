@@ -109,7 +109,9 @@ def _walk_files(root: Path, skipped: list[dict]) -> list[Path]:
             if name.startswith("."):
                 continue
             if path.is_symlink() and not _inside(path, root):
-                skipped.append({"path": path.relative_to(root).as_posix(), "reason": "symlink leaves the source folder"})
+                skipped.append(
+                    {"path": path.relative_to(root).as_posix(), "reason": "symlink leaves the source folder"}
+                )
                 continue
             found.append(path)
     return found
@@ -139,7 +141,9 @@ def collect_folder(root: Path, labels: str = "auto", label_regex: Optional[str] 
         for item in items:
             item.class_name = _label_from_regex(regex, Path(item.relative).name)
             if item.class_name is None:
-                skipped.append({"path": item.relative, "reason": f"file name does not match --label-regex {label_regex!r}"})
+                skipped.append(
+                    {"path": item.relative, "reason": f"file name does not match --label-regex {label_regex!r}"}
+                )
             else:
                 kept.append(item)
         items = kept
@@ -212,8 +216,10 @@ def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[s
     for name in names:
         problem = _manifest_name_problem(name)
         if problem:
-            raise UserError(f"{manifest}: shard name {name!r} refused ({problem}); "
-                            "a manifest lists the shard files in its own folder")
+            raise UserError(
+                f"{manifest}: shard name {name!r} refused ({problem}); "
+                "a manifest lists the shard files in its own folder"
+            )
         paths.append(str(Path(directory) / name))
     return paths
 
@@ -375,8 +381,10 @@ def _check_replaceable(out: Path) -> None:
         raise ShardWriteError(f"{out}: exists and is not a directory (or is a symbolic link); choose another --out")
     foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _OUTPUT_FILE.fullmatch(p.name)))
     if foreign:
-        raise ShardWriteError(f"{out}: holds {foreign[0]!r}, which is not part of a shard set; --out is replaced as "
-                              "a whole, so choose an empty or new folder")
+        raise ShardWriteError(
+            f"{out}: holds {foreign[0]!r}, which is not part of a shard set; --out is replaced as "
+            "a whole, so choose an empty or new folder"
+        )
 
 
 def _publish(tmp: Path, out: Path, replace: bool) -> None:
@@ -411,10 +419,21 @@ def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int
         yield from pool.imap(_load_item, jobs, chunksize=4)
 
 
-def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_side: int = 0, quality: int = 90,
-                 seed: int = 0, shuffle: bool = True, workers: int = 1, prefix: Optional[str] = None,
-                 labels: str = "auto", label_regex: Optional[str] = None, progress: bool = True,
-                 replace: bool = True) -> dict:
+def write_shards(
+    src: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    max_side: int = 0,
+    quality: int = 90,
+    seed: int = 0,
+    shuffle: bool = True,
+    workers: int = 1,
+    prefix: Optional[str] = None,
+    labels: str = "auto",
+    label_regex: Optional[str] = None,
+    progress: bool = True,
+    replace: bool = True,
+) -> dict:
     """Write shards + manifest.json (+ classes.json) as the folder ``out``; return the manifest.
 
     Written into ``.<out>.partial-*`` next to ``out`` and swapped in when complete; ``replace=False`` keeps an
@@ -435,23 +454,42 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_s
     if replace and (out.exists() or out.is_symlink()):
         _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}{_TMP_PREFIX}*") if replace else []:  # a killed run's temp folder
+    for stale in (
+        out.parent.glob(f".{glob.escape(out.name)}{_TMP_PREFIX}*") if replace else []
+    ):  # a killed run's temp folder
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}{_TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest = _write_set(source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress,
-                              seed if shuffle else None)
+        manifest = _write_set(
+            source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress, seed if shuffle else None
+        )
         _publish(tmp, out, replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %d samples in %d shards to %s (%d skipped)", manifest["num_samples"], len(manifest["shards"]),
-             out, len(manifest["skipped"]))
+    log.info(
+        "wrote %d samples in %d shards to %s (%d skipped)",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        out,
+        len(manifest["skipped"]),
+    )
     return manifest
 
 
-def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, shard_size: int, max_side: int,
-               quality: int, workers: int, progress: bool, seed: Optional[int]) -> dict:
+def _write_set(
+    source: Source,
+    src: Path,
+    tmp: Path,
+    out: Path,
+    prefix: str,
+    shard_size: int,
+    max_side: int,
+    quality: int,
+    workers: int,
+    progress: bool,
+    seed: Optional[int],
+) -> dict:
     """The shards, classes.json and manifest.json of ``source``, written into ``tmp``."""
     import webdataset as wds
     from tqdm import tqdm
@@ -464,7 +502,7 @@ def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, sha
 
     def finished(partial_name: str) -> None:
         partial = Path(partial_name)
-        final = partial.with_name(partial.name[len(_TMP_PREFIX):])
+        final = partial.with_name(partial.name[len(_TMP_PREFIX) :])
         count = writer.count
         if count == 0:  # ShardWriter opens a next shard eagerly; an empty one is not a shard
             partial.unlink()
@@ -472,12 +510,23 @@ def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, sha
         os.replace(partial, final)
         shards.append({"name": final.name, "samples": count, "sha256": _sha256(final)})
 
-    writer = wds.ShardWriter(str(tmp / f"{_TMP_PREFIX}{prefix}-%06d.tar"), maxcount=shard_size, post=finished,
-                             verbose=0, encoder=False, mtime=0)
+    writer = wds.ShardWriter(
+        str(tmp / f"{_TMP_PREFIX}{prefix}-%06d.tar"),
+        maxcount=shard_size,
+        post=finished,
+        verbose=0,
+        encoder=False,
+        mtime=0,
+    )
     try:
         loaded = _load_all(source.items, max_side, quality, workers)
-        for item, (data, extension, reason) in tqdm(zip(source.items, loaded), total=len(source.items),
-                                                    desc=f"shards {out.name}", unit="img", disable=not progress):
+        for item, (data, extension, reason) in tqdm(
+            zip(source.items, loaded),
+            total=len(source.items),
+            desc=f"shards {out.name}",
+            unit="img",
+            disable=not progress,
+        ):
             if reason is not None:
                 log.warning("skipping %s: %s", item.relative, reason)
                 skipped.append({"path": item.relative, "reason": reason})
@@ -494,15 +543,25 @@ def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, sha
             writer.write(sample)
         writer.close()
         if not shards:
-            raise ShardWriteError(f"{src}: none of the {len(source.items)} images could be read, e.g. "
-                                  f"{skipped[-1]['path']}: {skipped[-1]['reason']}")
+            raise ShardWriteError(
+                f"{src}: none of the {len(source.items)} images could be read, e.g. "
+                f"{skipped[-1]['path']}: {skipped[-1]['reason']}"
+            )
     except BaseException:
         if getattr(writer, "tarstream", None) is not None:
             writer.tarstream.close()
         raise
-    manifest = {"format": FORMAT, "source": str(src), "num_samples": sum(s["samples"] for s in shards),
-                "shards": shards, "classes": source.classes, "skipped": sorted(skipped, key=lambda s: s["path"]),
-                "shard_size": shard_size, "max_side": max_side, "seed": seed}
+    manifest = {
+        "format": FORMAT,
+        "source": str(src),
+        "num_samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+        "classes": source.classes,
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "shard_size": shard_size,
+        "max_side": max_side,
+        "seed": seed,
+    }
     if source.classes is not None:
         _write_json(tmp / CLASSES, source.classes)
     _write_json(tmp / MANIFEST, manifest)
@@ -514,8 +573,9 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{directory}: no {MANIFEST} (not a shard directory, or an interrupted "
-                        f"'ssl-hybrid shards' run; re-run it)") from None
+        raise UserError(
+            f"{directory}: no {MANIFEST} (not a shard directory, or an interrupted 'ssl-hybrid shards' run; re-run it)"
+        ) from None
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested deeper than any manifest
         raise UserError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -558,8 +618,16 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     with main_process_first(local=True):
         if not (target / MANIFEST).exists():
             log.info("sharding image folder %s once into %s", root, target)
-            write_shards(root, target, shard_size=shard_size, max_side=max_side,
-                         prefix=target.name.rsplit("-", 1)[0], workers=1, progress=True, replace=False)
+            write_shards(
+                root,
+                target,
+                shard_size=shard_size,
+                max_side=max_side,
+                prefix=target.name.rsplit("-", 1)[0],
+                workers=1,
+                progress=True,
+                replace=False,
+            )
     return target
 
 
@@ -574,6 +642,9 @@ def manifest_fingerprint(urls: list[str]) -> Optional[str]:
     entries = []
     for directory in sorted(wanted):
         if (directory / MANIFEST).exists():
-            entries += [[s["name"], s["samples"], s["sha256"]] for s in read_manifest(directory)["shards"]
-                        if s["name"] in wanted[directory]]
+            entries += [
+                [s["name"], s["samples"], s["sha256"]]
+                for s in read_manifest(directory)["shards"]
+                if s["name"] in wanted[directory]
+            ]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] if entries else None

@@ -73,8 +73,18 @@ class Attention(nn.Module):
     """timm-ViT-compatible attention (``qkv``/``proj`` names) with the sparsity modes above.
     ``attn_mode``, ``window_size`` and ``topk`` have no defaults here: the model (``HybridViT``) owns them."""
 
-    def __init__(self, dim: int, num_heads: int, *, attn_mode: str, window_size: int, topk: int,
-                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        attn_mode: str,
+        window_size: int,
+        topk: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
         super().__init__()
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
@@ -82,7 +92,7 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.attn_mode = attn_mode
         self.window_size = window_size
         self.topk = topk
@@ -91,8 +101,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, need_cls_attn: bool = False,
-                allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, layout: TokenLayout, need_cls_attn: bool = False, allowed: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Return ``(out [B, T, C], cls_attn [B, T] or None)``; cls_attn = class-token attention, head-mean.
 
         ``allowed`` is the precomputed :func:`attention_allowed` mask for this layout (shared by blocks).
@@ -138,8 +149,15 @@ def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.fx.wrap
 @register_notrace_function  # reason: the fast path depends on the grid (input size) dividing into windows
-def window_attention_full_grid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
-                               window_size: int, allowed: torch.Tensor, dropout: float) -> torch.Tensor:
+def window_attention_full_grid(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    window_size: int,
+    allowed: torch.Tensor,
+    dropout: float,
+) -> torch.Tensor:
     """Window attention over ``[cls] + every grid cell``: windows as a batch of small attentions (each
     also seeing the class token) when the grid divides into windows, else SDPA with the ``allowed`` mask."""
     B, h, T, d = q.shape
@@ -156,7 +174,8 @@ def window_attention_full_grid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     k_cls = k[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)  # [B, h, nW, 1, d]
     v_cls = v[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)
     out_win = F.scaled_dot_product_attention(
-        q_win, torch.cat([k_cls, k_win], dim=3), torch.cat([v_cls, v_win], dim=3), dropout_p=dropout)
+        q_win, torch.cat([k_cls, k_win], dim=3), torch.cat([v_cls, v_win], dim=3), dropout_p=dropout
+    )
     out_win = out_win.reshape(B, h, gh // ws, gw // ws, ws, ws, d).permute(0, 1, 2, 4, 3, 5, 6)
     out_patches = out_win.reshape(B, h, gh * gw, d)
     out_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, dropout_p=dropout)  # class token stays global

@@ -71,8 +71,10 @@ class TokenBackboneMixin:
     def _multiscale_head_input(self, x: torch.Tensor) -> torch.Tensor:
         means = self.last_stage_means
         if means is None or means[0].shape[0] != x.shape[0]:
-            raise ValueError("global_pool='multiscale' pools the stage maps of the same forward_features call: "
-                             "call forward_head(forward_features(images)) or model(images)")
+            raise ValueError(
+                "global_pool='multiscale' pools the stage maps of the same forward_features call: "
+                "call forward_head(forward_features(images)) or model(images)"
+            )
         return multiscale_pool(means, x)
 
     @torch.jit.ignore

@@ -40,8 +40,10 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_ch
     require_onnx()
     select = getattr(model, "token_select", None)
     if select is not None and select.enabled:
-        raise ValueError("token selection keeps a data-dependent number of tokens, which a traced graph cannot; "
-                         "export with model.set_token_selection(1.0) (same weights)")
+        raise ValueError(
+            "token selection keeps a data-dependent number of tokens, which a traced graph cannot; "
+            "export with model.set_token_selection(1.0) (same weights)"
+        )
     register_antialiased_bicubic()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -51,8 +53,17 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_ch
         with warnings.catch_warnings():
             # the size checks (multiple of 16) read traced shapes as Python values; they validate, not compute
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            onnx_export(model, str(tmp), example_input=example, dynamic_size=True, use_dynamo=False,
-                        input_names=[INPUT_NAME], output_names=[output_name(model)], opset=OPSET, check=True)
+            onnx_export(
+                model,
+                str(tmp),
+                example_input=example,
+                dynamic_size=True,
+                use_dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[output_name(model)],
+                opset=OPSET,
+                check=True,
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -89,7 +100,17 @@ def register_antialiased_bicubic() -> None:
         sizes = g.op("Concat", batch_channels, g.op("Cast", output_size, to_i=7), axis_i=0)  # 7: INT64
         mode = "align_corners" if helper._maybe_get_const(align_corners, "b") else "half_pixel"
         none = helper._optional_input_placeholder_tensor(g)
-        return g.op("Resize", image, none, none, sizes, mode_s="cubic", cubic_coeff_a_f=-0.5, antialias_i=1,
-                    exclude_outside_i=1, coordinate_transformation_mode_s=mode)
+        return g.op(
+            "Resize",
+            image,
+            none,
+            none,
+            sizes,
+            mode_s="cubic",
+            cubic_coeff_a_f=-0.5,
+            antialias_i=1,
+            exclude_outside_i=1,
+            coordinate_transformation_mode_s=mode,
+        )
 
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", resize, OPSET)

@@ -76,6 +76,7 @@ def total_steps(plan: list[dict[str, int]]) -> int:
 
 def rank(scores: dict[str, dict[str, Any]]) -> list[str]:
     """Candidate ids best first; failed candidates (score None) last; ties broken by id (deterministic)."""
+
     def key(cid: str) -> tuple:
         score = scores[cid].get("score")
         ok = score is not None and math.isfinite(score)
@@ -92,8 +93,15 @@ class SearchState:
         # Wall time spent on this search over all invocations, up to the last save (interruptions included).
         self._clock, self._elapsed_before = time.perf_counter(), (payload or {}).get("elapsed_seconds", 0.0)
         self.data: dict[str, Any] = payload or {
-            "version": STATE_VERSION, "fingerprint": fingerprint, "status": "running",
-            "candidates": {}, "order": [], "measurements": {}, "zero_cost": {}, "pruned": [], "rungs": [],
+            "version": STATE_VERSION,
+            "fingerprint": fingerprint,
+            "status": "running",
+            "candidates": {},
+            "order": [],
+            "measurements": {},
+            "zero_cost": {},
+            "pruned": [],
+            "rungs": [],
         }
 
     # -- persistence ---------------------------------------------------------------------------
@@ -108,8 +116,10 @@ class SearchState:
         except json.JSONDecodeError as err:
             raise SearchStateError(f"{path}: unreadable search state ({err.msg}); delete it to start over") from None
         if payload.get("fingerprint") != fingerprint:
-            raise SearchStateError(f"{path}: this state belongs to a search with another configuration; "
-                                   "use a new output directory, or delete the state to start over")
+            raise SearchStateError(
+                f"{path}: this state belongs to a search with another configuration; "
+                "use a new output directory, or delete the state to start over"
+            )
         log.info("resuming search from %s", path)
         return cls(path, fingerprint, payload)
 
@@ -143,8 +153,11 @@ class SearchState:
 
     def accepted(self) -> list[str]:
         """Measured and within budget, in sample order."""
-        return [cid for cid in self.data["order"]
-                if cid in self.data["measurements"] and not self.data["measurements"][cid].get("rejected")]
+        return [
+            cid
+            for cid in self.data["order"]
+            if cid in self.data["measurements"] and not self.data["measurements"][cid].get("rejected")
+        ]
 
     # -- rungs ---------------------------------------------------------------------------------
 
@@ -186,16 +199,20 @@ class SearchState:
         return latest
 
 
-def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule,
-                       scorer: Scorer) -> Optional[str]:
+def successive_halving(
+    state: SearchState, members: list[str], schedule: HalvingSchedule, scorer: Scorer
+) -> Optional[str]:
     """Run (or continue) the rungs over ``members``; returns the winner's id.
 
     A candidate whose scorer raises is recorded with ``score: None`` and the error, and is not promoted;
     errors the user must fix (``UserError``: bad data path, bad recipe) stop the search at once.
     """
     plan = rung_plan(len(members), schedule)
-    log.info("successive halving: %s (%d candidate-steps in all)",
-             ", ".join(f"rung {r['index']}: {r['size']} x {r['steps']} steps" for r in plan), total_steps(plan))
+    log.info(
+        "successive halving: %s (%d candidate-steps in all)",
+        ", ".join(f"rung {r['index']}: {r['size']} x {r['steps']} steps" for r in plan),
+        total_steps(plan),
+    )
     for planned in plan:
         rung = state.open_rung(planned["index"], planned["steps"], members)
         for cid in rung["members"]:
@@ -217,8 +234,9 @@ def successive_halving(state: SearchState, members: list[str], schedule: Halving
 
 
 def _score_one(candidate: Candidate, planned: dict[str, int], scorer: Scorer) -> dict[str, Any]:
-    log.info("rung %d: scoring %s (%s) with %d steps", planned["index"], candidate.id, candidate.label(),
-             planned["steps"])
+    log.info(
+        "rung %d: scoring %s (%s) with %d steps", planned["index"], candidate.id, candidate.label(), planned["steps"]
+    )
     try:
         result = dict(scorer(candidate, planned["steps"], planned["index"]))
     except UserError:

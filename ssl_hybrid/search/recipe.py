@@ -65,8 +65,9 @@ def write_recipe(path: str | Path, recipe: dict[str, Any], header: str = "") -> 
     return path
 
 
-def candidate_config(base: dict[str, Any], candidate: Candidate, overrides: list[str], tmp_dir: Path,
-                     name: str) -> Config:
+def candidate_config(
+    base: dict[str, Any], candidate: Candidate, overrides: list[str], tmp_dir: Path, name: str
+) -> Config:
     """The validated Config a proxy run trains: base recipe + candidate + ``key=value`` overrides."""
     recipe_path = write_recipe(Path(tmp_dir) / f"{name}.yaml", candidate_recipe(base, candidate, name))
     return load_config(recipe_path, overrides)

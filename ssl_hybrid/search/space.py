@@ -164,8 +164,10 @@ def sample_candidates(space: SearchSpace, count: int, seed: int) -> list[Candida
         candidate = make_candidate(space.base, choices)
         seen.setdefault(candidate.id, candidate)
     if len(seen) < count:
-        raise SearchSpaceError(f"search space: found only {len(seen)} distinct valid candidates of the "
-                               f"{count} asked for (space size {space.size()}); widen the space or sample fewer")
+        raise SearchSpaceError(
+            f"search space: found only {len(seen)} distinct valid candidates of the "
+            f"{count} asked for (space size {space.size()}); widen the space or sample fewer"
+        )
     return list(seen.values())
 
 

@@ -37,8 +37,10 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     newest = ckpt.latest_checkpoint(path)
     if newest is None:
-        raise ckpt.CheckpointError(f"{path}: neither a checkpoint directory nor a run with complete "
-                                   "checkpoints/step_*/ (each holding model.safetensors + state.pt)")
+        raise ckpt.CheckpointError(
+            f"{path}: neither a checkpoint directory nor a run with complete "
+            "checkpoints/step_*/ (each holding model.safetensors + state.pt)"
+        )
     return newest
 
 
@@ -59,8 +61,15 @@ def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[Optional[str]]
             backbone.global_pool = before
 
 
-def save_run_model(backbone: nn.Module, config: Config, directory: Path, record: dict[str, Any], *,
-                   force: bool = False, run_dir: Optional[Path] = None) -> Path:
+def save_run_model(
+    backbone: nn.Module,
+    config: Config,
+    directory: Path,
+    record: dict[str, Any],
+    *,
+    force: bool = False,
+    run_dir: Optional[Path] = None,
+) -> Path:
     """Write ``backbone`` as a model folder with the run's record (``training_meta`` + ``record``) and, when
     the run has a report, its table on the model card."""
     from ssl_hybrid.models.export import public_source, save_model_folder
@@ -69,10 +78,16 @@ def save_run_model(backbone: nn.Module, config: Config, directory: Path, record:
 
     scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
-        extra = dict(training_meta(config), data=public_source(config.data.train), scored_pooling=scored,
-                     token_pool=token_pool, **record)
-        return save_model_folder(backbone, directory, extra=extra, force=force,
-                                 evaluation=_report_table(run_dir) if run_dir else None)
+        extra = dict(
+            training_meta(config),
+            data=public_source(config.data.train),
+            scored_pooling=scored,
+            token_pool=token_pool,
+            **record,
+        )
+        return save_model_folder(
+            backbone, directory, extra=extra, force=force, evaluation=_report_table(run_dir) if run_dir else None
+        )
 
 
 def refresh_model_card(run_dir: Path) -> Optional[Path]:
@@ -121,11 +136,15 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
     out = Path(out_dir) if out_dir else default_out_dir(path, step_dir)
     checkpoints = step_dir.parent.resolve()
     if step_dir.parent.name == CHECKPOINTS_DIR and out.resolve().is_relative_to(checkpoints):
-        raise UserError(f"{out}: inside {checkpoints}, whose old checkpoints are deleted as training goes on; "
-                        "export outside it (--out-dir)")
+        raise UserError(
+            f"{out}: inside {checkpoints}, whose old checkpoints are deleted as training goes on; "
+            "export outside it (--out-dir)"
+        )
     if out.exists() and not force:
-        raise ModelFolderError(f"{out}: already exists; pass --force to replace it "
-                               "(the new folder is complete before the old one is removed)")
+        raise ModelFolderError(
+            f"{out}: already exists; pass --force to replace it "
+            "(the new folder is complete before the old one is removed)"
+        )
     config_file = step_dir / "config.yaml"
     if not config_file.exists():
         raise ckpt.CheckpointError(f"{step_dir}: no config.yaml, cannot tell which backbone it holds")
@@ -135,8 +154,9 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
     check_factory_args(config.model.name, dict(model_kwargs(config), drop_path_rate=0.0), str(config_file))
     backbone = build_backbone(config)
     weights = load_file(str(step_dir / ckpt.MODEL_FILE))
-    state = {k[len(CHECKPOINT_BACKBONE_PREFIX):]: v for k, v in weights.items()
-             if k.startswith(CHECKPOINT_BACKBONE_PREFIX)}
+    state = {
+        k[len(CHECKPOINT_BACKBONE_PREFIX) :]: v for k, v in weights.items() if k.startswith(CHECKPOINT_BACKBONE_PREFIX)
+    }
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
     record = {"step": step, "pretraining": _budget(step_dir.parent.parent, config)}

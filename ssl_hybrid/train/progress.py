@@ -53,6 +53,7 @@ class TrainBar(tqdm):
         values["rate"] = 1.0 / per_step if per_step else None
         values["initial"] = self.n if per_step is None else values["initial"]  # no rate yet: tqdm shows '?'
         seconds, by_budget = self.seconds_left()
-        values["left"] = ("?" if seconds is None
-                          else self.format_interval(seconds) + (" (time budget)" if by_budget else ""))
+        values["left"] = (
+            "?" if seconds is None else self.format_interval(seconds) + (" (time budget)" if by_budget else "")
+        )
         return values
