@@ -14,7 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from ssl_hybrid import __version__
 from ssl_hybrid.errors import UserError
@@ -32,7 +32,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 class _CommandParser(argparse.ArgumentParser):
     """An ArgumentParser whose ``declare(parser)`` adds its arguments on first parse or help, not when built."""
 
-    def __init__(self, *args, declare: Optional[Callable[[argparse.ArgumentParser], None]] = None, **kwargs):
+    def __init__(self, *args, declare: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._declare = declare
 
@@ -924,7 +924,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

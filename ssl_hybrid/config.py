@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -399,7 +399,7 @@ def _parse_overrides(overrides: list[str]) -> list[str]:
     return parsed
 
 
-def load_layered(schema: Any, recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Any:
+def load_layered(schema: Any, recipe: str | Path | None = None, overrides: list[str] | None = None) -> Any:
     """Strict layering for any dataclass schema: defaults <- recipe YAML <- key=value overrides.
     ``schema`` is a dataclass type or an already-built structured DictConfig. Returns the dataclass object."""
     cfg = schema if isinstance(schema, DictConfig) else OmegaConf.structured(schema)
@@ -416,7 +416,7 @@ def load_layered(schema: Any, recipe: Optional[str | Path] = None, overrides: Op
     return OmegaConf.to_object(cfg)
 
 
-def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- recipe YAML <- key=value overrides; validated. Raises ConfigError on any problem."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
@@ -689,7 +689,7 @@ def write_config(config: Config, directory: Path) -> Path:
     return target
 
 
-def describe_fields(schema: Optional[type] = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+def describe_fields(schema: type | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(dotted key, default, reason) for every config field, in declaration order; the reason is the field's
     ``metadata["help"]`` (see :func:`option`)."""
     rows: list[tuple[str, Any, str]] = []

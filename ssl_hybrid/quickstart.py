@@ -21,8 +21,9 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
@@ -184,7 +185,7 @@ def evaluate(config, summary: dict[str, Any], shots: Sequence[int], seeds: int) 
     return report
 
 
-def too_few_steps(summary: dict[str, Any], needed: int = REFERENCE_STEPS) -> Optional[str]:
+def too_few_steps(summary: dict[str, Any], needed: int = REFERENCE_STEPS) -> str | None:
     """A sentence when the time budget stopped the run before the steps the effect needs: steps done, seconds
     per step on this machine and the ``--minutes`` that would fit them; None otherwise. A run the user asked
     to be short (train.steps) is not flagged: the machine did not cut it."""

@@ -21,8 +21,9 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -98,7 +99,7 @@ def claim(directory: Path) -> Iterator[Path]:
         lock.release()
 
 
-def not_a_run(directory: Path) -> Optional[str]:
+def not_a_run(directory: Path) -> str | None:
     """Why ``directory`` is not a run folder of this tool (None when it is one, or is an empty folder).
 
     A run writes its ``config.yaml`` before anything else, so every run folder has one: a mapping with the
@@ -221,7 +222,7 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: Optional[str] = None) -> Path:
+def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: str | None = None) -> Path:
     """Write a text file through a temp file + rename, so a crash never leaves half a file; ``write(handle)``
     writes the content. The file gets the permissions of a plain ``open()`` (mkstemp's 0600 would hide
     results and manifests from the user's group and other jobs)."""

@@ -3,8 +3,9 @@
 Both become a :class:`LabeledSet`: a deterministic, ordered list of samples (stable id, integer label,
 where the image bytes live) plus the class names. Shards are indexed once with the package's one tar
 reader (:func:`ssl_hybrid.data.shards.tar_members`, keeping member offsets; members grouped by key with
-webdataset's ``base_plus_ext``, as the stream does), so a sample is a seek + read away: evaluation needs random access (samplers, k-shot subsets,
-retrieval grids) and labeled evaluation sets are small enough to index, unlike pretraining corpora.
+webdataset's ``base_plus_ext``, as the stream does), so a sample is a seek + read away: evaluation needs
+random access (samplers, k-shot subsets, retrieval grids) and labeled evaluation sets are small enough to
+index, unlike pretraining corpora.
 
 :func:`kshot_indices` draws seeded k-per-class subsets; :func:`save_split` writes their sample ids so a
 reported number can be traced back to the exact images it was computed on. :func:`check_images`
@@ -18,9 +19,9 @@ import json
 import logging
 import re
 import tarfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
@@ -101,7 +102,7 @@ class LabeledSet:
         sample = self.samples[index]
         return sample.path if sample.offset < 0 else f"{sample.path}: sample '{sample.id}'"
 
-    def subset(self, indices: Sequence[int]) -> "LabeledSet":
+    def subset(self, indices: Sequence[int]) -> LabeledSet:
         return LabeledSet(self.source, self.classes, [self.samples[i] for i in indices], self.skipped)
 
     def fingerprint(self) -> str:
@@ -127,7 +128,7 @@ def _decode(data: bytes, key: str):
     return None, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason or "not a readable image")
 
 
-def check_images(labeled: LabeledSet, max_skip_rate: Optional[float] = None) -> LabeledSet:
+def check_images(labeled: LabeledSet, max_skip_rate: float | None = None) -> LabeledSet:
     """Decode every image once before any extraction starts; unreadable ones are dropped, logged and
     counted (``skipped``), by the pretraining stream's rule: above ``data.max_skip_rate`` of the set
     (default 10%) is an error naming the count and the first bad file, not a skip.
@@ -263,7 +264,7 @@ def _load_image_folder(root: Path) -> LabeledSet:
     return LabeledSet(str(root), classes, samples)
 
 
-def _resolve_shards(spec: str) -> tuple[list[str], Optional[list[str]]]:
+def _resolve_shards(spec: str) -> tuple[list[str], list[str] | None]:
     """Shard paths and the manifest's class names (None when there is no manifest)."""
     path = Path(spec)
     if path.is_dir():
@@ -325,7 +326,7 @@ def _index_tar(url: str, names_by_label: dict[int, str], require_labels: bool = 
     in order of first appearance."""
     from webdataset.tariterators import base_plus_ext  # webdataset imports torch: only when reading shards
 
-    groups: dict[str, dict[str, Union[tarfile.TarInfo, bytes]]] = {}
+    groups: dict[str, dict[str, tarfile.TarInfo | bytes]] = {}
     try:
         for member, read in tar_members(url, mode="r:"):
             problem = unsafe_member_name(member.name)
@@ -350,10 +351,10 @@ def _index_tar(url: str, names_by_label: dict[int, str], require_labels: bool = 
 def _sample_from_group(
     url: str,
     key: str,
-    fields: dict[str, Union[tarfile.TarInfo, bytes]],
+    fields: dict[str, tarfile.TarInfo | bytes],
     names_by_label: dict[int, str],
     require_label: bool = True,
-) -> Optional[Sample]:
+) -> Sample | None:
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
     if "__error__" in fields:
         log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())

@@ -31,10 +31,10 @@ import secrets
 import shutil
 import tarfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from ssl_hybrid.errors import UserError
 
@@ -71,14 +71,14 @@ class ShardWriteError(UserError):
 class SourceItem:
     path: Path  # absolute path of the image file
     relative: str  # path relative to the source root (or as written in the list file)
-    class_name: Optional[str] = None
+    class_name: str | None = None
 
 
 @dataclass
 class Source:
     root: Path
     items: list[SourceItem]
-    classes: Optional[list[str]]
+    classes: list[str] | None
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -117,14 +117,14 @@ def _walk_files(root: Path, skipped: list[dict]) -> list[Path]:
     return found
 
 
-def _label_from_regex(regex: re.Pattern, name: str) -> Optional[str]:
+def _label_from_regex(regex: re.Pattern, name: str) -> str | None:
     match = regex.search(name)
     if not match:
         return None
     return match.group(1) if match.groups() else match.group(0)
 
 
-def collect_folder(root: Path, labels: str = "auto", label_regex: Optional[str] = None) -> Source:
+def collect_folder(root: Path, labels: str = "auto", label_regex: str | None = None) -> Source:
     """labels: auto (class sub-folders if every image is inside one), folders, or none."""
     skipped: list[dict] = []
     files = _walk_files(root, skipped)
@@ -195,7 +195,7 @@ def sample_key(relative: str) -> str:
     return "/".join(parts).replace(".", "_")
 
 
-def unsafe_member_name(name: str) -> Optional[str]:
+def unsafe_member_name(name: str) -> str | None:
     """Why a tar member name must not be trusted as a sample key (absolute, or with a '..' segment:
     a tool that extracts by key would write outside its folder), or None. Our writer never makes one."""
     if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
@@ -224,7 +224,7 @@ def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[s
     return paths
 
 
-def _manifest_name_problem(name) -> Optional[str]:
+def _manifest_name_problem(name) -> str | None:
     if not isinstance(name, str) or not name:
         return "not a file name"
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", name):
@@ -232,7 +232,7 @@ def _manifest_name_problem(name) -> Optional[str]:
     return unsafe_member_name(name)
 
 
-def oversized_member(member: tarfile.TarInfo, field: str) -> Optional[str]:
+def oversized_member(member: tarfile.TarInfo, field: str) -> str | None:
     """Why a tar member is too large to read (see :data:`MAX_MEMBER_BYTES`), or None."""
     limit = MAX_SIDECAR_BYTES if field.lower() in SIDECAR_KEYS else MAX_MEMBER_BYTES
     if member.size <= limit:
@@ -276,7 +276,7 @@ def tar_members(url: str, mode: str = "r|*") -> Iterator[tuple[tarfile.TarInfo, 
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_formats() -> tuple[str, ...]:
     """PIL's decoders for :data:`IMAGE_EXTENSIONS`, and only those: bytes are never handed to the other
     decoders PIL would try (EPS/PostScript runs Ghostscript on them, and a rarely used decoder is attack
@@ -287,7 +287,7 @@ def image_formats() -> tuple[str, ...]:
     return tuple(sorted({Image.registered_extensions()[extension] for extension in IMAGE_EXTENSIONS}))
 
 
-def check_image_bytes(data: bytes, max_pixels: Optional[int] = None):
+def check_image_bytes(data: bytes, max_pixels: int | None = None):
     """Fully decode ``data`` with one of :func:`image_formats`; return the PIL image or raise ValueError with
     a short reason. Images declaring more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) are refused unread."""
     from PIL import Image
@@ -341,7 +341,7 @@ def _reencode(image, max_side: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _load_item(args: tuple[str, int, int]) -> tuple[Optional[bytes], str, Optional[str]]:
+def _load_item(args: tuple[str, int, int]) -> tuple[bytes | None, str, str | None]:
     """(bytes or None, extension, skip reason or None)."""
     path_text, max_side, quality = args
     path = Path(path_text)
@@ -428,9 +428,9 @@ def write_shards(
     seed: int = 0,
     shuffle: bool = True,
     workers: int = 1,
-    prefix: Optional[str] = None,
+    prefix: str | None = None,
     labels: str = "auto",
-    label_regex: Optional[str] = None,
+    label_regex: str | None = None,
     progress: bool = True,
     replace: bool = True,
 ) -> dict:
@@ -488,7 +488,7 @@ def _write_set(
     quality: int,
     workers: int,
     progress: bool,
-    seed: Optional[int],
+    seed: int | None,
 ) -> dict:
     """The shards, classes.json and manifest.json of ``source``, written into ``tmp``."""
     import webdataset as wds
@@ -631,7 +631,7 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     return target
 
 
-def manifest_fingerprint(urls: list[str]) -> Optional[str]:
+def manifest_fingerprint(urls: list[str]) -> str | None:
     """A hash of what the manifests say about the shards in ``urls`` (name, samples, sha256 of each): it changes
     when the data under the same path does. None when no shard has a manifest (brace patterns of bare tars,
     ``pipe:`` and http URLs): such data cannot be checked."""

@@ -78,8 +78,9 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ def _list_entries(path: Path, allow_pipe: bool) -> list[str]:
     return urls
 
 
-def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[list[str], Optional[dict[str, int]]]:
+def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[list[str], dict[str, int] | None]:
     """Shard URLs and, when a manifest is known, the sample count of each shard."""
     spec = str(spec).strip()
     if not spec:
@@ -194,7 +195,7 @@ def resolve_shards(spec: str, allow_pipe_in_lists: bool = False) -> list[str]:
     return _resolve_with_counts(spec, allow_pipe_in_lists)[0]
 
 
-def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> Optional[dict[str, int]]:
+def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> dict[str, int] | None:
     """Samples per shard from the manifest, or None when the spec has none (patterns, URLs)."""
     return _resolve_with_counts(spec, allow_pipe_in_lists)[1]
 
@@ -204,14 +205,14 @@ def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> Optional[dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def image_entry(sample: dict) -> Optional[tuple[str, bytes]]:
+def image_entry(sample: dict) -> tuple[str, bytes] | None:
     for key in shard_format.IMAGE_KEYS:
         if key in sample:
             return key, sample[key]
     return None
 
 
-def decode_image_or_reason(sample: dict, max_pixels: Optional[int] = None):
+def decode_image_or_reason(sample: dict, max_pixels: int | None = None):
     """(RGB PIL image, None) or (None, reason); :func:`ssl_hybrid.data.shards.to_rgb` says how modes,
     transparency and EXIF orientation become RGB."""
     if "__error__" in sample:
@@ -235,14 +236,14 @@ def decode_image(sample: dict):
     return decode_image_or_reason(sample)[0]
 
 
-def sample_label(sample: dict) -> Optional[int]:
+def sample_label(sample: dict) -> int | None:
     """The integer ``cls`` of a labeled sample, None when unlabeled; ValueError when malformed."""
     if "cls" not in sample:
         return None
     return shard_format.parse_label(sample["cls"])
 
 
-def sample_meta(sample: dict) -> Optional[dict]:
+def sample_meta(sample: dict) -> dict | None:
     try:
         return json.loads(sample["json"]) if "json" in sample else None
     except RecursionError:  # json's decoder recurses per nesting level
@@ -254,7 +255,7 @@ def sample_meta(sample: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
+def read_shard(url: str, expected: int | None = None) -> Iterator[dict]:
     """Samples of one shard (members grouped by key as webdataset does). A shard that cannot be opened
     or is cut short yields one placeholder (with ``__error__``) per lost sample -- ``expected`` minus the
     samples read when the manifest gives ``expected``, else 1 -- so losses are counted like bad samples.
@@ -262,7 +263,7 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
     from webdataset.tariterators import base_plus_ext
 
     count = 0
-    current: Optional[dict] = None
+    current: dict | None = None
     try:
         for member, read in shard_format.tar_members(url):
             name = member.name
@@ -372,7 +373,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        counts: Optional[dict[str, int]],
+        counts: dict[str, int] | None,
         *,
         batch_size: int,
         seed: int,
@@ -387,7 +388,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         rotation: int = 0,
         max_skip_rate: float,
         skip_rate_min_samples: int,
-        epochs: Optional[int] = None,
+        epochs: int | None = None,
         worker_nice: int = 0,
     ):
         super().__init__()
@@ -421,7 +422,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return shuffle_buffer(read_all(), self.buffer_size, rng)
 
     # -- one sample ----------------------------------------------------------------------------
-    def make_sample(self, raw: dict, seed: int, in_main: bool) -> tuple[Optional[dict], Optional[str]]:
+    def make_sample(self, raw: dict, seed: int, in_main: bool) -> tuple[dict | None, str | None]:
         image, reason = decode_image_or_reason(raw)
         if image is None:
             return None, reason
@@ -530,7 +531,7 @@ class TrainStream:
     def __init__(
         self,
         urls: list[str],
-        counts: Optional[dict[str, int]],
+        counts: dict[str, int] | None,
         *,
         batch_size: int,
         seed: int,
@@ -542,8 +543,8 @@ class TrainStream:
         buffer_size: int,
         max_skip_rate: float,
         skip_rate_min_samples: int,
-        epochs: Optional[int] = None,
-        collate: Optional[Callable] = None,
+        epochs: int | None = None,
+        collate: Callable | None = None,
         spec: str = "",
         worker_nice: int = 0,
     ):
@@ -691,9 +692,9 @@ def build_train_stream(
     world_size: int,
     transform: Callable,
     *,
-    num_workers: Optional[int] = None,
-    epochs: Optional[int] = None,
-    spec: Optional[str] = None,
+    num_workers: int | None = None,
+    epochs: int | None = None,
+    spec: str | None = None,
 ) -> TrainStream:
     """The training stream of one rank over ``data_cfg.train`` (or ``spec``); see the module doc."""
     spec = spec or data_cfg.train

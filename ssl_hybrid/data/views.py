@@ -16,7 +16,7 @@ Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly'
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

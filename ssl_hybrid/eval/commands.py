@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ssl_hybrid.errors import UserError
 
@@ -74,7 +74,7 @@ def data_summary(train, test) -> dict[str, Any]:
     }
 
 
-def cache_dir(args: argparse.Namespace) -> Optional[Path]:
+def cache_dir(args: argparse.Namespace) -> Path | None:
     from ssl_hybrid.eval.features import default_cache_dir
 
     if getattr(args, "no_cache", False):
@@ -316,7 +316,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def finetune_save_dir(args: argparse.Namespace) -> Optional[Path]:
+def finetune_save_dir(args: argparse.Namespace) -> Path | None:
     """Where ``finetune`` saves its model: ``--save``, refused up front when it exists without ``--force``;
     by default a new folder beside ``--out`` (``<out stem>_model``), in the run directory of a run backbone
     (``<run>/finetuned``) or ``./finetuned``, numbered (``-2``, ``-3`` ...) rather than replacing one."""

@@ -23,9 +23,10 @@ import csv
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ class Embedder:
 
 def load_embedder(
     spec: str,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     pooling: str = EvalConfig.pooling,
     batch_size: int = EvalConfig.batch_size,
     num_workers: int = 0,
@@ -132,7 +133,7 @@ def load_embedder(
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     import json
 
     try:
@@ -444,7 +445,7 @@ def resolve_queries(embeddings: Embeddings, queries: Sequence[str]) -> tuple[lis
 
 
 def query_vectors(
-    embeddings: Embeddings, rows: list[int], images: LabeledSet, embedder: Optional[Embedder] = None, **loading
+    embeddings: Embeddings, rows: list[int], images: LabeledSet, embedder: Embedder | None = None, **loading
 ) -> np.ndarray:
     """[Q, D]: stored rows for ids, freshly embedded (same backbone, checked) vectors for images; the
     backbone is loaded only when there are images (``loading``: embedder_for's batch_size, num_workers)."""
@@ -459,7 +460,7 @@ def query_vectors(
 
 
 def nearest(
-    embeddings: Embeddings, queries: Sequence[str], k: int = 10, embedder: Optional[Embedder] = None, **loading
+    embeddings: Embeddings, queries: Sequence[str], k: int = 10, embedder: Embedder | None = None, **loading
 ) -> list[dict[str, Any]]:
     """The k nearest images of each query (an id of the folder, or an image file/folder), by cosine
     similarity, most similar first. An id query does not return itself."""

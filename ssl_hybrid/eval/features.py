@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class BoundedResize(T.Resize):
         return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
 
 
-def eval_transform(image_size: int, mean=None, std=None, crop_pct: Optional[float] = None):
+def eval_transform(image_size: int, mean=None, std=None, crop_pct: float | None = None):
     """Resize (shorter side to size / crop_pct, bicubic; the longer side bounded, :class:`BoundedResize`) +
     center crop + ImageNet normalization: timm's evaluation transform with the crop_pct of our models'
     pretrained_cfg, except that the resize side is rounded where timm's ``create_transform`` floors it (110 px
@@ -197,7 +197,7 @@ def extract_features(
     backbone = backbone.to(device).eval()
     if accelerator is not None and accelerator.num_processes > 1:
         loader = accelerator.prepare_data_loader(loader)
-    features: Optional[np.ndarray] = None
+    features: np.ndarray | None = None
     labels = np.full(n, -1, dtype=np.int64)
     filled = np.zeros(n, dtype=bool)
     batches = iterator = iter(loader)
@@ -272,7 +272,7 @@ def cache_max_bytes() -> int:
     return int(value * 2**30)
 
 
-def read_entry(path: Path, key: str, labeled: LabeledSet) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def read_entry(path: Path, key: str, labeled: LabeledSet) -> tuple[np.ndarray, np.ndarray] | None:
     """The stored (features, labels) when ``path`` holds them for ``labeled``; None (a miss) otherwise.
     An entry must say it is ``key`` and match the set's size and labels, with finite float32 features."""
     if not path.exists():
@@ -359,7 +359,7 @@ def cached_features(
     image_size: int,
     batch_size: int = EvalConfig.batch_size,
     num_workers: int = 0,
-    cache_dir: Optional[Path] = None,
+    cache_dir: Path | None = None,
     accelerator=None,
     progress: bool = False,
     pooling: str = EvalConfig.pooling,
@@ -431,10 +431,10 @@ def distributed_accelerator():
 def features_for_spec(
     spec: str,
     sets: list[LabeledSet],
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     batch_size: int = EvalConfig.batch_size,
     num_workers: int = 0,
-    cache_dir: Optional[Path] = None,
+    cache_dir: Path | None = None,
     progress: bool = False,
     pooling: str = EvalConfig.pooling,
 ) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:

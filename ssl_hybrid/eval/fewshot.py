@@ -16,8 +16,8 @@ time (every image is a query in about half of the 5-shot draws).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -81,13 +81,13 @@ def fewshot_evaluate(
     shots: Sequence[int] = DEFAULT_SHOTS,
     seeds: int = 5,
     methods: Sequence[str] = METHODS,
-    train_set: Optional[LabeledSet] = None,
-    split_dir: Optional[Path] = None,
+    train_set: LabeledSet | None = None,
+    split_dir: Path | None = None,
     knn_k: int = HEADLINE_K,
     temperature: float = TEMPERATURE,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
     protocol: str = "heldout",
-    test_set: Optional[LabeledSet] = None,
+    test_set: LabeledSet | None = None,
 ) -> dict:
     """``{"results": [{"method", "shots", "mean", "std", "n_test", "runs"}], ...}``; runs hold per-seed
     accuracies. ``protocol`` is one of ``PROTOCOLS``; with ``rest``, ``test_set`` names the test rows in the
@@ -168,7 +168,7 @@ def _run_draws(tasks: list[tuple]) -> list[float]:
     return Parallel(n_jobs=jobs)(delayed(evaluate_subset)(*task) for task in tasks)
 
 
-def _pooled(train_set: Optional[LabeledSet], test_set: Optional[LabeledSet]) -> Optional[LabeledSet]:
+def _pooled(train_set: LabeledSet | None, test_set: LabeledSet | None) -> LabeledSet | None:
     if train_set is None or test_set is None:
         return None
     source = train_set.source if train_set.source == test_set.source else f"{train_set.source} + {test_set.source}"
@@ -178,14 +178,14 @@ def _pooled(train_set: Optional[LabeledSet], test_set: Optional[LabeledSet]) -> 
 
 
 def _save(
-    split_dir: Optional[Path],
-    labeled: Optional[LabeledSet],
+    split_dir: Path | None,
+    labeled: LabeledSet | None,
     indices: np.ndarray,
     shots: int,
     seed: int,
     protocol: str = "heldout",
     n_train: int = 0,
-) -> Optional[str]:
+) -> str | None:
     """The draw's ids; under ``rest`` also which set each came from (two folders may share relative ids)."""
     if split_dir is None or labeled is None:
         return None

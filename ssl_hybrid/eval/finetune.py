@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -151,7 +151,7 @@ def save_finetuned(
     label_names: list[str],
     image_size: int,
     result: dict,
-    record: Optional[dict[str, Any]] = None,
+    record: dict[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
     """The fine-tuned classifier as a model folder with its class names, preprocessing and scores."""
@@ -192,10 +192,10 @@ def finetune(
     train_set: LabeledSet,
     test_set: LabeledSet,
     image_size: int,
-    settings: Optional[FinetuneSettings] = None,
+    settings: FinetuneSettings | None = None,
     accelerator=None,
-    save_dir: Optional[Path] = None,
-    record: Optional[dict[str, Any]] = None,
+    save_dir: Path | None = None,
+    record: dict[str, Any] | None = None,
     force: bool = False,
     name: str = "the backbone",
 ) -> dict:
@@ -291,7 +291,7 @@ def finetune(
     return result
 
 
-def _save_on_main(accelerator, save) -> Optional[str]:
+def _save_on_main(accelerator, save) -> str | None:
     """``save()`` on the main process; a failure there (a full disk: one line) stops every rank the same way."""
     from ssl_hybrid.errors import UserError
 

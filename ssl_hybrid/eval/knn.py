@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ HEADLINE_K = EvalConfig.knn_k
 TEMPERATURE = EvalConfig.knn_temperature
 
 
-def set_faiss_threads(threads: Optional[int] = None) -> int:
+def set_faiss_threads(threads: int | None = None) -> int:
     """faiss and torch both use OpenMP; an explicit count keeps them from oversubscribing the cores."""
     import faiss
 
@@ -36,7 +37,7 @@ def set_faiss_threads(threads: Optional[int] = None) -> int:
 
 
 @contextlib.contextmanager
-def faiss_threads(threads: Optional[int] = None) -> Iterator[int]:
+def faiss_threads(threads: int | None = None) -> Iterator[int]:
     """``set_faiss_threads`` for the duration of a search, then the previous counts again. When torch is
     imported first, faiss's ``omp_set_num_threads`` lands in torch's OpenMP runtime and would silently
     change ``torch.get_num_threads()`` for the rest of the process (a trainer whose k-NN monitor ran at
@@ -87,7 +88,7 @@ def knn_predict(
     queries: np.ndarray,
     k: int = HEADLINE_K,
     temperature: float = TEMPERATURE,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
 ) -> np.ndarray:
     """Weighted k-NN class scores [Q, classes] (argmax = prediction)."""
     bank_labels = np.asarray(bank_labels, dtype=np.int64)
@@ -118,8 +119,8 @@ def knn_evaluate(
     ks: Iterable[int] = DEFAULT_KS,
     temperature: float = TEMPERATURE,
     headline_k: int = HEADLINE_K,
-    num_classes: Optional[int] = None,
-    threads: Optional[int] = None,
+    num_classes: int | None = None,
+    threads: int | None = None,
 ) -> dict:
     """The k-NN evaluation JSON: headline top1/top5 at ``headline_k`` plus every k in ``per_k``.
 
@@ -192,7 +193,7 @@ def knn_reference_numpy(
     queries: np.ndarray,
     k: int,
     temperature: float = TEMPERATURE,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
 ) -> np.ndarray:
     """Brute-force float64 numpy k-NN (the test reference): full similarity matrix, full sort."""
     bank = np.asarray(bank, dtype=np.float64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -88,7 +88,7 @@ def linear_probe(
     cs: Sequence[float] = DEFAULT_CS,
     holdout: float = HOLDOUT_FRACTION,
     seed: int = 0,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
 ) -> dict:
     """Choose C on a held-out part of train, refit on all of train, report test top-1/top-5 and C."""
     start = time.perf_counter()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,11 +71,11 @@ def predict_with_bank(
     k: int = EvalConfig.knn_k,
     temperature: float = EvalConfig.knn_temperature,
     top: int = DEFAULT_TOP,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     pooling: str = EvalConfig.pooling,
     batch_size: int = EvalConfig.batch_size,
     num_workers: int = 0,
-    cache_dir: Optional[Path] = None,
+    cache_dir: Path | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
     """k-NN classification of ``images`` against the labeled ``bank_spec`` (folder with class sub-folders or

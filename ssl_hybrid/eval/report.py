@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,11 +64,11 @@ def evaluate_backbone(
     seeds: int,
     methods: Sequence[str],
     train_set: LabeledSet,
-    split_dir: Optional[Path],
+    split_dir: Path | None,
     num_classes: int,
     knn_protocol: str = "heldout",
     fewshot_protocol: str = "heldout",
-    test_set: Optional[LabeledSet] = None,
+    test_set: LabeledSet | None = None,
 ) -> dict[str, Any]:
     knn = evaluate_knn(train, test, num_classes, knn_protocol)
     fewest = int(np.bincount(draw_pool(train[1], test[1], fewshot_protocol)).min())
@@ -117,7 +118,7 @@ def evaluate_backbone(
     }
 
 
-def markdown_table(entries: list[dict[str, Any]], chance: Optional[dict[str, float]] = None) -> str:
+def markdown_table(entries: list[dict[str, Any]], chance: dict[str, float] | None = None) -> str:
     """One row per backbone (top-1 / top-5 in %, k-shot mean ± std) and, given ``chance``, a chance row."""
     columns = sorted({(r["method"], r["shots"]) for e in entries for r in e["fewshot"]})
     header = ["backbone", f"k-NN top-1 (k={HEADLINE_K})", "k-NN top-5"] + [f"{m} {k}-shot" for m, k in columns]
@@ -158,7 +159,7 @@ def figure_data(ax) -> dict[str, Any]:
 
 
 def plot_label_efficiency(
-    entries: list[dict[str, Any]], path: Path, chance: Optional[float] = None, seeds: Optional[int] = None
+    entries: list[dict[str, Any]], path: Path, chance: float | None = None, seeds: int | None = None
 ) -> dict[str, Any]:
     """Top-1 vs labels per class (log x, every evaluated shot count a tick), one line per (backbone,
     method), shaded ± std over seeds, a dotted chance line; the y axis starts at 0 so gaps read true.
@@ -268,7 +269,7 @@ def retrieval_grid(
     seed: int = 0,
     thumb: int = 96,
     border: int = 5,
-    title: Optional[str] = None,
+    title: str | None = None,
 ) -> dict[str, Any]:
     """Rows: a test query (grey border) then its nearest training images (green = same class, red = not),
     under a title and a colour legend; class names wrap to two lines under each image.
@@ -350,21 +351,21 @@ def build_report(
     train_set: LabeledSet,
     test_set: LabeledSet,
     out_dir: Path,
-    names: Optional[Sequence[str]] = None,
+    names: Sequence[str] | None = None,
     shots: Sequence[int] = DEFAULT_SHOTS,
     seeds: int = 5,
     methods: Sequence[str] = METHODS,
-    image_size: Optional[int] = None,
+    image_size: int | None = None,
     batch_size: int = EvalConfig.batch_size,
     num_workers: int = 0,
-    cache_dir: Optional[Path] = None,
+    cache_dir: Path | None = None,
     grid_queries: int = 8,
     pooling: str = EvalConfig.pooling,
-    split_note: Optional[str] = None,
-    baseline: Optional[str] = None,
+    split_note: str | None = None,
+    baseline: str | None = None,
     knn_protocol: str = "heldout",
     fewshot_protocol: str = "heldout",
-    budget_note: Optional[str] = None,
+    budget_note: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
     ``pooling`` (config.POOLINGS) applies to every backbone alike; what each one got is in its entry.
@@ -443,7 +444,7 @@ def build_report(
     return report
 
 
-def image_sizes(specs: Sequence[str], image_size: Optional[int] = None) -> list[Optional[int]]:
+def image_sizes(specs: Sequence[str], image_size: int | None = None) -> list[int | None]:
     """The size each backbone is evaluated at: ``image_size`` for all when given; else a saved backbone at its
     pretraining size and a random init (timm:/random:, no size of its own) at the size of the saved ones it is
     compared with, so a gap measures pretraining, not 64 vs 224 px. Saved backbones of different sizes beside a
@@ -578,7 +579,7 @@ def report_markdown(
     judged: dict[str, Any],
     table: str,
     plot_name: str,
-    budget_note: Optional[str] = None,
+    budget_note: str | None = None,
 ) -> str:
     setup = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in _setup_rows(entries, context))
     grids = "".join(f"![retrieval {e['name']}]({Path(e['retrieval_grid']['path']).name})\n" for e in entries)

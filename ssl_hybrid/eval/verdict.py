@@ -12,7 +12,8 @@ Nothing here assumes which model or objective produced the numbers.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ def _per_class(labeled: LabeledSet) -> dict[str, int]:
     return {"min": int(counts.min()), "max": int(counts.max())} if len(counts) else {"min": 0, "max": 0}
 
 
-def data_context(train_set: LabeledSet, test_set: LabeledSet, split_note: Optional[str] = None) -> dict[str, Any]:
+def data_context(train_set: LabeledSet, test_set: LabeledSet, split_note: str | None = None) -> dict[str, Any]:
     """Sizes, per-class counts, skipped images, chance and a sentence on how test relates to train."""
     shared = shared_images(train_set, test_set)
     if shared:
@@ -151,7 +152,7 @@ def above_chance(entry: dict[str, Any], chance: float) -> dict[str, Any]:
     return {"any": any(j["above"] for j in judged), "knn_top1": judged[0]["above"], "metrics": judged}
 
 
-def pick_baseline(entries: Sequence[dict[str, Any]], baseline: Optional[str] = None) -> Optional[int]:
+def pick_baseline(entries: Sequence[dict[str, Any]], baseline: str | None = None) -> int | None:
     """Index of the baseline entry: the one named, else the last random-init one when others are not."""
     if baseline is not None:
         names = [e["name"] for e in entries]
@@ -212,7 +213,7 @@ def chance_text(entries: Sequence[dict[str, Any]], judged: list[dict[str, Any]],
     return f"{', '.join(at)} {'is' if len(at) == 1 else 'are'} within noise of {level} on every metric"
 
 
-def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: Optional[str] = None) -> dict[str, Any]:
+def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: str | None = None) -> dict[str, Any]:
     """``{"line", "baseline", "comparisons": {name: [...]}, "outcomes", "above_chance"}``; ``line`` is the
     one-line verdict printed by ``quickstart`` and ``report`` and written at the top of report.md."""
     judged = [above_chance(e, chance) for e in entries]

@@ -17,7 +17,6 @@ Positions matter for window attention, which must work on the visible tokens of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,18 +32,18 @@ class TokenLayout:
 
     grid: tuple[int, int]
     pos: torch.Tensor
-    valid: Optional[torch.Tensor] = None
+    valid: torch.Tensor | None = None
     # True while tokens are [cls] + every grid cell in raster order (enables the fast window path)
     full_grid: bool = False
 
     @classmethod
-    def for_grid(cls, batch_size: int, grid: tuple[int, int], device: torch.device) -> "TokenLayout":
+    def for_grid(cls, batch_size: int, grid: tuple[int, int], device: torch.device) -> TokenLayout:
         cells = torch.arange(grid[0] * grid[1], device=device)
         pos = torch.cat([cells.new_full((1,), -1), cells]).expand(batch_size, -1)  # [B, 1+N]
         return cls(grid=grid, pos=pos, valid=None, full_grid=True)
 
     @classmethod
-    def for_visible(cls, ids_keep: torch.Tensor, grid: tuple[int, int]) -> "TokenLayout":
+    def for_visible(cls, ids_keep: torch.Tensor, grid: tuple[int, int]) -> TokenLayout:
         pos = torch.cat([ids_keep.new_full((ids_keep.shape[0], 1), -1), ids_keep], dim=1)  # [B, 1+Nv]
         return cls(grid=grid, pos=pos, valid=None, full_grid=False)
 
@@ -60,7 +59,7 @@ def window_allowed(layout: TokenLayout, window_size: int) -> torch.Tensor:
     return same | is_global[:, :, None] | is_global[:, None, :]
 
 
-def attention_allowed(layout: TokenLayout, mode: str, window_size: int) -> Optional[torch.Tensor]:
+def attention_allowed(layout: TokenLayout, mode: str, window_size: int) -> torch.Tensor | None:
     """Bool ``[B, 1, T, T]`` mask (True = may attend) or None when everything may attend everything."""
     allowed = window_allowed(layout, window_size) if mode == "window" else None
     if layout.valid is not None:
@@ -102,8 +101,8 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(
-        self, x: torch.Tensor, layout: TokenLayout, need_cls_attn: bool = False, allowed: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        self, x: torch.Tensor, layout: TokenLayout, need_cls_attn: bool = False, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(out [B, T, C], cls_attn [B, T] or None)``; cls_attn = class-token attention, head-mean.
 
         ``allowed`` is the precomputed :func:`attention_allowed` mask for this layout (shared by blocks).
@@ -122,14 +121,14 @@ class Attention(nn.Module):
         cls_attn = self._class_token_attention(q, k, allowed) if need_cls_attn else None
         return out, cls_attn
 
-    def _class_token_attention(self, q: torch.Tensor, k: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    def _class_token_attention(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         # one query row is cheap to recompute explicitly; the fused SDPA kernel does not return weights
         scores = (q[:, :, :1] @ k.transpose(-2, -1)) * self.scale  # [B, h, 1, T]
         if allowed is not None:
             scores = scores.masked_fill(~allowed[:, :, :1], float("-inf"))
         return scores.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, T]
 
-    def _topk_attention(self, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    def _topk_attention(self, q, k, v, allowed: torch.Tensor | None) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * self.scale  # [B, h, T, T]
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))

@@ -25,8 +25,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -120,7 +121,7 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(args, default=list))
 
 
-def _input_size(model: nn.Module, args: dict[str, Any], image_size: Optional[int]) -> list[int]:
+def _input_size(model: nn.Module, args: dict[str, Any], image_size: int | None) -> list[int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = image_size or getattr(model, "img_size", None) or cfg.get("input_size", (3, 224, 224))[-2:]
     height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
@@ -128,7 +129,7 @@ def _input_size(model: nn.Module, args: dict[str, Any], image_size: Optional[int
 
 
 def pretrained_cfg(
-    model: nn.Module, args: dict[str, Any], image_size: Optional[int] = None, license: str = "other"
+    model: nn.Module, args: dict[str, Any], image_size: int | None = None, license: str = "other"
 ) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` for the saved weights: the preprocessing the evaluators use (resize to
     size / crop_pct, bicubic, center crop, ImageNet mean/std) at the size the model was trained at."""
@@ -157,7 +158,7 @@ def pretrained_cfg(
 
 
 def model_config(
-    model: nn.Module, label_names: Optional[Sequence[str]] = None, extra: Optional[dict[str, Any]] = None
+    model: nn.Module, label_names: Sequence[str] | None = None, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The ``config.json`` of ``model``; ``extra`` (run, step, image_size, ...) goes under ``ssl_hybrid``."""
     extra = dict(extra or {})
@@ -180,7 +181,7 @@ def model_config(
     return config
 
 
-def model_card(config: dict[str, Any], evaluation: Optional[str] = None) -> str:
+def model_card(config: dict[str, Any], evaluation: str | None = None) -> str:
     """README.md: Hub metadata (YAML front matter) and what the model is, how it was made, how to load it."""
     record = config.get(RECORD_KEY, {})
     classifier = bool(config.get("label_names"))
@@ -274,12 +275,12 @@ def public_source(spec: str) -> str:
 
 def save_model_folder(
     model: nn.Module,
-    directory: Union[str, os.PathLike],
+    directory: str | os.PathLike,
     *,
-    label_names: Optional[Sequence[str]] = None,
-    extra: Optional[dict[str, Any]] = None,
+    label_names: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
     force: bool = False,
-    evaluation: Optional[str] = None,
+    evaluation: str | None = None,
 ) -> Path:
     """Write ``model`` as a model folder (``model.safetensors`` + ``config.json`` + ``README.md``).
 
@@ -320,7 +321,7 @@ def save_model_folder(
     return directory
 
 
-def write_model_card(folder: Union[str, os.PathLike], evaluation: Optional[str]) -> Path:
+def write_model_card(folder: str | os.PathLike, evaluation: str | None) -> Path:
     """Rewrite the folder's model card from its config.json with ``evaluation`` (temp file + rename)."""
     folder = Path(folder)
     card = model_card(read_model_config(folder), evaluation)
@@ -344,11 +345,11 @@ def _swap_in(tmp: Path, final: Path) -> None:
     replace_dir(tmp, final)
 
 
-def is_model_folder(path: Union[str, os.PathLike]) -> bool:
+def is_model_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / MODEL_WEIGHTS_NAME).is_file()
 
 
-def read_model_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_model_config(folder: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, checked: one line naming the folder and key when it is not one."""
     folder = Path(folder)
     if (folder / LEGACY_WEIGHTS_NAME).exists() or (folder / META_NAME).exists() and not (folder / CONFIG_NAME).exists():
@@ -376,7 +377,7 @@ def read_model_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
 
 
 def build_from_folder(
-    folder: Union[str, os.PathLike], config: dict[str, Any], *, ignore_unexpected: bool = False, **override_kwargs: Any
+    folder: str | os.PathLike, config: dict[str, Any], *, ignore_unexpected: bool = False, **override_kwargs: Any
 ) -> tuple[nn.Module, list[str]]:
     """The folder's model from ``config`` (``model_args``, ``override_kwargs`` on top), weights loaded
     strictly; returns it in eval mode and the unexpected (ignored) keys."""
@@ -395,14 +396,14 @@ def build_from_folder(
     )
 
 
-def load_model(folder: Union[str, os.PathLike]) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The model exactly as saved (its classifier head when it has one), in eval mode, and its config.json."""
     folder = _folder_of(folder)
     config = read_model_config(folder)
     return build_from_folder(folder, config)[0], config
 
 
-def _folder_of(path: Union[str, os.PathLike]) -> Path:
+def _folder_of(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_file() and path.name in (MODEL_WEIGHTS_NAME, CONFIG_NAME):
         return path.parent
@@ -414,7 +415,7 @@ def _folder_of(path: Union[str, os.PathLike]) -> Path:
 # ------------------------------------------------------------------------------------------- reading
 
 
-def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[str, Any]:
+def upgrade_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
     """``meta`` in the current layout; raises when no model is named, or when the name or the factory kwargs
     are not what a file may set (:func:`ssl_hybrid.models.factory.check_factory_args`).
 
@@ -440,7 +441,7 @@ def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[s
     return meta
 
 
-def read_meta_file(meta_path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_meta_file(meta_path: str | os.PathLike) -> dict[str, Any]:
     """One ``backbone.json``, old key names upgraded."""
     meta_path = Path(meta_path)
     if not meta_path.is_file():
@@ -456,7 +457,7 @@ def read_meta_file(meta_path: Union[str, os.PathLike]) -> dict[str, Any]:
     return upgrade_meta(meta, meta_path)
 
 
-def read_meta(path_or_dir: Union[str, os.PathLike]) -> tuple[Path, dict[str, Any]]:
+def read_meta(path_or_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Resolve ``(weights_path, meta)`` from a directory, the .safetensors or the .json path."""
     path = Path(path_or_dir)
     if not path.exists():
@@ -473,7 +474,7 @@ def read_meta(path_or_dir: Union[str, os.PathLike]) -> tuple[Path, dict[str, Any
 def load_state_strict(
     model: nn.Module,
     state: dict[str, torch.Tensor],
-    where: Union[str, os.PathLike],
+    where: str | os.PathLike,
     *,
     ignore_unexpected: bool = False,
     error: type[UserError] = BackboneLoadError,
@@ -525,7 +526,7 @@ def rebuild(
     *,
     prefix: str = "",
     ignore_unexpected: bool = False,
-    drop: Optional[str] = None,
+    drop: str | None = None,
     **override_kwargs: Any,
 ) -> tuple[nn.Module, list[str]]:
     """Build ``meta``'s model (its factory kwargs, ``override_kwargs`` on top) and load the weights strictly.
@@ -554,7 +555,7 @@ def rebuild(
     return model.eval(), unexpected
 
 
-def load_backbone(path_or_dir: Union[str, os.PathLike], **override_kwargs: Any) -> nn.Module:
+def load_backbone(path_or_dir: str | os.PathLike, **override_kwargs: Any) -> nn.Module:
     """The features of a saved model: a model folder rebuilt without its classifier (``num_classes=0``),
     its pooling as saved; an old ``backbone.safetensors`` + ``backbone.json`` export as it was saved.
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from ssl_hybrid.errors import UserError
 
 
-def create_model(name: str, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+def create_model(name: str, image_size: int | None = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=False, img_size=image_size, **kwargs)``.
 
     Never downloads weights. ``img_size`` is passed only to models that take it (ViTs, ``hybrid_*``):
@@ -43,7 +44,7 @@ def _recorded(model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def create_backbone(name: str, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+def create_backbone(name: str, image_size: int | None = None, **kwargs: Any) -> nn.Module:
     """``create_model`` without a classifier (``num_classes=0``) unless ``kwargs`` asks for one."""
     return create_model(name, image_size, **{"num_classes": 0, **kwargs})
 
@@ -65,7 +66,7 @@ _LOADER_ARGS = frozenset(inspect.signature(timm.create_model).parameters) | froz
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def factory_arguments(name: str) -> frozenset[str]:
     """The constructor arguments of the model class ``name`` builds: what a model family defines.
 
@@ -101,9 +102,7 @@ def check_factory_args(name: Any, kwargs: Mapping[str, Any], source: str) -> Non
         )
 
 
-def create_model_from_file_args(
-    name: str, image_size: Optional[int], kwargs: Mapping[str, Any], source: str
-) -> nn.Module:
+def create_model_from_file_args(name: str, image_size: int | None, kwargs: Mapping[str, Any], source: str) -> nn.Module:
     """:func:`create_model` for a name and kwargs read from ``source`` (a file): checked first."""
     check_factory_args(name, kwargs, source)
     return create_model(name, image_size, **kwargs)

@@ -13,7 +13,8 @@ gradient does exactly the forward conv's multiply-adds.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,9 +61,9 @@ def _first_tensor_sum(output: Any) -> torch.Tensor:
 
 def count_flops(
     model: nn.Module,
-    example: Union[torch.Tensor, Sequence[int]],
+    example: torch.Tensor | Sequence[int],
     train_step: bool = False,
-    forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+    forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
 ) -> float:
     """FLOPs of one forward (``train_step=False``, under no_grad) or forward + backward.
 

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
 from ssl_hybrid.models.contract import (
@@ -75,7 +75,7 @@ class ConvBlock(nn.Module):
         dim: int,
         kernel_size: int = 7,
         mlp_ratio: float = 4.0,
-        ls_init_value: Optional[float] = 1e-6,
+        ls_init_value: float | None = 1e-6,
         drop_path: float = 0.0,
     ):
         super().__init__()
@@ -85,7 +85,7 @@ class ConvBlock(nn.Module):
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         B, H, W, C = x.shape
         mixed = self.conv_dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, H * W, C)  # [B, HW, C]
         shortcut = x.reshape(B, H * W, C)
@@ -127,7 +127,7 @@ class Block(nn.Module):
         attn_mode: str,
         window_size: int,
         attn_topk: int,
-        ls_init_value: Optional[float] = None,
+        ls_init_value: float | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -152,8 +152,8 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         layout: TokenLayout,
-        allowed: Optional[torch.Tensor] = None,
-        select: Optional[TokenSelectConfig] = None,
+        allowed: torch.Tensor | None = None,
+        select: TokenSelectConfig | None = None,
     ):
         """Return ``(x, layout, kept)``; ``kept [B]`` is None unless ``select`` is given."""
         attn_out, cls_attn = self.attn(self.norm1(x), layout, need_cls_attn=select is not None, allowed=allowed)
@@ -170,7 +170,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Sequence[int]] = 224,
+        img_size: int | Sequence[int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "token_avg",
@@ -190,8 +190,8 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         window_size: int = 7,
         attn_topk: int = 49,
         token_keep_rate: float = 1.0,
-        token_keep_share: Optional[float] = None,
-        token_select_blocks: Optional[Sequence[int]] = None,
+        token_keep_share: float | None = None,
+        token_select_blocks: Sequence[int] | None = None,
         token_min_keep: int = 1,
     ):
         super().__init__()
@@ -217,8 +217,8 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self.token_select_blocks = default_select_blocks(depth)
         self.set_token_selection(token_keep_rate, token_keep_share, token_select_blocks, token_min_keep)
         # reported after each forward_features: patch tokens kept per image [B], and the padding mask
-        self.last_tokens_kept: Optional[torch.Tensor] = None
-        self.last_token_mask: Optional[torch.Tensor] = None
+        self.last_tokens_kept: torch.Tensor | None = None
+        self.last_token_mask: torch.Tensor | None = None
 
         num_blocks = sum(conv_depths) + depth
         rates = torch.linspace(0, drop_path_rate, num_blocks, device="cpu").tolist()  # stochastic depth decay rule
@@ -286,7 +286,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         )
 
     # ---------------------------------------------------------------- runtime switches (same weights)
-    def set_attention(self, attn_mode: str, window_size: Optional[int] = None, topk: Optional[int] = None) -> None:
+    def set_attention(self, attn_mode: str, window_size: int | None = None, topk: int | None = None) -> None:
         """Switch every block's attention pattern; weights are unchanged (compare modes on one model)."""
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
@@ -300,8 +300,8 @@ class HybridViT(TokenBackboneMixin, nn.Module):
     def set_token_selection(
         self,
         keep_rate: float = 1.0,
-        keep_share: Optional[float] = None,
-        blocks: Optional[Sequence[int]] = None,
+        keep_share: float | None = None,
+        blocks: Sequence[int] | None = None,
         min_keep: int = 1,
     ) -> None:
         """Turn token selection on/off for forward_features (keep_rate=1, keep_share=None = off)."""
@@ -317,7 +317,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward_conv(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_conv(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``[B, 3, H, W]`` -> (stride-4 ``[B, H/4, W/4, C4]``, stride-8 ``[B, H/8, W/8, C8]``), channels-last.
 
         With ``mask [B, H/16, W/16]`` (True = hidden), hidden positions are zero after the stem,
@@ -353,7 +353,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         )  # [B, M, D]
         return fused * (pos >= 0)[..., None].to(fused.dtype)
 
-    def _patch_tokens(self, s8: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+    def _patch_tokens(self, s8: torch.Tensor, grid: tuple[int, int], ids_keep: torch.Tensor | None) -> torch.Tensor:
         """Stride-8 map -> ``[B, 1+N(visible), D]`` tokens with position embedding and class token first."""
         B = s8.shape[0]
         cells = patchify_nhwc(self.patch_norm(s8), 2)  # [B, N, 4*C8]
@@ -376,7 +376,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             kept = block_kept if block_kept is not None else kept
         return x, layout, kept
 
-    def _encode(self, x: torch.Tensor, mask: Optional[torch.Tensor], select: bool):
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor | None, select: bool):
         """Shared body of forward_features / forward_masked; returns pre-norm tokens, fusion, layout, maps."""
         B = x.shape[0]
         grid = token_grid(x)
@@ -427,7 +427,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         )
         return out
 
-    def pool(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, 1+N, C]`` -> ``[B, C]``: class token, mean of patch tokens, or (default) their average."""
         if self.global_pool == "":
             return x
@@ -442,7 +442,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         return mean if self.global_pool == "avg" else 0.5 * (x[:, 0] + mean)
 
     def forward_head(
-        self, x: torch.Tensor, pre_logits: bool = False, token_mask: Optional[torch.Tensor] = None
+        self, x: torch.Tensor, pre_logits: bool = False, token_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Pooled ``[B, C]`` (pre_logits) or logits. Padding from token selection is excluded using
         ``token_mask`` or, when not given, the mask of the last forward_features if shapes match."""
@@ -494,7 +494,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",

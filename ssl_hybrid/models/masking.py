@@ -7,8 +7,6 @@ Every image in a batch hides the same number of patches, so visible tokens stack
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -17,8 +15,8 @@ def random_grid_mask(
     grid_h: int,
     grid_w: int,
     mask_ratio: float,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Uniform random mask hiding exactly ``round(mask_ratio * grid_h * grid_w)`` patches per image.
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ def output_name(model: nn.Module) -> str:
     return "logits" if getattr(model, "num_classes", 0) else "embedding"
 
 
-def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_chans: int = 3) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, image_size: int, in_chans: int = 3) -> Path:
     """Write ``model``'s forward to ``path`` as ONNX (checked by ``onnx.checker``); returns ``path``.
 
     ``image_size`` is the side of the example input the graph is traced with; the graph takes any batch
@@ -71,7 +70,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_ch
     return path
 
 
-def export_saved_onnx(folder: Union[str, Path], name: str = "model.onnx") -> Path:
+def export_saved_onnx(folder: str | Path, name: str = "model.onnx") -> Path:
     """The model folder's model as saved (a backbone, or a fine-tuned classifier with its head) as ``name`` in
     the folder, traced at the input size its ``pretrained_cfg`` records (batch and image size stay dynamic)."""
     from ssl_hybrid.models.export import load_model

@@ -28,16 +28,16 @@ patch mean, each L2-normalized, concatenated) that the evaluators use when a bac
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from ssl_hybrid.models.contract import PATCH_SIZE, TokenBackboneMixin, check_global_pool, multiscale_pool
 from ssl_hybrid.models.hybrid import _BUILDER_KWARGS, _cfg, checkpoint_filter_fn
@@ -52,7 +52,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     zero. Without ``keep`` it is exactly ``nn.BatchNorm2d``.
     """
 
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if keep is None:
             return super().forward(x)
         if self.training or not self.track_running_stats:
@@ -95,7 +95,7 @@ class BasicBlock(nn.Module):
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)  # each block starts as identity (timm's ResNet default)
 
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x
         if self.downsample is not None:
             shortcut = self.downsample[1](self.downsample[0](x), keep)
@@ -116,7 +116,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Sequence[int]] = 224,
+        img_size: int | Sequence[int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "token_avg",
@@ -224,7 +224,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
         )
 
     # ---------------------------------------------------------------- stages
-    def forward_conv(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    def forward_conv(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Image ``[B, 3, H, W]`` -> stage maps [stride 4, 8, 16] ``[B, C_i, H/s, W/s]`` (NCHW).
 
         With ``mask [B, H/16, W/16]`` (True = hidden) the hidden pixels are zeroed first and every map stays
@@ -247,7 +247,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             maps.append(x)
         return maps
 
-    def _tokens(self, s16: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+    def _tokens(self, s16: torch.Tensor, grid: tuple[int, int], ids_keep: torch.Tensor | None) -> torch.Tensor:
         """Stride-16 map -> ``[B, 1+N(visible), D]`` tokens with position embedding, class token first."""
         B = s16.shape[0]
         tokens = self.patch_embed(s16).flatten(2).transpose(1, 2) + self._pos_embed_for(grid)  # [B, N, D]
@@ -255,7 +255,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             tokens = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, Nv, D]
         return torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
 
-    def _fusion(self, maps: list[torch.Tensor], ids_keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _fusion(self, maps: list[torch.Tensor], ids_keep: torch.Tensor | None) -> torch.Tensor | None:
         """Stride-4/8 maps average-pooled to stride 16 and projected -> ``[B, N(visible), D]`` (None when off)."""
         if not self.fuse_stages:
             return None
@@ -271,7 +271,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             tokens = self._run(block, tokens)
         return tokens
 
-    def _finish(self, tokens: torch.Tensor, fusion: Optional[torch.Tensor]) -> torch.Tensor:
+    def _finish(self, tokens: torch.Tensor, fusion: torch.Tensor | None) -> torch.Tensor:
         """Add the multi-scale fusion to the patch tokens, then the final norm -> ``[B, 1+N, D]``."""
         if fusion is not None:
             tokens = torch.cat([tokens[:, :1], tokens[:, 1:] + fusion], dim=1)
@@ -341,7 +341,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ class TokenSelectConfig:
     """``keep_rate`` < 1 enables fixed selection; ``keep_share`` (if set) enables adaptive selection."""
 
     keep_rate: float = 1.0
-    keep_share: Optional[float] = None
+    keep_share: float | None = None
     # never keep fewer than this many patch tokens per image (adaptive can otherwise collapse to 1)
     min_keep: int = 1
 

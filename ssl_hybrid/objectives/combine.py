@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +45,7 @@ class ObjectiveSettings:
     embedding: str
 
     @classmethod
-    def from_config(cls, config) -> "ObjectiveSettings":
+    def from_config(cls, config) -> ObjectiveSettings:
         o = config.objective
         return cls(
             o.mim_weight,
@@ -123,7 +122,7 @@ class PretrainModel(nn.Module):
             return []
         return list(self.view_embedding(torch.cat(local_views)).chunk(len(local_views)))
 
-    def student_views(self, global_views: list[Tensor], masks: Optional[list[Tensor]]):
+    def student_views(self, global_views: list[Tensor], masks: list[Tensor] | None):
         """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
         if not self.uses_masks:
             return [self.view_embedding(v) for v in global_views], []
@@ -138,8 +137,8 @@ class PretrainModel(nn.Module):
         self,
         global_views: list[Tensor],
         local_views: list[Tensor],
-        masks: Optional[list[Tensor]] = None,
-        teacher_temp: Optional[float] = None,
+        masks: list[Tensor] | None = None,
+        teacher_temp: float | None = None,
     ):
         """``masks``: one per global view when MIM is on; ``teacher_temp``: the step's scheduled DINO teacher
         temperature (objective.warmup_teacher_temp -> teacher_temp), needed when DINO is on."""

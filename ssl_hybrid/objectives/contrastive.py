@@ -12,7 +12,7 @@ gradients as one process with N*B images (tested with 2 gloo processes in tests/
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from lightly.loss import NTXentLoss

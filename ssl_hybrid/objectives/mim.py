@@ -9,7 +9,6 @@ patch; the loss is MAE's normalized-pixel MSE on the hidden patches only.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 import torch
 from lightly.models.utils import get_2d_sine_cosine_positional_embedding, patchify
@@ -46,7 +45,7 @@ class MIMDecoder(nn.Module):
         grid: tuple[int, int],
         decoder_dim: int,
         depth: int,
-        num_heads: Optional[int] = None,
+        num_heads: int | None = None,
         patch_size: int = PATCH_SIZE,
         in_chans: int = 3,
     ) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -102,7 +103,7 @@ def measure_train_images_per_s(
 
 
 def measure_and_check(
-    model: torch.nn.Module, image_size: int, budget: Budget, device: Optional[torch.device] = None
+    model: torch.nn.Module, image_size: int, budget: Budget, device: torch.device | None = None
 ) -> dict[str, Any]:
     """Measurements plus ``rejected`` (the first violated limit, or None). Stops measuring at the first violation."""
     device = device or torch.device("cpu")

@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.runs import write_json_atomic
@@ -88,7 +89,7 @@ def rank(scores: dict[str, dict[str, Any]]) -> list[str]:
 class SearchState:
     """Everything a search has decided so far; ``save`` after every change."""
 
-    def __init__(self, path: Path, fingerprint: str, payload: Optional[dict[str, Any]] = None):
+    def __init__(self, path: Path, fingerprint: str, payload: dict[str, Any] | None = None):
         self.path = Path(path)
         # Wall time spent on this search over all invocations, up to the last save (interruptions included).
         self._clock, self._elapsed_before = time.perf_counter(), (payload or {}).get("elapsed_seconds", 0.0)
@@ -107,7 +108,7 @@ class SearchState:
     # -- persistence ---------------------------------------------------------------------------
 
     @classmethod
-    def load_or_create(cls, path: Path, fingerprint: str) -> "SearchState":
+    def load_or_create(cls, path: Path, fingerprint: str) -> SearchState:
         path = Path(path)
         if not path.exists():
             return cls(path, fingerprint)
@@ -144,7 +145,7 @@ class SearchState:
     def candidates(self) -> list[Candidate]:
         return [self.candidate(cid) for cid in self.data["order"]]
 
-    def measurement(self, cid: str) -> Optional[dict[str, Any]]:
+    def measurement(self, cid: str) -> dict[str, Any] | None:
         return self.data["measurements"].get(cid)
 
     def record_measurement(self, cid: str, measurement: dict[str, Any]) -> None:
@@ -161,7 +162,7 @@ class SearchState:
 
     # -- rungs ---------------------------------------------------------------------------------
 
-    def rung(self, index: int) -> Optional[dict[str, Any]]:
+    def rung(self, index: int) -> dict[str, Any] | None:
         rungs = self.data["rungs"]
         return rungs[index] if index < len(rungs) else None
 
@@ -182,7 +183,7 @@ class SearchState:
         self.data["rungs"][index]["promoted"] = list(promoted)
         self.save()
 
-    def best(self) -> Optional[str]:
+    def best(self) -> str | None:
         """The winner: the best-scored candidate of the highest rung that has a successful score."""
         for rung in reversed(self.data["rungs"]):
             ranked = [cid for cid in rank(rung["scores"]) if rung["scores"][cid].get("score") is not None]
@@ -199,9 +200,7 @@ class SearchState:
         return latest
 
 
-def successive_halving(
-    state: SearchState, members: list[str], schedule: HalvingSchedule, scorer: Scorer
-) -> Optional[str]:
+def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule, scorer: Scorer) -> str | None:
     """Run (or continue) the rungs over ``members``; returns the winner's id.
 
     A candidate whose scorer raises is recorded with ``score: None`` and the error, and is not promoted;

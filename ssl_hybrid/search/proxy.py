@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,7 +135,7 @@ class KnnSets:
         )
 
 
-def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> Optional[str]:
+def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> str | None:
     """``proxy.train`` as something the trainer streams: shards as given; an image folder converted once."""
     if not proxy.train:
         return None
@@ -155,7 +155,7 @@ def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> Optional[str]:
 class PretrainKnnProxy:
     """scorer(candidate, steps, rung) -> {"score": k-NN top-1, ...} via a real pretraining run."""
 
-    def __init__(self, proxy: ProxyConfig, work_dir: Path, sets: Optional[KnnSets] = None):
+    def __init__(self, proxy: ProxyConfig, work_dir: Path, sets: KnnSets | None = None):
         from ssl_hybrid.search.recipe import read_recipe
 
         self.proxy = proxy

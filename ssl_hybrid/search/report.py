@@ -9,8 +9,9 @@ latency and GFLOPs at least as low, with one of them strictly better.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def pareto_front(points: list[dict[str, Any]], costs: Sequence[str] = COSTS) -> 
     return [p["id"] for p in points if not any(dominates(q, p, costs) for q in points if q is not p)]
 
 
-def build_rows(state_data: dict[str, Any], winner: Optional[str]) -> list[dict[str, Any]]:
+def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str, Any]]:
     """One row per candidate (accepted, rejected and pruned), best rung-0 score first."""
     from ssl_hybrid.search.space import Candidate
 

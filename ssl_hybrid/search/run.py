@@ -15,9 +15,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -26,11 +27,11 @@ from ssl_hybrid.errors import ConfigError, UserError
 from ssl_hybrid.machine import machine_info
 from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
-from ssl_hybrid.search.budget import Budget, count_params, measure_and_check
+from ssl_hybrid.search.budget import Budget, measure_and_check
 from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
 from ssl_hybrid.search.proxy import ProxyConfig
 from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe
-from ssl_hybrid.search.space import Candidate, SearchSpace, build_candidate, sample_candidates
+from ssl_hybrid.search.space import SearchSpace, build_candidate, sample_candidates
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class SearchConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_search_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> SearchConfig:
+def load_search_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SearchConfig:
     """Defaults <- YAML <- key=value, strictly typed like the pretraining config (unknown keys raise)."""
     from ssl_hybrid.config import load_layered
 
@@ -121,7 +122,7 @@ def measure_candidates(state: SearchState, config: SearchConfig, device: torch.d
         del model
 
 
-def _short(value: Optional[float]) -> str:
+def _short(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
@@ -155,7 +156,7 @@ def zero_cost_prune(state: SearchState, config: SearchConfig, images: Callable[[
 
 
 def write_outputs(
-    state: SearchState, config: SearchConfig, winner: Optional[str], seconds: float, device: torch.device
+    state: SearchState, config: SearchConfig, winner: str | None, seconds: float, device: torch.device
 ) -> dict[str, Any]:
     """pareto.md / pareto.json / pareto.png / chosen.yaml in the search directory; returns the JSON summary."""
     out = config.out_dir()
@@ -227,9 +228,9 @@ def _from_cli() -> bool:
 
 def run_search(
     config: SearchConfig,
-    scorer: Optional[Scorer] = None,
-    device: Optional[torch.device] = None,
-    zero_cost_images: Optional[Callable[[], torch.Tensor]] = None,
+    scorer: Scorer | None = None,
+    device: torch.device | None = None,
+    zero_cost_images: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Run or resume the search in ``config.out_dir()``; returns the summary written to pareto.json.
 

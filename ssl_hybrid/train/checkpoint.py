@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +86,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -183,7 +183,7 @@ def save_checkpoint(
     return final
 
 
-def _attempt(action) -> Optional[Exception]:
+def _attempt(action) -> Exception | None:
     if action is None:
         return None
     try:
@@ -258,7 +258,7 @@ def check_run_config(directory: Path, config: Config) -> None:
     check_compatible(saved, config, path)
 
 
-def check_data(saved: Optional[str], current: Optional[str], config: Config, where: Path) -> None:
+def check_data(saved: str | None, current: str | None, config: Config, where: Path) -> None:
     """Refuse to resume on data whose shard manifests changed under the same path (a checkpoint written
     before fingerprints were recorded has none and is not checked)."""
     if saved is not None and saved != current:

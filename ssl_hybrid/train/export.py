@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import yaml
 from safetensors.torch import load_file
@@ -45,7 +46,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[Optional[str]]:
+def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[str | None]:
     """``backbone`` pooled as the evaluators score it while the block runs; yields the token pooling it had.
 
     Only our backbones have a ``multiscale`` global_pool; a timm CNN keeps its own pooling (the card says
@@ -68,7 +69,7 @@ def save_run_model(
     record: dict[str, Any],
     *,
     force: bool = False,
-    run_dir: Optional[Path] = None,
+    run_dir: Path | None = None,
 ) -> Path:
     """Write ``backbone`` as a model folder with the run's record (``training_meta`` + ``record``) and, when
     the run has a report, its table on the model card."""
@@ -90,7 +91,7 @@ def save_run_model(
         )
 
 
-def refresh_model_card(run_dir: Path) -> Optional[Path]:
+def refresh_model_card(run_dir: Path) -> Path | None:
     """Put the run's report table on its model folder's card (after ``quickstart``/``report`` wrote it)."""
     from ssl_hybrid.models.export import is_model_folder, write_model_card
 
@@ -100,7 +101,7 @@ def refresh_model_card(run_dir: Path) -> Optional[Path]:
     return write_model_card(Path(run_dir) / MODEL_DIR, table)
 
 
-def _report_table(run_dir: Path) -> Optional[str]:
+def _report_table(run_dir: Path) -> str | None:
     """The evaluation table of the run's report (``report.json``, written by ``quickstart``/``report``)."""
     path = Path(run_dir) / "report.json"
     try:
@@ -117,7 +118,7 @@ def default_out_dir(path: Path, step_dir: Path) -> Path:
     return run / MODEL_DIR if Path(path).resolve() == run.resolve() else run / EXPORTS_DIR / step_dir.name
 
 
-def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = False) -> Path:
+def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = False) -> Path:
     """Write the checkpoint's student backbone as a model folder; returns the folder.
 
     Default folder: ``default_out_dir``. An existing folder is replaced only with ``force``; a folder inside

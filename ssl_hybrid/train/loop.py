@@ -18,9 +18,10 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,13 +73,13 @@ class Run:
     stream: Any
     counters: Counters = field(default_factory=Counters)
     monitor: Any = None
-    stop_reason: Optional[str] = None
+    stop_reason: str | None = None
     # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
     start_step: int = 0
     train_seconds: float = 0.0
     startup_seconds: float = 0.0  # to the end of the session's first step (workers, first forward): not a step time
     # What the shard manifests say the data is (data.shards.manifest_fingerprint); checkpointed, checked on resume.
-    data_fingerprint: Optional[str] = None
+    data_fingerprint: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,9 +258,9 @@ def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -
 
 def scaler_overflow(run: Run, bad_loss: bool) -> bool:
     """An fp16 overflow the grad scaler is still backing off from: a finite loss, an infinite gradient norm and
-    a loss scale still at least 1 after skip_step's back-off (pushed below 1, the gradients are bad at any scale). Such steps are
-    skipped but not counted towards train.max_nonfinite_steps: an fp16 run skips several in a row at its start
-    while the scale comes down from 2**16, as torch.amp.GradScaler is designed to."""
+    a loss scale still at least 1 after skip_step's back-off (pushed below 1, the gradients are bad at any
+    scale). Such steps are skipped but not counted towards train.max_nonfinite_steps: an fp16 run skips
+    several in a row at its start while the scale comes down from 2**16, as torch.amp.GradScaler is designed to."""
     scaler = run.accelerator.scaler
     return scaler is not None and not bad_loss and float(scaler.get_scale()) >= 1.0
 
@@ -334,10 +335,10 @@ class StopSignal:
     SIGINT interrupts immediately."""
 
     def __init__(self) -> None:
-        self.received: Optional[str] = None
+        self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -423,7 +424,7 @@ def run_monitor(run: Run) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def setup(config: Config, fresh: bool = False, held: Optional[contextlib.ExitStack] = None) -> Run:
+def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None = None) -> Run:
     """Build the run; the run folder is claimed (its lock entered into ``held``), checked against this config
     and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
@@ -478,8 +479,8 @@ def setup(config: Config, fresh: bool = False, held: Optional[contextlib.ExitSta
 
 
 def open_run_folder(
-    accelerator, config: Config, fresh: bool, fingerprint: Optional[str], held: Optional[contextlib.ExitStack]
-) -> Optional[tuple[Path, dict[str, Any]]]:
+    accelerator, config: Config, fresh: bool, fingerprint: str | None, held: contextlib.ExitStack | None
+) -> tuple[Path, dict[str, Any]] | None:
     """Claim the run folder (main process), start it over (``fresh``) or refuse it when its config.yaml, newest
     readable checkpoint or data differ from this run's, then write config.yaml. Returns (checkpoint, loaded) to
     resume from, or None. Nothing in the folder is written or deleted before every check has passed."""
@@ -541,7 +542,7 @@ def newest_readable(accelerator, config: Config, directory: Path):
 def on_main(accelerator, action) -> None:
     """Run ``action`` on the main process only; if it raises a UserError, every process raises (no process waits
     at a barrier for a main process that gave up)."""
-    error: Optional[UserError] = None
+    error: UserError | None = None
     if accelerator.is_main_process:
         try:
             action()
@@ -626,7 +627,7 @@ def batches(run: Run) -> Iterator[dict]:
     raise UserError(f"{run.config.data.train}: the data stream ended at step {run.counters.step}")
 
 
-def should_stop(run: Run, stop: StopSignal, started: float) -> Optional[str]:
+def should_stop(run: Run, stop: StopSignal, started: float) -> str | None:
     budget = run.config.train.max_seconds
     over_time = budget > 0 and time.monotonic() - started >= budget
     signal_flag, time_flag = sync_flags(run.accelerator, 1.0 if stop.received else 0.0, 1.0 if over_time else 0.0)
@@ -805,7 +806,7 @@ def budget_record(run: Run) -> dict[str, Any]:
     }
 
 
-def exported_record(directory: Path) -> Optional[dict[str, Any]]:
+def exported_record(directory: Path) -> dict[str, Any] | None:
     """The budget record of the run's export; None when it has not been exported yet."""
     from ssl_hybrid.models.export import (
         RECORD_KEY,
@@ -820,7 +821,7 @@ def exported_record(directory: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
+def export_backbone(run: Run, budget: dict[str, Any]) -> Path | None:
     """The run's model folder ``<run>/model/``; the run owns it, so a finished re-run replaces it (atomically)."""
     from ssl_hybrid.train.export import MODEL_DIR, save_run_model
 
@@ -854,7 +855,7 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
 def pretrain(config: Config, fresh: bool = False) -> dict[str, Any]:
     """Run (or resume) the pretraining job described by ``config``; returns a summary dict. ``fresh`` deletes
     the run folder first (``runs.start_fresh``: a run folder only, after the model and data were built)."""
-    run: Optional[Run] = None
+    run: Run | None = None
     held = contextlib.ExitStack()  # the run folder's lock, held until the job ends
     # A process group that exists already is its creator's to end (quickstart keeps one for its evaluation):
     # destroying and re-creating one over the launcher's store can hang (gloo reconnects to stale addresses).

@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from ssl_hybrid.search import run as search_run
 from ssl_hybrid.search.report import dominates, pareto_front
