@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -381,7 +381,7 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
             "storage tool's own credentials"
         )
     try:
-        return OmegaConf.merge(base, update)
+        return cast(DictConfig, OmegaConf.merge(base, update))
     except OmegaConfBaseException as err:
         key = _error_key(err)
         if "not in struct" in str(err) or "Key '" in str(err) and "not" in str(err):
@@ -654,7 +654,7 @@ def to_yaml(config: Config) -> str:
 def from_dict(values: dict[str, Any], source: str = "checkpoint") -> Config:
     """Rebuild a Config from a saved dict (e.g. a checkpoint's), with the same strict checks."""
     cfg = _merge(OmegaConf.structured(Config), values, source)
-    config = OmegaConf.to_object(cfg)
+    config = cast(Config, OmegaConf.to_object(cfg))
     validate(config, source=source)
     return config
 

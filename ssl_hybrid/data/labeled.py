@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +102,7 @@ class LabeledSet:
         sample = self.samples[index]
         return sample.path if sample.offset < 0 else f"{sample.path}: sample '{sample.id}'"
 
-    def subset(self, indices: Sequence[int]) -> LabeledSet:
+    def subset(self, indices: Iterable[int]) -> LabeledSet:
         return LabeledSet(self.source, self.classes, [self.samples[i] for i in indices], self.skipped)
 
     def fingerprint(self) -> str:

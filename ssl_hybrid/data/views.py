@@ -17,6 +17,7 @@ Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly'
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -83,7 +84,7 @@ def collate_views(samples: list[dict]) -> dict:
     local_views: [Tensor[B,3,h,w]] per view, key: [str], label: Tensor[B] (only if every sample has one)}."""
     if not samples:
         raise ValueError("collate_views needs at least one sample")
-    batch = {
+    batch: dict[str, Any] = {
         "global_views": [torch.stack(views) for views in zip(*(s["global_views"] for s in samples))],
         "local_views": [torch.stack(views) for views in zip(*(s["local_views"] for s in samples))],
         "key": [s["key"] for s in samples],

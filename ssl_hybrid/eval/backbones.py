@@ -247,7 +247,7 @@ def _meta_from_config(run: Path) -> dict[str, Any]:
 
 def _pretraining(meta: dict[str, Any]) -> dict[str, Any] | None:
     """What the trainer recorded at export: run name, steps done, objective weights, budget and time."""
-    record = {k: meta[k] for k in ("run", "step", "objective") if k in meta}
+    record: dict[str, Any] = {k: meta[k] for k in ("run", "step", "objective") if k in meta}
     record.update(meta.get("pretraining") or {})
     return record or None
 

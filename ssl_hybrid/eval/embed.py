@@ -297,7 +297,8 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
     from ssl_hybrid.runs import write_json_atomic
 
     parts = [out / PARTS / _part_name(i) for i in range(len(range(0, len(data), chunk)))]
-    rows, skipped, dim = 0, [], 0
+    rows, dim = 0, 0
+    skipped: list[dict] = []
     for path in parts:  # first pass: sizes only, the features stay on disk
         count, width, lost = _part_summary(path)
         rows, dim, skipped = rows + count, dim or (width if count else 0), skipped + lost

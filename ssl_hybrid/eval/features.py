@@ -396,7 +396,7 @@ def cached_features(
         labeled.source,
         time.perf_counter() - start,
     )
-    if path is not None and is_main:
+    if path is not None and key is not None and is_main:
         write_entry(path, key, features, labels, max_bytes)
     return features, labels
 

@@ -244,7 +244,7 @@ def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: str | No
 # ---------------------------------------------------------------------------------------------
 
 
-def _objective_text(weights: dict[str, Any]) -> str:
+def _objective_text(weights: dict[str, Any] | None) -> str:
     names = {"mim_weight": "MIM", "dino_weight": "DINO", "simclr_weight": "SimCLR"}
     return " + ".join(label for key, label in names.items() if (weights or {}).get(key))
 

@@ -80,8 +80,9 @@ def rank(scores: dict[str, dict[str, Any]]) -> list[str]:
 
     def key(cid: str) -> tuple:
         score = scores[cid].get("score")
-        ok = score is not None and math.isfinite(score)
-        return (0 if ok else 1, -score if ok else 0.0, cid)
+        if score is None or not math.isfinite(score):
+            return (1, 0.0, cid)
+        return (0, -score, cid)
 
     return sorted(scores, key=key)
 

@@ -195,8 +195,9 @@ def _attempt(action) -> Exception | None:
 
 def _reason(err: Exception) -> str:
     """One line: the OS's words for an OSError, else the first line of the message, else the error's type."""
-    if getattr(err, "strerror", None):
-        return err.strerror
+    strerror = getattr(err, "strerror", None)
+    if strerror:
+        return strerror
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 

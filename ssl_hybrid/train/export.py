@@ -173,7 +173,7 @@ def _convert_old_export(run: Path, out: Path, force: bool) -> Path:
 
     weights, meta = read_meta(run)
     model, _ = rebuild(weights, meta)
-    record = {k: meta[k] for k in ("run", "step", "objective", "pretraining") if k in meta}
+    record: dict[str, Any] = {k: meta[k] for k in ("run", "step", "objective", "pretraining") if k in meta}
     config_file = run / "config.yaml"
     if not config_file.exists():
         return save_model_folder(model, out, extra=dict(record, image_size=meta.get("image_size")), force=force)

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,7 +171,9 @@ def split_micro(batch: dict, parts: int) -> list[dict]:
     """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
     if parts == 1:
         return [batch]
-    chunks = [dict(global_views=[], local_views=[], masks=None if batch["masks"] is None else []) for _ in range(parts)]
+    chunks: list[dict[str, Any]] = [
+        dict(global_views=[], local_views=[], masks=None if batch["masks"] is None else []) for _ in range(parts)
+    ]
     for key in ("global_views", "local_views", "masks"):
         for view in batch[key] or []:
             for chunk, piece in zip(chunks, view.chunk(parts)):
@@ -241,7 +243,7 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
     return {**totals, **stats, "grad_norm": grad_norm}
 
 
-def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+def skip_step(run: Run, buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
     """Drop the step's gradients and restore the model's ``(buffer, value before the step)`` pairs, without
     touching the weights, the optimizer state or the EMA teacher."""
     run.optimizer.zero_grad(set_to_none=True)

@@ -27,7 +27,9 @@ def no_weight_decay_list(model: nn.Module) -> list[str]:
     any parameter whose last name holds one of ``NO_DECAY_NAME_PARTS``."""
     backbone = getattr(model, "backbone", None)
     declared = (
-        [f"backbone.{name}" for name in backbone.no_weight_decay()] if hasattr(backbone, "no_weight_decay") else []
+        [f"backbone.{name}" for name in backbone.no_weight_decay()]
+        if backbone is not None and hasattr(backbone, "no_weight_decay")
+        else []
     )
     tokens = [
         name
