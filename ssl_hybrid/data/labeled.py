@@ -277,8 +277,8 @@ def _resolve_shards(spec: str) -> tuple[list[str], list[str] | None]:
     from ssl_hybrid.data.stream import resolve_shards  # imports torch: only when shards are named this way
 
     urls = list(resolve_shards(spec))
-    manifest = Path(urls[0]).parent / MANIFEST if urls else None
-    classes = _manifest_json(manifest).get("classes") if manifest and manifest.exists() else None
+    beside = Path(urls[0]).parent / MANIFEST if urls else None
+    classes = _manifest_json(beside).get("classes") if beside and beside.exists() else None
     return urls, classes
 
 

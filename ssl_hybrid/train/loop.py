@@ -18,7 +18,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -622,7 +622,7 @@ def flat_hparams(config: Config) -> dict[str, Any]:
     }
 
 
-def batches(run: Run) -> Iterator[dict]:
+def batches(run: Run) -> Generator[dict, None, None]:
     """The stream, moved to the device; fails clearly if the stream ends before the step budget."""
     for batch in run.stream:
         yield to_device(batch, run.accelerator.device)
