@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
 
-def end_distributed(accelerator: Optional[Any] = None, destroy_group: bool = True) -> None:
+def end_distributed(accelerator: Any | None = None, destroy_group: bool = True) -> None:
     """Release what holds the process group, then destroy it (a no-op without one).
 
     The caller drops its own references to wrapped models first (``del model`` / ``run = None``);

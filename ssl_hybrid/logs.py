@@ -18,8 +18,13 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Authorization values. Logs and TensorBoard files are shared with people who should not get them.
 _SECRETS = (
     (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*:/{1,2})[^/\s@'\"]+@"), r"\1***@"),  # ':/' once a path was normalised
-    (re.compile(r"(?i)([?&][^=&#\s'\"]*(?:signature|sig|token|credential|secret|password|passwd|key|auth)"
-                r"[^=&#\s'\"]*=)[^&#\s'\"]*"), r"\1***"),
+    (
+        re.compile(
+            r"(?i)([?&][^=&#\s'\"]*(?:signature|sig|token|credential|secret|password|passwd|key|auth)"
+            r"[^=&#\s'\"]*=)[^&#\s'\"]*"
+        ),
+        r"\1***",
+    ),
     (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
 )
 

@@ -21,8 +21,9 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import REPO_ROOT, TrainConfig, load_config, run_dir
@@ -59,8 +60,9 @@ def quickstart_config(minutes: float, output_dir: str, overrides: Sequence[str] 
     if minutes <= 0:
         raise UserError(f"--minutes must be > 0, got {minutes}")
     if not QUICKSTART_RECIPE.exists():
-        raise UserError(f"{QUICKSTART_RECIPE}: quickstart recipe not found (run from a source checkout: "
-                        "pip install -e .)")
+        raise UserError(
+            f"{QUICKSTART_RECIPE}: quickstart recipe not found (run from a source checkout: pip install -e .)"
+        )
     import torch  # not at module level: the CLI imports this module to build its --help
 
     defaults = [f"train.output_dir={output_dir}", f"train.max_seconds={minutes * 60:g}"]
@@ -84,14 +86,21 @@ def split_corpus(spec: str, seed: int, directory: Path):
 
     with main_process_first() as main:
         if main:
-            save_split(directory / "quickstart_split.json", labeled, test_idx.tolist(), role="test",
-                       test_fraction=TEST_FRACTION, seed=seed)
+            save_split(
+                directory / "quickstart_split.json",
+                labeled,
+                test_idx.tolist(),
+                role="test",
+                test_fraction=TEST_FRACTION,
+                seed=seed,
+            )
     return labeled.subset(train_idx), labeled.subset(test_idx)
 
 
 def one_process_group(function):
     """Under torchrun / accelerate launch, one process group serves the whole command (pretraining and the
     evaluation after it) and ends with it: pretrain leaves a group it did not create alone."""
+
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         import torch
@@ -104,6 +113,7 @@ def one_process_group(function):
             return function(*args, **kwargs)
         finally:
             end_distributed()
+
     return wrapper
 
 
@@ -114,8 +124,14 @@ def is_main_process() -> bool:
 
 
 @one_process_group
-def quickstart(minutes: float = DEFAULT_MINUTES, output_dir: str = TrainConfig.output_dir, fresh: bool = False,
-               overrides: Sequence[str] = (), shots: Sequence[int] = SHOTS, seeds: int = SEEDS) -> dict[str, Any]:
+def quickstart(
+    minutes: float = DEFAULT_MINUTES,
+    output_dir: str = TrainConfig.output_dir,
+    fresh: bool = False,
+    overrides: Sequence[str] = (),
+    shots: Sequence[int] = SHOTS,
+    seeds: int = SEEDS,
+) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
     from ssl_hybrid.train.loop import pretrain
 
@@ -142,12 +158,25 @@ def evaluate(config, summary: dict[str, Any], shots: Sequence[int], seeds: int) 
     if note:
         log.warning("%s", note)
     report = build_report(
-        [str(directory), f"random:{config.model.name}"], train_set, test_set, directory, names=names,
-        shots=shots, seeds=seeds, methods=("linear",), image_size=config.data.image_size,
-        batch_size=config.eval.batch_size, num_workers=min(2, config.data.num_workers), cache_dir=None,
+        [str(directory), f"random:{config.model.name}"],
+        train_set,
+        test_set,
+        directory,
+        names=names,
+        shots=shots,
+        seeds=seeds,
+        methods=("linear",),
+        image_size=config.data.image_size,
+        batch_size=config.eval.batch_size,
+        num_workers=min(2, config.data.num_workers),
+        cache_dir=None,
         split_note=f"{TEST_FRACTION:.0%} of each class held out at random (seed {config.train.seed}; ids in "
-                   "quickstart_split.json); pretraining saw every image without labels",
-        baseline=names[1], knn_protocol=KNN_PROTOCOL, fewshot_protocol=FEWSHOT_PROTOCOL, budget_note=note)
+        "quickstart_split.json); pretraining saw every image without labels",
+        baseline=names[1],
+        knn_protocol=KNN_PROTOCOL,
+        fewshot_protocol=FEWSHOT_PROTOCOL,
+        budget_note=note,
+    )
     report["pretraining"] = summary
     if report.get("entries"):  # the main process: the model card gets the report's table
         from ssl_hybrid.train.export import refresh_model_card
@@ -156,7 +185,7 @@ def evaluate(config, summary: dict[str, Any], shots: Sequence[int], seeds: int) 
     return report
 
 
-def too_few_steps(summary: dict[str, Any], needed: int = REFERENCE_STEPS) -> Optional[str]:
+def too_few_steps(summary: dict[str, Any], needed: int = REFERENCE_STEPS) -> str | None:
     """A sentence when the time budget stopped the run before the steps the effect needs: steps done, seconds
     per step on this machine and the ``--minutes`` that would fit them; None otherwise. A run the user asked
     to be short (train.steps) is not flagged: the machine did not cut it."""
@@ -164,17 +193,23 @@ def too_few_steps(summary: dict[str, Any], needed: int = REFERENCE_STEPS) -> Opt
     if summary.get("stopped") != "max_seconds" or summary["step"] >= needed or done <= 0:
         return None
     resumed = f" ({done} of them after resuming)" if summary.get("start_step") else ""
-    text = (f"only {summary['step']} of {summary['steps']} steps{resumed} fit in {summary['max_seconds'] / 60:g} "
-            f"min on this machine")
-    reason = (f"the reference run ({REFERENCE_RUN}) needed {needed} steps before pretraining beat random init "
-              "beyond noise, so this comparison is too short to show it")
+    text = (
+        f"only {summary['step']} of {summary['steps']} steps{resumed} fit in {summary['max_seconds'] / 60:g} "
+        f"min on this machine"
+    )
+    reason = (
+        f"the reference run ({REFERENCE_RUN}) needed {needed} steps before pretraining beat random init "
+        "beyond noise, so this comparison is too short to show it"
+    )
     startup = summary.get("startup_seconds", 0.0)  # the first step's start-up is paid once, not per step
     if done < 2:
         return f"{text} (start-up and the first step: {startup:.0f} s); {reason}. Give it more --minutes."
     per_step = (summary["train_seconds"] - startup) / (done - 1)  # checkpoints and monitor included
     minutes = math.ceil((startup + needed * per_step) / 60)
-    return (f"{text} ({per_step:.1f} s/step after {startup:.0f} s of start-up); {reason}. "
-            f"`ssl-hybrid quickstart --fresh --minutes {minutes}` fits {needed} steps here.")
+    return (
+        f"{text} ({per_step:.1f} s/step after {startup:.0f} s of start-up); {reason}. "
+        f"`ssl-hybrid quickstart --fresh --minutes {minutes}` fits {needed} steps here."
+    )
 
 
 def recipe_summary() -> str:
@@ -185,7 +220,10 @@ def recipe_summary() -> str:
     except UserError as err:  # --help must work even when the recipe on disk is broken or missing
         log.debug("%s (--help names the recipe instead of summarizing it)", err)
         return "the model and objective of recipes/quickstart.yaml"
-    weights = {"MIM": config.objective.mim_weight, "DINO": config.objective.dino_weight,
-               "SimCLR": config.objective.simclr_weight}
+    weights = {
+        "MIM": config.objective.mim_weight,
+        "DINO": config.objective.dino_weight,
+        "SimCLR": config.objective.simclr_weight,
+    }
     objective = " + ".join(name for name, weight in weights.items() if weight > 0)
     return f"{config.model.name} with {objective} ({config.train.steps} steps at {config.data.image_size} px)"

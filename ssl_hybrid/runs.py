@@ -21,8 +21,9 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, TextIO
 
 import yaml
 
@@ -54,8 +55,9 @@ def prepare_run_dir(config: Config) -> Path:
 
 
 def unwritable(directory: Path, err: OSError) -> UserError:
-    return UserError(f"{directory}: cannot write the run directory ({err.strerror or err}); "
-                     "choose a writable train.output_dir")
+    return UserError(
+        f"{directory}: cannot write the run directory ({err.strerror or err}); choose a writable train.output_dir"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,8 +87,10 @@ def claim(directory: Path) -> Iterator[Path]:
         lock = _held.setdefault(str(path.resolve()), FileLock(path))
         lock.acquire(timeout=0)
     except Timeout:
-        raise RunInUseError(f"{directory}: in use by another ssl-hybrid process (it holds {path}); wait for it to "
-                            "end, or choose another name= or train.output_dir=") from None
+        raise RunInUseError(
+            f"{directory}: in use by another ssl-hybrid process (it holds {path}); wait for it to "
+            "end, or choose another name= or train.output_dir="
+        ) from None
     except OSError as err:
         raise unwritable(Path(directory), err) from None
     try:
@@ -95,7 +99,7 @@ def claim(directory: Path) -> Iterator[Path]:
         lock.release()
 
 
-def not_a_run(directory: Path) -> Optional[str]:
+def not_a_run(directory: Path) -> str | None:
     """Why ``directory`` is not a run folder of this tool (None when it is one, or is an empty folder).
 
     A run writes its ``config.yaml`` before anything else, so every run folder has one: a mapping with the
@@ -128,8 +132,10 @@ def start_fresh(directory: Path) -> None:
         return
     why = not_a_run(directory)
     if why:
-        raise UserError(f"{directory}: --fresh deletes only a run folder of ssl-hybrid, and this one {why}; "
-                        "move it away yourself or choose another name=")
+        raise UserError(
+            f"{directory}: --fresh deletes only a run folder of ssl-hybrid, and this one {why}; "
+            "move it away yourself or choose another name="
+        )
     trash = directory.with_name(f".{directory.name}.deleting-{secrets.token_hex(4)}")
     os.rename(directory, trash)
     shutil.rmtree(trash)
@@ -216,7 +222,7 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: Optional[str] = None) -> Path:
+def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: str | None = None) -> Path:
     """Write a text file through a temp file + rename, so a crash never leaves half a file; ``write(handle)``
     writes the content. The file gets the permissions of a plain ``open()`` (mkstemp's 0600 would hide
     results and manifests from the user's group and other jobs)."""
@@ -242,6 +248,7 @@ def _umask() -> int:
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:
     """JSON through :func:`write_text_atomic` (``--out`` files, manifests, meta.json)."""
+
     def write(handle: TextIO) -> None:
         json.dump(payload, handle, indent=2, default=_jsonable)
         handle.write("\n")

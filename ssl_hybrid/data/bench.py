@@ -7,8 +7,8 @@ Measures, in one run and alternating so machine load hits both alike, samples/s 
 
 for each worker count, through the same DataLoader set-up. ``ratio`` is the median over back-to-back
 (raw, stream) pairs of stream / raw: on a shared 2-core machine the load drifts, and pairing cancels most
-of it (the JSON holds measurements only; the target is in the README's benchmark table). Timing starts when the first batch arrives, so worker start-up is excluded
-on both sides.
+of it (the JSON holds measurements only; the target is in the README's benchmark table). Timing starts when
+the first batch arrives, so worker start-up is excluded on both sides.
 Imports stay inside functions: the CLI imports this module to build its parser.
 """
 
@@ -29,8 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=96, help="samples timed per measurement")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per batch")
     parser.add_argument("--image-size", type=int, default=224, help="global view size (two DINO global views)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="back-to-back (raw, stream) pairs per worker count; the median pair ratio is reported")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="back-to-back (raw, stream) pairs per worker count; the median pair ratio is reported",
+    )
 
 
 class _MemoryStream:
@@ -105,21 +109,25 @@ def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -
     # Pairs run back to back, in alternating order, so slow drifts in machine load cancel in each ratio.
     runs: dict[str, list[tuple[float, float]]] = {"raw": [], "stream": []}
     for repeat in range(args.repeats):
-        for side in (("raw", "stream") if repeat % 2 == 0 else ("stream", "raw")):
+        for side in ("raw", "stream") if repeat % 2 == 0 else ("stream", "raw"):
             runs[side].append(raw_rate() if side == "raw" else stream_rate())
     wall = {side: [r[0] for r in values] for side, values in runs.items()}
     cpu = {side: [r[1] for r in values] for side, values in runs.items()}
     pair_ratios = [s / r for s, r in zip(wall["stream"], wall["raw"])]
-    return {"workers": workers, "stream_samples_per_s": round(statistics.median(wall["stream"]), 2),
-            "raw_samples_per_s": round(statistics.median(wall["raw"]), 2),
-            "ratio": round(statistics.median(pair_ratios), 3),
-            "ratio_best_of": round(max(wall["stream"]) / max(wall["raw"]), 3),
-            # Samples per CPU-second barely depend on other jobs' load: the overhead the stream itself adds.
-            "cpu_ratio": round(statistics.median(cpu["stream"]) / statistics.median(cpu["raw"]), 3),
-            "stream_samples_per_cpu_s": round(statistics.median(cpu["stream"]), 2),
-            "raw_samples_per_cpu_s": round(statistics.median(cpu["raw"]), 2),
-            "pair_ratios": [round(r, 3) for r in pair_ratios],
-            "stream_runs": [round(r, 2) for r in wall["stream"]], "raw_runs": [round(r, 2) for r in wall["raw"]]}
+    return {
+        "workers": workers,
+        "stream_samples_per_s": round(statistics.median(wall["stream"]), 2),
+        "raw_samples_per_s": round(statistics.median(wall["raw"]), 2),
+        "ratio": round(statistics.median(pair_ratios), 3),
+        "ratio_best_of": round(max(wall["stream"]) / max(wall["raw"]), 3),
+        # Samples per CPU-second barely depend on other jobs' load: the overhead the stream itself adds.
+        "cpu_ratio": round(statistics.median(cpu["stream"]) / statistics.median(cpu["raw"]), 3),
+        "stream_samples_per_cpu_s": round(statistics.median(cpu["stream"]), 2),
+        "raw_samples_per_cpu_s": round(statistics.median(cpu["raw"]), 2),
+        "pair_ratios": [round(r, 3) for r in pair_ratios],
+        "stream_runs": [round(r, 2) for r in wall["stream"]],
+        "raw_runs": [round(r, 2) for r in wall["raw"]],
+    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
@@ -137,14 +145,16 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     return {
         "benchmark": "data",
         "command": f"ssl-hybrid bench data --workers {args.workers} --samples {args.samples} "
-                   f"--batch-size {args.batch_size} --image-size {args.image_size} --repeats {args.repeats}"
-                   + (f" --shards {args.shards}" if args.shards else ""),
+        f"--batch-size {args.batch_size} --image-size {args.image_size} --repeats {args.repeats}"
+        + (f" --shards {args.shards}" if args.shards else ""),
         "what": "samples/s: full stream (tar read, shuffle buffer, decode, 2 DINO global views, collate) vs raw "
-                "limit (same decode+views+collate from bytes in memory); ratio = median over back-to-back pairs "
-                "of stream/raw wall-clock rates (rates shown: medians); cpu_ratio = the same per CPU-second of "
-                "main process + workers (insensitive to other jobs' load)",
+        "limit (same decode+views+collate from bytes in memory); ratio = median over back-to-back pairs "
+        "of stream/raw wall-clock rates (rates shown: medians); cpu_ratio = the same per CPU-second of "
+        "main process + workers (insensitive to other jobs' load)",
         "load_average_before": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "shards": spec, "corpus_samples": len(raw_samples), "shuffle_buffer": cfg.shuffle_buffer,
+        "shards": spec,
+        "corpus_samples": len(raw_samples),
+        "shuffle_buffer": cfg.shuffle_buffer,
         "results": results,
         "machine": machine_info(),
     }

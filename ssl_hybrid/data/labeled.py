@@ -3,8 +3,9 @@
 Both become a :class:`LabeledSet`: a deterministic, ordered list of samples (stable id, integer label,
 where the image bytes live) plus the class names. Shards are indexed once with the package's one tar
 reader (:func:`ssl_hybrid.data.shards.tar_members`, keeping member offsets; members grouped by key with
-webdataset's ``base_plus_ext``, as the stream does), so a sample is a seek + read away: evaluation needs random access (samplers, k-shot subsets,
-retrieval grids) and labeled evaluation sets are small enough to index, unlike pretraining corpora.
+webdataset's ``base_plus_ext``, as the stream does), so a sample is a seek + read away: evaluation needs
+random access (samplers, k-shot subsets, retrieval grids) and labeled evaluation sets are small enough to
+index, unlike pretraining corpora.
 
 :func:`kshot_indices` draws seeded k-per-class subsets; :func:`save_split` writes their sample ids so a
 reported number can be traced back to the exact images it was computed on. :func:`check_images`
@@ -18,14 +19,22 @@ import json
 import logging
 import re
 import tarfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from ssl_hybrid.data.shards import (IMAGE_EXTENSIONS, IMAGE_KEYS, MANIFEST, manifest_shard_paths, oversized_member,
-                                   parse_label, tar_members, unsafe_member_name)
+from ssl_hybrid.data.shards import (
+    IMAGE_EXTENSIONS,
+    IMAGE_KEYS,
+    MANIFEST,
+    manifest_shard_paths,
+    oversized_member,
+    parse_label,
+    tar_members,
+    unsafe_member_name,
+)
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,7 +102,7 @@ class LabeledSet:
         sample = self.samples[index]
         return sample.path if sample.offset < 0 else f"{sample.path}: sample '{sample.id}'"
 
-    def subset(self, indices: Sequence[int]) -> "LabeledSet":
+    def subset(self, indices: Iterable[int]) -> LabeledSet:
         return LabeledSet(self.source, self.classes, [self.samples[i] for i in indices], self.skipped)
 
     def fingerprint(self) -> str:
@@ -119,7 +128,7 @@ def _decode(data: bytes, key: str):
     return None, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason or "not a readable image")
 
 
-def check_images(labeled: LabeledSet, max_skip_rate: Optional[float] = None) -> LabeledSet:
+def check_images(labeled: LabeledSet, max_skip_rate: float | None = None) -> LabeledSet:
     """Decode every image once before any extraction starts; unreadable ones are dropped, logged and
     counted (``skipped``), by the pretraining stream's rule: above ``data.max_skip_rate`` of the set
     (default 10%) is an error naming the count and the first bad file, not a skip.
@@ -144,14 +153,22 @@ def check_images(labeled: LabeledSet, max_skip_rate: Optional[float] = None) -> 
     if rate > max_skip_rate:
         raise LabeledDataError(
             f"{labeled.source}: {len(skipped)} of {len(labeled)} images are unreadable ({rate:.0%} > "
-            f"data.max_skip_rate={max_skip_rate:g}); first: {first['path']}: {first['reason']}")
+            f"data.max_skip_rate={max_skip_rate:g}); first: {first['path']}: {first['reason']}"
+        )
     for item in skipped[:5]:
         log.warning("skipping unreadable image %s: %s", item["path"], item["reason"])
-    log.warning("%s: %d of %d images skipped as unreadable (%.1f%%, limit data.max_skip_rate=%g)",
-                labeled.source, len(skipped), len(labeled), 100 * rate, max_skip_rate)
+    log.warning(
+        "%s: %d of %d images skipped as unreadable (%.1f%%, limit data.max_skip_rate=%g)",
+        labeled.source,
+        len(skipped),
+        len(labeled),
+        100 * rate,
+        max_skip_rate,
+    )
     bad = {item["id"] for item in skipped}
-    return LabeledSet(labeled.source, labeled.classes, [s for s in labeled.samples if s.id not in bad],
-                      labeled.skipped + skipped)
+    return LabeledSet(
+        labeled.source, labeled.classes, [s for s in labeled.samples if s.id not in bad], labeled.skipped + skipped
+    )
 
 
 def shared_images(first: LabeledSet, second: LabeledSet) -> int:
@@ -210,8 +227,10 @@ def _from_source(source, spec: str) -> LabeledSet:
     if not source.items:
         raise LabeledDataError(f"{spec}: names no images")
     index = {name: i for i, name in enumerate(source.classes or [])}
-    samples = [Sample(id=item.relative, label=index.get(item.class_name, UNLABELED), path=str(item.path))
-               for item in source.items]
+    samples = [
+        Sample(id=item.relative, label=index.get(item.class_name, UNLABELED), path=str(item.path))
+        for item in source.items
+    ]
     return LabeledSet(spec, list(source.classes or []), samples)
 
 
@@ -221,21 +240,31 @@ def _load_image_folder(root: Path) -> LabeledSet:
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise LabeledDataError(f"{root}: no class sub-folders (expected <root>/<class>/<image>)")
-    files = {name: [f for f in sorted((root / name).rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-             for name in folders}
+    files = {
+        name: [f for f in sorted((root / name).rglob("*")) if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
+        for name in folders
+    }
     classes = [name for name in folders if files[name]]
     if not classes:
         raise LabeledDataError(f"{root}: class folders hold no images ({', '.join(IMAGE_EXTENSIONS)})")
     empty = [name for name in folders if not files[name]]
     if empty:
-        log.warning("%s: class folder%s %s hold%s no images: left out", root, "s" if len(empty) > 1 else "",
-                    ", ".join(repr(name) for name in empty), "" if len(empty) > 1 else "s")
-    samples = [Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file))
-               for label, name in enumerate(classes) for file in files[name]]
+        log.warning(
+            "%s: class folder%s %s hold%s no images: left out",
+            root,
+            "s" if len(empty) > 1 else "",
+            ", ".join(repr(name) for name in empty),
+            "" if len(empty) > 1 else "s",
+        )
+    samples = [
+        Sample(id=file.relative_to(root).as_posix(), label=label, path=str(file))
+        for label, name in enumerate(classes)
+        for file in files[name]
+    ]
     return LabeledSet(str(root), classes, samples)
 
 
-def _resolve_shards(spec: str) -> tuple[list[str], Optional[list[str]]]:
+def _resolve_shards(spec: str) -> tuple[list[str], list[str] | None]:
     """Shard paths and the manifest's class names (None when there is no manifest)."""
     path = Path(spec)
     if path.is_dir():
@@ -248,8 +277,8 @@ def _resolve_shards(spec: str) -> tuple[list[str], Optional[list[str]]]:
     from ssl_hybrid.data.stream import resolve_shards  # imports torch: only when shards are named this way
 
     urls = list(resolve_shards(spec))
-    manifest = Path(urls[0]).parent / MANIFEST if urls else None
-    classes = _manifest_json(manifest).get("classes") if manifest and manifest.exists() else None
+    beside = Path(urls[0]).parent / MANIFEST if urls else None
+    classes = _manifest_json(beside).get("classes") if beside and beside.exists() else None
     return urls, classes
 
 
@@ -275,8 +304,11 @@ def _load_shards(spec: str, require_labels: bool = True) -> LabeledSet:
             raise LabeledDataError(f"{url}: shard not found (labeled sets are read from local files)")
         samples.extend(_index_tar(url, names_by_label, require_labels))
     if not samples:
-        raise LabeledDataError(f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)"
-                               if require_labels else f"{spec}: shards hold no images")
+        raise LabeledDataError(
+            f"{spec}: shards hold no labeled images (need an image and a 'cls' per sample)"
+            if require_labels
+            else f"{spec}: shards hold no images"
+        )
     if not classes:
         count = max(s.label for s in samples) + 1
         classes = [names_by_label.get(i, str(i)) for i in range(count)]
@@ -294,7 +326,7 @@ def _index_tar(url: str, names_by_label: dict[int, str], require_labels: bool = 
     in order of first appearance."""
     from webdataset.tariterators import base_plus_ext  # webdataset imports torch: only when reading shards
 
-    groups: dict[str, dict[str, Union[tarfile.TarInfo, bytes]]] = {}
+    groups: dict[str, dict[str, tarfile.TarInfo | bytes]] = {}
     try:
         for member, read in tar_members(url, mode="r:"):
             problem = unsafe_member_name(member.name)
@@ -316,8 +348,13 @@ def _index_tar(url: str, names_by_label: dict[int, str], require_labels: bool = 
     return [sample for sample in samples if sample is not None]
 
 
-def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarInfo, bytes]],
-                       names_by_label: dict[int, str], require_label: bool = True) -> Optional[Sample]:
+def _sample_from_group(
+    url: str,
+    key: str,
+    fields: dict[str, tarfile.TarInfo | bytes],
+    names_by_label: dict[int, str],
+    require_label: bool = True,
+) -> Sample | None:
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
     if "__error__" in fields:
         log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())
@@ -338,8 +375,13 @@ def _sample_from_group(url: str, key: str, fields: dict[str, Union[tarfile.TarIn
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
         except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the decoder goes
-            log.warning("%s: sample '%s': its 'json' is not valid JSON (%s); the sample is kept, its class_name "
-                        "is ignored (the class is named by another sample's json, else by its number)", url, key, err)
+            log.warning(
+                "%s: sample '%s': its 'json' is not valid JSON (%s); the sample is kept, its class_name "
+                "is ignored (the class is named by another sample's json, else by its number)",
+                url,
+                key,
+                err,
+            )
     return Sample(id=key, label=label, path=url, offset=image.offset_data, size=image.size)
 
 
@@ -361,8 +403,10 @@ def kshot_indices(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
     classes, counts = np.unique(labels, return_counts=True)
     if counts.min() < shots:
         label, count = classes[counts < shots][0], counts.min()
-        raise LabeledDataError(f"class {label} has {counts[classes == label][0]} training samples, fewer than {shots} "
-                               f"shots; the smallest class has {count}: use at most {count} shots or add images")
+        raise LabeledDataError(
+            f"class {label} has {counts[classes == label][0]} training samples, fewer than {shots} "
+            f"shots; the smallest class has {count}: use at most {count} shots or add images"
+        )
     picked = []
     for label in classes:
         members = np.flatnonzero(labels == label)
@@ -375,9 +419,12 @@ def save_split(path: str | Path, labeled: LabeledSet, indices: Sequence[int], **
     """Write the subset's sample ids and labels (plus ``meta`` such as shots and seed) as JSON."""
     from ssl_hybrid.runs import write_json_atomic
 
-    payload = dict(meta, source=labeled.source,
-                   ids=[labeled.samples[i].id for i in indices],
-                   labels=[labeled.samples[i].label for i in indices])
+    payload = dict(
+        meta,
+        source=labeled.source,
+        ids=[labeled.samples[i].id for i in indices],
+        labels=[labeled.samples[i].label for i in indices],
+    )
     return write_json_atomic(path, payload)
 
 
@@ -405,8 +452,9 @@ class TorchLabeledDataset:
         try:
             pixels = self.transform(image)
         except Exception as err:  # e.g. an image too small for the crop: name the file, not the worker
-            raise LabeledDataError(f"{self.labeled.where(index)}: cannot be transformed "
-                                   f"({type(err).__name__}: {err})") from None
+            raise LabeledDataError(
+                f"{self.labeled.where(index)}: cannot be transformed ({type(err).__name__}: {err})"
+            ) from None
         return pixels, self.labeled.samples[index].label, index
 
 

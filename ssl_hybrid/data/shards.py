@@ -31,10 +31,10 @@ import secrets
 import shutil
 import tarfile
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from ssl_hybrid.errors import UserError
 
@@ -71,14 +71,14 @@ class ShardWriteError(UserError):
 class SourceItem:
     path: Path  # absolute path of the image file
     relative: str  # path relative to the source root (or as written in the list file)
-    class_name: Optional[str] = None
+    class_name: str | None = None
 
 
 @dataclass
 class Source:
     root: Path
     items: list[SourceItem]
-    classes: Optional[list[str]]
+    classes: list[str] | None
     skipped: list[dict] = field(default_factory=list)
 
 
@@ -109,20 +109,22 @@ def _walk_files(root: Path, skipped: list[dict]) -> list[Path]:
             if name.startswith("."):
                 continue
             if path.is_symlink() and not _inside(path, root):
-                skipped.append({"path": path.relative_to(root).as_posix(), "reason": "symlink leaves the source folder"})
+                skipped.append(
+                    {"path": path.relative_to(root).as_posix(), "reason": "symlink leaves the source folder"}
+                )
                 continue
             found.append(path)
     return found
 
 
-def _label_from_regex(regex: re.Pattern, name: str) -> Optional[str]:
+def _label_from_regex(regex: re.Pattern, name: str) -> str | None:
     match = regex.search(name)
     if not match:
         return None
     return match.group(1) if match.groups() else match.group(0)
 
 
-def collect_folder(root: Path, labels: str = "auto", label_regex: Optional[str] = None) -> Source:
+def collect_folder(root: Path, labels: str = "auto", label_regex: str | None = None) -> Source:
     """labels: auto (class sub-folders if every image is inside one), folders, or none."""
     skipped: list[dict] = []
     files = _walk_files(root, skipped)
@@ -139,7 +141,9 @@ def collect_folder(root: Path, labels: str = "auto", label_regex: Optional[str] 
         for item in items:
             item.class_name = _label_from_regex(regex, Path(item.relative).name)
             if item.class_name is None:
-                skipped.append({"path": item.relative, "reason": f"file name does not match --label-regex {label_regex!r}"})
+                skipped.append(
+                    {"path": item.relative, "reason": f"file name does not match --label-regex {label_regex!r}"}
+                )
             else:
                 kept.append(item)
         items = kept
@@ -191,7 +195,7 @@ def sample_key(relative: str) -> str:
     return "/".join(parts).replace(".", "_")
 
 
-def unsafe_member_name(name: str) -> Optional[str]:
+def unsafe_member_name(name: str) -> str | None:
     """Why a tar member name must not be trusted as a sample key (absolute, or with a '..' segment:
     a tool that extracts by key would write outside its folder), or None. Our writer never makes one."""
     if name.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", name):
@@ -212,13 +216,15 @@ def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[s
     for name in names:
         problem = _manifest_name_problem(name)
         if problem:
-            raise UserError(f"{manifest}: shard name {name!r} refused ({problem}); "
-                            "a manifest lists the shard files in its own folder")
+            raise UserError(
+                f"{manifest}: shard name {name!r} refused ({problem}); "
+                "a manifest lists the shard files in its own folder"
+            )
         paths.append(str(Path(directory) / name))
     return paths
 
 
-def _manifest_name_problem(name) -> Optional[str]:
+def _manifest_name_problem(name) -> str | None:
     if not isinstance(name, str) or not name:
         return "not a file name"
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", name):
@@ -226,7 +232,7 @@ def _manifest_name_problem(name) -> Optional[str]:
     return unsafe_member_name(name)
 
 
-def oversized_member(member: tarfile.TarInfo, field: str) -> Optional[str]:
+def oversized_member(member: tarfile.TarInfo, field: str) -> str | None:
     """Why a tar member is too large to read (see :data:`MAX_MEMBER_BYTES`), or None."""
     limit = MAX_SIDECAR_BYTES if field.lower() in SIDECAR_KEYS else MAX_MEMBER_BYTES
     if member.size <= limit:
@@ -270,7 +276,7 @@ def tar_members(url: str, mode: str = "r|*") -> Iterator[tuple[tarfile.TarInfo, 
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_formats() -> tuple[str, ...]:
     """PIL's decoders for :data:`IMAGE_EXTENSIONS`, and only those: bytes are never handed to the other
     decoders PIL would try (EPS/PostScript runs Ghostscript on them, and a rarely used decoder is attack
@@ -281,7 +287,7 @@ def image_formats() -> tuple[str, ...]:
     return tuple(sorted({Image.registered_extensions()[extension] for extension in IMAGE_EXTENSIONS}))
 
 
-def check_image_bytes(data: bytes, max_pixels: Optional[int] = None):
+def check_image_bytes(data: bytes, max_pixels: int | None = None):
     """Fully decode ``data`` with one of :func:`image_formats`; return the PIL image or raise ValueError with
     a short reason. Images declaring more than ``max_pixels`` (default :data:`MAX_IMAGE_PIXELS`) are refused unread."""
     from PIL import Image
@@ -335,7 +341,7 @@ def _reencode(image, max_side: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _load_item(args: tuple[str, int, int]) -> tuple[Optional[bytes], str, Optional[str]]:
+def _load_item(args: tuple[str, int, int]) -> tuple[bytes | None, str, str | None]:
     """(bytes or None, extension, skip reason or None)."""
     path_text, max_side, quality = args
     path = Path(path_text)
@@ -375,8 +381,10 @@ def _check_replaceable(out: Path) -> None:
         raise ShardWriteError(f"{out}: exists and is not a directory (or is a symbolic link); choose another --out")
     foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and _OUTPUT_FILE.fullmatch(p.name)))
     if foreign:
-        raise ShardWriteError(f"{out}: holds {foreign[0]!r}, which is not part of a shard set; --out is replaced as "
-                              "a whole, so choose an empty or new folder")
+        raise ShardWriteError(
+            f"{out}: holds {foreign[0]!r}, which is not part of a shard set; --out is replaced as "
+            "a whole, so choose an empty or new folder"
+        )
 
 
 def _publish(tmp: Path, out: Path, replace: bool) -> None:
@@ -411,10 +419,21 @@ def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int
         yield from pool.imap(_load_item, jobs, chunksize=4)
 
 
-def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_side: int = 0, quality: int = 90,
-                 seed: int = 0, shuffle: bool = True, workers: int = 1, prefix: Optional[str] = None,
-                 labels: str = "auto", label_regex: Optional[str] = None, progress: bool = True,
-                 replace: bool = True) -> dict:
+def write_shards(
+    src: str | Path,
+    out: str | Path,
+    shard_size: int = 1000,
+    max_side: int = 0,
+    quality: int = 90,
+    seed: int = 0,
+    shuffle: bool = True,
+    workers: int = 1,
+    prefix: str | None = None,
+    labels: str = "auto",
+    label_regex: str | None = None,
+    progress: bool = True,
+    replace: bool = True,
+) -> dict:
     """Write shards + manifest.json (+ classes.json) as the folder ``out``; return the manifest.
 
     Written into ``.<out>.partial-*`` next to ``out`` and swapped in when complete; ``replace=False`` keeps an
@@ -435,23 +454,42 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 1000, max_s
     if replace and (out.exists() or out.is_symlink()):
         _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{glob.escape(out.name)}{_TMP_PREFIX}*") if replace else []:  # a killed run's temp folder
+    for stale in (
+        out.parent.glob(f".{glob.escape(out.name)}{_TMP_PREFIX}*") if replace else []
+    ):  # a killed run's temp folder
         shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}{_TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest = _write_set(source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress,
-                              seed if shuffle else None)
+        manifest = _write_set(
+            source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress, seed if shuffle else None
+        )
         _publish(tmp, out, replace)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("wrote %d samples in %d shards to %s (%d skipped)", manifest["num_samples"], len(manifest["shards"]),
-             out, len(manifest["skipped"]))
+    log.info(
+        "wrote %d samples in %d shards to %s (%d skipped)",
+        manifest["num_samples"],
+        len(manifest["shards"]),
+        out,
+        len(manifest["skipped"]),
+    )
     return manifest
 
 
-def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, shard_size: int, max_side: int,
-               quality: int, workers: int, progress: bool, seed: Optional[int]) -> dict:
+def _write_set(
+    source: Source,
+    src: Path,
+    tmp: Path,
+    out: Path,
+    prefix: str,
+    shard_size: int,
+    max_side: int,
+    quality: int,
+    workers: int,
+    progress: bool,
+    seed: int | None,
+) -> dict:
     """The shards, classes.json and manifest.json of ``source``, written into ``tmp``."""
     import webdataset as wds
     from tqdm import tqdm
@@ -464,7 +502,7 @@ def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, sha
 
     def finished(partial_name: str) -> None:
         partial = Path(partial_name)
-        final = partial.with_name(partial.name[len(_TMP_PREFIX):])
+        final = partial.with_name(partial.name[len(_TMP_PREFIX) :])
         count = writer.count
         if count == 0:  # ShardWriter opens a next shard eagerly; an empty one is not a shard
             partial.unlink()
@@ -472,12 +510,23 @@ def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, sha
         os.replace(partial, final)
         shards.append({"name": final.name, "samples": count, "sha256": _sha256(final)})
 
-    writer = wds.ShardWriter(str(tmp / f"{_TMP_PREFIX}{prefix}-%06d.tar"), maxcount=shard_size, post=finished,
-                             verbose=0, encoder=False, mtime=0)
+    writer = wds.ShardWriter(
+        str(tmp / f"{_TMP_PREFIX}{prefix}-%06d.tar"),
+        maxcount=shard_size,
+        post=finished,
+        verbose=0,
+        encoder=False,
+        mtime=0,
+    )
     try:
         loaded = _load_all(source.items, max_side, quality, workers)
-        for item, (data, extension, reason) in tqdm(zip(source.items, loaded), total=len(source.items),
-                                                    desc=f"shards {out.name}", unit="img", disable=not progress):
+        for item, (data, extension, reason) in tqdm(
+            zip(source.items, loaded),
+            total=len(source.items),
+            desc=f"shards {out.name}",
+            unit="img",
+            disable=not progress,
+        ):
             if reason is not None:
                 log.warning("skipping %s: %s", item.relative, reason)
                 skipped.append({"path": item.relative, "reason": reason})
@@ -494,15 +543,25 @@ def _write_set(source: Source, src: Path, tmp: Path, out: Path, prefix: str, sha
             writer.write(sample)
         writer.close()
         if not shards:
-            raise ShardWriteError(f"{src}: none of the {len(source.items)} images could be read, e.g. "
-                                  f"{skipped[-1]['path']}: {skipped[-1]['reason']}")
+            raise ShardWriteError(
+                f"{src}: none of the {len(source.items)} images could be read, e.g. "
+                f"{skipped[-1]['path']}: {skipped[-1]['reason']}"
+            )
     except BaseException:
         if getattr(writer, "tarstream", None) is not None:
             writer.tarstream.close()
         raise
-    manifest = {"format": FORMAT, "source": str(src), "num_samples": sum(s["samples"] for s in shards),
-                "shards": shards, "classes": source.classes, "skipped": sorted(skipped, key=lambda s: s["path"]),
-                "shard_size": shard_size, "max_side": max_side, "seed": seed}
+    manifest = {
+        "format": FORMAT,
+        "source": str(src),
+        "num_samples": sum(s["samples"] for s in shards),
+        "shards": shards,
+        "classes": source.classes,
+        "skipped": sorted(skipped, key=lambda s: s["path"]),
+        "shard_size": shard_size,
+        "max_side": max_side,
+        "seed": seed,
+    }
     if source.classes is not None:
         _write_json(tmp / CLASSES, source.classes)
     _write_json(tmp / MANIFEST, manifest)
@@ -514,8 +573,9 @@ def read_manifest(directory: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{directory}: no {MANIFEST} (not a shard directory, or an interrupted "
-                        f"'ssl-hybrid shards' run; re-run it)") from None
+        raise UserError(
+            f"{directory}: no {MANIFEST} (not a shard directory, or an interrupted 'ssl-hybrid shards' run; re-run it)"
+        ) from None
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: JSON nested deeper than any manifest
         raise UserError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -558,12 +618,20 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     with main_process_first(local=True):
         if not (target / MANIFEST).exists():
             log.info("sharding image folder %s once into %s", root, target)
-            write_shards(root, target, shard_size=shard_size, max_side=max_side,
-                         prefix=target.name.rsplit("-", 1)[0], workers=1, progress=True, replace=False)
+            write_shards(
+                root,
+                target,
+                shard_size=shard_size,
+                max_side=max_side,
+                prefix=target.name.rsplit("-", 1)[0],
+                workers=1,
+                progress=True,
+                replace=False,
+            )
     return target
 
 
-def manifest_fingerprint(urls: list[str]) -> Optional[str]:
+def manifest_fingerprint(urls: list[str]) -> str | None:
     """A hash of what the manifests say about the shards in ``urls`` (name, samples, sha256 of each): it changes
     when the data under the same path does. None when no shard has a manifest (brace patterns of bare tars,
     ``pipe:`` and http URLs): such data cannot be checked."""
@@ -574,6 +642,9 @@ def manifest_fingerprint(urls: list[str]) -> Optional[str]:
     entries = []
     for directory in sorted(wanted):
         if (directory / MANIFEST).exists():
-            entries += [[s["name"], s["samples"], s["sha256"]] for s in read_manifest(directory)["shards"]
-                        if s["name"] in wanted[directory]]
+            entries += [
+                [s["name"], s["samples"], s["sha256"]]
+                for s in read_manifest(directory)["shards"]
+                if s["name"] in wanted[directory]
+            ]
     return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16] if entries else None

@@ -78,8 +78,9 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -135,13 +136,15 @@ def _list_entries(path: Path, allow_pipe: bool) -> list[str]:
         if not line or line.startswith("#"):
             continue
         if line.startswith("pipe:") and not allow_pipe:
-            raise UserError(f"{path} line {number}: a 'pipe:' shard runs a shell command; a shard list may hold one "
-                            "only with data.allow_pipe_in_lists=true (type pipe: specs in data.train to run them)")
+            raise UserError(
+                f"{path} line {number}: a 'pipe:' shard runs a shell command; a shard list may hold one "
+                "only with data.allow_pipe_in_lists=true (type pipe: specs in data.train to run them)"
+            )
         urls.append(line if _is_url(line) or Path(line).is_absolute() else str(path.parent / line))
     return urls
 
 
-def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[list[str], Optional[dict[str, int]]]:
+def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[list[str], dict[str, int] | None]:
     """Shard URLs and, when a manifest is known, the sample count of each shard."""
     spec = str(spec).strip()
     if not spec:
@@ -158,15 +161,18 @@ def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[
             # yourself to choose shard size, re-encoding and where the shards live).
             directory = shard_format.shards_for_image_folder(directory)
         manifest = shard_format.read_manifest(directory)
-        urls = shard_format.manifest_shard_paths(directory, [item.get("name") for item in manifest["shards"]],
-                                                 directory / shard_format.MANIFEST)
+        urls = shard_format.manifest_shard_paths(
+            directory, [item.get("name") for item in manifest["shards"]], directory / shard_format.MANIFEST
+        )
         counts = {url: int(item["samples"]) for url, item in zip(urls, manifest["shards"])}
         if not urls:
             raise UserError(f"{directory}/{shard_format.MANIFEST}: lists no shards")
         missing = [url for url in urls if not Path(url).exists()]
         if missing:
-            raise UserError(f"{directory}/{shard_format.MANIFEST}: {len(missing)} of {len(urls)} listed shards "
-                            f"are missing, e.g. {Path(missing[0]).name}")
+            raise UserError(
+                f"{directory}/{shard_format.MANIFEST}: {len(missing)} of {len(urls)} listed shards "
+                f"are missing, e.g. {Path(missing[0]).name}"
+            )
         return urls, counts
     if path.suffix.lower() in (".txt", ".list", ".lst") and path.is_file():
         urls = _list_entries(path, allow_pipe_in_lists)
@@ -189,7 +195,7 @@ def resolve_shards(spec: str, allow_pipe_in_lists: bool = False) -> list[str]:
     return _resolve_with_counts(spec, allow_pipe_in_lists)[0]
 
 
-def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> Optional[dict[str, int]]:
+def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> dict[str, int] | None:
     """Samples per shard from the manifest, or None when the spec has none (patterns, URLs)."""
     return _resolve_with_counts(spec, allow_pipe_in_lists)[1]
 
@@ -199,14 +205,14 @@ def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> Optional[dict[
 # ---------------------------------------------------------------------------------------------
 
 
-def image_entry(sample: dict) -> Optional[tuple[str, bytes]]:
+def image_entry(sample: dict) -> tuple[str, bytes] | None:
     for key in shard_format.IMAGE_KEYS:
         if key in sample:
             return key, sample[key]
     return None
 
 
-def decode_image_or_reason(sample: dict, max_pixels: Optional[int] = None):
+def decode_image_or_reason(sample: dict, max_pixels: int | None = None):
     """(RGB PIL image, None) or (None, reason); :func:`ssl_hybrid.data.shards.to_rgb` says how modes,
     transparency and EXIF orientation become RGB."""
     if "__error__" in sample:
@@ -230,14 +236,14 @@ def decode_image(sample: dict):
     return decode_image_or_reason(sample)[0]
 
 
-def sample_label(sample: dict) -> Optional[int]:
+def sample_label(sample: dict) -> int | None:
     """The integer ``cls`` of a labeled sample, None when unlabeled; ValueError when malformed."""
     if "cls" not in sample:
         return None
     return shard_format.parse_label(sample["cls"])
 
 
-def sample_meta(sample: dict) -> Optional[dict]:
+def sample_meta(sample: dict) -> dict | None:
     try:
         return json.loads(sample["json"]) if "json" in sample else None
     except RecursionError:  # json's decoder recurses per nesting level
@@ -249,7 +255,7 @@ def sample_meta(sample: dict) -> Optional[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
+def read_shard(url: str, expected: int | None = None) -> Iterator[dict]:
     """Samples of one shard (members grouped by key as webdataset does). A shard that cannot be opened
     or is cut short yields one placeholder (with ``__error__``) per lost sample -- ``expected`` minus the
     samples read when the manifest gives ``expected``, else 1 -- so losses are counted like bad samples.
@@ -257,7 +263,7 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
     from webdataset.tariterators import base_plus_ext
 
     count = 0
-    current: Optional[dict] = None
+    current: dict | None = None
     try:
         for member, read in shard_format.tar_members(url):
             name = member.name
@@ -290,11 +296,20 @@ def read_shard(url: str, expected: Optional[int] = None) -> Iterator[dict]:
             raise EOFError(f"{count} samples, manifest says {expected}")
     except Exception as err:  # tarfile.ReadError, OSError, HTTP errors: the rest of this shard is lost
         lost = max(0, expected - count) if expected is not None else 1
-        log.warning("shard %s unreadable after %d samples (%s: %s); counting %d lost samples", url, count,
-                    type(err).__name__, err, lost)
+        log.warning(
+            "shard %s unreadable after %d samples (%s: %s); counting %d lost samples",
+            url,
+            count,
+            type(err).__name__,
+            err,
+            lost,
+        )
         for index in range(lost):
-            yield {"__key__": f"<lost {index + 1}/{lost}>", "__url__": url,
-                   "__error__": f"shard unreadable after {count} samples ({type(err).__name__}: {err})"}
+            yield {
+                "__key__": f"<lost {index + 1}/{lost}>",
+                "__url__": url,
+                "__error__": f"shard unreadable after {count} samples ({type(err).__name__}: {err})",
+            }
 
 
 def shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -355,11 +370,27 @@ def fresh_position() -> dict:
 class ShardStream(torch.utils.data.IterableDataset):
     """Yields collated batches with a ``_meta`` position (or ``{"_abort": message}``); see module doc."""
 
-    def __init__(self, urls: list[str], counts: Optional[dict[str, int]], *, batch_size: int, seed: int,
-                 rank: int, world_size: int, num_workers: int, resampled: bool, buffer_size: int,
-                 transform: Callable, collate: Callable, positions: list[dict], rotation: int = 0,
-                 max_skip_rate: float, skip_rate_min_samples: int, epochs: Optional[int] = None,
-                 worker_nice: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: dict[str, int] | None,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        resampled: bool,
+        buffer_size: int,
+        transform: Callable,
+        collate: Callable,
+        positions: list[dict],
+        rotation: int = 0,
+        max_skip_rate: float,
+        skip_rate_min_samples: int,
+        epochs: int | None = None,
+        worker_nice: int = 0,
+    ):
         super().__init__()
         self.urls, self.counts = list(urls), counts
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
@@ -378,10 +409,11 @@ class ShardStream(torch.utils.data.IterableDataset):
             return [rng.choice(self.urls) for _ in range(per_worker)]
         order = list(self.urls)
         random.Random(_seed_from("shards", self.seed, epoch)).shuffle(order)
-        return order[self.rank::self.world_size][worker::self.num_workers]
+        return order[self.rank :: self.world_size][worker :: self.num_workers]
 
     def epoch_samples(self, epoch: int, worker: int) -> Iterator[dict]:
         """The raw (undecoded) samples of one worker-epoch, in shuffled order."""
+
         def read_all() -> Iterator[dict]:
             for url in self.epoch_shards(epoch, worker):
                 yield from read_shard(url, (self.counts or {}).get(url))
@@ -390,7 +422,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         return shuffle_buffer(read_all(), self.buffer_size, rng)
 
     # -- one sample ----------------------------------------------------------------------------
-    def make_sample(self, raw: dict, seed: int, in_main: bool) -> tuple[Optional[dict], Optional[str]]:
+    def make_sample(self, raw: dict, seed: int, in_main: bool) -> tuple[dict | None, str | None]:
         image, reason = decode_image_or_reason(raw)
         if image is None:
             return None, reason
@@ -405,8 +437,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 views = self.transform(image)
             except Exception as err:  # an image the augmentations cannot take: skipped and counted like a corrupt one
                 return None, f"cannot be transformed ({type(err).__name__}: {err})"
-        item = {"global_views": views["global_views"], "local_views": views.get("local_views", []),
-                "key": raw["__key__"]}
+        item = {
+            "global_views": views["global_views"],
+            "local_views": views.get("local_views", []),
+            "key": raw["__key__"],
+        }
         if label is not None:
             item["label"] = label
         return item, None
@@ -418,11 +453,16 @@ class ShardStream(torch.utils.data.IterableDataset):
         return skipped / seen > self.max_skip_rate
 
     def _abort(self, worker: int, seen: int, skipped: int, last: str, empty: bool = False) -> dict:
-        why = (f"a whole epoch of rank {self.rank} worker {worker} had no usable sample" if empty else
-               f"{skipped} of {seen} samples skipped by rank {self.rank} worker {worker} "
-               f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.max_skip_rate})")
-        return {"_abort": f"{why}; last: {last}. Fix or re-write the shards (ssl-hybrid shards)"
-                          + ("" if empty else ", or raise data.max_skip_rate")}
+        why = (
+            f"a whole epoch of rank {self.rank} worker {worker} had no usable sample"
+            if empty
+            else f"{skipped} of {seen} samples skipped by rank {self.rank} worker {worker} "
+            f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.max_skip_rate})"
+        )
+        return {
+            "_abort": f"{why}; last: {last}. Fix or re-write the shards (ssl-hybrid shards)"
+            + ("" if empty else ", or raise data.max_skip_rate")
+        }
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
@@ -445,7 +485,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                 if offset < resume_offset:
                     continue  # consumed before the checkpoint: dropped before decoding
                 item, reason = self.make_sample(
-                    raw, _seed_from("views", self.seed, self.rank, worker, epoch, offset), in_main)
+                    raw, _seed_from("views", self.seed, self.rank, worker, epoch, offset), in_main
+                )
                 seen += 1
                 if item is None:
                     skipped += 1
@@ -487,10 +528,26 @@ class TrainStream:
     """An iterable of batches (``global_views``, ``local_views``, ``key``, ``label`` when labeled) whose
     data position can be saved and restored; iterating again continues from the current position."""
 
-    def __init__(self, urls: list[str], counts: Optional[dict[str, int]], *, batch_size: int, seed: int, rank: int,
-                 world_size: int, transform: Callable, num_workers: int, resampled: bool, buffer_size: int,
-                 max_skip_rate: float, skip_rate_min_samples: int, epochs: Optional[int] = None,
-                 collate: Optional[Callable] = None, spec: str = "", worker_nice: int = 0):
+    def __init__(
+        self,
+        urls: list[str],
+        counts: dict[str, int] | None,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        transform: Callable,
+        num_workers: int,
+        resampled: bool,
+        buffer_size: int,
+        max_skip_rate: float,
+        skip_rate_min_samples: int,
+        epochs: int | None = None,
+        collate: Callable | None = None,
+        spec: str = "",
+        worker_nice: int = 0,
+    ):
         from ssl_hybrid.data.views import collate_views
 
         self.urls, self.counts, self.spec = urls, counts, spec
@@ -507,12 +564,24 @@ class TrainStream:
     # -- iteration -----------------------------------------------------------------------------
     def _dataset(self) -> ShardStream:
         return ShardStream(
-            self.urls, self.counts, batch_size=self.batch_size, seed=self.seed, rank=self.rank,
-            world_size=self.world_size, num_workers=self.num_workers, resampled=self.resampled,
-            buffer_size=self.buffer_size, transform=self.transform, collate=self.collate,
-            positions=copy.deepcopy(self.positions), rotation=self.batches % max(1, self.num_workers),
-            epochs=self.epochs, max_skip_rate=self.max_skip_rate, skip_rate_min_samples=self.skip_rate_min_samples,
-            worker_nice=self.worker_nice)
+            self.urls,
+            self.counts,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            resampled=self.resampled,
+            buffer_size=self.buffer_size,
+            transform=self.transform,
+            collate=self.collate,
+            positions=copy.deepcopy(self.positions),
+            rotation=self.batches % max(1, self.num_workers),
+            epochs=self.epochs,
+            max_skip_rate=self.max_skip_rate,
+            skip_rate_min_samples=self.skip_rate_min_samples,
+            worker_nice=self.worker_nice,
+        )
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
@@ -521,8 +590,14 @@ class TrainStream:
         # Its own generator: DataLoader draws a base seed per iterator, which must not consume the
         # trainer's global torch RNG (augmentations are seeded per sample anyway).
         generator = torch.Generator().manual_seed(_seed_from("loader", self.seed, self.rank) % 2**63)
-        loader = wds.WebLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
-                               generator=generator, worker_init_fn=ignore_stop_signals, **extra)
+        loader = wds.WebLoader(
+            self._dataset(),
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=generator,
+            worker_init_fn=ignore_stop_signals,
+            **extra,
+        )
         for batch in loader:
             if "_abort" in batch:
                 raise DataQualityError(f"{self.spec or 'stream'}: {batch['_abort']}")
@@ -540,7 +615,8 @@ class TrainStream:
         if seen >= self.skip_rate_min_samples and skipped / seen > self.max_skip_rate:
             raise DataQualityError(
                 f"{self.spec or 'stream'}: {skipped} of {seen} samples skipped on rank {self.rank} "
-                f"({skipped / seen:.1%} > data.max_skip_rate={self.max_skip_rate}); fix the shards or raise it")
+                f"({skipped / seen:.1%} > data.max_skip_rate={self.max_skip_rate}); fix the shards or raise it"
+            )
 
     # -- counters --------------------------------------------------------------------------------
     @property
@@ -558,34 +634,68 @@ class TrainStream:
 
     def stats(self) -> dict:
         seen, skipped = self.seen, self.skipped
-        return {"seen": seen, "skipped": skipped, "skip_rate": skipped / seen if seen else 0.0,
-                "batches": self.batches, "samples": self.samples, "epoch": self.epoch}
+        return {
+            "seen": seen,
+            "skipped": skipped,
+            "skip_rate": skipped / seen if seen else 0.0,
+            "batches": self.batches,
+            "samples": self.samples,
+            "epoch": self.epoch,
+        }
 
     # -- checkpointing -------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self.num_workers, "batch_size": self.batch_size, "resampled": self.resampled,
-                "num_shards": len(self.urls), "shuffle_buffer": self.buffer_size}
+        return {
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "resampled": self.resampled,
+            "num_shards": len(self.urls),
+            "shuffle_buffer": self.buffer_size,
+        }
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, **self._identity(), "epoch": self.epoch, "batches": self.batches,
-                "samples": self.samples, "workers": copy.deepcopy(self.positions)}
+        return {
+            "format": STATE_FORMAT,
+            **self._identity(),
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "samples": self.samples,
+            "workers": copy.deepcopy(self.positions),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("format") != STATE_FORMAT:
             raise UserError(f"data position: unknown format {state.get('format')!r} (expected {STATE_FORMAT})")
-        mismatched = [f"{key} saved {state.get(key)!r}, now {value!r}" for key, value in self._identity().items()
-                      if state.get(key) != value]
+        mismatched = [
+            f"{key} saved {state.get(key)!r}, now {value!r}"
+            for key, value in self._identity().items()
+            if state.get(key) != value
+        ]
         if mismatched:
-            raise UserError("data position cannot be resumed exactly: " + "; ".join(mismatched)
-                            + " (use the settings of the interrupted run)")
+            raise UserError(
+                "data position cannot be resumed exactly: "
+                + "; ".join(mismatched)
+                + " (use the settings of the interrupted run)"
+            )
         self.positions = copy.deepcopy(state["workers"])
         self.batches, self.samples = int(state["batches"]), int(state["samples"])
 
 
-def build_train_stream(data_cfg, batch_size: int, seed: int, rank: int, world_size: int, transform: Callable, *,
-                       num_workers: Optional[int] = None, epochs: Optional[int] = None,
-                       spec: Optional[str] = None) -> TrainStream:
+def build_train_stream(
+    data_cfg,
+    batch_size: int,
+    seed: int,
+    rank: int,
+    world_size: int,
+    transform: Callable,
+    *,
+    num_workers: int | None = None,
+    epochs: int | None = None,
+    spec: str | None = None,
+) -> TrainStream:
     """The training stream of one rank over ``data_cfg.train`` (or ``spec``); see the module doc."""
     spec = spec or data_cfg.train
     urls, counts = _resolve_with_counts(spec, data_cfg.allow_pipe_in_lists)
@@ -594,11 +704,25 @@ def build_train_stream(data_cfg, batch_size: int, seed: int, rank: int, world_si
         raise UserError(f"batch_size must be >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")
     slots = world_size * max(1, workers)
     if not data_cfg.resampled and len(urls) < slots:
-        raise UserError(f"{spec}: {len(urls)} shards < {world_size} ranks x {max(1, workers)} workers = {slots}; "
-                        f"exact mode (data.resampled=false) gives each worker whole shards. Write smaller shards "
-                        f"(ssl-hybrid shards --shard-size), lower data.num_workers, or set data.resampled=true")
-    return TrainStream(urls, counts, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
-                       transform=transform, num_workers=workers, resampled=data_cfg.resampled,
-                       buffer_size=data_cfg.shuffle_buffer, max_skip_rate=data_cfg.max_skip_rate,
-                       skip_rate_min_samples=data_cfg.skip_rate_min_samples, epochs=epochs, spec=str(spec),
-                       worker_nice=resolve_worker_nice(data_cfg.worker_nice))
+        raise UserError(
+            f"{spec}: {len(urls)} shards < {world_size} ranks x {max(1, workers)} workers = {slots}; "
+            f"exact mode (data.resampled=false) gives each worker whole shards. Write smaller shards "
+            f"(ssl-hybrid shards --shard-size), lower data.num_workers, or set data.resampled=true"
+        )
+    return TrainStream(
+        urls,
+        counts,
+        batch_size=batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        transform=transform,
+        num_workers=workers,
+        resampled=data_cfg.resampled,
+        buffer_size=data_cfg.shuffle_buffer,
+        max_skip_rate=data_cfg.max_skip_rate,
+        skip_rate_min_samples=data_cfg.skip_rate_min_samples,
+        epochs=epochs,
+        spec=str(spec),
+        worker_nice=resolve_worker_nice(data_cfg.worker_nice),
+    )

@@ -16,7 +16,8 @@ Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly'
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,27 +26,37 @@ VIEW_KINDS = ("dino", "simclr", "mae")
 
 def _simclr_colour(data_cfg) -> dict:
     """The blur and colour settings both SimCLR transforms (plain and multi-crop) take."""
-    return {"gaussian_blur": data_cfg.simclr_blur, "cj_strength": data_cfg.simclr_color_jitter,
-            "cj_hue": data_cfg.simclr_hue, "random_gray_scale": data_cfg.simclr_grayscale}
+    return {
+        "gaussian_blur": data_cfg.simclr_blur,
+        "cj_strength": data_cfg.simclr_color_jitter,
+        "cj_hue": data_cfg.simclr_hue,
+        "random_gray_scale": data_cfg.simclr_grayscale,
+    }
 
 
 def _lightly_transform(data_cfg):
     from lightly.transforms import DINOTransform, MAETransform, SimCLRTransform, SwaVTransform
 
     if data_cfg.views == "dino":
-        transform = DINOTransform(global_crop_size=data_cfg.image_size, local_crop_size=data_cfg.local_image_size,
-                                  n_local_views=data_cfg.num_local_views)
+        transform = DINOTransform(
+            global_crop_size=data_cfg.image_size,
+            local_crop_size=data_cfg.local_image_size,
+            n_local_views=data_cfg.num_local_views,
+        )
         return transform, 2
     if data_cfg.views == "simclr" and data_cfg.num_local_views > 0:
         transform = SwaVTransform(
-            crop_sizes=(data_cfg.image_size, data_cfg.local_image_size), crop_counts=(2, data_cfg.num_local_views),
+            crop_sizes=(data_cfg.image_size, data_cfg.local_image_size),
+            crop_counts=(2, data_cfg.num_local_views),
             crop_min_scales=(data_cfg.simclr_min_scale, data_cfg.simclr_local_min_scale),
             crop_max_scales=(1.0, data_cfg.simclr_min_scale),
-            **_simclr_colour(data_cfg))
+            **_simclr_colour(data_cfg),
+        )
         return transform, 2
     if data_cfg.views == "simclr":
-        return SimCLRTransform(input_size=data_cfg.image_size, min_scale=data_cfg.simclr_min_scale,
-                               **_simclr_colour(data_cfg)), 2
+        return SimCLRTransform(
+            input_size=data_cfg.image_size, min_scale=data_cfg.simclr_min_scale, **_simclr_colour(data_cfg)
+        ), 2
     if data_cfg.views == "mae":
         return MAETransform(input_size=data_cfg.image_size), 1
     raise ValueError(f"data.views must be one of {', '.join(VIEW_KINDS)}, got {data_cfg.views!r}")
@@ -61,7 +72,7 @@ class MultiViewTransform:
         if image.mode != "RGB":
             image = image.convert("RGB")
         views = self.transform(image)
-        return {"global_views": list(views[:self.num_global]), "local_views": list(views[self.num_global:])}
+        return {"global_views": list(views[: self.num_global]), "local_views": list(views[self.num_global :])}
 
 
 def build_transform(data_cfg) -> MultiViewTransform:
@@ -73,7 +84,7 @@ def collate_views(samples: list[dict]) -> dict:
     local_views: [Tensor[B,3,h,w]] per view, key: [str], label: Tensor[B] (only if every sample has one)}."""
     if not samples:
         raise ValueError("collate_views needs at least one sample")
-    batch = {
+    batch: dict[str, Any] = {
         "global_views": [torch.stack(views) for views in zip(*(s["global_views"] for s in samples))],
         "local_views": [torch.stack(views) for views in zip(*(s["local_views"] for s in samples))],
         "key": [s["key"] for s in samples],

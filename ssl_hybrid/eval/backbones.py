@@ -66,8 +66,16 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
         size = image_size or DEFAULT_IMAGE_SIZE
         torch.manual_seed(RANDOM_INIT_SEED)
         model = _create(name, size, spec)
-        meta = {"spec": spec, "kind": kind, "model": name, "image_size": size, "weights": None, "step": None,
-                "missing_keys": [], "unexpected_keys": []}
+        meta = {
+            "spec": spec,
+            "kind": kind,
+            "model": name,
+            "image_size": size,
+            "weights": None,
+            "step": None,
+            "missing_keys": [],
+            "unexpected_keys": [],
+        }
     else:
         path = _resolve(Path(spec))
         model, meta = _load_folder(path, image_size) if is_model_folder(path) else _load_files(path, image_size)
@@ -84,8 +92,9 @@ def native_image_size(spec: str) -> int | None:
     if str(spec).startswith(("timm:", "random:")):
         return None
     path = _resolve(Path(spec))
-    return _folder_size(read_model_config(path)) if is_model_folder(path) else \
-        _pretrained_size(_locate_weights(path)[2])
+    return (
+        _folder_size(read_model_config(path)) if is_model_folder(path) else _pretrained_size(_locate_weights(path)[2])
+    )
 
 
 def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
@@ -102,11 +111,15 @@ def _resolve(path: Path) -> Path:
     """The model folder, old export or checkpoint a path stands for: a run directory resolves to its newest
     weights by step (see the module docstring)."""
     if not path.exists():
-        raise BackboneError(f"{path}: backbone not found (expected a model folder, a run directory, "
-                            "timm:<name> or random:<name>)")
+        raise BackboneError(
+            f"{path}: backbone not found (expected a model folder, a run directory, timm:<name> or random:<name>)"
+        )
     if path.is_file():
-        return path.parent if path.name in (CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME) and is_model_folder(path.parent) \
+        return (
+            path.parent
+            if path.name in (CHECKPOINT_WEIGHTS_NAME, CONFIG_NAME) and is_model_folder(path.parent)
             else path
+        )
     if is_model_folder(path) or _is_checkpoint(path):
         return path
     candidates = [(step, 2, folder) for folder, step in _model_folders(path)]
@@ -116,8 +129,10 @@ def _resolve(path: Path) -> Path:
     if checkpoint is not None:
         candidates.append((int(checkpoint.name.split("_")[1]), 0, checkpoint))
     if not candidates:
-        raise BackboneError(f"{path}: no model folder ({CHECKPOINT_WEIGHTS_NAME} + {CONFIG_NAME}) and no complete "
-                            "checkpoints/step_*/ with model weights")
+        raise BackboneError(
+            f"{path}: no model folder ({CHECKPOINT_WEIGHTS_NAME} + {CONFIG_NAME}) and no complete "
+            "checkpoints/step_*/ with model weights"
+        )
     return max(candidates, key=lambda c: (c[0], c[1]))[2]
 
 
@@ -141,9 +156,16 @@ def _load_folder(folder: Path, image_size: int | None) -> tuple[torch.nn.Module,
         override["global_pool"] = record.get("token_pool", "token_avg")
     # Evaluated without a classifier: a head saved with it is an unexpected key, reported and ignored.
     model, unexpected = build_from_folder(folder, config, ignore_unexpected=True, **override)
-    return model, {"kind": "file", "model": config["architecture"], "image_size": size,
-                   "weights": str(folder / CHECKPOINT_WEIGHTS_NAME), "step": record.get("step"),
-                   "missing_keys": [], "unexpected_keys": unexpected, "pretraining": _pretraining(record)}
+    return model, {
+        "kind": "file",
+        "model": config["architecture"],
+        "image_size": size,
+        "weights": str(folder / CHECKPOINT_WEIGHTS_NAME),
+        "step": record.get("step"),
+        "missing_keys": [],
+        "unexpected_keys": unexpected,
+        "pretraining": _pretraining(record),
+    }
 
 
 def _folder_size(config: dict[str, Any]) -> int:
@@ -156,12 +178,20 @@ def _load_files(path: Path, image_size: int | None) -> tuple[torch.nn.Module, di
     """An old export (file or directory) or a checkpoint directory."""
     weights, prefix, model_meta = _locate_weights(path)
     size = image_size or _pretrained_size(model_meta)
-    model, unexpected = rebuild(weights, model_meta, prefix=prefix, ignore_unexpected=True,
-                                num_classes=0, img_size=size)
+    model, unexpected = rebuild(
+        weights, model_meta, prefix=prefix, ignore_unexpected=True, num_classes=0, img_size=size
+    )
     step = int(path.name.split("_")[1]) if _is_checkpoint(path) else model_meta.get("step")
-    return model, {"kind": "file", "model": model_meta["model_name"], "image_size": size, "weights": str(weights),
-                   "step": step, "missing_keys": [], "unexpected_keys": unexpected,
-                   "pretraining": _pretraining(model_meta)}
+    return model, {
+        "kind": "file",
+        "model": model_meta["model_name"],
+        "image_size": size,
+        "weights": str(weights),
+        "step": step,
+        "missing_keys": [],
+        "unexpected_keys": unexpected,
+        "pretraining": _pretraining(model_meta),
+    }
 
 
 def _locate_weights(path: Path) -> tuple[Path, str, dict[str, Any]]:
@@ -177,13 +207,17 @@ def _locate_weights(path: Path) -> tuple[Path, str, dict[str, Any]]:
 
 
 def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and re.fullmatch(r"step_\d+", path.name) is not None and \
-        (path / CHECKPOINT_WEIGHTS_NAME).exists()
+    return (
+        path.is_dir() and re.fullmatch(r"step_\d+", path.name) is not None and (path / CHECKPOINT_WEIGHTS_NAME).exists()
+    )
 
 
 def _newest_checkpoint(run: Path) -> Path | None:
-    steps = sorted((p for p in (run / "checkpoints").glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
-                   key=lambda p: int(p.name.split("_")[1]), reverse=True)
+    steps = sorted(
+        (p for p in (run / "checkpoints").glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)),
+        key=lambda p: int(p.name.split("_")[1]),
+        reverse=True,
+    )
     for step in steps:
         try:
             _checkpoint_weights(step)
@@ -213,7 +247,7 @@ def _meta_from_config(run: Path) -> dict[str, Any]:
 
 def _pretraining(meta: dict[str, Any]) -> dict[str, Any] | None:
     """What the trainer recorded at export: run name, steps done, objective weights, budget and time."""
-    record = {k: meta[k] for k in ("run", "step", "objective") if k in meta}
+    record: dict[str, Any] = {k: meta[k] for k in ("run", "step", "objective") if k in meta}
     record.update(meta.get("pretraining") or {})
     return record or None
 

@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ssl_hybrid.errors import UserError
 
@@ -50,8 +50,12 @@ def load_pair(args: argparse.Namespace):
     test = align_classes(train, check_images(load_labeled(args.test)))
     shared = shared_images(train, test)
     if shared:
-        log.warning("%d of the %d --test images are also in --train: each finds itself as nearest neighbour, "
-                    "so accuracies are inflated (use disjoint folders)", shared, len(test))
+        log.warning(
+            "%d of the %d --test images are also in --train: each finds itself as nearest neighbour, "
+            "so accuracies are inflated (use disjoint folders)",
+            shared,
+            len(test),
+        )
     return train, test
 
 
@@ -59,12 +63,18 @@ def data_summary(train, test) -> dict[str, Any]:
     """Where the numbers come from: both sets, images skipped as unreadable, images the two share."""
     from ssl_hybrid.data.labeled import shared_images
 
-    return {"train": train.source, "test": test.source, "train_images": len(train), "test_images": len(test),
-            "num_classes": len(train.classes), "test_images_in_train": shared_images(train, test),
-            "skipped_unreadable": {"train": train.skipped, "test": test.skipped}}
+    return {
+        "train": train.source,
+        "test": test.source,
+        "train_images": len(train),
+        "test_images": len(test),
+        "num_classes": len(train.classes),
+        "test_images_in_train": shared_images(train, test),
+        "skipped_unreadable": {"train": train.skipped, "test": test.skipped},
+    }
 
 
-def cache_dir(args: argparse.Namespace) -> Optional[Path]:
+def cache_dir(args: argparse.Namespace) -> Path | None:
     from ssl_hybrid.eval.features import default_cache_dir
 
     if getattr(args, "no_cache", False):
@@ -78,8 +88,15 @@ def features(args: argparse.Namespace, spec: str, train, test):
     if args.image_size < 0:
         raise UserError(f"--image-size must be >= 0 (0 = the backbone's pretraining size), got {args.image_size}")
     meta, ((train_f, train_y), (test_f, test_y)) = features_for_spec(
-        spec, [train, test], args.image_size or None, args.batch_size, args.workers, cache_dir(args),
-        progress=sys.stderr.isatty(), pooling=args.pooling)
+        spec,
+        [train, test],
+        args.image_size or None,
+        args.batch_size,
+        args.workers,
+        cache_dir(args),
+        progress=sys.stderr.isatty(),
+        pooling=args.pooling,
+    )
     return meta, train_f, train_y, test_f, test_y
 
 
@@ -106,32 +123,58 @@ def _scored(result: dict[str, Any]) -> str:
 
 
 def knn_line(result: dict[str, Any]) -> str:
-    return (f"k-NN top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (k={result['k']}, "
-            f"T={result['temperature']:g}, bank of {result['n_train']}; {_scored(result)})")
+    return (
+        f"k-NN top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (k={result['k']}, "
+        f"T={result['temperature']:g}, bank of {result['n_train']}; {_scored(result)})"
+    )
 
 
 def linear_line(result: dict[str, Any]) -> str:
-    return (f"linear probe top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (C={result['C']:g}, "
-            f"{result['selection']}; {_scored(result)})")
+    return (
+        f"linear probe top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (C={result['C']:g}, "
+        f"{result['selection']}; {_scored(result)})"
+    )
 
 
 def fewshot_line(result: dict[str, Any]) -> str:
-    cells = [f"{r['method']} {r['shots']}-shot {100 * r['mean']:.1f} ± {100 * r['std']:.1f}%" for r in result["results"]]
-    scored = ("each draw scored on the images it did not draw" if result["protocol"] == "rest"
-              else f"{result['n_test']} test images")
+    cells = [
+        f"{r['method']} {r['shots']}-shot {100 * r['mean']:.1f} ± {100 * r['std']:.1f}%" for r in result["results"]
+    ]
+    scored = (
+        "each draw scored on the images it did not draw"
+        if result["protocol"] == "rest"
+        else f"{result['n_test']} test images"
+    )
     backbone = result["backbone"]
-    return (f"{', '.join(cells)} (top-1, mean ± std over {result['seeds']} draws; {scored}; {backbone['spec']} "
-            f"at {backbone['image_size']} px)")
+    return (
+        f"{', '.join(cells)} (top-1, mean ± std over {result['seeds']} draws; {scored}; {backbone['spec']} "
+        f"at {backbone['image_size']} px)"
+    )
 
 
 def finetune_line(result: dict[str, Any]) -> str:
-    return (f"fine-tuned top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (best epoch "
-            f"{result['best_epoch']} of {result['epochs_run']}; {_scored(result)})")
+    return (
+        f"fine-tuned top-1 {_pct(result['top1'])}, top-5 {_pct(result['top5'])} (best epoch "
+        f"{result['best_epoch']} of {result['epochs_run']}; {_scored(result)})"
+    )
 
 
 def _backbone_summary(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("spec", "model", "kind", "weights", "step", "image_size", "num_features",
-                                     "hash", "missing_keys", "unexpected_keys")}
+    return {
+        k: meta.get(k)
+        for k in (
+            "spec",
+            "model",
+            "kind",
+            "weights",
+            "step",
+            "image_size",
+            "num_features",
+            "hash",
+            "missing_keys",
+            "unexpected_keys",
+        )
+    }
 
 
 def run_knn(args: argparse.Namespace) -> int:
@@ -142,9 +185,17 @@ def run_knn(args: argparse.Namespace) -> int:
         raise UserError(f"--temperature must be > 0, got {args.temperature}")
     train, test = load_pair(args)
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
-    result = knn_evaluate(train_f, train_y, test_f, test_y, ks=ks, temperature=args.temperature,
-                          headline_k=int_list(str(args.k), "--k")[0], num_classes=len(train.classes),
-                          threads=args.threads or None)
+    result = knn_evaluate(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        ks=ks,
+        temperature=args.temperature,
+        headline_k=int_list(str(args.k), "--k")[0],
+        num_classes=len(train.classes),
+        threads=args.threads or None,
+    )
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
     emit(args, result, knn_line(result))
     return 0
@@ -163,8 +214,9 @@ def run_linear(args: argparse.Namespace) -> int:
             raise UserError(f"--cs must be comma-separated numbers, got '{args.cs}'") from None
     train, test = load_pair(args)
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
-    result = linear_probe(train_f, train_y, test_f, test_y, cs=cs, holdout=args.holdout, seed=args.seed,
-                          num_classes=len(train.classes))
+    result = linear_probe(
+        train_f, train_y, test_f, test_y, cs=cs, holdout=args.holdout, seed=args.seed, num_classes=len(train.classes)
+    )
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test))
     emit(args, result, linear_line(result))
     return 0
@@ -191,9 +243,20 @@ def run_fewshot(args: argparse.Namespace) -> int:
     meta, train_f, train_y, test_f, test_y = features(args, args.backbone, train, test)
     if not is_main_process():  # other ranks only helped extract (a collective step); the fits are cheap
         return 0
-    result = fewshot_evaluate(train_f, train_y, test_f, test_y, shots=shots, seeds=args.seeds, methods=methods,
-                              train_set=train, split_dir=_split_dir(args), num_classes=len(train.classes),
-                              protocol=args.fewshot_protocol, test_set=test)
+    result = fewshot_evaluate(
+        train_f,
+        train_y,
+        test_f,
+        test_y,
+        shots=shots,
+        seeds=args.seeds,
+        methods=methods,
+        train_set=train,
+        split_dir=_split_dir(args),
+        num_classes=len(train.classes),
+        protocol=args.fewshot_protocol,
+        test_set=test,
+    )
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), splits_dir=str(_split_dir(args)))
     emit(args, result, fewshot_line(result))
     return 0
@@ -215,20 +278,37 @@ def run_finetune(args: argparse.Namespace) -> int:
         indices = kshot_indices(train.labels, args.shots, args.seed)
         if args.out and is_main_process():
             out = Path(args.out)
-            save_split(out.with_name(f"{out.stem}_split.json"), train, indices.tolist(), shots=args.shots,
-                       seed=args.seed)
+            save_split(
+                out.with_name(f"{out.stem}_split.json"), train, indices.tolist(), shots=args.shots, seed=args.seed
+            )
         train = train.subset(indices)
     model, meta = load_backbone_spec(args.backbone, image_size=args.image_size or None)
-    settings = FinetuneSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                layer_decay=args.layer_decay, weight_decay=args.weight_decay,
-                                patience=args.patience, val_fraction=args.val_fraction, seed=args.seed,
-                                num_workers=args.workers, mixed_precision=args.mixed_precision)
+    settings = FinetuneSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        layer_decay=args.layer_decay,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        num_workers=args.workers,
+        mixed_precision=args.mixed_precision,
+    )
     from ssl_hybrid.models.export import public_source
 
     record = {"base_model": public_source(args.backbone), **(meta.get("pretraining") or {})}
-    result = finetune(model, train, test, int(meta["image_size"]), settings, save_dir=save_dir, record=record,
-                      force=args.force,
-                      name=args.backbone)
+    result = finetune(
+        model,
+        train,
+        test,
+        int(meta["image_size"]),
+        settings,
+        save_dir=save_dir,
+        record=record,
+        force=args.force,
+        name=args.backbone,
+    )
     result.update(backbone=_backbone_summary(meta), **data_summary(train, test), shots=args.shots or None)
     emit(args, result, finetune_line(result))
     if result.get("model"):
@@ -236,7 +316,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def finetune_save_dir(args: argparse.Namespace) -> Optional[Path]:
+def finetune_save_dir(args: argparse.Namespace) -> Path | None:
     """Where ``finetune`` saves its model: ``--save``, refused up front when it exists without ``--force``;
     by default a new folder beside ``--out`` (``<out stem>_model``), in the run directory of a run backbone
     (``<run>/finetuned``) or ``./finetuned``, numbered (``-2``, ``-3`` ...) rather than replacing one."""
@@ -273,13 +353,28 @@ def run_report(args: argparse.Namespace) -> int:
     methods = str_list(args.method, "--method", METHODS)
     train, test = load_pair(args)
     if args.baseline is not None and args.baseline not in (names or [slug(r) for r in args.runs]):
-        raise UserError(f"--baseline '{args.baseline}' is not one of the backbone names "
-                        f"({', '.join(names or [slug(r) for r in args.runs])})")
-    report = build_report(args.runs, train, test, Path(args.out_dir), names=names, shots=shots, seeds=args.seeds,
-                          methods=methods, image_size=args.image_size or None, batch_size=args.batch_size,
-                          num_workers=args.workers, cache_dir=cache_dir(args), pooling=args.pooling,
-                          baseline=args.baseline, knn_protocol=args.knn_protocol,
-                          fewshot_protocol=args.fewshot_protocol)
+        raise UserError(
+            f"--baseline '{args.baseline}' is not one of the backbone names "
+            f"({', '.join(names or [slug(r) for r in args.runs])})"
+        )
+    report = build_report(
+        args.runs,
+        train,
+        test,
+        Path(args.out_dir),
+        names=names,
+        shots=shots,
+        seeds=args.seeds,
+        methods=methods,
+        image_size=args.image_size or None,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        cache_dir=cache_dir(args),
+        pooling=args.pooling,
+        baseline=args.baseline,
+        knn_protocol=args.knn_protocol,
+        fewshot_protocol=args.fewshot_protocol,
+    )
     from ssl_hybrid.runs import write_json_atomic
 
     if not report["entries"]:  # not the main process
@@ -287,7 +382,9 @@ def run_report(args: argparse.Namespace) -> int:
     if args.out:
         write_json_atomic(args.out, report)
     print(report["table"], end="")
-    print(f"wrote {report['markdown']}, {Path(args.out_dir) / 'report.json'}, {report['plot']} and "
-          f"{len(report['entries'])} retrieval grid(s)")
+    print(
+        f"wrote {report['markdown']}, {Path(args.out_dir) / 'report.json'}, {report['plot']} and "
+        f"{len(report['entries'])} retrieval grid(s)"
+    )
     print(f"verdict: {report['verdict']['line']}")
     return 0

@@ -23,9 +23,10 @@ import csv
 import logging
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,17 +82,30 @@ class Embedder:
         from ssl_hybrid.models.contract import EVAL_CROP_PCT
 
         keys = ("spec", "model", "kind", "hash", "image_size", "num_features", "weights")
-        return {"backbone": {k: self.backbone.get(k) for k in keys}, "pooling": self.pooling,
-                "image_size": self.image_size,
-                "preprocessing": {"resize_shorter_side": int(round(self.image_size / EVAL_CROP_PCT)),
-                                  "interpolation": "bicubic", "center_crop": self.image_size,
-                                  "crop_pct": EVAL_CROP_PCT, "mean": list(IMAGENET_DEFAULT_MEAN),
-                                  "std": list(IMAGENET_DEFAULT_STD)},
-                "normalised": "l2"}
+        return {
+            "backbone": {k: self.backbone.get(k) for k in keys},
+            "pooling": self.pooling,
+            "image_size": self.image_size,
+            "preprocessing": {
+                "resize_shorter_side": int(round(self.image_size / EVAL_CROP_PCT)),
+                "interpolation": "bicubic",
+                "center_crop": self.image_size,
+                "crop_pct": EVAL_CROP_PCT,
+                "mean": list(IMAGENET_DEFAULT_MEAN),
+                "std": list(IMAGENET_DEFAULT_STD),
+            },
+            "normalised": "l2",
+        }
 
 
-def load_embedder(spec: str, image_size: Optional[int] = None, pooling: str = EvalConfig.pooling,
-                  batch_size: int = EvalConfig.batch_size, num_workers: int = 0, progress: bool = False) -> Embedder:
+def load_embedder(
+    spec: str,
+    image_size: int | None = None,
+    pooling: str = EvalConfig.pooling,
+    batch_size: int = EvalConfig.batch_size,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> Embedder:
     from ssl_hybrid.eval.backbones import load_backbone_spec
     from ssl_hybrid.eval.features import eval_device, pooling_forward, resolved_pooling
 
@@ -103,8 +117,15 @@ def load_embedder(spec: str, image_size: Optional[int] = None, pooling: str = Ev
         resolved = str(Path(spec).resolve())
     model, meta = load_backbone_spec(resolved, image_size=image_size or None)
     model = model.to(eval_device())
-    return Embedder(model, meta, resolved_pooling(model, pooling), pooling_forward(model, pooling),
-                    batch_size, num_workers, progress)
+    return Embedder(
+        model,
+        meta,
+        resolved_pooling(model, pooling),
+        pooling_forward(model, pooling),
+        batch_size,
+        num_workers,
+        progress,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +133,7 @@ def load_embedder(spec: str, image_size: Optional[int] = None, pooling: str = Ev
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     import json
 
     try:
@@ -125,8 +146,14 @@ def _read_json(path: Path) -> Optional[dict]:
 
 def _identity(embedder: Embedder, data: LabeledSet, chunk: int) -> dict[str, Any]:
     """What must match for a folder to be resumed or reused rather than refused."""
-    return {"format": FORMAT, "backbone_hash": embedder.backbone["hash"], "pooling": embedder.pooling,
-            "image_size": embedder.image_size, "data_fingerprint": data.fingerprint(), "chunk_size": chunk}
+    return {
+        "format": FORMAT,
+        "backbone_hash": embedder.backbone["hash"],
+        "pooling": embedder.pooling,
+        "image_size": embedder.image_size,
+        "data_fingerprint": data.fingerprint(),
+        "chunk_size": chunk,
+    }
 
 
 def _check_same(found: dict, wanted: dict, where: Path) -> None:
@@ -134,14 +161,19 @@ def _check_same(found: dict, wanted: dict, where: Path) -> None:
     theirs = found.get("identity", found)
     if theirs.get("backbone_hash") != wanted["backbone_hash"]:
         spec = (found.get("backbone") or {}).get("spec") or theirs.get("spec", "another backbone")
-        raise EmbeddingsError(f"{where} holds embeddings of another backbone ({spec}, hash "
-                              f"{theirs.get('backbone_hash')}; this one is {wanted['backbone_hash']}): "
-                              "choose another --out (embeddings of different backbones are never mixed)")
+        raise EmbeddingsError(
+            f"{where} holds embeddings of another backbone ({spec}, hash "
+            f"{theirs.get('backbone_hash')}; this one is {wanted['backbone_hash']}): "
+            "choose another --out (embeddings of different backbones are never mixed)"
+        )
     changed = [k for k in wanted if k != "chunk_size" and theirs.get(k) != wanted[k]]
     if changed:
         key = changed[0]
-        what = "of other images (or the images changed since)" if key == "data_fingerprint" else \
-            f"made with another {key.replace('_', ' ')} ({theirs.get(key)!r}, now {wanted[key]!r})"
+        what = (
+            "of other images (or the images changed since)"
+            if key == "data_fingerprint"
+            else f"made with another {key.replace('_', ' ')} ({theirs.get(key)!r}, now {wanted[key]!r})"
+        )
         again = f"; or delete {where / PARTS} to start this run over" if (where / PARTS / META).exists() else ""
         raise EmbeddingsError(f"{where} holds embeddings {what}: choose another --out{again}")
 
@@ -191,8 +223,10 @@ def _refuse_foreign_files(out: Path) -> None:
     """Output files without meta.json and without parts to resume from were not written by this run."""
     strays = [name for name in (EMBEDDINGS, IDS, INDEX) if (out / name).exists()]
     if strays and not (out / PARTS / META).exists():
-        raise EmbeddingsError(f"{out}: holds {strays[0]} but no {META} (not a complete embeddings folder, nor one "
-                              "to resume): choose another --out")
+        raise EmbeddingsError(
+            f"{out}: holds {strays[0]} but no {META} (not a complete embeddings folder, nor one "
+            "to resume): choose another --out"
+        )
 
 
 def _embed_chunks(embedder: Embedder, data: LabeledSet, parts: Path, chunk: int, wanted: dict) -> None:
@@ -207,13 +241,18 @@ def _embed_chunks(embedder: Embedder, data: LabeledSet, parts: Path, chunk: int,
     todo = [i for i, _ in enumerate(starts) if not (parts / _part_name(i)).exists()]
     if len(todo) < len(starts):
         log.info("resuming: %d of %d chunks already embedded in %s", len(starts) - len(todo), len(starts), parts)
-    bar = tqdm(total=len(data), initial=min(len(data), (len(starts) - len(todo)) * chunk), unit="img",
-               desc="embed", disable=not embedder.progress)
+    bar = tqdm(
+        total=len(data),
+        initial=min(len(data), (len(starts) - len(todo)) * chunk),
+        unit="img",
+        desc="embed",
+        disable=not embedder.progress,
+    )
     for i in todo:
         positions = np.arange(starts[i], min(len(data), starts[i] + chunk))
         subset = data.subset(positions)
         checked = check_images(subset)  # unreadable images: dropped and counted (or too many: one error)
-        lost = checked.skipped[len(subset.skipped):]
+        lost = checked.skipped[len(subset.skipped) :]
         bad = {item["id"] for item in lost}
         kept = np.array([p for p, s in zip(positions, subset.samples) if s.id not in bad], dtype=np.int64)
         features = embedder.features(checked) if len(checked) else np.zeros((0, 0), np.float32)
@@ -230,8 +269,13 @@ def _save_part(path: Path, features: np.ndarray, positions: np.ndarray, skipped:
     import json
 
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-    np.savez(tmp, features=features, positions=positions, dim=np.array(features.shape[1]),
-             skipped=np.array(json.dumps(skipped)))
+    np.savez(
+        tmp,
+        features=features,
+        positions=positions,
+        dim=np.array(features.shape[1]),
+        skipped=np.array(json.dumps(skipped)),
+    )
     os.replace(tmp, path)
 
 
@@ -253,7 +297,8 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
     from ssl_hybrid.runs import write_json_atomic
 
     parts = [out / PARTS / _part_name(i) for i in range(len(range(0, len(data), chunk)))]
-    rows, skipped, dim = 0, [], 0
+    rows, dim = 0, 0
+    skipped: list[dict] = []
     for path in parts:  # first pass: sizes only, the features stay on disk
         count, width, lost = _part_summary(path)
         rows, dim, skipped = rows + count, dim or (width if count else 0), skipped + lost
@@ -268,12 +313,21 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
         for path in tmp.values():
             path.unlink(missing_ok=True)
     labeled = any(s.label != UNLABELED for s in data.samples)
-    meta = dict(format=FORMAT, count=rows, dim=dim, **embedder.describe(),
-                data={"source": data.source, "images": len(data), "labeled": labeled, "classes": data.classes},
-                skipped_unreadable=skipped, index={"file": INDEX, "type": "IndexFlatIP", "metric": "inner_product"},
-                files={"embeddings": EMBEDDINGS, "ids": IDS}, identity=wanted)
+    meta = dict(
+        format=FORMAT,
+        count=rows,
+        dim=dim,
+        **embedder.describe(),
+        data={"source": data.source, "images": len(data), "labeled": labeled, "classes": data.classes},
+        skipped_unreadable=skipped,
+        index={"file": INDEX, "type": "IndexFlatIP", "metric": "inner_product"},
+        files={"embeddings": EMBEDDINGS, "ids": IDS},
+        identity=wanted,
+    )
     write_json_atomic(out / META, meta)
-    log.debug("%s: %d x %d embeddings, %d unreadable image(s) skipped", out, rows, dim, len(skipped))  # `embed` prints it
+    log.debug(
+        "%s: %d x %d embeddings, %d unreadable image(s) skipped", out, rows, dim, len(skipped)
+    )  # `embed` prints it
     return meta
 
 
@@ -291,7 +345,7 @@ def _write_outputs(data: LabeledSet, parts: list[Path], tmp: dict[str, Path], ro
             features, positions = _load_part(path)
             if not len(positions):
                 continue
-            matrix[row:row + len(positions)] = features
+            matrix[row : row + len(positions)] = features
             index.add(np.ascontiguousarray(features, dtype=np.float32))
             writer.writerows(_id_row(data, int(p)) for p in positions)
             row += len(positions)
@@ -337,8 +391,10 @@ def open_embeddings(folder: str | Path) -> Embeddings:
     vectors = np.load(folder / EMBEDDINGS, mmap_mode="r")
     classes = list(meta["data"].get("classes") or [])
     with open(folder / IDS, newline="", encoding="utf-8") as handle:
-        samples = [Sample(id=r["id"], label=int(r["label"]), path=r["path"], offset=int(r["offset"]), size=int(r["size"]))
-                   for r in csv.DictReader(handle)]
+        samples = [
+            Sample(id=r["id"], label=int(r["label"]), path=r["path"], offset=int(r["offset"]), size=int(r["size"]))
+            for r in csv.DictReader(handle)
+        ]
     if len(samples) != len(vectors):
         raise EmbeddingsError(f"{folder}: {IDS} has {len(samples)} rows for {len(vectors)} embeddings")
     return Embeddings(folder, meta, vectors, LabeledSet(meta["data"]["source"], classes, samples))
@@ -349,8 +405,10 @@ def embedder_for(embeddings: Embeddings, batch_size: int = EvalConfig.batch_size
     meta = embeddings.meta
     embedder = load_embedder(meta["backbone"]["spec"], meta["image_size"], meta["pooling"], batch_size, num_workers)
     if embedder.backbone["hash"] != meta["backbone"]["hash"]:
-        raise EmbeddingsError(f"{meta['backbone']['spec']}: the backbone changed since {embeddings.folder} was written "
-                              f"(hash {embedder.backbone['hash']}, folder {meta['backbone']['hash']}): embed again")
+        raise EmbeddingsError(
+            f"{meta['backbone']['spec']}: the backbone changed since {embeddings.folder} was written "
+            f"(hash {embedder.backbone['hash']}, folder {meta['backbone']['hash']}): embed again"
+        )
     return embedder
 
 
@@ -381,12 +439,15 @@ def resolve_queries(embeddings: Embeddings, queries: Sequence[str]) -> tuple[lis
         for sample in found.samples:  # a folder query stands for each of its images
             names.append(sample.path)
             rows.append(-1)
-            images.append(Sample(id=sample.path, label=UNLABELED, path=sample.path, offset=sample.offset, size=sample.size))
+            images.append(
+                Sample(id=sample.path, label=UNLABELED, path=sample.path, offset=sample.offset, size=sample.size)
+            )
     return names, rows, LabeledSet("queries", [], images)
 
 
-def query_vectors(embeddings: Embeddings, rows: list[int], images: LabeledSet,
-                  embedder: Optional[Embedder] = None, **loading) -> np.ndarray:
+def query_vectors(
+    embeddings: Embeddings, rows: list[int], images: LabeledSet, embedder: Embedder | None = None, **loading
+) -> np.ndarray:
     """[Q, D]: stored rows for ids, freshly embedded (same backbone, checked) vectors for images; the
     backbone is loaded only when there are images (``loading``: embedder_for's batch_size, num_workers)."""
     vectors = np.zeros((len(rows), embeddings.vectors.shape[1]), dtype=np.float32)
@@ -399,8 +460,9 @@ def query_vectors(embeddings: Embeddings, rows: list[int], images: LabeledSet,
     return vectors
 
 
-def nearest(embeddings: Embeddings, queries: Sequence[str], k: int = 10,
-            embedder: Optional[Embedder] = None, **loading) -> list[dict[str, Any]]:
+def nearest(
+    embeddings: Embeddings, queries: Sequence[str], k: int = 10, embedder: Embedder | None = None, **loading
+) -> list[dict[str, Any]]:
     """The k nearest images of each query (an id of the folder, or an image file/folder), by cosine
     similarity, most similar first. An id query does not return itself."""
     from ssl_hybrid.eval.knn import faiss_threads
@@ -415,15 +477,27 @@ def nearest(embeddings: Embeddings, queries: Sequence[str], k: int = 10,
     results = []
     for name, row, sims, found in zip(names, rows, similarities, indices):
         keep = [(float(s), int(i)) for s, i in zip(sims, found) if i >= 0 and i != row][:k]
-        results.append({"query": name, "query_row": row if row >= 0 else None,
-                        "neighbours": [_neighbour(embeddings, rank, s, i) for rank, (s, i) in enumerate(keep, 1)]})
+        results.append(
+            {
+                "query": name,
+                "query_row": row if row >= 0 else None,
+                "neighbours": [_neighbour(embeddings, rank, s, i) for rank, (s, i) in enumerate(keep, 1)],
+            }
+        )
     return results
 
 
 def _neighbour(embeddings: Embeddings, rank: int, similarity: float, row: int) -> dict[str, Any]:
     sample = embeddings.items.samples[row]
-    return {"rank": rank, "row": row, "id": sample.id, "similarity": similarity, "label": sample.label,
-            "class": embeddings.class_of(row), "path": sample.path}
+    return {
+        "rank": rank,
+        "row": row,
+        "id": sample.id,
+        "similarity": similarity,
+        "label": sample.label,
+        "class": embeddings.class_of(row),
+        "path": sample.path,
+    }
 
 
 def duplicates(embeddings: Embeddings, threshold: float, block: int = 4096) -> list[dict[str, Any]]:
@@ -438,11 +512,11 @@ def duplicates(embeddings: Embeddings, threshold: float, block: int = 4096) -> l
     radius = float(np.nextafter(np.float32(threshold), np.float32(-2)))
     with faiss_threads():
         for start in range(0, len(embeddings.vectors), block):
-            queries = np.ascontiguousarray(embeddings.vectors[start:start + block], dtype=np.float32)
+            queries = np.ascontiguousarray(embeddings.vectors[start : start + block], dtype=np.float32)
             limits, sims, found = index.range_search(queries, radius)
             for q in range(len(queries)):
                 a = start + q
-                for s, b in zip(sims[limits[q]:limits[q + 1]], found[limits[q]:limits[q + 1]]):
+                for s, b in zip(sims[limits[q] : limits[q + 1]], found[limits[q] : limits[q + 1]]):
                     if b > a and s >= threshold:
                         pairs.append((float(s), a, int(b)))
     pairs.sort(key=lambda p: (-p[0], p[1], p[2]))
@@ -477,14 +551,18 @@ def neighbour_grid(embeddings: Embeddings, results: list[dict[str, Any]], path: 
         ax.axis("off")
     for row, result in enumerate(results):
         query_row = result["query_row"]
-        image = (embeddings.items.load_image(query_row) if query_row is not None
-                 else LabeledSet("query", [], [Sample(result["query"], UNLABELED, result["query"])]).load_image(0))
+        image = (
+            embeddings.items.load_image(query_row)
+            if query_row is not None
+            else LabeledSet("query", [], [Sample(result["query"], UNLABELED, result["query"])]).load_image(0)
+        )
         axes[row, 0].imshow(ImageOps.fit(image, (128, 128)))
         axes[row, 0].set_title("query\n" + _short(Path(result["query"]).name), fontsize=7)
         for col, item in enumerate(result["neighbours"], 1):
             axes[row, col].imshow(ImageOps.fit(embeddings.items.load_image(item["row"]), (128, 128)))
-            axes[row, col].set_title(f"{item['similarity']:.3f}\n{_short(item['class'] or Path(item['id']).name)}",
-                                     fontsize=7)
+            axes[row, col].set_title(
+                f"{item['similarity']:.3f}\n{_short(item['class'] or Path(item['id']).name)}", fontsize=7
+            )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
@@ -493,7 +571,7 @@ def neighbour_grid(embeddings: Embeddings, results: list[dict[str, Any]], path: 
 
 
 def _short(text: str, width: int = 18) -> str:
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 MAX_MAP_POINTS = 20000  # a PCA/UMAP of a seeded sample: the picture of a larger set looks the same
@@ -526,15 +604,22 @@ def plot_map(embeddings: Embeddings, path: str | Path, method: str = "auto", see
     else:
         ax.scatter(*points.T, s=8, color="tab:blue")
     backbone = embeddings.meta["backbone"]
-    ax.set_title(f"{used.upper()} of {len(picked)} embeddings ({backbone.get('model')}, {embeddings.meta['pooling']} "
-                 "pooling)", fontsize=9)
+    ax.set_title(
+        f"{used.upper()} of {len(picked)} embeddings ({backbone.get('model')}, {embeddings.meta['pooling']} pooling)",
+        fontsize=9,
+    )
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
     plt.close(fig)
-    return {"path": str(path), "method": used, "points": int(len(picked)), "coloured_by_label": bool((labels != UNLABELED).any())}
+    return {
+        "path": str(path),
+        "method": used,
+        "points": int(len(picked)),
+        "coloured_by_label": bool((labels != UNLABELED).any()),
+    }
 
 
 def _project(vectors: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, str]:
@@ -548,7 +633,9 @@ def _project(vectors: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, s
             if method == "umap":
                 raise EmbeddingsError("umap is not installed (pip install umap-learn), use pca") from None
         else:
-            reducer = umap.UMAP(n_components=2, metric="cosine", random_state=seed, n_neighbors=min(15, len(vectors) - 1))
+            reducer = umap.UMAP(
+                n_components=2, metric="cosine", random_state=seed, n_neighbors=min(15, len(vectors) - 1)
+            )
             return np.asarray(reducer.fit_transform(vectors)), "umap"
     centred = vectors - vectors.mean(0, keepdims=True)
     _, _, components = np.linalg.svd(centred.astype(np.float64), full_matrices=False)

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,28 +71,44 @@ class BoundedResize(T.Resize):
         return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
 
 
-def eval_transform(image_size: int, mean=None, std=None, crop_pct: Optional[float] = None):
+def eval_transform(image_size: int, mean=None, std=None, crop_pct: float | None = None):
     """Resize (shorter side to size / crop_pct, bicubic; the longer side bounded, :class:`BoundedResize`) +
     center crop + ImageNet normalization: timm's evaluation transform with the crop_pct of our models'
     pretrained_cfg, except that the resize side is rounded where timm's ``create_transform`` floors it (110 px
     rather than 109 at 96 px): every committed evaluation number was measured with the rounded side.
     ``mean``/``std``/``crop_pct``: a model folder's own values (``predict``), when it records others."""
     side = int(round(image_size / (crop_pct or EVAL_CROP_PCT)))
-    return T.Compose([
-        BoundedResize(side, interpolation=T.InterpolationMode.BICUBIC, max_size=MAX_RESIZE_ASPECT * side),
-        T.CenterCrop(image_size),
-        T.ToTensor(),
-        T.Normalize(mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD),
-    ])
+    return T.Compose(
+        [
+            BoundedResize(side, interpolation=T.InterpolationMode.BICUBIC, max_size=MAX_RESIZE_ASPECT * side),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean or IMAGENET_DEFAULT_MEAN, std or IMAGENET_DEFAULT_STD),
+        ]
+    )
 
 
-def make_loader(labeled: LabeledSet, transform, batch_size: int, num_workers: int,
-                shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    labeled: LabeledSet,
+    transform,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        TorchLabeledDataset(labeled, transform), batch_size=batch_size, shuffle=shuffle,
-        num_workers=num_workers, drop_last=drop_last, generator=generator, worker_init_fn=ignore_stop_signals,
-        persistent_workers=False, pin_memory=torch.cuda.is_available())
+        TorchLabeledDataset(labeled, transform),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=ignore_stop_signals,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
 
 
 def autocast_context(device: torch.device):
@@ -158,8 +174,15 @@ def one_line_worker_errors(iterator=None):
 
 
 @torch.inference_mode()
-def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progress: bool = False,
-                     forward=embed, name: str = "the backbone", what: str = "features") -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    backbone: torch.nn.Module,
+    loader,
+    accelerator=None,
+    progress: bool = False,
+    forward=embed,
+    name: str = "the backbone",
+    what: str = "features",
+) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 [N, C], labels int64 [N]) in dataset order, exactly N rows.
 
     ``loader`` yields (images, labels, indices). With an ``accelerate.Accelerator`` the loader is
@@ -174,15 +197,21 @@ def extract_features(backbone: torch.nn.Module, loader, accelerator=None, progre
     backbone = backbone.to(device).eval()
     if accelerator is not None and accelerator.num_processes > 1:
         loader = accelerator.prepare_data_loader(loader)
-    features: Optional[np.ndarray] = None
+    features: np.ndarray | None = None
     labels = np.full(n, -1, dtype=np.int64)
     filled = np.zeros(n, dtype=bool)
     batches = iterator = iter(loader)
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(iterator, total=len(loader), desc="features", unit="batch", leave=False,
-                       disable=accelerator is not None and not accelerator.is_main_process)
+        batches = tqdm(
+            iterator,
+            total=len(loader),
+            desc="features",
+            unit="batch",
+            leave=False,
+            disable=accelerator is not None and not accelerator.is_main_process,
+        )
     with one_line_worker_errors(iterator):
         for images, batch_labels, indices in batches:
             with autocast_context(device):
@@ -208,9 +237,11 @@ def check_finite(rows: np.ndarray, indices: np.ndarray, name: str, what: str, wh
     ``where(index)`` names a sample (its file)."""
     bad = ~np.isfinite(rows).all(axis=tuple(range(1, rows.ndim)))
     if bad.any():
-        raise NonFiniteError(f"{name}: its {what} are not finite (NaN or inf) for {int(bad.sum())} of the "
-                             f"{len(rows)} images of a batch (first: {where(int(indices[bad][0]))}); its weights "
-                             "or forward pass are broken (a diverged run?): evaluate an earlier checkpoint")
+        raise NonFiniteError(
+            f"{name}: its {what} are not finite (NaN or inf) for {int(bad.sum())} of the "
+            f"{len(rows)} images of a batch (first: {where(int(indices[bad][0]))}); its weights "
+            "or forward pass are broken (a diverged run?): evaluate an earlier checkpoint"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +272,7 @@ def cache_max_bytes() -> int:
     return int(value * 2**30)
 
 
-def read_entry(path: Path, key: str, labeled: LabeledSet) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def read_entry(path: Path, key: str, labeled: LabeledSet) -> tuple[np.ndarray, np.ndarray] | None:
     """The stored (features, labels) when ``path`` holds them for ``labeled``; None (a miss) otherwise.
     An entry must say it is ``key`` and match the set's size and labels, with finite float32 features."""
     if not path.exists():
@@ -252,14 +283,24 @@ def read_entry(path: Path, key: str, labeled: LabeledSet) -> Optional[tuple[np.n
     except Exception as err:  # truncated, not a zip, missing arrays, unreadable: the cache is only a cache
         log.warning("feature cache entry %s is unreadable (%s: %s): extracting again", path, type(err).__name__, err)
         return None
-    problem = (f"it is entry {stored_key[:24]}" if stored_key != key
-               else f"{features.dtype} {features.shape} features for {len(labeled)} images"
-               if features.dtype != np.float32 or features.ndim != 2 or len(features) != len(labeled)
-               else "its labels differ from the set's" if not np.array_equal(labels, labeled.labels)
-               else "its features are not finite" if not np.isfinite(features).all() else None)
+    problem = (
+        f"it is entry {stored_key[:24]}"
+        if stored_key != key
+        else f"{features.dtype} {features.shape} features for {len(labeled)} images"
+        if features.dtype != np.float32 or features.ndim != 2 or len(features) != len(labeled)
+        else "its labels differ from the set's"
+        if not np.array_equal(labels, labeled.labels)
+        else "its features are not finite"
+        if not np.isfinite(features).all()
+        else None
+    )
     if problem:
-        log.warning("feature cache entry %s does not hold the features of %s (%s): extracting again", path,
-                    labeled.source, problem)
+        log.warning(
+            "feature cache entry %s does not hold the features of %s (%s): extracting again",
+            path,
+            labeled.source,
+            problem,
+        )
         return None
     with contextlib.suppress(OSError):  # a read-only cache still serves
         os.utime(path)  # the eviction order is least recently used
@@ -274,8 +315,9 @@ def write_entry(path: Path, key: str, features: np.ndarray, labels: np.ndarray, 
         np.savez(tmp, features=features, labels=labels, key=np.array(key))
         os.replace(tmp, path)
     except Exception as err:  # whatever the writer raises: the features are in memory and still returned
-        log.warning("cannot write the feature cache entry %s (%s: %s); continuing without it", path,
-                    type(err).__name__, err)
+        log.warning(
+            "cannot write the feature cache entry %s (%s: %s); continuing without it", path, type(err).__name__, err
+        )
         tmp.unlink(missing_ok=True)
         return
     evict(path.parent, max_bytes, keep=path)
@@ -298,8 +340,7 @@ def evict(folder: Path, max_bytes: int, keep: Path) -> None:
         if entry != keep:
             entry.unlink(missing_ok=True)
             total -= size
-            log.info("feature cache over %.1f GiB: removed the least recently used entry %s", max_bytes / 2**30,
-                     entry)
+            log.info("feature cache over %.1f GiB: removed the least recently used entry %s", max_bytes / 2**30, entry)
 
 
 def from_main_process(accelerator, value):
@@ -311,10 +352,18 @@ def from_main_process(accelerator, value):
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: LabeledSet, image_size: int,
-                    batch_size: int = EvalConfig.batch_size, num_workers: int = 0, cache_dir: Optional[Path] = None,
-                    accelerator=None, progress: bool = False,
-                    pooling: str = EvalConfig.pooling) -> tuple[np.ndarray, np.ndarray]:
+def cached_features(
+    backbone: torch.nn.Module,
+    meta: dict[str, Any],
+    labeled: LabeledSet,
+    image_size: int,
+    batch_size: int = EvalConfig.batch_size,
+    num_workers: int = 0,
+    cache_dir: Path | None = None,
+    accelerator=None,
+    progress: bool = False,
+    pooling: str = EvalConfig.pooling,
+) -> tuple[np.ndarray, np.ndarray]:
     """Features of ``labeled`` under the eval transform at ``image_size``, from the cache when present.
 
     ``cache_dir=None`` disables the cache. ``meta["hash"]`` (from load_backbone_spec) keys the backbone.
@@ -329,8 +378,9 @@ def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: La
     if cache_dir is not None:
         max_bytes = cache_max_bytes()
         device = accelerator.device if accelerator is not None else next(backbone.parameters()).device
-        key = cache_key(meta.get("hash") or _hash_of(backbone), labeled,
-                        forward_desc(image_size, transform, pooled, device))
+        key = cache_key(
+            meta.get("hash") or _hash_of(backbone), labeled, forward_desc(image_size, transform, pooled, device)
+        )
         path = Path(cache_dir) / f"{key}.npz"
         found = from_main_process(accelerator, read_entry(path, key, labeled) if is_main else None)
         if found is not None:
@@ -338,11 +388,15 @@ def cached_features(backbone: torch.nn.Module, meta: dict[str, Any], labeled: La
             return found
     start = time.perf_counter()
     loader = make_loader(labeled, transform, batch_size, num_workers)
-    features, labels = extract_features(backbone, loader, accelerator, progress=progress, forward=forward,
-                                        name=name)
-    log.info("extracted %d x %d %s-pooled features from %s in %.1fs", *features.shape, pooled, labeled.source,
-             time.perf_counter() - start)
-    if path is not None and is_main:
+    features, labels = extract_features(backbone, loader, accelerator, progress=progress, forward=forward, name=name)
+    log.info(
+        "extracted %d x %d %s-pooled features from %s in %.1fs",
+        *features.shape,
+        pooled,
+        labeled.source,
+        time.perf_counter() - start,
+    )
+    if path is not None and key is not None and is_main:
         write_entry(path, key, features, labels, max_bytes)
     return features, labels
 
@@ -374,10 +428,16 @@ def distributed_accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
-def features_for_spec(spec: str, sets: list[LabeledSet], image_size: Optional[int] = None,
-                      batch_size: int = EvalConfig.batch_size, num_workers: int = 0,
-                      cache_dir: Optional[Path] = None, progress: bool = False,
-                      pooling: str = EvalConfig.pooling) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
+def features_for_spec(
+    spec: str,
+    sets: list[LabeledSet],
+    image_size: int | None = None,
+    batch_size: int = EvalConfig.batch_size,
+    num_workers: int = 0,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    pooling: str = EvalConfig.pooling,
+) -> tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray]]]:
     """Load a backbone spec and return (meta, [(features, labels) per set]); image_size None = the backbone's.
     ``meta["pooling"]`` records the pooling actually used."""
     from ssl_hybrid.eval.backbones import load_backbone_spec
@@ -388,6 +448,8 @@ def features_for_spec(spec: str, sets: list[LabeledSet], image_size: Optional[in
         model = model.to(eval_device())
     size = int(meta["image_size"])
     meta["pooling"] = resolved_pooling(model, pooling)
-    outputs = [cached_features(model, meta, labeled, size, batch_size, num_workers, cache_dir, accelerator,
-                               progress, pooling) for labeled in sets]
+    outputs = [
+        cached_features(model, meta, labeled, size, batch_size, num_workers, cache_dir, accelerator, progress, pooling)
+        for labeled in sets
+    ]
     return meta, outputs

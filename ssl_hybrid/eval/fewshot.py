@@ -16,8 +16,8 @@ time (every image is a query in about half of the 5-shot draws).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -34,12 +34,28 @@ PROTOCOLS = ("heldout", "rest")
 MAX_JOBS = 4
 
 
-def evaluate_subset(method: str, features: np.ndarray, labels: np.ndarray, test_features: np.ndarray,
-                    test_labels: np.ndarray, num_classes: int, seed: int, knn_k: int = HEADLINE_K,
-                    temperature: float = TEMPERATURE) -> float:
+def evaluate_subset(
+    method: str,
+    features: np.ndarray,
+    labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+    seed: int,
+    knn_k: int = HEADLINE_K,
+    temperature: float = TEMPERATURE,
+) -> float:
     if method == "knn":
-        result = knn_evaluate(features, labels, test_features, test_labels, ks=(knn_k,), headline_k=knn_k,
-                              temperature=temperature, num_classes=num_classes)
+        result = knn_evaluate(
+            features,
+            labels,
+            test_features,
+            test_labels,
+            ks=(knn_k,),
+            headline_k=knn_k,
+            temperature=temperature,
+            num_classes=num_classes,
+        )
     elif method == "linear":
         result = linear_probe(features, labels, test_features, test_labels, seed=seed, num_classes=num_classes)
     else:
@@ -57,19 +73,31 @@ def draw_pool(train: np.ndarray, test: np.ndarray, protocol: str) -> np.ndarray:
     return train if protocol == "heldout" else np.concatenate([train, test])
 
 
-def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                     test_labels: np.ndarray, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int = 5,
-                     methods: Sequence[str] = METHODS, train_set: Optional[LabeledSet] = None,
-                     split_dir: Optional[Path] = None, knn_k: int = HEADLINE_K,
-                     temperature: float = TEMPERATURE, num_classes: Optional[int] = None,
-                     protocol: str = "heldout", test_set: Optional[LabeledSet] = None) -> dict:
+def fewshot_evaluate(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: int = 5,
+    methods: Sequence[str] = METHODS,
+    train_set: LabeledSet | None = None,
+    split_dir: Path | None = None,
+    knn_k: int = HEADLINE_K,
+    temperature: float = TEMPERATURE,
+    num_classes: int | None = None,
+    protocol: str = "heldout",
+    test_set: LabeledSet | None = None,
+) -> dict:
     """``{"results": [{"method", "shots", "mean", "std", "n_test", "runs"}], ...}``; runs hold per-seed
     accuracies. ``protocol`` is one of ``PROTOCOLS``; with ``rest``, ``test_set`` names the test rows in the
     saved splits (the pool is train then test)."""
     check_protocol(protocol)
     if protocol == "rest" and train_set is not None and test_set is None:
-        raise ValueError("few-shot protocol 'rest' draws from train and test: pass test_set too, or the saved "
-                         "splits could not name the test images drawn")
+        raise ValueError(
+            "few-shot protocol 'rest' draws from train and test: pass test_set too, or the saved "
+            "splits could not name the test images drawn"
+        )
     train_labels = np.asarray(train_labels, dtype=np.int64)
     test_labels = np.asarray(test_labels, dtype=np.int64)
     num_classes = num_classes or int(max(train_labels.max(), np.max(test_labels))) + 1
@@ -79,27 +107,54 @@ def fewshot_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_
     results = []
     for k in shots:
         subsets = [kshot_indices(pool_labels, k, seed) for seed in range(seeds)]
-        split_files = [_save(split_dir, pool_set, idx, k, seed, protocol, len(train_labels))
-                       for seed, idx in enumerate(subsets)]
+        split_files = [
+            _save(split_dir, pool_set, idx, k, seed, protocol, len(train_labels)) for seed, idx in enumerate(subsets)
+        ]
         if protocol == "rest":
             rests = [np.setdiff1d(np.arange(len(pool_labels)), idx) for idx in subsets]
             scored = [(pool_features[rest], pool_labels[rest]) for rest in rests]
         else:
             scored = [(test_features, test_labels)] * len(subsets)
         for method in methods:
-            tasks = [(method, pool_features[idx], pool_labels[idx], *test, num_classes, seed, knn_k, temperature)
-                     for seed, (idx, test) in enumerate(zip(subsets, scored))]
+            tasks = [
+                (method, pool_features[idx], pool_labels[idx], *test, num_classes, seed, knn_k, temperature)
+                for seed, (idx, test) in enumerate(zip(subsets, scored))
+            ]
             accs = np.array(_run_draws(tasks))
-            runs = [{"seed": seed, "top1": float(acc), "n_train": int(len(idx)), "n_test": int(len(test[1])),
-                     "split": split_file}
-                    for seed, (acc, idx, test, split_file) in enumerate(zip(accs, subsets, scored, split_files))]
+            runs = [
+                {
+                    "seed": seed,
+                    "top1": float(acc),
+                    "n_train": int(len(idx)),
+                    "n_test": int(len(test[1])),
+                    "split": split_file,
+                }
+                for seed, (acc, idx, test, split_file) in enumerate(zip(accs, subsets, scored, split_files))
+            ]
             std = float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
-            results.append({"method": method, "shots": int(k), "mean": float(accs.mean()), "std": std,
-                            "n_test": runs[0]["n_test"], "runs": runs})
+            results.append(
+                {
+                    "method": method,
+                    "shots": int(k),
+                    "mean": float(accs.mean()),
+                    "std": std,
+                    "n_test": runs[0]["n_test"],
+                    "runs": runs,
+                }
+            )
             log.info("%s %d-shot: %.4f ± %.4f over %d seeds", method, k, accs.mean(), std, len(accs))
     n_test = len(test_features) if protocol == "heldout" else min((r["n_test"] for r in results), default=0)
-    return {"results": results, "seeds": seeds, "n_test": int(n_test), "num_classes": num_classes,
-            "knn_k": knn_k, "temperature": temperature, "metric": "top1", "std_ddof": 1, "protocol": protocol}
+    return {
+        "results": results,
+        "seeds": seeds,
+        "n_test": int(n_test),
+        "num_classes": num_classes,
+        "knn_k": knn_k,
+        "temperature": temperature,
+        "metric": "top1",
+        "std_ddof": 1,
+        "protocol": protocol,
+    }
 
 
 def _run_draws(tasks: list[tuple]) -> list[float]:
@@ -113,16 +168,24 @@ def _run_draws(tasks: list[tuple]) -> list[float]:
     return Parallel(n_jobs=jobs)(delayed(evaluate_subset)(*task) for task in tasks)
 
 
-def _pooled(train_set: Optional[LabeledSet], test_set: Optional[LabeledSet]) -> Optional[LabeledSet]:
+def _pooled(train_set: LabeledSet | None, test_set: LabeledSet | None) -> LabeledSet | None:
     if train_set is None or test_set is None:
         return None
     source = train_set.source if train_set.source == test_set.source else f"{train_set.source} + {test_set.source}"
-    return LabeledSet(source, train_set.classes, train_set.samples + test_set.samples,
-                      train_set.skipped + test_set.skipped)
+    return LabeledSet(
+        source, train_set.classes, train_set.samples + test_set.samples, train_set.skipped + test_set.skipped
+    )
 
 
-def _save(split_dir: Optional[Path], labeled: Optional[LabeledSet], indices: np.ndarray, shots: int,
-          seed: int, protocol: str = "heldout", n_train: int = 0) -> Optional[str]:
+def _save(
+    split_dir: Path | None,
+    labeled: LabeledSet | None,
+    indices: np.ndarray,
+    shots: int,
+    seed: int,
+    protocol: str = "heldout",
+    n_train: int = 0,
+) -> str | None:
     """The draw's ids; under ``rest`` also which set each came from (two folders may share relative ids)."""
     if split_dir is None or labeled is None:
         return None

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,12 +89,14 @@ class Classifier(nn.Module):
 def train_transform(image_size: int, min_scale: float):
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+        ]
+    )
 
 
 def layer_decay_param_groups(model: Classifier, settings: FinetuneSettings) -> list[dict]:
@@ -102,14 +104,19 @@ def layer_decay_param_groups(model: Classifier, settings: FinetuneSettings) -> l
     from timm.optim import param_groups_layer_decay
 
     no_decay = model.backbone.no_weight_decay() if hasattr(model.backbone, "no_weight_decay") else ()
-    groups = param_groups_layer_decay(model.backbone, weight_decay=settings.weight_decay,
-                                      no_weight_decay_list=no_decay, layer_decay=settings.layer_decay)
+    groups = param_groups_layer_decay(
+        model.backbone,
+        weight_decay=settings.weight_decay,
+        no_weight_decay_list=no_decay,
+        layer_decay=settings.layer_decay,
+    )
     for group in groups:
         # The head sits one layer above the backbone's top group.
         group["lr_scale"] = group["lr_scale"] * settings.layer_decay
         group["lr"] = settings.lr * group["lr_scale"]
-    groups.append({"params": [model.head.weight], "weight_decay": settings.weight_decay, "lr_scale": 1.0,
-                   "lr": settings.lr})
+    groups.append(
+        {"params": [model.head.weight], "weight_decay": settings.weight_decay, "lr_scale": 1.0, "lr": settings.lr}
+    )
     groups.append({"params": [model.head.bias], "weight_decay": 0.0, "lr_scale": 1.0, "lr": settings.lr})
     return groups
 
@@ -121,8 +128,9 @@ def lr_factors(total_steps: int, warmup_fraction: float) -> np.ndarray:
     return warmup_cosine(1.0, 0.0, total_steps, warmup)
 
 
-def lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
-                 warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     factors = lr_factors(max(1, total_steps), warmup_fraction)
     # LambdaLR asks for one step past the end after the last optimizer step: hold the final value.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(factors[min(step, len(factors) - 1)]))
@@ -137,20 +145,36 @@ def as_timm_classifier(model: Classifier) -> nn.Module:
     return out
 
 
-def save_finetuned(model: Classifier, directory: Path, label_names: list[str], image_size: int, result: dict,
-                   record: Optional[dict[str, Any]] = None, force: bool = False) -> Path:
+def save_finetuned(
+    model: Classifier,
+    directory: Path,
+    label_names: list[str],
+    image_size: int,
+    result: dict,
+    record: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
     """The fine-tuned classifier as a model folder with its class names, preprocessing and scores."""
     from ssl_hybrid.models.export import save_model_folder
 
     best = f"best epoch {result['best_epoch']} of {result['epochs_run']}" + (
         f" by validation top-1 {result['val_top1']:.3f} on {result['n_val']} held-out images"
-        if result["val_top1"] is not None else " (no validation split: the last epoch)")
-    extra = dict(record or {}, image_size=image_size, finetuned=f"{result['n_train']} labeled images, {best}",
-                 test={k: result[k] for k in ("top1", "top5", "n_test")})
-    table = ("| test images | top-1 | top-5 |\n|---|---|---|\n"
-             f"| {result['n_test']} | {100 * result['top1']:.1f} | {100 * result['top5']:.1f} |\n")
-    return save_model_folder(as_timm_classifier(model), directory, label_names=label_names, extra=extra,
-                             force=force, evaluation=table)
+        if result["val_top1"] is not None
+        else " (no validation split: the last epoch)"
+    )
+    extra = dict(
+        record or {},
+        image_size=image_size,
+        finetuned=f"{result['n_train']} labeled images, {best}",
+        test={k: result[k] for k in ("top1", "top5", "n_test")},
+    )
+    table = (
+        "| test images | top-1 | top-5 |\n|---|---|---|\n"
+        f"| {result['n_test']} | {100 * result['top1']:.1f} | {100 * result['top5']:.1f} |\n"
+    )
+    return save_model_folder(
+        as_timm_classifier(model), directory, label_names=label_names, extra=extra, force=force, evaluation=table
+    )
 
 
 def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -159,14 +183,22 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def _score(model, labeled: LabeledSet, image_size: int, settings: FinetuneSettings, accelerator, name: str) -> dict:
     loader = make_loader(labeled, eval_transform(image_size), settings.batch_size * 2, settings.num_workers)
-    scores, labels = extract_features(model, loader, accelerator, forward=_logits, name=name,
-                                      what="fine-tuned logits")
+    scores, labels = extract_features(model, loader, accelerator, forward=_logits, name=name, what="fine-tuned logits")
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
 
 
-def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, image_size: int,
-             settings: Optional[FinetuneSettings] = None, accelerator=None, save_dir: Optional[Path] = None,
-             record: Optional[dict[str, Any]] = None, force: bool = False, name: str = "the backbone") -> dict:
+def finetune(
+    backbone: nn.Module,
+    train_set: LabeledSet,
+    test_set: LabeledSet,
+    image_size: int,
+    settings: FinetuneSettings | None = None,
+    accelerator=None,
+    save_dir: Path | None = None,
+    record: dict[str, Any] | None = None,
+    force: bool = False,
+    name: str = "the backbone",
+) -> dict:
     """Fine-tune on ``train_set`` (minus a validation split), restore the best epoch, score ``test_set``;
     with ``save_dir``, save that model there (``save_finetuned``; ``record`` describes the backbone) and
     name the folder in the result's ``model``. A non-finite training loss or non-finite logits raise
@@ -175,20 +207,26 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
     from accelerate.utils import set_seed
 
     settings = settings or FinetuneSettings()
-    accelerator = accelerator or Accelerator(mixed_precision=settings.mixed_precision,
-                                             cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator(
+        mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available()
+    )
     set_seed(settings.seed)
     start = time.perf_counter()
     fit_idx, val_idx = stratified_holdout(train_set.labels, settings.val_fraction, settings.seed)
     fit_set, val_set = train_set.subset(fit_idx), train_set.subset(val_idx)
     if len(val_set) == 0:
-        log.warning("too few samples per class for a validation split: no early stopping, %d epochs",
-                    settings.epochs)
+        log.warning("too few samples per class for a validation split: no early stopping, %d epochs", settings.epochs)
     model = Classifier(backbone, len(train_set.classes))
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, settings))
-    loader = make_loader(fit_set, train_transform(image_size, settings.crop_min_scale), settings.batch_size,
-                         settings.num_workers, shuffle=True, seed=settings.seed,
-                         drop_last=len(fit_set) > settings.batch_size)
+    loader = make_loader(
+        fit_set,
+        train_transform(image_size, settings.crop_min_scale),
+        settings.batch_size,
+        settings.num_workers,
+        shuffle=True,
+        seed=settings.seed,
+        drop_last=len(fit_set) > settings.batch_size,
+    )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     total_steps = settings.epochs * len(loader)
     scheduler = lr_scheduler(optimizer, total_steps, settings.warmup_fraction)
@@ -197,8 +235,10 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
     for epoch in range(settings.epochs):
         loss = _train_epoch(model, loader, optimizer, scheduler, criterion, accelerator)
         if not np.isfinite(loss):
-            raise NonFiniteError(f"{name}: the fine-tuning loss is not finite (NaN or inf) in epoch {epoch}; the "
-                                 "backbone's weights are broken or --lr is too high")
+            raise NonFiniteError(
+                f"{name}: the fine-tuning loss is not finite (NaN or inf) in epoch {epoch}; the "
+                "backbone's weights are broken or --lr is too high"
+            )
         epoch_record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
         if len(val_set):
             epoch_record["val_top1"] = _score(model, val_set, image_size, settings, accelerator, name)["top1"]
@@ -209,8 +249,11 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
             else:
                 stale += 1
         history.append(epoch_record)
-        log.info("finetune epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v
-                                                  for k, v in epoch_record.items()})
+        log.info(
+            "finetune epoch %d: %s",
+            epoch,
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in epoch_record.items()},
+        )
         if len(val_set) and stale >= settings.patience:
             log.info("early stop: no better val accuracy for %d epochs", stale)
             break
@@ -218,17 +261,37 @@ def finetune(backbone: nn.Module, train_set: LabeledSet, test_set: LabeledSet, i
         accelerator.unwrap_model(model).load_state_dict(best_state)
     test = _score(model, test_set, image_size, settings, accelerator, name)
     best_epoch = max((r for r in history if r.get("best")), key=lambda r: r["epoch"], default=history[-1])
-    result = {"top1": test["top1"], "top5": test["top5"], "best_epoch": best_epoch["epoch"],
-              "val_top1": best if best >= 0 else None, "epochs_run": len(history), "n_train": len(fit_set),
-              "n_val": len(val_set), "n_test": len(test_set), "image_size": image_size,
-              "settings": asdict(settings), "history": history, "seconds": time.perf_counter() - start}
+    result = {
+        "top1": test["top1"],
+        "top5": test["top5"],
+        "best_epoch": best_epoch["epoch"],
+        "val_top1": best if best >= 0 else None,
+        "epochs_run": len(history),
+        "n_train": len(fit_set),
+        "n_val": len(val_set),
+        "n_test": len(test_set),
+        "image_size": image_size,
+        "settings": asdict(settings),
+        "history": history,
+        "seconds": time.perf_counter() - start,
+    }
     if save_dir is not None:
-        result["model"] = _save_on_main(accelerator, lambda: save_finetuned(
-            accelerator.unwrap_model(model), Path(save_dir), list(train_set.classes), image_size, result, record, force))
+        result["model"] = _save_on_main(
+            accelerator,
+            lambda: save_finetuned(
+                accelerator.unwrap_model(model),
+                Path(save_dir),
+                list(train_set.classes),
+                image_size,
+                result,
+                record,
+                force,
+            ),
+        )
     return result
 
 
-def _save_on_main(accelerator, save) -> Optional[str]:
+def _save_on_main(accelerator, save) -> str | None:
     """``save()`` on the main process; a failure there (a full disk: one line) stops every rank the same way."""
     from ssl_hybrid.errors import UserError
 
@@ -240,8 +303,9 @@ def _save_on_main(accelerator, save) -> Optional[str]:
             error = err
     failed = accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum")
     if float(failed.item()) > 0:
-        raise error or UserError(f"rank {accelerator.process_index}: saving the fine-tuned model failed on the "
-                                 "main process (see its error)")
+        raise error or UserError(
+            f"rank {accelerator.process_index}: saving the fine-tuned model failed on the main process (see its error)"
+        )
     return folder
 
 

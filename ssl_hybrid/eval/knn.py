@@ -12,7 +12,8 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +27,7 @@ HEADLINE_K = EvalConfig.knn_k
 TEMPERATURE = EvalConfig.knn_temperature
 
 
-def set_faiss_threads(threads: Optional[int] = None) -> int:
+def set_faiss_threads(threads: int | None = None) -> int:
     """faiss and torch both use OpenMP; an explicit count keeps them from oversubscribing the cores."""
     import faiss
 
@@ -36,7 +37,7 @@ def set_faiss_threads(threads: Optional[int] = None) -> int:
 
 
 @contextlib.contextmanager
-def faiss_threads(threads: Optional[int] = None) -> Iterator[int]:
+def faiss_threads(threads: int | None = None) -> Iterator[int]:
     """``set_faiss_threads`` for the duration of a search, then the previous counts again. When torch is
     imported first, faiss's ``omp_set_num_threads`` lands in torch's OpenMP runtime and would silently
     change ``torch.get_num_threads()`` for the rest of the process (a trainer whose k-NN monitor ran at
@@ -70,8 +71,9 @@ def search(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
     return index.search(queries, k)
 
 
-def vote(similarities: np.ndarray, neighbor_labels: np.ndarray, num_classes: int,
-         temperature: float = TEMPERATURE) -> np.ndarray:
+def vote(
+    similarities: np.ndarray, neighbor_labels: np.ndarray, num_classes: int, temperature: float = TEMPERATURE
+) -> np.ndarray:
     """Class scores [Q, classes]: sum over neighbours of exp(sim / T) for the neighbour's class."""
     q, k = similarities.shape
     weights = np.exp(similarities.astype(np.float64) / temperature)  # [Q, k]
@@ -80,8 +82,14 @@ def vote(similarities: np.ndarray, neighbor_labels: np.ndarray, num_classes: int
     return np.bincount(cells, weights=weights.ravel(), minlength=q * num_classes).reshape(q, num_classes)
 
 
-def knn_predict(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int = HEADLINE_K,
-                temperature: float = TEMPERATURE, num_classes: Optional[int] = None) -> np.ndarray:
+def knn_predict(
+    bank: np.ndarray,
+    bank_labels: np.ndarray,
+    queries: np.ndarray,
+    k: int = HEADLINE_K,
+    temperature: float = TEMPERATURE,
+    num_classes: int | None = None,
+) -> np.ndarray:
     """Weighted k-NN class scores [Q, classes] (argmax = prediction)."""
     bank_labels = np.asarray(bank_labels, dtype=np.int64)
     num_classes = num_classes or int(bank_labels.max()) + 1
@@ -103,10 +111,17 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((rank < k).mean())
 
 
-def knn_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                 test_labels: np.ndarray, ks: Iterable[int] = DEFAULT_KS, temperature: float = TEMPERATURE,
-                 headline_k: int = HEADLINE_K, num_classes: Optional[int] = None,
-                 threads: Optional[int] = None) -> dict:
+def knn_evaluate(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    ks: Iterable[int] = DEFAULT_KS,
+    temperature: float = TEMPERATURE,
+    headline_k: int = HEADLINE_K,
+    num_classes: int | None = None,
+    threads: int | None = None,
+) -> dict:
     """The k-NN evaluation JSON: headline top1/top5 at ``headline_k`` plus every k in ``per_k``.
 
     k larger than the bank is capped at the bank size (recorded in ``per_k`` under the requested k).
@@ -124,17 +139,28 @@ def knn_evaluate(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     for k in ks:
         used = min(k, k_max)
         scores = vote(similarities[:, :used], neighbor_labels[:, :used], num_classes, temperature)
-        per_k[str(k)] = {"top1": topk_accuracy(scores, test_labels, 1),
-                         "top5": topk_accuracy(scores, test_labels, 5), "k_used": used}
+        per_k[str(k)] = {
+            "top1": topk_accuracy(scores, test_labels, 1),
+            "top5": topk_accuracy(scores, test_labels, 5),
+            "k_used": used,
+        }
     seconds = time.perf_counter() - start
     headline = per_k[str(headline_k)]
-    return {"top1": headline["top1"], "top5": headline["top5"], "k": headline_k, "temperature": temperature,
-            "n_train": int(len(train_features)), "n_test": int(len(test_features)),
-            "seconds": seconds, "per_k": per_k}
+    return {
+        "top1": headline["top1"],
+        "top5": headline["top5"],
+        "k": headline_k,
+        "temperature": temperature,
+        "n_train": int(len(train_features)),
+        "n_test": int(len(test_features)),
+        "seconds": seconds,
+        "per_k": per_k,
+    }
 
 
-def leave_one_out_knn(features: np.ndarray, labels: np.ndarray, k: int = HEADLINE_K,
-                      temperature: float = TEMPERATURE) -> dict[str, Any]:
+def leave_one_out_knn(
+    features: np.ndarray, labels: np.ndarray, k: int = HEADLINE_K, temperature: float = TEMPERATURE
+) -> dict[str, Any]:
     """Top-1/top-5 of each row classified by its k most similar *other* rows (cosine, exp(sim/T) votes).
 
     Every image is a query and the other N-1 are its bank: on a small labeled set this uses all N labels as
@@ -149,13 +175,26 @@ def leave_one_out_knn(features: np.ndarray, labels: np.ndarray, k: int = HEADLIN
     neighbours = np.take_along_axis(indices, keep, axis=1)
     num_classes = int(labels.max()) + 1
     scores = vote(similarities, labels[neighbours], num_classes, temperature)
-    return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5), "k": k,
-            "temperature": temperature, "n_test": n, "n_train": n - 1, "num_classes": num_classes,
-            "protocol": "leave_one_out"}
+    return {
+        "top1": topk_accuracy(scores, labels, 1),
+        "top5": topk_accuracy(scores, labels, 5),
+        "k": k,
+        "temperature": temperature,
+        "n_test": n,
+        "n_train": n - 1,
+        "num_classes": num_classes,
+        "protocol": "leave_one_out",
+    }
 
 
-def knn_reference_numpy(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, k: int,
-                        temperature: float = TEMPERATURE, num_classes: Optional[int] = None) -> np.ndarray:
+def knn_reference_numpy(
+    bank: np.ndarray,
+    bank_labels: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    temperature: float = TEMPERATURE,
+    num_classes: int | None = None,
+) -> np.ndarray:
     """Brute-force float64 numpy k-NN (the test reference): full similarity matrix, full sort."""
     bank = np.asarray(bank, dtype=np.float64)
     queries = np.asarray(queries, dtype=np.float64)

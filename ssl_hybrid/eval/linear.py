@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -60,8 +60,13 @@ def _scores(model, features: np.ndarray, num_classes: int) -> np.ndarray:
     return full
 
 
-def choose_c(features: np.ndarray, labels: np.ndarray, cs: Sequence[float] = DEFAULT_CS,
-             holdout: float = HOLDOUT_FRACTION, seed: int = 0) -> tuple[float, dict[str, float], str]:
+def choose_c(
+    features: np.ndarray,
+    labels: np.ndarray,
+    cs: Sequence[float] = DEFAULT_CS,
+    holdout: float = HOLDOUT_FRACTION,
+    seed: int = 0,
+) -> tuple[float, dict[str, float], str]:
     """(chosen C, held-out accuracy per C, how it was chosen). Ties go to the stronger regularization."""
     fit_idx, held_idx = stratified_holdout(labels, holdout, seed)
     if len(held_idx) == 0 or len(np.unique(labels[fit_idx])) < 2:
@@ -75,9 +80,16 @@ def choose_c(features: np.ndarray, labels: np.ndarray, cs: Sequence[float] = DEF
     return chosen, accuracy, f"held-out {len(held_idx)} of {len(labels)} training samples"
 
 
-def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                 test_labels: np.ndarray, cs: Sequence[float] = DEFAULT_CS, holdout: float = HOLDOUT_FRACTION,
-                 seed: int = 0, num_classes: Optional[int] = None) -> dict:
+def linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    cs: Sequence[float] = DEFAULT_CS,
+    holdout: float = HOLDOUT_FRACTION,
+    seed: int = 0,
+    num_classes: int | None = None,
+) -> dict:
     """Choose C on a held-out part of train, refit on all of train, report test top-1/top-5 and C."""
     start = time.perf_counter()
     train_labels = np.asarray(train_labels, dtype=np.int64)
@@ -86,7 +98,13 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     chosen, val_accuracy, selection = choose_c(train_features, train_labels, cs, holdout, seed)
     model = _fit(train_features, train_labels, chosen)
     scores = _scores(model, test_features, num_classes)
-    return {"top1": topk_accuracy(scores, test_labels, 1), "top5": topk_accuracy(scores, test_labels, 5),
-            "C": chosen, "selection": selection, "val_accuracy": val_accuracy,
-            "n_train": int(len(train_features)), "n_test": int(len(test_features)),
-            "seconds": time.perf_counter() - start}
+    return {
+        "top1": topk_accuracy(scores, test_labels, 1),
+        "top5": topk_accuracy(scores, test_labels, 5),
+        "C": chosen,
+        "selection": selection,
+        "val_accuracy": val_accuracy,
+        "n_train": int(len(train_features)),
+        "n_test": int(len(test_features)),
+        "seconds": time.perf_counter() - start,
+    }

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -37,25 +38,46 @@ def image_set(specs: Sequence[str]) -> LabeledSet:
             found = load_images(spec)
         except LabeledDataError as err:
             raise UserError(str(err)) from None
-        samples += [Sample(id=s.path if s.offset < 0 else f"{s.path}:{s.id}", label=UNLABELED, path=s.path,
-                           offset=s.offset, size=s.size) for s in found.samples]
+        samples += [
+            Sample(
+                id=s.path if s.offset < 0 else f"{s.path}:{s.id}",
+                label=UNLABELED,
+                path=s.path,
+                offset=s.offset,
+                size=s.size,
+            )
+            for s in found.samples
+        ]
     return LabeledSet(", ".join(specs), [], samples)
 
 
-def top_classes(probabilities: np.ndarray, classes: Sequence[str], images: LabeledSet, top: int) -> list[dict[str, Any]]:
+def top_classes(
+    probabilities: np.ndarray, classes: Sequence[str], images: LabeledSet, top: int
+) -> list[dict[str, Any]]:
     """One row per image: its ``top`` classes, most probable first (ties: lower class index first)."""
     top = max(1, min(top, probabilities.shape[1]))
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]
-    return [{"image": sample.id,
-             "top": [{"class": classes[c], "label": int(c), "probability": float(p[c])} for c in ranks]}
-            for sample, p, ranks in zip(images.samples, probabilities, order)]
+    return [
+        {"image": sample.id, "top": [{"class": classes[c], "label": int(c), "probability": float(p[c])} for c in ranks]}
+        for sample, p, ranks in zip(images.samples, probabilities, order)
+    ]
 
 
-def predict_with_bank(spec: str, bank_spec: str, images: Sequence[str], *, k: int = EvalConfig.knn_k,
-                      temperature: float = EvalConfig.knn_temperature, top: int = DEFAULT_TOP,
-                      image_size: Optional[int] = None, pooling: str = EvalConfig.pooling,
-                      batch_size: int = EvalConfig.batch_size, num_workers: int = 0,
-                      cache_dir: Optional[Path] = None, progress: bool = False) -> dict[str, Any]:
+def predict_with_bank(
+    spec: str,
+    bank_spec: str,
+    images: Sequence[str],
+    *,
+    k: int = EvalConfig.knn_k,
+    temperature: float = EvalConfig.knn_temperature,
+    top: int = DEFAULT_TOP,
+    image_size: int | None = None,
+    pooling: str = EvalConfig.pooling,
+    batch_size: int = EvalConfig.batch_size,
+    num_workers: int = 0,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """k-NN classification of ``images`` against the labeled ``bank_spec`` (folder with class sub-folders or
     labeled shards), the evaluators' protocol; unreadable images are skipped and counted."""
     from ssl_hybrid.data.labeled import load_labeled
@@ -63,25 +85,39 @@ def predict_with_bank(spec: str, bank_spec: str, images: Sequence[str], *, k: in
     from ssl_hybrid.eval.knn import faiss_threads, knn_predict
 
     if k < 1 or temperature <= 0 or (image_size or 0) < 0:
-        raise UserError(f"-k must be >= 1, --temperature > 0 and --image-size >= 0, got {k}, {temperature} and {image_size}")
+        raise UserError(
+            f"-k must be >= 1, --temperature > 0 and --image-size >= 0, got {k}, {temperature} and {image_size}"
+        )
     queries = image_set(images)  # a mistyped image path fails before anything is loaded
     bank = check_images(load_labeled(bank_spec))
     queries = check_images(queries)
-    meta, ((bank_f, bank_y), (query_f, _)) = features_for_spec(spec, [bank, queries], image_size, batch_size,
-                                                               num_workers, cache_dir, progress, pooling)
+    meta, ((bank_f, bank_y), (query_f, _)) = features_for_spec(
+        spec, [bank, queries], image_size, batch_size, num_workers, cache_dir, progress, pooling
+    )
     with faiss_threads():
         scores = knn_predict(bank_f, bank_y, query_f, k=k, temperature=temperature, num_classes=len(bank.classes))
     probabilities = scores / scores.sum(1, keepdims=True)
-    return {"mode": "knn", "backbone": {key: meta.get(key) for key in ("spec", "model", "hash", "image_size")},
-            "pooling": meta["pooling"], "bank": {"source": bank.source, "images": len(bank), "classes": len(bank.classes)},
-            "k": min(k, len(bank)), "temperature": temperature,
-            "predictions": top_classes(probabilities, bank.classes, queries, top),
-            "skipped_unreadable": queries.skipped}
+    return {
+        "mode": "knn",
+        "backbone": {key: meta.get(key) for key in ("spec", "model", "hash", "image_size")},
+        "pooling": meta["pooling"],
+        "bank": {"source": bank.source, "images": len(bank), "classes": len(bank.classes)},
+        "k": min(k, len(bank)),
+        "temperature": temperature,
+        "predictions": top_classes(probabilities, bank.classes, queries, top),
+        "skipped_unreadable": queries.skipped,
+    }
 
 
-def predict_with_model(folder: str, images: Sequence[str], *, top: int = DEFAULT_TOP,
-                       batch_size: int = EvalConfig.batch_size, num_workers: int = 0,
-                       progress: bool = False) -> dict[str, Any]:
+def predict_with_model(
+    folder: str,
+    images: Sequence[str],
+    *,
+    top: int = DEFAULT_TOP,
+    batch_size: int = EvalConfig.batch_size,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
     """The classifier's softmax over its ``label_names`` for each image (unreadable ones skipped, counted)."""
     import torch
 
@@ -94,8 +130,13 @@ def predict_with_model(folder: str, images: Sequence[str], *, top: int = DEFAULT
     logits, _ = extract_features(model.to(eval_device()), loader, progress=progress, forward=lambda m, x: m(x))
     probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
     names = list(config["label_names"])
-    return {"mode": "classifier", "model": str(folder), "classes": len(names),
-            "predictions": top_classes(probabilities, names, queries, top), "skipped_unreadable": queries.skipped}
+    return {
+        "mode": "classifier",
+        "model": str(folder),
+        "classes": len(names),
+        "predictions": top_classes(probabilities, names, queries, top),
+        "skipped_unreadable": queries.skipped,
+    }
 
 
 BANK_HINT = "to classify with a backbone, give a few labeled images per class: predict BACKBONE IMAGES --bank FOLDER"
@@ -139,7 +180,7 @@ def prediction_table(result: dict[str, Any]) -> str:
     width = min(60, max((len(r["image"]) for r in rows), default=5))
     lines = [f"{'image':<{width}}  top classes (probability)"]
     for row in rows:
-        name = row["image"] if len(row["image"]) <= width else "…" + row["image"][-(width - 1):]
+        name = row["image"] if len(row["image"]) <= width else "…" + row["image"][-(width - 1) :]
         lines.append(f"{name:<{width}}  " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"]))
     if result.get("skipped_unreadable"):
         lines.append(f"({len(result['skipped_unreadable'])} unreadable image(s) skipped)")
@@ -159,8 +200,11 @@ def write_rows(path: str | Path, rows: list[dict[str, Any]], columns: Sequence[s
 
 
 def prediction_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"image": row["image"], "rank": rank, "class": t["class"], "label": t["label"], "probability": t["probability"]}
-            for row in result["predictions"] for rank, t in enumerate(row["top"], 1)]
+    return [
+        {"image": row["image"], "rank": rank, "class": t["class"], "label": t["label"], "probability": t["probability"]}
+        for row in result["predictions"]
+        for rank, t in enumerate(row["top"], 1)
+    ]
 
 
 def write_result(path: str | Path, result: dict[str, Any], rows: list[dict[str, Any]], columns: Sequence[str]) -> Path:

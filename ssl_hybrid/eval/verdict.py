@@ -12,7 +12,8 @@ Nothing here assumes which model or objective produced the numbers.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,8 +34,13 @@ def chance_level(train_set: LabeledSet, test_set: LabeledSet) -> dict[str, float
     classes = len(train_set.classes)
     counts = np.bincount(test_set.labels, minlength=classes) if len(test_set) else np.zeros(1)
     uniform, majority = 1.0 / classes, float(counts.max() / max(1, counts.sum()))
-    return {"top1": max(uniform, majority), "uniform_top1": uniform, "majority_top1": majority,
-            "top5": min(5, classes) / classes, "num_classes": classes}
+    return {
+        "top1": max(uniform, majority),
+        "uniform_top1": uniform,
+        "majority_top1": majority,
+        "top5": min(5, classes) / classes,
+        "num_classes": classes,
+    }
 
 
 def _per_class(labeled: LabeledSet) -> dict[str, int]:
@@ -43,22 +49,31 @@ def _per_class(labeled: LabeledSet) -> dict[str, int]:
     return {"min": int(counts.min()), "max": int(counts.max())} if len(counts) else {"min": 0, "max": 0}
 
 
-def data_context(train_set: LabeledSet, test_set: LabeledSet, split_note: Optional[str] = None) -> dict[str, Any]:
+def data_context(train_set: LabeledSet, test_set: LabeledSet, split_note: str | None = None) -> dict[str, Any]:
     """Sizes, per-class counts, skipped images, chance and a sentence on how test relates to train."""
     shared = shared_images(train_set, test_set)
     if shared:
-        relation = (f"{shared} of the {len(test_set)} test images are also training images: each finds "
-                    "itself as nearest neighbour, so the accuracies are inflated")
+        relation = (
+            f"{shared} of the {len(test_set)} test images are also training images: each finds "
+            "itself as nearest neighbour, so the accuracies are inflated"
+        )
     elif train_set.source == test_set.source:
         relation = f"test and train are disjoint parts of `{train_set.source}` (no image in both)"
     else:
         relation = "test and train are separate sets (no image in both)"
     if split_note:
         relation += f"; {split_note}"
-    sides = {name: {"source": s.source, "images": len(s), "per_class": _per_class(s),
-                    "skipped_unreadable": len(s.skipped)} for name, s in (("train", train_set), ("test", test_set))}
-    return {**sides, "num_classes": len(train_set.classes), "chance": chance_level(train_set, test_set),
-            "test_images_in_train": shared, "split": relation}
+    sides = {
+        name: {"source": s.source, "images": len(s), "per_class": _per_class(s), "skipped_unreadable": len(s.skipped)}
+        for name, s in (("train", train_set), ("test", test_set))
+    }
+    return {
+        **sides,
+        "num_classes": len(train_set.classes),
+        "chance": chance_level(train_set, test_set),
+        "test_images_in_train": shared,
+        "split": relation,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,15 +90,32 @@ def binomial_se(accuracy: float, n: int) -> float:
 def metrics(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """The entry's accuracies with their standard errors: k-NN top-1, then every k-shot row."""
     knn = entry["knn"]
-    rows = [{"metric": "knn_top1", "label": f"k-NN top-1 (k={knn['k']})", "method": None, "shots": None,
-             "value": knn["top1"], "se": binomial_se(knn["top1"], knn["n_test"]), "n_test": knn["n_test"]}]
+    rows = [
+        {
+            "metric": "knn_top1",
+            "label": f"k-NN top-1 (k={knn['k']})",
+            "method": None,
+            "shots": None,
+            "value": knn["top1"],
+            "se": binomial_se(knn["top1"], knn["n_test"]),
+            "n_test": knn["n_test"],
+        }
+    ]
     scored = entry.get("fewshot_n_test", knn["n_test"])  # the k-NN may score more queries (leave-one-out)
     for row in sorted(entry["fewshot"], key=lambda r: (r["method"], r["shots"])):
         seeds = len(row.get("runs") or [None])
         n_test = row.get("n_test", scored)  # protocol "rest": each shot count scores its own number of images
-        rows.append({"metric": f"{row['method']}_{row['shots']}shot", "label": f"{row['method']} {row['shots']}-shot",
-                     "method": row["method"], "shots": row["shots"], "value": row["mean"], "n_test": n_test,
-                     "se": max(row["std"] / math.sqrt(seeds), binomial_se(row["mean"], n_test))})
+        rows.append(
+            {
+                "metric": f"{row['method']}_{row['shots']}shot",
+                "label": f"{row['method']} {row['shots']}-shot",
+                "method": row["method"],
+                "shots": row["shots"],
+                "value": row["mean"],
+                "n_test": n_test,
+                "se": max(row["std"] / math.sqrt(seeds), binomial_se(row["mean"], n_test)),
+            }
+        )
     return rows
 
 
@@ -96,8 +128,15 @@ def compare(candidate: dict[str, Any], baseline: dict[str, Any]) -> list[dict[st
         if b is None:
             continue
         delta, noise = m["value"] - b["value"], 2 * math.sqrt(m["se"] ** 2 + b["se"] ** 2)
-        out.append({**{k: m[k] for k in ("metric", "label", "method", "shots", "value")}, "baseline": b["value"],
-                    "delta": delta, "noise": noise, "beyond_noise": abs(delta) > noise})
+        out.append(
+            {
+                **{k: m[k] for k in ("metric", "label", "method", "shots", "value")},
+                "baseline": b["value"],
+                "delta": delta,
+                "noise": noise,
+                "beyond_noise": abs(delta) > noise,
+            }
+        )
     return out
 
 
@@ -107,12 +146,13 @@ def above_chance(entry: dict[str, Any], chance: float) -> dict[str, Any]:
     judged = []
     for m in rows:
         margin = 2 * max(m["se"], binomial_se(chance, m["n_test"]))
-        judged.append({"metric": m["metric"], "value": m["value"], "margin": margin,
-                       "above": m["value"] - chance > margin})
+        judged.append(
+            {"metric": m["metric"], "value": m["value"], "margin": margin, "above": m["value"] - chance > margin}
+        )
     return {"any": any(j["above"] for j in judged), "knn_top1": judged[0]["above"], "metrics": judged}
 
 
-def pick_baseline(entries: Sequence[dict[str, Any]], baseline: Optional[str] = None) -> Optional[int]:
+def pick_baseline(entries: Sequence[dict[str, Any]], baseline: str | None = None) -> int | None:
     """Index of the baseline entry: the one named, else the last random-init one when others are not."""
     if baseline is not None:
         names = [e["name"] for e in entries]
@@ -137,8 +177,10 @@ def _headline(comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _gap_text(c: dict[str, Any]) -> str:
     where = "beyond" if c["beyond_noise"] else "within"
-    return (f"{c['label']} {100 * c['value']:.1f} vs {100 * c['baseline']:.1f} "
-            f"({100 * c['delta']:+.1f} points, {where} noise ±{100 * c['noise']:.1f})")
+    return (
+        f"{c['label']} {100 * c['value']:.1f} vs {100 * c['baseline']:.1f} "
+        f"({100 * c['delta']:+.1f} points, {where} noise ±{100 * c['noise']:.1f})"
+    )
 
 
 def outcome(comparisons: list[dict[str, Any]]) -> str:
@@ -151,10 +193,12 @@ def outcome(comparisons: list[dict[str, Any]]) -> str:
 def compare_line(name: str, base_name: str, comparisons: list[dict[str, Any]]) -> str:
     result = outcome(comparisons)
     beyond = sum(c["beyond_noise"] for c in comparisons)
-    lead = {"better": f"{name} beats {base_name} beyond noise on {beyond} of {len(comparisons)} metrics",
-            "worse": f"{name} is worse than {base_name} beyond noise on {beyond} of {len(comparisons)} metrics",
-            "mixed": f"{name} vs {base_name} is mixed (better on some metrics, worse on others, beyond noise)",
-            "within noise": f"{name} and {base_name} do not differ beyond noise on any of {len(comparisons)} metrics"}
+    lead = {
+        "better": f"{name} beats {base_name} beyond noise on {beyond} of {len(comparisons)} metrics",
+        "worse": f"{name} is worse than {base_name} beyond noise on {beyond} of {len(comparisons)} metrics",
+        "mixed": f"{name} vs {base_name} is mixed (better on some metrics, worse on others, beyond noise)",
+        "within noise": f"{name} and {base_name} do not differ beyond noise on any of {len(comparisons)} metrics",
+    }
     return f"{lead[result]}: " + "; ".join(_gap_text(c) for c in _headline(comparisons))
 
 
@@ -169,7 +213,7 @@ def chance_text(entries: Sequence[dict[str, Any]], judged: list[dict[str, Any]],
     return f"{', '.join(at)} {'is' if len(at) == 1 else 'are'} within noise of {level} on every metric"
 
 
-def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: Optional[str] = None) -> dict[str, Any]:
+def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: str | None = None) -> dict[str, Any]:
     """``{"line", "baseline", "comparisons": {name: [...]}, "outcomes", "above_chance"}``; ``line`` is the
     one-line verdict printed by ``quickstart`` and ``report`` and written at the top of report.md."""
     judged = [above_chance(e, chance) for e in entries]
@@ -183,11 +227,16 @@ def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: Optional
                 outcomes[entry["name"]] = outcome(comparisons[entry["name"]])
                 parts.append(compare_line(entry["name"], base["name"], comparisons[entry["name"]]))
     line = ". ".join(parts + [chance_text(entries, judged, chance)]) + "."
-    return {"line": line, "baseline": entries[index]["name"] if index is not None else None,
-            "comparisons": comparisons, "outcomes": outcomes,
-            "above_chance": {e["name"]: j for e, j in zip(entries, judged)}, "chance_top1": chance,
-            "noise_rule": "beyond noise = difference > 2 standard errors of the difference; standard error = "
-                          "max(std / sqrt(seeds), binomial sqrt(p(1-p)/n_test))"}
+    return {
+        "line": line,
+        "baseline": entries[index]["name"] if index is not None else None,
+        "comparisons": comparisons,
+        "outcomes": outcomes,
+        "above_chance": {e["name"]: j for e, j in zip(entries, judged)},
+        "chance_top1": chance,
+        "noise_rule": "beyond noise = difference > 2 standard errors of the difference; standard error = "
+        "max(std / sqrt(seeds), binomial sqrt(p(1-p)/n_test))",
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +244,7 @@ def verdict(entries: Sequence[dict[str, Any]], chance: float, baseline: Optional
 # ---------------------------------------------------------------------------------------------
 
 
-def _objective_text(weights: dict[str, Any]) -> str:
+def _objective_text(weights: dict[str, Any] | None) -> str:
     names = {"mim_weight": "MIM", "dino_weight": "DINO", "simclr_weight": "SimCLR"}
     return " + ".join(label for key, label in names.items() if (weights or {}).get(key))
 
@@ -215,12 +264,18 @@ def budget_text(backbone: dict[str, Any]) -> str:
     text = f"{step} of {steps} steps" if steps else f"{step} steps"
     seconds, start = record.get("train_seconds"), record.get("start_step", 0)
     if seconds is not None:
-        text += (f" in {duration_text(seconds)}" if not start
-                 else f" (steps {start}→{step} in {duration_text(seconds)} after resuming)")
+        text += (
+            f" in {duration_text(seconds)}"
+            if not start
+            else f" (steps {start}→{step} in {duration_text(seconds)} after resuming)"
+        )
     if steps:
         limit = record.get("max_seconds") or 0
-        text += (f"; budget {steps} steps or {duration_text(limit)}, whichever comes first" if limit
-                 else f"; budget {steps} steps, no time limit")
+        text += (
+            f"; budget {steps} steps or {duration_text(limit)}, whichever comes first"
+            if limit
+            else f"; budget {steps} steps, no time limit"
+        )
     if record.get("stopped"):
         text += f"; stopped: {STOP_REASONS.get(record['stopped'], record['stopped'])}"
     objective = _objective_text(record.get("objective"))

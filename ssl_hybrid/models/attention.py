@@ -17,7 +17,6 @@ Positions matter for window attention, which must work on the visible tokens of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,18 +32,18 @@ class TokenLayout:
 
     grid: tuple[int, int]
     pos: torch.Tensor
-    valid: Optional[torch.Tensor] = None
+    valid: torch.Tensor | None = None
     # True while tokens are [cls] + every grid cell in raster order (enables the fast window path)
     full_grid: bool = False
 
     @classmethod
-    def for_grid(cls, batch_size: int, grid: tuple[int, int], device: torch.device) -> "TokenLayout":
+    def for_grid(cls, batch_size: int, grid: tuple[int, int], device: torch.device) -> TokenLayout:
         cells = torch.arange(grid[0] * grid[1], device=device)
         pos = torch.cat([cells.new_full((1,), -1), cells]).expand(batch_size, -1)  # [B, 1+N]
         return cls(grid=grid, pos=pos, valid=None, full_grid=True)
 
     @classmethod
-    def for_visible(cls, ids_keep: torch.Tensor, grid: tuple[int, int]) -> "TokenLayout":
+    def for_visible(cls, ids_keep: torch.Tensor, grid: tuple[int, int]) -> TokenLayout:
         pos = torch.cat([ids_keep.new_full((ids_keep.shape[0], 1), -1), ids_keep], dim=1)  # [B, 1+Nv]
         return cls(grid=grid, pos=pos, valid=None, full_grid=False)
 
@@ -60,7 +59,7 @@ def window_allowed(layout: TokenLayout, window_size: int) -> torch.Tensor:
     return same | is_global[:, :, None] | is_global[:, None, :]
 
 
-def attention_allowed(layout: TokenLayout, mode: str, window_size: int) -> Optional[torch.Tensor]:
+def attention_allowed(layout: TokenLayout, mode: str, window_size: int) -> torch.Tensor | None:
     """Bool ``[B, 1, T, T]`` mask (True = may attend) or None when everything may attend everything."""
     allowed = window_allowed(layout, window_size) if mode == "window" else None
     if layout.valid is not None:
@@ -73,8 +72,18 @@ class Attention(nn.Module):
     """timm-ViT-compatible attention (``qkv``/``proj`` names) with the sparsity modes above.
     ``attn_mode``, ``window_size`` and ``topk`` have no defaults here: the model (``HybridViT``) owns them."""
 
-    def __init__(self, dim: int, num_heads: int, *, attn_mode: str, window_size: int, topk: int,
-                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        attn_mode: str,
+        window_size: int,
+        topk: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
         super().__init__()
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
@@ -82,7 +91,7 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.attn_mode = attn_mode
         self.window_size = window_size
         self.topk = topk
@@ -91,8 +100,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, need_cls_attn: bool = False,
-                allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(
+        self, x: torch.Tensor, layout: TokenLayout, need_cls_attn: bool = False, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return ``(out [B, T, C], cls_attn [B, T] or None)``; cls_attn = class-token attention, head-mean.
 
         ``allowed`` is the precomputed :func:`attention_allowed` mask for this layout (shared by blocks).
@@ -111,14 +121,14 @@ class Attention(nn.Module):
         cls_attn = self._class_token_attention(q, k, allowed) if need_cls_attn else None
         return out, cls_attn
 
-    def _class_token_attention(self, q: torch.Tensor, k: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    def _class_token_attention(self, q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         # one query row is cheap to recompute explicitly; the fused SDPA kernel does not return weights
         scores = (q[:, :, :1] @ k.transpose(-2, -1)) * self.scale  # [B, h, 1, T]
         if allowed is not None:
             scores = scores.masked_fill(~allowed[:, :, :1], float("-inf"))
         return scores.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, T]
 
-    def _topk_attention(self, q, k, v, allowed: Optional[torch.Tensor]) -> torch.Tensor:
+    def _topk_attention(self, q, k, v, allowed: torch.Tensor | None) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) * self.scale  # [B, h, T, T]
         if allowed is not None:
             scores = scores.masked_fill(~allowed, float("-inf"))
@@ -138,8 +148,15 @@ def kth_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.fx.wrap
 @register_notrace_function  # reason: the fast path depends on the grid (input size) dividing into windows
-def window_attention_full_grid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int],
-                               window_size: int, allowed: torch.Tensor, dropout: float) -> torch.Tensor:
+def window_attention_full_grid(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    window_size: int,
+    allowed: torch.Tensor,
+    dropout: float,
+) -> torch.Tensor:
     """Window attention over ``[cls] + every grid cell``: windows as a batch of small attentions (each
     also seeing the class token) when the grid divides into windows, else SDPA with the ``allowed`` mask."""
     B, h, T, d = q.shape
@@ -156,7 +173,8 @@ def window_attention_full_grid(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     k_cls = k[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)  # [B, h, nW, 1, d]
     v_cls = v[:, :, :1, None].expand(-1, -1, num_windows, -1, -1)
     out_win = F.scaled_dot_product_attention(
-        q_win, torch.cat([k_cls, k_win], dim=3), torch.cat([v_cls, v_win], dim=3), dropout_p=dropout)
+        q_win, torch.cat([k_cls, k_win], dim=3), torch.cat([v_cls, v_win], dim=3), dropout_p=dropout
+    )
     out_win = out_win.reshape(B, h, gh // ws, gw // ws, ws, ws, d).permute(0, 1, 2, 4, 3, 5, 6)
     out_patches = out_win.reshape(B, h, gh * gw, d)
     out_cls = F.scaled_dot_product_attention(q[:, :, :1], k, v, dropout_p=dropout)  # class token stays global

@@ -3,8 +3,6 @@ classifier access and reset, grad checkpointing, the patch grid of an input and 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resample_abs_pos_embed
@@ -54,7 +52,7 @@ class TokenBackboneMixin:
     and ``forward(x)`` then equal ``forward_multiscale(x)``.
     """
 
-    last_stage_means: Optional[list[torch.Tensor]] = None
+    last_stage_means: list[torch.Tensor] | None = None
 
     @property
     def head_hidden_size(self) -> int:
@@ -71,8 +69,10 @@ class TokenBackboneMixin:
     def _multiscale_head_input(self, x: torch.Tensor) -> torch.Tensor:
         means = self.last_stage_means
         if means is None or means[0].shape[0] != x.shape[0]:
-            raise ValueError("global_pool='multiscale' pools the stage maps of the same forward_features call: "
-                             "call forward_head(forward_features(images)) or model(images)")
+            raise ValueError(
+                "global_pool='multiscale' pools the stage maps of the same forward_features call: "
+                "call forward_head(forward_features(images)) or model(images)"
+            )
         return multiscale_pool(means, x)
 
     @torch.jit.ignore
@@ -87,7 +87,7 @@ class TokenBackboneMixin:
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         if global_pool is not None:
             self.global_pool = check_global_pool(global_pool)

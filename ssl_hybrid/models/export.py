@@ -25,8 +25,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -51,8 +52,14 @@ FORMAT_VERSION = 1
 # The export before the model folder: backbone.safetensors + backbone.json (read, never written).
 LEGACY_WEIGHTS_NAME = "backbone.safetensors"
 # Regularization rates change training, not the function a saved model computes: not recorded.
-_TRAINING_ONLY_ARGS = {"drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "drop_block_rate",
-                       "pretrained"}
+_TRAINING_ONLY_ARGS = {
+    "drop_rate",
+    "drop_path_rate",
+    "attn_drop_rate",
+    "proj_drop_rate",
+    "drop_block_rate",
+    "pretrained",
+}
 
 
 class BackboneLoadError(UserError):
@@ -60,6 +67,7 @@ class BackboneLoadError(UserError):
 
 
 # ------------------------------------------------------------------------------------------- writing
+
 
 def _model_name(model: nn.Module) -> str:
     name = getattr(model, "model_name", None) or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
@@ -79,8 +87,14 @@ def make_meta(model: nn.Module, extra_meta: dict[str, Any] | None = None) -> dic
     """The ``backbone.json`` content for ``model``: how to rebuild it, plus ``extra_meta``."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     img_size = getattr(model, "img_size", None) or cfg.get("input_size", [0, 0, 0])[-2:]
-    return dict(format_version=FORMAT_VERSION, model_name=_model_name(model), factory_kwargs=_factory_kwargs(model),
-                img_size=list(img_size), num_features=int(getattr(model, "num_features", 0)), **(extra_meta or {}))
+    return dict(
+        format_version=FORMAT_VERSION,
+        model_name=_model_name(model),
+        factory_kwargs=_factory_kwargs(model),
+        img_size=list(img_size),
+        num_features=int(getattr(model, "num_features", 0)),
+        **(extra_meta or {}),
+    )
 
 
 def write_meta(path: Path, meta: dict[str, Any]) -> None:
@@ -88,6 +102,7 @@ def write_meta(path: Path, meta: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------- model folder
+
 
 class ModelFolderError(UserError):
     """A model folder that cannot be written (exists without force, disk full, ...)."""
@@ -106,15 +121,16 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     return json.loads(json.dumps(args, default=list))
 
 
-def _input_size(model: nn.Module, args: dict[str, Any], image_size: Optional[int]) -> list[int]:
+def _input_size(model: nn.Module, args: dict[str, Any], image_size: int | None) -> list[int]:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = image_size or getattr(model, "img_size", None) or cfg.get("input_size", (3, 224, 224))[-2:]
     height, width = (size, size) if isinstance(size, int) else tuple(size)[-2:]
     return [int(args.get("in_chans") or cfg.get("input_size", (3,))[0]), int(height), int(width)]
 
 
-def pretrained_cfg(model: nn.Module, args: dict[str, Any], image_size: Optional[int] = None,
-                   license: str = "other") -> dict[str, Any]:
+def pretrained_cfg(
+    model: nn.Module, args: dict[str, Any], image_size: int | None = None, license: str = "other"
+) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` for the saved weights: the preprocessing the evaluators use (resize to
     size / crop_pct, bicubic, center crop, ImageNet mean/std) at the size the model was trained at."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -123,21 +139,35 @@ def pretrained_cfg(model: nn.Module, args: dict[str, Any], image_size: Optional[
 
     source = getattr(model, "pretrained_cfg", None) or {}
     kept = {k: source[k] for k in ("first_conv", "classifier", "fixed_input_size") if k in source}
-    return json.loads(json.dumps(dict(
-        kept, input_size=_input_size(model, args, image_size), mean=list(IMAGENET_DEFAULT_MEAN),
-        std=list(IMAGENET_DEFAULT_STD), crop_pct=EVAL_CROP_PCT, crop_mode="center", interpolation="bicubic",
-        num_classes=args["num_classes"], license=license), default=list))
+    return json.loads(
+        json.dumps(
+            dict(
+                kept,
+                input_size=_input_size(model, args, image_size),
+                mean=list(IMAGENET_DEFAULT_MEAN),
+                std=list(IMAGENET_DEFAULT_STD),
+                crop_pct=EVAL_CROP_PCT,
+                crop_mode="center",
+                interpolation="bicubic",
+                num_classes=args["num_classes"],
+                license=license,
+            ),
+            default=list,
+        )
+    )
 
 
-def model_config(model: nn.Module, label_names: Optional[Sequence[str]] = None,
-                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def model_config(
+    model: nn.Module, label_names: Sequence[str] | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ``config.json`` of ``model``; ``extra`` (run, step, image_size, ...) goes under ``ssl_hybrid``."""
     extra = dict(extra or {})
     args = model_args(model)
     if label_names is not None and len(label_names) != args["num_classes"]:
         raise ValueError(f"{len(label_names)} label names for a model with {args['num_classes']} classes")
     config: dict[str, Any] = {
-        "architecture": _model_name(model), "num_classes": args["num_classes"],
+        "architecture": _model_name(model),
+        "num_classes": args["num_classes"],
         "num_features": int(getattr(model, "num_features", 0)),
         "head_hidden_size": int(getattr(model, "head_hidden_size", getattr(model, "num_features", 0))),
         "model_args": args,
@@ -151,36 +181,66 @@ def model_config(model: nn.Module, label_names: Optional[Sequence[str]] = None,
     return config
 
 
-def model_card(config: dict[str, Any], evaluation: Optional[str] = None) -> str:
+def model_card(config: dict[str, Any], evaluation: str | None = None) -> str:
     """README.md: Hub metadata (YAML front matter) and what the model is, how it was made, how to load it."""
     record = config.get(RECORD_KEY, {})
     classifier = bool(config.get("label_names"))
     task = "image-classification" if classifier else "image-feature-extraction"
     tags = ["timm", "ssl_hybrid", task] + ([] if classifier else ["self-supervised"])
-    front = ["---", "library_name: timm", f"license: {config['pretrained_cfg'].get('license', 'other')}",
-             f"pipeline_tag: {task}", "tags:", *[f"- {tag}" for tag in tags], "---", ""]
+    front = [
+        "---",
+        "library_name: timm",
+        f"license: {config['pretrained_cfg'].get('license', 'other')}",
+        f"pipeline_tag: {task}",
+        "tags:",
+        *[f"- {tag}" for tag in tags],
+        "---",
+        "",
+    ]
     size = config["pretrained_cfg"]["input_size"]
     what = f"classifier over {config['num_classes']} classes" if classifier else "self-supervised backbone"
-    lines = [f"# {record.get('run') or config['architecture']}", "",
-             f"`{config['architecture']}` {what}, trained with ssl_hybrid at {size[1]}x{size[2]} px.", ""]
+    lines = [
+        f"# {record.get('run') or config['architecture']}",
+        "",
+        f"`{config['architecture']}` {what}, trained with ssl_hybrid at {size[1]}x{size[2]} px.",
+        "",
+    ]
     lines += _card_training(record)
     if evaluation:
         lines += ["## Evaluation", "", evaluation.strip(), ""]
     pooled = config.get("global_pool") == "multiscale"
-    lines += ["## Use", "", "```python", "import timm", "import ssl_hybrid.models  # registers the architecture",
-              "", 'model = timm.create_model("local-dir:<this folder>", pretrained=True).eval()',
-              "cfg = timm.data.resolve_data_config({}, model=model)",
-              "transform = timm.data.create_transform(**cfg)",
-              "out = model(transform(image).unsqueeze(0))  # "
-              + ("class logits" if classifier else "the embedding the evaluators scored"),
-              "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "import timm",
+        "import ssl_hybrid.models  # registers the architecture",
+        "",
+        'model = timm.create_model("local-dir:<this folder>", pretrained=True).eval()',
+        "cfg = timm.data.resolve_data_config({}, model=model)",
+        "transform = timm.data.create_transform(**cfg)",
+        "out = model(transform(image).unsqueeze(0))  # "
+        + ("class logits" if classifier else "the embedding the evaluators scored"),
+        "```",
+        "",
+    ]
     if record.get("scored_pooling") == "multiscale" and not pooled:
-        lines += [("The evaluators scored the multi-scale embedding, `ssl_hybrid.models.pooling.multiscale_embed("
-                   "model, x)`; `model(x)` is timm's own pooling of this architecture."), ""]
+        lines += [
+            (
+                "The evaluators scored the multi-scale embedding, `ssl_hybrid.models.pooling.multiscale_embed("
+                "model, x)`; `model(x)` is timm's own pooling of this architecture."
+            ),
+            "",
+        ]
     if pooled:
-        lines += [("`global_pool` is `multiscale`: `model(x)` and `forward_head(..., pre_logits=True)` return the "
-                   "multi-scale embedding (every stage's average, class token and patch mean, each L2-normalized). "
-                   "Pass `global_pool=\"token_avg\"` for the plain token pooling."), ""]
+        lines += [
+            (
+                "`global_pool` is `multiscale`: `model(x)` and `forward_head(..., pre_logits=True)` return the "
+                "multi-scale embedding (every stage's average, class token and patch mean, each L2-normalized). "
+                'Pass `global_pool="token_avg"` for the plain token pooling.'
+            ),
+            "",
+        ]
     return "\n".join(front + lines)
 
 
@@ -213,9 +273,15 @@ def public_source(spec: str) -> str:
     return path.name if path.is_absolute() else spec
 
 
-def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,
-                      label_names: Optional[Sequence[str]] = None, extra: Optional[dict[str, Any]] = None,
-                      force: bool = False, evaluation: Optional[str] = None) -> Path:
+def save_model_folder(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    label_names: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+    evaluation: str | None = None,
+) -> Path:
     """Write ``model`` as a model folder (``model.safetensors`` + ``config.json`` + ``README.md``).
 
     Written into a temp folder beside ``directory`` and renamed when every file is on disk, so a crash or a
@@ -225,8 +291,10 @@ def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,
     """
     directory = Path(directory)
     if directory.exists() and not force:
-        raise ModelFolderError(f"{directory}: already exists; pass --force to replace it "
-                               "(the new folder is complete before the old one is removed)")
+        raise ModelFolderError(
+            f"{directory}: already exists; pass --force to replace it "
+            "(the new folder is complete before the old one is removed)"
+        )
     config = model_config(model, label_names, extra)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -247,12 +315,13 @@ def save_model_folder(model: nn.Module, directory: Union[str, os.PathLike], *,
             raise
         # a full disk or a file-size limit surfaces as whatever the writer raises (SafetensorError, OSError)
         why = " ".join(str(err).split()) or type(err).__name__
-        raise ModelFolderError(f"{directory}: could not write the model folder ({why}); "
-                               f"nothing was replaced: free space and export again") from None
+        raise ModelFolderError(
+            f"{directory}: could not write the model folder ({why}); nothing was replaced: free space and export again"
+        ) from None
     return directory
 
 
-def write_model_card(folder: Union[str, os.PathLike], evaluation: Optional[str]) -> Path:
+def write_model_card(folder: str | os.PathLike, evaluation: str | None) -> Path:
     """Rewrite the folder's model card from its config.json with ``evaluation`` (temp file + rename)."""
     folder = Path(folder)
     card = model_card(read_model_config(folder), evaluation)
@@ -262,7 +331,9 @@ def write_model_card(folder: Union[str, os.PathLike], evaluation: Optional[str])
         os.replace(tmp, folder / CARD_NAME)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise ModelFolderError(f"{folder / CARD_NAME}: could not write the model card ({err.strerror or err})") from None
+        raise ModelFolderError(
+            f"{folder / CARD_NAME}: could not write the model card ({err.strerror or err})"
+        ) from None
     return folder / CARD_NAME
 
 
@@ -274,16 +345,18 @@ def _swap_in(tmp: Path, final: Path) -> None:
     replace_dir(tmp, final)
 
 
-def is_model_folder(path: Union[str, os.PathLike]) -> bool:
+def is_model_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG_NAME).is_file() and (Path(path) / MODEL_WEIGHTS_NAME).is_file()
 
 
-def read_model_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_model_config(folder: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model folder, checked: one line naming the folder and key when it is not one."""
     folder = Path(folder)
     if (folder / LEGACY_WEIGHTS_NAME).exists() or (folder / META_NAME).exists() and not (folder / CONFIG_NAME).exists():
-        raise BackboneLoadError(f"{folder}: an export in the old format ({LEGACY_WEIGHTS_NAME} + {META_NAME}); "
-                                f"re-export the run as a model folder: ssl-hybrid export <run directory>")
+        raise BackboneLoadError(
+            f"{folder}: an export in the old format ({LEGACY_WEIGHTS_NAME} + {META_NAME}); "
+            f"re-export the run as a model folder: ssl-hybrid export <run directory>"
+        )
     if not is_model_folder(folder):
         raise BackboneLoadError(f"{folder}: not a model folder (expected {MODEL_WEIGHTS_NAME} + {CONFIG_NAME})")
     try:
@@ -303,8 +376,9 @@ def read_model_config(folder: Union[str, os.PathLike]) -> dict[str, Any]:
     return config
 
 
-def build_from_folder(folder: Union[str, os.PathLike], config: dict[str, Any], *, ignore_unexpected: bool = False,
-                      **override_kwargs: Any) -> tuple[nn.Module, list[str]]:
+def build_from_folder(
+    folder: str | os.PathLike, config: dict[str, Any], *, ignore_unexpected: bool = False, **override_kwargs: Any
+) -> tuple[nn.Module, list[str]]:
     """The folder's model from ``config`` (``model_args``, ``override_kwargs`` on top), weights loaded
     strictly; returns it in eval mode and the unexpected (ignored) keys."""
     weights = Path(folder) / MODEL_WEIGHTS_NAME
@@ -313,18 +387,23 @@ def build_from_folder(folder: Union[str, os.PathLike], config: dict[str, Any], *
     # rebuilt with another class count (features only: 0): the saved classifier is not part of the model
     other_head = override_kwargs.get("num_classes", args.get("num_classes")) != args.get("num_classes")
     classifier = (config.get("pretrained_cfg") or {}).get("classifier") if other_head else None
-    return rebuild(weights, meta, ignore_unexpected=ignore_unexpected, drop=f"{classifier}." if classifier else None,
-                   **override_kwargs)
+    return rebuild(
+        weights,
+        meta,
+        ignore_unexpected=ignore_unexpected,
+        drop=f"{classifier}." if classifier else None,
+        **override_kwargs,
+    )
 
 
-def load_model(folder: Union[str, os.PathLike]) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(folder: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
     """The model exactly as saved (its classifier head when it has one), in eval mode, and its config.json."""
     folder = _folder_of(folder)
     config = read_model_config(folder)
     return build_from_folder(folder, config)[0], config
 
 
-def _folder_of(path: Union[str, os.PathLike]) -> Path:
+def _folder_of(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_file() and path.name in (MODEL_WEIGHTS_NAME, CONFIG_NAME):
         return path.parent
@@ -335,7 +414,8 @@ def _folder_of(path: Union[str, os.PathLike]) -> Path:
 
 # ------------------------------------------------------------------------------------------- reading
 
-def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[str, Any]:
+
+def upgrade_meta(meta: dict[str, Any], where: str | os.PathLike) -> dict[str, Any]:
     """``meta`` in the current layout; raises when no model is named, or when the name or the factory kwargs
     are not what a file may set (:func:`ssl_hybrid.models.factory.check_factory_args`).
 
@@ -349,8 +429,10 @@ def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[s
         meta["model_name"] = meta.pop("model")
         meta["factory_kwargs"] = {"num_classes": 0, **size, **(meta.pop("kwargs", None) or {})}
     if not meta.get("model_name"):
-        raise BackboneLoadError(f"{where}: no 'model_name' key naming the timm model; "
-                                "write one with {\"model_name\": \"<timm name>\", \"image_size\": <px>}")
+        raise BackboneLoadError(
+            f"{where}: no 'model_name' key naming the timm model; "
+            'write one with {"model_name": "<timm name>", "image_size": <px>}'
+        )
     meta["factory_kwargs"] = dict(meta.get("factory_kwargs") or {})
     try:
         check_factory_args(meta["model_name"], meta["factory_kwargs"], str(where))  # a file is data, never code
@@ -359,7 +441,7 @@ def upgrade_meta(meta: dict[str, Any], where: Union[str, os.PathLike]) -> dict[s
     return meta
 
 
-def read_meta_file(meta_path: Union[str, os.PathLike]) -> dict[str, Any]:
+def read_meta_file(meta_path: str | os.PathLike) -> dict[str, Any]:
     """One ``backbone.json``, old key names upgraded."""
     meta_path = Path(meta_path)
     if not meta_path.is_file():
@@ -375,7 +457,7 @@ def read_meta_file(meta_path: Union[str, os.PathLike]) -> dict[str, Any]:
     return upgrade_meta(meta, meta_path)
 
 
-def read_meta(path_or_dir: Union[str, os.PathLike]) -> tuple[Path, dict[str, Any]]:
+def read_meta(path_or_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Resolve ``(weights_path, meta)`` from a directory, the .safetensors or the .json path."""
     path = Path(path_or_dir)
     if not path.exists():
@@ -389,8 +471,14 @@ def read_meta(path_or_dir: Union[str, os.PathLike]) -> tuple[Path, dict[str, Any
     return weights_path, read_meta_file(directory / META_NAME)
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: Union[str, os.PathLike], *,
-                      ignore_unexpected: bool = False, error: type[UserError] = BackboneLoadError) -> list[str]:
+def load_state_strict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    where: str | os.PathLike,
+    *,
+    ignore_unexpected: bool = False,
+    error: type[UserError] = BackboneLoadError,
+) -> list[str]:
     """Load ``state`` into ``model``: every key present, every shape equal, else ``error`` naming the keys.
 
     ``ignore_unexpected``: keys the model does not have (e.g. a head saved alongside) are logged and
@@ -399,13 +487,22 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], where: U
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in set(own) & set(state) if state[k].shape != own[k].shape)
-    problems = (("missing keys", missing), ("unexpected keys", [] if ignore_unexpected else unexpected),
-                ("shape mismatches", mismatched))
+    mismatched = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    problems = (
+        ("missing keys", missing),
+        ("unexpected keys", [] if ignore_unexpected else unexpected),
+        ("shape mismatches", mismatched),
+    )
     if any(keys for _, keys in problems):
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-                 for label, keys in problems if keys]
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in problems
+            if keys
+        ]
         raise error(f"{where}: weights do not fit {type(model).__name__}: " + "; ".join(parts))
     if unexpected:
         log.warning("%s: %d unexpected keys ignored (e.g. %s)", where, len(unexpected), ", ".join(unexpected[:3]))
@@ -419,12 +516,19 @@ def _read_weights(weights_path: Path, prefix: str) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError) as err:
         raise BackboneLoadError(f"{weights_path}: unreadable safetensors file ({err})") from None
     if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state
 
 
-def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignore_unexpected: bool = False,
-            drop: Optional[str] = None, **override_kwargs: Any) -> tuple[nn.Module, list[str]]:
+def rebuild(
+    weights_path: Path,
+    meta: dict[str, Any],
+    *,
+    prefix: str = "",
+    ignore_unexpected: bool = False,
+    drop: str | None = None,
+    **override_kwargs: Any,
+) -> tuple[nn.Module, list[str]]:
     """Build ``meta``'s model (its factory kwargs, ``override_kwargs`` on top) and load the weights strictly.
 
     ``prefix``: use only the weights under it (``CHECKPOINT_BACKBONE_PREFIX`` for a trainer checkpoint);
@@ -438,8 +542,9 @@ def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignor
     try:
         model = create_model_from_file_args(meta["model_name"], image_size, kwargs, str(weights_path))
     except (RuntimeError, TypeError, ValueError) as err:
-        raise BackboneLoadError(f"{weights_path}: cannot build {meta['model_name']} with "
-                                f"{dict(kwargs, img_size=image_size)}: {err}") from err
+        raise BackboneLoadError(
+            f"{weights_path}: cannot build {meta['model_name']} with {dict(kwargs, img_size=image_size)}: {err}"
+        ) from err
     state = _read_weights(weights_path, prefix)
     if drop:
         state = {k: v for k, v in state.items() if not k.startswith(drop)}
@@ -450,7 +555,7 @@ def rebuild(weights_path: Path, meta: dict[str, Any], *, prefix: str = "", ignor
     return model.eval(), unexpected
 
 
-def load_backbone(path_or_dir: Union[str, os.PathLike], **override_kwargs: Any) -> nn.Module:
+def load_backbone(path_or_dir: str | os.PathLike, **override_kwargs: Any) -> nn.Module:
     """The features of a saved model: a model folder rebuilt without its classifier (``num_classes=0``),
     its pooling as saved; an old ``backbone.safetensors`` + ``backbone.json`` export as it was saved.
 

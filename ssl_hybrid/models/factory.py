@@ -6,7 +6,8 @@ from __future__ import annotations
 import functools
 import inspect
 import re
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import timm
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 from ssl_hybrid.errors import UserError
 
 
-def create_model(name: str, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+def create_model(name: str, image_size: int | None = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=False, img_size=image_size, **kwargs)``.
 
     Never downloads weights. ``img_size`` is passed only to models that take it (ViTs, ``hybrid_*``):
@@ -27,8 +28,10 @@ def create_model(name: str, image_size: Optional[int] = None, **kwargs: Any) -> 
     kwargs = {k: v for k, v in kwargs.items() if k != "pretrained"}
     if image_size is not None:
         try:
-            return _recorded(timm.create_model(name, pretrained=False, img_size=image_size, **kwargs),
-                             dict(kwargs, img_size=image_size))
+            return _recorded(
+                timm.create_model(name, pretrained=False, img_size=image_size, **kwargs),
+                dict(kwargs, img_size=image_size),
+            )
         except TypeError as err:
             if "img_size" not in str(err):
                 raise
@@ -41,12 +44,13 @@ def _recorded(model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def create_backbone(name: str, image_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+def create_backbone(name: str, image_size: int | None = None, **kwargs: Any) -> nn.Module:
     """``create_model`` without a classifier (``num_classes=0``) unless ``kwargs`` asks for one."""
     return create_model(name, image_size, **{"num_classes": 0, **kwargs})
 
 
 # ------------------------------------------------------------------------------- models named by files
+
 
 class ModelArgsError(UserError):
     """A model name or factory argument read from a file that this tool does not build from a file."""
@@ -58,10 +62,11 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?")
 # Never accepted from a file, even if a model class took them: what timm's factory and builder consume
 # themselves (checkpoint_path makes timm torch.load a file; pretrained_cfg* point it at other weights).
 _LOADER_ARGS = frozenset(inspect.signature(timm.create_model).parameters) | frozenset(
-    inspect.signature(build_model_with_cfg).parameters)
+    inspect.signature(build_model_with_cfg).parameters
+)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def factory_arguments(name: str) -> frozenset[str]:
     """The constructor arguments of the model class ``name`` builds: what a model family defines.
 
@@ -84,17 +89,20 @@ def check_factory_args(name: Any, kwargs: Mapping[str, Any], source: str) -> Non
     one of its class's own (``checkpoint_path``, ``pretrained_cfg*``, ``cache_dir``... read other files).
     ``img_size`` and ``pretrained`` are handled by :func:`create_model` and always allowed."""
     if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or not timm.is_model(name):
-        raise ModelArgsError(f"{source}: model name {name!r} is not a registered timm model name (a file may not "
-                             "name a source such as hf-hub:, local-dir: or timm/)")
+        raise ModelArgsError(
+            f"{source}: model name {name!r} is not a registered timm model name (a file may not "
+            "name a source such as hf-hub:, local-dir: or timm/)"
+        )
     given = set(kwargs) - {"img_size", "pretrained"}
     refused = sorted(given & _LOADER_ARGS) or sorted(given - factory_arguments(name))
     if refused:
-        raise ModelArgsError(f"{source}: factory argument{'s' if len(refused) > 1 else ''} {', '.join(refused)} "
-                             f"not accepted for {name} (a file may only set the model class's own arguments)")
+        raise ModelArgsError(
+            f"{source}: factory argument{'s' if len(refused) > 1 else ''} {', '.join(refused)} "
+            f"not accepted for {name} (a file may only set the model class's own arguments)"
+        )
 
 
-def create_model_from_file_args(name: str, image_size: Optional[int], kwargs: Mapping[str, Any],
-                                source: str) -> nn.Module:
+def create_model_from_file_args(name: str, image_size: int | None, kwargs: Mapping[str, Any], source: str) -> nn.Module:
     """:func:`create_model` for a name and kwargs read from ``source`` (a file): checked first."""
     check_factory_args(name, kwargs, source)
     return create_model(name, image_size, **kwargs)

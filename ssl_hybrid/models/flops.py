@@ -13,15 +13,29 @@ gradient does exactly the forward conv's multiply-adds.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 
-def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
-                       _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+def conv_backward_flop(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
     """FLOPs of ``aten.convolution_backward`` with grouped convs counted correctly."""
     flops = 0
     if output_mask[0]:  # grad_input: a transposed conv of grad_out with the same (grouped) weight
@@ -47,9 +61,9 @@ def _first_tensor_sum(output: Any) -> torch.Tensor:
 
 def count_flops(
     model: nn.Module,
-    example: Union[torch.Tensor, Sequence[int]],
+    example: torch.Tensor | Sequence[int],
     train_step: bool = False,
-    forward_fn: Optional[Callable[[nn.Module, torch.Tensor], Any]] = None,
+    forward_fn: Callable[[nn.Module, torch.Tensor], Any] | None = None,
 ) -> float:
     """FLOPs of one forward (``train_step=False``, under no_grad) or forward + backward.
 

@@ -25,20 +25,26 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ssl_hybrid.models.attention import ATTN_MODES, Attention, TokenLayout, attention_allowed
-from ssl_hybrid.models.contract import (EVAL_CROP_PCT, PATCH_SIZE, TokenBackboneMixin, check_global_pool,
-                                        multiscale_pool, token_grid)
+from ssl_hybrid.models.contract import (
+    EVAL_CROP_PCT,
+    PATCH_SIZE,
+    TokenBackboneMixin,
+    check_global_pool,
+    multiscale_pool,
+    token_grid,
+)
 from ssl_hybrid.models.masking import check_mask, upsample_mask, visible_indices
 from ssl_hybrid.models.token_select import TokenSelectConfig, default_select_blocks, select_tokens
 
@@ -64,8 +70,14 @@ class ConvBlock(nn.Module):
     other position of the output is zero: masked convolution without computing the hidden 75%.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 7, mlp_ratio: float = 4.0,
-                 ls_init_value: Optional[float] = 1e-6, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 7,
+        mlp_ratio: float = 4.0,
+        ls_init_value: float | None = 1e-6,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.conv_dw = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -73,7 +85,7 @@ class ConvBlock(nn.Module):
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         B, H, W, C = x.shape
         mixed = self.conv_dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, H * W, C)  # [B, HW, C]
         shortcut = x.reshape(B, H * W, C)
@@ -81,7 +93,8 @@ class ConvBlock(nn.Module):
             out = shortcut + self.drop_path(self.ls(self.mlp(self.norm(mixed))))
         else:
             out_visible = gather_rows(shortcut, visible) + self.drop_path(
-                self.ls(self.mlp(self.norm(gather_rows(mixed, visible)))))  # [B, M, C]
+                self.ls(self.mlp(self.norm(gather_rows(mixed, visible))))
+            )  # [B, M, C]
             out = shortcut.new_zeros(B, H * W, C).scatter(1, visible[..., None].expand(-1, -1, C), out_visible)
         return out.reshape(B, H, W, C)
 
@@ -101,13 +114,33 @@ class Downsample(nn.Module):
 class Block(nn.Module):
     """Pre-norm ViT block; optionally selects tokens between attention and MLP (as EViT does)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, *,
-                 attn_mode: str, window_size: int, attn_topk: int, ls_init_value: Optional[float] = None):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        *,
+        attn_mode: str,
+        window_size: int,
+        attn_topk: int,
+        ls_init_value: float | None = None,
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_mode=attn_mode, window_size=window_size,
-                              topk=attn_topk, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(
+            dim,
+            num_heads,
+            qkv_bias=qkv_bias,
+            attn_mode=attn_mode,
+            window_size=window_size,
+            topk=attn_topk,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+        )
         self.ls1 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -115,8 +148,13 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, ls_init_value) if ls_init_value else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, layout: TokenLayout, allowed: Optional[torch.Tensor] = None,
-                select: Optional[TokenSelectConfig] = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        layout: TokenLayout,
+        allowed: torch.Tensor | None = None,
+        select: TokenSelectConfig | None = None,
+    ):
         """Return ``(x, layout, kept)``; ``kept [B]`` is None unless ``select`` is given."""
         attn_out, cls_attn = self.attn(self.norm1(x), layout, need_cls_attn=select is not None, allowed=allowed)
         x = x + self.drop_path1(self.ls1(attn_out))
@@ -132,7 +170,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Sequence[int]] = 224,
+        img_size: int | Sequence[int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "token_avg",
@@ -152,8 +190,8 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         window_size: int = 7,
         attn_topk: int = 49,
         token_keep_rate: float = 1.0,
-        token_keep_share: Optional[float] = None,
-        token_select_blocks: Optional[Sequence[int]] = None,
+        token_keep_share: float | None = None,
+        token_select_blocks: Sequence[int] | None = None,
         token_min_keep: int = 1,
     ):
         super().__init__()
@@ -179,27 +217,42 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self.token_select_blocks = default_select_blocks(depth)
         self.set_token_selection(token_keep_rate, token_keep_share, token_select_blocks, token_min_keep)
         # reported after each forward_features: patch tokens kept per image [B], and the padding mask
-        self.last_tokens_kept: Optional[torch.Tensor] = None
-        self.last_token_mask: Optional[torch.Tensor] = None
+        self.last_tokens_kept: torch.Tensor | None = None
+        self.last_token_mask: torch.Tensor | None = None
 
         num_blocks = sum(conv_depths) + depth
         rates = torch.linspace(0, drop_path_rate, num_blocks, device="cpu").tolist()  # stochastic depth decay rule
         self.stem_conv = nn.Conv2d(in_chans, c4, kernel_size=4, stride=4)
         self.stem_norm = nn.LayerNorm(c4, eps=1e-6)
-        self.stage1 = nn.ModuleList([ConvBlock(c4, conv_kernel_size, conv_mlp_ratio, drop_path=rates.pop(0))
-                                     for _ in range(conv_depths[0])])
+        self.stage1 = nn.ModuleList(
+            [ConvBlock(c4, conv_kernel_size, conv_mlp_ratio, drop_path=rates.pop(0)) for _ in range(conv_depths[0])]
+        )
         self.down8 = Downsample(c4, c8)
-        self.stage2 = nn.ModuleList([ConvBlock(c8, conv_kernel_size, conv_mlp_ratio, drop_path=rates.pop(0))
-                                     for _ in range(conv_depths[1])])
+        self.stage2 = nn.ModuleList(
+            [ConvBlock(c8, conv_kernel_size, conv_mlp_ratio, drop_path=rates.pop(0)) for _ in range(conv_depths[1])]
+        )
         # stride 8 -> 16 as a linear map of 2x2 cells, so it can run on visible patches only
         self.patch_norm = nn.LayerNorm(c8, eps=1e-6)
         self.patch_embed = nn.Linear(4 * c8, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=rates.pop(0), attn_mode=attn_mode, window_size=window_size, attn_topk=attn_topk)
-            for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates.pop(0),
+                    attn_mode=attn_mode,
+                    window_size=window_size,
+                    attn_topk=attn_topk,
+                )
+                for _ in range(depth)
+            ]
+        )
         # ConvMAE's multi-scale fusion: 4x4 stride-4 cells and 2x2 stride-8 cells -> one stride-16 token
         self.fuse4 = nn.Linear(16 * c4, embed_dim)
         self.fuse8 = nn.Linear(4 * c8, embed_dim)
@@ -207,8 +260,10 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.feature_info = [dict(num_chs=c4, reduction=4, module="stage1"),
-                             dict(num_chs=c8, reduction=8, module="stage2")]
+        self.feature_info = [
+            dict(num_chs=c4, reduction=4, module="stage1"),
+            dict(num_chs=c8, reduction=8, module="stage2"),
+        ]
         self.feature_info += [dict(num_chs=embed_dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
         self._init_weights()
 
@@ -231,7 +286,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         )
 
     # ---------------------------------------------------------------- runtime switches (same weights)
-    def set_attention(self, attn_mode: str, window_size: Optional[int] = None, topk: Optional[int] = None) -> None:
+    def set_attention(self, attn_mode: str, window_size: int | None = None, topk: int | None = None) -> None:
         """Switch every block's attention pattern; weights are unchanged (compare modes on one model)."""
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
@@ -242,8 +297,13 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             block.attn.window_size = self.window_size
             block.attn.topk = topk or block.attn.topk
 
-    def set_token_selection(self, keep_rate: float = 1.0, keep_share: Optional[float] = None,
-                            blocks: Optional[Sequence[int]] = None, min_keep: int = 1) -> None:
+    def set_token_selection(
+        self,
+        keep_rate: float = 1.0,
+        keep_share: float | None = None,
+        blocks: Sequence[int] | None = None,
+        min_keep: int = 1,
+    ) -> None:
         """Turn token selection on/off for forward_features (keep_rate=1, keep_share=None = off)."""
         self.token_select = TokenSelectConfig(keep_rate, keep_share, min_keep)
         if blocks is not None:
@@ -257,7 +317,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def forward_conv(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_conv(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Image ``[B, 3, H, W]`` -> (stride-4 ``[B, H/4, W/4, C4]``, stride-8 ``[B, H/8, W/8, C8]``), channels-last.
 
         With ``mask [B, H/16, W/16]`` (True = hidden), hidden positions are zero after the stem,
@@ -288,11 +348,12 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         Positions -1 (the token fusing dropped tokens) get zeros: they have no single location.
         """
         index = pos.clamp_min(0)
-        fused = self.fuse4(gather_rows(patchify_nhwc(s4, 4), index)) \
-            + self.fuse8(gather_rows(patchify_nhwc(s8, 2), index))  # [B, M, D]
+        fused = self.fuse4(gather_rows(patchify_nhwc(s4, 4), index)) + self.fuse8(
+            gather_rows(patchify_nhwc(s8, 2), index)
+        )  # [B, M, D]
         return fused * (pos >= 0)[..., None].to(fused.dtype)
 
-    def _patch_tokens(self, s8: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+    def _patch_tokens(self, s8: torch.Tensor, grid: tuple[int, int], ids_keep: torch.Tensor | None) -> torch.Tensor:
         """Stride-8 map -> ``[B, 1+N(visible), D]`` tokens with position embedding and class token first."""
         B = s8.shape[0]
         cells = patchify_nhwc(self.patch_norm(s8), 2)  # [B, N, 4*C8]
@@ -315,7 +376,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             kept = block_kept if block_kept is not None else kept
         return x, layout, kept
 
-    def _encode(self, x: torch.Tensor, mask: Optional[torch.Tensor], select: bool):
+    def _encode(self, x: torch.Tensor, mask: torch.Tensor | None, select: bool):
         """Shared body of forward_features / forward_masked; returns pre-norm tokens, fusion, layout, maps."""
         B = x.shape[0]
         grid = token_grid(x)
@@ -325,8 +386,9 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             ids_keep, _ = visible_indices(mask.flatten(1))
         s4, s8 = self.forward_conv(x, mask)
         tokens = self._patch_tokens(s8, grid, ids_keep)
-        layout = TokenLayout.for_grid(B, grid, x.device) if ids_keep is None \
-            else TokenLayout.for_visible(ids_keep, grid)
+        layout = (
+            TokenLayout.for_grid(B, grid, x.device) if ids_keep is None else TokenLayout.for_visible(ids_keep, grid)
+        )
         tokens, layout, kept = self.forward_blocks(tokens, layout, select=select)
         fusion = self.fusion_tokens(s4, s8, layout.pos[:, 1:])  # [B, T-1, D]
         return tokens, fusion, layout, kept, (s4, s8)
@@ -348,7 +410,8 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         if select and tracing:
             raise torch.fx.proxy.TraceError(
                 "token selection keeps a data-dependent number of tokens, which FX cannot trace; trace the "
-                "model with model.set_token_selection(1.0) (same weights), then switch it back on")
+                "model with model.set_token_selection(1.0) (same weights), then switch it back on"
+            )
         tokens, fusion, layout, kept, stages = self._encode(x, None, select)
         self._keep_stage_means(list(stages), channels_last=True)
         out = self.norm(self._add_fusion(tokens, fusion))
@@ -357,11 +420,14 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         if tracing:  # a graph has no side channel: keep the last eager statistics, not Proxies
             return out
         self.last_token_mask = layout.valid
-        self.last_tokens_kept = kept if kept is not None else torch.full(
-            (x.shape[0],), layout.pos.shape[1] - 1, dtype=torch.long, device=x.device)
+        self.last_tokens_kept = (
+            kept
+            if kept is not None
+            else torch.full((x.shape[0],), layout.pos.shape[1] - 1, dtype=torch.long, device=x.device)
+        )
         return out
 
-    def pool(self, x: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def pool(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, 1+N, C]`` -> ``[B, C]``: class token, mean of patch tokens, or (default) their average."""
         if self.global_pool == "":
             return x
@@ -375,8 +441,9 @@ class HybridViT(TokenBackboneMixin, nn.Module):
             mean = (patches * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
         return mean if self.global_pool == "avg" else 0.5 * (x[:, 0] + mean)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False,
-                     token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward_head(
+        self, x: torch.Tensor, pre_logits: bool = False, token_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Pooled ``[B, C]`` (pre_logits) or logits. Padding from token selection is excluded using
         ``token_mask`` or, when not given, the mask of the last forward_features if shapes match."""
         if self.global_pool == "multiscale":
@@ -427,7 +494,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
@@ -449,7 +516,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         tokens = self._patch_tokens(s8, grid, None)
         layout = TokenLayout.for_grid(B, grid, x.device)
         allowed = attention_allowed(layout, self.attn_mode, self.window_size)
-        blocks = self.blocks[:max(max_index - 1, 0)] if stop_early else self.blocks
+        blocks = self.blocks[: max(max_index - 1, 0)] if stop_early else self.blocks
         for index, block in enumerate(blocks):
             tokens, _, _ = self._run(block, tokens, layout, allowed, None)
             if index + 2 in take_indices:
@@ -470,6 +537,7 @@ class HybridViT(TokenBackboneMixin, nn.Module):
 
 # -------------------------------------------------------------------- timm registration
 
+
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HybridViT) -> dict[str, torch.Tensor]:
     """Adapt a saved state dict to ``model``: resample the position embedding to the model's grid."""
     state_dict = dict(state_dict)
@@ -480,33 +548,59 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: HybridViT) 
         old_grid = [old, old] if old * old == pos.shape[1] else None
         if old_grid is None:
             raise ValueError(f"cannot resample non-square pos_embed of {pos.shape[1]} positions")
-        state_dict["pos_embed"] = resample_abs_pos_embed(pos, new_size=list(model.patch_grid), old_size=old_grid,
-                                                         num_prefix_tokens=0)
+        state_dict["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.patch_grid), old_size=old_grid, num_prefix_tokens=0
+        )
     return state_dict
 
 
 def _cfg(**kwargs) -> dict[str, Any]:
-    return dict(url="", num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=EVAL_CROP_PCT,
-                interpolation="bicubic", fixed_input_size=False, mean=IMAGENET_DEFAULT_MEAN,
-                std=IMAGENET_DEFAULT_STD, first_conv="stem_conv", classifier="head", **kwargs)
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=None,
+        crop_pct=EVAL_CROP_PCT,
+        interpolation="bicubic",
+        fixed_input_size=False,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="stem_conv",
+        classifier="head",
+        **kwargs,
+    )
 
 
-default_cfgs = generate_default_cfgs({
-    "hybrid_nano": _cfg(),
-    "hybrid_tiny": _cfg(),
-    "hybrid_small": _cfg(),
-    "hybrid_base": _cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "hybrid_nano": _cfg(),
+        "hybrid_tiny": _cfg(),
+        "hybrid_small": _cfg(),
+        "hybrid_base": _cfg(),
+    }
+)
 
 # timm/builder plumbing that is not a model argument (kept out of the exported factory kwargs)
-_BUILDER_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "out_indices",
-                   "feature_cls", "feature_cfg", "pretrained_strict", "checkpoint_path", "pretrained_model_args"}
+_BUILDER_KWARGS = {
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+    "cache_dir",
+    "features_only",
+    "out_indices",
+    "feature_cls",
+    "feature_cfg",
+    "pretrained_strict",
+    "checkpoint_path",
+    "pretrained_model_args",
+}
 
 
 def _create_hybrid(variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs) -> HybridViT:
     factory_kwargs = {k: v for k, v in kwargs.items() if k not in _BUILDER_KWARGS}
     model = build_model_with_cfg(
-        HybridViT, variant, pretrained,
+        HybridViT,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, -1)),
         **dict(model_args, **kwargs),

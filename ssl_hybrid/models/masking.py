@@ -7,8 +7,6 @@ Every image in a batch hides the same number of patches, so visible tokens stack
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
@@ -17,8 +15,8 @@ def random_grid_mask(
     grid_h: int,
     grid_w: int,
     mask_ratio: float,
-    generator: Optional[torch.Generator] = None,
-    device: Optional[torch.device] = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Uniform random mask hiding exactly ``round(mask_ratio * grid_h * grid_w)`` patches per image.
 
@@ -46,13 +44,17 @@ def check_mask(mask: torch.Tensor, batch_size: int, grid_h: int, grid_w: int) ->
     if mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor (True = hidden), got dtype {mask.dtype}")
     if tuple(mask.shape) != (batch_size, grid_h, grid_w):
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match the patch grid "
-                         f"(batch {batch_size}, {grid_h}x{grid_w} patches of 16 px)")
+        raise ValueError(
+            f"mask shape {tuple(mask.shape)} does not match the patch grid "
+            f"(batch {batch_size}, {grid_h}x{grid_w} patches of 16 px)"
+        )
     hidden_per_image = mask.flatten(1).sum(dim=1)  # [B]
     num_hidden = int(hidden_per_image[0])
     if bool((hidden_per_image != num_hidden).any()):
-        raise ValueError("every image in the batch must hide the same number of patches; got "
-                         f"{sorted(set(hidden_per_image.tolist()))} (use random_grid_mask)")
+        raise ValueError(
+            "every image in the batch must hide the same number of patches; got "
+            f"{sorted(set(hidden_per_image.tolist()))} (use random_grid_mask)"
+        )
     if num_hidden >= grid_h * grid_w:
         raise ValueError("the mask hides every patch; keep at least one visible")
     return num_hidden

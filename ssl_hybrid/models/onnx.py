@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ def output_name(model: nn.Module) -> str:
     return "logits" if getattr(model, "num_classes", 0) else "embedding"
 
 
-def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_chans: int = 3) -> Path:
+def export_onnx(model: nn.Module, path: str | Path, image_size: int, in_chans: int = 3) -> Path:
     """Write ``model``'s forward to ``path`` as ONNX (checked by ``onnx.checker``); returns ``path``.
 
     ``image_size`` is the side of the example input the graph is traced with; the graph takes any batch
@@ -40,8 +39,10 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_ch
     require_onnx()
     select = getattr(model, "token_select", None)
     if select is not None and select.enabled:
-        raise ValueError("token selection keeps a data-dependent number of tokens, which a traced graph cannot; "
-                         "export with model.set_token_selection(1.0) (same weights)")
+        raise ValueError(
+            "token selection keeps a data-dependent number of tokens, which a traced graph cannot; "
+            "export with model.set_token_selection(1.0) (same weights)"
+        )
     register_antialiased_bicubic()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -51,8 +52,17 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_ch
         with warnings.catch_warnings():
             # the size checks (multiple of 16) read traced shapes as Python values; they validate, not compute
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            onnx_export(model, str(tmp), example_input=example, dynamic_size=True, use_dynamo=False,
-                        input_names=[INPUT_NAME], output_names=[output_name(model)], opset=OPSET, check=True)
+            onnx_export(
+                model,
+                str(tmp),
+                example_input=example,
+                dynamic_size=True,
+                use_dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[output_name(model)],
+                opset=OPSET,
+                check=True,
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -60,7 +70,7 @@ def export_onnx(model: nn.Module, path: Union[str, Path], image_size: int, in_ch
     return path
 
 
-def export_saved_onnx(folder: Union[str, Path], name: str = "model.onnx") -> Path:
+def export_saved_onnx(folder: str | Path, name: str = "model.onnx") -> Path:
     """The model folder's model as saved (a backbone, or a fine-tuned classifier with its head) as ``name`` in
     the folder, traced at the input size its ``pretrained_cfg`` records (batch and image size stay dynamic)."""
     from ssl_hybrid.models.export import load_model
@@ -89,7 +99,17 @@ def register_antialiased_bicubic() -> None:
         sizes = g.op("Concat", batch_channels, g.op("Cast", output_size, to_i=7), axis_i=0)  # 7: INT64
         mode = "align_corners" if helper._maybe_get_const(align_corners, "b") else "half_pixel"
         none = helper._optional_input_placeholder_tensor(g)
-        return g.op("Resize", image, none, none, sizes, mode_s="cubic", cubic_coeff_a_f=-0.5, antialias_i=1,
-                    exclude_outside_i=1, coordinate_transformation_mode_s=mode)
+        return g.op(
+            "Resize",
+            image,
+            none,
+            none,
+            sizes,
+            mode_s="cubic",
+            cubic_coeff_a_f=-0.5,
+            antialias_i=1,
+            exclude_outside_i=1,
+            coordinate_transformation_mode_s=mode,
+        )
 
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", resize, OPSET)

@@ -28,16 +28,16 @@ patch mean, each L2-normalized, concatenated) that the evaluators use when a bac
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
+from torch import nn
 
 from ssl_hybrid.models.contract import PATCH_SIZE, TokenBackboneMixin, check_global_pool, multiscale_pool
 from ssl_hybrid.models.hybrid import _BUILDER_KWARGS, _cfg, checkpoint_filter_fn
@@ -52,7 +52,7 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
     zero. Without ``keep`` it is exactly ``nn.BatchNorm2d``.
     """
 
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if keep is None:
             return super().forward(x)
         if self.training or not self.track_running_stats:
@@ -88,13 +88,14 @@ class BasicBlock(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.downsample = None
         if stride != 1 or in_dim != out_dim:
-            self.downsample = nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False),
-                                            MaskedBatchNorm2d(out_dim))
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False), MaskedBatchNorm2d(out_dim)
+            )
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)  # each block starts as identity (timm's ResNet default)
 
-    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         shortcut = x
         if self.downsample is not None:
             shortcut = self.downsample[1](self.downsample[0](x), keep)
@@ -115,7 +116,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
 
     def __init__(
         self,
-        img_size: Union[int, Sequence[int]] = 224,
+        img_size: int | Sequence[int] = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
         global_pool: str = "token_avg",
@@ -138,7 +139,9 @@ class ResViT(TokenBackboneMixin, nn.Module):
             raise ValueError(f"img_size {img_size} must be a multiple of {PATCH_SIZE}")
         check_global_pool(global_pool)
         if len(conv_dims) != 3 or len(conv_depths) != 3:
-            raise ValueError(f"conv_dims and conv_depths need 3 stages (strides 4/8/16), got {conv_dims}, {conv_depths}")
+            raise ValueError(
+                f"conv_dims and conv_depths need 3 stages (strides 4/8/16), got {conv_dims}, {conv_depths}"
+            )
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.num_features = self.embed_dim = embed_dim
@@ -158,23 +161,39 @@ class ResViT(TokenBackboneMixin, nn.Module):
         self.stages = nn.ModuleList()
         for index, stage_depth in enumerate(conv_depths):
             stride = 1 if index == 0 else 2
-            self.stages.append(nn.ModuleList([
-                BasicBlock(dims[index] if b == 0 else dims[index + 1], dims[index + 1], stride if b == 0 else 1)
-                for b in range(stage_depth)]))
+            self.stages.append(
+                nn.ModuleList(
+                    [
+                        BasicBlock(dims[index] if b == 0 else dims[index + 1], dims[index + 1], stride if b == 0 else 1)
+                        for b in range(stage_depth)
+                    ]
+                )
+            )
         self.patch_embed = nn.Conv2d(conv_dims[2], embed_dim, 1)  # stride-16 map -> tokens, per position
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate,
-                  attn_drop=attn_drop_rate, drop_path=rates[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[i],
+                )
+                for i in range(depth)
+            ]
+        )
         self.fuse4 = nn.Linear(conv_dims[0], embed_dim) if fuse_stages else None
         self.fuse8 = nn.Linear(conv_dims[1], embed_dim) if fuse_stages else None
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
-        self.feature_info = [dict(num_chs=conv_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}") for i in range(3)]
+        self.feature_info = [dict(num_chs=conv_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(3)]
         self.feature_info += [dict(num_chs=embed_dim, reduction=16, module=f"blocks.{i}") for i in range(depth)]
         self._init_weights()
 
@@ -205,7 +224,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
         )
 
     # ---------------------------------------------------------------- stages
-    def forward_conv(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+    def forward_conv(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Image ``[B, 3, H, W]`` -> stage maps [stride 4, 8, 16] ``[B, C_i, H/s, W/s]`` (NCHW).
 
         With ``mask [B, H/16, W/16]`` (True = hidden) the hidden pixels are zeroed first and every map stays
@@ -228,7 +247,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             maps.append(x)
         return maps
 
-    def _tokens(self, s16: torch.Tensor, grid: tuple[int, int], ids_keep: Optional[torch.Tensor]) -> torch.Tensor:
+    def _tokens(self, s16: torch.Tensor, grid: tuple[int, int], ids_keep: torch.Tensor | None) -> torch.Tensor:
         """Stride-16 map -> ``[B, 1+N(visible), D]`` tokens with position embedding, class token first."""
         B = s16.shape[0]
         tokens = self.patch_embed(s16).flatten(2).transpose(1, 2) + self._pos_embed_for(grid)  # [B, N, D]
@@ -236,7 +255,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             tokens = tokens.gather(1, ids_keep[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, Nv, D]
         return torch.cat([self.cls_token.expand(B, -1, -1), tokens], dim=1)
 
-    def _fusion(self, maps: list[torch.Tensor], ids_keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _fusion(self, maps: list[torch.Tensor], ids_keep: torch.Tensor | None) -> torch.Tensor | None:
         """Stride-4/8 maps average-pooled to stride 16 and projected -> ``[B, N(visible), D]`` (None when off)."""
         if not self.fuse_stages:
             return None
@@ -252,7 +271,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
             tokens = self._run(block, tokens)
         return tokens
 
-    def _finish(self, tokens: torch.Tensor, fusion: Optional[torch.Tensor]) -> torch.Tensor:
+    def _finish(self, tokens: torch.Tensor, fusion: torch.Tensor | None) -> torch.Tensor:
         """Add the multi-scale fusion to the patch tokens, then the final norm -> ``[B, 1+N, D]``."""
         if fusion is not None:
             tokens = torch.cat([tokens[:, :1], tokens[:, 1:] + fusion], dim=1)
@@ -309,13 +328,20 @@ class ResViT(TokenBackboneMixin, nn.Module):
         ids_keep, ids_restore = visible_indices(mask_flat)
         maps = self.forward_conv(x, mask)
         tokens = self.forward_blocks(self._tokens(maps[2], grid, ids_keep))
-        return dict(tokens=self.norm(tokens), fused=self._finish(tokens, self._fusion(maps, ids_keep)),
-                    ids_keep=ids_keep, ids_restore=ids_restore, mask=mask_flat, pyramid=maps, grid=grid)
+        return dict(
+            tokens=self.norm(tokens),
+            fused=self._finish(tokens, self._fusion(maps, ids_keep)),
+            ids_keep=ids_keep,
+            ids_restore=ids_restore,
+            mask=mask_flat,
+            pyramid=maps,
+            grid=grid,
+        )
 
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, list[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
@@ -332,10 +358,11 @@ class ResViT(TokenBackboneMixin, nn.Module):
         B = x.shape[0]
         grid = self._grid_of(x)
         maps = self.forward_conv(x)
-        intermediates = [maps[i] if output_fmt == "NCHW" else maps[i].flatten(2).transpose(1, 2)
-                         for i in take_indices if i < 3]
+        intermediates = [
+            maps[i] if output_fmt == "NCHW" else maps[i].flatten(2).transpose(1, 2) for i in take_indices if i < 3
+        ]
         tokens = self._tokens(maps[2], grid, None)
-        blocks = self.blocks[:max(max_index - 2, 0)] if stop_early else self.blocks
+        blocks = self.blocks[: max(max_index - 2, 0)] if stop_early else self.blocks
         for index, block in enumerate(blocks):
             tokens = self._run(block, tokens)
             if index + 3 in take_indices:
@@ -350,13 +377,17 @@ class ResViT(TokenBackboneMixin, nn.Module):
 
 # -------------------------------------------------------------------- timm registration
 
-default_cfgs = generate_default_cfgs({name: _cfg() for name in ("resvit_nano", "resvit_tiny", "resvit_small", "resvit_base")})
+default_cfgs = generate_default_cfgs(
+    {name: _cfg() for name in ("resvit_nano", "resvit_tiny", "resvit_small", "resvit_base")}
+)
 
 
 def _create_resvit(variant: str, pretrained: bool, model_args: dict[str, Any], **kwargs) -> ResViT:
     factory_kwargs = {k: v for k, v in kwargs.items() if k not in _BUILDER_KWARGS}
     model = build_model_with_cfg(
-        ResViT, variant, pretrained,
+        ResViT,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, -1)),
         **dict(model_args, **kwargs),

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ class TokenSelectConfig:
     """``keep_rate`` < 1 enables fixed selection; ``keep_share`` (if set) enables adaptive selection."""
 
     keep_rate: float = 1.0
-    keep_share: Optional[float] = None
+    keep_share: float | None = None
     # never keep fewer than this many patch tokens per image (adaptive can otherwise collapse to 1)
     min_keep: int = 1
 
@@ -66,8 +65,9 @@ def tokens_to_keep(cls_attn: torch.Tensor, valid: torch.Tensor, config: TokenSel
     return torch.minimum(keep.clamp_min(config.min_keep), num_valid)
 
 
-def select_tokens(x: torch.Tensor, cls_attn: torch.Tensor, layout: TokenLayout,
-                  config: TokenSelectConfig) -> tuple[torch.Tensor, TokenLayout, torch.Tensor]:
+def select_tokens(
+    x: torch.Tensor, cls_attn: torch.Tensor, layout: TokenLayout, config: TokenSelectConfig
+) -> tuple[torch.Tensor, TokenLayout, torch.Tensor]:
     """Keep the most attended tokens and fuse the rest into one.
 
     Args: ``x [B, T, C]`` (class token first), ``cls_attn [B, T]``, the tokens' layout.
@@ -90,8 +90,11 @@ def select_tokens(x: torch.Tensor, cls_attn: torch.Tensor, layout: TokenLayout,
 
     fuse_weight = scores * ((rank >= keep[:, None]) & valid)  # [B, M] attention of the tokens dropped
     has_rest = fuse_weight.sum(dim=1) > 0  # [B]
-    parts, valid_parts, pos_parts = [x[:, :1], kept_tokens], [valid[:, :1] | True, kept_valid], \
-        [layout.pos[:, :1], kept_pos]
+    parts, valid_parts, pos_parts = (
+        [x[:, :1], kept_tokens],
+        [valid[:, :1] | True, kept_valid],
+        [layout.pos[:, :1], kept_pos],
+    )
     if bool(has_rest.any()):
         weights = fuse_weight / fuse_weight.sum(dim=1, keepdim=True).clamp_min(1e-12)
         fused = (weights[..., None] * candidates).sum(dim=1, keepdim=True)  # [B, 1, C]
@@ -99,8 +102,12 @@ def select_tokens(x: torch.Tensor, cls_attn: torch.Tensor, layout: TokenLayout,
         valid_parts.append(has_rest[:, None])
         pos_parts.append(layout.pos.new_full((B, 1), -1))
     new_valid = torch.cat(valid_parts, dim=1)
-    new_layout = TokenLayout(grid=layout.grid, pos=torch.cat(pos_parts, dim=1),
-                             valid=None if bool(new_valid.all()) else new_valid, full_grid=False)
+    new_layout = TokenLayout(
+        grid=layout.grid,
+        pos=torch.cat(pos_parts, dim=1),
+        valid=None if bool(new_valid.all()) else new_valid,
+        full_grid=False,
+    )
     return torch.cat(parts, dim=1), new_layout, keep
 
 

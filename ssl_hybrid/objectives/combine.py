@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +45,23 @@ class ObjectiveSettings:
     embedding: str
 
     @classmethod
-    def from_config(cls, config) -> "ObjectiveSettings":
+    def from_config(cls, config) -> ObjectiveSettings:
         o = config.objective
-        return cls(o.mim_weight, o.dino_weight, o.simclr_weight, config.data.image_size, o.mask_ratio,
-                   o.norm_pix_loss, o.decoder_depth, o.decoder_dim, o.dino_out_dim, o.student_temp,
-                   o.simclr_temperature, o.simclr_out_dim, o.embedding)
+        return cls(
+            o.mim_weight,
+            o.dino_weight,
+            o.simclr_weight,
+            config.data.image_size,
+            o.mask_ratio,
+            o.norm_pix_loss,
+            o.decoder_depth,
+            o.decoder_dim,
+            o.dino_out_dim,
+            o.student_temp,
+            o.simclr_temperature,
+            o.simclr_out_dim,
+            o.embedding,
+        )
 
 
 def embedding_spread(embedding: Tensor) -> Tensor:
@@ -77,14 +88,18 @@ class PretrainModel(nn.Module):
         self.backbone = backbone
         s = settings
         if s.embedding == "multiscale" and not offers_multiscale(backbone):
-            raise ValueError(f"objective.embedding=multiscale needs a backbone with stage maps at several "
-                             f"strides (resvit_*, hybrid_*, timm CNNs), not {type(backbone).__name__}")
+            raise ValueError(
+                f"objective.embedding=multiscale needs a backbone with stage maps at several "
+                f"strides (resvit_*, hybrid_*, timm CNNs), not {type(backbone).__name__}"
+            )
         dim = multiscale_dim(backbone) if s.embedding == "multiscale" else backbone.num_features
-        self.mim = (MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
-                    if s.mim_weight > 0 else None)
+        self.mim = (
+            MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
+            if s.mim_weight > 0
+            else None
+        )
         self.dino = DINOObjective(dim, s.dino_out_dim, s.student_temp) if s.dino_weight > 0 else None
-        self.simclr = (ContrastiveObjective(dim, s.simclr_out_dim, s.simclr_temperature)
-                       if s.simclr_weight > 0 else None)
+        self.simclr = ContrastiveObjective(dim, s.simclr_out_dim, s.simclr_temperature) if s.simclr_weight > 0 else None
         self.teacher = EMATeacher(backbone, self.dino.head) if self.dino is not None else None
         self.weights = {"mim": s.mim_weight, "dino": s.dino_weight, "simclr": s.simclr_weight}
 
@@ -107,7 +122,7 @@ class PretrainModel(nn.Module):
             return []
         return list(self.view_embedding(torch.cat(local_views)).chunk(len(local_views)))
 
-    def student_views(self, global_views: list[Tensor], masks: Optional[list[Tensor]]):
+    def student_views(self, global_views: list[Tensor], masks: list[Tensor] | None):
         """Run the student on the global views: masked when MIM is on. Returns (embeddings, masked outputs)."""
         if not self.uses_masks:
             return [self.view_embedding(v) for v in global_views], []
@@ -118,8 +133,13 @@ class PretrainModel(nn.Module):
         # student's masked embedding and the teacher's full-view embedding are the same function.
         return [embed(self.backbone, o["fused"]) for o in outs], outs
 
-    def forward(self, global_views: list[Tensor], local_views: list[Tensor],
-                masks: Optional[list[Tensor]] = None, teacher_temp: Optional[float] = None):
+    def forward(
+        self,
+        global_views: list[Tensor],
+        local_views: list[Tensor],
+        masks: list[Tensor] | None = None,
+        teacher_temp: float | None = None,
+    ):
         """``masks``: one per global view when MIM is on; ``teacher_temp``: the step's scheduled DINO teacher
         temperature (objective.warmup_teacher_temp -> teacher_temp), needed when DINO is on."""
         if self.dino is not None and teacher_temp is None:

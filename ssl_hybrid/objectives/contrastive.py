@@ -12,7 +12,7 @@ gradients as one process with N*B images (tested with 2 gloo processes in tests/
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from lightly.loss import NTXentLoss
@@ -23,8 +23,9 @@ from torch import Tensor, nn
 class ContrastiveObjective(nn.Module):
     """Projection head + NT-Xent on two global views (+ local crops). ``forward`` returns ``{"simclr": loss}``."""
 
-    def __init__(self, embed_dim: int, out_dim: int, temperature: float, hidden_dim: int = 2048,
-                 batch_norm: bool = True) -> None:
+    def __init__(
+        self, embed_dim: int, out_dim: int, temperature: float, hidden_dim: int = 2048, batch_norm: bool = True
+    ) -> None:
         super().__init__()
         self.head = SimCLRProjectionHead(embed_dim, hidden_dim, out_dim, batch_norm=batch_norm)
         self.loss = NTXentLoss(temperature=temperature, gather_distributed=True)

@@ -54,13 +54,15 @@ class DistributedDINOLoss(DINOLoss):
         self._pending_center = None
 
 
-def make_dino_head(embed_dim: int, out_dim: int, bottleneck_dim: int = 256,
-                   hidden_dim: int = 2048) -> DINOProjectionHead:
+def make_dino_head(
+    embed_dim: int, out_dim: int, bottleneck_dim: int = 256, hidden_dim: int = 2048
+) -> DINOProjectionHead:
     # Hidden 2048 / bottleneck 256 are DINO's; no batch norm with a transformer backbone (DINO's choice).
     with warnings.catch_warnings():  # lightly's head uses the old weight_norm API; nothing a user can change
         warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
-        return DINOProjectionHead(embed_dim, hidden_dim, bottleneck_dim, out_dim, batch_norm=False,
-                                  norm_last_layer=True)
+        return DINOProjectionHead(
+            embed_dim, hidden_dim, bottleneck_dim, out_dim, batch_norm=False, norm_last_layer=True
+        )
 
 
 class DINOObjective(nn.Module):
@@ -73,11 +75,11 @@ class DINOObjective(nn.Module):
     def __init__(self, embed_dim: int, out_dim: int, student_temp: float, center_momentum: float = 0.9) -> None:
         super().__init__()
         self.head = make_dino_head(embed_dim, out_dim)
-        self.loss = DistributedDINOLoss(output_dim=out_dim, student_temp=student_temp,
-                                        center_momentum=center_momentum)
+        self.loss = DistributedDINOLoss(output_dim=out_dim, student_temp=student_temp, center_momentum=center_momentum)
 
-    def forward(self, student_embeddings: list[Tensor], teacher_logits: list[Tensor],
-                teacher_temp: float) -> dict[str, Tensor]:
+    def forward(
+        self, student_embeddings: list[Tensor], teacher_logits: list[Tensor], teacher_temp: float
+    ) -> dict[str, Tensor]:
         student_logits = [self.head(e).float() for e in student_embeddings]  # fp32 softmax in the loss
         teacher = [t.float() for t in teacher_logits]
         return {"dino": self.loss(teacher, student_logits, teacher_temp=teacher_temp)}
@@ -100,8 +102,9 @@ class EMATeacher(nn.Module):
         self.backbone = copy.deepcopy(backbone)
         # A weight-normed layer cannot be deep-copied after a forward; build a twin and copy the weights.
         out_dim, bottleneck_dim = head.last_layer.weight_v.shape
-        self.head = make_dino_head(head.layers[0].in_features, out_dim, bottleneck_dim,
-                                   hidden_dim=head.layers[0].out_features)
+        self.head = make_dino_head(
+            head.layers[0].in_features, out_dim, bottleneck_dim, hidden_dim=head.layers[0].out_features
+        )
         self.head.load_state_dict(head.state_dict())
         deactivate_requires_grad(self)
         disable_stochastic_layers(self)

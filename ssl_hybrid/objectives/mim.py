@@ -9,7 +9,6 @@ patch; the loss is MAE's normalized-pixel MSE on the hidden patches only.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 import torch
 from lightly.models.utils import get_2d_sine_cosine_positional_embedding, patchify
@@ -40,8 +39,16 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 class MIMDecoder(nn.Module):
     """Light transformer decoder over visible tokens + mask tokens (MAE's decoder, ConvMAE-sized)."""
 
-    def __init__(self, embed_dim: int, grid: tuple[int, int], decoder_dim: int, depth: int,
-                 num_heads: Optional[int] = None, patch_size: int = PATCH_SIZE, in_chans: int = 3) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        grid: tuple[int, int],
+        decoder_dim: int,
+        depth: int,
+        num_heads: int | None = None,
+        patch_size: int = PATCH_SIZE,
+        in_chans: int = 3,
+    ) -> None:
         super().__init__()
         self.grid = grid
         heads = num_heads or max(1, decoder_dim // 64)
@@ -49,8 +56,12 @@ class MIMDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # Fixed 2-D sin-cos positions (MAE): they need no learning and carry the grid layout to mask tokens.
         self.register_buffer("pos_embed", self._sincos(decoder_dim, grid), persistent=False)
-        self.blocks = nn.Sequential(*[Block(decoder_dim, heads, mlp_ratio=4.0, qkv_bias=True,
-                                            norm_layer=partial(nn.LayerNorm, eps=1e-6)) for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[
+                Block(decoder_dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                for _ in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)
         trunc_normal_(self.mask_token, std=0.02)
@@ -90,8 +101,15 @@ class MIMDecoder(nn.Module):
 class MIMObjective(nn.Module):
     """Decoder + normalized-pixel loss on hidden patches. ``forward`` returns ``{"mim": loss}``."""
 
-    def __init__(self, embed_dim: int, image_size: int, decoder_dim: int, decoder_depth: int,
-                 norm_pix: bool, patch_size: int = PATCH_SIZE) -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        image_size: int,
+        decoder_dim: int,
+        decoder_depth: int,
+        norm_pix: bool,
+        patch_size: int = PATCH_SIZE,
+    ) -> None:
         super().__init__()
         grid = (image_size // patch_size, image_size // patch_size)
         self.patch_size = patch_size

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -71,8 +72,9 @@ def _median_seconds(step: Callable[[], Any], device: torch.device, repeats: int,
     return statistics.median(times)
 
 
-def measure_latency_ms(model: torch.nn.Module, image_size: int, batch_size: int, device: torch.device,
-                       repeats: int = 10, warmup: int = 2) -> float:
+def measure_latency_ms(
+    model: torch.nn.Module, image_size: int, batch_size: int, device: torch.device, repeats: int = 10, warmup: int = 2
+) -> float:
     """Median wall time of ``forward_features`` on a random batch, eval mode, no autograd."""
     model = model.to(device).eval()
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -81,8 +83,9 @@ def measure_latency_ms(model: torch.nn.Module, image_size: int, batch_size: int,
     return seconds * 1e3
 
 
-def measure_train_images_per_s(model: torch.nn.Module, image_size: int, batch_size: int, device: torch.device,
-                               repeats: int = 5, warmup: int = 1) -> float:
+def measure_train_images_per_s(
+    model: torch.nn.Module, image_size: int, batch_size: int, device: torch.device, repeats: int = 5, warmup: int = 1
+) -> float:
     """Images/s of a forward + backward + SGD step (a stand-in loss on the features; the objective adds its
     heads on top, so this is an upper bound on the pretraining throughput)."""
     model = model.to(device).train()
@@ -99,8 +102,9 @@ def measure_train_images_per_s(model: torch.nn.Module, image_size: int, batch_si
     return batch_size / seconds
 
 
-def measure_and_check(model: torch.nn.Module, image_size: int, budget: Budget,
-                      device: Optional[torch.device] = None) -> dict[str, Any]:
+def measure_and_check(
+    model: torch.nn.Module, image_size: int, budget: Budget, device: torch.device | None = None
+) -> dict[str, Any]:
     """Measurements plus ``rejected`` (the first violated limit, or None). Stops measuring at the first violation."""
     device = device or torch.device("cpu")
     result: dict[str, Any] = {"device": str(device), "image_size": image_size, "rejected": None}
@@ -112,8 +116,9 @@ def measure_and_check(model: torch.nn.Module, image_size: int, budget: Budget,
     if budget.max_gflops and result["gflops"] > budget.max_gflops:
         result["rejected"] = f"GFLOPs {result['gflops']:.3f} > max_gflops {budget.max_gflops:g}"
         return result
-    result["latency_ms"] = measure_latency_ms(model, image_size, budget.latency_batch_size, device,
-                                              budget.repeats, budget.warmup)
+    result["latency_ms"] = measure_latency_ms(
+        model, image_size, budget.latency_batch_size, device, budget.repeats, budget.warmup
+    )
     result["latency_batch_size"] = budget.latency_batch_size
     if budget.max_latency_ms and result["latency_ms"] > budget.max_latency_ms:
         result["rejected"] = f"latency {result['latency_ms']:.1f} ms > max_latency_ms {budget.max_latency_ms:g}"
@@ -121,6 +126,8 @@ def measure_and_check(model: torch.nn.Module, image_size: int, budget: Budget,
     if budget.min_train_images_per_s:
         result["train_images_per_s"] = measure_train_images_per_s(model, image_size, budget.train_batch_size, device)
         if result["train_images_per_s"] < budget.min_train_images_per_s:
-            result["rejected"] = (f"train throughput {result['train_images_per_s']:.1f} img/s < "
-                                  f"min_train_images_per_s {budget.min_train_images_per_s:g}")
+            result["rejected"] = (
+                f"train throughput {result['train_images_per_s']:.1f} img/s < "
+                f"min_train_images_per_s {budget.min_train_images_per_s:g}"
+            )
     return result

@@ -17,9 +17,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.runs import write_json_atomic
@@ -76,10 +77,12 @@ def total_steps(plan: list[dict[str, int]]) -> int:
 
 def rank(scores: dict[str, dict[str, Any]]) -> list[str]:
     """Candidate ids best first; failed candidates (score None) last; ties broken by id (deterministic)."""
+
     def key(cid: str) -> tuple:
         score = scores[cid].get("score")
-        ok = score is not None and math.isfinite(score)
-        return (0 if ok else 1, -score if ok else 0.0, cid)
+        if score is None or not math.isfinite(score):
+            return (1, 0.0, cid)
+        return (0, -score, cid)
 
     return sorted(scores, key=key)
 
@@ -87,19 +90,26 @@ def rank(scores: dict[str, dict[str, Any]]) -> list[str]:
 class SearchState:
     """Everything a search has decided so far; ``save`` after every change."""
 
-    def __init__(self, path: Path, fingerprint: str, payload: Optional[dict[str, Any]] = None):
+    def __init__(self, path: Path, fingerprint: str, payload: dict[str, Any] | None = None):
         self.path = Path(path)
         # Wall time spent on this search over all invocations, up to the last save (interruptions included).
         self._clock, self._elapsed_before = time.perf_counter(), (payload or {}).get("elapsed_seconds", 0.0)
         self.data: dict[str, Any] = payload or {
-            "version": STATE_VERSION, "fingerprint": fingerprint, "status": "running",
-            "candidates": {}, "order": [], "measurements": {}, "zero_cost": {}, "pruned": [], "rungs": [],
+            "version": STATE_VERSION,
+            "fingerprint": fingerprint,
+            "status": "running",
+            "candidates": {},
+            "order": [],
+            "measurements": {},
+            "zero_cost": {},
+            "pruned": [],
+            "rungs": [],
         }
 
     # -- persistence ---------------------------------------------------------------------------
 
     @classmethod
-    def load_or_create(cls, path: Path, fingerprint: str) -> "SearchState":
+    def load_or_create(cls, path: Path, fingerprint: str) -> SearchState:
         path = Path(path)
         if not path.exists():
             return cls(path, fingerprint)
@@ -108,8 +118,10 @@ class SearchState:
         except json.JSONDecodeError as err:
             raise SearchStateError(f"{path}: unreadable search state ({err.msg}); delete it to start over") from None
         if payload.get("fingerprint") != fingerprint:
-            raise SearchStateError(f"{path}: this state belongs to a search with another configuration; "
-                                   "use a new output directory, or delete the state to start over")
+            raise SearchStateError(
+                f"{path}: this state belongs to a search with another configuration; "
+                "use a new output directory, or delete the state to start over"
+            )
         log.info("resuming search from %s", path)
         return cls(path, fingerprint, payload)
 
@@ -134,7 +146,7 @@ class SearchState:
     def candidates(self) -> list[Candidate]:
         return [self.candidate(cid) for cid in self.data["order"]]
 
-    def measurement(self, cid: str) -> Optional[dict[str, Any]]:
+    def measurement(self, cid: str) -> dict[str, Any] | None:
         return self.data["measurements"].get(cid)
 
     def record_measurement(self, cid: str, measurement: dict[str, Any]) -> None:
@@ -143,12 +155,15 @@ class SearchState:
 
     def accepted(self) -> list[str]:
         """Measured and within budget, in sample order."""
-        return [cid for cid in self.data["order"]
-                if cid in self.data["measurements"] and not self.data["measurements"][cid].get("rejected")]
+        return [
+            cid
+            for cid in self.data["order"]
+            if cid in self.data["measurements"] and not self.data["measurements"][cid].get("rejected")
+        ]
 
     # -- rungs ---------------------------------------------------------------------------------
 
-    def rung(self, index: int) -> Optional[dict[str, Any]]:
+    def rung(self, index: int) -> dict[str, Any] | None:
         rungs = self.data["rungs"]
         return rungs[index] if index < len(rungs) else None
 
@@ -169,7 +184,7 @@ class SearchState:
         self.data["rungs"][index]["promoted"] = list(promoted)
         self.save()
 
-    def best(self) -> Optional[str]:
+    def best(self) -> str | None:
         """The winner: the best-scored candidate of the highest rung that has a successful score."""
         for rung in reversed(self.data["rungs"]):
             ranked = [cid for cid in rank(rung["scores"]) if rung["scores"][cid].get("score") is not None]
@@ -186,16 +201,18 @@ class SearchState:
         return latest
 
 
-def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule,
-                       scorer: Scorer) -> Optional[str]:
+def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule, scorer: Scorer) -> str | None:
     """Run (or continue) the rungs over ``members``; returns the winner's id.
 
     A candidate whose scorer raises is recorded with ``score: None`` and the error, and is not promoted;
     errors the user must fix (``UserError``: bad data path, bad recipe) stop the search at once.
     """
     plan = rung_plan(len(members), schedule)
-    log.info("successive halving: %s (%d candidate-steps in all)",
-             ", ".join(f"rung {r['index']}: {r['size']} x {r['steps']} steps" for r in plan), total_steps(plan))
+    log.info(
+        "successive halving: %s (%d candidate-steps in all)",
+        ", ".join(f"rung {r['index']}: {r['size']} x {r['steps']} steps" for r in plan),
+        total_steps(plan),
+    )
     for planned in plan:
         rung = state.open_rung(planned["index"], planned["steps"], members)
         for cid in rung["members"]:
@@ -217,8 +234,9 @@ def successive_halving(state: SearchState, members: list[str], schedule: Halving
 
 
 def _score_one(candidate: Candidate, planned: dict[str, int], scorer: Scorer) -> dict[str, Any]:
-    log.info("rung %d: scoring %s (%s) with %d steps", planned["index"], candidate.id, candidate.label(),
-             planned["steps"])
+    log.info(
+        "rung %d: scoring %s (%s) with %d steps", planned["index"], candidate.id, candidate.label(), planned["steps"]
+    )
     try:
         result = dict(scorer(candidate, planned["steps"], planned["index"]))
     except UserError:

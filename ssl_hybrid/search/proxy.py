@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,8 +65,10 @@ class ProxyConfig:
 
     def check(self) -> None:
         if not self.knn_train:
-            raise UserError("search.proxy.knn_train: name a labeled image folder for the k-NN score "
-                            "(class sub-folders), e.g. proxy.knn_train=/data/flowers/train")
+            raise UserError(
+                "search.proxy.knn_train: name a labeled image folder for the k-NN score "
+                "(class sub-folders), e.g. proxy.knn_train=/data/flowers/train"
+            )
         if self.knn_shots < 0 or self.knn_k < 1:
             raise UserError("search.proxy.knn_shots must be >= 0 and search.proxy.knn_k >= 1")
 
@@ -123,11 +125,17 @@ class KnnSets:
             queries = extract_features(backbone, self.loader("test", image_size), name="the candidate")
         except NonFiniteError as err:  # a candidate that diverged fails alone (halving scores it None)
             raise RuntimeError(str(err)) from None
-        return knn_evaluate(*bank, *queries, ks=(proxy.knn_k,), headline_k=proxy.knn_k,
-                            temperature=proxy.knn_temperature, num_classes=self.num_classes)
+        return knn_evaluate(
+            *bank,
+            *queries,
+            ks=(proxy.knn_k,),
+            headline_k=proxy.knn_k,
+            temperature=proxy.knn_temperature,
+            num_classes=self.num_classes,
+        )
 
 
-def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> Optional[str]:
+def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> str | None:
     """``proxy.train`` as something the trainer streams: shards as given; an image folder converted once."""
     if not proxy.train:
         return None
@@ -147,7 +155,7 @@ def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> Optional[str]:
 class PretrainKnnProxy:
     """scorer(candidate, steps, rung) -> {"score": k-NN top-1, ...} via a real pretraining run."""
 
-    def __init__(self, proxy: ProxyConfig, work_dir: Path, sets: Optional[KnnSets] = None):
+    def __init__(self, proxy: ProxyConfig, work_dir: Path, sets: KnnSets | None = None):
         from ssl_hybrid.search.recipe import read_recipe
 
         self.proxy = proxy
@@ -159,8 +167,7 @@ class PretrainKnnProxy:
     def config_for(self, candidate: Candidate, steps: int, rung: int):
         name = f"{candidate.id}-r{rung}"
         data = [f"data.train={self.train_data}"] if self.train_data else []
-        overrides = [*data, *self.proxy.overrides, f"train.steps={steps}",
-                     f"train.output_dir={self.work_dir / 'runs'}"]
+        overrides = [*data, *self.proxy.overrides, f"train.steps={steps}", f"train.output_dir={self.work_dir / 'runs'}"]
         return candidate_config(self.base, candidate, overrides, self.work_dir / "recipes", name)
 
     def __call__(self, candidate: Candidate, steps: int, rung: int) -> dict[str, Any]:
@@ -178,8 +185,14 @@ class PretrainKnnProxy:
         result["train_seconds"] = time.perf_counter() - start
         backbone, _ = load_backbone_spec(str(run_dir(config)), image_size=size)
         knn = self.sets.evaluate(backbone, size, self.proxy)
-        result.update(score=knn["top1"], top5=knn["top5"], knn_k=knn["k"], image_size=size,
-                      seconds=time.perf_counter() - start, run_dir=str(run_dir(config)))
+        result.update(
+            score=knn["top1"],
+            top5=knn["top5"],
+            knn_k=knn["k"],
+            image_size=size,
+            seconds=time.perf_counter() - start,
+            run_dir=str(run_dir(config)),
+        )
         if not self.proxy.keep_checkpoints:
             shutil.rmtree(run_dir(config) / "checkpoints", ignore_errors=True)
         return result
@@ -197,11 +210,15 @@ def check_finished(summary: dict[str, Any], config) -> None:
     """Scores only count for runs that trained every step of their rung's budget."""
     stopped, step = summary.get("stopped", "done"), summary.get("step")
     if stopped == "signal":
-        raise SearchInterrupted(f"{config.name}: interrupted at step {step}/{config.train.steps} (checkpoint saved); "
-                                "re-run the same search command to resume")
+        raise SearchInterrupted(
+            f"{config.name}: interrupted at step {step}/{config.train.steps} (checkpoint saved); "
+            "re-run the same search command to resume"
+        )
     if stopped != "done" or step != config.train.steps:
-        raise IncompleteProxyRun(f"{config.name}: stopped ({stopped}) at step {step} of {config.train.steps}; "
-                                 "proxy runs need their full step budget (is train.max_seconds set in the recipe?)")
+        raise IncompleteProxyRun(
+            f"{config.name}: stopped ({stopped}) at step {step} of {config.train.steps}; "
+            "proxy runs need their full step budget (is train.max_seconds set in the recipe?)"
+        )
 
 
 def pretrain(config) -> dict[str, Any]:

@@ -7,8 +7,9 @@ proxy runs use the same function (plus their short step budget), so what was sea
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -30,7 +31,7 @@ def model_section(candidate: Candidate) -> dict[str, Any]:
     return section
 
 
-def read_recipe(path: Optional[str | Path], overrides: Sequence[str] = ()) -> dict[str, Any]:
+def read_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The base recipe (+ ``key=value`` overrides) as a plain dict, validated through load_config first so
     errors name the file or the override."""
     from omegaconf import OmegaConf
@@ -43,7 +44,7 @@ def read_recipe(path: Optional[str | Path], overrides: Sequence[str] = ()) -> di
     return recipe
 
 
-def candidate_recipe(base: dict[str, Any], candidate: Candidate, name: Optional[str] = None) -> dict[str, Any]:
+def candidate_recipe(base: dict[str, Any], candidate: Candidate, name: str | None = None) -> dict[str, Any]:
     """``base`` with the candidate's model group (other model keys of the base, e.g. drop_path_rate, kept)."""
     recipe = copy.deepcopy(base)
     model = dict(recipe.get("model") or {})
@@ -65,8 +66,9 @@ def write_recipe(path: str | Path, recipe: dict[str, Any], header: str = "") -> 
     return path
 
 
-def candidate_config(base: dict[str, Any], candidate: Candidate, overrides: list[str], tmp_dir: Path,
-                     name: str) -> Config:
+def candidate_config(
+    base: dict[str, Any], candidate: Candidate, overrides: list[str], tmp_dir: Path, name: str
+) -> Config:
     """The validated Config a proxy run trains: base recipe + candidate + ``key=value`` overrides."""
     recipe_path = write_recipe(Path(tmp_dir) / f"{name}.yaml", candidate_recipe(base, candidate, name))
     return load_config(recipe_path, overrides)

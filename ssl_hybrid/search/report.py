@@ -9,8 +9,9 @@ latency and GFLOPs at least as low, with one of them strictly better.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def pareto_front(points: list[dict[str, Any]], costs: Sequence[str] = COSTS) -> 
     return [p["id"] for p in points if not any(dominates(q, p, costs) for q in points if q is not p)]
 
 
-def build_rows(state_data: dict[str, Any], winner: Optional[str]) -> list[dict[str, Any]]:
+def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str, Any]]:
     """One row per candidate (accepted, rejected and pruned), best rung-0 score first."""
     from ssl_hybrid.search.space import Candidate
 
@@ -38,18 +39,28 @@ def build_rows(state_data: dict[str, Any], winner: Optional[str]) -> list[dict[s
     for cid in state_data["order"]:
         candidate = Candidate.from_json(state_data["candidates"][cid])
         measured = state_data["measurements"].get(cid, {})
-        row: dict[str, Any] = {"id": cid, "label": candidate.label(), "choices": candidate.as_dict(),
-                               "params_m": measured.get("params_m"), "gflops": measured.get("gflops"),
-                               "latency_ms": measured.get("latency_ms"),
-                               "train_images_per_s": measured.get("train_images_per_s"),
-                               "zero_cost": state_data["zero_cost"].get(cid),
-                               "status": _status(cid, measured, state_data, rungs), "pareto": False,
-                               "chosen": cid == winner}
+        row: dict[str, Any] = {
+            "id": cid,
+            "label": candidate.label(),
+            "choices": candidate.as_dict(),
+            "params_m": measured.get("params_m"),
+            "gflops": measured.get("gflops"),
+            "latency_ms": measured.get("latency_ms"),
+            "train_images_per_s": measured.get("train_images_per_s"),
+            "zero_cost": state_data["zero_cost"].get(cid),
+            "status": _status(cid, measured, state_data, rungs),
+            "pareto": False,
+            "chosen": cid == winner,
+        }
         for rung in rungs:
             result = rung["scores"].get(cid)
             if result is not None:
                 row[f"score_r{rung['index']}"] = result.get("score")
-                row["last_rung"], row["last_steps"], row["last_score"] = rung["index"], rung["steps"], result.get("score")
+                row["last_rung"], row["last_steps"], row["last_score"] = (
+                    rung["index"],
+                    rung["steps"],
+                    result.get("score"),
+                )
         row["score"] = row.get("score_r0")
         first = rungs[0]["scores"].get(cid, {}) if rungs else {}
         row["init_score"] = first.get("init_score")  # the same k-NN at random init: what pretraining added
@@ -83,18 +94,34 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -> str:
     rung_cols = sorted({k for r in rows for k in r if k.startswith("score_r")}, key=lambda k: int(k[7:]))
     with_init = any(r.get("init_score") is not None for r in rows)
-    head = ["", "id", "architecture", "params (M)", "GFLOPs", "latency (ms)"] + \
-           ([f"{score_name} init"] if with_init else []) + [f"{score_name} r{k[7:]}" for k in rung_cols] + ["status"]
+    head = (
+        ["", "id", "architecture", "params (M)", "GFLOPs", "latency (ms)"]
+        + ([f"{score_name} init"] if with_init else [])
+        + [f"{score_name} r{k[7:]}" for k in rung_cols]
+        + ["status"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = ("★" if r["chosen"] else "") + ("P" if r["pareto"] else "")
-        cells = [mark, f"`{r['id']}`", r["label"], _fmt(r["params_m"], ".2f"), _fmt(r["gflops"], ".3g"),
-                 _fmt(r["latency_ms"], ".1f")] + ([_fmt(r.get("init_score"), ".3f")] if with_init else []) + \
-            [_fmt(r.get(k), ".3f") for k in rung_cols] + [r["status"]]
+        cells = (
+            [
+                mark,
+                f"`{r['id']}`",
+                r["label"],
+                _fmt(r["params_m"], ".2f"),
+                _fmt(r["gflops"], ".3g"),
+                _fmt(r["latency_ms"], ".1f"),
+            ]
+            + ([_fmt(r.get("init_score"), ".3f")] if with_init else [])
+            + [_fmt(r.get(k), ".3f") for k in rung_cols]
+            + [r["status"]]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("★ = chosen (best at the highest rung), P = Pareto-optimal on rung-0 score vs latency and GFLOPs"
-                 + ("; init = the same k-NN at random initialization (no pretraining)." if with_init else "."))
+    lines.append(
+        "★ = chosen (best at the highest rung), P = Pareto-optimal on rung-0 score vs latency and GFLOPs"
+        + ("; init = the same k-NN at random initialization (no pretraining)." if with_init else ".")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -111,16 +138,23 @@ def scatter_plot(rows: list[dict[str, Any]], path: str | Path, title: str, score
         front_ids = set(pareto_front(scored, (cost,)))
         others = [r for r in scored if r["id"] not in front_ids]
         front = sorted((r for r in scored if r["id"] in front_ids), key=lambda r: r[cost])
-        ax.scatter([r[cost] for r in others], [r["score"] for r in others], c="tab:gray", alpha=0.7,
-                   label="candidate")
+        ax.scatter([r[cost] for r in others], [r["score"] for r in others], c="tab:gray", alpha=0.7, label="candidate")
         ax.step([r[cost] for r in front], [r["score"] for r in front], where="post", c="tab:red", lw=1.2)
         ax.scatter([r[cost] for r in front], [r["score"] for r in front], c="tab:red", label="Pareto front")
         for r in scored:
             ax.annotate(r["id"], (r[cost], r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         chosen = [r for r in scored if r["chosen"]]
         if chosen:
-            ax.scatter([chosen[0][cost]], [chosen[0]["score"]], marker="*", s=220, facecolors="none",
-                       edgecolors="tab:blue", linewidths=1.5, label="chosen")
+            ax.scatter(
+                [chosen[0][cost]],
+                [chosen[0]["score"]],
+                marker="*",
+                s=220,
+                facecolors="none",
+                edgecolors="tab:blue",
+                linewidths=1.5,
+                label="chosen",
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"{score_name} (rung 0)")
         ax.grid(alpha=0.3)

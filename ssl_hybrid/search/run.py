@@ -15,9 +15,10 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -26,11 +27,11 @@ from ssl_hybrid.errors import ConfigError, UserError
 from ssl_hybrid.machine import machine_info
 from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
-from ssl_hybrid.search.budget import Budget, count_params, measure_and_check
+from ssl_hybrid.search.budget import Budget, measure_and_check
 from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
 from ssl_hybrid.search.proxy import ProxyConfig
 from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe
-from ssl_hybrid.search.space import Candidate, SearchSpace, build_candidate, sample_candidates
+from ssl_hybrid.search.space import SearchSpace, build_candidate, sample_candidates
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class SearchConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_search_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> SearchConfig:
+def load_search_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SearchConfig:
     """Defaults <- YAML <- key=value, strictly typed like the pretraining config (unknown keys raise)."""
     from ssl_hybrid.config import load_layered
 
@@ -108,14 +109,20 @@ def measure_candidates(state: SearchState, config: SearchConfig, device: torch.d
         torch.manual_seed(config.seed)
         model = build_candidate(candidate, config.image_size)
         result = measure_and_check(model, config.image_size, config.budget, device)
-        log.info("%s %s: %.2f M params, %s GFLOPs, %s ms%s", candidate.id, candidate.label(), result["params_m"],
-                 _short(result.get("gflops")), _short(result.get("latency_ms")),
-                 f" -> rejected ({result['rejected']})" if result["rejected"] else "")
+        log.info(
+            "%s %s: %.2f M params, %s GFLOPs, %s ms%s",
+            candidate.id,
+            candidate.label(),
+            result["params_m"],
+            _short(result.get("gflops")),
+            _short(result.get("latency_ms")),
+            f" -> rejected ({result['rejected']})" if result["rejected"] else "",
+        )
         state.record_measurement(candidate.id, result)
         del model
 
 
-def _short(value: Optional[float]) -> str:
+def _short(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
@@ -142,36 +149,49 @@ def zero_cost_prune(state: SearchState, config: SearchConfig, images: Callable[[
     state.data["zero_cost_done"] = True
     state.save()
     if ranked[keep:]:
-        log.info("zero-cost proxy pruned %d of %d candidates: %s", len(ranked) - keep, len(ranked), ", ".join(ranked[keep:]))
+        log.info(
+            "zero-cost proxy pruned %d of %d candidates: %s", len(ranked) - keep, len(ranked), ", ".join(ranked[keep:])
+        )
     return [cid for cid in accepted if cid not in state.data["pruned"]]
 
 
-def write_outputs(state: SearchState, config: SearchConfig, winner: Optional[str], seconds: float,
-                  device: torch.device) -> dict[str, Any]:
+def write_outputs(
+    state: SearchState, config: SearchConfig, winner: str | None, seconds: float, device: torch.device
+) -> dict[str, Any]:
     """pareto.md / pareto.json / pareto.png / chosen.yaml in the search directory; returns the JSON summary."""
     out = config.out_dir()
     rows = report.build_rows(state.data, winner)
     summary = {
-        "name": config.name, "command": " ".join(["ssl-hybrid", *sys.argv[1:]]) if _from_cli() else None,
-        "chosen": winner, "seconds": seconds, "machine": machine_info(str(device)),
+        "name": config.name,
+        "command": " ".join(["ssl-hybrid", *sys.argv[1:]]) if _from_cli() else None,
+        "chosen": winner,
+        "seconds": seconds,
+        "machine": machine_info(str(device)),
         "plan": rung_plan(len(state.data["rungs"][0]["members"]) if state.data["rungs"] else 0, config.schedule),
         "zero_cost_spearman_vs_rung0": _rank_correlation(rows, "zero_cost"),
         # How much of the rung-0 ranking the architecture's random-init features already give.
         "init_spearman_vs_rung0": _rank_correlation(rows, "init_score"),
-        "config": dataclasses.asdict(config), "rows": rows,
+        "config": dataclasses.asdict(config),
+        "rows": rows,
     }
     write_json_atomic(out / "pareto.json", summary)
     table = report.markdown_table(rows)
     (out / "pareto.md").write_text(f"# Search `{config.name}`\n\n{table}", encoding="utf-8")
-    report.scatter_plot(rows, out / "pareto.png", f"search '{config.name}': {len(rows)} candidates, "
-                        f"k-NN top-1 after {config.schedule.min_steps} steps")
+    report.scatter_plot(
+        rows,
+        out / "pareto.png",
+        f"search '{config.name}': {len(rows)} candidates, k-NN top-1 after {config.schedule.min_steps} steps",
+    )
     if winner is not None:
         base = chosen_base_recipe(config)
         chosen = state.candidate(winner)
-        header = (f"Chosen by `ssl-hybrid search` ({config.name}): {winner} = {chosen.label()}\n"
-                  f"Base recipe: {config.proxy.recipe or '(defaults)'}; train with: ssl-hybrid pretrain -c <this file>")
-        summary["recipe"] = str(write_recipe(out / "chosen.yaml", candidate_recipe(base, chosen, f"{config.name}-chosen"),
-                                             header))
+        header = (
+            f"Chosen by `ssl-hybrid search` ({config.name}): {winner} = {chosen.label()}\n"
+            f"Base recipe: {config.proxy.recipe or '(defaults)'}; train with: ssl-hybrid pretrain -c <this file>"
+        )
+        summary["recipe"] = str(
+            write_recipe(out / "chosen.yaml", candidate_recipe(base, chosen, f"{config.name}-chosen"), header)
+        )
     return summary
 
 
@@ -179,8 +199,11 @@ def _rank_correlation(rows: list[dict[str, Any]], key: str) -> float:
     """Spearman correlation of ``row[key]`` with the rung-0 score over rows that have both (nan if < 3)."""
     from ssl_hybrid.search.zero_cost import spearman
 
-    pairs = [(r[key], r["score"]) for r in rows
-             if r.get(key) is not None and r["score"] is not None and math.isfinite(r[key])]
+    pairs = [
+        (r[key], r["score"])
+        for r in rows
+        if r.get(key) is not None and r["score"] is not None and math.isfinite(r[key])
+    ]
     return spearman([p[0] for p in pairs], [p[1] for p in pairs])
 
 
@@ -203,8 +226,12 @@ def _from_cli() -> bool:
     return bool(sys.argv) and Path(sys.argv[0]).name in ("ssl-hybrid", "__main__.py") and "search" in sys.argv
 
 
-def run_search(config: SearchConfig, scorer: Optional[Scorer] = None, device: Optional[torch.device] = None,
-               zero_cost_images: Optional[Callable[[], torch.Tensor]] = None) -> dict[str, Any]:
+def run_search(
+    config: SearchConfig,
+    scorer: Scorer | None = None,
+    device: torch.device | None = None,
+    zero_cost_images: Callable[[], torch.Tensor] | None = None,
+) -> dict[str, Any]:
     """Run or resume the search in ``config.out_dir()``; returns the summary written to pareto.json.
 
     ``scorer`` defaults to the trained proxy (short pretraining + k-NN); tests inject cheap ones.
@@ -221,17 +248,26 @@ def run_search(config: SearchConfig, scorer: Optional[Scorer] = None, device: Op
     state.save()
     measure_candidates(state, config, device)
     if not state.accepted():
-        raise UserError(f"search: all {config.num_candidates} candidates are over budget "
-                        f"({json.dumps(dataclasses.asdict(config.budget))}); relax search.budget or the space")
+        raise UserError(
+            f"search: all {config.num_candidates} candidates are over budget "
+            f"({json.dumps(dataclasses.asdict(config.budget))}); relax search.budget or the space"
+        )
     if scorer is None:
         from ssl_hybrid.search.proxy import PretrainKnnProxy
 
         scorer = PretrainKnnProxy(config.proxy, out)
-        zero_cost_images = zero_cost_images or (lambda: scorer.sets.sample_images(
-            config.zero_cost.batch_size, config.image_size, config.seed))
-    zero_cost_images = zero_cost_images or (lambda: torch.randn(
-        config.zero_cost.batch_size, 3, config.image_size, config.image_size,
-        generator=torch.Generator().manual_seed(config.seed)))
+        zero_cost_images = zero_cost_images or (
+            lambda: scorer.sets.sample_images(config.zero_cost.batch_size, config.image_size, config.seed)
+        )
+    zero_cost_images = zero_cost_images or (
+        lambda: torch.randn(
+            config.zero_cost.batch_size,
+            3,
+            config.image_size,
+            config.image_size,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+    )
     members = zero_cost_prune(state, config, zero_cost_images)
     winner = successive_halving(state, members, config.schedule, scorer)
     summary = write_outputs(state, config, winner, time.perf_counter() - start, device)

@@ -16,7 +16,7 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ssl_hybrid.errors import UserError
 
@@ -111,7 +111,7 @@ class Candidate:
         return {"id": self.id, "base": self.base, "choices": self.as_dict()}
 
     @classmethod
-    def from_json(cls, payload: dict[str, Any]) -> "Candidate":
+    def from_json(cls, payload: dict[str, Any]) -> Candidate:
         return make_candidate(payload["base"], payload["choices"])
 
 
@@ -130,7 +130,7 @@ def make_candidate(base: str, choices: dict[str, Any]) -> Candidate:
     return Candidate(base, tuple((name, _tupleify(choices[name])) for name in MODEL_KWARG))
 
 
-def invalid_reason(choices: dict[str, Any]) -> Optional[str]:
+def invalid_reason(choices: dict[str, Any]) -> str | None:
     """Why a combination cannot be built (None when it can)."""
     if choices["embed_dim"] % choices["num_heads"]:
         return f"embed_dim {choices['embed_dim']} not divisible by num_heads {choices['num_heads']}"
@@ -164,8 +164,10 @@ def sample_candidates(space: SearchSpace, count: int, seed: int) -> list[Candida
         candidate = make_candidate(space.base, choices)
         seen.setdefault(candidate.id, candidate)
     if len(seen) < count:
-        raise SearchSpaceError(f"search space: found only {len(seen)} distinct valid candidates of the "
-                               f"{count} asked for (space size {space.size()}); widen the space or sample fewer")
+        raise SearchSpaceError(
+            f"search space: found only {len(seen)} distinct valid candidates of the "
+            f"{count} asked for (space size {space.size()}); widen the space or sample fewer"
+        )
     return list(seen.values())
 
 

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,10 +44,17 @@ STATE_FILE = "state.pt"
 # Keys that may change between the run that wrote a checkpoint and the one resuming it: they change
 # how the run is observed or when it stops, never what it computes.
 RESUME_MAY_DIFFER = {
-    "train.max_seconds", "train.log_every", "train.knn_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.max_nonfinite_steps", "data.val", "data.max_skip_rate",
+    "train.max_seconds",
+    "train.log_every",
+    "train.knn_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.max_nonfinite_steps",
+    "data.val",
+    "data.max_skip_rate",
     "data.worker_nice",  # how the workers are scheduled, not what they compute
-    "name", "train.output_dir",  # where the run folder is: moving or renaming it must not block a resume
+    "name",
+    "train.output_dir",  # where the run folder is: moving or renaming it must not block a resume
 }
 # What the real writers raise when the disk is full or a file-size limit is hit: OSError (open, write, fsync,
 # rename), RuntimeError (torch.save's zip writer), SafetensorError (safetensors).
@@ -71,12 +78,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)
-             and (p / MODEL_FILE).exists() and (p / STATE_FILE).exists()]
+    found = [
+        p
+        for p in folder.iterdir()
+        if p.is_dir() and STEP_DIR.fullmatch(p.name) and (p / MODEL_FILE).exists() and (p / STATE_FILE).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+def latest_checkpoint(run_dir: Path) -> Path | None:
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -113,9 +123,16 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dict[str, Any],
-                    rank_state: dict[str, Any], config: Config, backbone_meta: dict[str, Any],
-                    accelerator=None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    rank_state: dict[str, Any],
+    config: Config,
+    backbone_meta: dict[str, Any],
+    accelerator=None,
+) -> Path:
     """Write the step's checkpoint (every process calls this; rank 0 writes the shared files).
 
     Three stages (rank 0's shared files; every rank's own file; rank 0's rename into place), and after each
@@ -145,7 +162,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
 
     def publish() -> None:
         runs.fsync_dir(tmp)
-        runs.replace_dir(tmp, final)  # a step saved again (e.g. a re-run of a finished run) keeps its old copy until then
+        runs.replace_dir(
+            tmp, final
+        )  # a step saved again (e.g. a re-run of a finished run) keeps its old copy until then
         prune(run_dir, config.train.keep_checkpoints)
 
     for stage in (shared_files if main else None, own_file, publish if main else None):
@@ -155,14 +174,16 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, state: dic
                 shutil.rmtree(tmp, ignore_errors=True)
             newest = latest_checkpoint(run_dir)
             why = _reason(failure) if failure is not None else "failed on another process"
-            raise CheckpointError(f"{final}: could not write the checkpoint ({why}); nothing was replaced, the "
-                                  f"newest complete checkpoint is {newest or 'none'}: free space and re-run to resume")
+            raise CheckpointError(
+                f"{final}: could not write the checkpoint ({why}); nothing was replaced, the "
+                f"newest complete checkpoint is {newest or 'none'}: free space and re-run to resume"
+            )
     if main:
         log.info("checkpoint %s", final)
     return final
 
 
-def _attempt(action) -> Optional[Exception]:
+def _attempt(action) -> Exception | None:
     if action is None:
         return None
     try:
@@ -174,8 +195,9 @@ def _attempt(action) -> Optional[Exception]:
 
 def _reason(err: Exception) -> str:
     """One line: the OS's words for an OSError, else the first line of the message, else the error's type."""
-    if getattr(err, "strerror", None):
-        return err.strerror
+    strerror = getattr(err, "strerror", None)
+    if strerror:
+        return strerror
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
@@ -193,15 +215,21 @@ def check_compatible(saved: dict[str, Any], config: Config, where: Path) -> None
     current = _flatten(to_dict(config))
     recorded = _flatten(saved)
     before = {**_flatten(to_dict(Config())), **recorded}
-    differ = sorted(k for k in set(current) | set(before)
-                    if k not in RESUME_MAY_DIFFER and not k.startswith("eval.") and current.get(k) != before.get(k))
+    differ = sorted(
+        k
+        for k in set(current) | set(before)
+        if k not in RESUME_MAY_DIFFER and not k.startswith("eval.") and current.get(k) != before.get(k)
+    )
     if differ:
-        shown = ", ".join(f"{k}: {before.get(k)!r}{'' if k in recorded else ' (not recorded: the default)'} -> "
-                          f"{current.get(k)!r}" for k in differ[:4])
+        shown = ", ".join(
+            f"{k}: {before.get(k)!r}{'' if k in recorded else ' (not recorded: the default)'} -> {current.get(k)!r}"
+            for k in differ[:4]
+        )
         raise CheckpointError(
             f"{where}: written with a different config ({shown}"
             f"{', ...' if len(differ) > 4 else ''}); resume with the same recipe and overrides, "
-            "or start a new run with another name= or train.output_dir=")
+            "or start a new run with another name= or train.output_dir="
+        )
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -223,20 +251,23 @@ def check_run_config(directory: Path, config: Config) -> None:
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}); restore it, or start over with --fresh "
-                              "or another name=") from None
+        raise CheckpointError(
+            f"{path}: unreadable ({type(err).__name__}); restore it, or start over with --fresh or another name="
+        ) from None
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: not a run config; start over with --fresh or another name=")
     check_compatible(saved, config, path)
 
 
-def check_data(saved: Optional[str], current: Optional[str], config: Config, where: Path) -> None:
+def check_data(saved: str | None, current: str | None, config: Config, where: Path) -> None:
     """Refuse to resume on data whose shard manifests changed under the same path (a checkpoint written
     before fingerprints were recorded has none and is not checked)."""
     if saved is not None and saved != current:
-        raise CheckpointError(f"{where}: data.train {config.data.train} is not the data this run trained on (shard "
-                              f"manifest fingerprint {saved} -> {current}); restore that data, or start over with "
-                              "--fresh or another name=")
+        raise CheckpointError(
+            f"{where}: data.train {config.data.train} is not the data this run trained on (shard "
+            f"manifest fingerprint {saved} -> {current}); restore that data, or start over with "
+            "--fresh or another name="
+        )
 
 
 def _read(path: Path, loader):
@@ -256,8 +287,11 @@ def load_checkpoint(path: Path, config: Config, rank: int = 0) -> dict[str, Any]
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.exists():
         raise CheckpointError(f"{path}: no {rank_file.name}; was it written with a different number of processes?")
-    return {"model": _read(path / MODEL_FILE, lambda file: load_file(str(file))), "state": state,
-            "rank": _read(rank_file, lambda file: torch.load(file, map_location="cpu", weights_only=True))}
+    return {
+        "model": _read(path / MODEL_FILE, lambda file: load_file(str(file))),
+        "state": state,
+        "rank": _read(rank_file, lambda file: torch.load(file, map_location="cpu", weights_only=True)),
+    }
 
 
 def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: Path) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import yaml
 from safetensors.torch import load_file
@@ -37,13 +38,15 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     newest = ckpt.latest_checkpoint(path)
     if newest is None:
-        raise ckpt.CheckpointError(f"{path}: neither a checkpoint directory nor a run with complete "
-                                   "checkpoints/step_*/ (each holding model.safetensors + state.pt)")
+        raise ckpt.CheckpointError(
+            f"{path}: neither a checkpoint directory nor a run with complete "
+            "checkpoints/step_*/ (each holding model.safetensors + state.pt)"
+        )
     return newest
 
 
 @contextlib.contextmanager
-def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[Optional[str]]:
+def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[str | None]:
     """``backbone`` pooled as the evaluators score it while the block runs; yields the token pooling it had.
 
     Only our backbones have a ``multiscale`` global_pool; a timm CNN keeps its own pooling (the card says
@@ -59,8 +62,15 @@ def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[Optional[str]]
             backbone.global_pool = before
 
 
-def save_run_model(backbone: nn.Module, config: Config, directory: Path, record: dict[str, Any], *,
-                   force: bool = False, run_dir: Optional[Path] = None) -> Path:
+def save_run_model(
+    backbone: nn.Module,
+    config: Config,
+    directory: Path,
+    record: dict[str, Any],
+    *,
+    force: bool = False,
+    run_dir: Path | None = None,
+) -> Path:
     """Write ``backbone`` as a model folder with the run's record (``training_meta`` + ``record``) and, when
     the run has a report, its table on the model card."""
     from ssl_hybrid.models.export import public_source, save_model_folder
@@ -69,13 +79,19 @@ def save_run_model(backbone: nn.Module, config: Config, directory: Path, record:
 
     scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
-        extra = dict(training_meta(config), data=public_source(config.data.train), scored_pooling=scored,
-                     token_pool=token_pool, **record)
-        return save_model_folder(backbone, directory, extra=extra, force=force,
-                                 evaluation=_report_table(run_dir) if run_dir else None)
+        extra = dict(
+            training_meta(config),
+            data=public_source(config.data.train),
+            scored_pooling=scored,
+            token_pool=token_pool,
+            **record,
+        )
+        return save_model_folder(
+            backbone, directory, extra=extra, force=force, evaluation=_report_table(run_dir) if run_dir else None
+        )
 
 
-def refresh_model_card(run_dir: Path) -> Optional[Path]:
+def refresh_model_card(run_dir: Path) -> Path | None:
     """Put the run's report table on its model folder's card (after ``quickstart``/``report`` wrote it)."""
     from ssl_hybrid.models.export import is_model_folder, write_model_card
 
@@ -85,7 +101,7 @@ def refresh_model_card(run_dir: Path) -> Optional[Path]:
     return write_model_card(Path(run_dir) / MODEL_DIR, table)
 
 
-def _report_table(run_dir: Path) -> Optional[str]:
+def _report_table(run_dir: Path) -> str | None:
     """The evaluation table of the run's report (``report.json``, written by ``quickstart``/``report``)."""
     path = Path(run_dir) / "report.json"
     try:
@@ -102,7 +118,7 @@ def default_out_dir(path: Path, step_dir: Path) -> Path:
     return run / MODEL_DIR if Path(path).resolve() == run.resolve() else run / EXPORTS_DIR / step_dir.name
 
 
-def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = False) -> Path:
+def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = False) -> Path:
     """Write the checkpoint's student backbone as a model folder; returns the folder.
 
     Default folder: ``default_out_dir``. An existing folder is replaced only with ``force``; a folder inside
@@ -121,11 +137,15 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
     out = Path(out_dir) if out_dir else default_out_dir(path, step_dir)
     checkpoints = step_dir.parent.resolve()
     if step_dir.parent.name == CHECKPOINTS_DIR and out.resolve().is_relative_to(checkpoints):
-        raise UserError(f"{out}: inside {checkpoints}, whose old checkpoints are deleted as training goes on; "
-                        "export outside it (--out-dir)")
+        raise UserError(
+            f"{out}: inside {checkpoints}, whose old checkpoints are deleted as training goes on; "
+            "export outside it (--out-dir)"
+        )
     if out.exists() and not force:
-        raise ModelFolderError(f"{out}: already exists; pass --force to replace it "
-                               "(the new folder is complete before the old one is removed)")
+        raise ModelFolderError(
+            f"{out}: already exists; pass --force to replace it "
+            "(the new folder is complete before the old one is removed)"
+        )
     config_file = step_dir / "config.yaml"
     if not config_file.exists():
         raise ckpt.CheckpointError(f"{step_dir}: no config.yaml, cannot tell which backbone it holds")
@@ -135,8 +155,9 @@ def export_checkpoint(path: Path, out_dir: Optional[Path] = None, force: bool = 
     check_factory_args(config.model.name, dict(model_kwargs(config), drop_path_rate=0.0), str(config_file))
     backbone = build_backbone(config)
     weights = load_file(str(step_dir / ckpt.MODEL_FILE))
-    state = {k[len(CHECKPOINT_BACKBONE_PREFIX):]: v for k, v in weights.items()
-             if k.startswith(CHECKPOINT_BACKBONE_PREFIX)}
+    state = {
+        k[len(CHECKPOINT_BACKBONE_PREFIX) :]: v for k, v in weights.items() if k.startswith(CHECKPOINT_BACKBONE_PREFIX)
+    }
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
     record = {"step": step, "pretraining": _budget(step_dir.parent.parent, config)}
@@ -152,7 +173,7 @@ def _convert_old_export(run: Path, out: Path, force: bool) -> Path:
 
     weights, meta = read_meta(run)
     model, _ = rebuild(weights, meta)
-    record = {k: meta[k] for k in ("run", "step", "objective", "pretraining") if k in meta}
+    record: dict[str, Any] = {k: meta[k] for k in ("run", "step", "objective", "pretraining") if k in meta}
     config_file = run / "config.yaml"
     if not config_file.exists():
         return save_model_folder(model, out, extra=dict(record, image_size=meta.get("image_size")), force=force)

@@ -18,9 +18,10 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,13 +73,13 @@ class Run:
     stream: Any
     counters: Counters = field(default_factory=Counters)
     monitor: Any = None
-    stop_reason: Optional[str] = None
+    stop_reason: str | None = None
     # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
     start_step: int = 0
     train_seconds: float = 0.0
     startup_seconds: float = 0.0  # to the end of the session's first step (workers, first forward): not a step time
     # What the shard manifests say the data is (data.shards.manifest_fingerprint); checkpointed, checked on resume.
-    data_fingerprint: Optional[str] = None
+    data_fingerprint: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,8 +101,9 @@ def build_backbone(config: Config) -> torch.nn.Module:
     import ssl_hybrid.models  # noqa: F401  (registers hybrid_* with timm)
     from ssl_hybrid.models.factory import create_backbone
 
-    backbone = create_backbone(config.model.name, config.data.image_size,
-                               drop_path_rate=config.model.drop_path_rate, **model_kwargs(config))
+    backbone = create_backbone(
+        config.model.name, config.data.image_size, drop_path_rate=config.model.drop_path_rate, **model_kwargs(config)
+    )
     if config.model.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return backbone
@@ -110,8 +112,11 @@ def build_backbone(config: Config) -> torch.nn.Module:
 def training_meta(config: Config) -> dict[str, Any]:
     """What the trainer adds to ``backbone.json`` (checkpoints) and the model folder's record besides how to rebuild the
     backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
-    return {"image_size": config.data.image_size, "run": config.name,
-            "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")}}
+    return {
+        "image_size": config.data.image_size,
+        "run": config.name,
+        "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")},
+    }
 
 
 def make_accelerator(config: Config, directory: Path):
@@ -123,8 +128,13 @@ def make_accelerator(config: Config, directory: Path):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=False)
     # Without a GPU, say cpu=True so that torchrun-launched processes form a gloo group (MULTI_CPU);
     # Accelerate otherwise treats each of them as a lone process.
-    return Accelerator(mixed_precision=config.train.mixed_precision, log_with="tensorboard",
-                       project_dir=str(directory), kwargs_handlers=[ddp], cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        log_with="tensorboard",
+        project_dir=str(directory),
+        kwargs_handlers=[ddp],
+        cpu=not torch.cuda.is_available(),
+    )
 
 
 def sync_flags(accelerator, *flags: float) -> list[float]:
@@ -161,8 +171,9 @@ def split_micro(batch: dict, parts: int) -> list[dict]:
     """Split a rank's batch into ``parts`` micro-batches for gradient accumulation."""
     if parts == 1:
         return [batch]
-    chunks = [dict(global_views=[], local_views=[], masks=None if batch["masks"] is None else [])
-              for _ in range(parts)]
+    chunks: list[dict[str, Any]] = [
+        dict(global_views=[], local_views=[], masks=None if batch["masks"] is None else []) for _ in range(parts)
+    ]
     for key in ("global_views", "local_views", "masks"):
         for view in batch[key] or []:
             for chunk, piece in zip(chunks, view.chunk(parts)):
@@ -171,9 +182,11 @@ def split_micro(batch: dict, parts: int) -> list[dict]:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {"global_views": [v.to(device, non_blocking=True) for v in batch["global_views"]],
-            "local_views": [v.to(device, non_blocking=True) for v in batch["local_views"]],
-            "key": batch.get("key", [])}
+    return {
+        "global_views": [v.to(device, non_blocking=True) for v in batch["global_views"]],
+        "local_views": [v.to(device, non_blocking=True) for v in batch["local_views"]],
+        "key": batch.get("key", []),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,8 +196,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def forward_losses(run: Run, micro: dict, step: int) -> tuple[dict, dict]:
     with run.accelerator.autocast():
-        return run.model(micro["global_views"], micro["local_views"], micro["masks"],
-                         float(run.schedules["teacher_temp"][step]))
+        return run.model(
+            micro["global_views"], micro["local_views"], micro["masks"], float(run.schedules["teacher_temp"][step])
+        )
 
 
 def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
@@ -212,19 +226,24 @@ def train_step(run: Run, batch: dict, step: int) -> dict[str, float]:
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / len(micros)
         stats = {k: float(v) for k, v in step_stats.items()}
     grad_norm = clip_gradients(run)
-    bad_loss, bad_grad = sync_flags(accelerator, 0.0 if loss_finite else 1.0,
-                                    0.0 if np.isfinite(grad_norm) else 1.0)  # one all-reduce for both
+    bad_loss, bad_grad = sync_flags(
+        accelerator, 0.0 if loss_finite else 1.0, 0.0 if np.isfinite(grad_norm) else 1.0
+    )  # one all-reduce for both
     if bad_loss or bad_grad:
         skip_step(run, buffers)
-        return {"nonfinite": 1.0, "nonfinite_loss": bad_loss, "nonfinite_grad_norm": bad_grad,
-                "fp16_overflow": float(scaler_overflow(run, bool(bad_loss)))}
+        return {
+            "nonfinite": 1.0,
+            "nonfinite_loss": bad_loss,
+            "nonfinite_grad_norm": bad_grad,
+            "fp16_overflow": float(scaler_overflow(run, bool(bad_loss))),
+        }
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.raw_model.after_good_step(float(run.schedules["momentum"][step]))
     return {**totals, **stats, "grad_norm": grad_norm}
 
 
-def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+def skip_step(run: Run, buffers: Sequence[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
     """Drop the step's gradients and restore the model's ``(buffer, value before the step)`` pairs, without
     touching the weights, the optimizer state or the EMA teacher."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -241,9 +260,9 @@ def skip_step(run: Run, buffers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -
 
 def scaler_overflow(run: Run, bad_loss: bool) -> bool:
     """An fp16 overflow the grad scaler is still backing off from: a finite loss, an infinite gradient norm and
-    a loss scale still at least 1 after skip_step's back-off (pushed below 1, the gradients are bad at any scale). Such steps are
-    skipped but not counted towards train.max_nonfinite_steps: an fp16 run skips several in a row at its start
-    while the scale comes down from 2**16, as torch.amp.GradScaler is designed to."""
+    a loss scale still at least 1 after skip_step's back-off (pushed below 1, the gradients are bad at any
+    scale). Such steps are skipped but not counted towards train.max_nonfinite_steps: an fp16 run skips
+    several in a row at its start while the scale comes down from 2**16, as torch.amp.GradScaler is designed to."""
     scaler = run.accelerator.scaler
     return scaler is not None and not bad_loss and float(scaler.get_scale()) >= 1.0
 
@@ -266,18 +285,31 @@ def clip_gradients(run: Run) -> float:
 def shared_state(run: Run) -> dict[str, Any]:
     accelerator = run.accelerator
     scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else {}
-    return {"format": STATE_FORMAT, "optimizer": run.optimizer.state_dict(), "scaler": scaler,
-            "schedules": ckpt.schedules_to_tensors(run.schedules), "counters": run.counters.as_dict(),
-            "config": to_dict(run.config), "data_fingerprint": run.data_fingerprint}
+    return {
+        "format": STATE_FORMAT,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": scaler,
+        "schedules": ckpt.schedules_to_tensors(run.schedules),
+        "counters": run.counters.as_dict(),
+        "config": to_dict(run.config),
+        "data_fingerprint": run.data_fingerprint,
+    }
 
 
 def save(run: Run) -> Path:
     from ssl_hybrid.models.export import make_meta
 
     rank_state = {"rng": rng.capture(), "stream": run.stream.state_dict()}
-    return ckpt.save_checkpoint(run.directory, run.counters.step, run.raw_model, shared_state(run), rank_state,
-                                run.config, make_meta(run.raw_model.backbone, training_meta(run.config)),
-                                run.accelerator)
+    return ckpt.save_checkpoint(
+        run.directory,
+        run.counters.step,
+        run.raw_model,
+        shared_state(run),
+        rank_state,
+        run.config,
+        make_meta(run.raw_model.backbone, training_meta(run.config)),
+        run.accelerator,
+    )
 
 
 def resume(run: Run, path: Path, loaded: dict[str, Any]) -> None:
@@ -305,10 +337,10 @@ class StopSignal:
     SIGINT interrupts immediately."""
 
     def __init__(self) -> None:
-        self.received: Optional[str] = None
+        self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -331,25 +363,41 @@ class StopSignal:
 def log_step(run: Run, values: dict[str, float], seconds: float, images: int, bar) -> None:
     step = run.counters.step
     unused = unused_settings(run.config)  # DINO's momentum/teacher_temp only when DINO is on
-    record = {"step": step, **{name: float(run.schedules[name][step - 1])
-                               for name in ("lr", "weight_decay", "momentum", "teacher_temp") if name not in unused},
-              "img_per_s": images / seconds if seconds > 0 else 0.0,
-              "nonfinite_total": run.counters.nonfinite_total, **values}
+    record = {
+        "step": step,
+        **{
+            name: float(run.schedules[name][step - 1])
+            for name in ("lr", "weight_decay", "momentum", "teacher_temp")
+            if name not in unused
+        },
+        "img_per_s": images / seconds if seconds > 0 else 0.0,
+        "nonfinite_total": run.counters.nonfinite_total,
+        **values,
+    }
     data = run.stream.stats()
     record.update(data_seen=data["seen"], data_skipped=data["skipped"], data_epoch=data["epoch"])
     if data["skipped"] > run.counters.last_skipped:
-        log.warning("%d corrupt/unreadable samples skipped so far (%.2f%% of %d read); see warnings above",
-                    data["skipped"], 100 * data["skip_rate"], data["seen"])
+        log.warning(
+            "%d corrupt/unreadable samples skipped so far (%.2f%% of %d read); see warnings above",
+            data["skipped"],
+            100 * data["skip_rate"],
+            data["seen"],
+        )
         run.counters.last_skipped = data["skipped"]
     if values.get("embedding_std", 1.0) < COLLAPSE_STD or values.get("teacher_std", 1.0) < COLLAPSE_STD:
-        log.warning("step %d: embeddings are collapsing (std across the batch %.4f, teacher %.4f; ~1 is healthy)",
-                    step, values.get("embedding_std", float("nan")), values.get("teacher_std", float("nan")))
+        log.warning(
+            "step %d: embeddings are collapsing (std across the batch %.4f, teacher %.4f; ~1 is healthy)",
+            step,
+            values.get("embedding_std", float("nan")),
+            values.get("teacher_std", float("nan")),
+        )
     if run.accelerator.is_main_process:
         runs.append_metrics(run.directory, record)
     run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
     if bar is not None:
-        bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}",
-                        img_s=f"{record['img_per_s']:.1f}")
+        bar.set_postfix(
+            loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{record['lr']:.2e}", img_s=f"{record['img_per_s']:.1f}"
+        )
 
 
 def run_monitor(run: Run) -> None:
@@ -359,9 +407,15 @@ def run_monitor(run: Run) -> None:
         result = run.monitor.evaluate(run.raw_model.backbone, run.accelerator)
     run.model.train()
     record = {"step": run.counters.step, **{f"knn_{k}": v for k, v in result.items()}}
-    log.info("online k-NN on %s at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
-             result["corpus"], run.counters.step, 100 * result["top1"], 100 / result["num_classes"], result["k"],
-             result["n_test"])
+    log.info(
+        "online k-NN on %s at step %d: top-1 %.1f%% (chance %.1f%%; k=%d, %d images, leave-one-out)",
+        result["corpus"],
+        run.counters.step,
+        100 * result["top1"],
+        100 / result["num_classes"],
+        result["k"],
+        result["n_test"],
+    )
     if run.accelerator.is_main_process:
         runs.append_metrics(run.directory, record)
     run.accelerator.log({"knn_top1": result["top1"], "knn_top5": result["top5"]}, step=run.counters.step)
@@ -372,7 +426,7 @@ def run_monitor(run: Run) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def setup(config: Config, fresh: bool = False, held: Optional[contextlib.ExitStack] = None) -> Run:
+def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None = None) -> Run:
     """Build the run; the run folder is claimed (its lock entered into ``held``), checked against this config
     and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
@@ -390,13 +444,28 @@ def setup(config: Config, fresh: bool = False, held: Optional[contextlib.ExitSta
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     optimizer = build_optimizer(raw_model, config.optim)
-    stream = build_train_stream(config.data, derived["per_process_batch_size"], config.train.seed,
-                                accelerator.process_index, accelerator.num_processes, build_transform(config.data))
+    stream = build_train_stream(
+        config.data,
+        derived["per_process_batch_size"],
+        config.train.seed,
+        accelerator.process_index,
+        accelerator.num_processes,
+        build_transform(config.data),
+    )
     fingerprint = manifest_fingerprint(stream.urls)
     existing = open_run_folder(accelerator, config, fresh, fingerprint, held)
     model, optimizer = accelerator.prepare(raw_model, optimizer)
-    run = Run(config, accelerator, directory, model, raw_model, optimizer,
-              build_schedules(config, accelerator.num_processes), stream, data_fingerprint=fingerprint)
+    run = Run(
+        config,
+        accelerator,
+        directory,
+        model,
+        raw_model,
+        optimizer,
+        build_schedules(config, accelerator.num_processes),
+        stream,
+        data_fingerprint=fingerprint,
+    )
     # Per-rank randomness (drop-path, augment fallbacks) differs across ranks but is reproducible.
     set_seed(config.train.seed + accelerator.process_index)
     if existing is not None:
@@ -411,8 +480,9 @@ def setup(config: Config, fresh: bool = False, held: Optional[contextlib.ExitSta
     return run
 
 
-def open_run_folder(accelerator, config: Config, fresh: bool, fingerprint: Optional[str],
-                    held: Optional[contextlib.ExitStack]) -> Optional[tuple[Path, dict[str, Any]]]:
+def open_run_folder(
+    accelerator, config: Config, fresh: bool, fingerprint: str | None, held: contextlib.ExitStack | None
+) -> tuple[Path, dict[str, Any]] | None:
     """Claim the run folder (main process), start it over (``fresh``) or refuse it when its config.yaml, newest
     readable checkpoint or data differ from this run's, then write config.yaml. Returns (checkpoint, loaded) to
     resume from, or None. Nothing in the folder is written or deleted before every check has passed."""
@@ -459,19 +529,22 @@ def newest_readable(accelerator, config: Config, directory: Path):
             raise refusal or ckpt.CheckpointError(f"{path}: refused on another process (see its error)")
         if not failed:
             return (path, loaded), unreadable
-        log.warning("%s; falling back to the previous complete checkpoint", failure or f"{path}: unreadable on "
-                    "another process")
+        log.warning(
+            "%s; falling back to the previous complete checkpoint", failure or f"{path}: unreadable on another process"
+        )
         unreadable.append(path)
     if unreadable:
-        raise ckpt.CheckpointError(f"{unreadable[0]}: unreadable, and no older checkpoint can be read either; move "
-                                   f"{directory / runs.CHECKPOINTS_DIR} away or start over with --fresh")
+        raise ckpt.CheckpointError(
+            f"{unreadable[0]}: unreadable, and no older checkpoint can be read either; move "
+            f"{directory / runs.CHECKPOINTS_DIR} away or start over with --fresh"
+        )
     return None, unreadable
 
 
 def on_main(accelerator, action) -> None:
     """Run ``action`` on the main process only; if it raises a UserError, every process raises (no process waits
     at a barrier for a main process that gave up)."""
-    error: Optional[UserError] = None
+    error: UserError | None = None
     if accelerator.is_main_process:
         try:
             action()
@@ -482,8 +555,13 @@ def on_main(accelerator, action) -> None:
 
 
 # What each part of the pretraining model is, for the start-up parameter count.
-PART_NAMES = {"backbone": "backbone", "mim": "MIM decoder", "dino": "DINO head", "simclr": "SimCLR head",
-              "teacher": "EMA teacher"}
+PART_NAMES = {
+    "backbone": "backbone",
+    "mim": "MIM decoder",
+    "dino": "DINO head",
+    "simclr": "SimCLR head",
+    "teacher": "EMA teacher",
+}
 
 
 def parameter_counts(model: torch.nn.Module) -> dict[str, dict[str, int]]:
@@ -511,9 +589,12 @@ def describe_parameters(model: torch.nn.Module) -> str:
     trained = [(name, c["trainable"]) for name, c in counts.items() if c["trainable"]]
     text = " + ".join(f"{PART_NAMES.get(n, n)} {_count(v)}" for n, v in trained)
     text += f" = {_count(sum(v for _, v in trained))} trained"
-    frozen = [f"{PART_NAMES.get(n, n)} {_count(c['frozen'])} "
-              + ("(an EMA copy of backbone + head)" if n == "teacher" else "(frozen)")
-              for n, c in counts.items() if c["frozen"]]
+    frozen = [
+        f"{PART_NAMES.get(n, n)} {_count(c['frozen'])} "
+        + ("(an EMA copy of backbone + head)" if n == "teacher" else "(frozen)")
+        for n, c in counts.items()
+        if c["frozen"]
+    ]
     if frozen:
         text += "; not trained: " + ", ".join(frozen)
     backbone = counts.get("backbone", {"trainable": 0, "frozen": 0})
@@ -534,18 +615,21 @@ def flat_hparams(config: Config) -> dict[str, Any]:
     flat = ckpt._flatten(to_dict(config))
     unused = unused_settings(config)
     # Shard URLs may carry credentials (user:pass@, signed query strings); TensorBoard files get shared.
-    return {k: redact(v) if isinstance(v, str) else v for k, v in flat.items()
-            if isinstance(v, (int, float, str, bool)) and k not in unused}
+    return {
+        k: redact(v) if isinstance(v, str) else v
+        for k, v in flat.items()
+        if isinstance(v, (int, float, str, bool)) and k not in unused
+    }
 
 
-def batches(run: Run) -> Iterator[dict]:
+def batches(run: Run) -> Generator[dict, None, None]:
     """The stream, moved to the device; fails clearly if the stream ends before the step budget."""
     for batch in run.stream:
         yield to_device(batch, run.accelerator.device)
     raise UserError(f"{run.config.data.train}: the data stream ended at step {run.counters.step}")
 
 
-def should_stop(run: Run, stop: StopSignal, started: float) -> Optional[str]:
+def should_stop(run: Run, stop: StopSignal, started: float) -> str | None:
     budget = run.config.train.max_seconds
     over_time = budget > 0 and time.monotonic() - started >= budget
     signal_flag, time_flag = sync_flags(run.accelerator, 1.0 if stop.received else 0.0, 1.0 if over_time else 0.0)
@@ -621,19 +705,28 @@ def handle_nonfinite(run: Run, values: dict[str, float]) -> bool:
         return True
     counters.nonfinite_total += 1
     if values.get("fp16_overflow"):  # the grad scaler's own back-off (scaler_overflow), not a diverging run
-        log.info("step %d: fp16 gradient overflow, step skipped and the loss scale lowered (%d skipped in total)",
-                 counters.step, counters.nonfinite_total)
+        log.info(
+            "step %d: fp16 gradient overflow, step skipped and the loss scale lowered (%d skipped in total)",
+            counters.step,
+            counters.nonfinite_total,
+        )
         return False
     counters.nonfinite_in_row += 1
     what = "loss" if values.get("nonfinite_loss") else "gradient norm"
-    log.warning("step %d: non-finite %s, step skipped (%d in a row, %d in total)", counters.step, what,
-                counters.nonfinite_in_row, counters.nonfinite_total)
+    log.warning(
+        "step %d: non-finite %s, step skipped (%d in a row, %d in total)",
+        counters.step,
+        what,
+        counters.nonfinite_in_row,
+        counters.nonfinite_total,
+    )
     if counters.nonfinite_in_row >= run.config.train.max_nonfinite_steps:
         newest = ckpt.latest_checkpoint(run.directory)
         raise NonFiniteLossError(
             f"{counters.nonfinite_in_row} non-finite steps (loss or gradient norm) in a row at step {counters.step} "
             f"(train.max_nonfinite_steps={run.config.train.max_nonfinite_steps}); lower optim.lr or use "
-            f"mixed_precision=bf16 instead of fp16. Last good checkpoint: {newest or 'none'}")
+            f"mixed_precision=bf16 instead of fp16. Last good checkpoint: {newest or 'none'}"
+        )
     return False
 
 
@@ -645,8 +738,11 @@ def autocast_dtype(accelerator) -> torch.dtype:
 
 
 def log_precision(accelerator) -> None:
-    log.info("mixed precision '%s': autocast runs matmuls/convolutions in %s, normalization/softmax/losses "
-             "in float32", accelerator.mixed_precision, autocast_dtype(accelerator))
+    log.info(
+        "mixed precision '%s': autocast runs matmuls/convolutions in %s, normalization/softmax/losses in float32",
+        accelerator.mixed_precision,
+        autocast_dtype(accelerator),
+    )
 
 
 def make_bar(run: Run):
@@ -654,8 +750,14 @@ def make_bar(run: Run):
         return None
     from ssl_hybrid.train.progress import TrainBar
 
-    return TrainBar(total=run.config.train.steps, initial=run.counters.step, desc=run.config.name, unit="step",
-                    dynamic_ncols=True, budget_seconds=run.config.train.max_seconds)
+    return TrainBar(
+        total=run.config.train.steps,
+        initial=run.counters.step,
+        desc=run.config.name,
+        unit="step",
+        dynamic_ncols=True,
+        budget_seconds=run.config.train.max_seconds,
+    )
 
 
 def finish(run: Run, stop: StopSignal) -> dict[str, Any]:
@@ -669,11 +771,19 @@ def finish(run: Run, stop: StopSignal) -> dict[str, Any]:
     interrupted = interrupted or signalled(run, stop)  # e.g. a SIGTERM during the final checkpoint
     if not interrupted:
         exported = export_backbone(run, budget)
-        if (run.config.train.knn_every > 0 and run.counters.step % run.config.train.knn_every != 0
-                and not signalled(run, stop)):
+        if (
+            run.config.train.knn_every > 0
+            and run.counters.step % run.config.train.knn_every != 0
+            and not signalled(run, stop)
+        ):
             run_monitor(run)
-    summary = {"run_dir": str(run.directory), "step": run.counters.step, **budget,
-               "nonfinite_total": run.counters.nonfinite_total, "backbone": str(exported) if exported else None}
+    summary = {
+        "run_dir": str(run.directory),
+        "step": run.counters.step,
+        **budget,
+        "nonfinite_total": run.counters.nonfinite_total,
+        "backbone": str(exported) if exported else None,
+    }
     if interrupted:
         nothing = " before training a step (nothing new to save)" if run.counters.step == run.start_step else ""
         log.warning("stopped by signal at step %d%s; re-run the same command to resume", run.counters.step, nothing)
@@ -688,12 +798,17 @@ def budget_record(run: Run) -> dict[str, Any]:
         previous = exported_record(run.directory)
         if previous and previous.get("steps") == run.config.train.steps:
             return previous
-    return {"steps": run.config.train.steps, "max_seconds": run.config.train.max_seconds,
-            "stopped": run.stop_reason or "done", "start_step": run.start_step,
-            "train_seconds": round(run.train_seconds, 1), "startup_seconds": round(run.startup_seconds, 1)}
+    return {
+        "steps": run.config.train.steps,
+        "max_seconds": run.config.train.max_seconds,
+        "stopped": run.stop_reason or "done",
+        "start_step": run.start_step,
+        "train_seconds": round(run.train_seconds, 1),
+        "startup_seconds": round(run.startup_seconds, 1),
+    }
 
 
-def exported_record(directory: Path) -> Optional[dict[str, Any]]:
+def exported_record(directory: Path) -> dict[str, Any] | None:
     """The budget record of the run's export; None when it has not been exported yet."""
     from ssl_hybrid.models.export import (
         RECORD_KEY,
@@ -708,7 +823,7 @@ def exported_record(directory: Path) -> Optional[dict[str, Any]]:
         return None
 
 
-def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
+def export_backbone(run: Run, budget: dict[str, Any]) -> Path | None:
     """The run's model folder ``<run>/model/``; the run owns it, so a finished re-run replaces it (atomically)."""
     from ssl_hybrid.train.export import MODEL_DIR, save_run_model
 
@@ -716,14 +831,22 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
     folder, failure = None, None
     if run.accelerator.is_main_process:
         try:
-            folder = save_run_model(run.raw_model.backbone, run.config, run.directory / MODEL_DIR,
-                                    {"step": run.counters.step, "pretraining": budget}, force=True,
-                                    run_dir=run.directory)
+            folder = save_run_model(
+                run.raw_model.backbone,
+                run.config,
+                run.directory / MODEL_DIR,
+                {"step": run.counters.step, "pretraining": budget},
+                force=True,
+                run_dir=run.directory,
+            )
             log.info("exported %s", folder)
         except Exception as err:  # a full disk, a record that cannot be written: one line; every rank stops here,
             # none waits at a later collective
-            failure = err if isinstance(err, UserError) else UserError(f"{run.directory / MODEL_DIR}: the export "
-                                                                      f"failed ({type(err).__name__}: {err})")
+            failure = (
+                err
+                if isinstance(err, UserError)
+                else UserError(f"{run.directory / MODEL_DIR}: the export failed ({type(err).__name__}: {err})")
+            )
     # The flag's all-reduce is also the barrier after which every rank may read the export (quickstart's
     # evaluation runs on every rank).
     if sync_flags(run.accelerator, float(failure is not None))[0]:
@@ -734,7 +857,7 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Optional[Path]:
 def pretrain(config: Config, fresh: bool = False) -> dict[str, Any]:
     """Run (or resume) the pretraining job described by ``config``; returns a summary dict. ``fresh`` deletes
     the run folder first (``runs.start_fresh``: a run folder only, after the model and data were built)."""
-    run: Optional[Run] = None
+    run: Run | None = None
     held = contextlib.ExitStack()  # the run folder's lock, held until the job ends
     # A process group that exists already is its creator's to end (quickstart keeps one for its evaluation):
     # destroying and re-creating one over the launcher's store can hang (gloo reconnects to stale addresses).

@@ -25,23 +25,36 @@ class KNNMonitor:
         if len(labeled) < 2:
             raise ValueError(f"{config.data.val}: the k-NN monitor needs at least 2 labeled images")
         size = config.eval.image_size or config.data.image_size
-        self.loader = make_loader(labeled, eval_transform(size), config.eval.batch_size,
-                                  num_workers=min(2, config.data.num_workers))
+        self.loader = make_loader(
+            labeled, eval_transform(size), config.eval.batch_size, num_workers=min(2, config.data.num_workers)
+        )
         self.corpus = config.data.val  # named in every measurement: the monitor scores this set, not data.train
-        log.info("online k-NN monitor scores %s (data.val): %d images (leave-one-out), %d classes", self.corpus,
-                 len(labeled), len(labeled.classes))
+        log.info(
+            "online k-NN monitor scores %s (data.val): %d images (leave-one-out), %d classes",
+            self.corpus,
+            len(labeled),
+            len(labeled.classes),
+        )
         if not same_data(config.data.val, config.data.train):
-            log.warning("the online k-NN scores data.val=%s, not the training data (data.train=%s): it tells how the "
-                        "features do on that set. Set data.val to labeled images of your own data, or data.val= to "
-                        "turn the monitor off", config.data.val, config.data.train)
+            log.warning(
+                "the online k-NN scores data.val=%s, not the training data (data.train=%s): it tells how the "
+                "features do on that set. Set data.val to labeled images of your own data, or data.val= to "
+                "turn the monitor off",
+                config.data.val,
+                config.data.train,
+            )
 
     def evaluate(self, backbone, accelerator=None) -> dict[str, Any]:
         from ssl_hybrid.eval.features import extract_features, pooling_forward
         from ssl_hybrid.eval.knn import faiss_threads, leave_one_out_knn
 
-        features, labels = extract_features(backbone, self.loader, accelerator,
-                                            forward=pooling_forward(backbone, self.config.eval.pooling),
-                                            name=f"the backbone of run {self.config.name} (online k-NN monitor)")
+        features, labels = extract_features(
+            backbone,
+            self.loader,
+            accelerator,
+            forward=pooling_forward(backbone, self.config.eval.pooling),
+            name=f"the backbone of run {self.config.name} (online k-NN monitor)",
+        )
         backbone.train()
         with faiss_threads(1):  # restores torch's thread count too: training continues on all threads
             result = leave_one_out_knn(features, labels, self.config.eval.knn_k, self.config.eval.knn_temperature)

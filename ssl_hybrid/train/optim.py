@@ -26,9 +26,16 @@ def no_weight_decay_list(model: nn.Module) -> list[str]:
     """What timm's grouping exempts besides 1-D parameters: the backbone's own ``no_weight_decay()`` and
     any parameter whose last name holds one of ``NO_DECAY_NAME_PARTS``."""
     backbone = getattr(model, "backbone", None)
-    declared = [f"backbone.{name}" for name in backbone.no_weight_decay()] if hasattr(backbone, "no_weight_decay") else []
-    tokens = [name for name, _ in model.named_parameters()
-              if any(part in name.rsplit(".", 1)[-1] for part in NO_DECAY_NAME_PARTS)]
+    declared = (
+        [f"backbone.{name}" for name in backbone.no_weight_decay()]
+        if backbone is not None and hasattr(backbone, "no_weight_decay")
+        else []
+    )
+    tokens = [
+        name
+        for name, _ in model.named_parameters()
+        if any(part in name.rsplit(".", 1)[-1] for part in NO_DECAY_NAME_PARTS)
+    ]
     return declared + tokens
 
 
@@ -76,8 +83,10 @@ def param_groups(model: nn.Module, transformer_lr_scale: float, layer_decay: flo
         scale = (transformer_lr_scale if is_transformer_parameter(name) else 1.0) * layer_scale.get(id(param), 1.0)
         groups.setdefault((decay[id(param)], scale), []).append(param)
     log.debug("param groups (decay, lr scale): %s", {k: len(v) for k, v in groups.items()})
-    return [{"params": params, "weight_decay": 0.0, "apply_wd": apply_wd, "lr_scale": scale}
-            for (apply_wd, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
+    return [
+        {"params": params, "weight_decay": 0.0, "apply_wd": apply_wd, "lr_scale": scale}
+        for (apply_wd, scale), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))
+    ]
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:

@@ -8,7 +8,7 @@ and with a time budget (``train.max_seconds``) the time left is never more than 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -20,21 +20,21 @@ class TrainBar(tqdm):
 
     def __init__(self, *args: Any, budget_seconds: float = 0.0, **kwargs: Any) -> None:
         self._budget = budget_seconds
-        self._since: Optional[tuple[float, float]] = None  # (steps, time) at the end of the start-up step
+        self._since: tuple[float, float] | None = None  # (steps, time) at the end of the start-up step
         super().__init__(*args, bar_format=BAR_FORMAT, **kwargs)
 
-    def update(self, n: float = 1) -> Optional[bool]:
+    def update(self, n: float = 1) -> bool | None:
         if self._since is None:  # this step carried the start-up: the rate is measured from its end
             self._since = (self.n + n, self._time())
         return super().update(n)
 
-    def seconds_per_step(self) -> Optional[float]:
+    def seconds_per_step(self) -> float | None:
         """Mean time of the steps after the first (checkpoints and monitor pauses included); None before."""
         if self._since is None or self.n <= self._since[0]:
             return None
         return (self._time() - self._since[1]) / (self.n - self._since[0])
 
-    def seconds_left(self) -> tuple[Optional[float], bool]:
+    def seconds_left(self) -> tuple[float | None, bool]:
         """(estimate, whether the time budget is what bounds it); None while no step-time is measured."""
         per_step = self.seconds_per_step()
         if per_step is None:
@@ -53,6 +53,7 @@ class TrainBar(tqdm):
         values["rate"] = 1.0 / per_step if per_step else None
         values["initial"] = self.n if per_step is None else values["initial"]  # no rate yet: tqdm shows '?'
         seconds, by_budget = self.seconds_left()
-        values["left"] = ("?" if seconds is None
-                          else self.format_interval(seconds) + (" (time budget)" if by_budget else ""))
+        values["left"] = (
+            "?" if seconds is None else self.format_interval(seconds) + (" (time budget)" if by_budget else "")
+        )
         return values

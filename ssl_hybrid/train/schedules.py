@@ -44,6 +44,7 @@ def build_schedules(config: Config, num_processes: int = 1) -> dict[str, np.ndar
         "weight_decay": cosine(optim.weight_decay, optim.weight_decay_end, steps),
         # The teacher moves fast early and freezes at the end (DINO's cosine momentum to 1).
         "momentum": cosine(objective.momentum_teacher, 1.0, steps),
-        "teacher_temp": linear_then_constant(objective.warmup_teacher_temp, objective.teacher_temp, steps,
-                                             derived["teacher_temp_warmup_steps"]),
+        "teacher_temp": linear_then_constant(
+            objective.warmup_teacher_temp, objective.teacher_temp, steps, derived["teacher_temp_warmup_steps"]
+        ),
     }

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 
-
 def jpeg_bytes(seed: int, size: tuple[int, int] = (24, 20), mode: str = "RGB") -> bytes:
     from PIL import Image
 

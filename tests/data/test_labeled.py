@@ -8,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssl_hybrid.data.labeled import (LabeledDataError, align_classes, check_images, kshot_indices, load_labeled,
-                                     save_split, split_indices_by_ids, stratified_holdout)
+from ssl_hybrid.data.labeled import (
+    LabeledDataError,
+    align_classes,
+    check_images,
+    kshot_indices,
+    load_labeled,
+    save_split,
+    split_indices_by_ids,
+    stratified_holdout,
+)
 
 
 def test_image_folder_is_loaded_in_a_deterministic_order(image_folder):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def make_labeled_folder(root: Path, classes: int, per_class: int, seed: int, size: int = 40) -> Path:
     """Class-coloured noisy images (separable but not identical) in class sub-folders."""
     from PIL import Image

@@ -13,8 +13,14 @@ import torch
 
 from ssl_hybrid.data.labeled import load_labeled
 from ssl_hybrid.eval.backbones import load_backbone_spec
-from ssl_hybrid.eval.features import (cached_features, embed, eval_transform, extract_features, is_main_process,
-                                      make_loader)
+from ssl_hybrid.eval.features import (
+    cached_features,
+    embed,
+    eval_transform,
+    extract_features,
+    is_main_process,
+    make_loader,
+)
 
 
 def test_features_are_in_dataset_order_with_exactly_n_rows(labeled_pair):

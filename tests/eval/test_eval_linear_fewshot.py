@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from eval_helpers import clustered
+
 from ssl_hybrid.eval.fewshot import fewshot_evaluate
 from ssl_hybrid.eval.linear import DEFAULT_CS, FALLBACK_C, choose_c, linear_probe
 

@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-
 from eval_helpers import shared_dataset
+
 from ssl_hybrid.data.labeled import LabeledSet, Sample, load_labeled
 from ssl_hybrid.eval.features import features_for_spec
 from ssl_hybrid.eval.fewshot import fewshot_evaluate

@@ -7,12 +7,21 @@ import json
 
 import numpy as np
 import pytest
+from eval_helpers import make_labeled_folder
 from PIL import Image
 
-from eval_helpers import make_labeled_folder
 from ssl_hybrid.data.labeled import load_labeled
-from ssl_hybrid.eval.report import (CORRECT, LEGEND, QUERY, WRONG, _font, build_report, plot_label_efficiency,
-                                    retrieval_grid, wrap_text)
+from ssl_hybrid.eval.report import (
+    CORRECT,
+    LEGEND,
+    QUERY,
+    WRONG,
+    _font,
+    build_report,
+    plot_label_efficiency,
+    retrieval_grid,
+    wrap_text,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from models_helpers import HYBRID_CASES, size_marks
 from timm.layers import get_notrace_functions, get_notrace_modules
 from timm.models import create_feature_extractor as timm_feature_extractor
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
 import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS, RESVIT_VARIANTS
-
-from models_helpers import HYBRID_CASES, size_marks
 
 # 64 px (4x4 patches) and 96 px (6x6) inputs on models built for 224 px: the graph resamples the
 # position embedding and picks the attention path at run time, for any size (both sizes on the nano models).

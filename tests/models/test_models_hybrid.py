@@ -15,12 +15,11 @@ import time
 import pytest
 import timm
 import torch
+from models_helpers import HYBRID_CASES
 
 import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS
 from ssl_hybrid.models.masking import random_grid_mask
-
-from models_helpers import HYBRID_CASES
 
 IMG = 64
 GRID = IMG // 16

@@ -11,14 +11,13 @@ import json
 import pytest
 import timm
 import torch
+from models_helpers import RESVIT_CASES
 from torch import nn
 
 import ssl_hybrid.models  # noqa: F401  (registers resvit_*)
 from ssl_hybrid.models import RESVIT_VARIANTS, load_backbone, save_model_folder
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.resvit import MaskedBatchNorm2d, keep_map
-
-from models_helpers import RESVIT_CASES
 
 IMG = 64
 GRID = IMG // 16

@@ -9,6 +9,7 @@ import math
 import pytest
 import timm
 import torch
+from models_helpers import HYBRID_CASES
 
 import ssl_hybrid.models  # noqa: F401
 from ssl_hybrid.errors import UserError
@@ -18,8 +19,6 @@ from ssl_hybrid.models.export import BackboneLoadError, load_backbone, save_mode
 from ssl_hybrid.models.flops import count_flops
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.token_select import TokenSelectConfig, select_tokens, tokens_to_keep
-
-from models_helpers import HYBRID_CASES
 
 IMG = 64
 GRID = IMG // 16

@@ -13,7 +13,6 @@ from ssl_hybrid.objectives.contrastive import ContrastiveObjective
 from ssl_hybrid.objectives.distill import DINOObjective, DistributedDINOLoss, EMATeacher
 from ssl_hybrid.objectives.mim import MIMDecoder, masked_patch_loss, pixel_targets
 
-
 # ------------------------------------------------------------------------------------- MIM
 
 def test_pixel_targets_match_per_patch_numpy_reference():
@@ -161,7 +160,6 @@ def test_multiscale_training_embedding_feeds_every_conv_stage_to_simclr():
     import timm
 
     import ssl_hybrid.models  # noqa: F401  (registers resvit_*)
-
     from ssl_hybrid.config import ConfigError, load_config
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 

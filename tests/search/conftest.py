@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ssl_hybrid.search.budget import Budget
-from ssl_hybrid.search.run import SearchConfig, ZeroCostConfig
 from ssl_hybrid.search.halving import HalvingSchedule
+from ssl_hybrid.search.run import SearchConfig, ZeroCostConfig
 from ssl_hybrid.search.space import SearchSpace
 
 

@@ -7,8 +7,15 @@ import json
 
 import pytest
 
-from ssl_hybrid.search.halving import (HalvingSchedule, SearchState, SearchStateError, rank, rung_plan,
-                                       successive_halving, total_steps)
+from ssl_hybrid.search.halving import (
+    HalvingSchedule,
+    SearchState,
+    SearchStateError,
+    rank,
+    rung_plan,
+    successive_halving,
+    total_steps,
+)
 from ssl_hybrid.search.space import SearchSpace, sample_candidates
 
 

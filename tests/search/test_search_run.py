@@ -7,11 +7,11 @@ import json
 import math
 
 import pytest
-import torch
 
 from ssl_hybrid.search import run as search_run
+from ssl_hybrid.search.budget import count_params
 from ssl_hybrid.search.report import dominates, pareto_front
-from ssl_hybrid.search.space import build_candidate
+from ssl_hybrid.search.space import Candidate, build_candidate
 
 
 class ArchScorer:
@@ -33,7 +33,7 @@ def _load(tiny_search):
 
 
 def test_over_budget_candidates_are_rejected_before_training(tiny_search):
-    params = sorted(search_run.count_params(build_candidate(c, 32)) / 1e6 for c in
+    params = sorted(count_params(build_candidate(c, 32)) / 1e6 for c in
                     search_run.sample_candidates(tiny_search.space, tiny_search.num_candidates, tiny_search.seed))
     tiny_search.budget.max_params_m = params[len(params) // 2]  # about half the candidates are too big
     scorer = ArchScorer()
@@ -71,7 +71,7 @@ def test_measurements_match_the_counters(tiny_search):
     search_run.run_search(tiny_search, scorer=ArchScorer())
     state = _load(tiny_search)
     for cid, payload in state["candidates"].items():
-        model = build_candidate(search_run.Candidate.from_json(payload), 32)
+        model = build_candidate(Candidate.from_json(payload), 32)
         measured = state["measurements"][cid]
         assert measured["params_m"] == pytest.approx(sum(p.numel() for p in model.parameters()) / 1e6)
         assert measured["gflops"] == pytest.approx(count_flops(model, (1, 3, 32, 32)) / 1e9)
@@ -99,7 +99,7 @@ def test_outputs_pareto_and_chosen_recipe(tiny_search):
     assert summary["zero_cost_spearman_vs_rung0"] == pytest.approx(expected)
 
     config = load_config(out / "chosen.yaml")  # what `ssl-hybrid pretrain -c chosen.yaml` does first
-    chosen = search_run.Candidate.from_json(_load(tiny_search)["candidates"][summary["chosen"]])
+    chosen = Candidate.from_json(_load(tiny_search)["candidates"][summary["chosen"]])
     assert config.model.name == "hybrid_nano" and config.model.attn_mode == chosen.as_dict()["attn_mode"]
     config.data.image_size = 32
     backbone = build_backbone(config)

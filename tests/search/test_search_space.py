@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from ssl_hybrid.search.space import (Candidate, SearchSpace, SearchSpaceError, invalid_reason, make_candidate,
-                                     sample_candidates)
+from ssl_hybrid.search.space import (
+    Candidate,
+    SearchSpace,
+    SearchSpaceError,
+    invalid_reason,
+    make_candidate,
+    sample_candidates,
+)
 
 
 def test_sampling_is_seeded_distinct_and_inside_the_space():

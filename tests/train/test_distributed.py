@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from trainhelpers import REPO, tiny_overrides
 
 DIST = Path(__file__).parent / "dist"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from trainhelpers import signal_when, start_pretrain, tiny_overrides, wait_pretrain
+
 from ssl_hybrid.train.checkpoint import list_checkpoints, step_dir_name
 
 STEPS = 8

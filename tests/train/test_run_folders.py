@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-
 from trainhelpers import CORPUS, tiny_overrides
+
 from ssl_hybrid import runs
 from ssl_hybrid.cli import main
 from ssl_hybrid.config import Config, load_config, to_dict

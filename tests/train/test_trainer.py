@@ -12,8 +12,8 @@ import pytest
 import torch
 from lightly.utils.scheduler import cosine_schedule
 from safetensors.torch import load_file
-
 from trainhelpers import tiny_overrides
+
 from ssl_hybrid import runs
 from ssl_hybrid.config import load_config
 from ssl_hybrid.train import checkpoint as ckpt
@@ -63,6 +63,7 @@ def test_weight_decay_skips_norms_biases_and_tokens(run_root):
 @pytest.mark.parametrize("model_name", ["resvit_nano", "hybrid_nano"])
 def test_decay_groups_are_timms_plus_the_heads_tokens(run_root, model_name):
     from timm.optim import param_groups_weight_decay
+
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
     config = tiny_config(run_root, model__name=model_name)
