@@ -117,12 +117,6 @@ def one_process_group(function):
     return wrapper
 
 
-def is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process  # the state one_process_group created
-
-
 @one_process_group
 def quickstart(
     minutes: float = DEFAULT_MINUTES,
@@ -133,6 +127,7 @@ def quickstart(
     seeds: int = SEEDS,
 ) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
+    from ssl_hybrid.eval.features import is_main_process
     from ssl_hybrid.train.loop import pretrain
 
     config = quickstart_config(minutes, output_dir, overrides)
