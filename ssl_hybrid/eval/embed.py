@@ -68,10 +68,10 @@ class Embedder:
 
     def features(self, labeled: LabeledSet) -> np.ndarray:
         """L2-normalised float32 [len(labeled), D]: the evaluators' extraction of these images."""
-        from ssl_hybrid.eval.features import eval_transform, extract_features, make_loader
+        from ssl_hybrid.eval.features import extract_features, make_loader, transform_for
         from ssl_hybrid.eval.knn import l2_normalize
 
-        loader = make_loader(labeled, eval_transform(self.image_size), self.batch_size, self.num_workers)
+        loader = make_loader(labeled, transform_for(self.backbone, self.image_size), self.batch_size, self.num_workers)
         features, _ = extract_features(self.model, loader, progress=self.progress, forward=self.forward)
         return l2_normalize(features)
 
@@ -82,7 +82,7 @@ class Embedder:
         from ssl_hybrid.models.contract import EVAL_CROP_PCT
 
         keys = ("spec", "model", "kind", "hash", "image_size", "num_features", "weights")
-        return {
+        described: dict[str, Any] = {
             "backbone": {k: self.backbone.get(k) for k in keys},
             "pooling": self.pooling,
             "image_size": self.image_size,
@@ -96,6 +96,13 @@ class Embedder:
             },
             "normalised": "l2",
         }
+        if self.backbone.get("normalization"):  # N-channel arrays: bilinear, the pretraining data's statistics
+            normalization = self.backbone["normalization"]
+            described["preprocessing"].update(
+                interpolation="bilinear", mean=normalization["mean"], std=normalization["std"]
+            )
+            described["preprocessing"]["channel_names"] = normalization.get("names", [])
+        return described
 
 
 def load_embedder(

@@ -43,6 +43,7 @@ class ObjectiveSettings:
     simclr_temperature: float
     simclr_out_dim: int
     embedding: str
+    in_chans: int = 3  # data.channels: what the MIM decoder predicts per pixel
 
     @classmethod
     def from_config(cls, config) -> ObjectiveSettings:
@@ -61,6 +62,7 @@ class ObjectiveSettings:
             o.simclr_temperature,
             o.simclr_out_dim,
             o.embedding,
+            config.data.channels,
         )
 
 
@@ -94,7 +96,7 @@ class PretrainModel(nn.Module):
             )
         dim = multiscale_dim(backbone) if s.embedding == "multiscale" else backbone.num_features
         self.mim = (
-            MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
+            MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss, in_chans=s.in_chans)
             if s.mim_weight > 0
             else None
         )

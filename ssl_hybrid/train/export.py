@@ -78,9 +78,11 @@ def save_run_model(
     from ssl_hybrid.train.loop import training_meta
 
     scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
+    record = dict(record)
+    normalization = record.pop("normalization", "from data")  # N-channel runs: what their stream normalised with
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
         extra = dict(
-            training_meta(config),
+            training_meta(config, normalization),
             data=public_source(config.data.train),
             scored_pooling=scored,
             token_pool=token_pool,
@@ -126,6 +128,7 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
     from ssl_hybrid.models.export import (
         CHECKPOINT_BACKBONE_PREFIX,
         LEGACY_WEIGHTS_NAME,
+        META_NAME,
         ModelFolderError,
     )
     from ssl_hybrid.models.factory import check_factory_args
@@ -161,9 +164,18 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
     record = {"step": step, "pretraining": _budget(step_dir.parent.parent, config)}
+    if config.data.channels != 3 or (step_dir / META_NAME).exists():  # the normalisation the run recorded
+        record["normalization"] = _recorded_normalization(step_dir / META_NAME)
     folder = save_run_model(backbone.eval(), config, out, record, force=force, run_dir=step_dir.parent.parent)
     log.info("exported %s (step %s)", folder, step)
     return folder
+
+
+def _recorded_normalization(meta_file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8")).get("normalization")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _convert_old_export(run: Path, out: Path, force: bool) -> Path:

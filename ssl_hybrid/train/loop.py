@@ -90,6 +90,8 @@ class Run:
 def model_kwargs(config: Config) -> dict[str, Any]:
     """Factory kwargs of the backbone besides its name and image size (model.arch first, then our keys)."""
     kwargs: dict[str, Any] = dict(config.model.arch)
+    if config.data.channels != 3:  # timm's convention; 3 stays implicit so RGB models record what they always did
+        kwargs["in_chans"] = config.data.channels
     if config.model.name.startswith("hybrid_"):
         kwargs["attn_mode"] = config.model.attn_mode
         if config.model.token_keep_rate < 1.0:
@@ -109,14 +111,28 @@ def build_backbone(config: Config) -> torch.nn.Module:
     return backbone
 
 
-def training_meta(config: Config) -> dict[str, Any]:
+def training_meta(config: Config, normalization: Any = "from data") -> dict[str, Any]:
     """What the trainer adds to ``backbone.json`` (checkpoints) and the model folder's record besides how to rebuild the
     backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
-    return {
+    from ssl_hybrid.data.channels import stream_normalization
+
+    meta = {
         "image_size": config.data.image_size,
         "run": config.name,
         "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")},
     }
+    if normalization == "from data":  # a run passes what its stream uses; an export without a record reads the data
+        norm = stream_normalization(config.data) if config.data.channels != 3 else None
+        normalization = norm.record() if norm is not None else None
+    if normalization:  # N-channel data: what evaluators, embed and predict must normalise with
+        meta["normalization"] = normalization
+    return meta
+
+
+def run_normalization(run: Run) -> dict[str, Any] | None:
+    """The N-channel normalisation the run's stream applies (None for RGB photos)."""
+    norm = getattr(run.stream.transform, "norm", None)
+    return norm.record() if norm is not None else None
 
 
 def make_accelerator(config: Config, directory: Path):
@@ -307,7 +323,7 @@ def save(run: Run) -> Path:
         shared_state(run),
         rank_state,
         run.config,
-        make_meta(run.raw_model.backbone, training_meta(run.config)),
+        make_meta(run.raw_model.backbone, training_meta(run.config, run_normalization(run))),
         run.accelerator,
     )
 
@@ -433,6 +449,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
 
     from ssl_hybrid.data.shards import manifest_fingerprint
     from ssl_hybrid.data.stream import build_train_stream
+    from ssl_hybrid.data.channels import stream_normalization
     from ssl_hybrid.data.views import build_transform
 
     directory = run_dir(config)
@@ -450,7 +467,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
         config.train.seed,
         accelerator.process_index,
         accelerator.num_processes,
-        build_transform(config.data),
+        build_transform(config.data, stream_normalization(config.data)),
     )
     fingerprint = manifest_fingerprint(stream.urls)
     existing = open_run_folder(accelerator, config, fresh, fingerprint, held)
@@ -835,7 +852,7 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Path | None:
                 run.raw_model.backbone,
                 run.config,
                 run.directory / MODEL_DIR,
-                {"step": run.counters.step, "pretraining": budget},
+                {"step": run.counters.step, "pretraining": budget, "normalization": run_normalization(run)},
                 force=True,
                 run_dir=run.directory,
             )
