@@ -448,7 +448,8 @@ _CHOICES = {
 
 
 # model.arch may not shadow these: each has its own config key, and two sources for one value would disagree.
-_OWN_MODEL_KEYS = {"img_size", "num_classes", "pretrained", "drop_path_rate", "attn_mode", "token_keep_rate", "in_chans"}
+_OWN_MODEL_KEYS = {"img_size", "num_classes", "pretrained", "drop_path_rate", "attn_mode", "token_keep_rate"}
+_OWN_MODEL_KEYS.add("in_chans")  # data.channels
 
 
 def _get(config: Config, dotted: str) -> Any:

@@ -70,13 +70,12 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             series = tif.series[0]
             shape, axes = tuple(series.shape), series.axes
-            if math.prod(shape) > MAX_IMAGE_PIXELS * MAX_CHANNELS:
-                raise ValueError(f"{name}: shape {shape} is larger than this tool reads")
-            array = series.asarray()
-    except ValueError:
-        raise
-    except Exception as err:  # tifffile raises TiffFileError, struct.error, OSError... for bad bytes
-        raise ValueError(f"not a readable TIFF ({type(err).__name__}: {err})") from None
+            too_large = math.prod(shape) > MAX_IMAGE_PIXELS * MAX_CHANNELS
+            array = None if too_large else series.asarray()
+    except Exception as err:  # tifffile raises TiffFileError, ValueError, struct.error, OSError... for bad bytes
+        raise ValueError(f"{name}: not a readable TIFF ({type(err).__name__}: {err})") from None
+    if array is None:
+        raise ValueError(f"{name}: shape {shape} is larger than this tool reads (refused unread)")
     return _to_cyx(array, axes, name)
 
 
@@ -239,7 +238,9 @@ def manifest_normalization(manifest: dict[str, Any]) -> Normalization | None:
     stats = manifest.get("channel_stats")
     if not stats:
         return None
-    return Normalization(tuple(stats["mean"]), tuple(safe_std(stats["std"])), tuple(manifest.get("channel_names") or ()))
+    return Normalization(
+        tuple(stats["mean"]), tuple(safe_std(stats["std"])), tuple(manifest.get("channel_names") or ())
+    )
 
 
 def check_channel_config(

@@ -427,9 +427,7 @@ def _write_json(path: Path, payload) -> None:
     write_json_atomic(path, payload)
 
 
-def _load_all(
-    items: list[SourceItem], max_side: int, quality: int, workers: int, channels: int = 0
-) -> Iterator[tuple]:
+def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int, channels: int = 0) -> Iterator[tuple]:
     jobs = [(str(item.path), max_side, quality, channels) for item in items]
     if workers <= 1:
         yield from map(_load_item, jobs)
@@ -484,9 +482,9 @@ def write_shards(
     tmp = out.parent / f".{out.name}{_TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest = _write_set(
-            source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress, seed if shuffle else None,
-            channels, channel_names or [],
+        write = functools.partial(_write_set, channels=channels, channel_names=channel_names or [])
+        manifest = write(
+            source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress, seed if shuffle else None
         )
         _publish(tmp, out, replace)
     finally:
@@ -517,9 +515,10 @@ def _write_set(
     channel_names: list[str] | None = None,
 ) -> dict:
     """The shards, classes.json and manifest.json of ``source``, written into ``tmp``."""
-    from ssl_hybrid.data.channels import StatsAccumulator, decode_npy
     import webdataset as wds
     from tqdm import tqdm
+
+    from ssl_hybrid.data.channels import StatsAccumulator, decode_npy
 
     class_index = {name: index for index, name in enumerate(source.classes or [])}
     stats = StatsAccumulator(seed=seed or 0)

@@ -33,10 +33,10 @@ from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
 from ssl_hybrid.eval.features import (
     NonFiniteError,
     embed,
-    transform_for,
     extract_features,
     make_loader,
     one_line_worker_errors,
+    transform_for,
 )
 from ssl_hybrid.eval.knn import topk_accuracy
 from ssl_hybrid.train.schedules import warmup_cosine

@@ -447,9 +447,9 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
     and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
 
+    from ssl_hybrid.data.channels import stream_normalization
     from ssl_hybrid.data.shards import manifest_fingerprint
     from ssl_hybrid.data.stream import build_train_stream
-    from ssl_hybrid.data.channels import stream_normalization
     from ssl_hybrid.data.views import build_transform
 
     directory = run_dir(config)

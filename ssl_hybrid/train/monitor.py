@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 class KNNMonitor:
     def __init__(self, config: Config) -> None:
-        from ssl_hybrid.data.labeled import check_images, load_labeled
         from ssl_hybrid.data.channels import stream_normalization
+        from ssl_hybrid.data.labeled import check_images, load_labeled
         from ssl_hybrid.eval.features import make_loader, transform_for
 
         self.config = config
