@@ -321,3 +321,37 @@ def test_evaluators_use_the_recorded_normalisation_on_five_channel_shards(cell_s
     np.testing.assert_allclose(embedder.features(labeled), features / np.linalg.norm(features, axis=1, keepdims=True),
                                rtol=1e-4, atol=1e-5)
     assert embedder.describe()["preprocessing"]["mean"] == list(norm.mean)
+
+
+@pytest.mark.slow
+def test_five_channel_pretrain_knn_finetune_predict_end_to_end(tmp_path, capsys):
+    """The whole path a microscopist takes, on a tiny demo set: make-demo -> shards --channels 5 -> pretrain
+    (joint MIM + DINO, hybrid_nano, 2 steps) -> knn / finetune / predict on the TIFF files themselves."""
+    from ssl_hybrid.cli import main
+
+    cells, shards, runs = tmp_path / "cells", tmp_path / "shards", tmp_path / "runs"
+    assert main(["make-demo", "microscopy", "--out", str(cells), "--per-class", "4", "--test-per-class", "2",
+                 "--size", "32"]) == 0
+    assert main(["shards", "--src", str(cells / "train"), "--out", str(shards), "--channels", "5",
+                 "--channel-names", "nuclei,cytoplasm,membrane,speckles,marker"]) == 0
+    overrides = [f"train.output_dir={runs}", "name=c5", f"data.train={shards}", "data.channels=5",
+                 "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=4", "model.name=hybrid_nano",
+                 "objective.dino_out_dim=32", "objective.decoder_dim=32", "objective.decoder_depth=1",
+                 "objective.warmup_teacher_temp_steps=1", "train.steps=2", "train.batch_size=4",
+                 "train.checkpoint_every=1", "train.knn_every=0"]
+    assert main(["-q", "pretrain", *overrides]) == 0
+    config = json.loads((runs / "c5" / "model" / "config.json").read_text())
+    assert config["model_args"]["in_chans"] == 5
+    assert config["ssl_hybrid"]["normalization"]["names"][4] == "marker"
+    model = str(runs / "c5" / "model")
+    assert main(["-q", "knn", model, "--train", str(cells / "train"), "--test", str(cells / "test"), "--no-cache",
+                 "--out", str(tmp_path / "knn.json")]) == 0
+    assert 0.0 <= json.loads((tmp_path / "knn.json").read_text())["top1"] <= 1.0
+    assert main(["-q", "finetune", model, "--train", str(shards), "--test", str(cells / "test"), "--epochs", "1",
+                 "--batch-size", "4", "--save", str(tmp_path / "tuned")]) == 0
+    tuned = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert tuned["pretrained_cfg"]["mean"] == config["pretrained_cfg"]["mean"]
+    capsys.readouterr()
+    image = next((cells / "test" / "nuclear").glob("*.tif"))
+    assert main(["-q", "predict", str(tmp_path / "tuned"), str(image)]) == 0
+    assert image.name in capsys.readouterr().out
