@@ -276,17 +276,18 @@ def _add_make_demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder (train/, test/, rgb/ are written into it)")
     parser.add_argument("--per-class", type=int, default=60, help="training images per class")
     parser.add_argument("--test-per-class", type=int, default=30, help="test images per class")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=0, help="image side in pixels (0 = 64)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.set_defaults(handler=_run_make_demo)
 
 
 def _run_make_demo(args: argparse.Namespace) -> int:
-    from ssl_hybrid.data.demo import make_microscopy
+    from ssl_hybrid.data.demo import SIDE, make_microscopy
 
-    if args.per_class < 1 or args.test_per_class < 1 or args.size < 32:
+    size = args.size or SIDE
+    if args.per_class < 1 or args.test_per_class < 1 or size < 32:
         raise UserError("--per-class and --test-per-class must be >= 1 and --size >= 32")
-    counts = make_microscopy(args.out, args.per_class, args.test_per_class, args.size, args.seed)
+    counts = make_microscopy(args.out, args.per_class, args.test_per_class, size, args.seed)
     print(f"{args.out}: {counts['train']} training and {counts['test']} test images (16-bit, 5 channels) + rgb/")
     return 0
 

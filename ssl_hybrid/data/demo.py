@@ -18,6 +18,7 @@ import numpy as np
 CLASSES = ("negative", "nuclear", "cytoplasmic")
 CHANNEL_NAMES = ("nuclei", "cytoplasm", "membrane", "speckles", "marker")
 BACKGROUND, NOISE, MARKER = 60.0, 8.0, 80.0  # the marker channel in 16-bit counts: max < 256
+SIDE = 64  # px: a few cells per image, and a CPU pretraining step of 32-px crops in about a second
 
 
 def _discs(rng: np.random.Generator, size: int, count: int, radius: tuple[int, int], grow: int = 0) -> np.ndarray:
@@ -35,7 +36,7 @@ def _smooth(rng: np.random.Generator, size: int, cells: int = 8) -> np.ndarray:
     return np.kron(coarse, np.ones((size // cells + 1, size // cells + 1)))[:size, :size]
 
 
-def cell_image(rng: np.random.Generator, label: int, size: int = 64) -> np.ndarray:
+def cell_image(rng: np.random.Generator, label: int, size: int = SIDE) -> np.ndarray:
     """One ``[5, size, size]`` uint16 image of class ``CLASSES[label]``."""
     count = int(rng.integers(3, 7))
     state = rng.bit_generator.state  # the same centres for nuclei and their cytoplasm
@@ -61,7 +62,7 @@ def to_rgb8(image: np.ndarray) -> np.ndarray:
 
 
 def make_microscopy(
-    out: str | Path, per_class: int = 60, test_per_class: int = 30, size: int = 64, seed: int = 0, rgb: bool = True
+    out: str | Path, per_class: int = 60, test_per_class: int = 30, size: int = SIDE, seed: int = 0, rgb: bool = True
 ) -> dict:
     """Write the set; returns counts per split. Seeded: the same arguments give the same files."""
     import tifffile
