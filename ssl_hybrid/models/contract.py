@@ -58,6 +58,7 @@ class TokenBackbone(TimmModel, Protocol):
     """What our backbones (``hybrid_*``, ``resvit_*``) add to timm's contract (see ``TimmModel``)."""
 
     num_multiscale_features: int
+    global_pool: str  # "multiscale" among the choices
 
     def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor: ...
 
