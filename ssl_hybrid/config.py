@@ -345,7 +345,7 @@ def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of a config, groups included ("train", "train.steps", ...)."""
     keys = []
     for name, value in cfg.items_ex(resolve=False):
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{name!s}"
         keys.append(dotted)
         if isinstance(value, DictConfig):
             keys.extend(known_keys(value, f"{dotted}."))

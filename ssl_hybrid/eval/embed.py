@@ -605,11 +605,17 @@ def plot_map(embeddings: Embeddings, path: str | Path, method: str = "auto", see
         for label in np.unique(labels):
             chosen = labels == label
             name = classes[label] if label != UNLABELED else "unlabeled"
-            ax.scatter(*points[chosen].T, s=8, color=cmap(label % cmap.N) if label != UNLABELED else "0.6", label=name)
+            ax.scatter(
+                points[chosen, 0],
+                points[chosen, 1],
+                s=8,
+                color=cmap(label % cmap.N) if label != UNLABELED else "0.6",
+                label=name,
+            )
         if len(classes) <= 20:
             ax.legend(fontsize=7, markerscale=2, loc="best")
     else:
-        ax.scatter(*points.T, s=8, color="tab:blue")
+        ax.scatter(points[:, 0], points[:, 1], s=8, color="tab:blue")
     backbone = embeddings.meta["backbone"]
     ax.set_title(
         f"{used.upper()} of {len(picked)} embeddings ({backbone.get('model')}, {embeddings.meta['pooling']} pooling)",

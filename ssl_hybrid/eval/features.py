@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
 from ssl_hybrid.data.workers import ignore_stop_signals
 from ssl_hybrid.errors import UserError
-from ssl_hybrid.models.contract import EVAL_CROP_PCT
+from ssl_hybrid.models.contract import EVAL_CROP_PCT, TimmModel
 from ssl_hybrid.models.pooling import multiscale_embed, offers_multiscale
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def autocast_context(device: torch.device):
 
 def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The pooled, pre-logits feature every timm model (and ours) exposes."""
-    return backbone.forward_head(backbone.forward_features(images), pre_logits=True)  # [B, C]
+    model = cast(TimmModel, backbone)
+    return model.forward_head(model.forward_features(images), pre_logits=True)  # [B, C]
 
 
 # "multiscale": every stage of the backbone's pyramid pooled and L2-normalized, concatenated (the backbone's

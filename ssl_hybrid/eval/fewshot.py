@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,7 @@ def fewshot_evaluate(
     pool_features = draw_pool(train_features, test_features, protocol)
     pool_labels = draw_pool(train_labels, test_labels, protocol)
     pool_set = train_set if protocol == "heldout" else _pooled(train_set, test_set)
-    results = []
+    results: list[dict[str, Any]] = []
     for k in shots:
         subsets = [kshot_indices(pool_labels, k, seed) for seed in range(seeds)]
         split_files = [

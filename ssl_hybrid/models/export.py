@@ -116,8 +116,9 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     pool = getattr(pool, "pool_type", pool)  # timm CNNs keep a pooling module
     if isinstance(pool, str):
         args["global_pool"] = pool
-    if getattr(model, "img_size", None) is not None:  # models that take img_size keep it
-        args["img_size"] = list(model.img_size)
+    img_size = getattr(model, "img_size", None)
+    if img_size is not None:  # models that take img_size keep it
+        args["img_size"] = list(img_size)
     return json.loads(json.dumps(args, default=list))
 
 
