@@ -131,7 +131,7 @@ def training_meta(config: Config, normalization: Any = "from data") -> dict[str,
 
 def run_normalization(run: Run) -> dict[str, Any] | None:
     """The N-channel normalisation the run's stream applies (None for RGB photos)."""
-    norm = getattr(run.stream.transform, "norm", None)
+    norm = getattr(getattr(getattr(run, "stream", None), "transform", None), "norm", None)
     return norm.record() if norm is not None else None
 
 
