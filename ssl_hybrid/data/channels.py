@@ -79,6 +79,24 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
     return _to_cyx(array, axes, name)
 
 
+def ome_channel_names(path: Path, channels: int) -> list[str]:
+    """The channel names an OME-TIFF's metadata gives (first image), when it names exactly ``channels``; else []."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_ome or not tif.ome_metadata:
+                return []
+            image = tifffile.xml2dict(tif.ome_metadata)["OME"]["Image"]
+        image = image[0] if isinstance(image, list) else image
+        entries = image["Pixels"]["Channel"]
+        entries = entries if isinstance(entries, list) else [entries]
+        names = [str(entry.get("Name") or "") for entry in entries]
+    except Exception:  # not a TIFF, no or odd OME metadata: names are optional
+        return []
+    return names if len(names) == channels and all(names) else []
+
+
 def _to_cyx(array: np.ndarray, axes: str, name: str) -> np.ndarray:
     """Drop length-1 axes other than Y/X, then accept YX, one channel-like axis + YX, or YX + samples."""
     keep = [i for i, axis in enumerate(axes) if axis in "YX" or array.shape[i] > 1]

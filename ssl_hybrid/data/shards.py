@@ -529,7 +529,7 @@ def _write_set(
     import webdataset as wds
     from tqdm import tqdm
 
-    from ssl_hybrid.data.channels import StatsAccumulator, decode_npy
+    from ssl_hybrid.data.channels import StatsAccumulator, decode_npy, ome_channel_names
 
     class_index = {name: index for index, name in enumerate(source.classes or [])}
     stats = StatsAccumulator(seed=seed or 0)
@@ -603,7 +603,8 @@ def _write_set(
         "seed": seed,
     }
     if channels:
-        manifest.update(channels=channels, channel_names=list(channel_names or []), channel_stats=stats.result())
+        names = list(channel_names or []) or ome_channel_names(source.items[0].path, channels)
+        manifest.update(channels=channels, channel_names=names, channel_stats=stats.result())
     if source.classes is not None:
         _write_json(tmp / CLASSES, source.classes)
     _write_json(tmp / MANIFEST, manifest)

@@ -124,6 +124,16 @@ def test_shards_keep_16_bit_pixels_exactly_and_record_per_channel_statistics(tmp
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["channel_stats"] == stats
 
 
+def test_channel_names_come_from_ome_metadata_when_not_given(tmp_path):
+    (tmp_path / "src").mkdir()
+    names = {"axes": "CYX", "Channel": {"Name": ["DAPI", "GFP", "RFP"]}}
+    (tmp_path / "src" / "x.ome.tif").write_bytes(tiff_bytes(pixels((3, 8, 8)), ome=True, metadata=names))
+    assert write_shards(tmp_path / "src", tmp_path / "a", channels=3, progress=False)["channel_names"] == [
+        "DAPI", "GFP", "RFP"]
+    given = write_shards(tmp_path / "src", tmp_path / "b", channels=3, channel_names=["x", "y", "z"], progress=False)
+    assert given["channel_names"] == ["x", "y", "z"]
+
+
 @pytest.mark.fault(injected="a truncated TIFF, a 4-channel and a 5-channel image of another size among 5-channel "
                             "TIFFs (shards --channels 5)",
                    did="the truncated and the 4-channel file skipped and listed in the manifest with a one-line "
