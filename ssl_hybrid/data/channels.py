@@ -166,6 +166,20 @@ def scaled(array: np.ndarray):
     return torch.from_numpy(array.astype(np.float32, copy=False)) / SCALES[array.dtype.name]
 
 
+def preview(array: np.ndarray):
+    """An 8-bit RGB picture of a ``[C, H, W]`` array for grids and thumbnails only (never for a model): the first
+    three channels (one channel as gray), each stretched between its own 1st and 99th percentile."""
+    from PIL import Image
+
+    values = array[:3].astype(np.float32)
+    low = np.percentile(values, 1, axis=(1, 2), keepdims=True)
+    high = np.percentile(values, 99, axis=(1, 2), keepdims=True)
+    stretched = np.clip((values - low) / np.maximum(high - low, 1e-12), 0, 1)
+    rgb = np.repeat(stretched, 3, axis=0) if len(stretched) == 1 else stretched
+    rgb = np.concatenate([rgb, np.zeros_like(rgb[:1])]) if len(rgb) == 2 else rgb
+    return Image.fromarray((np.moveaxis(rgb, 0, -1) * 255).round().astype(np.uint8))
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-channel statistics (manifest)
 # ---------------------------------------------------------------------------------------------

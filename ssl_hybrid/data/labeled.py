@@ -89,6 +89,15 @@ class LabeledSet:
             raise LabeledDataError(f"{self.where(index)}: {reason}")
         return image
 
+    def load_picture(self, index: int):
+        """An RGB PIL image to show (grids, thumbnails): the image, or a preview of an N-channel array."""
+        import numpy as np
+
+        from ssl_hybrid.data.channels import preview
+
+        image = self.load_image(index)
+        return preview(image) if isinstance(image, np.ndarray) else image
+
     def load_array(self, index: int):
         """The sample as an N-channel array ``[C, H, W]`` (a stored ``.npy``, or a TIFF/PNG file read with
         :func:`ssl_hybrid.data.channels.read_array`); LabeledDataError naming the file when it is unreadable."""

@@ -559,14 +559,14 @@ def neighbour_grid(embeddings: Embeddings, results: list[dict[str, Any]], path: 
     for row, result in enumerate(results):
         query_row = result["query_row"]
         image = (
-            embeddings.items.load_image(query_row)
+            embeddings.items.load_picture(query_row)
             if query_row is not None
-            else LabeledSet("query", [], [Sample(result["query"], UNLABELED, result["query"])]).load_image(0)
+            else LabeledSet("query", [], [Sample(result["query"], UNLABELED, result["query"])]).load_picture(0)
         )
         axes[row, 0].imshow(ImageOps.fit(image, (128, 128)))
         axes[row, 0].set_title("query\n" + _short(Path(result["query"]).name), fontsize=7)
         for col, item in enumerate(result["neighbours"], 1):
-            axes[row, col].imshow(ImageOps.fit(embeddings.items.load_image(item["row"]), (128, 128)))
+            axes[row, col].imshow(ImageOps.fit(embeddings.items.load_picture(item["row"]), (128, 128)))
             axes[row, col].set_title(
                 f"{item['similarity']:.3f}\n{_short(item['class'] or Path(item['id']).name)}", fontsize=7
             )

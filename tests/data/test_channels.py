@@ -331,6 +331,8 @@ def test_evaluators_use_the_recorded_normalisation_on_five_channel_shards(cell_s
     np.testing.assert_allclose(embedder.features(labeled), features / np.linalg.norm(features, axis=1, keepdims=True),
                                rtol=1e-4, atol=1e-5)
     assert embedder.describe()["preprocessing"]["mean"] == list(norm.mean)
+    picture = labeled.load_picture(0)  # grids and thumbnails show a preview
+    assert picture.mode == "RGB" and picture.size == (40, 40)
 
 
 @pytest.mark.slow
