@@ -681,12 +681,9 @@ def run_dir(config: Config) -> Path:
 
 def write_config(config: Config, directory: Path) -> Path:
     """Write the resolved config as <directory>/config.yaml (atomically)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(config), encoding="utf-8")
-    tmp.replace(target)
-    return target
+    from ssl_hybrid.runs import write_text_atomic  # runs imports this module
+
+    return write_text_atomic(directory / "config.yaml", lambda handle: handle.write(to_yaml(config)))
 
 
 def describe_fields(schema: type | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:
