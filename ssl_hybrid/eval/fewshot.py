@@ -21,15 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_hybrid.config import FEWSHOT_METHODS, FEWSHOT_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, kshot_indices, save_split
 from ssl_hybrid.eval.knn import HEADLINE_K, TEMPERATURE, knn_evaluate
 from ssl_hybrid.eval.linear import linear_probe
 
 log = logging.getLogger(__name__)
 
-METHODS = ("knn", "linear")
-DEFAULT_SHOTS = (1, 2, 5, 10)
-PROTOCOLS = ("heldout", "rest")
+METHODS = FEWSHOT_METHODS
+PROTOCOLS = FEWSHOT_PROTOCOLS
+DEFAULT_SHOTS = tuple(EvalConfig().shots)
+DEFAULT_METHODS = tuple(EvalConfig().methods)
 # Draws evaluated at once (processes); each fit is single-threaded and small (hundreds of rows).
 MAX_JOBS = 4
 
@@ -79,14 +81,14 @@ def fewshot_evaluate(
     test_features: np.ndarray,
     test_labels: np.ndarray,
     shots: Sequence[int] = DEFAULT_SHOTS,
-    seeds: int = 5,
-    methods: Sequence[str] = METHODS,
+    seeds: int = EvalConfig.seeds,
+    methods: Sequence[str] = DEFAULT_METHODS,
     train_set: LabeledSet | None = None,
     split_dir: Path | None = None,
     knn_k: int = HEADLINE_K,
     temperature: float = TEMPERATURE,
     num_classes: int | None = None,
-    protocol: str = "heldout",
+    protocol: str = EvalConfig.fewshot_protocol,
     test_set: LabeledSet | None = None,
 ) -> dict:
     """``{"results": [{"method", "shots", "mean", "std", "n_test", "runs"}], ...}``; runs hold per-seed
@@ -183,7 +185,7 @@ def _save(
     indices: np.ndarray,
     shots: int,
     seed: int,
-    protocol: str = "heldout",
+    protocol: str = EvalConfig.fewshot_protocol,
     n_train: int = 0,
 ) -> str | None:
     """The draw's ids; under ``rest`` also which set each came from (two folders may share relative ids)."""
