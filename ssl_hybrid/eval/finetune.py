@@ -39,7 +39,7 @@ from ssl_hybrid.eval.features import (
     one_line_worker_errors,
 )
 from ssl_hybrid.eval.knn import topk_accuracy
-from ssl_hybrid.train.schedules import warmup_cosine
+from ssl_hybrid.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
