@@ -76,7 +76,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import math
 import os
@@ -144,13 +143,6 @@ def sample_label(sample: dict) -> int | None:
     if "cls" not in sample:
         return None
     return shard_format.parse_label(sample["cls"])
-
-
-def sample_meta(sample: dict) -> dict | None:
-    try:
-        return json.loads(sample["json"]) if "json" in sample else None
-    except RecursionError:  # json's decoder recurses per nesting level
-        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,3 @@ class PretrainModel(nn.Module):
     def after_skipped_step(self) -> None:
         if self.dino is not None:
             self.dino.loss.discard_center()
-
-    def trainable_parameters(self):
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
