@@ -372,7 +372,7 @@ def build_report(
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
     ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured, ``fewshot_protocol``
-    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on; ``budget_note`` a
+    (config.FEWSHOT_PROTOCOLS) where the k-shot labels come from and what they are scored on; ``budget_note`` a
     sentence on a pretraining too short for the comparison (quickstart.too_few_steps), shown under the verdict."""
     check_protocol(fewshot_protocol)  # before any extraction
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
