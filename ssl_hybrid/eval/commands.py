@@ -160,21 +160,9 @@ def finetune_line(result: dict[str, Any]) -> str:
 
 
 def _backbone_summary(meta: dict) -> dict:
-    return {
-        k: meta.get(k)
-        for k in (
-            "spec",
-            "model",
-            "kind",
-            "weights",
-            "step",
-            "image_size",
-            "num_features",
-            "hash",
-            "missing_keys",
-            "unexpected_keys",
-        )
-    }
+    from ssl_hybrid.eval.backbones import backbone_summary
+
+    return backbone_summary(meta, "missing_keys", "unexpected_keys")
 
 
 def run_knn(args: argparse.Namespace) -> int:

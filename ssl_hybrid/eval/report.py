@@ -20,6 +20,7 @@ import numpy as np
 
 from ssl_hybrid.config import KNN_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet
+from ssl_hybrid.eval.backbones import backbone_summary
 from ssl_hybrid.eval.fewshot import DEFAULT_METHODS, DEFAULT_SHOTS, check_protocol, draw_pool, fewshot_evaluate
 from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, leave_one_out_knn, search
 from ssl_hybrid.eval.verdict import budget_text, data_context, verdict
@@ -96,21 +97,7 @@ def evaluate_backbone(
         )
     return {
         "name": name,
-        "backbone": {
-            k: meta.get(k)
-            for k in (
-                "spec",
-                "model",
-                "kind",
-                "weights",
-                "step",
-                "image_size",
-                "num_features",
-                "hash",
-                "pooling",
-                "pretraining",
-            )
-        },
+        "backbone": backbone_summary(meta, "pooling", "pretraining"),
         "knn": knn,
         "fewshot": fewshot["results"],
         "fewshot_n_test": fewshot["n_test"],
