@@ -310,16 +310,15 @@ def read_entry(path: Path, key: str, labeled: LabeledSet) -> tuple[np.ndarray, n
 
 def write_entry(path: Path, key: str, features: np.ndarray, labels: np.ndarray, max_bytes: int) -> None:
     """Write atomically (a crash leaves no half entry); a failure (full disk, read-only) is only logged."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    from ssl_hybrid.runs import atomic_path
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, features=features, labels=labels, key=np.array(key))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, features=features, labels=labels, key=np.array(key))
     except Exception as err:  # whatever the writer raises: the features are in memory and still returned
         log.warning(
             "cannot write the feature cache entry %s (%s: %s); continuing without it", path, type(err).__name__, err
         )
-        tmp.unlink(missing_ok=True)
         return
     evict(path.parent, max_bytes, keep=path)
 

@@ -40,7 +40,7 @@ from ssl_hybrid.eval.features import (
 )
 from ssl_hybrid.eval.knn import topk_accuracy
 from ssl_hybrid.models.contract import TimmModel
-from ssl_hybrid.train.schedules import warmup_cosine
+from ssl_hybrid.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
