@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -338,23 +339,24 @@ def _sample_from_group(
     names_by_label: dict[int, str],
     require_label: bool = True,
 ) -> Sample | None:
+    # Image members are indexed (TarInfo); the small fields and the error note were read while indexing (bytes).
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
     if "__error__" in fields:
-        log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())
+        log.warning("%s: sample '%s' skipped (%s)", url, key, cast(bytes, fields["__error__"]).decode())
         return None
-    if image is None or ("cls" not in fields and require_label):
+    if not isinstance(image, tarfile.TarInfo) or ("cls" not in fields and require_label):
         log.warning("%s: sample '%s' skipped (needs an image%s)", url, key, " and a 'cls'" if require_label else "")
         return None
     if "cls" not in fields:
         return Sample(id=key, label=UNLABELED, path=url, offset=image.offset_data, size=image.size)
     try:
-        label = parse_label(fields["cls"])
+        label = parse_label(cast(bytes, fields["cls"]))
     except (ValueError, UnicodeDecodeError) as err:
         log.warning("%s: sample '%s' skipped ('cls' is not a class index: %s)", url, key, err)
         return None
     if "json" in fields:
         try:
-            meta = json.loads(fields["json"])
+            meta = json.loads(cast(bytes, fields["json"]))
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
         except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the decoder goes

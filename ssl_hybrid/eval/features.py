@@ -99,7 +99,8 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        TorchLabeledDataset(labeled, transform),
+        # map-style (__len__ + __getitem__) is all DataLoader needs; data.labeled stays free of torch imports
+        cast(torch.utils.data.Dataset, TorchLabeledDataset(labeled, transform)),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
