@@ -128,7 +128,7 @@ def quickstart(
 ) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
     from ssl_hybrid.eval.features import is_main_process
-    from ssl_hybrid.train.loop import pretrain
+    from ssl_hybrid.train.engine import pretrain
 
     config = quickstart_config(minutes, output_dir, overrides)
     directory = run_dir(config)
