@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
 
 # What each ``mixed_precision`` setting (Accelerate's names) runs matmuls and convolutions in.
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,6 +22,14 @@ def make_accelerator(mixed_precision: str = "no", **kwargs: Any) -> Accelerator:
     # Without a GPU, say cpu=True so that torchrun-launched processes form a gloo group (MULTI_CPU);
     # Accelerate otherwise treats each of them as a lone process.
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(), **kwargs)
+
+
+def process_state() -> PartialState:
+    """Accelerate's process state (rank, world size; it creates the process group when launched with several
+    processes), with the same ``cpu`` choice as ``make_accelerator``, whose Accelerator shares it."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def inference_precision(device: torch.device) -> str:

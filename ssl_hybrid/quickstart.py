@@ -103,12 +103,10 @@ def one_process_group(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        import torch
-        from accelerate import PartialState
-
+        from ssl_hybrid.device import process_state
         from ssl_hybrid.distributed import end_distributed
 
-        PartialState(cpu=not torch.cuda.is_available())  # creates the group when launched with several processes
+        process_state()  # creates the group when launched with several processes
         try:
             return function(*args, **kwargs)
         finally:

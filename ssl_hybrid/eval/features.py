@@ -413,9 +413,9 @@ def eval_device() -> torch.device:
 def is_main_process() -> bool:
     """Rank 0 (or a single process): the one that prints and writes files after a collective extraction.
     Accelerate's ``PartialState`` reads the launcher's environment (the state the evaluators' Accelerator shares)."""
-    from accelerate import PartialState
+    from ssl_hybrid.device import process_state
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return process_state().is_main_process
 
 
 def distributed_accelerator():

@@ -97,7 +97,7 @@ def train(run: Run, stop: StopSignal) -> None:
                     stats = {key: float(value) for key, value in step_stats.items()}
                 grad_norm = clip_gradients(run.model, accelerator, settings.clip_grad)
                 # One all-reduce per step: the non-finite flags (any rank) and the loss terms (mean over ranks).
-                bad_loss, bad_grad, terms = reduce_step(
+                bad_loss, bad_grad, means = reduce_step(
                     accelerator, (not loss_finite, not math.isfinite(grad_norm)), {**terms, **stats}
                 )
 
@@ -117,7 +117,7 @@ def train(run: Run, stop: StopSignal) -> None:
                     run.optimizer.step()
                     run.optimizer.zero_grad(set_to_none=True)
                     run.raw_model.after_good_step(float(run.schedules["momentum"][step]))
-                    values = {**terms, "grad_norm": grad_norm}
+                    values = {**means, "grad_norm": grad_norm}
                 images = len(batch["global_views"][0]) * accelerator.num_processes
                 if not handle_nonfinite(run, values):  # raises after max_nonfinite_steps in a row
                     continue
@@ -144,9 +144,9 @@ def train(run: Run, stop: StopSignal) -> None:
                 paused = time.perf_counter()
                 if settings.knn_every > 0 and counters.step % settings.knn_every == 0:
                     run_monitor(run)
-                if settings.checkpoint_every > 0 and counters.step % settings.checkpoint_every == 0:
-                    if counters.step < settings.steps:
-                        save(run)
+                every = settings.checkpoint_every
+                if every > 0 and counters.step % every == 0 and counters.step < settings.steps:
+                    save(run)
                 window_start += time.perf_counter() - paused
 
                 # Stop after the checkpoint, for the time budget.

@@ -50,7 +50,7 @@ def build_backbone(config: Config) -> torch.nn.Module:
         config.model.name, config.data.image_size, drop_path_rate=config.model.drop_path_rate, **model_kwargs(config)
     )
     if config.model.grad_checkpointing:
-        backbone.set_grad_checkpointing(True)
+        backbone.set_grad_checkpointing(True)  # type: ignore[operator]  # timm's model contract, not nn.Module's
     return backbone
 
 

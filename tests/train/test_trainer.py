@@ -351,6 +351,25 @@ def test_nonfinite_gradient_norm_or_forward_skips_the_step_and_keeps_the_model_f
     assert all(math.isfinite(r["grad_norm"]) for r in records if "grad_norm" in r)
 
 
+def test_one_all_reduce_per_step_agrees_on_the_flags_and_averages_the_loss_terms(monkeypatch):
+    """reduce_step with a second rank simulated inside the one all-reduce it makes: a flag raised on either rank
+    is raised on both, and each loss term is the mean over the ranks."""
+    from types import SimpleNamespace
+
+    other_rank = torch.tensor([1.0, 0.0, 3.0, 0.25], dtype=torch.float64)  # bad loss there; loss 3, std 0.25
+    calls = []
+
+    def all_reduce(tensor, op):
+        calls.append(op)
+        tensor += other_rank
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    bad_loss, bad_grad, means = engine.reduce_step(accelerator, (False, False), {"loss": 1.0, "embedding_std": 0.75})
+    assert calls == [torch.distributed.ReduceOp.SUM]
+    assert (bad_loss, bad_grad) == (1.0, 0.0) and means == {"loss": 2.0, "embedding_std": 0.5}
+
+
 def test_a_skipped_step_resets_the_fp16_grad_scaler_and_backs_off_its_scale():
     """The fp16 path of skip_step on a real GradScaler (CPU): the overflowed step leaves no state that would
     make the next step's unscale fail, and halves the loss scale as a skipped scaler.step() would."""
@@ -382,7 +401,7 @@ def test_fp16_scaler_back_off_is_not_a_diverging_run():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     run = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), counters=state.Counters(), directory=Path("."),
                           settings=SimpleNamespace(max_nonfinite_steps=5))
-    for _ in range(8):  # what train_step reports for an overflowed step, after skip_step's scaler.update()
+    for _ in range(8):  # what the loop reports for an overflowed step, after skip_step's scaler.update()
         scaler._scale = scaler._scale / 2 if scaler._scale is not None else torch.tensor(2.0 ** 15)
         values = {"nonfinite": 1.0, "nonfinite_loss": 0.0, "fp16_overflow": float(engine.scaler_overflow(run, False))}
         assert not engine.handle_nonfinite(run, values)
