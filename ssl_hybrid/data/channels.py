@@ -287,11 +287,11 @@ def check_channel_config(
 def stream_normalization(data_cfg) -> Normalization | None:
     """The pretraining data's normalisation, from the manifest next to ``data.train``'s shards, checked against
     ``data.channels``. None for shards of ordinary images with ``data.channels=3`` (the RGB path)."""
-    from ssl_hybrid.data.stream import resolve_shards
+    from ssl_hybrid.data.sources import is_url, resolve_shards
 
     check_channel_config(data_cfg.channels, data_cfg.channel_names)
     urls = resolve_shards(data_cfg.train, data_cfg.allow_pipe_in_lists)
-    manifest_path = Path(urls[0]).parent / "manifest.json" if urls and "://" not in urls[0] else None
+    manifest_path = Path(urls[0]).parent / "manifest.json" if urls and not is_url(urls[0]) else None
     manifest = _read_json(manifest_path) if manifest_path is not None and manifest_path.exists() else {}
     norm = manifest_normalization(manifest)
     if norm is None:

@@ -278,3 +278,12 @@ def model_hash(model: torch.nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# What every result records about the backbone it scored (from load_backbone_spec's meta).
+SUMMARY_KEYS = ("spec", "model", "kind", "weights", "step", "image_size", "num_features", "hash")
+
+
+def backbone_summary(meta: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """The :data:`SUMMARY_KEYS` of ``meta``, then ``extra`` keys."""
+    return {key: meta.get(key) for key in (*SUMMARY_KEYS, *extra)}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_hybrid.config import Config, ObjectiveConfig
 from ssl_hybrid.models.contract import TimmModel, TokenBackbone
 from ssl_hybrid.models.pooling import multiscale_dim, multiscale_embed, offers_multiscale
 from ssl_hybrid.objectives.contrastive import ContrastiveObjective
@@ -27,45 +28,18 @@ from ssl_hybrid.objectives.mim import MIMObjective
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ObjectiveSettings:
-    """The subset of the config the objectives need (keeps this module independent of the CLI config).
-    No defaults here: they live in ``ssl_hybrid.config`` only; build it with :meth:`from_config`."""
+    """What the objectives read: the ``objective`` config group as it is, plus the image size the MIM decoder
+    reconstructs (a ``data`` key). Defaults live in :mod:`ssl_hybrid.config` only."""
 
-    mim_weight: float
-    dino_weight: float
-    simclr_weight: float
+    objective: ObjectiveConfig
     image_size: int
-    mask_ratio: float
-    norm_pix_loss: bool
-    decoder_depth: int
-    decoder_dim: int
-    dino_out_dim: int
-    student_temp: float
-    simclr_temperature: float
-    simclr_out_dim: int
-    embedding: str
-    in_chans: int = 3  # data.channels: what the MIM decoder predicts per pixel
+    in_chans: int  # data.channels: what the MIM decoder predicts per pixel
 
     @classmethod
-    def from_config(cls, config) -> ObjectiveSettings:
-        o = config.objective
-        return cls(
-            o.mim_weight,
-            o.dino_weight,
-            o.simclr_weight,
-            config.data.image_size,
-            o.mask_ratio,
-            o.norm_pix_loss,
-            o.decoder_depth,
-            o.decoder_dim,
-            o.dino_out_dim,
-            o.student_temp,
-            o.simclr_temperature,
-            o.simclr_out_dim,
-            o.embedding,
-            config.data.channels,
-        )
+    def from_config(cls, config: Config) -> ObjectiveSettings:
+        return cls(config.objective, config.data.image_size, config.data.channels)
 
 
 def embedding_spread(embedding: Tensor) -> Tensor:
@@ -90,7 +64,7 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.settings = settings
         self.backbone = backbone
-        s = settings
+        s = settings.objective
         if s.embedding == "multiscale" and not offers_multiscale(backbone):
             raise ValueError(
                 f"objective.embedding=multiscale needs a backbone with stage maps at several "
@@ -98,7 +72,9 @@ class PretrainModel(nn.Module):
             )
         dim = multiscale_dim(backbone) if s.embedding == "multiscale" else cast(TimmModel, backbone).num_features
         self.mim = (
-            MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss, in_chans=s.in_chans)
+            MIMObjective(
+                dim, settings.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss, in_chans=settings.in_chans
+            )
             if s.mim_weight > 0
             else None
         )
@@ -113,7 +89,7 @@ class PretrainModel(nn.Module):
 
     def view_embedding(self, view: Tensor) -> Tensor:
         """The student's unmasked embedding of one view [B, C] (objective.embedding picks the pooling)."""
-        if self.settings.embedding == "multiscale":  # every conv stage feeds the objective directly
+        if self.settings.objective.embedding == "multiscale":  # every conv stage feeds the objective directly
             return multiscale_embed(self.backbone, view)
         return embed(self.backbone, cast(TimmModel, self.backbone).forward_features(view))
 
@@ -176,6 +152,3 @@ class PretrainModel(nn.Module):
     def after_skipped_step(self) -> None:
         if self.dino is not None:
             self.dino.loss.discard_center()
-
-    def trainable_parameters(self):
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -237,10 +237,10 @@ def test_channel_settings_that_do_not_fit_the_data_are_refused(cell_shards, good
 
 
 def test_rgb_photos_keep_todays_transforms(tiny_cfg, good_shards):
-    from ssl_hybrid.data.views import MultiViewTransform, build_transform
+    from ssl_hybrid.data.views import NamedViews, build_transform
     from ssl_hybrid.eval.features import eval_transform, transform_for
 
-    assert isinstance(build_transform(tiny_cfg(good_shards)), MultiViewTransform)
+    assert isinstance(build_transform(tiny_cfg(good_shards)), NamedViews)
     assert repr(transform_for({}, 32)) == repr(eval_transform(32))
 
 
