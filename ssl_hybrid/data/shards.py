@@ -226,8 +226,19 @@ def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[s
                 f"{manifest}: shard name {name!r} refused ({problem}); "
                 "a manifest lists the shard files in its own folder"
             )
-        paths.append(str(Path(directory) / name))
+        paths.append(path_in_folder(directory, name, manifest))
     return paths
+
+
+def path_in_folder(directory: Path | str, name: str, where: object) -> str:
+    """``directory / name`` as the path string a reader opens; ``UserError`` naming ``where`` when that string reads
+    as a URL: Path drops a leading './', so a file named ``pipe:cmd`` in the folder '.' would run as a command."""
+    path = str(Path(directory) / name)
+    if "://" in path or path.startswith("pipe:"):
+        raise UserError(
+            f"{where}: {name!r} refused: as a path it reads as the command or URL {path!r}; rename the file"
+        )
+    return path
 
 
 def _manifest_name_problem(name) -> str | None:

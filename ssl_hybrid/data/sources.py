@@ -63,7 +63,10 @@ def _list_entries(path: Path, allow_pipe: bool) -> list[str]:
                 f"{path} line {number}: a 'pipe:' shard runs a shell command; a shard list may hold one "
                 "only with data.allow_pipe_in_lists=true (type pipe: specs in data.train to run them)"
             )
-        urls.append(line if is_url(line) or Path(line).is_absolute() else str(path.parent / line))
+        where = f"{path} line {number}"
+        urls.append(
+            line if is_url(line) or Path(line).is_absolute() else shard_format.path_in_folder(path.parent, line, where)
+        )
     return urls
 
 
@@ -93,7 +96,7 @@ def _from_manifest(directory: Path) -> ShardSet:
 def _from_directory(directory: Path) -> ShardSet:
     if (directory / shard_format.MANIFEST).exists():
         return _from_manifest(directory)
-    tars = sorted(str(p) for p in directory.glob("*.tar"))
+    tars = sorted(shard_format.path_in_folder(directory, p.name, directory) for p in directory.glob("*.tar"))
     if tars:  # shards written by another tool: no counts, so a cut shard counts as one lost sample
         return ShardSet(tars)
     if _looks_like_image_folder(directory):
