@@ -230,11 +230,16 @@ def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[s
     return paths
 
 
+def is_url(text: str) -> bool:
+    """Whether a shard spec is opened as a URL or a command (webdataset's ``gopen``), not as a local file."""
+    return "://" in text or text.startswith("pipe:")
+
+
 def path_in_folder(directory: Path | str, name: str, where: object) -> str:
     """``directory / name`` as the path string a reader opens; ``UserError`` naming ``where`` when that string reads
     as a URL: Path drops a leading './', so a file named ``pipe:cmd`` in the folder '.' would run as a command."""
     path = str(Path(directory) / name)
-    if "://" in path or path.startswith("pipe:"):
+    if is_url(path):
         raise UserError(
             f"{where}: {name!r} refused: as a path it reads as the command or URL {path!r}; rename the file"
         )
@@ -659,7 +664,7 @@ def manifest_fingerprint(urls: list[str]) -> str | None:
     ``pipe:`` and http URLs): such data cannot be checked."""
     wanted: dict[Path, set[str]] = {}
     for url in urls:
-        if not ("://" in url or url.startswith("pipe:")):
+        if not is_url(url):
             wanted.setdefault(Path(url).parent, set()).add(Path(url).name)
     entries = []
     for directory in sorted(wanted):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.data.shards import is_url
 from ssl_hybrid.errors import UserError
 
 LIST_SUFFIXES = (".txt", ".list", ".lst")
@@ -26,10 +27,6 @@ class ShardSet:
     urls: list[str]
     counts: dict[str, int] | None = None
     classes: list[str] | None = None
-
-
-def is_url(text: str) -> bool:
-    return "://" in text or text.startswith("pipe:")
 
 
 def _expand(pattern: str) -> list[str]:
