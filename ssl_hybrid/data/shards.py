@@ -236,10 +236,13 @@ def is_url(text: str) -> bool:
 
 
 def path_in_folder(directory: Path | str, name: str, where: object) -> str:
-    """``directory / name`` as the path string a reader opens; ``UserError`` naming ``where`` when that string reads
-    as a URL: Path drops a leading './', so a file named ``pipe:cmd`` in the folder '.' would run as a command."""
+    """``directory / name`` as the path string a reader opens; ``UserError`` naming ``where`` when webdataset's
+    ``gopen`` would not open that string as a file: it dispatches on a URL scheme, and Path drops a leading './',
+    so a file named ``pipe:cmd`` in the folder '.' would run as a shell command (``gs:x.tar`` would run gsutil)."""
+    from urllib.parse import urlparse
+
     path = str(Path(directory) / name)
-    if is_url(path):
+    if urlparse(path).scheme:
         raise UserError(
             f"{where}: {name!r} refused: as a path it reads as the command or URL {path!r}; rename the file"
         )

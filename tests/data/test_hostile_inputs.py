@@ -431,6 +431,11 @@ def test_a_file_in_the_working_directory_never_turns_into_a_pipe_command(tmp_pat
                 load()
             assert "\n" not in str(caught.value)
     assert not (tmp_path / "pipe_ran").exists()
+    for leftover in (hostile, "manifest.json"):
+        (tmp_path / leftover).unlink()
+    (tmp_path / "gs:b.tar").write_bytes(b"")  # webdataset's gopen would hand it to gsutil, not open the file
+    with pytest.raises(UserError, match=r"^\.: 'gs:b\.tar' refused"):
+        load_labeled(".")
 
 
 @pytest.mark.fault(injected="manifest.json listing shards named ../outside.tar, /abs/path.tar and pipe:<command>",
