@@ -227,8 +227,27 @@ def manifest_shard_paths(directory: Path, names: list, manifest: Path) -> list[s
                 f"{manifest}: shard name {name!r} refused ({problem}); "
                 "a manifest lists the shard files in its own folder"
             )
-        paths.append(str(Path(directory) / name))
+        paths.append(path_in_folder(directory, name, manifest))
     return paths
+
+
+def is_url(text: str) -> bool:
+    """Whether a shard spec is opened as a URL or a command (webdataset's ``gopen``), not as a local file."""
+    return "://" in text or text.startswith("pipe:")
+
+
+def path_in_folder(directory: Path | str, name: str, where: object) -> str:
+    """``directory / name`` as the path string a reader opens; ``UserError`` naming ``where`` when webdataset's
+    ``gopen`` would not open that string as a file: it dispatches on a URL scheme, and Path drops a leading './',
+    so a file named ``pipe:cmd`` in the folder '.' would run as a shell command (``gs:x.tar`` would run gsutil)."""
+    from urllib.parse import urlparse
+
+    path = str(Path(directory) / name)
+    if urlparse(path).scheme:
+        raise UserError(
+            f"{where}: {name!r} refused: as a path it reads as the command or URL {path!r}; rename the file"
+        )
+    return path
 
 
 def _manifest_name_problem(name) -> str | None:
@@ -692,7 +711,7 @@ def manifest_fingerprint(urls: list[str]) -> str | None:
     ``pipe:`` and http URLs): such data cannot be checked."""
     wanted: dict[Path, set[str]] = {}
     for url in urls:
-        if not ("://" in url or url.startswith("pipe:")):
+        if not is_url(url):
             wanted.setdefault(Path(url).parent, set()).add(Path(url).name)
     entries = []
     for directory in sorted(wanted):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.data.shards import is_url
 from ssl_hybrid.errors import UserError
 
 LIST_SUFFIXES = (".txt", ".list", ".lst")
@@ -26,10 +27,6 @@ class ShardSet:
     urls: list[str]
     counts: dict[str, int] | None = None
     classes: list[str] | None = None
-
-
-def is_url(text: str) -> bool:
-    return "://" in text or text.startswith("pipe:")
 
 
 def _expand(pattern: str) -> list[str]:
@@ -63,7 +60,10 @@ def _list_entries(path: Path, allow_pipe: bool) -> list[str]:
                 f"{path} line {number}: a 'pipe:' shard runs a shell command; a shard list may hold one "
                 "only with data.allow_pipe_in_lists=true (type pipe: specs in data.train to run them)"
             )
-        urls.append(line if is_url(line) or Path(line).is_absolute() else str(path.parent / line))
+        where = f"{path} line {number}"
+        urls.append(
+            line if is_url(line) or Path(line).is_absolute() else shard_format.path_in_folder(path.parent, line, where)
+        )
     return urls
 
 
@@ -93,7 +93,7 @@ def _from_manifest(directory: Path) -> ShardSet:
 def _from_directory(directory: Path) -> ShardSet:
     if (directory / shard_format.MANIFEST).exists():
         return _from_manifest(directory)
-    tars = sorted(str(p) for p in directory.glob("*.tar"))
+    tars = sorted(shard_format.path_in_folder(directory, p.name, directory) for p in directory.glob("*.tar"))
     if tars:  # shards written by another tool: no counts, so a cut shard counts as one lost sample
         return ShardSet(tars)
     if _looks_like_image_folder(directory):

@@ -441,10 +441,6 @@ class TrainStream:
     def urls(self) -> list[str]:
         return self.spec.urls
 
-    @property
-    def collate(self) -> Callable:
-        return self.spec.collate
-
     # -- iteration -----------------------------------------------------------------------------
     def _dataset(self) -> ShardStream:
         return ShardStream(self.spec, copy.deepcopy(self.positions), rotation=self.batches % self.spec.slots)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -402,6 +403,39 @@ def test_a_pipe_line_in_a_shard_list_runs_only_when_allowed(tmp_path, tiny_cfg, 
     assert sorted(key for batch in allowed for key in batch["key"]) == ["k0", "k1"] and marker.exists()
     typed = build_train_stream(tiny_cfg(f"pipe:cat {shard}"), 1, 0, 0, 1, tiny_views, epochs=1)
     assert sorted(key for batch in typed for key in batch["key"]) == ["k0", "k1"]
+
+
+@pytest.mark.fault(injected="in the working directory, a file named 'pipe:touch <marker>;.tar' beside the shards, "
+                            "a list line './pipe:...' and a manifest name './pipe:...', with data.train=. or a "
+                            "relative list/manifest",
+                   did="refused with one line naming the folder, list line or manifest (joining '.' and "
+                       "'./pipe:x' gives 'pipe:x', which the stream ran as a shell command)",
+                   lost="nothing (no command runs)")
+def test_a_file_in_the_working_directory_never_turns_into_a_pipe_command(tmp_path, tiny_cfg, tiny_views,
+                                                                         monkeypatch):
+    from ssl_hybrid.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    labeled_shard(tmp_path / "a-000000.tar")
+    hostile = "pipe:touch pipe_ran;.tar"
+    (tmp_path / hostile).write_bytes(b"")
+    (tmp_path / "shards.txt").write_text(f"a-000000.tar\n./{hostile}\n")
+    cases = {".": "", "shards.txt": "shards.txt line 2: ", "manifest.json": "manifest.json: "}
+    for spec, where in cases.items():
+        if spec == "manifest.json":
+            write_manifest(tmp_path, {"a-000000.tar": 2, f"./{hostile}": 2}, classes=["a", "b"])
+        for load in (lambda spec=spec: list(build_train_stream(tiny_cfg(spec), 1, 0, 0, 1, tiny_views, epochs=1)),
+                     lambda spec=spec: load_labeled(spec)):
+            named = repr(hostile if spec == "." else f"./{hostile}")
+            with pytest.raises(UserError, match=rf"^{re.escape(where)}.*{re.escape(named)} refused") as caught:
+                load()
+            assert "\n" not in str(caught.value)
+    assert not (tmp_path / "pipe_ran").exists()
+    for leftover in (hostile, "manifest.json"):
+        (tmp_path / leftover).unlink()
+    (tmp_path / "gs:b.tar").write_bytes(b"")  # webdataset's gopen would hand it to gsutil, not open the file
+    with pytest.raises(UserError, match=r"^\.: 'gs:b\.tar' refused"):
+        load_labeled(".")
 
 
 @pytest.mark.fault(injected="manifest.json listing shards named ../outside.tar, /abs/path.tar and pipe:<command>",
