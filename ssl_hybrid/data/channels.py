@@ -287,7 +287,8 @@ def check_channel_config(
 def stream_normalization(data_cfg) -> Normalization | None:
     """The pretraining data's normalisation, from the manifest next to ``data.train``'s shards, checked against
     ``data.channels``. None for shards of ordinary images with ``data.channels=3`` (the RGB path)."""
-    from ssl_hybrid.data.sources import is_url, resolve_shards
+    from ssl_hybrid.data.shards import is_url
+    from ssl_hybrid.data.sources import resolve_shards
 
     check_channel_config(data_cfg.channels, data_cfg.channel_names)
     urls = resolve_shards(data_cfg.train, data_cfg.allow_pipe_in_lists)
