@@ -119,6 +119,14 @@ class DataConfig:
     skip_rate_min_samples: int = option(
         100, "The skip rate is only judged after this many samples (and at each worker-epoch end): 1 bad of 3 is noise."
     )
+    channels: int = option(
+        3,
+        "Image channels: 3 = RGB photos (decoded and augmented as today); any other count (microscopy) needs "
+        "shards written by `ssl-hybrid shards --channels N` (16-bit kept, per-channel statistics).",
+    )
+    channel_names: list[str] = option(
+        [], "Names of the channels in order (e.g. [DAPI, GFP, ...]); [] = the shards' own, recorded in the model."
+    )
     allow_pipe_in_lists: bool = option(
         False,
         "A 'pipe:' line in a shard list file runs a shell command; off, so a "
@@ -466,6 +474,7 @@ _CHOICES = {
 
 # model.arch may not shadow these: each has its own config key, and two sources for one value would disagree.
 _OWN_MODEL_KEYS = {"img_size", "num_classes", "pretrained", "drop_path_rate", "attn_mode", "token_keep_rate"}
+_OWN_MODEL_KEYS.add("in_chans")  # data.channels
 
 
 def _get(config: Config, dotted: str) -> Any:
@@ -518,6 +527,12 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
     need(0.0 <= config.data.simclr_hue <= 0.5, "data.simclr_hue", "must be in [0, 0.5] (a share of the hue circle)")
     need(0.0 <= config.data.simclr_grayscale <= 1.0, "data.simclr_grayscale", "must be in [0, 1]")
     need(config.data.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    need(1 <= config.data.channels <= 64, "data.channels", "must be in 1..64 (3 = RGB photos)")
+    need(
+        not config.data.channel_names or len(config.data.channel_names) == config.data.channels,
+        "data.channel_names",
+        f"must name each of the data.channels={config.data.channels} channels, or be []",
+    )
     need(0.0 <= config.data.max_skip_rate <= 1.0, "data.max_skip_rate", "must be in [0, 1]")
     need(config.data.skip_rate_min_samples >= 1, "data.skip_rate_min_samples", "must be >= 1")
     need(0.0 <= config.model.drop_path_rate < 1.0, "model.drop_path_rate", "must be in [0, 1)")

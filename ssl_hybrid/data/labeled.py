@@ -91,6 +91,29 @@ class LabeledSet:
             raise LabeledDataError(f"{self.where(index)}: {reason}")
         return image
 
+    def load_picture(self, index: int):
+        """An RGB PIL image to show (grids, thumbnails): the image, or a preview of an N-channel array."""
+        import numpy as np
+
+        from ssl_hybrid.data.channels import preview
+
+        image = self.load_image(index)
+        return preview(image) if isinstance(image, np.ndarray) else image
+
+    def load_array(self, index: int):
+        """The sample as an N-channel array ``[C, H, W]`` (a stored ``.npy``, or a TIFF/PNG file read with
+        :func:`ssl_hybrid.data.channels.read_array`); LabeledDataError naming the file when it is unreadable."""
+        from ssl_hybrid.data.channels import NPY_MAGIC, decode_npy, read_array
+        from ssl_hybrid.data.shards import MAX_IMAGE_PIXELS
+
+        try:
+            data = self.read_bytes(index)
+            if data[:6] == NPY_MAGIC:
+                return decode_npy(data, MAX_IMAGE_PIXELS)
+            return read_array(data, Path(self.samples[index].path).name)
+        except (OSError, ValueError) as err:
+            raise LabeledDataError(f"{self.where(index)}: {err}") from None
+
     def decode(self, index: int):
         """(RGB PIL image, None) or (None, why it is unreadable), with the pretraining stream's decoder."""
         try:
@@ -433,7 +456,9 @@ class TorchLabeledDataset:
         return len(self.labeled)
 
     def __getitem__(self, index: int):
-        image = self.labeled.load_image(index)
+        # N-channel transforms take the array itself: PIL would read a 5-channel TIFF as 8-bit RGB
+        wants_array = getattr(self.transform, "takes_arrays", False)
+        image = self.labeled.load_array(index) if wants_array else self.labeled.load_image(index)
         try:
             pixels = self.transform(image)
         except Exception as err:  # e.g. an image too small for the crop: name the file, not the worker

@@ -47,7 +47,8 @@ CLASSES = "classes.json"
 # The one image-extension list: image files in folders and lists, and (without the dot, in this order of
 # preference) the image field of a shard sample, for the stream and the labeled sets alike.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
-IMAGE_KEYS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
+# ``npy``: an N-channel array stored by ``--channels`` (:mod:`ssl_hybrid.data.channels`).
+IMAGE_KEYS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS) + ("npy",)
 # PIL's own default (about 89 Mpx); an image declaring more pixels is refused before decoding.
 MAX_IMAGE_PIXELS = 89_478_485
 # Tar members are read whole, so a shard from elsewhere could ask for any amount of memory: a larger member is
@@ -371,10 +372,12 @@ def _reencode(image, max_side: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _load_item(args: tuple[str, int, int]) -> tuple[bytes | None, str, str | None]:
-    """(bytes or None, extension, skip reason or None)."""
-    path_text, max_side, quality = args
+def _load_item(args: tuple[str, int, int, int]) -> tuple[bytes | None, str, str | None]:
+    """(bytes or None, extension, skip reason or None); ``channels`` > 0: the pixels as a ``.npy`` array."""
+    path_text, max_side, quality, channels = args
     path = Path(path_text)
+    if channels:
+        return _load_array(path, channels)
     extension = path.suffix.lower().lstrip(".")
     extension = "jpg" if extension == "jpeg" else "tif" if extension == "tiff" else extension
     try:
@@ -390,6 +393,20 @@ def _load_item(args: tuple[str, int, int]) -> tuple[bytes | None, str, str | Non
     except Exception as err:  # EXIF, mode conversion and encoder failures on exotic files
         return None, extension, f"cannot re-encode ({type(err).__name__}: {err})"
     return data, extension, None
+
+
+def _load_array(path: Path, channels: int) -> tuple[bytes | None, str, str | None]:
+    from ssl_hybrid.data.channels import NPY_KEY, encode_npy, read_array
+
+    try:
+        array = read_array(path.read_bytes(), path.name)
+    except OSError as err:
+        return None, NPY_KEY, f"cannot read ({err.strerror or err})"
+    except ValueError as err:
+        return None, NPY_KEY, str(err)
+    if array.shape[0] != channels:
+        return None, NPY_KEY, f"{array.shape[0]} channels (shape {tuple(array.shape)}), --channels {channels}"
+    return encode_npy(array), NPY_KEY, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,8 +457,8 @@ def _write_json(path: Path, payload) -> None:
     write_json_atomic(path, payload)
 
 
-def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int) -> Iterator[tuple]:
-    jobs = [(str(item.path), max_side, quality) for item in items]
+def _load_all(items: list[SourceItem], max_side: int, quality: int, workers: int, channels: int = 0) -> Iterator[tuple]:
+    jobs = [(str(item.path), max_side, quality, channels) for item in items]
     if workers <= 1:
         yield from map(_load_item, jobs)
         return
@@ -463,16 +480,20 @@ def write_shards(
     label_regex: str | None = None,
     progress: bool = True,
     replace: bool = True,
+    channels: int = 0,
+    channel_names: list[str] | None = None,
 ) -> dict:
     """Write shards + manifest.json (+ classes.json) as the folder ``out``; return the manifest.
 
     Written into ``.<out>.partial-*`` next to ``out`` and swapped in when complete; ``replace=False`` keeps an
-    ``out`` that another process completed first (the image-folder cache)."""
+    ``out`` that another process completed first (the image-folder cache). ``channels`` > 0 stores every image as
+    a ``[channels, H, W]`` array in its own bit depth and records per-channel statistics (``data.channels``)."""
     src, out = Path(src), Path(out)
     if shard_size < 1:
         raise ShardWriteError(f"--shard-size must be >= 1, got {shard_size}")
     if max_side < 0 or not 1 <= quality <= 100:
         raise ShardWriteError(f"--max-side must be >= 0 and --quality in [1, 100] (got {max_side}, {quality})")
+    _check_channel_args(channels, channel_names or [], max_side)
     if not src.exists():
         raise ShardWriteError(f"{src}: source not found (expected an image folder or a text list of images)")
     source = collect_folder(src, labels, label_regex) if src.is_dir() else collect_list(src)
@@ -491,7 +512,8 @@ def write_shards(
     tmp = out.parent / f".{out.name}{_TMP_PREFIX}{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        manifest = _write_set(
+        write = functools.partial(_write_set, channels=channels, channel_names=channel_names or [])
+        manifest = write(
             source, src, tmp, out, prefix, shard_size, max_side, quality, workers, progress, seed if shuffle else None
         )
         _publish(tmp, out, replace)
@@ -519,12 +541,17 @@ def _write_set(
     workers: int,
     progress: bool,
     seed: int | None,
+    channels: int = 0,
+    channel_names: list[str] | None = None,
 ) -> dict:
     """The shards, classes.json and manifest.json of ``source``, written into ``tmp``."""
     import webdataset as wds
     from tqdm import tqdm
 
+    from ssl_hybrid.data.channels import StatsAccumulator, decode_npy, ome_channel_names
+
     class_index = {name: index for index, name in enumerate(source.classes or [])}
+    stats = StatsAccumulator(seed=seed or 0)
 
     shards: list[dict] = []
     skipped = list(source.skipped)
@@ -549,7 +576,7 @@ def _write_set(
         mtime=0,
     )
     try:
-        loaded = _load_all(source.items, max_side, quality, workers)
+        loaded = _load_all(source.items, max_side, quality, workers, channels)
         for item, (data, extension, reason) in tqdm(
             zip(source.items, loaded),
             total=len(source.items),
@@ -566,6 +593,8 @@ def _write_set(
                 skipped.append({"path": item.relative, "reason": f"duplicate key {key!r}"})
                 continue
             keys.add(key)
+            if channels and stats.images < stats.max_images:  # the first images of the shuffled order
+                stats.add(decode_npy(data, MAX_IMAGE_PIXELS))
             sample = {"__key__": key, extension: data}
             if item.class_name is not None:
                 sample["cls"] = str(class_index[item.class_name]).encode("ascii")
@@ -592,10 +621,25 @@ def _write_set(
         "max_side": max_side,
         "seed": seed,
     }
+    if channels:
+        names = list(channel_names or []) or ome_channel_names(source.items[0].path, channels)
+        manifest.update(channels=channels, channel_names=names, channel_stats=stats.result())
     if source.classes is not None:
         _write_json(tmp / CLASSES, source.classes)
     _write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _check_channel_args(channels: int, channel_names: list[str], max_side: int) -> None:
+    from ssl_hybrid.data.channels import check_channel_config
+
+    if not channels:
+        if channel_names:
+            raise ShardWriteError("--channel-names needs --channels")
+        return
+    check_channel_config(channels, channel_names, "--channels", "--channel-names")
+    if max_side:
+        raise ShardWriteError("--max-side re-encodes as 8-bit JPEG; with --channels images are stored as they are")
 
 
 def read_manifest(directory: str | Path) -> dict:

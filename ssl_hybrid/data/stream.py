@@ -88,6 +88,7 @@ import numpy as np
 import torch
 
 from ssl_hybrid import rng as rng_state
+from ssl_hybrid.data import channels as channel_format
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.data.sources import resolve_shard_set, skip_rate_exceeded
 from ssl_hybrid.data.workers import ignore_stop_signals
@@ -116,13 +117,19 @@ def image_entry(sample: dict) -> tuple[str, bytes] | None:
 
 def decode_image_or_reason(sample: dict, max_pixels: int | None = None):
     """(RGB PIL image, None) or (None, reason); :func:`ssl_hybrid.data.shards.to_rgb` says how modes,
-    transparency and EXIF orientation become RGB."""
+    transparency and EXIF orientation become RGB. A stored N-channel array (``.npy``) comes back as
+    ``np.ndarray [C, H, W]`` (:mod:`ssl_hybrid.data.channels`)."""
     if "__error__" in sample:
         return None, sample["__error__"]
     entry = image_entry(sample)
     if entry is None:
         fields = sorted(k for k in sample if not k.startswith("__"))
         return None, f"no image in sample (fields: {', '.join(fields) or 'none'})"
+    if bytes(entry[1][:6]) == channel_format.NPY_MAGIC:  # an N-channel array: [C, H, W] in its own dtype
+        try:
+            return channel_format.decode_npy(entry[1], max_pixels or shard_format.MAX_IMAGE_PIXELS), None
+        except ValueError as err:
+            return None, str(err)
     try:
         image = shard_format.check_image_bytes(entry[1], max_pixels or shard_format.MAX_IMAGE_PIXELS)
     except ValueError as err:

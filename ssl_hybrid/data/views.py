@@ -76,7 +76,12 @@ class NamedViews:
         return {"global_views": list(views[: self.num_global]), "local_views": list(views[self.num_global :])}
 
 
-def build_transform(data_cfg) -> NamedViews:
+def build_transform(data_cfg, norm=None) -> Callable:
+    """The views of RGB photos (lightly), or, with ``norm`` (N-channel shards, ``data.channels``), of arrays."""
+    if norm is not None:
+        from ssl_hybrid.data.channels import ArrayViews
+
+        return ArrayViews(data_cfg, norm)
     return NamedViews(*_lightly_transform(data_cfg))
 
 

@@ -166,6 +166,7 @@ def _load_folder(folder: Path, image_size: int | None) -> tuple[torch.nn.Module,
         "missing_keys": [],
         "unexpected_keys": unexpected,
         "pretraining": _pretraining(record),
+        **_normalization(record),
     }
 
 
@@ -192,6 +193,7 @@ def _load_files(path: Path, image_size: int | None) -> tuple[torch.nn.Module, di
         "missing_keys": [],
         "unexpected_keys": unexpected,
         "pretraining": _pretraining(model_meta),
+        **_normalization(model_meta),
     }
 
 
@@ -244,6 +246,13 @@ def _meta_from_config(run: Path) -> dict[str, Any]:
 
     values = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
     return {"model_name": values.get("model", {}).get("name"), "image_size": values.get("data", {}).get("image_size")}
+
+
+def _normalization(record: dict[str, Any]) -> dict[str, Any]:
+    """``{"normalization": ...}`` for a model pretrained on N-channel data (the evaluators' per-channel
+    preprocessing, :func:`ssl_hybrid.eval.features.transform_for`), else nothing."""
+    value = record.get("normalization")
+    return {"normalization": value} if isinstance(value, dict) else {}
 
 
 def _pretraining(meta: dict[str, Any]) -> dict[str, Any] | None:

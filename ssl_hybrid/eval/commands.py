@@ -287,6 +287,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from ssl_hybrid.models.export import public_source
 
     record = {"base_model": public_source(args.backbone), **(meta.get("pretraining") or {})}
+    if meta.get("normalization"):  # N-channel: fine-tuned, scored and saved with the pretraining statistics
+        record["normalization"] = meta["normalization"]
     result = finetune(
         model,
         train,

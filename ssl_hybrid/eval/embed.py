@@ -69,10 +69,10 @@ class Embedder:
 
     def features(self, labeled: LabeledSet) -> np.ndarray:
         """L2-normalised float32 [len(labeled), D]: the evaluators' extraction of these images."""
-        from ssl_hybrid.eval.features import eval_transform, extract_features, make_loader
+        from ssl_hybrid.eval.features import extract_features, make_loader, transform_for
         from ssl_hybrid.eval.knn import l2_normalize
 
-        loader = make_loader(labeled, eval_transform(self.image_size), self.batch_size, self.num_workers)
+        loader = make_loader(labeled, transform_for(self.backbone, self.image_size), self.batch_size, self.num_workers)
         features, _ = extract_features(self.model, loader, progress=self.progress, forward=self.forward)
         return l2_normalize(features)
 
@@ -83,7 +83,7 @@ class Embedder:
         from ssl_hybrid.models.contract import EVAL_CROP_PCT
 
         keys = ("spec", "model", "kind", "hash", "image_size", "num_features", "weights")
-        return {
+        described: dict[str, Any] = {
             "backbone": {k: self.backbone.get(k) for k in keys},
             "pooling": self.pooling,
             "image_size": self.image_size,
@@ -97,6 +97,13 @@ class Embedder:
             },
             "normalised": "l2",
         }
+        if self.backbone.get("normalization"):  # N-channel arrays: bilinear, the pretraining data's statistics
+            normalization = self.backbone["normalization"]
+            described["preprocessing"].update(
+                interpolation="bilinear", mean=normalization["mean"], std=normalization["std"]
+            )
+            described["preprocessing"]["channel_names"] = normalization.get("names", [])
+        return described
 
 
 def load_embedder(
@@ -547,14 +554,14 @@ def neighbour_grid(embeddings: Embeddings, results: list[dict[str, Any]], path: 
     for row, result in enumerate(results):
         query_row = result["query_row"]
         image = (
-            embeddings.items.load_image(query_row)
+            embeddings.items.load_picture(query_row)
             if query_row is not None
-            else LabeledSet("query", [], [Sample(result["query"], UNLABELED, result["query"])]).load_image(0)
+            else LabeledSet("query", [], [Sample(result["query"], UNLABELED, result["query"])]).load_picture(0)
         )
         axes[row, 0].imshow(ImageOps.fit(image, (128, 128)))
         axes[row, 0].set_title("query\n" + _short(Path(result["query"]).name), fontsize=7)
         for col, item in enumerate(result["neighbours"], 1):
-            axes[row, col].imshow(ImageOps.fit(embeddings.items.load_image(item["row"]), (128, 128)))
+            axes[row, col].imshow(ImageOps.fit(embeddings.items.load_picture(item["row"]), (128, 128)))
             axes[row, col].set_title(
                 f"{item['similarity']:.3f}\n{_short(item['class'] or Path(item['id']).name)}", fontsize=7
             )

@@ -88,6 +88,18 @@ def eval_transform(image_size: int, mean=None, std=None, crop_pct: float | None 
     )
 
 
+def transform_for(meta: dict[str, Any], image_size: int, crop_pct: float | None = None):
+    """The evaluation transform of a backbone (``load_backbone_spec``'s meta or a model folder's record): today's
+    RGB one, or, for a model pretrained on N-channel data, :class:`ssl_hybrid.data.channels.ArrayEvalTransform`
+    with the pretraining data's per-channel statistics."""
+    from ssl_hybrid.data.channels import ArrayEvalTransform, Normalization
+
+    norm = Normalization.from_record(meta.get("normalization"))
+    if norm is None:
+        return eval_transform(image_size, crop_pct=crop_pct)
+    return ArrayEvalTransform(image_size, norm, crop_pct or EVAL_CROP_PCT)
+
+
 def make_loader(
     labeled: LabeledSet,
     transform,
@@ -369,7 +381,7 @@ def cached_features(
     ``cache_dir=None`` disables the cache. ``meta["hash"]`` (from load_backbone_spec) keys the backbone.
     ``pooling``: one of POOLINGS (multiscale where the backbone offers it, else its default pooling).
     """
-    transform = eval_transform(image_size)
+    transform = transform_for(meta, image_size)
     forward = pooling_forward(backbone, pooling)
     pooled = resolved_pooling(backbone, pooling)
     name = meta.get("spec") or "the backbone"

@@ -33,10 +33,10 @@ from ssl_hybrid.data.labeled import LabeledSet, stratified_holdout
 from ssl_hybrid.eval.features import (
     NonFiniteError,
     embed,
-    eval_transform,
     extract_features,
     make_loader,
     one_line_worker_errors,
+    transform_for,
 )
 from ssl_hybrid.eval.knn import topk_accuracy
 from ssl_hybrid.models.contract import TimmModel
@@ -88,8 +88,14 @@ class Classifier(nn.Module):
         return self.head(embed(self.backbone, images))  # [B, classes]
 
 
-def train_transform(image_size: int, min_scale: float):
+def train_transform(image_size: int, min_scale: float, normalization: dict[str, Any] | None = None):
     from torchvision import transforms as T
+
+    from ssl_hybrid.data.channels import ArrayTrainTransform, Normalization
+
+    norm = Normalization.from_record(normalization)
+    if norm is not None:  # a backbone pretrained on N-channel arrays
+        return ArrayTrainTransform(image_size, min_scale, norm)
 
     return T.Compose(
         [
@@ -185,8 +191,10 @@ def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
 
-def _score(model, labeled: LabeledSet, image_size: int, settings: FinetuneSettings, accelerator, name: str) -> dict:
-    loader = make_loader(labeled, eval_transform(image_size), settings.batch_size * 2, settings.num_workers)
+def _score(
+    model, labeled: LabeledSet, image_size: int, settings: FinetuneSettings, accelerator, name: str, meta=None
+) -> dict:
+    loader = make_loader(labeled, transform_for(meta or {}, image_size), settings.batch_size * 2, settings.num_workers)
     scores, labels = extract_features(model, loader, accelerator, forward=_logits, name=name, what="fine-tuned logits")
     return {"top1": topk_accuracy(scores, labels, 1), "top5": topk_accuracy(scores, labels, 5)}
 
@@ -223,7 +231,7 @@ def finetune(
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, settings))
     loader = make_loader(
         fit_set,
-        train_transform(image_size, settings.crop_min_scale),
+        train_transform(image_size, settings.crop_min_scale, (record or {}).get("normalization")),
         settings.batch_size,
         settings.num_workers,
         shuffle=True,
@@ -244,7 +252,7 @@ def finetune(
             )
         epoch_record = {"epoch": epoch, "loss": loss, "lr": optimizer.param_groups[-1]["lr"]}
         if len(val_set):
-            epoch_record["val_top1"] = _score(model, val_set, image_size, settings, accelerator, name)["top1"]
+            epoch_record["val_top1"] = _score(model, val_set, image_size, settings, accelerator, name, record)["top1"]
             if epoch_record["val_top1"] > best:
                 best, stale = epoch_record["val_top1"], 0
                 best_state = copy.deepcopy(accelerator.unwrap_model(model).state_dict())
@@ -262,7 +270,7 @@ def finetune(
             break
     if best_state is not None:
         accelerator.unwrap_model(model).load_state_dict(best_state)
-    test = _score(model, test_set, image_size, settings, accelerator, name)
+    test = _score(model, test_set, image_size, settings, accelerator, name, record)
     best_epoch = max((r for r in history if r.get("best")), key=lambda r: r["epoch"], default=history[-1])
     result = {
         "top1": test["top1"],

@@ -162,10 +162,14 @@ def _load_classifier(folder: str):
 
 def classifier_transform(config: dict[str, Any]):
     """The evaluation transform with the folder's own size, crop and normalisation (``pretrained_cfg``)."""
-    from ssl_hybrid.eval.features import eval_transform
+    from ssl_hybrid.eval.features import eval_transform, transform_for
+    from ssl_hybrid.models.export import RECORD_KEY
 
     cfg = config.get("pretrained_cfg") or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
+    record = config.get(RECORD_KEY) or {}
+    if record.get("normalization"):  # N-channel arrays, normalised with the pretraining data's statistics
+        return transform_for(record, int(size), crop_pct=cfg.get("crop_pct"))
     return eval_transform(int(size), mean=cfg.get("mean"), std=cfg.get("std"), crop_pct=cfg.get("crop_pct"))
 
 

@@ -326,7 +326,7 @@ def _cell(
     x, y = origin
     cell = thumb + 2 * border
     draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=color)
-    grid.paste(ImageOps.fit(labeled.load_image(index), (thumb, thumb)), (x + border, y + border))
+    grid.paste(ImageOps.fit(labeled.load_picture(index), (thumb, thumb)), (x + border, y + border))
     lines = wrap_text(draw, labeled.classes[labeled.samples[index].label].replace("_", " "), font, cell - 4)
     for i, text in enumerate(lines):
         draw.text((x + 2, y + cell + 1 + i * line), text, fill=(0, 0, 0), font=font)

@@ -174,6 +174,11 @@ def model_config(
         "model_args": args,
         "pretrained_cfg": pretrained_cfg(model, args, extra.get("image_size"), extra.pop("license", "other")),
     }
+    normalization = extra.get("normalization")
+    if normalization:  # N-channel pretraining: its per-channel statistics replace ImageNet's mean/std
+        config["pretrained_cfg"].update(
+            mean=list(normalization["mean"]), std=list(normalization["std"]), interpolation="bilinear"
+        )
     if "global_pool" in args:
         config["global_pool"] = args["global_pool"]
     if label_names is not None:

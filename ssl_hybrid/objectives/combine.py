@@ -35,10 +35,11 @@ class ObjectiveSettings:
 
     objective: ObjectiveConfig
     image_size: int
+    in_chans: int  # data.channels: what the MIM decoder predicts per pixel
 
     @classmethod
     def from_config(cls, config: Config) -> ObjectiveSettings:
-        return cls(config.objective, config.data.image_size)
+        return cls(config.objective, config.data.image_size, config.data.channels)
 
 
 def embedding_spread(embedding: Tensor) -> Tensor:
@@ -71,7 +72,9 @@ class PretrainModel(nn.Module):
             )
         dim = multiscale_dim(backbone) if s.embedding == "multiscale" else cast(TimmModel, backbone).num_features
         self.mim = (
-            MIMObjective(dim, settings.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
+            MIMObjective(
+                dim, settings.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss, in_chans=settings.in_chans
+            )
             if s.mim_weight > 0
             else None
         )

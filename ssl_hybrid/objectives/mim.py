@@ -111,15 +111,16 @@ class MIMObjective(nn.Module):
         decoder_depth: int,
         norm_pix: bool,
         patch_size: int = PATCH_SIZE,
+        in_chans: int = 3,
     ) -> None:
         super().__init__()
         grid = (image_size // patch_size, image_size // patch_size)
         self.patch_size = patch_size
         self.norm_pix = norm_pix
-        self.decoder = MIMDecoder(embed_dim, grid, decoder_dim, decoder_depth, patch_size=patch_size)
+        self.decoder = MIMDecoder(embed_dim, grid, decoder_dim, decoder_depth, patch_size=patch_size, in_chans=in_chans)
 
     def forward(self, student_out: dict, images: Tensor) -> dict[str, Tensor]:
-        """student_out: the backbone's forward_masked dict for ``images`` [B, 3, H, W]."""
+        """student_out: the backbone's forward_masked dict for ``images`` [B, C, H, W] (C = in_chans)."""
         pred = self.decoder(student_out["fused"], student_out["ids_restore"])  # [B, N, p*p*3]
         target = pixel_targets(images, self.patch_size, self.norm_pix)
         return {"mim": masked_patch_loss(pred, target, student_out["mask"])}

@@ -67,14 +67,30 @@ def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[str | None]:
             ours.global_pool = before
 
 
-def training_meta(config: Config) -> dict[str, Any]:
+def training_meta(config: Config, normalization: Any = "from data") -> dict[str, Any]:
     """What the trainer adds to ``backbone.json`` (checkpoints) and the model folder's record besides how to rebuild the
-    backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
-    return {
+    backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective, and for
+    N-channel data the per-channel ``normalization`` (a run passes what its stream applies)."""
+    from ssl_hybrid.data.channels import stream_normalization
+
+    meta = {
         "image_size": config.data.image_size,
         "run": config.name,
         "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")},
     }
+    if normalization == "from data":  # an export without a record reads the data's manifest
+        norm = stream_normalization(config.data) if config.data.channels != 3 else None
+        normalization = norm.record() if norm is not None else None
+    if normalization:  # N-channel data: what evaluators, embed and predict must normalise with
+        meta["normalization"] = normalization
+    return meta
+
+
+def run_normalization(run: Any) -> dict[str, Any] | None:
+    """The N-channel normalisation the run's stream applies (None for RGB photos)."""
+    spec = getattr(getattr(run, "stream", None), "spec", None)
+    norm = getattr(getattr(spec, "transform", None), "norm", None)
+    return norm.record() if norm is not None else None
 
 
 def save_run_model(
@@ -92,9 +108,11 @@ def save_run_model(
     from ssl_hybrid.models.pooling import offers_multiscale
 
     scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
+    record = dict(record)
+    normalization = record.pop("normalization", "from data")  # N-channel runs: what their stream normalised with
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
         extra = dict(
-            training_meta(config),
+            training_meta(config, normalization),
             data=public_source(config.data.train),
             scored_pooling=scored,
             token_pool=token_pool,
@@ -140,6 +158,7 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
     from ssl_hybrid.models.export import (
         CHECKPOINT_BACKBONE_PREFIX,
         LEGACY_WEIGHTS_NAME,
+        META_NAME,
         ModelFolderError,
     )
     from ssl_hybrid.models.factory import check_factory_args
@@ -175,9 +194,18 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
     ckpt.load_model_state(backbone, state, step_dir)
     step = int(step_dir.name.split("_")[1]) if step_dir.name.startswith("step_") else None
     record = {"step": step, "pretraining": _budget(step_dir.parent.parent, config)}
+    if config.data.channels != 3 or (step_dir / META_NAME).exists():  # the normalisation the run recorded
+        record["normalization"] = _recorded_normalization(step_dir / META_NAME)
     folder = save_run_model(backbone.eval(), config, out, record, force=force, run_dir=step_dir.parent.parent)
     log.info("exported %s (step %s)", folder, step)
     return folder
+
+
+def _recorded_normalization(meta_file: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(meta_file.read_text(encoding="utf-8")).get("normalization")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _convert_old_export(run: Path, out: Path, force: bool) -> Path:
@@ -251,7 +279,7 @@ def export_backbone(run: Run, budget: dict[str, Any]) -> Path | None:
                 run.raw_model.backbone,
                 run.config,
                 run.directory / MODEL_DIR,
-                {"step": run.counters.step, "pretraining": budget},
+                {"step": run.counters.step, "pretraining": budget, "normalization": run_normalization(run)},
                 force=True,
                 run_dir=run.directory,
             )

@@ -17,16 +17,19 @@ log = logging.getLogger(__name__)
 
 class KNNMonitor:
     def __init__(self, config: Config) -> None:
+        from ssl_hybrid.data.channels import stream_normalization
         from ssl_hybrid.data.labeled import check_images, load_labeled
-        from ssl_hybrid.eval.features import eval_transform, make_loader
+        from ssl_hybrid.eval.features import make_loader, transform_for
 
         self.config = config
         labeled = check_images(load_labeled(config.data.val), config.data.max_skip_rate)
         if len(labeled) < 2:
             raise ValueError(f"{config.data.val}: the k-NN monitor needs at least 2 labeled images")
         size = config.eval.image_size or config.data.image_size
+        norm = stream_normalization(config.data) if config.data.channels != 3 else None
+        transform = transform_for({"normalization": norm.record() if norm else None}, size)
         self.loader = make_loader(
-            labeled, eval_transform(size), config.eval.batch_size, num_workers=min(2, config.data.num_workers)
+            labeled, transform, config.eval.batch_size, num_workers=min(2, config.data.num_workers)
         )
         self.corpus = config.data.val  # named in every measurement: the monitor scores this set, not data.train
         log.info(

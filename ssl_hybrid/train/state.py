@@ -81,7 +81,7 @@ def shared_state(run: Run) -> dict[str, Any]:
 
 def save(run: Run) -> Path:
     from ssl_hybrid.models.export import make_meta
-    from ssl_hybrid.train.export import training_meta
+    from ssl_hybrid.train.export import run_normalization, training_meta
 
     rank_state = {"rng": rng.capture(), "stream": run.stream.state_dict()}
     return ckpt.save_checkpoint(
@@ -91,7 +91,7 @@ def save(run: Run) -> Path:
         shared_state(run),
         rank_state,
         run.config,
-        make_meta(run.raw_model.backbone, training_meta(run.config)),
+        make_meta(run.raw_model.backbone, training_meta(run.config, run_normalization(run))),
         run.accelerator,
     )
 

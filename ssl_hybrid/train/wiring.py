@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 def model_kwargs(config: Config) -> dict[str, Any]:
     """Factory kwargs of the backbone besides its name and image size (model.arch first, then our keys)."""
     kwargs: dict[str, Any] = dict(config.model.arch)
+    if config.data.channels != 3:  # timm's convention; 3 stays implicit so RGB models record what they always did
+        kwargs["in_chans"] = config.data.channels
     if config.model.name.startswith("hybrid_"):
         kwargs["attn_mode"] = config.model.attn_mode
         if config.model.token_keep_rate < 1.0:
@@ -91,6 +93,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
     and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
 
+    from ssl_hybrid.data.channels import stream_normalization
     from ssl_hybrid.data.shards import manifest_fingerprint
     from ssl_hybrid.data.stream import build_train_stream
     from ssl_hybrid.data.views import build_transform
@@ -110,7 +113,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
         config.train.seed,
         accelerator.process_index,
         accelerator.num_processes,
-        build_transform(config.data),
+        build_transform(config.data, stream_normalization(config.data)),
     )
     fingerprint = manifest_fingerprint(stream.urls)
     existing = open_run_folder(accelerator, config, fresh, fingerprint, held)
