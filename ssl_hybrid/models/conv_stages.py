@@ -17,7 +17,7 @@ average-pools the stride-4/8 maps to stride 16 and projects them, ``convnext`` p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +64,18 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
             mean = (x * keep).sum(dim=(0, 2, 3)) / count  # [C]
             var = ((x - mean[None, :, None, None]) ** 2 * keep).sum(dim=(0, 2, 3)) / count  # [C], biased
             if self.training and self.track_running_stats:
+                # track_running_stats: the buffers exist (BatchNorm types them Optional)
+                running_mean, running_var = cast(torch.Tensor, self.running_mean), cast(torch.Tensor, self.running_var)
+                batches = cast(torch.Tensor, self.num_batches_tracked)
                 with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
+                    batches.add_(1)
                     unbiased = var * count / (count - 1).clamp_min(1.0)
-                    self.running_mean.lerp_(mean.detach(), self.momentum)
-                    self.running_var.lerp_(unbiased.detach(), self.momentum)
+                    # momentum=None is nn.BatchNorm2d's cumulative moving average
+                    momentum = 1.0 / float(batches) if self.momentum is None else self.momentum
+                    running_mean.lerp_(mean.detach(), momentum)
+                    running_var.lerp_(unbiased.detach(), momentum)
         else:
-            mean, var = self.running_mean, self.running_var
+            mean, var = cast(torch.Tensor, self.running_mean), cast(torch.Tensor, self.running_var)
         scale = self.weight * torch.rsqrt(var + self.eps)  # [C]
         out = (x - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
         return out * keep
@@ -157,10 +162,11 @@ class ResNetStages:
         """Image -> NCHW maps at strides 4, 8(, 16); with ``mask`` hidden positions stay zero everywhere."""
         keeps: list[torch.Tensor | None] = [None] * 6
         if mask is not None:
-            keeps = [keep_map(mask, stride, x.dtype) for stride in (1, 2, 4, 8, 16)] + [None]
-            x = x * keeps[0]
+            pixels = keep_map(mask, 1, x.dtype)  # [B, 1, H, W]
+            keeps = [pixels] + [keep_map(mask, stride, x.dtype) for stride in (2, 4, 8, 16)] + [None]
+            x = x * pixels
         x = model.stem_pool(torch.relu(model.stem_bn(model.stem_conv(x), keeps[1])))  # [B, C0, H/4, W/4]
-        if mask is not None:
+        if keeps[2] is not None:
             x = x * keeps[2]
         maps = []
         for index, stage in enumerate(model.stages):

@@ -161,7 +161,7 @@ def test_token_selection_on_a_one_block_preset_selects_inside_that_block(images)
 
 
 def test_trainer_passes_family_options_to_every_preset(tmp_path):
-    from ssl_hybrid.train.loop import build_backbone
+    from ssl_hybrid.train.wiring import build_backbone
 
     for name in ("resvit_nano", "hybrid_nano"):
         config = load_config(None, [f"model.name={name}", "data.image_size=32", "model.attn_mode=window",
@@ -175,7 +175,7 @@ def test_trainer_passes_family_options_to_every_preset(tmp_path):
 
 
 def _trainer_backbone(name: str, *overrides: str):
-    from ssl_hybrid.train.loop import build_backbone
+    from ssl_hybrid.train.wiring import build_backbone
 
     return build_backbone(load_config(None, [f"model.name={name}", "data.image_size=32", *overrides]))
 

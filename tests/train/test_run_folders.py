@@ -24,7 +24,7 @@ from ssl_hybrid.cli import main
 from ssl_hybrid.config import Config, load_config, to_dict
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.train import checkpoint as ckpt
-from ssl_hybrid.train import loop
+from ssl_hybrid.train import engine
 
 
 def error_lines(err: str) -> list[str]:
@@ -43,7 +43,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the command should have been refused before training")
 
-    monkeypatch.setattr(loop, "train", refuse)
+    monkeypatch.setattr(engine, "train", refuse)
     monkeypatch.setattr("ssl_hybrid.eval.report.build_report", refuse)
 
 
@@ -180,7 +180,7 @@ def trained(tmp_path_factory):
     data = root / "data"
     shutil.copytree(CORPUS, data)
     overrides = tiny_overrides(root / "runs", "first", train__steps=2, train__checkpoint_every=1, data__train=data)
-    loop.pretrain(load_config(None, overrides))
+    engine.pretrain(load_config(None, overrides))
     assert [p.name for p in ckpt.list_checkpoints(root / "runs" / "first")] == ["step_00000001", "step_00000002"]
     return root
 
@@ -198,8 +198,8 @@ def copy_run(trained: Path, output_dir: Path, name: str) -> list[str]:
                    lost="nothing")
 def test_a_moved_and_renamed_run_resumes(trained, tmp_path, caplog):
     overrides = copy_run(trained, tmp_path / "elsewhere", "renamed")
-    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train.loop"):
-        summary = loop.pretrain(load_config(None, overrides))
+    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train"):
+        summary = engine.pretrain(load_config(None, overrides))
     assert summary["step"] == 2
     assert f"resumed from {tmp_path / 'elsewhere' / 'renamed' / 'checkpoints' / 'step_00000002'}" in caplog.text
 
@@ -245,8 +245,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(trained,
     checkpoints = tmp_path / "resumed" / "checkpoints"
     bad = checkpoints / "step_00000002" / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[:1000])
-    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train.loop"):
-        summary = loop.pretrain(load_config(None, overrides))
+    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train"):
+        summary = engine.pretrain(load_config(None, overrides))
     assert summary["step"] == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(bad) in message and "falling back" in message for message in warnings)
@@ -399,3 +399,33 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     assert [oct(path.stat().st_mode & 0o777) for path in written] == [oct(0o644)] * 2
     assert (tmp_path / "predictions.csv").read_text().splitlines() == ["image,rank", "a.jpg,1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.fault(injected="the file-size limit (a full disk) is hit while config.yaml or a search recipe is written",
+                   did="the write fails with the OS error; the previous file is intact and no temp file is left "
+                       "beside it (one helper, runs.atomic_path, for every file written through a temp name)",
+                   lost="nothing")
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path):
+    import resource
+    import signal
+
+    from ssl_hybrid.config import load_config, write_config
+    from ssl_hybrid.search.recipe import write_recipe
+
+    config = load_config()
+    writers = {"config.yaml": lambda: write_config(config, tmp_path),
+               "recipe.yaml": lambda: write_recipe(tmp_path / "recipe.yaml", {"name": "x" * 4096})}
+    for name in writers:
+        (tmp_path / name).write_text("previous\n")
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), no signal
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        for write in writers.values():
+            with pytest.raises(OSError):
+                write()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)
+    assert all((tmp_path / name).read_text() == "previous\n" for name in writers)
