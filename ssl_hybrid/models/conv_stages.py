@@ -287,6 +287,7 @@ class ConvNeXtStages:
         """Image -> channels-last maps at strides 4, 8(, 16); with ``mask`` hidden positions are zero after the
         stem, every block and every downsampling, and the block MLPs run on visible positions only."""
         num_stages = len(model.conv_dims)
+        keep_dtype = x.dtype  # the image's: under autocast, a float32 keep mask lifts the masked maps to float32
         x = model.stem_norm(model.stem_conv(x).permute(0, 2, 3, 1))  # [B, H/4, W/4, C4]
         maps = []
         for i in range(num_stages):
@@ -295,7 +296,7 @@ class ConvNeXtStages:
                 x = getattr(model, f"down{4 * 2**i}")(x)  # [B, H/s, W/s, C_i]
             if mask is not None:
                 hidden = upsample_mask(mask, PATCH_SIZE // (4 * 2**i))  # [B, H/s, W/s]
-                x = x * (~hidden)[..., None].to(x.dtype)
+                x = x * (~hidden)[..., None].to(keep_dtype)
                 visible, _ = visible_indices(hidden.flatten(1))
             for block in getattr(model, f"stage{i + 1}"):
                 x = model._run(block, x, visible)

@@ -211,3 +211,15 @@ def test_family_options_for_a_model_without_them_are_refused(override):
     with pytest.raises(UserError, match=override.split("=")[0]) as raised:
         _trainer_backbone("resnet18", override)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("name, kwargs", [pytest.param("hybrid_nano", {}, id="hybrid_nano"),
+                                          pytest.param("resvit_nano", {}, id="resvit_nano"), *SWAPPED])
+def test_masked_forward_runs_under_bf16_autocast(images, name, kwargs):
+    """The trainer's bf16 autocast: masked maps keep the image's dtype through every stage (a bf16 map met a
+    float32 residual branch in the visible-rows scatter once the conv stages were shared)."""
+    model = _trained_like(timm.create_model(name, num_classes=0, **kwargs)).train()
+    mask = random_grid_mask(3, GRID, GRID, 0.5, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_masked(images, mask)
+    assert torch.isfinite(out["fused"].float()).all()
