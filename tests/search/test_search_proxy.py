@@ -41,7 +41,7 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
     recipe = tmp_path / "search.yaml"
     recipe.write_text(json.dumps({
         "name": "e2e", "output_dir": str(tmp_path / "searches"), "num_candidates": 2, "image_size": 32,
-        "space": {"base": "hybrid_nano", "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
+        "space": {"preset_size": "nano", "conv_type": ["convnext"], "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
                   "depth": [1], "num_heads": [2], "attn_mode": ["global"], "token_keep_rate": [1.0]},
         "budget": {"repeats": 2, "warmup": 1},
         "zero_cost": {"batch_size": 4},
@@ -104,7 +104,7 @@ def test_search_killed_mid_run_resumes(image_folder, tmp_path):
         recipe = tmp_path / f"{name}.yaml"
         recipe.write_text(json.dumps({
             "name": name, "output_dir": str(tmp_path / "searches"), "num_candidates": 2, "image_size": 32,
-            "space": {"base": "hybrid_nano", "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
+            "space": {"preset_size": "nano", "conv_type": ["convnext"], "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
                       "depth": [1], "num_heads": [2], "attn_mode": ["global"], "token_keep_rate": [1.0]},
             "budget": {"repeats": 1, "warmup": 0}, "zero_cost": {"batch_size": 4},
             "schedule": {"min_steps": 2, "eta": 2, "max_rungs": 2},
