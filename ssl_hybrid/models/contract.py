@@ -36,16 +36,24 @@ def check_global_pool(global_pool: str) -> str:
     return global_pool
 
 
-def multiscale_pool(stage_means: list[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+def multiscale_pool(
+    stage_means: list[torch.Tensor], tokens: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``[B, sum C_i + 2D]``: each stage's global average, the class token and the patch mean of ``tokens
-    [B, 1+N, D]``, each L2-normalized (so no scale dominates by its magnitude), concatenated."""
-    parts = [*stage_means, tokens[:, 0], tokens[:, 1:].mean(dim=1)]
+    [B, 1+N, D]`` (over ``token_mask [B, 1+N]``'s valid tokens when token selection padded them), each
+    L2-normalized (so no scale dominates by its magnitude), concatenated."""
+    if token_mask is None:
+        patch_mean = tokens[:, 1:].mean(dim=1)
+    else:
+        weight = token_mask[:, 1:, None].to(tokens.dtype)
+        patch_mean = (tokens[:, 1:] * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)
+    parts = [*stage_means, tokens[:, 0], patch_mean]
     return torch.cat([F.normalize(p, dim=-1) for p in parts], dim=-1)
 
 
 class TokenBackboneMixin:
     """For backbones with ``embed_dim``, ``head``, ``pos_embed`` over ``patch_grid``, a class token,
-    ``num_multiscale_features`` and ``grad_checkpointing``; see ``HybridViT`` / ``ResViT``.
+    ``num_multiscale_features`` and ``grad_checkpointing``; see ``HybridViT`` (``ResViT``).
 
     ``global_pool="multiscale"`` pools with ``multiscale_pool`` over the stage averages that the last
     ``forward_features`` kept (``last_stage_means``): ``forward_head(forward_features(x), pre_logits=True)``
@@ -66,14 +74,14 @@ class TokenBackboneMixin:
             return
         self.last_stage_means = [m.mean(dim=(1, 2) if channels_last else (2, 3)) for m in maps]
 
-    def _multiscale_head_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _multiscale_head_input(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         means = self.last_stage_means
         if means is None or means[0].shape[0] != x.shape[0]:
             raise ValueError(
                 "global_pool='multiscale' pools the stage maps of the same forward_features call: "
                 "call forward_head(forward_features(images)) or model(images)"
             )
-        return multiscale_pool(means, x)
+        return multiscale_pool(means, x, token_mask)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

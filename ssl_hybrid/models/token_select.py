@@ -112,5 +112,6 @@ def select_tokens(
 
 
 def default_select_blocks(depth: int) -> tuple[int, ...]:
-    """EViT's placement, scaled to depth: blocks 4, 7, 10 of 12 (0-based 3, 6, 9)."""
-    return tuple(sorted({max(1, int(depth * f)) for f in (3 / 12, 6 / 12, 9 / 12)}))
+    """EViT's placement, scaled to depth: blocks 4, 7, 10 of 12 (0-based 3, 6, 9); never the first block (its
+    attention has not looked at the image yet) unless it is the only one (resvit_nano: selection inside it)."""
+    return tuple(sorted({min(max(1, int(depth * f)), depth - 1) for f in (3 / 12, 6 / 12, 9 / 12)}))

@@ -88,12 +88,29 @@ class Run:
 
 
 def model_kwargs(config: Config) -> dict[str, Any]:
-    """Factory kwargs of the backbone besides its name and image size (model.arch first, then our keys)."""
+    """Factory kwargs of the backbone besides its name and image size (model.arch first, then our keys).
+
+    ``model.attn_mode``/``model.token_keep_rate`` go to every model whose constructor takes them (every preset of
+    the hybrid family, whatever its name); set for a model without them (a timm ResNet) they are a ConfigError,
+    never dropped. Unknown names are left to the factory's own error.
+    """
+    import timm
+
+    import ssl_hybrid.models  # noqa: F401  (registers resvit_*/hybrid_* with timm)
+    from ssl_hybrid.errors import ConfigError
+    from ssl_hybrid.models.factory import factory_arguments
+
     kwargs: dict[str, Any] = dict(config.model.arch)
-    if config.model.name.startswith("hybrid_"):
-        kwargs["attn_mode"] = config.model.attn_mode
-        if config.model.token_keep_rate < 1.0:
-            kwargs["token_keep_rate"] = config.model.token_keep_rate
+    name = config.model.name
+    accepted = factory_arguments(name) if timm.is_model(name) else frozenset(("attn_mode", "token_keep_rate"))
+    for key, value, off in (
+        ("attn_mode", config.model.attn_mode, "global"),
+        ("token_keep_rate", config.model.token_keep_rate, 1.0),
+    ):
+        if key in accepted and (key == "attn_mode" or value != off):
+            kwargs[key] = value
+        elif key not in accepted and value != off:
+            raise ConfigError(f"model.{key}={value!r}: {name} has no {key} (an option of the resvit_*/hybrid_* family)")
     return kwargs
 
 

@@ -23,3 +23,5 @@ def variant_params(names) -> list:
 
 HYBRID_CASES = variant_params(HYBRID_VARIANTS)
 RESVIT_CASES = variant_params(RESVIT_VARIANTS)
+# Every preset of the one family: the efficiency features (attention modes, token selection) must work on each.
+FAMILY_CASES = HYBRID_CASES + RESVIT_CASES

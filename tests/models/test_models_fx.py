@@ -26,6 +26,11 @@ CASES = [pytest.param(name, {}, id=name, marks=size_marks(name)) for name in HYB
     pytest.param("hybrid_nano", dict(attn_mode="window", window_size=2), id="hybrid_nano-window2"),  # fast path
     pytest.param("hybrid_nano", dict(attn_mode="window", window_size=5), id="hybrid_nano-window5"),  # masked SDPA
     pytest.param("hybrid_nano", dict(attn_mode="topk", attn_topk=20), id="hybrid_nano-topk20"),  # k > tokens at 64 px
+    # the default model's preset with the same sparse attention, and the conv-stage choice swapped on each preset
+    pytest.param("resvit_nano", dict(attn_mode="window", window_size=2), id="resvit_nano-window2"),
+    pytest.param("resvit_nano", dict(attn_mode="topk", attn_topk=5), id="resvit_nano-topk5"),
+    pytest.param("resvit_nano", dict(conv_stages="convnext"), id="resvit_nano-convnext"),
+    pytest.param("hybrid_nano", dict(conv_stages="resnet", stem_dim=16), id="hybrid_nano-resnet"),
 ]
 
 

@@ -220,7 +220,7 @@ def test_export_round_trip_and_other_input_size(built, images, tmp_path):
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="multiple of 16"):
         timm.create_model("resvit_nano", img_size=70)
-    with pytest.raises(ValueError, match="3 stages"):
-        timm.create_model("resvit_nano", conv_dims=(16, 32), conv_depths=(1, 1))
+    with pytest.raises(ValueError, match="3 stages"):  # 2 stages (to stride 8) are a family option since issue 30
+        timm.create_model("resvit_nano", conv_dims=(16, 32, 64, 128), conv_depths=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="global_pool"):
         timm.create_model("resvit_nano", global_pool="max")

@@ -1,4 +1,5 @@
-"""Attention modes, EViT token selection, export round-trip and FLOP counting, for every variant."""
+"""Attention modes, EViT token selection, export round-trip and FLOP counting, for every variant (the attention
+and selection tests for every preset of the family, ``resvit_*`` included)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import math
 import pytest
 import timm
 import torch
-from models_helpers import HYBRID_CASES
+from models_helpers import FAMILY_CASES, HYBRID_CASES, RESVIT_CASES
 
 import ssl_hybrid.models  # noqa: F401
 from ssl_hybrid.errors import UserError
-from ssl_hybrid.models import HYBRID_VARIANTS
+from ssl_hybrid.models import HYBRID_VARIANTS, RESVIT_VARIANTS
 from ssl_hybrid.models.attention import TokenLayout, attention_allowed
 from ssl_hybrid.models.export import BackboneLoadError, load_backbone, save_model_folder
 from ssl_hybrid.models.flops import count_flops
@@ -24,10 +25,19 @@ IMG = 64
 GRID = IMG // 16
 
 
+class _BuiltOnFirstUse(dict):
+    """name -> that model (no classifier, eval mode), built when a test first asks (the large ones take seconds)."""
+
+    def __missing__(self, name: str) -> torch.nn.Module:
+        assert name in HYBRID_VARIANTS + RESVIT_VARIANTS, name
+        torch.manual_seed(0)
+        self[name] = timm.create_model(name, num_classes=0).eval()
+        return self[name]
+
+
 @pytest.fixture(scope="module")
 def built() -> dict[str, torch.nn.Module]:
-    torch.manual_seed(0)
-    return {name: timm.create_model(name, num_classes=0).eval() for name in HYBRID_VARIANTS}
+    return _BuiltOnFirstUse()
 
 
 @pytest.fixture
@@ -52,7 +62,7 @@ def restore(built):
 
 # ------------------------------------------------------------------------------- attention modes
 
-@pytest.mark.parametrize("name", HYBRID_CASES)
+@pytest.mark.parametrize("name", FAMILY_CASES)
 def test_window_covering_whole_grid_equals_global(restore, images, name):
     model = restore(name)
     mask = random_grid_mask(3, GRID, GRID, 0.5, generator=torch.Generator().manual_seed(0))
@@ -87,7 +97,7 @@ def test_window_allowed_pattern():
     assert int(allowed[1:, 1:].sum()) == 16 * 4  # each patch sees the 4 patches of its window
 
 
-@pytest.mark.parametrize("name", HYBRID_CASES)
+@pytest.mark.parametrize("name", FAMILY_CASES)
 def test_topk_with_all_keys_equals_global_and_fewer_keys_differ(restore, images, name):
     model = restore(name)
     with torch.no_grad():
@@ -118,7 +128,7 @@ def _expected_fixed_counts(num_patches: int, keep_rate: float, stages: int) -> i
     return kept
 
 
-@pytest.mark.parametrize("name", HYBRID_CASES)
+@pytest.mark.parametrize("name", FAMILY_CASES)
 def test_fixed_token_selection_shapes_and_reported_counts(restore, images, name):
     model = restore(name)
     model.set_token_selection(keep_rate=0.7)
@@ -132,7 +142,8 @@ def test_fixed_token_selection_shapes_and_reported_counts(restore, images, name)
     assert torch.isfinite(feats).all()
 
 
-@pytest.mark.parametrize("name", HYBRID_CASES)
+# selection at block 1: every preset with 2+ blocks (resvit_nano has one; test_models_family.py covers it)
+@pytest.mark.parametrize("name", HYBRID_CASES + [c for c in RESVIT_CASES if c.id != "resvit_nano"])
 def test_adaptive_token_selection_pads_and_pools_only_real_tokens(restore, images, name):
     model = restore(name)
     model.set_token_selection(keep_share=0.6, blocks=(1,))
