@@ -799,14 +799,20 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="search overrides, e.g. num_candidates=8 schedule.min_steps=20 proxy.knn_shots=10",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write pareto.md/json/png and chosen.yaml from what is scored so far (a search running or "
+        "interrupted) and exit; runs nothing",
+    )
     parser.set_defaults(handler=_run_search)
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from ssl_hybrid.search.run import load_search_config, run_search
+    from ssl_hybrid.search.run import load_search_config, report_search, run_search
 
     config = load_search_config(args.config, args.overrides)
-    summary = run_search(config)
+    summary = report_search(config) if args.report_only else run_search(config)
     print((config.out_dir() / "pareto.md").read_text(encoding="utf-8"), end="")
     print(f"chosen: {summary['chosen']} -> {summary.get('recipe')}  ({summary['seconds']:.0f} s)")
     return 0

@@ -65,6 +65,7 @@ def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str,
                     result.get("score"),
                 )
                 row["last_train_seconds"] = result.get("train_seconds")
+                row["last_train_cpu_seconds"] = result.get("train_cpu_seconds")
         row["score"] = row.get("score_r0")
         first = rungs[0]["scores"].get(cid, {}) if rungs else {}
         row["init_score"] = first.get("init_score")  # the same k-NN at random init: what pretraining added
@@ -101,6 +102,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _seconds(row: dict[str, Any]) -> str:
+    """CPU / wall seconds of the last rung's pretraining run (what a time budget spent; wall includes others' load)."""
+    return f"{_fmt(row.get('last_train_cpu_seconds'), '.0f')} / {_fmt(row.get('last_train_seconds'), '.0f')}"
+
+
 def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -> str:
     rung_cols = sorted({k for r in rows for k in r if k.startswith("score_r")}, key=lambda k: int(k[7:]))
     with_init = any(r.get("init_score") is not None for r in rows)
@@ -108,7 +114,7 @@ def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -
         ["", "id", "architecture", "params (M)", "GFLOPs", "latency (ms)"]
         + ([f"{score_name} init"] if with_init else [])
         + [f"{score_name} r{k[7:]}" for k in rung_cols]
-        + ["steps (last rung)", "pretrain s (last rung)", "status"]
+        + ["steps (last rung)", "pretrain CPU-s / wall s (last rung)", "status"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -124,7 +130,7 @@ def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -
             ]
             + ([_fmt(r.get("init_score"), ".3f")] if with_init else [])
             + [_fmt(r.get(k), ".3f") for k in rung_cols]
-            + [_fmt(r.get("last_steps"), "d"), _fmt(r.get("last_train_seconds"), ".0f"), r["status"]]
+            + [_fmt(r.get("last_steps"), "d"), _seconds(r), r["status"]]
         )
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")

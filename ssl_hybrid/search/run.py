@@ -257,6 +257,22 @@ def steps_for_seconds(
     return steps_for
 
 
+def report_search(config: SearchConfig) -> dict[str, Any]:
+    """Write the outputs from the state so far (a search still running, interrupted or done) without running
+    anything; a rung in progress counts with the candidates it has scored. Returns the summary."""
+    path = config.out_dir() / STATE_FILE
+    if not path.exists():
+        raise UserError(f"search: {path} does not exist; run the search first")
+    written_under = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+    if written_under != config.fingerprint():  # reading mixes nothing, so report it, but say so
+        log.warning("%s was written under another search configuration; reporting it with this one", path)
+    state = SearchState.load_or_create(path, written_under)
+    summary = write_outputs(state, config, state.best(), state.elapsed_seconds(), torch.device("cpu"))
+    summary["status"] = state.data["status"]
+    write_json_atomic(config.out_dir() / "pareto.json", summary)
+    return summary
+
+
 def run_search(
     config: SearchConfig,
     scorer: Scorer | None = None,

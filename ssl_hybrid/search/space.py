@@ -33,15 +33,17 @@ class SearchSpaceError(UserError):
     """A search space that cannot produce the requested candidates."""
 
 
-# Conv stage type -> (preset family whose factories build it, number of conv stages). ResNet stages run at
-# strides 4/8/16 (the transformer takes the stride-16 map); ConvNeXt stages at strides 4/8, then a patch
-# embedding to stride 16. One table, so a merged constructor is a change here, not in the search code.
-CONV_TYPES = {"resnet": ("resvit", 3), "convnext": ("hybrid", 2)}
+# Conv stage type (the constructor's ``conv_stages``) -> the preset family whose factories build it (their
+# defaults fill what the space does not set: the ResNet stem, the ConvNeXt kernel).
+CONV_TYPES = {"resnet": "resvit", "convnext": "hybrid"}
+# Conv stage counts the constructor builds: stages at strides 4/8 (then a patch embedding to stride 16) or
+# 4/8/16 (the transformer takes the stride-16 map).
+STAGE_COUNTS = (2, 3)
 
-# Dimension name -> the constructor argument it sets (None: it picks the factory instead). One table, so a
-# renamed constructor argument is a one-line change here, not a hunt through the search code.
+# Dimension name -> the constructor argument it sets (conv_type also picks the preset family). One table, so
+# a renamed constructor argument is a one-line change here, not a hunt through the search code.
 MODEL_KWARG = {
-    "conv_type": None,
+    "conv_type": "conv_stages",
     "conv_widths": "conv_dims",
     "conv_depths": "conv_depths",
     "embed_dim": "embed_dim",
@@ -62,11 +64,15 @@ class SearchSpace:
     preset_size: str = "tiny"
     # Conv stage type: resnet (batch-normed basic blocks, the resvit_* presets) | convnext (the hybrid_* presets).
     conv_type: list = field(default_factory=lambda: ["resnet", "convnext"])
-    # Channels per conv stage. A list's length must match its conv type's stage count (resnet 3: strides
-    # 4/8/16; convnext 2: strides 4/8); mismatched pairs are not sampled. A resnet stem gets the first width.
+    # Channels per conv stage, 2 stages (strides 4/8, then a patch embedding) or 3 (strides 4/8/16); widths
+    # and depths of different lengths are not sampled together. A resnet stem gets the first width.
     conv_widths: list = field(default_factory=lambda: [[32, 64, 128], [64, 128, 256], [32, 64], [64, 128]])
     # Blocks per conv stage (same length rule); the few-label regime leans on conv features.
     conv_depths: list = field(default_factory=lambda: [[1, 1, 1], [2, 2, 2], [1, 1], [2, 2]])
+    # Conv stage counts each conv type may take (2: strides 4/8, then a patch embedding; 3: strides 4/8/16).
+    # [3] and [2] keep the presets' layouts (resvit_*: ResNet stages to stride 16, hybrid_*: ConvNeXt to 8).
+    resnet_stages: list = field(default_factory=lambda: list(STAGE_COUNTS))
+    convnext_stages: list = field(default_factory=lambda: list(STAGE_COUNTS))
     # Transformer width at stride 16.
     embed_dim: list = field(default_factory=lambda: [128, 192, 256])
     # Transformer blocks.
@@ -97,18 +103,29 @@ class SearchSpace:
             raise SearchSpaceError(
                 f"search space: conv_type {', '.join(map(str, unknown))} unknown; choose from {', '.join(CONV_TYPES)}"
             )
+        for conv_type in CONV_TYPES:
+            counts = self.allowed_stages(conv_type)
+            if not counts or not set(counts) <= set(STAGE_COUNTS):
+                raise SearchSpaceError(
+                    f"search space: {conv_type}_stages = {list(counts)}: choose among "
+                    f"{', '.join(map(str, STAGE_COUNTS))} conv stages"
+                )
         for conv_type in self.conv_type:
-            stages = CONV_TYPES[conv_type][1]
-            if not any(len(w) == stages for w in self.conv_widths) or not any(
-                len(d) == stages for d in self.conv_depths
+            stages = self.allowed_stages(conv_type)
+            if not any(len(w) in stages for w in self.conv_widths) or not any(
+                len(d) in stages for d in self.conv_depths
             ):
                 raise SearchSpaceError(
-                    f"search space: conv_type {conv_type} needs {stages}-stage conv_widths and conv_depths "
+                    f"search space: conv_type {conv_type} needs conv_widths and conv_depths of "
+                    f"{' or '.join(map(str, stages))} stages"
                     f"(one value per stage); none listed"
                 )
 
     def factory(self, conv_type: str) -> str:
-        return f"{CONV_TYPES[conv_type][0]}_{self.preset_size}"
+        return f"{CONV_TYPES[conv_type]}_{self.preset_size}"
+
+    def allowed_stages(self, conv_type: str) -> tuple[int, ...]:
+        return tuple(getattr(self, f"{conv_type}_stages"))
 
 
 @dataclass(frozen=True)
@@ -206,15 +223,16 @@ def constructor_args(factory: str) -> frozenset[str]:
 _OFF_VALUES = {"attn_mode": "global", "token_keep_rate": 1.0}
 
 
-def invalid_reason(choices: dict[str, Any], size: str = "tiny") -> str | None:
+def invalid_reason(choices: dict[str, Any], size: str = "tiny", stages: tuple[int, ...] = STAGE_COUNTS) -> str | None:
     """Why a combination cannot be built (None when it can)."""
     if choices["embed_dim"] % choices["num_heads"]:
         return f"embed_dim {choices['embed_dim']} not divisible by num_heads {choices['num_heads']}"
     if len(choices["conv_widths"]) != len(choices["conv_depths"]):
         return "conv_widths and conv_depths name a different number of stages"
-    family, stages = CONV_TYPES[choices["conv_type"]]
-    if len(choices["conv_widths"]) != stages:
-        return f"conv_type {choices['conv_type']} needs {stages} conv stages, got {len(choices['conv_widths'])}"
+    family = CONV_TYPES[choices["conv_type"]]
+    if len(choices["conv_widths"]) not in stages:
+        allowed = " or ".join(map(str, stages))
+        return f"conv_type {choices['conv_type']} takes {allowed} conv stages here, got {len(choices['conv_widths'])}"
     accepted = constructor_args(f"{family}_{size}")
     for name, off in _OFF_VALUES.items():
         if choices[name] != off and name not in accepted:
@@ -222,6 +240,27 @@ def invalid_reason(choices: dict[str, Any], size: str = "tiny") -> str | None:
     if choices["token_keep_rate"] < 1.0 and choices["depth"] < 2:
         # EViT places selection after the first block; with one block it would be a duplicate of keep 1.0
         return "token selection needs at least 2 transformer blocks"
+    return _model_refusal(choices)
+
+
+def _model_refusal(choices: dict[str, Any]) -> str | None:
+    """The constructor's own one-line refusal of these options (its rules, in one place), None if it builds."""
+    from ssl_hybrid.errors import UserError
+    from ssl_hybrid.models.hybrid import check_options
+
+    try:  # the image size is the search's (SearchConfig.check), any multiple of 16 stands in for it here
+        check_options(
+            (224, 224),
+            choices["conv_type"],
+            choices["conv_widths"],
+            choices["conv_depths"],
+            choices["attn_mode"],
+            choices["window_size"],
+            1,
+            choices["depth"],
+        )
+    except (UserError, ValueError) as err:
+        return str(err)
     return None
 
 
@@ -247,7 +286,7 @@ def sample_candidates(space: SearchSpace, count: int, seed: int) -> list[Candida
         choices["conv_type"] = conv_type
         if choices["attn_mode"] != "window":
             choices["window_size"] = dims["window_size"][0]  # unused without windows: one canonical value, no twins
-        reason = invalid_reason(choices, space.preset_size)
+        reason = invalid_reason(choices, space.preset_size, space.allowed_stages(conv_type))
         if reason:
             refused[reason] = refused.get(reason, 0) + 1
             pending = conv_type

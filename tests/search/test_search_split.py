@@ -26,7 +26,7 @@ from ssl_hybrid.search.space import (
 
 def split_space(**changes) -> SearchSpace:
     values = dict(preset_size="nano", conv_type=["resnet", "convnext"], conv_widths=[[8, 16, 32], [8, 16]],
-                  conv_depths=[[1, 1, 1], [1, 1]], embed_dim=[32, 64], depth=[1, 2], num_heads=[2],
+                  conv_depths=[[1, 1, 1], [1, 1]], resnet_stages=[2, 3], convnext_stages=[2, 3], embed_dim=[32, 64], depth=[1, 2], num_heads=[2],
                   attn_mode=["global"], window_size=[1], token_keep_rate=[1.0])
     return SearchSpace(**dict(values, **changes))
 
@@ -38,44 +38,60 @@ def test_candidates_span_both_conv_types_and_build_as_their_family():
     for candidate in candidates:
         model = build_candidate(candidate, 32)
         choices = candidate.as_dict()
-        widths = [info["num_chs"] for info in model.feature_info[: len(choices["conv_widths"])]]
-        assert widths == choices["conv_widths"] and model.embed_dim == choices["embed_dim"]
-        assert len(model.blocks) == choices["depth"]
+        stages = len(choices["conv_widths"])
+        conv_info = model.feature_info[:stages]
+        assert [i["num_chs"] for i in conv_info] == choices["conv_widths"]
+        assert [i["reduction"] for i in conv_info] == [4, 8, 16][:stages]
+        assert len(model.feature_info) == stages + choices["depth"] and model.embed_dim == choices["embed_dim"]
+        assert model.conv_stages == choices["conv_type"]
+        batch_norm = any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         if choices["conv_type"] == "resnet":
-            assert candidate.base == "resvit_nano" and model.feature_info[2]["reduction"] == 16
+            assert candidate.base == "resvit_nano" and batch_norm
             assert model.stem_conv.out_channels == choices["conv_widths"][0]  # ResNet's stem = first stage's width
-            assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
         else:
-            assert candidate.base == "hybrid_nano" and len(model.feature_info) == 2 + choices["depth"]
+            assert candidate.base == "hybrid_nano" and not batch_norm
 
 
-def test_stage_count_mismatch_is_refused_with_the_reason():
+def test_stage_counts_per_conv_type_and_the_models_own_refusals():
     choices = dict(conv_type="resnet", conv_widths=[8, 16], conv_depths=[1, 1], embed_dim=32, depth=2, num_heads=2,
                    attn_mode="global", window_size=1, token_keep_rate=1.0)
-    assert invalid_reason(choices, "nano") == "conv_type resnet needs 3 conv stages, got 2"
-    assert invalid_reason(dict(choices, conv_type="convnext"), "nano") is None
-    with pytest.raises(SearchSpaceError, match="conv_type resnet needs 3-stage conv_widths"):
-        sample_candidates(split_space(conv_widths=[[8, 16]], conv_depths=[[1, 1]]), 1, seed=0)
+    assert invalid_reason(choices, "nano", stages=(3,)) == "conv_type resnet takes 3 conv stages here, got 2"
+    assert invalid_reason(choices, "nano") is None  # the constructor builds 2 or 3 stages of either type
+    two_stage = sample_candidates(split_space(conv_type=["resnet"], conv_widths=[[8, 16]], conv_depths=[[1, 1]]), 1, 0)
+    model = build_candidate(two_stage[0], 32)
+    assert model.conv_stages == "resnet" and [i["reduction"] for i in model.feature_info[:2]] == [4, 8]
+    assert "window_size" in invalid_reason(dict(choices, attn_mode="window", window_size=0), "nano")  # the model's rule
+    with pytest.raises(SearchSpaceError, match="resnet needs conv_widths and conv_depths of 3 stages"):
+        sample_candidates(split_space(resnet_stages=[3], conv_widths=[[8, 16]], conv_depths=[[1, 1]]), 1, seed=0)
+    with pytest.raises(SearchSpaceError, match=r"convnext_stages = \[4\]"):
+        sample_candidates(split_space(convnext_stages=[4]), 1, seed=0)
     with pytest.raises(SearchSpaceError, match="conv_type vgg unknown"):
         sample_candidates(split_space(conv_type=["vgg"]), 1, seed=0)
 
 
-@pytest.mark.parametrize("name, value", [("token_keep_rate", 0.7), ("attn_mode", "window")])
-def test_a_feature_the_conv_type_cannot_run_is_refused_never_dropped(name, value):
-    """Refused exactly when the family's constructor lacks the argument; when it has it, the kwarg reaches it."""
+@pytest.mark.parametrize("name, value", [("token_keep_rate", 0.5), ("attn_mode", "window")])
+def test_a_feature_reaches_the_model_or_is_refused_never_dropped(name, value):
+    """Refused exactly when the family's constructor lacks the argument; when it has it, the model runs with it."""
     choices = dict(conv_type="resnet", conv_widths=[8, 16, 32], conv_depths=[1, 1, 1], embed_dim=32, depth=2,
                    num_heads=2, attn_mode="global", window_size=1, token_keep_rate=1.0)
     choices[name] = value
     reason = invalid_reason(choices, "nano")
-    if name in constructor_args("resvit_nano"):
-        assert reason is None
-        candidate = sample_candidates(split_space(conv_type=["resnet"], **{name: [value]}), 1, seed=0)[0]
-        assert candidate.model_kwargs()[name] == value
-    else:
+    space = split_space(conv_type=["resnet"], **{name: [value]})
+    if name not in constructor_args("resvit_nano"):
         assert reason == f"conv_type resnet (resvit_*) does not support {name}={value}"
         with pytest.raises(SearchSpaceError, match=f"does not support {name}"):
-            sample_candidates(split_space(conv_type=["resnet"], **{name: [value]}), 1, seed=0)
-    assert invalid_reason(dict(choices, conv_type="convnext", conv_widths=[8, 16], conv_depths=[1, 1]), "nano") is None
+            sample_candidates(space, 1, seed=0)
+        return
+    assert reason is None
+    candidate = sample_candidates(space, 1, seed=0)[0]
+    assert candidate.model_kwargs()[name] == value
+    model = build_candidate(candidate, 64).eval()
+    with torch.no_grad():
+        tokens = model.forward_features(torch.randn(2, 3, 64, 64))
+    if name == "attn_mode":
+        assert model.attn_mode == "window" and tokens.shape[1] == 1 + 16
+    else:
+        assert tokens.shape[1] < 1 + 16  # half the 4x4 patch tokens dropped after the first block
 
 
 def test_a_preset_reference_is_the_registered_model():
@@ -138,6 +154,7 @@ def test_time_budget_gives_each_candidate_its_own_steps_calibrated_once(tmp_path
         successive_halving(state, list(per_step), schedule, scorer)
 
 
+@pytest.mark.slow
 def test_search_with_presets_and_a_time_budget_end_to_end(tiny_search):
     tiny_search.space = split_space()
     tiny_search.num_candidates = 4
