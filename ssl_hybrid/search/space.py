@@ -43,9 +43,9 @@ STAGE_COUNTS = (2, 3)
 # Dimension name -> the constructor argument it sets (conv_type also picks the preset family). One table, so
 # a renamed constructor argument is a one-line change here, not a hunt through the search code.
 MODEL_KWARG = {
-    "conv_type": "conv_stages",
     "conv_widths": "conv_dims",
     "conv_depths": "conv_depths",
+    "conv_type": "conv_stages",
     "embed_dim": "embed_dim",
     "depth": "depth",
     "num_heads": "num_heads",
