@@ -295,7 +295,7 @@ def sample_candidates(space: SearchSpace, count: int, seed: int) -> list[Candida
         candidate = make_candidate(space.factory(choices["conv_type"]), choices)
         seen.setdefault(candidate.id, candidate)
     if len(seen) < count:
-        reasons = "; ".join(sorted(refused, key=refused.get, reverse=True)[:3]) or "none"
+        reasons = "; ".join(sorted(refused, key=lambda reason: refused[reason], reverse=True)[:3]) or "none"
         raise SearchSpaceError(
             f"search space: found only {len(seen)} distinct valid candidates of the "
             f"{count} asked for (space size {space.size()}; most frequent refusals: {reasons}); "
