@@ -74,6 +74,13 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     # the baseline given our training embedding: separates the embedding's effect from the architecture's
     "resnet18_ms_embed": ("ResNet-18 SimCLR, multi-scale embedding", ["model.name=resnet18", *SIMCLR,
                           "objective.embedding=multiscale"]),
+    # the efficiency features of the one hybrid family on the default model (issue 30), each against "ours" at one
+    # fixed step budget (--steps): EViT token selection, adaptive per-image compute, window / top-k attention
+    "resvit_keep07": ("resvit_tiny + token selection (keep rate 0.7)", [*OURS, "model.token_keep_rate=0.7"]),
+    "resvit_adaptive": ("resvit_tiny + adaptive compute (keep share 0.9)", [*OURS, "model.arch.token_keep_share=0.9"]),
+    "resvit_window": ("resvit_tiny + window attention (3x3 tokens)", [*OURS, "model.attn_mode=window",
+                                                                      "model.arch.window_size=3"]),
+    "resvit_topk": ("resvit_tiny + top-k attention (k=9)", [*OURS, "model.attn_mode=topk", "model.arch.attn_topk=9"]),
     # the hybrid_tiny objectives of earlier rounds
     "joint": ("hybrid_tiny joint MIM+DINO", ["model.name=hybrid_tiny", *DINO_FAST, "objective.mim_weight=1.0",
                                              "objective.dino_weight=1.0"]),
@@ -143,7 +150,7 @@ def calibrate(method: str, args: argparse.Namespace) -> float:
 
 def pretrain_job(method: str, lr: float, cpu_per_step: float, args: argparse.Namespace) -> dict:
     budget = args.minutes * 60
-    steps = max(1, int(budget / cpu_per_step))
+    steps = args.steps or max(1, int(budget / cpu_per_step))
     log.info("%s lr %g: %.2f CPU-s/step -> %d steps in %.0f CPU-s", method, lr, cpu_per_step, steps, budget)
     wall = time.perf_counter()
     summary, cpu = run_steps(method, args, steps, run_name(method, lr), lr)
@@ -231,6 +238,8 @@ def main() -> int:
                         help="labeled folder with train/ and test/ class sub-folders, or a labeled corpus "
                              "(e.g. data/pets37: pretraining on all of it unlabeled, evaluation on a 7/3 split)")
     parser.add_argument("--minutes", type=float, default=4.0, help="pretraining budget per run, in CPU-minutes")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="a fixed step budget, the same for every method, instead of --minutes (no calibration)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from: {', '.join(METHODS)}")
     parser.add_argument("--lrs", default=DEFAULT_LRS, help="lr grid per 256 images; every method runs every value")
@@ -268,7 +277,10 @@ def main() -> int:
         return 2
     if args.jobs <= 1:
         init_worker(args, methods[0])
-    per_step = dict(zip(methods, run_parallel(calibrate, [(m, args) for m in methods], args)))
+    if args.steps:
+        per_step = dict.fromkeys(methods, 0.0)
+    else:
+        per_step = dict(zip(methods, run_parallel(calibrate, [(m, args) for m in methods], args)))
     runs = run_parallel(pretrain_job, [(m, lr, per_step[m], args) for m in methods for lr in lrs], args)
     train_set, test_set = labeled_sets(args)
     chosen = select_lr(runs, train_set, args)
@@ -286,7 +298,8 @@ def main() -> int:
         "command": "python " + " ".join(sys.argv),
         "machine": {**machine_info(), "threads_per_job": args.threads, "jobs": args.jobs},
         "data": str(args.data), "image_size": args.image_size, "batch_size": args.batch_size,
-        "budget_minutes_per_run": args.minutes, "lr_grid": lrs, "methods": methods,
+        "budget_minutes_per_run": None if args.steps else args.minutes, "budget_steps_per_run": args.steps or None,
+        "lr_grid": lrs, "methods": methods,
         "lr_selection": "per method, best leave-one-out k-NN top-1 (k=20) on the train split (multiscale pooling)",
         "chosen_lr": {m: r["lr"] for m, r in chosen.items()},
         "pretraining": {run_name(r["method"], r["lr"]): r for r in runs},
@@ -295,7 +308,8 @@ def main() -> int:
     }
     write_json_atomic(args.out_dir / "label_efficiency.json", result)
     (args.out_dir / "label_efficiency.md").write_text(
-        f"# Label efficiency at {args.minutes:g} CPU-minutes of pretraining per run\n\n"
+        f"# Label efficiency at {f'{args.steps} steps' if args.steps else f'{args.minutes:g} CPU-minutes'} of "
+        "pretraining per run\n\n"
         f"Command: `{result['command']}`\n\nData: `{args.data}` (pretraining on the train images without labels; "
         f"k-NN and k-shot linear probes on the test images), {args.image_size} px, batch {args.batch_size}, "
         f"lr grid {', '.join(f'{lr:g}' for lr in lrs)} per 256 for every method; each method's lr chosen by "

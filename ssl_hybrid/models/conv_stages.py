@@ -6,7 +6,8 @@
 * ``convnext``: ConvNeXt blocks (``hybrid_*``): 4x4/4 stem + LN, then 7x7-depthwise + MLP blocks with LN + 2x2/2
   downsampling between stages. Masked: the MLPs run on visible positions only (the masked speed-up).
 
-Each kind is a stateless strategy that registers its parameters directly on the model (so state-dict keys stay
+Each kind is a stateless strategy (``model`` typed ``Any``: it is the model whose attributes it owns) that registers its
+parameters directly on the model (so state-dict keys stay
 ``stem_conv``, ``stages.0.1.bn2``, ``stage1.0.mlp.fc1``... as the two families had them) and runs them. Maps are
 NCHW for ``resnet`` and channels-last ``[B, H, W, C]`` for ``convnext`` (LN/MLP act on the last dim and visible
 positions gather as rows); ``nchw``/``nhwc`` convert. Multi-scale fusion (ConvMAE) is per kind too: ``resnet``
@@ -16,6 +17,7 @@ average-pools the stride-4/8 maps to stride 16 and projects them, ``convnext`` p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -120,7 +122,7 @@ class ResNetStages:
     channels_last = False
 
     @staticmethod
-    def build(model: nn.Module, in_chans: int, stem_dim: int, dims: Sequence[int], depths: Sequence[int], *_) -> None:
+    def build(model: Any, in_chans: int, stem_dim: int, dims: Sequence[int], depths: Sequence[int], *_) -> None:
         model.stem_conv = nn.Conv2d(in_chans, stem_dim, 7, stride=2, padding=3, bias=False)
         model.stem_bn = MaskedBatchNorm2d(stem_dim)
         model.stem_pool = nn.MaxPool2d(3, stride=2, padding=1)
@@ -145,13 +147,13 @@ class ResNetStages:
         return name.startswith(("stem_", "stages."))  # timm's ResNet init for the conv stages
 
     @staticmethod
-    def finish_init(model: nn.Module) -> None:
+    def finish_init(model: Any) -> None:
         for stage in model.stages:
             for block in stage:
                 block.zero_init_last()
 
     @staticmethod
-    def forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    def forward(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         """Image -> NCHW maps at strides 4, 8(, 16); with ``mask`` hidden positions stay zero everywhere."""
         keeps: list[torch.Tensor | None] = [None] * 6
         if mask is not None:
@@ -168,12 +170,12 @@ class ResNetStages:
         return maps
 
     @staticmethod
-    def build_fusion(model: nn.Module, dims: Sequence[int], embed_dim: int) -> None:
+    def build_fusion(model: Any, dims: Sequence[int], embed_dim: int) -> None:
         model.fuse4 = nn.Linear(dims[0], embed_dim)
         model.fuse8 = nn.Linear(dims[1], embed_dim)
 
     @staticmethod
-    def fusion(model: nn.Module, maps: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    def fusion(model: Any, maps: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
         """Stride-4/8 maps average-pooled to stride 16, projected, at token positions ``pos`` -> ``[B, M, D]``."""
         s4 = F.avg_pool2d(maps[0], 4).flatten(2).transpose(1, 2)  # [B, N, C4]
         s8 = F.avg_pool2d(maps[1], 2).flatten(2).transpose(1, 2)  # [B, N, C8]
@@ -240,7 +242,7 @@ class ConvNeXtStages:
 
     @staticmethod
     def build(
-        model: nn.Module,
+        model: Any,
         in_chans: int,
         stem_dim: int,
         dims: Sequence[int],
@@ -271,11 +273,11 @@ class ConvNeXtStages:
         return False  # the ViT init (trunc_normal_ on every Linear/Conv2d) is what the ConvNeXt stages use
 
     @staticmethod
-    def finish_init(model: nn.Module) -> None:
+    def finish_init(model: Any) -> None:
         pass
 
     @staticmethod
-    def forward(model: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    def forward(model: Any, x: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
         """Image -> channels-last maps at strides 4, 8(, 16); with ``mask`` hidden positions are zero after the
         stem, every block and every downsampling, and the block MLPs run on visible positions only."""
         num_stages = len(model.conv_dims)
@@ -295,13 +297,13 @@ class ConvNeXtStages:
         return maps
 
     @staticmethod
-    def build_fusion(model: nn.Module, dims: Sequence[int], embed_dim: int) -> None:
+    def build_fusion(model: Any, dims: Sequence[int], embed_dim: int) -> None:
         # ConvMAE's multi-scale fusion: 4x4 stride-4 cells and 2x2 stride-8 cells -> one stride-16 token
         model.fuse4 = nn.Linear(16 * dims[0], embed_dim)
         model.fuse8 = nn.Linear(4 * dims[1], embed_dim)
 
     @staticmethod
-    def fusion(model: nn.Module, maps: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
+    def fusion(model: Any, maps: list[torch.Tensor], pos: torch.Tensor) -> torch.Tensor:
         """Each token's 4x4 stride-4 and 2x2 stride-8 cells, projected, at positions ``pos`` -> ``[B, M, D]``
         (gathered first, so only the kept tokens are projected)."""
         index = pos.clamp_min(0)

@@ -190,12 +190,20 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self._build_patch_embed(conv_dims, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_grid[0] * self.patch_grid[1], embed_dim))
-        block_args = dict(
-            drop=drop_rate, attn_drop=attn_drop_rate, attn_mode=attn_mode, window_size=window_size, attn_topk=attn_topk
-        )
         self.blocks = nn.ModuleList(
             [
-                Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=rate, **block_args)
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio,
+                    qkv_bias,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rate,
+                    attn_mode=attn_mode,
+                    window_size=window_size,
+                    attn_topk=attn_topk,
+                )
                 for rate in rates[conv_blocks:]
             ]
         )

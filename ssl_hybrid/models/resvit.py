@@ -42,24 +42,24 @@ class ResViT(HybridViT):
 
 
 @register_model
-def resvit_nano(pretrained: bool = False, **kwargs) -> ResViT:
+def resvit_nano(pretrained: bool = False, **kwargs) -> HybridViT:
     """~0.14 M params: for fast tests and smoke runs."""
     return create_family("resvit_nano", pretrained, **kwargs)
 
 
 @register_model
-def resvit_tiny(pretrained: bool = False, **kwargs) -> ResViT:
+def resvit_tiny(pretrained: bool = False, **kwargs) -> HybridViT:
     """~6 M params: ResNet-18's stem and layer1-3 (strides 4/8/16), then 4 ViT blocks of width 256."""
     return create_family("resvit_tiny", pretrained, **kwargs)
 
 
 @register_model
-def resvit_small(pretrained: bool = False, **kwargs) -> ResViT:
+def resvit_small(pretrained: bool = False, **kwargs) -> HybridViT:
     """~19 M params: ResNet-34-like conv stages (3/4/6 blocks of 64/128/256), then 6 ViT blocks of width 384."""
     return create_family("resvit_small", pretrained, **kwargs)
 
 
 @register_model
-def resvit_base(pretrained: bool = False, **kwargs) -> ResViT:
+def resvit_base(pretrained: bool = False, **kwargs) -> HybridViT:
     """~68 M params: wider conv stages (96/192/384; 3/4/6 blocks), then 10 ViT blocks of width 640."""
     return create_family("resvit_base", pretrained, **kwargs)

@@ -46,3 +46,19 @@ def test_throughput_row_stays_positive_when_the_step_is_slowed_by_load(monkeypat
                "utilization", "utilization_cpu_time")
     assert all(row[key] > 0 for key in numbers), {key: row[key] for key in numbers}
     assert row["utilization"] == pytest.approx(row["achieved_gflop_per_s"] / row["gemm_peak_gflop_per_s"], rel=1e-2)
+
+
+@pytest.mark.slow  # builds and times a model per section: seconds
+def test_bench_family_compares_every_feature_against_the_same_model_without(tmp_path):
+    import bench_family
+
+    out = tmp_path / "family.json"
+    timing.main(bench_family, ["-q", "--out", str(out), "--model", "resvit_nano", "--sizes", "64", "--attn-size", "64",
+                               "--window-size", "2", "--topk", "5", "--iters", "1", "--warmup", "0",
+                               "--batch-size", "2", "--threads", "1"])
+    result = json.loads(out.read_text())
+    sides = result["selection"]["sizes"]["64"]["sides"]
+    assert sides["none"]["tokens_kept_mean"] == 16 and sides["fixed"]["tokens_kept_mean"] == 12  # ceil(0.7 * 16)
+    assert sides["none"]["train_step"]["speedup"] == 1.0 and sides["fixed"]["inference"]["img_per_s"] > 0
+    assert set(result["attention"]["sides"]) == {"global", "window", "topk"}
+    assert "load_average_end" in result["machine"]
