@@ -189,9 +189,11 @@ def write_outputs(
     report.scatter_plot(
         rows,
         out / "pareto.png",
-        f"search '{config.name}': {len(rows)} candidates, k-NN top-1 after "
+        f"search '{config.name}': {sum(not r['reference'] for r in rows)} candidates"
+        + (f" + {sum(r['reference'] for r in rows)} presets" if any(r["reference"] for r in rows) else "")
+        + ", k-NN top-1 after "
         + (
-            f"{config.schedule.min_seconds:g} s of pretraining each"
+            f"{config.schedule.min_seconds:g} CPU-s of pretraining each"
             if config.schedule.min_seconds
             else f"{config.schedule.min_steps} steps"
         ),
