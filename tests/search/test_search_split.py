@@ -177,3 +177,17 @@ def test_search_with_presets_and_a_time_budget_end_to_end(tiny_search):
     table = (tiny_search.out_dir() / "pareto.md").read_text()
     assert "| R |" in table and "preset resvit_nano" in table
     assert (tiny_search.out_dir() / "pareto.png").stat().st_size > 0
+
+
+@pytest.mark.fault(injected="a search space in which a listed conv type can build nothing (resnet_stages: [3] but only "
+                            "2-stage conv widths), or a conv type the family does not have",
+                   did="stops before measuring or writing anything: one line naming the conv type and what it needs",
+                   lost="nothing")
+def test_a_space_that_cannot_build_a_conv_type_is_refused_before_anything_runs(tiny_search):
+    tiny_search.space = split_space(resnet_stages=[3], conv_widths=[[8, 16]], conv_depths=[[1, 1]])
+    with pytest.raises(search_run.UserError, match="conv_type resnet needs conv_widths and conv_depths of 3 stages"):
+        search_run.run_search(tiny_search, scorer=QualityScorer({}))
+    tiny_search.space = split_space(conv_type=["resnet", "vgg"])
+    with pytest.raises(search_run.UserError, match="conv_type vgg unknown"):
+        search_run.run_search(tiny_search, scorer=QualityScorer({}))
+    assert not (tiny_search.out_dir() / "state.json").exists()
