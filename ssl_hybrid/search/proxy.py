@@ -179,6 +179,7 @@ class PretrainKnnProxy:
         so startup is not counted. CPU time, not wall time: on a machine of your own with one compute thread
         they are the same, and on a shared one another job's load does not shrink one candidate's budget."""
         from ssl_hybrid.config import run_dir
+        from ssl_hybrid.runs import lock_path
 
         cpu = []
         for steps in (1, max(2, self.proxy.calibration_steps)):
@@ -187,7 +188,8 @@ class PretrainKnnProxy:
             start = time.process_time()
             check_finished(pretrain(config), config)
             cpu.append((steps, time.process_time() - start))
-            shutil.rmtree(run_dir(config), ignore_errors=True)  # a timing run: nothing in it is kept
+            shutil.rmtree(run_dir(config), ignore_errors=True)  # a timing run: nothing in it is kept,
+            lock_path(run_dir(config)).unlink(missing_ok=True)  # its (released) lock file included
         (short, cpu_short), (long, cpu_long) = cpu
         return max(cpu_long - cpu_short, 1e-3) / (long - short)
 
