@@ -826,13 +826,18 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "search",
         formatter_class=_HelpFormatter,
-        help="architecture search over hybrid backbones under a measured budget (resumable)",
-        description="Sample hybrid architectures, reject those over the measured budget (params, GFLOPs, latency on\n"
-        "this device), optionally prune with a zero-cost proxy, then successive halving: short\n"
-        "pretraining + k-NN on a small labeled set, more steps for the best. Writes pareto.md/json/png\n"
-        "and chosen.yaml (a recipe for `ssl-hybrid pretrain -c`) to <output_dir>/<name>/.\n"
-        "Re-running the same command resumes; scored candidates are never re-run.\n\n"
-        "examples:\n  ssl-hybrid search -c recipes/search_flowers12.yaml\n"
+        help="architecture search across the conv/transformer split under a measured budget (resumable)",
+        description="Sample hybrid architectures - conv stage type (space.conv_type: resnet = batch-normed basic\n"
+        "blocks as in resvit_*, convnext = the hybrid_* stages), conv widths/depths, transformer depth/width,\n"
+        "heads, attention mode, token keep rate - refusing combinations a conv type cannot build (with the\n"
+        "reason); reject those over the measured budget (params, GFLOPs, latency on this device); optionally\n"
+        "prune with a zero-cost proxy; then successive halving: short pretraining + k-NN on a small labeled\n"
+        "set, more budget for the best. schedule.min_seconds budgets pretraining CPU time (each candidate's\n"
+        "steps from its measured CPU seconds per step) instead of steps; references=[resvit_tiny,hybrid_tiny] scores\n"
+        "named presets alongside at the same budget. Writes pareto.md/json/png and chosen.yaml (a recipe for\n"
+        "`ssl-hybrid pretrain -c`) to <output_dir>/<name>/. Re-running the same command resumes; scored\n"
+        "candidates are never re-run.\n\n"
+        "examples:\n  OMP_NUM_THREADS=1 ssl-hybrid search -c recipes/search_split_flowers12.yaml\n"
         "  ssl-hybrid search -c recipes/search_flowers12.yaml num_candidates=6 budget.max_latency_ms=20",
     )
     parser.add_argument(
@@ -848,14 +853,20 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         metavar="key=value",
         help="search overrides, e.g. num_candidates=8 schedule.min_steps=20 proxy.knn_shots=10",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write pareto.md/json/png and chosen.yaml from what is scored so far (a search running or "
+        "interrupted) and exit; runs nothing",
+    )
     parser.set_defaults(handler=_run_search)
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from ssl_hybrid.search.run import load_search_config, run_search
+    from ssl_hybrid.search.run import load_search_config, report_search, run_search
 
     config = load_search_config(args.config, args.overrides)
-    summary = run_search(config)
+    summary = report_search(config) if args.report_only else run_search(config)
     print((config.out_dir() / "pareto.md").read_text(encoding="utf-8"), end="")
     print(f"chosen: {summary['chosen']} -> {summary.get('recipe')}  ({summary['seconds']:.0f} s)")
     return 0

@@ -1,10 +1,13 @@
 """Successive halving (Jamieson & Talwalkar 2016) with a resumable JSON state.
 
-Rung 0 scores every surviving candidate with ``min_steps`` of pretraining; each next rung keeps the best
-``1/eta`` of the previous one and multiplies the steps by ``eta``, so most candidates get few steps and
-the best get the most. A promoted candidate is retrained from scratch at the larger budget rather than
-continued: the trainer's lr / EMA / teacher-temperature schedules are cosine over the run's total steps,
-so a 50-step run is not the first part of a 150-step run.
+Rung 0 scores every surviving candidate with ``min_steps`` of pretraining (or, with ``min_seconds``, the
+same pretraining *time* for every candidate: its steps are that time over its measured seconds per step);
+each next rung keeps the best ``1/eta`` of the previous one and multiplies the budget by ``eta``, so most
+candidates get little and the best get the most. Reference points (named presets) are scored in every rung
+with the same budget but take no promotion slot and are never the winner: they show what the search beat.
+A promoted candidate is retrained from scratch at the larger budget rather than continued: the trainer's
+lr / EMA / teacher-temperature schedules are cosine over the run's total steps, so a 50-step run is not the
+first part of a 150-step run.
 
 The state is one JSON file, rewritten atomically (temp file + rename) after every scored candidate and
 every promotion. A re-run loads it, skips every (candidate, rung) already scored and continues; a state
@@ -32,6 +35,8 @@ STATE_VERSION = 1
 
 # scorer(candidate, steps, rung_index) -> {"score": float (higher is better), ...anything JSON-able}
 Scorer = Callable[[Candidate, int, int], dict[str, Any]]
+# steps_for(candidate, seconds) -> the steps that make ``seconds`` of pretraining for this candidate
+StepsFor = Callable[[Candidate, float], int]
 
 
 class SearchStateError(UserError):
@@ -40,12 +45,17 @@ class SearchStateError(UserError):
 
 @dataclass
 class HalvingSchedule:
-    # Pretraining steps per candidate in the first rung.
+    # Pretraining steps per candidate in the first rung (used when min_seconds is 0).
     min_steps: int = 50
     # Keep the best 1/eta of each rung and give them eta times the steps (3 is Hyperband's default).
     eta: int = 3
     # At most this many rungs (the last one may still hold several candidates).
     max_rungs: int = 3
+    # Pretraining seconds per candidate in the first rung (0 = count in steps). Each candidate's steps are
+    # this time over its seconds per step measured on this machine (CPU time of the proxy process: wall
+    # time with one thread on a machine of your own, robust to other jobs on a shared one), so a cheaper
+    # design trains more steps: candidates are compared at equal pretraining time on this machine.
+    min_seconds: float = 0.0
 
     def check(self) -> None:
         if self.min_steps < 1:
@@ -54,17 +64,22 @@ class HalvingSchedule:
             raise UserError(f"search.schedule.eta = {self.eta}: must be >= 2")
         if self.max_rungs < 1:
             raise UserError(f"search.schedule.max_rungs = {self.max_rungs}: must be >= 1")
+        if self.min_seconds < 0:
+            raise UserError(f"search.schedule.min_seconds = {self.min_seconds}: must be >= 0 (0 = count in steps)")
 
 
 def rung_plan(num_candidates: int, schedule: HalvingSchedule) -> list[dict[str, int]]:
-    """[{"index", "size", "steps"}, ...]: rung r holds floor(n / eta^r) candidates (at least 1) trained
-    for min_steps * eta^r steps; it ends at one candidate or at max_rungs."""
+    """[{"index", "size", "steps", "seconds"}, ...]: rung r holds floor(n / eta^r) candidates (at least 1)
+    trained for min_steps * eta^r steps (with min_seconds: for "seconds" = min_seconds * eta^r seconds);
+    it ends at one candidate or at max_rungs."""
     plan = []
     size, steps = num_candidates, schedule.min_steps
     for index in range(schedule.max_rungs):
         if size < 1:
             break
         plan.append({"index": index, "size": size, "steps": steps})
+        if schedule.min_seconds:
+            plan[-1]["seconds"] = schedule.min_seconds * schedule.eta**index
         if size == 1:
             break
         size, steps = max(1, size // schedule.eta), steps * schedule.eta
@@ -103,6 +118,8 @@ class SearchState:
             "measurements": {},
             "zero_cost": {},
             "pruned": [],
+            "references": [],
+            "step_seconds": {},
             "rungs": [],
         }
 
@@ -167,11 +184,18 @@ class SearchState:
         rungs = self.data["rungs"]
         return rungs[index] if index < len(rungs) else None
 
-    def open_rung(self, index: int, steps: int, members: list[str]) -> dict[str, Any]:
+    def open_rung(self, index: int, steps: int, members: list[str], seconds: float = 0.0) -> dict[str, Any]:
         existing = self.rung(index)
         if existing is not None:
             return existing
-        rung = {"index": index, "steps": steps, "members": list(members), "scores": {}, "promoted": None}
+        rung = {
+            "index": index,
+            "steps": steps,
+            "seconds": seconds,
+            "members": list(members),
+            "scores": {},
+            "promoted": None,
+        }
         self.data["rungs"].append(rung)
         self.save()
         return rung
@@ -184,37 +208,62 @@ class SearchState:
         self.data["rungs"][index]["promoted"] = list(promoted)
         self.save()
 
+    def references(self) -> list[str]:
+        return list(self.data.get("references", []))
+
     def best(self) -> str | None:
-        """The winner: the best-scored candidate of the highest rung that has a successful score."""
+        """The winner: the best-scored searched candidate (not a reference) of the highest rung that has one."""
         for rung in reversed(self.data["rungs"]):
-            ranked = [cid for cid in rank(rung["scores"]) if rung["scores"][cid].get("score") is not None]
+            ranked = [
+                cid
+                for cid in rank(rung["scores"])
+                if rung["scores"][cid].get("score") is not None and cid not in self.references()
+            ]
             if ranked:
                 return ranked[0]
         return None
 
 
-def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule, scorer: Scorer) -> str | None:
-    """Run (or continue) the rungs over ``members``; returns the winner's id.
+def successive_halving(
+    state: SearchState,
+    members: list[str],
+    schedule: HalvingSchedule,
+    scorer: Scorer,
+    steps_for: StepsFor | None = None,
+) -> str | None:
+    """Run (or continue) the rungs over ``members`` (plus ``state.references()`` in every rung); returns the
+    winner's id. ``steps_for`` turns a rung's seconds into a candidate's steps (needed with min_seconds).
 
     A candidate whose scorer raises is recorded with ``score: None`` and the error, and is not promoted;
     errors the user must fix (``UserError``: bad data path, bad recipe) stop the search at once.
     """
+    if schedule.min_seconds and steps_for is None:
+        raise ValueError("schedule.min_seconds needs steps_for (each candidate's seconds per step)")
+    references = state.references()
     plan = rung_plan(len(members), schedule)
+    budget = "seconds" if schedule.min_seconds else "steps"
     log.info(
-        "successive halving: %s (%d candidate-steps in all)",
-        ", ".join(f"rung {r['index']}: {r['size']} x {r['steps']} steps" for r in plan),
-        total_steps(plan),
+        "successive halving: %s%s",
+        ", ".join(f"rung {r['index']}: {r['size']} x {r.get(budget, 0):g} {budget}" for r in plan),
+        f", + {len(references)} reference(s) in every rung" if references else "",
     )
     for planned in plan:
-        rung = state.open_rung(planned["index"], planned["steps"], members)
+        seconds = planned.get("seconds", 0.0)
+        rung = state.open_rung(planned["index"], planned["steps"], [*members, *references], seconds)
         for cid in rung["members"]:
             if cid in rung["scores"]:
                 continue  # scored before an interruption: never re-run
-            state.record_score(planned["index"], cid, _score_one(state.candidate(cid), planned, scorer))
+            candidate = state.candidate(cid)
+            steps = steps_for(candidate, seconds) if steps_for and seconds else planned["steps"]
+            state.record_score(planned["index"], cid, _score_one(candidate, dict(planned, steps=steps), scorer))
         if not any(r.get("score") is not None for r in rung["scores"].values()):
             raise RuntimeError(f"every candidate of rung {planned['index']} failed; see the errors in {state.path}")
         next_size = plan[planned["index"] + 1]["size"] if planned["index"] + 1 < len(plan) else 0
-        ranked = [cid for cid in rank(rung["scores"]) if rung["scores"][cid].get("score") is not None]
+        ranked = [
+            cid
+            for cid in rank(rung["scores"])
+            if rung["scores"][cid].get("score") is not None and cid not in references
+        ]
         members = ranked[:next_size]
         if rung["promoted"] is None:
             state.close_rung(planned["index"], members)
@@ -236,6 +285,7 @@ def _score_one(candidate: Candidate, planned: dict[str, int], scorer: Scorer) ->
     except Exception as err:  # a candidate that diverges or runs out of memory must not end the search
         log.exception("candidate %s failed at rung %d", candidate.id, planned["index"])
         return {"score": None, "error": f"{type(err).__name__}: {err}"}
+    result.setdefault("steps", planned["steps"])
     score = result.get("score")
     if score is None or not math.isfinite(float(score)):
         return dict(result, score=None, error=result.get("error") or f"non-finite score {score!r}")

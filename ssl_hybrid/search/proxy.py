@@ -62,6 +62,9 @@ class ProxyConfig:
     keep_checkpoints: bool = False
     # Seed for the bank's k-shot draw and the hold-out split.
     seed: int = 0
+    # Steps of the run that times a candidate's pretraining step when the schedule budgets seconds
+    # (schedule.min_seconds); a 1-step run's CPU time is subtracted (startup is not a step).
+    calibration_steps: int = 6
 
     def check(self) -> None:
         if not self.knn_train:
@@ -164,11 +167,31 @@ class PretrainKnnProxy:
         self.sets = sets or KnnSets(proxy)
         self.train_data = prepare_train_data(proxy, self.work_dir)
 
-    def config_for(self, candidate: Candidate, steps: int, rung: int):
+    def config_for(self, candidate: Candidate, steps: int, rung: int | str):
         name = f"{candidate.id}-r{rung}"
         data = [f"data.train={self.train_data}"] if self.train_data else []
         overrides = [*data, *self.proxy.overrides, f"train.steps={steps}", f"train.output_dir={self.work_dir / 'runs'}"]
         return candidate_config(self.base, candidate, overrides, self.work_dir / "recipes", name)
+
+    def step_seconds(self, candidate: Candidate) -> float:
+        """CPU seconds per pretraining step of ``candidate`` on this machine (data loading, views, objective
+        and optimizer included): process CPU time of a ``calibration_steps`` run minus that of a 1-step run,
+        so startup is not counted. CPU time, not wall time: on a machine of your own with one compute thread
+        they are the same, and on a shared one another job's load does not shrink one candidate's budget."""
+        from ssl_hybrid.config import run_dir
+        from ssl_hybrid.runs import lock_path
+
+        cpu = []
+        for steps in (1, max(2, self.proxy.calibration_steps)):
+            config = self.config_for(candidate, steps, f"calib{steps}")
+            shutil.rmtree(run_dir(config), ignore_errors=True)  # an interrupted timing run must not be resumed
+            start = time.process_time()
+            check_finished(pretrain(config), config)
+            cpu.append((steps, time.process_time() - start))
+            shutil.rmtree(run_dir(config), ignore_errors=True)  # a timing run: nothing in it is kept,
+            lock_path(run_dir(config)).unlink(missing_ok=True)  # its (released) lock file included
+        (short, cpu_short), (long, cpu_long) = cpu
+        return max(cpu_long - cpu_short, 1e-3) / (long - short)
 
     def __call__(self, candidate: Candidate, steps: int, rung: int) -> dict[str, Any]:
         from ssl_hybrid.config import run_dir
@@ -180,9 +203,10 @@ class PretrainKnnProxy:
         if self.proxy.score_init and rung == 0:
             torch.manual_seed(config.train.seed)
             result["init_score"] = self.sets.evaluate(build_candidate(candidate, size), size, self.proxy)["top1"]
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         check_finished(pretrain(config), config)
         result["train_seconds"] = time.perf_counter() - start
+        result["train_cpu_seconds"] = time.process_time() - cpu_start  # what schedule.min_seconds budgets
         backbone, _ = load_backbone_spec(str(run_dir(config)), image_size=size)
         knn = self.sets.evaluate(backbone, size, self.proxy)
         result.update(

@@ -3,7 +3,8 @@
 Scores compared across candidates are the rung-0 scores: every accepted candidate got the same step
 budget there, so they are comparable; a later rung's score (more steps) is shown next to it but is not
 mixed into the front. A candidate is Pareto-optimal when no other one has a score at least as high and
-latency and GFLOPs at least as low, with one of them strictly better.
+latency and GFLOPs at least as low, with one of them strictly better. Reference points (named presets
+scored alongside, ``references``) are shown in the table and the plot but take no part in the front.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str,
     from ssl_hybrid.search.space import Candidate
 
     rungs = state_data["rungs"]
+    references = state_data.get("references", [])
     rows = []
     for cid in state_data["order"]:
         candidate = Candidate.from_json(state_data["candidates"][cid])
@@ -51,6 +53,7 @@ def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str,
             "status": _status(cid, measured, state_data, rungs),
             "pareto": False,
             "chosen": cid == winner,
+            "reference": cid in references,
         }
         for rung in rungs:
             result = rung["scores"].get(cid)
@@ -58,14 +61,20 @@ def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str,
                 row[f"score_r{rung['index']}"] = result.get("score")
                 row["last_rung"], row["last_steps"], row["last_score"] = (
                     rung["index"],
-                    rung["steps"],
+                    result.get("steps", rung["steps"]),
                     result.get("score"),
                 )
+                row["last_train_seconds"] = result.get("train_seconds")
+                row["last_train_cpu_seconds"] = result.get("train_cpu_seconds")
         row["score"] = row.get("score_r0")
         first = rungs[0]["scores"].get(cid, {}) if rungs else {}
         row["init_score"] = first.get("init_score")  # the same k-NN at random init: what pretraining added
         rows.append(row)
-    scored = [r for r in rows if r["score"] is not None and r["latency_ms"] is not None and r["gflops"] is not None]
+    scored = [
+        r
+        for r in rows
+        if r["score"] is not None and r["latency_ms"] is not None and r["gflops"] is not None and not r["reference"]
+    ]
     front = set(pareto_front(scored))
     for row in rows:
         row["pareto"] = row["id"] in front
@@ -74,6 +83,8 @@ def build_rows(state_data: dict[str, Any], winner: str | None) -> list[dict[str,
 
 
 def _status(cid: str, measured: dict[str, Any], state_data: dict[str, Any], rungs: list[dict]) -> str:
+    if cid in state_data.get("references", []):
+        return "reference (preset, same budget)"
     if measured.get("rejected"):
         return "over budget: " + measured["rejected"]
     if cid in state_data["pruned"]:
@@ -91,6 +102,11 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _seconds(row: dict[str, Any]) -> str:
+    """CPU / wall seconds of the last rung's pretraining run (what a time budget spent; wall includes others' load)."""
+    return f"{_fmt(row.get('last_train_cpu_seconds'), '.0f')} / {_fmt(row.get('last_train_seconds'), '.0f')}"
+
+
 def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -> str:
     rung_cols = sorted({k for r in rows for k in r if k.startswith("score_r")}, key=lambda k: int(k[7:]))
     with_init = any(r.get("init_score") is not None for r in rows)
@@ -98,11 +114,11 @@ def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -
         ["", "id", "architecture", "params (M)", "GFLOPs", "latency (ms)"]
         + ([f"{score_name} init"] if with_init else [])
         + [f"{score_name} r{k[7:]}" for k in rung_cols]
-        + ["status"]
+        + ["steps (last rung)", "pretrain CPU-s / wall s (last rung)", "status"]
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        mark = ("★" if r["chosen"] else "") + ("P" if r["pareto"] else "")
+        mark = ("★" if r["chosen"] else "") + ("P" if r["pareto"] else "") + ("R" if r.get("reference") else "")
         cells = (
             [
                 mark,
@@ -114,12 +130,13 @@ def markdown_table(rows: list[dict[str, Any]], score_name: str = "k-NN top-1") -
             ]
             + ([_fmt(r.get("init_score"), ".3f")] if with_init else [])
             + [_fmt(r.get(k), ".3f") for k in rung_cols]
-            + [r["status"]]
+            + [_fmt(r.get("last_steps"), "d"), _seconds(r), r["status"]]
         )
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        "★ = chosen (best at the highest rung), P = Pareto-optimal on rung-0 score vs latency and GFLOPs"
+        "★ = chosen (best at the highest rung), P = Pareto-optimal on rung-0 score vs latency and GFLOPs, "
+        "R = reference preset (same budget per rung, not searched)"
         + ("; init = the same k-NN at random initialization (no pretraining)." if with_init else ".")
     )
     return "\n".join(lines) + "\n"
@@ -132,7 +149,9 @@ def scatter_plot(rows: list[dict[str, Any]], path: str | Path, title: str, score
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = [r for r in rows if r["score"] is not None and r["latency_ms"] is not None]
+    everything = [r for r in rows if r["score"] is not None and r["latency_ms"] is not None]
+    scored = [r for r in everything if not r.get("reference")]
+    references = [r for r in everything if r.get("reference")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, cost, xlabel in zip(axes, COSTS, ("latency (ms)", "GFLOPs / image")):
         front_ids = set(pareto_front(scored, (cost,)))
@@ -143,6 +162,12 @@ def scatter_plot(rows: list[dict[str, Any]], path: str | Path, title: str, score
         ax.scatter([r[cost] for r in front], [r["score"] for r in front], c="tab:red", label="Pareto front")
         for r in scored:
             ax.annotate(r["id"], (r[cost], r["score"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(
+            [r[cost] for r in references], [r["score"] for r in references], marker="D", c="black", label="preset"
+        )
+        for r in references:
+            name = r["label"].removeprefix("preset ")
+            ax.annotate(name, (r[cost], r["score"]), fontsize=8, xytext=(4, -10), textcoords="offset points")
         chosen = [r for r in scored if r["chosen"]]
         if chosen:
             ax.scatter(

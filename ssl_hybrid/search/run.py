@@ -31,7 +31,7 @@ from ssl_hybrid.search.budget import Budget, measure_and_check
 from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
 from ssl_hybrid.search.proxy import ProxyConfig
 from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe
-from ssl_hybrid.search.space import SearchSpace, build_candidate, sample_candidates
+from ssl_hybrid.search.space import Candidate, SearchSpace, build_candidate, preset_candidate, sample_candidates
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ class SearchConfig:
     seed: int = 0
     # Candidates drawn from the space before budget rejection.
     num_candidates: int = 12
+    # Named presets (e.g. resvit_tiny, hybrid_tiny) measured and scored in every rung with the same budget as
+    # the candidates, as reference points: never rejected, pruned, promoted in a candidate's place or chosen.
+    references: list = field(default_factory=list)
     # Image size the constraints are measured at (use your deployment size).
     image_size: int = 224
     space: SearchSpace = field(default_factory=SearchSpace)
@@ -102,13 +105,18 @@ def load_search_config(path: str | Path | None = None, overrides: list[str] | No
 
 
 def measure_candidates(state: SearchState, config: SearchConfig, device: torch.device) -> None:
-    """Measure every candidate not measured yet; over-budget ones are marked rejected (never trained)."""
+    """Measure every candidate not measured yet; over-budget ones are marked rejected (never trained).
+    References are measured against no limit: they are scored whatever they cost."""
     for candidate in state.candidates():
         if state.measurement(candidate.id) is not None:
             continue
         torch.manual_seed(config.seed)
         model = build_candidate(candidate, config.image_size)
-        result = measure_and_check(model, config.image_size, config.budget, device)
+        unlimited = dataclasses.replace(
+            config.budget, max_params_m=0, max_gflops=0, max_latency_ms=0, min_train_images_per_s=0
+        )
+        limits = unlimited if candidate.id in state.references() else config.budget
+        result = measure_and_check(model, config.image_size, limits, device)
         log.info(
             "%s %s: %.2f M params, %s GFLOPs, %s ms%s",
             candidate.id,
@@ -130,13 +138,14 @@ def zero_cost_prune(state: SearchState, config: SearchConfig, images: Callable[[
     """NASWOT score for each accepted candidate, then keep the best ``keep_fraction``; returns the survivors."""
     from ssl_hybrid.search.zero_cost import naswot_score
 
-    accepted = state.accepted()
+    references = state.references()
+    accepted = [cid for cid in state.accepted() if cid not in references]
     if not config.zero_cost.enabled:
         return accepted
     if state.data.get("zero_cost_done"):
         return [cid for cid in accepted if cid not in state.data["pruned"]]
     batch = None
-    for cid in accepted:
+    for cid in [*accepted, *references]:  # references get a score too (shown, never pruned)
         if cid in state.data["zero_cost"]:
             continue
         batch = images() if batch is None else batch
@@ -180,7 +189,14 @@ def write_outputs(
     report.scatter_plot(
         rows,
         out / "pareto.png",
-        f"search '{config.name}': {len(rows)} candidates, k-NN top-1 after {config.schedule.min_steps} steps",
+        f"search '{config.name}': {sum(not r['reference'] for r in rows)} candidates"
+        + (f" + {sum(r['reference'] for r in rows)} presets" if any(r["reference"] for r in rows) else "")
+        + ", k-NN top-1 after "
+        + (
+            f"{config.schedule.min_seconds:g} CPU-s of pretraining each"
+            if config.schedule.min_seconds
+            else f"{config.schedule.min_steps} steps"
+        ),
     )
     if winner is not None:
         base = chosen_base_recipe(config)
@@ -226,17 +242,52 @@ def _from_cli() -> bool:
     return bool(sys.argv) and Path(sys.argv[0]).name in ("ssl-hybrid", "__main__.py") and "search" in sys.argv
 
 
+def steps_for_seconds(
+    state: SearchState, step_seconds: Callable[[Candidate], float]
+) -> Callable[[Candidate, float], int]:
+    """steps_for(candidate, seconds): ``seconds`` over the candidate's seconds per step, measured once per
+    candidate (kept in the state, so every rung and a resumed search use the same calibration)."""
+
+    def steps_for(candidate: Candidate, seconds: float) -> int:
+        measured = state.data.setdefault("step_seconds", {})
+        if candidate.id not in measured:
+            measured[candidate.id] = float(step_seconds(candidate))
+            log.info("%s: %.3f s per pretraining step on this machine", candidate.id, measured[candidate.id])
+            state.save()
+        return max(1, round(seconds / measured[candidate.id]))
+
+    return steps_for
+
+
+def report_search(config: SearchConfig) -> dict[str, Any]:
+    """Write the outputs from the state so far (a search still running, interrupted or done) without running
+    anything; a rung in progress counts with the candidates it has scored. Returns the summary."""
+    path = config.out_dir() / STATE_FILE
+    if not path.exists():
+        raise UserError(f"search: {path} does not exist; run the search first")
+    written_under = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+    if written_under != config.fingerprint():  # reading mixes nothing, so report it, but say so
+        log.warning("%s was written under another search configuration; reporting it with this one", path)
+    state = SearchState.load_or_create(path, written_under)
+    summary = write_outputs(state, config, state.best(), state.elapsed_seconds(), torch.device("cpu"))
+    summary["status"] = state.data["status"]
+    write_json_atomic(config.out_dir() / "pareto.json", summary)
+    return summary
+
+
 def run_search(
     config: SearchConfig,
     scorer: Scorer | None = None,
     device: torch.device | None = None,
     zero_cost_images: Callable[[], torch.Tensor] | None = None,
+    step_seconds: Callable[[Candidate], float] | None = None,
 ) -> dict[str, Any]:
     """Run or resume the search in ``config.out_dir()``; returns the summary written to pareto.json.
 
     ``scorer`` defaults to the trained proxy (short pretraining + k-NN); tests inject cheap ones.
     ``zero_cost_images`` makes the NASWOT batch; by default images of the k-NN bank (or seeded noise
-    when an injected scorer has no labeled set).
+    when an injected scorer has no labeled set). ``step_seconds(candidate)`` calibrates time budgets
+    (``schedule.min_seconds``); by default a short real pretraining run of the candidate.
     """
     config.check()
     start = time.perf_counter()
@@ -244,10 +295,13 @@ def run_search(
     out = config.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     state = SearchState.load_or_create(out / STATE_FILE, config.fingerprint())
+    references = [preset_candidate(name) for name in config.references]
     state.add_candidates(sample_candidates(config.space, config.num_candidates, config.seed))
+    state.add_candidates(references)
+    state.data["references"] = [c.id for c in references]
     state.save()
     measure_candidates(state, config, device)
-    if not state.accepted():
+    if not [cid for cid in state.accepted() if cid not in state.references()]:
         raise UserError(
             f"search: all {config.num_candidates} candidates are over budget "
             f"({json.dumps(dataclasses.asdict(config.budget))}); relax search.budget or the space"
@@ -256,6 +310,7 @@ def run_search(
         from ssl_hybrid.search.proxy import PretrainKnnProxy
 
         scorer = PretrainKnnProxy(config.proxy, out)
+        step_seconds = step_seconds or scorer.step_seconds
         zero_cost_images = zero_cost_images or (
             lambda: scorer.sets.sample_images(config.zero_cost.batch_size, config.image_size, config.seed)
         )
@@ -269,7 +324,17 @@ def run_search(
         )
     )
     members = zero_cost_prune(state, config, zero_cost_images)
-    winner = successive_halving(state, members, config.schedule, scorer)
+    if config.schedule.min_seconds and step_seconds is None:
+        raise UserError(
+            "search.schedule.min_seconds needs a way to time a step: use the trained proxy (no injected scorer)"
+        )
+    steps_for = steps_for_seconds(state, step_seconds) if step_seconds else None
+    if config.schedule.min_seconds and steps_for is not None:
+        # Time every step back to back before any training: on a shared machine the load drifts, and
+        # calibrations taken close together are the ones that compare.
+        for cid in [*members, *state.references()]:
+            steps_for(state.candidate(cid), config.schedule.min_seconds)
+    winner = successive_halving(state, members, config.schedule, scorer, steps_for)
     summary = write_outputs(state, config, winner, time.perf_counter() - start, device)
     summary["seconds_all_invocations"] = state.elapsed_seconds()
     write_json_atomic(out / "pareto.json", summary)

@@ -11,7 +11,7 @@ from ssl_hybrid.search.space import SearchSpace
 
 
 def tiny_space() -> SearchSpace:
-    return SearchSpace(base="hybrid_nano", conv_widths=[[8, 16], [16, 32]], conv_depths=[[1, 1]],
+    return SearchSpace(preset_size="nano", conv_type=["convnext"], conv_widths=[[8, 16], [16, 32]], conv_depths=[[1, 1]],
                        embed_dim=[32, 64], depth=[1, 2], num_heads=[2], attn_mode=["global", "window"],
                        window_size=[1], token_keep_rate=[1.0, 0.7])
 

@@ -41,7 +41,7 @@ def test_cli_search_with_real_pretraining(image_folder, tmp_path, capsys):
     recipe = tmp_path / "search.yaml"
     recipe.write_text(json.dumps({
         "name": "e2e", "output_dir": str(tmp_path / "searches"), "num_candidates": 2, "image_size": 32,
-        "space": {"base": "hybrid_nano", "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
+        "space": {"preset_size": "nano", "conv_type": ["convnext"], "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
                   "depth": [1], "num_heads": [2], "attn_mode": ["global"], "token_keep_rate": [1.0]},
         "budget": {"repeats": 2, "warmup": 1},
         "zero_cost": {"batch_size": 4},
@@ -104,7 +104,7 @@ def test_search_killed_mid_run_resumes(image_folder, tmp_path):
         recipe = tmp_path / f"{name}.yaml"
         recipe.write_text(json.dumps({
             "name": name, "output_dir": str(tmp_path / "searches"), "num_candidates": 2, "image_size": 32,
-            "space": {"base": "hybrid_nano", "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
+            "space": {"preset_size": "nano", "conv_type": ["convnext"], "conv_widths": [[8, 16]], "conv_depths": [[1, 1]], "embed_dim": [32, 64],
                       "depth": [1], "num_heads": [2], "attn_mode": ["global"], "token_keep_rate": [1.0]},
             "budget": {"repeats": 1, "warmup": 0}, "zero_cost": {"batch_size": 4},
             "schedule": {"min_steps": 2, "eta": 2, "max_rungs": 2},
@@ -142,3 +142,30 @@ def test_search_killed_mid_run_resumes(image_folder, tmp_path):
     assert final["rungs"][0]["scores"] == rung0
     for mine, ref in zip(final["rungs"], reference["rungs"]):  # same data order and seeds: same k-NN scores
         assert {c: r["score"] for c, r in mine["scores"].items()} == {c: r["score"] for c, r in ref["scores"].items()}
+
+
+@pytest.mark.slow
+def test_time_budget_calibrates_each_candidate_with_real_pretraining(image_folder, tmp_path):
+    """schedule.min_seconds: each candidate (and the preset reference) is timed by real 1- and 3-step runs, then
+    trains round(seconds / its CPU seconds per step) steps; the timing runs leave nothing behind."""
+    from ssl_hybrid.search.run import load_search_config, run_search
+
+    config = load_search_config(None, [
+        "name=timed", f"output_dir={tmp_path}", "num_candidates=2", "image_size=32", "references=[resvit_nano]",
+        "space.preset_size=nano", "space.conv_type=[resnet,convnext]", "space.conv_widths=[[8,16]]",
+        "space.conv_depths=[[1,1]]", "space.embed_dim=[32]", "space.depth=[1]", "space.num_heads=[2]",
+        "space.attn_mode=[global]", "space.token_keep_rate=[1.0]", "budget.repeats=1", "budget.warmup=0",
+        "zero_cost.enabled=false", "schedule.min_seconds=0.5", "schedule.max_rungs=1", "proxy.calibration_steps=3",
+        f"proxy.train={image_folder}", f"proxy.knn_train={image_folder}", "proxy.score_init=false",
+        f"proxy.overrides=[{','.join(TINY_PRETRAIN)}]",
+        "proxy.recipe_overrides=[objective.mim_weight=0,objective.dino_weight=0,objective.simclr_weight=1,data.views=simclr]",
+    ])
+    run_search(config)
+    state = json.loads((config.out_dir() / "state.json").read_text())
+    assert len(state["step_seconds"]) == 3 and all(v > 0 for v in state["step_seconds"].values())
+    scores = state["rungs"][0]["scores"]
+    assert set(scores) == set(state["order"])  # both candidates and the reference
+    for cid, result in scores.items():
+        assert result["steps"] == max(1, round(0.5 / state["step_seconds"][cid])) and 0 <= result["score"] <= 1
+        assert result["train_cpu_seconds"] > 0
+    assert not list((config.out_dir() / "runs").glob("*calib*"))

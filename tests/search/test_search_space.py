@@ -30,7 +30,7 @@ def test_sampling_is_seeded_distinct_and_inside_the_space():
 
 
 def test_invalid_combinations_are_never_sampled():
-    space = SearchSpace(embed_dim=[96, 128], num_heads=[3, 4], depth=[1], conv_widths=[[16, 32]],
+    space = SearchSpace(conv_type=["convnext"], embed_dim=[96, 128], num_heads=[3, 4], depth=[1], conv_widths=[[16, 32]],
                         conv_depths=[[1, 1]], attn_mode=["global"], token_keep_rate=[1.0])
     candidates = sample_candidates(space, 3, seed=0)  # valid: 96/3, 96/4, 128/4 (128/3 is not)
     assert sorted((c.as_dict()["embed_dim"], c.as_dict()["num_heads"]) for c in candidates) == \
@@ -40,7 +40,7 @@ def test_invalid_combinations_are_never_sampled():
 
 
 def test_candidate_id_is_stable_and_json_round_trips():
-    choices = {"conv_widths": [16, 32], "conv_depths": [1, 1], "embed_dim": 64, "depth": 2, "num_heads": 2,
+    choices = {"conv_type": "convnext", "conv_widths": [16, 32], "conv_depths": [1, 1], "embed_dim": 64, "depth": 2, "num_heads": 2,
                "attn_mode": "window", "window_size": 2, "token_keep_rate": 0.7}
     candidate = make_candidate("hybrid_nano", choices)
     assert candidate.id == make_candidate("hybrid_nano", dict(reversed(list(choices.items())))).id
@@ -52,7 +52,7 @@ def test_candidate_id_is_stable_and_json_round_trips():
 
 
 def test_window_size_only_varies_with_window_attention():
-    space = SearchSpace(attn_mode=["global", "window"], window_size=[2, 3], conv_widths=[[16, 32]], conv_depths=[[1, 1]],
+    space = SearchSpace(conv_type=["convnext"], attn_mode=["global", "window"], window_size=[2, 3], conv_widths=[[16, 32]], conv_depths=[[1, 1]],
                         embed_dim=[64], depth=[2], num_heads=[2], token_keep_rate=[1.0])
     candidates = sample_candidates(space, 3, seed=0)  # global (one canonical window), window 2, window 3
     assert sorted((c.as_dict()["attn_mode"], c.as_dict()["window_size"]) for c in candidates) == \
