@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fault_table import FAULTS_DOC, FIELDS, doc_table, faults, table
+from tests.fault_table import FAULTS_DOC, FIELDS, doc_table, faults, table
 
 
 def test_doc_fault_table_matches_the_fault_tests():

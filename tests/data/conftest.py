@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_helpers import TinyViews, jpeg_bytes, write_manifest, write_tar
 
 from ssl_hybrid.config import DataConfig
+from tests.data.data_helpers import TinyViews, jpeg_bytes, write_manifest, write_tar
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_helpers import TinyViews, jpeg_bytes, write_manifest, write_tar
 
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.data.labeled import LabeledDataError, kshot_indices, load_labeled
 from ssl_hybrid.data.stream import DataQualityError, build_train_stream, decode_image_or_reason, read_shard
+from tests.data.data_helpers import TinyViews, jpeg_bytes, write_manifest, write_tar
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 

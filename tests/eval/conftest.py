@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from eval_helpers import make_labeled_folder
+
+from tests.eval.eval_helpers import make_labeled_folder
 
 
 @pytest.fixture

@@ -25,3 +25,6 @@ HYBRID_CASES = variant_params(HYBRID_VARIANTS)
 RESVIT_CASES = variant_params(RESVIT_VARIANTS)
 # Every preset of the one family: the efficiency features (attention modes, token selection) must work on each.
 FAMILY_CASES = HYBRID_CASES + RESVIT_CASES
+
+IMG = 64  # the size the model tests run at
+GRID = IMG // 16  # its token grid (stride 16)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from trainhelpers import CORPUS
+
+from tests.train.trainhelpers import CORPUS
 
 
 @pytest.fixture

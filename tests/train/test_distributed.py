@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainhelpers import REPO, tiny_overrides
+
+from tests.train.trainhelpers import REPO, tiny_overrides
 
 DIST = Path(__file__).parent / "dist"
 sys.path.insert(0, str(DIST))

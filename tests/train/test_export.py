@@ -8,12 +8,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from trainhelpers import tiny_overrides
 
 from ssl_hybrid.cli import main
 from ssl_hybrid.config import load_config, to_yaml
 from ssl_hybrid.train import checkpoint as ckpt
 from ssl_hybrid.train.wiring import build_backbone
+from tests.train.trainhelpers import tiny_overrides
 
 
 def _fake_run(root):

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelpers import tiny_overrides
 
 from ssl_hybrid.config import load_config
 from ssl_hybrid.train import engine, wiring
 from ssl_hybrid.train.checkpoint import list_checkpoints, step_dir_name
+from tests.train.trainhelpers import tiny_overrides
 
 FEATURES = {"model__name": "resvit_nano", "model__token_keep_rate": 0.7, "model__attn_mode": "window",
             "model__arch.window_size": 1, "train__keep_checkpoints": 4}

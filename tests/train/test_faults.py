@@ -11,12 +11,12 @@ import stat
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelpers import tiny_overrides
 
 from ssl_hybrid.cli import main
 from ssl_hybrid.config import load_config
 from ssl_hybrid.train import checkpoint as ckpt
 from ssl_hybrid.train import engine
+from tests.train.trainhelpers import tiny_overrides
 
 
 def error_lines(err: str) -> list[str]:

@@ -13,11 +13,11 @@ from __future__ import annotations
 import signal
 
 import pytest
-from trainhelpers import tiny_overrides
 
 from ssl_hybrid.cli import main
 from ssl_hybrid.train import engine, wiring
 from ssl_hybrid.train.checkpoint import list_checkpoints, step_dir_name
+from tests.train.trainhelpers import tiny_overrides
 
 STEPS = 2
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainhelpers import signal_when, start_pretrain, tiny_overrides, wait_pretrain
 
 from ssl_hybrid.train.checkpoint import list_checkpoints, step_dir_name
+from tests.train.trainhelpers import signal_when, start_pretrain, tiny_overrides, wait_pretrain
 
 STEPS = 8
 THREADS = [pytest.param("1", id="1-thread"), pytest.param(None, id="default-threads")]

@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from trainhelpers import CORPUS, tiny_overrides
 
 from ssl_hybrid import runs
 from ssl_hybrid.cli import main
@@ -25,6 +24,7 @@ from ssl_hybrid.config import Config, load_config, to_dict
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.train import checkpoint as ckpt
 from ssl_hybrid.train import engine
+from tests.train.trainhelpers import CORPUS, tiny_overrides
 
 
 def error_lines(err: str) -> list[str]:

@@ -12,7 +12,6 @@ import pytest
 import torch
 from lightly.utils.scheduler import cosine_schedule
 from safetensors.torch import load_file
-from trainhelpers import tiny_overrides
 
 from ssl_hybrid import device, runs
 from ssl_hybrid.config import load_config
@@ -22,6 +21,7 @@ from ssl_hybrid.train import engine, params, state, wiring
 from ssl_hybrid.train.optim import apply_schedule, build_optimizer, no_decay_names
 from ssl_hybrid.train.schedules import build_schedules
 from ssl_hybrid.train.settings import LoopSettings
+from tests.train.trainhelpers import tiny_overrides
 
 
 def tiny_config(run_root, name="tiny", **extra):

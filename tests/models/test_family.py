@@ -71,12 +71,15 @@ def test_a_state_dict_saved_before_the_merge_loads_strictly_and_computes_the_sam
         kwargs = json.loads(saved.metadata()["kwargs"])
         tensors = {key: saved.get_tensor(key) for key in saved.keys()}  # noqa: SIM118 (safe_open has no iterator)
     model = timm.create_model(name, num_classes=3, **kwargs)
-    model.load_state_dict({k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}, strict=True)
+    model.load_state_dict({k[len("state.") :]: v for k, v in tensors.items() if k.startswith("state.")}, strict=True)
     x, mask = tensors["out.input"], tensors["out.mask"].bool()
     with torch.no_grad():
         model.eval()
-        now = dict(features=model.forward_features(x), multiscale=model.forward_multiscale(x),
-                   masked_fused=model.forward_masked(x, mask)["fused"])
+        now = dict(
+            features=model.forward_features(x),
+            multiscale=model.forward_multiscale(x),
+            masked_fused=model.forward_masked(x, mask)["fused"],
+        )
         model.train()
         now["train_features"] = model.forward_features(x)  # batch statistics
     for key, value in now.items():
@@ -164,8 +167,16 @@ def test_trainer_passes_family_options_to_every_preset(tmp_path):
     from ssl_hybrid.train.wiring import build_backbone
 
     for name in ("resvit_nano", "hybrid_nano"):
-        config = load_config(None, [f"model.name={name}", "data.image_size=32", "model.attn_mode=window",
-                                    "model.token_keep_rate=0.5", "model.arch.window_size=1"])
+        config = load_config(
+            None,
+            [
+                f"model.name={name}",
+                "data.image_size=32",
+                "model.attn_mode=window",
+                "model.token_keep_rate=0.5",
+                "model.arch.window_size=1",
+            ],
+        )
         model = build_backbone(config)
         assert {b.attn.attn_mode for b in model.blocks} == {"window"} and model.window_size == 1, name
         assert model.token_select.keep_rate == 0.5, name
@@ -182,17 +193,25 @@ def _trainer_backbone(name: str, *overrides: str):
 
 UNSUPPORTED = [
     pytest.param(lambda: timm.create_model("resvit_nano", conv_stages="vgg"), "conv_stages", id="conv-kind"),
-    pytest.param(lambda: timm.create_model("hybrid_nano", conv_dims=(8,), conv_depths=(1,)), "2 or 3 stages",
-                 id="one-stage"),
+    pytest.param(
+        lambda: timm.create_model("hybrid_nano", conv_dims=(8,), conv_depths=(1,)), "2 or 3 stages", id="one-stage"
+    ),
     pytest.param(lambda: timm.create_model("resvit_nano", attn_mode="sparse"), "attn_mode", id="attn-mode"),
-    pytest.param(lambda: timm.create_model("resvit_nano", attn_mode="window", window_size=0), "window_size",
-                 id="window-0"),
+    pytest.param(
+        lambda: timm.create_model("resvit_nano", attn_mode="window", window_size=0), "window_size", id="window-0"
+    ),
     pytest.param(lambda: timm.create_model("resvit_nano", token_keep_rate=0.0), "token_keep_rate", id="keep-0"),
     pytest.param(lambda: timm.create_model("resvit_tiny", token_keep_share=1.5), "token_keep_share", id="share"),
-    pytest.param(lambda: timm.create_model("resvit_tiny", token_keep_rate=0.5, token_select_blocks=(4,)),
-                 "out of range", id="select-block"),
-    pytest.param(lambda: timm.create_model("resvit_nano", token_keep_rate=0.5).forward_intermediates(
-        torch.zeros(1, 3, 32, 32)), "set_token_selection", id="intermediates-with-selection"),
+    pytest.param(
+        lambda: timm.create_model("resvit_tiny", token_keep_rate=0.5, token_select_blocks=(4,)),
+        "out of range",
+        id="select-block",
+    ),
+    pytest.param(
+        lambda: timm.create_model("resvit_nano", token_keep_rate=0.5).forward_intermediates(torch.zeros(1, 3, 32, 32)),
+        "set_token_selection",
+        id="intermediates-with-selection",
+    ),
 ]
 
 
@@ -203,9 +222,11 @@ def test_unsupported_combinations_are_one_line_user_errors(make, names):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.fault(injected="model.token_keep_rate=0.5 / model.attn_mode=topk for a model without them (resnet18)",
-                   did="one-line ConfigError naming the key, before any run starts",
-                   lost="nothing (they used to be dropped without a word, for resvit_* too)")
+@pytest.mark.fault(
+    injected="model.token_keep_rate=0.5 / model.attn_mode=topk for a model without them (resnet18)",
+    did="one-line ConfigError naming the key, before any run starts",
+    lost="nothing (they used to be dropped without a word, for resvit_* too)",
+)
 @pytest.mark.parametrize("override", ["model.token_keep_rate=0.5", "model.attn_mode=topk"])
 def test_family_options_for_a_model_without_them_are_refused(override):
     with pytest.raises(UserError, match=override.split("=")[0]) as raised:
@@ -213,8 +234,10 @@ def test_family_options_for_a_model_without_them_are_refused(override):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("name, kwargs", [pytest.param("hybrid_nano", {}, id="hybrid_nano"),
-                                          pytest.param("resvit_nano", {}, id="resvit_nano"), *SWAPPED])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [pytest.param("hybrid_nano", {}, id="hybrid_nano"), pytest.param("resvit_nano", {}, id="resvit_nano"), *SWAPPED],
+)
 def test_masked_forward_runs_under_bf16_autocast(images, name, kwargs):
     """The trainer's bf16 autocast: masked maps keep the image's dtype through every stage (a bf16 map met a
     float32 residual branch in the visible-rows scatter once the conv stages were shared)."""

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_helpers import NicenessViews, jpeg_bytes, write_manifest, write_tar
 
 from ssl_hybrid.data import shards as shard_format
 from ssl_hybrid.data.sources import resolve_shards
@@ -21,6 +20,7 @@ from ssl_hybrid.data.stream import (
 )
 from ssl_hybrid.data.views import build_transform
 from ssl_hybrid.errors import UserError
+from tests.data.data_helpers import NicenessViews, jpeg_bytes, write_manifest, write_tar
 
 
 def take(stream, n: int) -> list[dict]:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from models_helpers import HYBRID_CASES, size_marks
 from timm.layers import get_notrace_functions, get_notrace_modules
 from timm.models import create_feature_extractor as timm_feature_extractor
 from torchvision.models.feature_extraction import NodePathTracer, create_feature_extractor, get_graph_node_names
 
 import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS, RESVIT_VARIANTS
+from tests.models.models_helpers import HYBRID_CASES, size_marks
 
 # 64 px (4x4 patches) and 96 px (6x6) inputs on models built for 224 px: the graph resamples the
 # position embedding and picks the attention path at run time, for any size (both sizes on the nano models).
@@ -54,8 +54,9 @@ def built():
 def create_fx_model(model: torch.nn.Module, train: bool = False):
     """timm's ``_create_fx_model``: trace with timm's leaf modules/functions and return the last node
     (in train mode: the nodes feeding the graph's output)."""
-    tracer_kwargs = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
-                         param_shapes_constant=True)
+    tracer_kwargs = dict(
+        leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True
+    )
     train_nodes, eval_nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
     eval_return_nodes, train_return_nodes = [eval_nodes[-1]], [train_nodes[-1]]
     if train:
@@ -64,8 +65,9 @@ def create_fx_model(model: torch.nn.Module, train: bool = False):
         output_node_names = [n.name for n in graph_nodes[0]._input_nodes.keys()]
         graph_node_names = [n.name for n in graph_nodes]
         train_return_nodes = [train_nodes[-graph_node_names.index(name)] for name in output_node_names]
-    return create_feature_extractor(model, train_return_nodes=train_return_nodes,
-                                    eval_return_nodes=eval_return_nodes, tracer_kwargs=tracer_kwargs)
+    return create_feature_extractor(
+        model, train_return_nodes=train_return_nodes, eval_return_nodes=eval_return_nodes, tracer_kwargs=tracer_kwargs
+    )
 
 
 @pytest.mark.parametrize("name,kwargs", CASES)
@@ -104,8 +106,9 @@ def test_fx_feature_extraction_matches_forward_intermediates(built, name):
     x = torch.randn(2, 3, 96, 96)
     with torch.inference_mode():
         out = extractor(x)
-        s4, s8, blocks = model.forward_intermediates(x, indices=[0, 1, len(model.feature_info) - 1],
-                                                     output_fmt="NLC", intermediates_only=True)
+        s4, s8, blocks = model.forward_intermediates(
+            x, indices=[0, 1, len(model.feature_info) - 1], output_fmt="NLC", intermediates_only=True
+        )
         features = model.forward_features(x)
     assert out["s4"].shape == (2, 24, 24, model.feature_info[0]["num_chs"])
     assert torch.equal(out["s4"].flatten(1, 2), s4) and torch.equal(out["s8"].flatten(1, 2), s8)

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from data_helpers import jpeg_bytes
 
 from ssl_hybrid.data import shards
 from ssl_hybrid.data.sources import resolve_shards
 from ssl_hybrid.data.stream import read_shard
 from ssl_hybrid.errors import UserError
+from tests.data.data_helpers import jpeg_bytes
 
 
 def read_all(out: Path) -> list[dict]:

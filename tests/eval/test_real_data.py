@@ -9,13 +9,13 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import shared_dataset
 
 from ssl_hybrid.data.labeled import LabeledSet, Sample, load_labeled
 from ssl_hybrid.eval.features import features_for_spec
 from ssl_hybrid.eval.fewshot import fewshot_evaluate
 from ssl_hybrid.eval.knn import knn_evaluate
 from ssl_hybrid.eval.linear import linear_probe
+from tests.eval.eval_helpers import shared_dataset
 
 CLASSES = ["buttercup", "daisy", "iris", "sunflower"]
 

@@ -11,13 +11,13 @@ import json
 import pytest
 import timm
 import torch
-from models_helpers import RESVIT_CASES
 from torch import nn
 
 import ssl_hybrid.models  # noqa: F401  (registers resvit_*)
 from ssl_hybrid.models import RESVIT_VARIANTS, load_backbone, save_model_folder
 from ssl_hybrid.models.masking import random_grid_mask
 from ssl_hybrid.models.resvit import MaskedBatchNorm2d, keep_map
+from tests.models.models_helpers import RESVIT_CASES
 
 IMG = 64
 GRID = IMG // 16
@@ -197,8 +197,16 @@ def test_layer_decay_groups_and_no_weight_decay(built):
     scale_of = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
     assert len(scale_of) == len(names)
     # stem < stage 0 < stage 1 < stage 2 < tokens < block 0 < ... < head
-    order = ["stem_conv.weight", "stages.0.0.conv1.weight", "stages.1.0.conv1.weight", "stages.2.0.conv1.weight",
-             "patch_embed.weight", "blocks.0.attn.qkv.weight", "blocks.3.attn.qkv.weight", "head.weight"]
+    order = [
+        "stem_conv.weight",
+        "stages.0.0.conv1.weight",
+        "stages.1.0.conv1.weight",
+        "stages.2.0.conv1.weight",
+        "patch_embed.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.3.attn.qkv.weight",
+        "head.weight",
+    ]
     scales = [scale_of[id(names[n])] for n in order]
     assert scales == sorted(scales) and len(set(scales)) == len(scales) and scales[-1] == 1.0
 

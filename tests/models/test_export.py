@@ -16,6 +16,7 @@ from ssl_hybrid.errors import UserError
 from ssl_hybrid.models import load_backbone, load_model, save_model_folder
 from ssl_hybrid.models.export import BackboneLoadError, ModelFolderError
 from ssl_hybrid.models.factory import create_backbone
+from tests.models.models_helpers import HYBRID_CASES, IMG
 
 SIZE = 32
 
@@ -77,10 +78,11 @@ def test_classifier_folder_keeps_its_head_and_class_names(tmp_path):
         save_model_folder(model, tmp_path / "bad", label_names=["cat", "dog"])
 
 
-@pytest.mark.fault(injected="exporting onto an existing model folder (no `--force`), then with `--force`",
-                   did="refused with one line; with `--force` the new folder is written beside it and swapped in "
-                       "only when complete",
-                   lost="nothing")
+@pytest.mark.fault(
+    injected="exporting onto an existing model folder (no `--force`), then with `--force`",
+    did="refused with one line; with `--force` the new folder is written beside it and swapped in only when complete",
+    lost="nothing",
+)
 def test_an_existing_model_folder_is_replaced_only_with_force(tmp_path):
     first = create_backbone("hybrid_nano", SIZE).eval()
     second = create_backbone("hybrid_nano", SIZE).eval()
@@ -96,10 +98,12 @@ def test_an_existing_model_folder_is_replaced_only_with_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp or old folder left
 
 
-@pytest.mark.fault(injected="a file-size limit (RLIMIT_FSIZE, as a full disk) while writing the model folder",
-                   did="one line naming the folder and safetensors' error; the temp folder is removed and the "
-                       "existing folder is untouched",
-                   lost="nothing (the export is written again once there is room)")
+@pytest.mark.fault(
+    injected="a file-size limit (RLIMIT_FSIZE, as a full disk) while writing the model folder",
+    did="one line naming the folder and safetensors' error; the temp folder is removed and the "
+    "existing folder is untouched",
+    lost="nothing (the export is written again once there is room)",
+)
 def test_a_write_that_fails_midway_leaves_the_old_folder_and_no_temp_folder(tmp_path):
     small = create_backbone("hybrid_nano", SIZE).eval()
     folder = save_model_folder(small, tmp_path / "model")
@@ -108,8 +112,9 @@ def test_a_write_that_fails_midway_leaves_the_old_folder_and_no_temp_folder(tmp_
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
     try:
-        with pytest.raises(ModelFolderError, match=r"could not write the model folder \(.*\); nothing was replaced"
-                           ) as err:
+        with pytest.raises(
+            ModelFolderError, match=r"could not write the model folder \(.*\); nothing was replaced"
+        ) as err:
             save_model_folder(create_backbone("hybrid_tiny", SIZE), folder, force=True)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -119,9 +124,11 @@ def test_a_write_that_fails_midway_leaves_the_old_folder_and_no_temp_folder(tmp_
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
-@pytest.mark.fault(injected="the rename that puts a complete new model folder in place fails (--force)",
-                   did="one line; the existing folder is back in its place (the run folders' swap, runs.replace_dir)",
-                   lost="nothing")
+@pytest.mark.fault(
+    injected="the rename that puts a complete new model folder in place fails (--force)",
+    did="one line; the existing folder is back in its place (the run folders' swap, runs.replace_dir)",
+    lost="nothing",
+)
 def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
     import os
 
@@ -147,3 +154,60 @@ def test_old_exports_name_the_command_that_rewrites_them(tmp_path):
     (tmp_path / "backbone.safetensors").write_bytes(b"")
     with pytest.raises(BackboneLoadError, match=r"old format .*ssl-hybrid export <run directory>"):
         load_model(tmp_path)
+
+
+# Export round trip of the backbone weights, for every variant.
+
+
+@pytest.mark.parametrize("name", HYBRID_CASES)
+def test_export_round_trip_identical_outputs(built, images, name, tmp_path):
+    model = built[name]
+    folder = save_model_folder(model, tmp_path / "export", extra={"image_size": IMG, "step": 7})
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == name and config["ssl_hybrid"]["step"] == 7
+    assert config["pretrained_cfg"]["input_size"] == [3, IMG, IMG]
+    assert config["num_features"] == model.num_features
+    assert config["model_args"] == {"num_classes": 0, "global_pool": "token_avg", "img_size": [224, 224]}
+    loaded = load_backbone(folder).eval()
+    with torch.no_grad():
+        expected = model.forward_features(images)
+        torch.testing.assert_close(loaded.forward_features(images), expected, atol=0, rtol=0)
+        if name in ("hybrid_nano", "hybrid_small"):  # the timm-only path, offline (skip rebuilding base)
+            via_timm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+            torch.testing.assert_close(via_timm.forward_features(images), expected, atol=0, rtol=0)
+
+
+def test_export_keeps_factory_kwargs_and_resamples_pos_embed(tmp_path):
+    model = timm.create_model("hybrid_nano", img_size=96, num_classes=0, attn_mode="window", window_size=3).eval()
+    save_model_folder(model, tmp_path / "m")
+    loaded = load_backbone(tmp_path / "m" / "config.json")
+    assert loaded.img_size == (96, 96) and loaded.attn_mode == "window" and loaded.window_size == 3
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    resized = load_backbone(tmp_path / "m", img_size=64)  # new grid: pos_embed resampled, not rejected
+    assert resized.pos_embed.shape[1] == 16
+
+
+def test_load_backbone_reports_missing_and_unexpected_keys(built, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = save_model_folder(built["hybrid_nano"], tmp_path / "m") / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("blocks.0.attn.qkv.weight")
+    state["extra.weight"] = torch.zeros(1)
+    save_file(state, str(weights))
+    with pytest.raises(BackboneLoadError, match=r"missing keys \(1\): blocks.0.attn.qkv.weight") as err:
+        load_backbone(tmp_path / "m")
+    assert "unexpected keys (1): extra.weight" in str(err.value) and isinstance(err.value, UserError)
+    with pytest.raises(BackboneLoadError, match="not found"):
+        load_backbone(tmp_path / "nowhere")
+
+
+def test_model_folder_works_for_plain_timm_models(tmp_path):
+    model = timm.create_model("resnet18", num_classes=0).eval()
+    save_model_folder(model, tmp_path / "m", extra={"image_size": 32})
+    loaded = load_backbone(tmp_path / "m")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import make_labeled_folder
 from PIL import Image
 
 from ssl_hybrid.data.labeled import load_labeled
@@ -22,6 +21,7 @@ from ssl_hybrid.eval.report import (
     retrieval_grid,
     wrap_text,
 )
+from tests.eval.eval_helpers import make_labeled_folder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -15,11 +15,11 @@ import time
 import pytest
 import timm
 import torch
-from models_helpers import HYBRID_CASES
 
 import ssl_hybrid.models  # noqa: F401  (registers hybrid_*)
 from ssl_hybrid.models import HYBRID_VARIANTS
 from ssl_hybrid.models.masking import random_grid_mask
+from tests.models.models_helpers import HYBRID_CASES
 
 IMG = 64
 GRID = IMG // 16
@@ -269,7 +269,9 @@ def _timed(fn) -> float:
 
 @pytest.mark.slow  # a fresh interpreter importing torch and timm: seconds
 def test_models_package_imports_no_other_stage():
-    code = ("import sys, ssl_hybrid.models, ssl_hybrid.models.export, ssl_hybrid.models.flops;"
-            "bad = [m for m in sys.modules if m.split('.')[:2] in (['ssl_hybrid', s] for s in "
-            "('data', 'train', 'eval', 'objectives'))]; print(bad); assert not bad")
+    code = (
+        "import sys, ssl_hybrid.models, ssl_hybrid.models.export, ssl_hybrid.models.flops;"
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['ssl_hybrid', s] for s in "
+        "('data', 'train', 'eval', 'objectives'))]; print(bad); assert not bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
