@@ -64,28 +64,19 @@ class ViewRecipe:
     noise_std: float = 0.0
 
 
-def _jitter(strength: float, bright: float, contrast: float, sat: float, hue: float) -> dict[str, float]:
+def _jittered(view: ViewRecipe, strength: float, bright: float, contrast: float, sat: float, hue: float) -> ViewRecipe:
     # lightly multiplies every jitter range by cj_strength
-    return {
-        "brightness": strength * bright,
-        "contrast": strength * contrast,
-        "saturation": strength * sat,
-        "hue": strength * hue,
-    }
+    return replace(
+        view, brightness=strength * bright, contrast=strength * contrast, saturation=strength * sat, hue=strength * hue
+    )
 
 
 def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], list[ViewRecipe]]:
     """(global, local) recipes with the parameters ``ssl_hybrid.data.views`` hands lightly for ``data.views``."""
     size, local_size, n_local = data_cfg.image_size, data_cfg.local_image_size, data_cfg.num_local_views
     if data_cfg.views == "dino":  # DINOTransform defaults
-        view = ViewRecipe(
-            size=size,
-            scale=(0.4, 1.0),
-            interpolation="bicubic",
-            blur=1.0,
-            grayscale=0.2,
-            **_jitter(0.5, 0.8, 0.8, 0.4, 0.2),
-        )
+        view = ViewRecipe(size=size, scale=(0.4, 1.0), interpolation="bicubic", blur=1.0, grayscale=0.2)
+        view = _jittered(view, 0.5, 0.8, 0.8, 0.4, 0.2)
         globals_ = [view, replace(view, blur=0.1, solarize=0.2)]
         local = replace(view, size=local_size, scale=(0.05, 0.4), blur=0.5)
     elif data_cfg.views == "simclr":
@@ -94,8 +85,8 @@ def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], li
             scale=(data_cfg.simclr_min_scale, 1.0),
             blur=data_cfg.simclr_blur,
             grayscale=data_cfg.simclr_grayscale,
-            **_jitter(data_cfg.simclr_color_jitter, 0.8, 0.8, 0.8, data_cfg.simclr_hue),
         )
+        view = _jittered(view, data_cfg.simclr_color_jitter, 0.8, 0.8, 0.8, data_cfg.simclr_hue)
         globals_ = [view, view]
         local = replace(view, size=local_size, scale=(data_cfg.simclr_local_min_scale, data_cfg.simclr_min_scale))
     elif data_cfg.views == "mae":  # MAETransform: crop + flip only
@@ -103,10 +94,10 @@ def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], li
         globals_, local, n_local = [view], view, 0
     else:
         raise ValueError(f"data.views must be one of dino, simclr, mae, got {data_cfg.views!r}")
-    recipes = (globals_, [local] * n_local)
+    locals_ = [local] * n_local
     if channels != 3:
-        recipes = tuple([_for_channels(r) for r in group] for group in recipes)  # type: ignore[assignment]
-    return recipes
+        return [_for_channels(r) for r in globals_], [_for_channels(r) for r in locals_]
+    return globals_, locals_
 
 
 def _for_channels(recipe: ViewRecipe) -> ViewRecipe:
