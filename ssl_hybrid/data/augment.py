@@ -381,3 +381,11 @@ def build_batch_augment(
             raise ValueError(f"{channels}-channel views need their per-channel mean and std")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return CropFlip(globals_, locals_, channels), BatchAugment(globals_, locals_, mean, std)
+
+
+def device_augment(data_cfg: Any) -> BatchAugment | None:
+    """The trainer's half for ``data.augment_on=device`` (the workers' half is ``views.build_transform``); None
+    when lightly's per-image transforms do everything in the workers."""
+    if getattr(data_cfg, "augment_on", "workers") != "device":
+        return None
+    return build_batch_augment(data_cfg)[1]

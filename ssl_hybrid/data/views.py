@@ -10,6 +10,9 @@
   local crops of ``data.local_image_size`` (``data.simclr_local_min_scale`` .. ``data.simclr_min_scale``);
 - ``mae``: lightly ``MAETransform`` -- 1 light crop (MIM needs no second view).
 
+With ``data.augment_on=device`` the workers only crop and flip (uint8 views) and the trainer applies the same
+recipes' photometric ops batched (:mod:`ssl_hybrid.data.augment`).
+
 Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly's colour jitter and the
 3-channel normalisation expect RGB).
 """
@@ -75,7 +78,13 @@ class MultiViewTransform:
         return {"global_views": list(views[: self.num_global]), "local_views": list(views[self.num_global :])}
 
 
-def build_transform(data_cfg) -> MultiViewTransform:
+def build_transform(data_cfg) -> Callable:
+    """The workers' transform: lightly's whole view transforms, or with ``data.augment_on=device`` only their
+    crops and flips (the photometric rest runs batched in the trainer, :mod:`ssl_hybrid.data.augment`)."""
+    if getattr(data_cfg, "augment_on", "workers") == "device":
+        from ssl_hybrid.data.augment import build_batch_augment
+
+        return build_batch_augment(data_cfg)[0]
     return MultiViewTransform(*_lightly_transform(data_cfg))
 
 
