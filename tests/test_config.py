@@ -86,6 +86,7 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("eval.pooling=max", "eval.pooling"),
     ("data.worker_nice=20", "data.worker_nice"),
     ("data.worker_nice=-2", "data.worker_nice"),
+    ("data.augment_on=gpu", "data.augment_on"),
 ])
 def test_bad_overrides_name_key(override, key):
     with pytest.raises(ConfigError) as err:
