@@ -191,12 +191,9 @@ def _per_image(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values.view(*values.shape, *([1] * (x.dim() - values.dim())))
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's _blend with a per-sample factor: factor * x + (1 - factor) * other, clamped to [0, 1]."""
-    f = _per_image(factor, x)
-    if isinstance(other, float):
-        return (x * f).add_((1.0 - f) * other).clamp_(0.0, 1.0)
-    return torch.lerp(other, x, f).clamp_(0.0, 1.0)
+    return torch.lerp(other, x, _per_image(factor, x)).clamp_(0.0, 1.0)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:  # [n, 3, H, W] -> [n, 1, H, W]
@@ -205,7 +202,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:  # [n, 3, H, W] -> [n, 1, H, W]
 
 
 def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, 0.0, factor)
+    return (x * _per_image(factor, x)).clamp_(0.0, 1.0)  # torchvision: a blend with black
 
 
 def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -219,12 +216,22 @@ def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """torchvision's adjust_hue with a per-sample shift (its HSV conversions batch; its shift is one float)."""
-    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+    """torchvision's adjust_hue (RGB -> HSV, shift H, back) with a per-sample shift, in fewer passes.
 
-    hsv = _rgb_to_hsv(x)  # [n, 3, H, W]
-    hsv[:, 0].add_(_per_image(shift, hsv[:, 0])).remainder_(1.0)
-    return _hsv_to_rgb(hsv)
+    With V = max, S = (max - min) / max, the way back to RGB needs only max, delta = max - min and the shifted hue:
+    channel n (R 5, G 3, B 1) = max - delta * clamp(min(k, 4 - k), 0, 1), k = (n + 6 H) mod 6 (the closed form of
+    the HSV sector table), so no HSV image is built; agrees with torchvision to float rounding (tested)."""
+    r, g, b = x.unbind(1)  # [n, H, W] each
+    minc, maxc = torch.aminmax(x, dim=1)
+    delta = maxc - minc
+    safe = delta.clamp(min=1e-12)  # delta 0 (gray): any hue gives back max, as torchvision's where() does
+    h6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h6 += 6 * _per_image(shift, h6)
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h6 + n).remainder_(6.0)
+        channels.append(maxc - delta * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
+    return torch.stack(channels, 1)
 
 
 def gamma(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
@@ -361,7 +368,7 @@ class BatchAugment:
         x = photometric(to_unit(x), recipe, g)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
         views = {

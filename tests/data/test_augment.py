@@ -246,3 +246,14 @@ def test_views_stay_on_their_device_and_match_the_cpu(device):
     assert all(v.device.type == device for v in out["global_views"] + out["local_views"])
     reference = batch_augment(batch, augment_generator(0, 0, 0))["global_views"][0]
     torch.testing.assert_close(out["global_views"][0].cpu(), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_hue_is_torchvisions_adjust_hue_per_image():
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.rand(12, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.5  # gray: no hue to shift
+    x[1, 1] = x[1, 0]  # red and green tied for the maximum
+    shift = torch.linspace(-0.5, 0.5, 12)
+    expected = torch.stack([TF.adjust_hue(image, float(s)) for image, s in zip(x, shift)])
+    torch.testing.assert_close(aug.hue(x, shift), expected, atol=1e-5, rtol=0)
