@@ -262,6 +262,7 @@ _BACKBONE_HELP = (
 
 
 def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cache: bool = True) -> None:
+    """The labeled sets and the extraction settings, defaults from the config's ``eval`` group."""
     from ssl_hybrid.config import POOLINGS, EvalConfig
 
     if backbone:
@@ -276,11 +277,11 @@ def _eval_data_args(parser: argparse.ArgumentParser, backbone: bool = True, cach
     parser.add_argument(
         "--image-size",
         type=int,
-        default=0,
+        default=EvalConfig.image_size,
         help="evaluation size (resize + center crop); 0 = the size the backbone was trained at, 224 for timm:/random:",
     )
     parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
-    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--workers", type=int, default=EvalConfig.num_workers, help="data loader worker processes")
     parser.add_argument(
         "--pooling",
         choices=POOLINGS,
@@ -330,8 +331,15 @@ def _add_linear(sub: argparse._SubParsersAction) -> None:
         help="linear probe (logistic regression) on frozen features",
         description="Chooses the L2 strength C on a held-out part of --train, refits on all of it, scores --test.",
     )
+    from ssl_hybrid.config import EvalConfig
+
     _eval_data_args(parser)
-    parser.add_argument("--holdout", type=float, default=0.2, help="share of each training class held out to choose C")
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=EvalConfig.linear_holdout,
+        help="share of each training class held out to choose C",
+    )
     parser.add_argument("--cs", default=None, help="comma-separated C values to try; default 1e-3..1e3 (7 values)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     _add_out_arg(parser, "the result")
@@ -349,9 +357,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
         "--seeds 5 --method knn,linear --out fewshot.json",
     )
     _eval_data_args(parser)
-    parser.add_argument("--shots", default="1,2,5,10", help="labels per class, comma-separated")
-    parser.add_argument("--seeds", type=int, default=5, help="seeded subsets per shot count")
-    parser.add_argument("--method", default="knn,linear", help="knn and/or linear")
+    _add_kshot_args(parser)
     parser.add_argument(
         "--splits-dir", default=None, help="where subset ids go; default <out>_splits/ or ./fewshot_splits"
     )
@@ -360,13 +366,22 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_eval_handler("run_fewshot"))
 
 
+def _add_kshot_args(parser: argparse.ArgumentParser) -> None:
+    from ssl_hybrid.config import EvalConfig
+
+    defaults = EvalConfig()
+    parser.add_argument("--shots", default=",".join(map(str, defaults.shots)), help="labels per class, comma-separated")
+    parser.add_argument("--seeds", type=int, default=defaults.seeds, help="seeded subsets per shot count")
+    parser.add_argument("--method", default=",".join(defaults.methods), help="knn and/or linear")
+
+
 def _add_fewshot_protocol_arg(parser: argparse.ArgumentParser) -> None:
-    from ssl_hybrid.eval.fewshot import PROTOCOLS
+    from ssl_hybrid.config import FEWSHOT_PROTOCOLS, EvalConfig
 
     parser.add_argument(
         "--fewshot-protocol",
-        choices=PROTOCOLS,
-        default=PROTOCOLS[0],
+        choices=FEWSHOT_PROTOCOLS,
+        default=EvalConfig.fewshot_protocol,
         help="heldout: shots drawn from --train, every draw scored on all of --test; rest: shots "
         "drawn from --train and --test together, each draw scored on every image it did not "
         "draw (a different test set per draw: less noise on small sets)",
@@ -424,7 +439,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_report(sub: argparse._SubParsersAction) -> None:
-    from ssl_hybrid.config import KNN_PROTOCOLS
+    from ssl_hybrid.config import KNN_PROTOCOLS, EvalConfig
 
     parser = sub.add_parser(
         "report",
@@ -438,9 +453,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help=_BACKBONE_HELP)
     _eval_data_args(parser, backbone=False)
     parser.add_argument("--names", default=None, help="comma-separated display names, one per RUN")
-    parser.add_argument("--shots", default="1,2,5,10", help="labels per class, comma-separated")
-    parser.add_argument("--seeds", type=int, default=5, help="seeded subsets per shot count")
-    parser.add_argument("--method", default="knn,linear", help="knn and/or linear")
+    _add_kshot_args(parser)
     parser.add_argument(
         "--out-dir", default="report", help="report.md, report.json, label_efficiency.png, retrieval_*.png"
     )
@@ -454,7 +467,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--knn-protocol",
         choices=KNN_PROTOCOLS,
-        default=KNN_PROTOCOLS[0],
+        default=EvalConfig.knn_protocol,
         help="heldout: --test images against the --train bank; leave_one_out: every image of both "
         "classified by all the others (all labels become queries: less noise on small sets)",
     )
@@ -473,12 +486,12 @@ def _model_input_args(parser: argparse.ArgumentParser, size_and_pooling: bool = 
     from ssl_hybrid.config import POOLINGS, EvalConfig
 
     parser.add_argument("--batch-size", type=int, default=EvalConfig.batch_size, help="images per batch")
-    parser.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    parser.add_argument("--workers", type=int, default=EvalConfig.num_workers, help="data loader worker processes")
     if size_and_pooling:
         parser.add_argument(
             "--image-size",
             type=int,
-            default=0,
+            default=EvalConfig.image_size,
             help="resize + center crop size; 0 = the backbone's pretraining size (224 for timm:/random:)",
         )
         parser.add_argument(

@@ -268,6 +268,9 @@ KNN_REPORTED_KS = (10, 20, 100, 200)
 # How a report's k-NN column is measured (ssl_hybrid.eval.report.evaluate_knn): test images against the
 # training bank, or every labeled image against all the others (all labels become queries on a small set).
 KNN_PROTOCOLS = ("heldout", "leave_one_out")
+# Few-shot classifiers on frozen features, and where a k-shot draw's labels come from (ssl_hybrid.eval.fewshot).
+FEWSHOT_METHODS = ("knn", "linear")
+FEWSHOT_PROTOCOLS = ("heldout", "rest")
 
 
 @dataclass
@@ -284,6 +287,26 @@ class EvalConfig:
         "mean, each L2-normalized) uses the local detail of the early stages that a "
         "single pooled vector drops; backbones without a pyramid (plain ViTs) fall "
         "back to default (the model's own pre-logits pooling).",
+    )
+    num_workers: int = option(
+        2, "Loader processes that decode and resize images while the model extracts features from the last batch."
+    )
+    knn_protocol: str = option(
+        "heldout",
+        "How a report's k-NN column is measured: heldout (test images against the training bank) or "
+        "leave_one_out (every labeled image against all the others: all labels become queries, less noise "
+        "on small sets).",
+    )
+    shots: list[int] = option([1, 2, 5, 10], "Labels per class of the k-shot evaluations (few-label regime).")
+    seeds: int = option(5, "Seeded k-shot draws per shot count: a mean over draws, with its spread reported.")
+    methods: list[str] = option(["knn", "linear"], "Few-shot classifiers on frozen features: knn and/or linear.")
+    fewshot_protocol: str = option(
+        "heldout",
+        "heldout: shots drawn from the training set, every draw scored on all of the test set; rest: drawn "
+        "from both sets together, each draw scored on every image it did not draw (less noise on small sets).",
+    )
+    linear_holdout: float = option(
+        0.2, "Share of each training class the linear probe holds out to choose its L2 strength C, then refits on."
     )
 
 
@@ -342,7 +365,7 @@ def known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of a config, groups included ("train", "train.steps", ...)."""
     keys = []
     for name, value in cfg.items_ex(resolve=False):
-        dotted = f"{prefix}{name}"
+        dotted = f"{prefix}{name!s}"
         keys.append(dotted)
         if isinstance(value, DictConfig):
             keys.extend(known_keys(value, f"{dotted}."))
@@ -441,6 +464,8 @@ _CHOICES = {
     "model.attn_mode": ATTN_MODES,
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.pooling": POOLINGS,
+    "eval.knn_protocol": KNN_PROTOCOLS,
+    "eval.fewshot_protocol": FEWSHOT_PROTOCOLS,
     "objective.embedding": ("default", "multiscale"),
 }
 
@@ -582,6 +607,15 @@ def validate(config: Config, source: str = "config", num_processes: int = 1) -> 
         "eval.image_size",
         "must be 0 (pretraining size) or a multiple of 16",
     )
+    need(config.eval.num_workers >= 0, "eval.num_workers", "must be >= 0")
+    need(bool(config.eval.shots) and min(config.eval.shots) >= 1, "eval.shots", "must list integers >= 1")
+    need(config.eval.seeds >= 1, "eval.seeds", "must be >= 1")
+    need(
+        bool(config.eval.methods) and set(config.eval.methods) <= set(FEWSHOT_METHODS),
+        "eval.methods",
+        f"must list some of {', '.join(FEWSHOT_METHODS)}",
+    )
+    need(0 < config.eval.linear_holdout < 1, "eval.linear_holdout", "must be in (0, 1)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -687,12 +721,9 @@ def run_dir(config: Config) -> Path:
 
 def write_config(config: Config, directory: Path) -> Path:
     """Write the resolved config as <directory>/config.yaml (atomically)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(config), encoding="utf-8")
-    tmp.replace(target)
-    return target
+    from ssl_hybrid.runs import write_text_atomic  # runs imports this module
+
+    return write_text_atomic(directory / "config.yaml", lambda handle: handle.write(to_yaml(config)))
 
 
 def describe_fields(schema: type | None = None, prefix: str = "") -> list[tuple[str, Any, str]]:

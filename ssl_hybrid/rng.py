@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ import torch
 
 def capture(cuda: bool = True) -> dict[str, Any]:
     """The current states; ``cuda=False`` leaves the CUDA generators out (they are then not restored)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy global generator is an MT19937, whose state is this 5-tuple (numpy's stubs pick the dict overload)
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {
         "python": random.getstate(),
         "numpy": {

@@ -222,21 +222,30 @@ def read_metrics(directory: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def write_text_atomic(path: str | Path, write: Callable[[TextIO], None], newline: str | None = None) -> Path:
-    """Write a text file through a temp file + rename, so a crash never leaves half a file; ``write(handle)``
-    writes the content. The file gets the permissions of a plain ``open()`` (mkstemp's 0600 would hide
-    results and manifests from the user's group and other jobs)."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temp file name beside ``path`` for a writer that takes a name (np.savez, savefig, an ONNX export):
+    renamed onto ``path`` when the block completes, removed when it fails, so a crash never leaves half a file.
+    It keeps ``path``'s suffix (writers pick the format from it) and gets the permissions of a plain ``open()``
+    (mkstemp's 0600 would hide results and manifests from the user's group and other jobs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as handle:
-            write(handle)
+        yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, write: Callable[[TextIO], object], newline: str | None = None) -> Path:
+    """Write a text file through :func:`atomic_path`; ``write(handle)`` writes the content."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline=newline) as handle:
+        write(handle)
     return path
 
 

@@ -84,6 +84,12 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("data.simclr_grayscale=-0.1", "data.simclr_grayscale"),
     ("optim.transformer_lr_scale=0", "optim.transformer_lr_scale"),
     ("eval.pooling=max", "eval.pooling"),
+    ("eval.shots=[0,5]", "eval.shots"),
+    ("eval.methods=[svm]", "eval.methods"),
+    ("eval.fewshot_protocol=all", "eval.fewshot_protocol"),
+    ("eval.knn_protocol=all", "eval.knn_protocol"),
+    ("eval.linear_holdout=1.0", "eval.linear_holdout"),
+    ("eval.seeds=0", "eval.seeds"),
     ("data.worker_nice=20", "data.worker_nice"),
     ("data.worker_nice=-2", "data.worker_nice"),
     ("data.augment_on=gpu", "data.augment_on"),
@@ -177,3 +183,4 @@ def test_override_without_equals_is_rejected():
 
 def test_empty_override_means_empty_string():
     assert cfg.load_config(None, ["data.val=/some/where", "data.val="]).data.val == ""
+

@@ -28,7 +28,6 @@ def scanned(where: str) -> bool:
 ALLOWED = {
     ("eval/finetune.py", "warmup_fraction"): "FinetuneSettings' own schedule (fine-tuning), not optim.warmup_fraction",
     ("search/run.py", "image_size"): "the size search constraints are measured at (deployment), not data.image_size",
-    ("cli.py", "workers"): "evaluation loader workers; the evaluators have no config group for them",
 }
 
 
@@ -170,3 +169,19 @@ def test_attention_modes_are_one_tuple_in_the_torch_free_config():
     probe = "import sys, ssl_hybrid.config; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_the_eval_commands_take_their_defaults_from_the_eval_group():
+    from ssl_hybrid.cli import build_parser
+
+    defaults = cfg.EvalConfig()
+    parser = build_parser()
+    report = parser.parse_args(["report", "random:hybrid_nano"])
+    fewshot = parser.parse_args(["fewshot", "random:hybrid_nano"])
+    for args in (report, fewshot):
+        assert args.shots == ",".join(map(str, defaults.shots)) and args.seeds == defaults.seeds
+        assert args.method == ",".join(defaults.methods) and args.fewshot_protocol == defaults.fewshot_protocol
+        assert (args.workers, args.image_size, args.batch_size) == (defaults.num_workers, 0, defaults.batch_size)
+    assert report.knn_protocol == defaults.knn_protocol
+    assert parser.parse_args(["linear", "random:hybrid_nano"]).holdout == defaults.linear_holdout
+    assert parser.parse_args(["embed", "random:hybrid_nano", "x", "--out", "y"]).workers == defaults.num_workers

@@ -97,3 +97,37 @@ def test_a_suite_that_leaks_a_temp_folder_fails_and_names_it(tmp_path):
     kept = list(temp.iterdir())  # kept for inspection
     assert len(kept) == 1 and kept[0].name.startswith(SESSION_TMP_PREFIX)
     shutil.rmtree(kept[0])
+
+
+
+def _imported_modules(source: str, package: str) -> set[str]:
+    """Every module a file of ``package`` imports, at its top or inside a function (relative names resolved)."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_evaluation_imports_nothing_from_training():
+    """Evaluation stands alone: what it shares with pretraining (schedules, data, models) lives below both, so
+    a change to the trainer cannot change how an evaluation number is computed."""
+    found = [
+        f"{path.relative_to(REPO_ROOT)} imports {name}"
+        for path in sorted((REPO_ROOT / "ssl_hybrid" / "eval").rglob("*.py"))
+        for name in sorted(_imported_modules(path.read_text(encoding="utf-8"), "ssl_hybrid.eval"))
+        if name == "ssl_hybrid.train" or name.startswith("ssl_hybrid.train.")
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_import_scan_sees_function_level_and_relative_imports():
+    source = "def f():\n    from ..train import loop\n    import ssl_hybrid.train.schedules\n"
+    assert {"ssl_hybrid.train.loop", "ssl_hybrid.train.schedules"} <= _imported_modules(source, "ssl_hybrid.eval")

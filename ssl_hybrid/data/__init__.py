@@ -12,7 +12,7 @@ import importlib
 _EXPORTS = {
     "write_shards": "ssl_hybrid.data.shards",
     "build_train_stream": "ssl_hybrid.data.stream",
-    "resolve_shards": "ssl_hybrid.data.stream",
+    "resolve_shards": "ssl_hybrid.data.sources",
     "decode_image": "ssl_hybrid.data.stream",
     "TrainStream": "ssl_hybrid.data.stream",
     "build_transform": "ssl_hybrid.data.views",

@@ -58,7 +58,7 @@ class _MemoryStream:
                     if item is not None:
                         batch.append(item)
                     if len(batch) == self.batch_size:
-                        yield self.stream.collate(batch)
+                        yield self.stream.spec.collate(batch)
                         batch = []
 
         return MemoryStream(*args, **kwargs)
@@ -95,11 +95,11 @@ def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -
 
     from ssl_hybrid.data.stream import build_train_stream
 
-    def stream_rate() -> float:
+    def stream_rate() -> tuple[float, float]:
         stream = build_train_stream(cfg, args.batch_size, 0, 0, 1, transform, num_workers=workers, spec=spec)
         return _rate(stream, args.samples)
 
-    def raw_rate() -> float:
+    def raw_rate() -> tuple[float, float]:
         template = build_train_stream(cfg, args.batch_size, 0, 0, 1, transform, num_workers=workers, spec=spec)
         dataset = _MemoryStream(raw_samples, template._dataset(), args.batch_size, workers)
         extra = {"prefetch_factor": 2} if workers > 0 else {}  # the stream's DataLoader settings
@@ -132,7 +132,8 @@ def _measure(cfg, spec: str, workers: int, args, transform, raw_samples: list) -
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     from ssl_hybrid.config import REPO_ROOT, DataConfig
-    from ssl_hybrid.data.stream import read_shard, resolve_shards
+    from ssl_hybrid.data.sources import resolve_shards
+    from ssl_hybrid.data.stream import read_shard
     from ssl_hybrid.data.views import build_transform
     from ssl_hybrid.machine import machine_info
 

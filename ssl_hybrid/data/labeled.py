@@ -22,6 +22,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -29,12 +30,13 @@ from ssl_hybrid.data.shards import (
     IMAGE_EXTENSIONS,
     IMAGE_KEYS,
     MANIFEST,
-    manifest_shard_paths,
     oversized_member,
     parse_label,
+    read_manifest,
     tar_members,
     unsafe_member_name,
 )
+from ssl_hybrid.data.sources import LIST_SUFFIXES, is_url, resolve_shard_set, skip_rate_exceeded
 from ssl_hybrid.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ def check_images(labeled: LabeledSet, max_skip_rate: float | None = None) -> Lab
         return labeled
     rate = len(skipped) / len(labeled)
     first = skipped[0]
-    if rate > max_skip_rate:
+    if skip_rate_exceeded(len(labeled), len(skipped), max_skip_rate):
         raise LabeledDataError(
             f"{labeled.source}: {len(skipped)} of {len(labeled)} images are unreadable ({rate:.0%} > "
             f"data.max_skip_rate={max_skip_rate:g}); first: {first['path']}: {first['reason']}"
@@ -192,7 +194,6 @@ def load_labeled(spec: str | Path) -> LabeledSet:
 
 
 UNLABELED = -1  # the label of a sample whose class is unknown (load_images)
-LIST_SUFFIXES = (".txt", ".list", ".lst")
 
 
 def load_images(spec: str | Path) -> LabeledSet:
@@ -265,31 +266,14 @@ def _load_image_folder(root: Path) -> LabeledSet:
 
 
 def _resolve_shards(spec: str) -> tuple[list[str], list[str] | None]:
-    """Shard paths and the manifest's class names (None when there is no manifest)."""
-    path = Path(spec)
-    if path.is_dir():
-        manifest = path / MANIFEST
-        if manifest.exists():
-            meta = _manifest_json(manifest)
-            names = [item.get("name") if isinstance(item, dict) else item for item in meta.get("shards", [])]
-            return manifest_shard_paths(path, names, manifest), meta.get("classes")
-        return sorted(str(p) for p in path.glob("*.tar")), None
-    from ssl_hybrid.data.stream import resolve_shards  # imports torch: only when shards are named this way
-
-    urls = list(resolve_shards(spec))
-    beside = Path(urls[0]).parent / MANIFEST if urls else None
-    classes = _manifest_json(beside).get("classes") if beside and beside.exists() else None
-    return urls, classes
-
-
-def _manifest_json(path: Path) -> dict:
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested deeper than any manifest
-        raise LabeledDataError(f"{path}: unreadable manifest ({type(err).__name__}: {err})") from None
-    if not isinstance(meta, dict):
-        raise LabeledDataError(f"{path}: a manifest is a JSON object, got {type(meta).__name__}")
-    return meta
+    """Shard paths (the stream's resolver, so both read the same shards) and the class names of their manifest:
+    the spec's own, else the one beside the shards of a pattern or list (None when there is none)."""
+    shards = resolve_shard_set(spec)
+    if shards.counts is not None or not shards.urls or is_url(shards.urls[0]):
+        return shards.urls, shards.classes
+    beside = Path(shards.urls[0]).parent
+    classes = read_manifest(beside).get("classes") if (beside / MANIFEST).exists() else None
+    return shards.urls, classes
 
 
 def _load_shards(spec: str, require_labels: bool = True) -> LabeledSet:
@@ -300,7 +284,7 @@ def _load_shards(spec: str, require_labels: bool = True) -> LabeledSet:
     samples: list[Sample] = []
     names_by_label: dict[int, str] = {}
     for url in urls:
-        if "://" in url or url.startswith("pipe:") or not Path(url).is_file():  # never gopen a command or URL
+        if is_url(url) or not Path(url).is_file():  # never gopen a command or URL
             raise LabeledDataError(f"{url}: shard not found (labeled sets are read from local files)")
         samples.extend(_index_tar(url, names_by_label, require_labels))
     if not samples:
@@ -355,23 +339,24 @@ def _sample_from_group(
     names_by_label: dict[int, str],
     require_label: bool = True,
 ) -> Sample | None:
+    # Image members are indexed (TarInfo); the small fields and the error note were read while indexing (bytes).
     image = next((fields[k] for k in IMAGE_KEYS if k in fields), None)
     if "__error__" in fields:
-        log.warning("%s: sample '%s' skipped (%s)", url, key, fields["__error__"].decode())
+        log.warning("%s: sample '%s' skipped (%s)", url, key, cast(bytes, fields["__error__"]).decode())
         return None
-    if image is None or ("cls" not in fields and require_label):
+    if not isinstance(image, tarfile.TarInfo) or ("cls" not in fields and require_label):
         log.warning("%s: sample '%s' skipped (needs an image%s)", url, key, " and a 'cls'" if require_label else "")
         return None
     if "cls" not in fields:
         return Sample(id=key, label=UNLABELED, path=url, offset=image.offset_data, size=image.size)
     try:
-        label = parse_label(fields["cls"])
+        label = parse_label(cast(bytes, fields["cls"]))
     except (ValueError, UnicodeDecodeError) as err:
         log.warning("%s: sample '%s' skipped ('cls' is not a class index: %s)", url, key, err)
         return None
     if "json" in fields:
         try:
-            meta = json.loads(fields["json"])
+            meta = json.loads(cast(bytes, fields["json"]))
             if isinstance(meta, dict) and "class_name" in meta:
                 names_by_label.setdefault(label, str(meta["class_name"]))
         except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the decoder goes

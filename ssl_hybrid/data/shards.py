@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import IO, Literal, cast
 
 from ssl_hybrid.errors import UserError
 
@@ -155,8 +156,13 @@ def collect_folder(root: Path, labels: str = "auto", label_regex: str | None = N
         if use_folders:
             for item in items:
                 item.class_name = item.relative.split("/", 1)[0]
-    classes = sorted({item.class_name for item in items}) if items and items[0].class_name is not None else None
+    classes = sorted(_class_names(items)) if items and items[0].class_name is not None else None
     return Source(root=root, items=items, classes=classes, skipped=skipped)
+
+
+def _class_names(items: list[SourceItem]) -> set[str]:
+    """The class names of ``items`` (the callers check first that every item has one)."""
+    return {item.class_name for item in items if item.class_name is not None}
 
 
 def collect_list(list_file: Path) -> Source:
@@ -183,7 +189,7 @@ def collect_list(list_file: Path) -> Source:
     labeled = [item.class_name is not None for item in items]
     if any(labeled) and not all(labeled):
         raise ShardWriteError(f"{list_file}: some lines have a class name after a TAB and some do not")
-    classes = sorted({item.class_name for item in items}) if items and all(labeled) else None
+    classes = sorted(_class_names(items)) if items and all(labeled) else None
     return Source(root=root, items=items, classes=classes, skipped=skipped)
 
 
@@ -253,7 +259,7 @@ def is_webdataset_meta(name: str) -> bool:
     return "/" not in name and name.startswith("__") and name.endswith("__")
 
 
-def tar_members(url: str, mode: str = "r|*") -> Iterator[tuple[tarfile.TarInfo, Callable[[], bytes]]]:
+def tar_members(url: str, mode: Literal["r|*", "r:"] = "r|*") -> Iterator[tuple[tarfile.TarInfo, Callable[[], bytes]]]:
     """The one tar reader: (member, read-its-bytes) for the regular files of a tar, in archive order,
     webdataset's metadata members left out. ``url`` is opened with webdataset's ``gopen`` (local paths,
     ``pipe:``, ``http(s)://``). ``mode="r|*"`` streams (any compression, no seeking: read a member's bytes
@@ -266,9 +272,14 @@ def tar_members(url: str, mode: str = "r|*") -> Iterator[tuple[tarfile.TarInfo, 
         with tarfile.open(fileobj=stream, mode=mode) as tar:
             for member in tar:
                 if member.isreg() and not is_webdataset_meta(member.name):
-                    yield member, lambda member=member: tar.extractfile(member).read()
+                    yield member, functools.partial(_read_regular, tar, member)
     finally:
         stream.close()
+
+
+def _read_regular(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    # extractfile gives None only for members that are not regular files (or links): tar_members yields none
+    return cast(IO[bytes], tar.extractfile(member)).read()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ one tar reader, :func:`ssl_hybrid.data.shards.tar_members`, over webdataset's ``
 ``pipe:`` and ``http(s)://`` URLs work) -> members grouped into samples by webdataset's ``base_plus_ext``
 -> seeded sample shuffle buffer over the *compressed* bytes -> decode + multi-view transform -> batch +
 collate. Batches are formed inside the workers; the DataLoader (a ``webdataset.WebLoader``) only moves them.
+The shard list comes from :func:`ssl_hybrid.data.sources.resolve_shard_set` (the resolver labeled sets use
+too); what a stream reads and how is one frozen :class:`StreamSpec`.
 
 What is webdataset's and what is not (and why). From webdataset: ``gopen`` (opening any URL), the
 key/extension split ``base_plus_ext``, the ``__meta__`` member convention and ``WebLoader``. Written here,
@@ -59,7 +61,8 @@ Bad data. Corrupt image bytes, zero-byte images, samples without an image, unrea
 decompression bombs and images the transform fails on are skipped with a warning naming ``__url__`` and
 ``__key__`` and counted. A truncated or unreadable shard counts as many skipped samples as the manifest
 says it lost (1 when there is no manifest). Above ``data.max_skip_rate`` (checked once ``data.skip_rate_min_samples``
-samples were seen, and at every worker-epoch end) the stream stops with a :class:`DataQualityError`.
+samples were seen, and at every worker-epoch end) the stream stops with a :class:`DataQualityError`; labeled
+sets apply the same rule (:func:`ssl_hybrid.data.sources.skip_rate_exceeded`) to a whole set.
 
 Worker priority. On a CPU trainer the workers share the cores with the training step's compute threads, which
 wait for each other: a worker that preempts one of them stalls the whole step. The workers therefore run at
@@ -73,21 +76,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import logging
 import math
 import os
 import random
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ssl_hybrid import rng as rng_state
-from ssl_hybrid.config import DEFAULT_CORPUS, REPO_ROOT
 from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.data.sources import resolve_shard_set, skip_rate_exceeded
 from ssl_hybrid.data.workers import ignore_stop_signals
 from ssl_hybrid.errors import UserError
 
@@ -98,106 +100,6 @@ STATE_FORMAT = "ssl_hybrid-stream/1"
 
 class DataQualityError(UserError):
     """Too many corrupt samples, or none decodable: the corpus needs fixing, not the code."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Shard specs
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_url(text: str) -> bool:
-    return "://" in text or text.startswith("pipe:")
-
-
-def _expand(pattern: str) -> list[str]:
-    import braceexpand
-
-    urls: list[str] = []
-    for part in pattern.split("::"):  # webdataset's separator for several patterns
-        urls.extend(braceexpand.braceexpand(part.strip()))
-    return urls
-
-
-def _looks_like_image_folder(directory: Path, look_at: int = 2000) -> bool:
-    for index, path in enumerate(directory.rglob("*")):
-        if index >= look_at:
-            return False
-        if path.suffix.lower() in shard_format.IMAGE_EXTENSIONS:
-            return True
-    return False
-
-
-def _list_entries(path: Path, allow_pipe: bool) -> list[str]:
-    """A shard list file's shards: one per line, relative to the file, '#' comments. A ``pipe:`` line runs a
-    shell command, so a list (a file that may come from elsewhere) holds one only with data.allow_pipe_in_lists."""
-    urls = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("pipe:") and not allow_pipe:
-            raise UserError(
-                f"{path} line {number}: a 'pipe:' shard runs a shell command; a shard list may hold one "
-                "only with data.allow_pipe_in_lists=true (type pipe: specs in data.train to run them)"
-            )
-        urls.append(line if _is_url(line) or Path(line).is_absolute() else str(path.parent / line))
-    return urls
-
-
-def _resolve_with_counts(spec: str, allow_pipe_in_lists: bool = False) -> tuple[list[str], dict[str, int] | None]:
-    """Shard URLs and, when a manifest is known, the sample count of each shard."""
-    spec = str(spec).strip()
-    if not spec:
-        raise UserError("empty shard spec: name shards, a shard directory or a list file")
-    if _is_url(spec):
-        return _expand(spec), None
-    path = Path(spec)
-    if spec == DEFAULT_CORPUS and not path.exists():  # the embedded corpus, from any working directory
-        path = REPO_ROOT / DEFAULT_CORPUS
-    if path.is_dir() or path.name == shard_format.MANIFEST:
-        directory = path if path.is_dir() else path.parent
-        if not (directory / shard_format.MANIFEST).exists() and _looks_like_image_folder(directory):
-            # An image folder: shard it once into the cache (for large corpora, run `ssl-hybrid shards`
-            # yourself to choose shard size, re-encoding and where the shards live).
-            directory = shard_format.shards_for_image_folder(directory)
-        manifest = shard_format.read_manifest(directory)
-        urls = shard_format.manifest_shard_paths(
-            directory, [item.get("name") for item in manifest["shards"]], directory / shard_format.MANIFEST
-        )
-        counts = {url: int(item["samples"]) for url, item in zip(urls, manifest["shards"])}
-        if not urls:
-            raise UserError(f"{directory}/{shard_format.MANIFEST}: lists no shards")
-        missing = [url for url in urls if not Path(url).exists()]
-        if missing:
-            raise UserError(
-                f"{directory}/{shard_format.MANIFEST}: {len(missing)} of {len(urls)} listed shards "
-                f"are missing, e.g. {Path(missing[0]).name}"
-            )
-        return urls, counts
-    if path.suffix.lower() in (".txt", ".list", ".lst") and path.is_file():
-        urls = _list_entries(path, allow_pipe_in_lists)
-    else:
-        urls = _expand(spec)
-    missing = [url for url in urls if not _is_url(url) and not Path(url).exists()]
-    if missing:
-        raise UserError(f"{spec}: {len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}")
-    if not urls:
-        raise UserError(f"{spec}: names no shards")
-    return urls, None
-
-
-def resolve_shards(spec: str, allow_pipe_in_lists: bool = False) -> list[str]:
-    """Shard URLs from a brace pattern (``a-{000000..000009}.tar``, several joined by ``::``), a list
-    file (``.txt``: one shard per line, relative to the file), a directory with ``manifest.json`` (or
-    that manifest's path), or URLs (``pipe:``, ``http(s)://``...). Raises UserError naming what is wrong.
-    ``pipe:`` runs where the spec itself says it; inside a list file only with ``allow_pipe_in_lists``, and
-    a manifest lists only files in its folder."""
-    return _resolve_with_counts(spec, allow_pipe_in_lists)[0]
-
-
-def shard_counts(spec: str, allow_pipe_in_lists: bool = False) -> dict[str, int] | None:
-    """Samples per shard from the manifest, or None when the spec has none (patterns, URLs)."""
-    return _resolve_with_counts(spec, allow_pipe_in_lists)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,13 +143,6 @@ def sample_label(sample: dict) -> int | None:
     if "cls" not in sample:
         return None
     return shard_format.parse_label(sample["cls"])
-
-
-def sample_meta(sample: dict) -> dict | None:
-    try:
-        return json.loads(sample["json"]) if "json" in sample else None
-    except RecursionError:  # json's decoder recurses per nesting level
-        raise ValueError("JSON nested too deeply") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +258,34 @@ def resolve_worker_nice(setting: int) -> int:
     return 0 if torch.cuda.is_available() else 19
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a stream reads and how, resolved once by :func:`build_train_stream` and shared by the
+    trainer-facing :class:`TrainStream` and its workers' :class:`ShardStream` (the position is not in it)."""
+
+    urls: list[str]
+    counts: dict[str, int] | None  # samples per shard, from the manifest: a cut shard's loss is counted exactly
+    transform: Callable  # PIL image -> {"global_views": [...], "local_views": [...]}
+    collate: Callable
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int  # DataLoader workers; 0 = read in the main process
+    resampled: bool
+    buffer_size: int
+    max_skip_rate: float
+    skip_rate_min_samples: int
+    epochs: int | None = None  # None = infinite
+    worker_nice: int = 0
+    name: str = ""  # the spec as the user wrote it, for messages
+
+    @property
+    def slots(self) -> int:
+        """Logical workers: the main process counts as one."""
+        return max(1, self.num_workers)
+
+
 def fresh_position() -> dict:
     return {"epoch": 0, "offset": 0, "seen": 0, "skipped": 0}
 
@@ -370,56 +293,29 @@ def fresh_position() -> dict:
 class ShardStream(torch.utils.data.IterableDataset):
     """Yields collated batches with a ``_meta`` position (or ``{"_abort": message}``); see module doc."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        counts: dict[str, int] | None,
-        *,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-        resampled: bool,
-        buffer_size: int,
-        transform: Callable,
-        collate: Callable,
-        positions: list[dict],
-        rotation: int = 0,
-        max_skip_rate: float,
-        skip_rate_min_samples: int,
-        epochs: int | None = None,
-        worker_nice: int = 0,
-    ):
+    def __init__(self, spec: StreamSpec, positions: list[dict], rotation: int = 0):
         super().__init__()
-        self.urls, self.counts = list(urls), counts
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers = max(1, num_workers)
-        self.resampled, self.buffer_size = resampled, buffer_size
-        self.transform, self.collate = transform, collate
-        self.positions, self.rotation, self.epochs = positions, rotation, epochs
-        self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
-        self.worker_nice = worker_nice
+        self.spec, self.positions, self.rotation = spec, positions, rotation
 
     # -- shard order -------------------------------------------------------------------------
     def epoch_shards(self, epoch: int, worker: int) -> list[str]:
-        if self.resampled:
-            rng = random.Random(_seed_from("resample", self.seed, epoch, self.rank, worker))
-            per_worker = max(1, math.ceil(len(self.urls) / (self.world_size * self.num_workers)))
-            return [rng.choice(self.urls) for _ in range(per_worker)]
-        order = list(self.urls)
-        random.Random(_seed_from("shards", self.seed, epoch)).shuffle(order)
-        return order[self.rank :: self.world_size][worker :: self.num_workers]
+        if self.spec.resampled:
+            rng = random.Random(_seed_from("resample", self.spec.seed, epoch, self.spec.rank, worker))
+            per_worker = max(1, math.ceil(len(self.spec.urls) / (self.spec.world_size * self.spec.slots)))
+            return [rng.choice(self.spec.urls) for _ in range(per_worker)]
+        order = list(self.spec.urls)
+        random.Random(_seed_from("shards", self.spec.seed, epoch)).shuffle(order)
+        return order[self.spec.rank :: self.spec.world_size][worker :: self.spec.slots]
 
     def epoch_samples(self, epoch: int, worker: int) -> Iterator[dict]:
         """The raw (undecoded) samples of one worker-epoch, in shuffled order."""
 
         def read_all() -> Iterator[dict]:
             for url in self.epoch_shards(epoch, worker):
-                yield from read_shard(url, (self.counts or {}).get(url))
+                yield from read_shard(url, (self.spec.counts or {}).get(url))
 
-        rng = random.Random(_seed_from("buffer", self.seed, epoch, self.rank, worker))
-        return shuffle_buffer(read_all(), self.buffer_size, rng)
+        rng = random.Random(_seed_from("buffer", self.spec.seed, epoch, self.spec.rank, worker))
+        return shuffle_buffer(read_all(), self.spec.buffer_size, rng)
 
     # -- one sample ----------------------------------------------------------------------------
     def make_sample(self, raw: dict, seed: int, in_main: bool) -> tuple[dict | None, str | None]:
@@ -434,7 +330,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         with rng_state.preserved(cuda=False) if in_main else contextlib.nullcontext():
             seed_global_rngs(seed)
             try:
-                views = self.transform(image)
+                views = self.spec.transform(image)
             except Exception as err:  # an image the augmentations cannot take: skipped and counted like a corrupt one
                 return None, f"cannot be transformed ({type(err).__name__}: {err})"
         item = {
@@ -448,16 +344,16 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # -- the loop ------------------------------------------------------------------------------
     def _too_many_skips(self, seen: int, skipped: int, epoch_end: bool) -> bool:
-        if seen == 0 or (seen < self.skip_rate_min_samples and not epoch_end):
-            return False
-        return skipped / seen > self.max_skip_rate
+        return skip_rate_exceeded(
+            seen, skipped, self.spec.max_skip_rate, self.spec.skip_rate_min_samples, final=epoch_end
+        )
 
     def _abort(self, worker: int, seen: int, skipped: int, last: str, empty: bool = False) -> dict:
         why = (
-            f"a whole epoch of rank {self.rank} worker {worker} had no usable sample"
+            f"a whole epoch of rank {self.spec.rank} worker {worker} had no usable sample"
             if empty
-            else f"{skipped} of {seen} samples skipped by rank {self.rank} worker {worker} "
-            f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.max_skip_rate})"
+            else f"{skipped} of {seen} samples skipped by rank {self.spec.rank} worker {worker} "
+            f"({skipped / max(seen, 1):.1%} > data.max_skip_rate={self.spec.max_skip_rate})"
         )
         return {
             "_abort": f"{why}; last: {last}. Fix or re-write the shards (ssl-hybrid shards)"
@@ -468,8 +364,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         physical = info.id if info is not None else 0
         if info is not None:  # a worker process of its own: never renice the trainer
-            lower_priority(self.worker_nice)
-        worker = (physical + self.rotation) % self.num_workers
+            lower_priority(self.spec.worker_nice)
+        worker = (physical + self.rotation) % self.spec.slots
         yield from self.iterate_worker(worker, in_main=info is None)
 
     def iterate_worker(self, worker: int, in_main: bool) -> Iterator[dict]:
@@ -478,14 +374,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         seen, skipped = position["seen"], position["skipped"]
         batch: list[dict] = []
         last_problem = ""
-        while self.epochs is None or epoch < self.epochs:
+        while self.spec.epochs is None or epoch < self.spec.epochs:
             read, good = 0, 0
             for offset, raw in enumerate(self.epoch_samples(epoch, worker)):
                 read += 1
                 if offset < resume_offset:
                     continue  # consumed before the checkpoint: dropped before decoding
                 item, reason = self.make_sample(
-                    raw, _seed_from("views", self.seed, self.rank, worker, epoch, offset), in_main
+                    raw, _seed_from("views", self.spec.seed, self.spec.rank, worker, epoch, offset), in_main
                 )
                 seen += 1
                 if item is None:
@@ -498,7 +394,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                     continue
                 good += 1
                 batch.append(item)
-                if len(batch) == self.batch_size:
+                if len(batch) == self.spec.batch_size:
                     yield self._emit(batch, worker, epoch, offset + 1, seen, skipped)
                     batch = []
             # An epoch without a single usable sample would otherwise loop forever without a batch.
@@ -514,7 +410,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         yield {"_meta": {"worker": worker, "epoch": epoch, "offset": 0, "seen": seen, "skipped": skipped}}
 
     def _emit(self, batch: list[dict], worker: int, epoch: int, offset: int, seen: int, skipped: int) -> dict:
-        collated = self.collate(batch)
+        collated = self.spec.collate(batch)
         collated["_meta"] = {"worker": worker, "epoch": epoch, "offset": offset, "seen": seen, "skipped": skipped}
         return collated
 
@@ -528,79 +424,42 @@ class TrainStream:
     """An iterable of batches (``global_views``, ``local_views``, ``key``, ``label`` when labeled) whose
     data position can be saved and restored; iterating again continues from the current position."""
 
-    def __init__(
-        self,
-        urls: list[str],
-        counts: dict[str, int] | None,
-        *,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        world_size: int,
-        transform: Callable,
-        num_workers: int,
-        resampled: bool,
-        buffer_size: int,
-        max_skip_rate: float,
-        skip_rate_min_samples: int,
-        epochs: int | None = None,
-        collate: Callable | None = None,
-        spec: str = "",
-        worker_nice: int = 0,
-    ):
-        from ssl_hybrid.data.views import collate_views
-
-        self.urls, self.counts, self.spec = urls, counts, spec
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.transform, self.num_workers, self.resampled = transform, num_workers, resampled
-        self.buffer_size, self.epochs = buffer_size, epochs
-        self.max_skip_rate, self.skip_rate_min_samples = max_skip_rate, skip_rate_min_samples
-        self.collate = collate or collate_views
-        self.worker_nice = worker_nice
-        self.positions = [fresh_position() for _ in range(max(1, num_workers))]
+    def __init__(self, spec: StreamSpec):
+        self.spec = spec
+        self.positions = [fresh_position() for _ in range(spec.slots)]
         self.batches = 0
         self.samples = 0
 
+    @property
+    def urls(self) -> list[str]:
+        return self.spec.urls
+
+    @property
+    def collate(self) -> Callable:
+        return self.spec.collate
+
     # -- iteration -----------------------------------------------------------------------------
     def _dataset(self) -> ShardStream:
-        return ShardStream(
-            self.urls,
-            self.counts,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            num_workers=self.num_workers,
-            resampled=self.resampled,
-            buffer_size=self.buffer_size,
-            transform=self.transform,
-            collate=self.collate,
-            positions=copy.deepcopy(self.positions),
-            rotation=self.batches % max(1, self.num_workers),
-            epochs=self.epochs,
-            max_skip_rate=self.max_skip_rate,
-            skip_rate_min_samples=self.skip_rate_min_samples,
-            worker_nice=self.worker_nice,
-        )
+        return ShardStream(self.spec, copy.deepcopy(self.positions), rotation=self.batches % self.spec.slots)
 
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
 
-        extra = {"prefetch_factor": 2} if self.num_workers > 0 else {}
+        extra = {"prefetch_factor": 2} if self.spec.num_workers > 0 else {}
         # Its own generator: DataLoader draws a base seed per iterator, which must not consume the
         # trainer's global torch RNG (augmentations are seeded per sample anyway).
-        generator = torch.Generator().manual_seed(_seed_from("loader", self.seed, self.rank) % 2**63)
+        generator = torch.Generator().manual_seed(_seed_from("loader", self.spec.seed, self.spec.rank) % 2**63)
         loader = wds.WebLoader(
             self._dataset(),
             batch_size=None,
-            num_workers=self.num_workers,
+            num_workers=self.spec.num_workers,
             generator=generator,
             worker_init_fn=ignore_stop_signals,
             **extra,
         )
         for batch in loader:
             if "_abort" in batch:
-                raise DataQualityError(f"{self.spec or 'stream'}: {batch['_abort']}")
+                raise DataQualityError(f"{self.spec.name or 'stream'}: {batch['_abort']}")
             meta = batch.pop("_meta")
             self.positions[meta["worker"]] = {k: meta[k] for k in ("epoch", "offset", "seen", "skipped")}
             if "key" not in batch:  # a finite worker's closing counters, no samples
@@ -611,11 +470,11 @@ class TrainStream:
             yield batch
 
     def _check_skip_rate(self) -> None:
-        seen, skipped = self.seen, self.skipped
-        if seen >= self.skip_rate_min_samples and skipped / seen > self.max_skip_rate:
+        seen, skipped, spec = self.seen, self.skipped, self.spec
+        if skip_rate_exceeded(seen, skipped, spec.max_skip_rate, spec.skip_rate_min_samples, final=False):
             raise DataQualityError(
-                f"{self.spec or 'stream'}: {skipped} of {seen} samples skipped on rank {self.rank} "
-                f"({skipped / seen:.1%} > data.max_skip_rate={self.max_skip_rate}); fix the shards or raise it"
+                f"{spec.name or 'stream'}: {skipped} of {seen} samples skipped on rank {spec.rank} "
+                f"({skipped / seen:.1%} > data.max_skip_rate={spec.max_skip_rate}); fix the shards or raise it"
             )
 
     # -- counters --------------------------------------------------------------------------------
@@ -645,15 +504,16 @@ class TrainStream:
 
     # -- checkpointing -------------------------------------------------------------------------
     def _identity(self) -> dict:
+        spec = self.spec
         return {
-            "seed": self.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "num_workers": self.num_workers,
-            "batch_size": self.batch_size,
-            "resampled": self.resampled,
-            "num_shards": len(self.urls),
-            "shuffle_buffer": self.buffer_size,
+            "seed": spec.seed,
+            "rank": spec.rank,
+            "world_size": spec.world_size,
+            "num_workers": spec.num_workers,
+            "batch_size": spec.batch_size,
+            "resampled": spec.resampled,
+            "num_shards": len(spec.urls),
+            "shuffle_buffer": spec.buffer_size,
         }
 
     def state_dict(self) -> dict:
@@ -697,32 +557,37 @@ def build_train_stream(
     spec: str | None = None,
 ) -> TrainStream:
     """The training stream of one rank over ``data_cfg.train`` (or ``spec``); see the module doc."""
-    spec = spec or data_cfg.train
-    urls, counts = _resolve_with_counts(spec, data_cfg.allow_pipe_in_lists)
+    from ssl_hybrid.data.views import collate_views
+
+    name = str(spec or data_cfg.train)
+    shards = resolve_shard_set(name, data_cfg.allow_pipe_in_lists)
     workers = data_cfg.num_workers if num_workers is None else num_workers
     if batch_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"batch_size must be >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")
     slots = world_size * max(1, workers)
-    if not data_cfg.resampled and len(urls) < slots:
+    if not data_cfg.resampled and len(shards.urls) < slots:
         raise UserError(
-            f"{spec}: {len(urls)} shards < {world_size} ranks x {max(1, workers)} workers = {slots}; "
+            f"{name}: {len(shards.urls)} shards < {world_size} ranks x {max(1, workers)} workers = {slots}; "
             f"exact mode (data.resampled=false) gives each worker whole shards. Write smaller shards "
             f"(ssl-hybrid shards --shard-size), lower data.num_workers, or set data.resampled=true"
         )
     return TrainStream(
-        urls,
-        counts,
-        batch_size=batch_size,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        transform=transform,
-        num_workers=workers,
-        resampled=data_cfg.resampled,
-        buffer_size=data_cfg.shuffle_buffer,
-        max_skip_rate=data_cfg.max_skip_rate,
-        skip_rate_min_samples=data_cfg.skip_rate_min_samples,
-        epochs=epochs,
-        spec=str(spec),
-        worker_nice=resolve_worker_nice(data_cfg.worker_nice),
+        StreamSpec(
+            urls=shards.urls,
+            counts=shards.counts,
+            transform=transform,
+            collate=collate_views,
+            batch_size=batch_size,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=workers,
+            resampled=data_cfg.resampled,
+            buffer_size=data_cfg.shuffle_buffer,
+            max_skip_rate=data_cfg.max_skip_rate,
+            skip_rate_min_samples=data_cfg.skip_rate_min_samples,
+            epochs=epochs,
+            worker_nice=resolve_worker_nice(data_cfg.worker_nice),
+            name=name,
+        )
     )

@@ -65,8 +65,9 @@ def _lightly_transform(data_cfg):
     raise ValueError(f"data.views must be one of {', '.join(VIEW_KINDS)}, got {data_cfg.views!r}")
 
 
-class MultiViewTransform:
-    """PIL image -> named views (a class, not a closure, so DataLoader workers can pickle it)."""
+class NamedViews:
+    """PIL image -> lightly's views split into named global and local ones (a class, not a closure, so
+    DataLoader workers can pickle it). Not lightly's ``MultiViewTransform``, which returns a plain list."""
 
     def __init__(self, transform: Callable, num_global: int):
         self.transform, self.num_global = transform, num_global
@@ -85,7 +86,7 @@ def build_transform(data_cfg) -> Callable:
         from ssl_hybrid.data.augment import build_batch_augment
 
         return build_batch_augment(data_cfg)[0]
-    return MultiViewTransform(*_lightly_transform(data_cfg))
+    return NamedViews(*_lightly_transform(data_cfg))
 
 
 def collate_views(samples: list[dict]) -> dict:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 # Importing any ssl_hybrid.models submodule runs the package __init__, which registers hybrid_*/resvit_* with timm.
+from ssl_hybrid.models.contract import TimmModel
 from ssl_hybrid.models.export import (
     CHECKPOINT_BACKBONE_PREFIX,
     CHECKPOINT_WEIGHTS_NAME,
@@ -81,7 +82,7 @@ def load_backbone_spec(spec: str, image_size: int | None = None) -> tuple[torch.
         model, meta = _load_folder(path, image_size) if is_model_folder(path) else _load_files(path, image_size)
         meta["spec"] = spec
     model.eval()
-    meta["num_features"] = int(model.num_features)
+    meta["num_features"] = int(cast(TimmModel, model).num_features)
     meta["hash"] = model_hash(model)
     return model, meta
 
@@ -268,3 +269,12 @@ def model_hash(model: torch.nn.Module) -> str:
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# What every result records about the backbone it scored (from load_backbone_spec's meta).
+SUMMARY_KEYS = ("spec", "model", "kind", "weights", "step", "image_size", "num_features", "hash")
+
+
+def backbone_summary(meta: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """The :data:`SUMMARY_KEYS` of ``meta``, then ``extra`` keys."""
+    return {key: meta.get(key) for key in (*SUMMARY_KEYS, *extra)}

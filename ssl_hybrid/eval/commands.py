@@ -160,21 +160,9 @@ def finetune_line(result: dict[str, Any]) -> str:
 
 
 def _backbone_summary(meta: dict) -> dict:
-    return {
-        k: meta.get(k)
-        for k in (
-            "spec",
-            "model",
-            "kind",
-            "weights",
-            "step",
-            "image_size",
-            "num_features",
-            "hash",
-            "missing_keys",
-            "unexpected_keys",
-        )
-    }
+    from ssl_hybrid.eval.backbones import backbone_summary
+
+    return backbone_summary(meta, "missing_keys", "unexpected_keys")
 
 
 def run_knn(args: argparse.Namespace) -> int:
@@ -232,11 +220,12 @@ def _split_dir(args: argparse.Namespace) -> Path:
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
+    from ssl_hybrid.config import FEWSHOT_METHODS
     from ssl_hybrid.eval.features import is_main_process
-    from ssl_hybrid.eval.fewshot import METHODS, fewshot_evaluate
+    from ssl_hybrid.eval.fewshot import fewshot_evaluate
 
     shots = int_list(args.shots, "--shots")
-    methods = str_list(args.method, "--method", METHODS)
+    methods = str_list(args.method, "--method", FEWSHOT_METHODS)
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     train, test = load_pair(args)
@@ -343,14 +332,14 @@ def finetune_save_dir(args: argparse.Namespace) -> Path | None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from ssl_hybrid.eval.fewshot import METHODS
+    from ssl_hybrid.config import FEWSHOT_METHODS
     from ssl_hybrid.eval.report import build_report, slug
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     if names is not None and len(names) != len(args.runs):
         raise UserError(f"--names lists {len(names)} names for {len(args.runs)} backbones")
     shots = int_list(args.shots, "--shots")
-    methods = str_list(args.method, "--method", METHODS)
+    methods = str_list(args.method, "--method", FEWSHOT_METHODS)
     train, test = load_pair(args)
     if args.baseline is not None and args.baseline not in (names or [slug(r) for r in args.runs]):
         raise UserError(

@@ -19,9 +19,9 @@ chunk, and the final files are assembled chunk by chunk (memory stays at one chu
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ import torch
 from ssl_hybrid.config import EvalConfig
 from ssl_hybrid.data.labeled import UNLABELED, LabeledSet, Sample, check_images, load_images
 from ssl_hybrid.errors import UserError
+from ssl_hybrid.runs import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +269,14 @@ def _part_name(index: int) -> str:
 def _save_part(path: Path, features: np.ndarray, positions: np.ndarray, skipped: list[dict]) -> None:
     import json
 
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        features=features,
-        positions=positions,
-        dim=np.array(features.shape[1]),
-        skipped=np.array(json.dumps(skipped)),
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        np.savez(
+            tmp,
+            features=features,
+            positions=positions,
+            dim=np.array(features.shape[1]),
+            skipped=np.array(json.dumps(skipped)),
+        )
 
 
 def _load_part(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -304,14 +304,9 @@ def _assemble(embedder: Embedder, data: LabeledSet, out: Path, chunk: int, wante
         rows, dim, skipped = rows + count, dim or (width if count else 0), skipped + lost
     if rows == 0:
         raise EmbeddingsError(f"{data.source}: no readable image to embed")
-    tmp = {name: out / f".{name}.partial" for name in (EMBEDDINGS, IDS, INDEX)}
-    try:
+    with contextlib.ExitStack() as renames:  # a failed write (full disk) leaves no temp file; the parts stay
+        tmp = {name: renames.enter_context(atomic_path(out / name)) for name in (EMBEDDINGS, IDS, INDEX)}
         _write_outputs(data, parts, tmp, rows, dim)
-        for name, path in tmp.items():
-            os.replace(path, out / name)
-    finally:  # a failed write (full disk) leaves no temp file; the parts stay for the next run
-        for path in tmp.values():
-            path.unlink(missing_ok=True)
     labeled = any(s.label != UNLABELED for s in data.samples)
     meta = dict(
         format=FORMAT,
@@ -598,11 +593,17 @@ def plot_map(embeddings: Embeddings, path: str | Path, method: str = "auto", see
         for label in np.unique(labels):
             chosen = labels == label
             name = classes[label] if label != UNLABELED else "unlabeled"
-            ax.scatter(*points[chosen].T, s=8, color=cmap(label % cmap.N) if label != UNLABELED else "0.6", label=name)
+            ax.scatter(
+                points[chosen, 0],
+                points[chosen, 1],
+                s=8,
+                color=cmap(label % cmap.N) if label != UNLABELED else "0.6",
+                label=name,
+            )
         if len(classes) <= 20:
             ax.legend(fontsize=7, markerscale=2, loc="best")
     else:
-        ax.scatter(*points.T, s=8, color="tab:blue")
+        ax.scatter(points[:, 0], points[:, 1], s=8, color="tab:blue")
     backbone = embeddings.meta["backbone"]
     ax.set_title(
         f"{used.upper()} of {len(picked)} embeddings ({backbone.get('model')}, {embeddings.meta['pooling']} pooling)",

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, TorchLabeledDataset
 from ssl_hybrid.data.workers import ignore_stop_signals
 from ssl_hybrid.errors import UserError
-from ssl_hybrid.models.contract import EVAL_CROP_PCT
+from ssl_hybrid.models.contract import EVAL_CROP_PCT, TimmModel
 from ssl_hybrid.models.pooling import multiscale_embed, offers_multiscale
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        TorchLabeledDataset(labeled, transform),
+        # map-style (__len__ + __getitem__) is all DataLoader needs; data.labeled stays free of torch imports
+        cast(torch.utils.data.Dataset, TorchLabeledDataset(labeled, transform)),
         batch_size=batch_size,
         shuffle=shuffle,
         num_workers=num_workers,
@@ -121,7 +122,8 @@ def autocast_context(device: torch.device):
 
 def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The pooled, pre-logits feature every timm model (and ours) exposes."""
-    return backbone.forward_head(backbone.forward_features(images), pre_logits=True)  # [B, C]
+    model = cast(TimmModel, backbone)
+    return model.forward_head(model.forward_features(images), pre_logits=True)  # [B, C]
 
 
 # "multiscale": every stage of the backbone's pyramid pooled and L2-normalized, concatenated (the backbone's
@@ -309,16 +311,15 @@ def read_entry(path: Path, key: str, labeled: LabeledSet) -> tuple[np.ndarray, n
 
 def write_entry(path: Path, key: str, features: np.ndarray, labels: np.ndarray, max_bytes: int) -> None:
     """Write atomically (a crash leaves no half entry); a failure (full disk, read-only) is only logged."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npz")
+    from ssl_hybrid.runs import atomic_path
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, features=features, labels=labels, key=np.array(key))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, features=features, labels=labels, key=np.array(key))
     except Exception as err:  # whatever the writer raises: the features are in memory and still returned
         log.warning(
             "cannot write the feature cache entry %s (%s: %s); continuing without it", path, type(err).__name__, err
         )
-        tmp.unlink(missing_ok=True)
         return
     evict(path.parent, max_bytes, keep=path)
 

@@ -5,7 +5,7 @@ of it, so 4 shot counts x 5 seeds x 2 methods cost 40 cheap fits, not 40 extract
 sample ids are saved (``<split_dir>/shots<k>_seed<s>.json``) so every reported number can be traced to
 its images. Accuracies are top-1; mean ± std over seeds (sample std, ddof=1).
 
-Two protocols (``PROTOCOLS``): ``heldout`` draws the shots from the training set and scores every draw on
+Two protocols (``FEWSHOT_PROTOCOLS``): ``heldout`` draws the shots from the training set and scores every draw on
 the same test set; ``rest`` pools train and test, draws the shots from all labeled images and scores each
 draw on every image it did not draw. On a small labeled set the fixed test set is the largest noise term:
 the quickstart's 111 test images carry a binomial error of ~2.8 points at 10% top-1, which no number of
@@ -18,18 +18,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from ssl_hybrid.config import FEWSHOT_METHODS, FEWSHOT_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet, kshot_indices, save_split
 from ssl_hybrid.eval.knn import HEADLINE_K, TEMPERATURE, knn_evaluate
 from ssl_hybrid.eval.linear import linear_probe
 
 log = logging.getLogger(__name__)
 
-METHODS = ("knn", "linear")
-DEFAULT_SHOTS = (1, 2, 5, 10)
-PROTOCOLS = ("heldout", "rest")
+DEFAULT_SHOTS = tuple(EvalConfig().shots)
+DEFAULT_METHODS = tuple(EvalConfig().methods)
 # Draws evaluated at once (processes); each fit is single-threaded and small (hundreds of rows).
 MAX_JOBS = 4
 
@@ -59,13 +60,13 @@ def evaluate_subset(
     elif method == "linear":
         result = linear_probe(features, labels, test_features, test_labels, seed=seed, num_classes=num_classes)
     else:
-        raise ValueError(f"unknown few-shot method '{method}' (choose from {', '.join(METHODS)})")
+        raise ValueError(f"unknown few-shot method '{method}' (choose from {', '.join(FEWSHOT_METHODS)})")
     return result["top1"]
 
 
 def check_protocol(protocol: str) -> None:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown few-shot protocol '{protocol}' (one of {', '.join(PROTOCOLS)})")
+    if protocol not in FEWSHOT_PROTOCOLS:
+        raise ValueError(f"unknown few-shot protocol '{protocol}' (one of {', '.join(FEWSHOT_PROTOCOLS)})")
 
 
 def draw_pool(train: np.ndarray, test: np.ndarray, protocol: str) -> np.ndarray:
@@ -79,18 +80,18 @@ def fewshot_evaluate(
     test_features: np.ndarray,
     test_labels: np.ndarray,
     shots: Sequence[int] = DEFAULT_SHOTS,
-    seeds: int = 5,
-    methods: Sequence[str] = METHODS,
+    seeds: int = EvalConfig.seeds,
+    methods: Sequence[str] = DEFAULT_METHODS,
     train_set: LabeledSet | None = None,
     split_dir: Path | None = None,
     knn_k: int = HEADLINE_K,
     temperature: float = TEMPERATURE,
     num_classes: int | None = None,
-    protocol: str = "heldout",
+    protocol: str = EvalConfig.fewshot_protocol,
     test_set: LabeledSet | None = None,
 ) -> dict:
     """``{"results": [{"method", "shots", "mean", "std", "n_test", "runs"}], ...}``; runs hold per-seed
-    accuracies. ``protocol`` is one of ``PROTOCOLS``; with ``rest``, ``test_set`` names the test rows in the
+    accuracies. ``protocol`` is one of ``FEWSHOT_PROTOCOLS``; with ``rest``, ``test_set`` names the test rows in the
     saved splits (the pool is train then test)."""
     check_protocol(protocol)
     if protocol == "rest" and train_set is not None and test_set is None:
@@ -104,7 +105,7 @@ def fewshot_evaluate(
     pool_features = draw_pool(train_features, test_features, protocol)
     pool_labels = draw_pool(train_labels, test_labels, protocol)
     pool_set = train_set if protocol == "heldout" else _pooled(train_set, test_set)
-    results = []
+    results: list[dict[str, Any]] = []
     for k in shots:
         subsets = [kshot_indices(pool_labels, k, seed) for seed in range(seeds)]
         split_files = [
@@ -183,7 +184,7 @@ def _save(
     indices: np.ndarray,
     shots: int,
     seed: int,
-    protocol: str = "heldout",
+    protocol: str = EvalConfig.fewshot_protocol,
     n_train: int = 0,
 ) -> str | None:
     """The draw's ids; under ``rest`` also which set each came from (two folders may share relative ids)."""

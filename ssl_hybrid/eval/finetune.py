@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -39,7 +39,8 @@ from ssl_hybrid.eval.features import (
     one_line_worker_errors,
 )
 from ssl_hybrid.eval.knn import topk_accuracy
-from ssl_hybrid.train.schedules import warmup_cosine
+from ssl_hybrid.models.contract import TimmModel
+from ssl_hybrid.schedules import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         # the width of embed(): timm's head_hidden_size where a model's pre-logits differ from its tokens
-        self.head = nn.Linear(getattr(backbone, "head_hidden_size", backbone.num_features), num_classes)
+        width = getattr(backbone, "head_hidden_size", cast(TimmModel, backbone).num_features)
+        self.head = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)  # MAE's head init: start from ~uniform predictions
         nn.init.zeros_(self.head.bias)
 
@@ -103,7 +105,8 @@ def layer_decay_param_groups(model: Classifier, settings: FinetuneSettings) -> l
     """Param groups with an explicit ``lr`` each: backbone groups from group_matcher, head at full lr."""
     from timm.optim import param_groups_layer_decay
 
-    no_decay = model.backbone.no_weight_decay() if hasattr(model.backbone, "no_weight_decay") else ()
+    backbone = cast(TimmModel, model.backbone)
+    no_decay = backbone.no_weight_decay() if hasattr(backbone, "no_weight_decay") else ()
     groups = param_groups_layer_decay(
         model.backbone,
         weight_decay=settings.weight_decay,
@@ -140,8 +143,9 @@ def as_timm_classifier(model: Classifier) -> nn.Module:
     """The backbone with ``model.head`` as its own classifier: ``out(x) == model(x)`` (timm's forward is
     ``head(forward_head(forward_features(x), pre_logits=True))``, what ``Classifier`` computes)."""
     out = copy.deepcopy(model.backbone).eval()
-    out.reset_classifier(model.head.out_features)
-    out.get_classifier().load_state_dict(model.head.state_dict())
+    timm_model = cast(TimmModel, out)
+    timm_model.reset_classifier(model.head.out_features)
+    timm_model.get_classifier().load_state_dict(model.head.state_dict())
     return out
 
 

@@ -185,27 +185,3 @@ def leave_one_out_knn(
         "num_classes": num_classes,
         "protocol": "leave_one_out",
     }
-
-
-def knn_reference_numpy(
-    bank: np.ndarray,
-    bank_labels: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    temperature: float = TEMPERATURE,
-    num_classes: int | None = None,
-) -> np.ndarray:
-    """Brute-force float64 numpy k-NN (the test reference): full similarity matrix, full sort."""
-    bank = np.asarray(bank, dtype=np.float64)
-    queries = np.asarray(queries, dtype=np.float64)
-    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
-    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    bank_labels = np.asarray(bank_labels)
-    num_classes = num_classes or int(bank_labels.max()) + 1
-    sims = queries @ bank.T  # [Q, N]
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    scores = np.zeros((len(queries), num_classes))
-    for row in range(len(queries)):
-        for col in order[row]:
-            scores[row, bank_labels[col]] += np.exp(sims[row, col] / temperature)
-    return scores

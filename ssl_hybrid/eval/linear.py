@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ssl_hybrid.config import EvalConfig
 from ssl_hybrid.data.labeled import stratified_holdout
 from ssl_hybrid.eval.knn import topk_accuracy
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-3, 3, 7))
 # With one labeled sample per class nothing can be held out; C=1 is scikit-learn's own default.
 FALLBACK_C = 1.0
-HOLDOUT_FRACTION = 0.2
+HOLDOUT_FRACTION = EvalConfig.linear_holdout
 MAX_ITER = 1000
 # Feature matrices smaller than this (elements) are fit single-threaded.
 SINGLE_THREAD_BELOW = 5_000_000

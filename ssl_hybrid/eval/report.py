@@ -20,7 +20,8 @@ import numpy as np
 
 from ssl_hybrid.config import KNN_PROTOCOLS, EvalConfig
 from ssl_hybrid.data.labeled import LabeledSet
-from ssl_hybrid.eval.fewshot import DEFAULT_SHOTS, METHODS, check_protocol, draw_pool, fewshot_evaluate
+from ssl_hybrid.eval.backbones import backbone_summary
+from ssl_hybrid.eval.fewshot import DEFAULT_METHODS, DEFAULT_SHOTS, check_protocol, draw_pool, fewshot_evaluate
 from ssl_hybrid.eval.knn import HEADLINE_K, knn_evaluate, l2_normalize, leave_one_out_knn, search
 from ssl_hybrid.eval.verdict import budget_text, data_context, verdict
 
@@ -39,7 +40,7 @@ def evaluate_knn(
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],
     num_classes: int,
-    protocol: str = "heldout",
+    protocol: str = EvalConfig.knn_protocol,
 ) -> dict[str, Any]:
     """The k-NN entry of the report (``protocol`` one of config.KNN_PROTOCOLS). Leave-one-out classifies
     every labeled image (train and test) by all the others, so a small labeled set gives all its labels as
@@ -66,8 +67,8 @@ def evaluate_backbone(
     train_set: LabeledSet,
     split_dir: Path | None,
     num_classes: int,
-    knn_protocol: str = "heldout",
-    fewshot_protocol: str = "heldout",
+    knn_protocol: str = EvalConfig.knn_protocol,
+    fewshot_protocol: str = EvalConfig.fewshot_protocol,
     test_set: LabeledSet | None = None,
 ) -> dict[str, Any]:
     knn = evaluate_knn(train, test, num_classes, knn_protocol)
@@ -96,21 +97,7 @@ def evaluate_backbone(
         )
     return {
         "name": name,
-        "backbone": {
-            k: meta.get(k)
-            for k in (
-                "spec",
-                "model",
-                "kind",
-                "weights",
-                "step",
-                "image_size",
-                "num_features",
-                "hash",
-                "pooling",
-                "pretraining",
-            )
-        },
+        "backbone": backbone_summary(meta, "pooling", "pretraining"),
         "knn": knn,
         "fewshot": fewshot["results"],
         "fewshot_n_test": fewshot["n_test"],
@@ -353,8 +340,8 @@ def build_report(
     out_dir: Path,
     names: Sequence[str] | None = None,
     shots: Sequence[int] = DEFAULT_SHOTS,
-    seeds: int = 5,
-    methods: Sequence[str] = METHODS,
+    seeds: int = EvalConfig.seeds,
+    methods: Sequence[str] = DEFAULT_METHODS,
     image_size: int | None = None,
     batch_size: int = EvalConfig.batch_size,
     num_workers: int = 0,
@@ -363,8 +350,8 @@ def build_report(
     pooling: str = EvalConfig.pooling,
     split_note: str | None = None,
     baseline: str | None = None,
-    knn_protocol: str = "heldout",
-    fewshot_protocol: str = "heldout",
+    knn_protocol: str = EvalConfig.knn_protocol,
+    fewshot_protocol: str = EvalConfig.fewshot_protocol,
     budget_note: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate each backbone and write report.md, report.json, label_efficiency.png, retrieval_<name>.png.
@@ -372,7 +359,7 @@ def build_report(
     ``split_note`` says how test was drawn (e.g. the quickstart's per-class hold-out); ``baseline`` names
     the entry the verdict compares the others with (default: the random-init one, see verdict.pick_baseline);
     ``knn_protocol`` (config.KNN_PROTOCOLS) how the k-NN column is measured, ``fewshot_protocol``
-    (fewshot.PROTOCOLS) where the k-shot labels come from and what they are scored on; ``budget_note`` a
+    (config.FEWSHOT_PROTOCOLS) where the k-shot labels come from and what they are scored on; ``budget_note`` a
     sentence on a pretraining too short for the comparison (quickstart.too_few_steps), shown under the verdict."""
     check_protocol(fewshot_protocol)  # before any extraction
     from ssl_hybrid.eval.features import features_for_spec, is_main_process
@@ -466,7 +453,10 @@ def image_sizes(specs: Sequence[str], image_size: int | None = None) -> list[int
 
 
 def protocol(
-    entries: list[dict[str, Any]], seeds: int, methods: Sequence[str], fewshot_protocol: str = "heldout"
+    entries: list[dict[str, Any]],
+    seeds: int,
+    methods: Sequence[str],
+    fewshot_protocol: str = EvalConfig.fewshot_protocol,
 ) -> dict[str, Any]:
     """How every number was measured: k-NN settings, shots × seeds, image size and pooling per backbone."""
     knn = entries[0]["knn"] if entries else {"k": HEADLINE_K, "temperature": None}

@@ -3,6 +3,8 @@ classifier access and reset, grad checkpointing, the patch grid of an input and 
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function, resample_abs_pos_embed
@@ -30,6 +32,39 @@ def token_grid(x: torch.Tensor) -> tuple[int, int]:
     return H // PATCH_SIZE, W // PATCH_SIZE
 
 
+class TimmModel(Protocol):
+    """The part of timm's model contract that the objectives and evaluators call, for the type checker: timm types
+    its models as ``nn.Module``, whose ``__getattr__`` types any other attribute as ``Tensor | Module``. Apply it
+    with ``typing.cast`` to a model that implements the contract (every timm model does)."""
+
+    num_features: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor: ...
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: list[int], intermediates_only: bool
+    ) -> list[torch.Tensor]: ...
+
+    def no_weight_decay(self) -> set[str]: ...
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None: ...
+
+    def get_classifier(self) -> nn.Module: ...
+
+
+class TokenBackbone(TimmModel, Protocol):
+    """What our backbones (``hybrid_*``, ``resvit_*``) add to timm's contract (see ``TimmModel``)."""
+
+    num_multiscale_features: int
+    global_pool: str  # "multiscale" among the choices
+
+    def forward_multiscale(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def forward_masked(self, x: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]: ...
+
+
 def check_global_pool(global_pool: str) -> str:
     if global_pool not in GLOBAL_POOLS:
         raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
@@ -53,6 +88,18 @@ class TokenBackboneMixin:
     """
 
     last_stage_means: list[torch.Tensor] | None = None
+    # Set by the backbone's __init__ (and the timm factory); declared so that they type as what they are, not as
+    # nn.Module.__getattr__'s Tensor | Module. Annotations only: no class attribute is created.
+    num_classes: int
+    global_pool: str
+    embed_dim: int
+    num_multiscale_features: int
+    patch_grid: tuple[int, int]
+    pos_embed: torch.Tensor
+    grad_checkpointing: bool
+    head: nn.Module
+    model_name: str
+    factory_kwargs: dict[str, Any]
 
     @property
     def head_hidden_size(self) -> int:

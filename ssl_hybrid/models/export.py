@@ -116,8 +116,9 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     pool = getattr(pool, "pool_type", pool)  # timm CNNs keep a pooling module
     if isinstance(pool, str):
         args["global_pool"] = pool
-    if getattr(model, "img_size", None) is not None:  # models that take img_size keep it
-        args["img_size"] = list(model.img_size)
+    img_size = getattr(model, "img_size", None)
+    if img_size is not None:  # models that take img_size keep it
+        args["img_size"] = list(img_size)
     return json.loads(json.dumps(args, default=list))
 
 
@@ -305,10 +306,10 @@ def save_model_folder(
         save_file(state, str(tmp / MODEL_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / CARD_NAME).write_text(model_card(config, evaluation), encoding="utf-8")
-        from ssl_hybrid.runs import fsync_folder
+        from ssl_hybrid.runs import fsync_folder, replace_dir
 
         fsync_folder(tmp)
-        _swap_in(tmp, directory)
+        replace_dir(tmp, directory)  # puts an existing folder back when the rename fails: "nothing was replaced"
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, UserError) or not isinstance(err, Exception):
@@ -325,24 +326,15 @@ def write_model_card(folder: str | os.PathLike, evaluation: str | None) -> Path:
     """Rewrite the folder's model card from its config.json with ``evaluation`` (temp file + rename)."""
     folder = Path(folder)
     card = model_card(read_model_config(folder), evaluation)
-    tmp = folder / f".{CARD_NAME}.tmp-{os.getpid()}"
+    from ssl_hybrid.runs import write_text_atomic
+
     try:
-        tmp.write_text(card, encoding="utf-8")
-        os.replace(tmp, folder / CARD_NAME)
+        write_text_atomic(folder / CARD_NAME, lambda handle: handle.write(card))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise ModelFolderError(
             f"{folder / CARD_NAME}: could not write the model card ({err.strerror or err})"
         ) from None
     return folder / CARD_NAME
-
-
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Rename the complete ``tmp`` to ``final``: the run folders' swap (``runs.replace_dir``), which puts an existing
-    ``final`` back when the rename fails, so "nothing was replaced" stays true."""
-    from ssl_hybrid.runs import replace_dir
-
-    replace_dir(tmp, final)
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:

@@ -40,7 +40,8 @@ def create_model(name: str, image_size: int | None = None, **kwargs: Any) -> nn.
 
 def _recorded(model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
     if getattr(model, "factory_kwargs", None) is None:
-        model.factory_kwargs = kwargs
+        # torch's stubs type nn.Module.__setattr__'s value as Tensor | Module; a plain attribute is fine at run time
+        model.factory_kwargs = kwargs  # type: ignore[assignment]
     return model
 
 

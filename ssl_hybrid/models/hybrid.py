@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -293,9 +293,10 @@ class HybridViT(TokenBackboneMixin, nn.Module):
         self.attn_mode = attn_mode
         self.window_size = window_size or self.window_size
         for block in self.blocks:
-            block.attn.attn_mode = attn_mode
-            block.attn.window_size = self.window_size
-            block.attn.topk = topk or block.attn.topk
+            attn = cast(Attention, block.attn)  # a ModuleList's items type as nn.Module
+            attn.attn_mode = attn_mode
+            attn.window_size = self.window_size
+            attn.topk = topk or attn.topk
 
     def set_token_selection(
         self,

@@ -11,7 +11,6 @@ dependency, for the same graph. Needs the ``onnx`` extra (``pip install 'ssl-hyb
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -44,12 +43,13 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, in_chans: i
             "export with model.set_token_selection(1.0) (same weights)"
         )
     register_antialiased_bicubic()
+    from ssl_hybrid.runs import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     was_training = model.training
     example = torch.randn(2, in_chans, image_size, image_size)  # batch 2: a batch of 1 could be specialised
     try:
-        with warnings.catch_warnings():
+        with atomic_path(path) as tmp, warnings.catch_warnings():
             # the size checks (multiple of 16) read traced shapes as Python values; they validate, not compute
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             onnx_export(
@@ -63,9 +63,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, in_chans: i
                 opset=OPSET,
                 check=True,
             )
-        os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
         model.train(was_training)
     return path
 

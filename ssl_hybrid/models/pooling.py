@@ -8,7 +8,11 @@ family alike.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
+
+from ssl_hybrid.models.contract import TimmModel, TokenBackbone
 
 
 def _feature_info(backbone: torch.nn.Module) -> list[dict]:
@@ -34,7 +38,7 @@ def offers_multiscale(backbone: torch.nn.Module) -> bool:
 def multiscale_dim(backbone: torch.nn.Module) -> int:
     """Width of ``multiscale_embed``'s output."""
     if hasattr(backbone, "num_multiscale_features"):
-        return backbone.num_multiscale_features
+        return cast(TokenBackbone, backbone).num_multiscale_features
     info = _feature_info(backbone)
     return sum(info[index]["num_chs"] for index in pyramid_indices(backbone))
 
@@ -46,6 +50,7 @@ def multiscale_embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.T
     the same treatment from its stage maps, so comparisons stay fair.
     """
     if hasattr(backbone, "forward_multiscale"):
-        return backbone.forward_multiscale(images)
-    maps = backbone.forward_intermediates(images, indices=pyramid_indices(backbone), intermediates_only=True)
+        return cast(TokenBackbone, backbone).forward_multiscale(images)
+    model = cast(TimmModel, backbone)
+    maps = model.forward_intermediates(images, indices=pyramid_indices(backbone), intermediates_only=True)
     return torch.cat([torch.nn.functional.normalize(m.mean(dim=(2, 3)), dim=-1) for m in maps], dim=-1)

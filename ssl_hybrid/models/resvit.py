@@ -28,8 +28,8 @@ patch mean, each L2-normalized, concatenated) that the evaluators use when a bac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +60,18 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
             mean = (x * keep).sum(dim=(0, 2, 3)) / count  # [C]
             var = ((x - mean[None, :, None, None]) ** 2 * keep).sum(dim=(0, 2, 3)) / count  # [C], biased
             if self.training and self.track_running_stats:
+                # track_running_stats: the buffers exist (BatchNorm types them Optional)
+                running_mean, running_var = cast(torch.Tensor, self.running_mean), cast(torch.Tensor, self.running_var)
+                batches = cast(torch.Tensor, self.num_batches_tracked)
                 with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
+                    batches.add_(1)
                     unbiased = var * count / (count - 1).clamp_min(1.0)
-                    self.running_mean.lerp_(mean.detach(), self.momentum)
-                    self.running_var.lerp_(unbiased.detach(), self.momentum)
+                    # momentum=None is nn.BatchNorm2d's cumulative moving average
+                    momentum = 1.0 / float(batches) if self.momentum is None else self.momentum
+                    running_mean.lerp_(mean.detach(), momentum)
+                    running_var.lerp_(unbiased.detach(), momentum)
         else:
-            mean, var = self.running_mean, self.running_var
+            mean, var = cast(torch.Tensor, self.running_mean), cast(torch.Tensor, self.running_var)
         scale = self.weight * torch.rsqrt(var + self.eps)  # [C]
         out = (x - mean[None, :, None, None]) * scale[None, :, None, None] + self.bias[None, :, None, None]
         return out * keep
@@ -209,7 +214,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         for stage in self.stages:
-            for block in stage:
+            for block in cast(Iterable[BasicBlock], stage):
                 block.zero_init_last()
 
     @torch.jit.ignore
@@ -230,19 +235,19 @@ class ResViT(TokenBackboneMixin, nn.Module):
         With ``mask [B, H/16, W/16]`` (True = hidden) the hidden pixels are zeroed first and every map stays
         zero at hidden positions, with batch statistics over visible positions only (no information leaks).
         """
-        keeps = [None] * 4
+        keeps: list[torch.Tensor | None] = [None] * 4
         if mask is not None:
-            keeps = [keep_map(mask, stride, x.dtype) for stride in (1, 2, 4, 8)]
+            keeps = [keep_map(mask, stride, x.dtype) for stride in (1, 2, 4, 8, 16)]
+        if keeps[0] is not None:  # a mask is given
             x = x * keeps[0]
-            keeps.append(keep_map(mask, 16, x.dtype))
         stem = torch.relu(self.stem_bn(self.stem_conv(x), keeps[1]))  # [B, C0, H/2, W/2]
         x = self.stem_pool(stem)  # [B, C0, H/4, W/4]
-        if mask is not None:
+        if keeps[2] is not None:
             x = x * keeps[2]
         maps = []
         for index, stage in enumerate(self.stages):
             keep = keeps[2 + index] if mask is not None else None
-            for block in stage:
+            for block in cast(Iterable[BasicBlock], stage):
                 x = self._run(block, x, keep)
             maps.append(x)
         return maps
@@ -257,7 +262,7 @@ class ResViT(TokenBackboneMixin, nn.Module):
 
     def _fusion(self, maps: list[torch.Tensor], ids_keep: torch.Tensor | None) -> torch.Tensor | None:
         """Stride-4/8 maps average-pooled to stride 16 and projected -> ``[B, N(visible), D]`` (None when off)."""
-        if not self.fuse_stages:
+        if self.fuse4 is None or self.fuse8 is None:  # fuse_stages=False
             return None
         s4 = F.avg_pool2d(maps[0], 4).flatten(2).transpose(1, 2)  # [B, N, C4]
         s8 = F.avg_pool2d(maps[1], 2).flatten(2).transpose(1, 2)  # [B, N, C8]

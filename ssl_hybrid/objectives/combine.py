@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_hybrid.config import Config, ObjectiveConfig
+from ssl_hybrid.models.contract import TimmModel, TokenBackbone
 from ssl_hybrid.models.pooling import multiscale_dim, multiscale_embed, offers_multiscale
 from ssl_hybrid.objectives.contrastive import ContrastiveObjective
 from ssl_hybrid.objectives.distill import DINOObjective, EMATeacher
@@ -25,43 +28,17 @@ from ssl_hybrid.objectives.mim import MIMObjective
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ObjectiveSettings:
-    """The subset of the config the objectives need (keeps this module independent of the CLI config).
-    No defaults here: they live in ``ssl_hybrid.config`` only; build it with :meth:`from_config`."""
+    """What the objectives read: the ``objective`` config group as it is, plus the image size the MIM decoder
+    reconstructs (a ``data`` key). Defaults live in :mod:`ssl_hybrid.config` only."""
 
-    mim_weight: float
-    dino_weight: float
-    simclr_weight: float
+    objective: ObjectiveConfig
     image_size: int
-    mask_ratio: float
-    norm_pix_loss: bool
-    decoder_depth: int
-    decoder_dim: int
-    dino_out_dim: int
-    student_temp: float
-    simclr_temperature: float
-    simclr_out_dim: int
-    embedding: str
 
     @classmethod
-    def from_config(cls, config) -> ObjectiveSettings:
-        o = config.objective
-        return cls(
-            o.mim_weight,
-            o.dino_weight,
-            o.simclr_weight,
-            config.data.image_size,
-            o.mask_ratio,
-            o.norm_pix_loss,
-            o.decoder_depth,
-            o.decoder_dim,
-            o.dino_out_dim,
-            o.student_temp,
-            o.simclr_temperature,
-            o.simclr_out_dim,
-            o.embedding,
-        )
+    def from_config(cls, config: Config) -> ObjectiveSettings:
+        return cls(config.objective, config.data.image_size)
 
 
 def embedding_spread(embedding: Tensor) -> Tensor:
@@ -72,7 +49,7 @@ def embedding_spread(embedding: Tensor) -> Tensor:
 
 def embed(backbone: nn.Module, tokens: Tensor) -> Tensor:
     """Backbone tokens [B, 1+N, C] -> pooled embedding [B, C] (the backbone's own pooling)."""
-    return backbone.forward_head(tokens, pre_logits=True)
+    return cast(TimmModel, backbone).forward_head(tokens, pre_logits=True)
 
 
 class PretrainModel(nn.Module):
@@ -86,15 +63,15 @@ class PretrainModel(nn.Module):
         super().__init__()
         self.settings = settings
         self.backbone = backbone
-        s = settings
+        s = settings.objective
         if s.embedding == "multiscale" and not offers_multiscale(backbone):
             raise ValueError(
                 f"objective.embedding=multiscale needs a backbone with stage maps at several "
                 f"strides (resvit_*, hybrid_*, timm CNNs), not {type(backbone).__name__}"
             )
-        dim = multiscale_dim(backbone) if s.embedding == "multiscale" else backbone.num_features
+        dim = multiscale_dim(backbone) if s.embedding == "multiscale" else cast(TimmModel, backbone).num_features
         self.mim = (
-            MIMObjective(dim, s.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
+            MIMObjective(dim, settings.image_size, s.decoder_dim, s.decoder_depth, s.norm_pix_loss)
             if s.mim_weight > 0
             else None
         )
@@ -109,9 +86,9 @@ class PretrainModel(nn.Module):
 
     def view_embedding(self, view: Tensor) -> Tensor:
         """The student's unmasked embedding of one view [B, C] (objective.embedding picks the pooling)."""
-        if self.settings.embedding == "multiscale":  # every conv stage feeds the objective directly
+        if self.settings.objective.embedding == "multiscale":  # every conv stage feeds the objective directly
             return multiscale_embed(self.backbone, view)
-        return embed(self.backbone, self.backbone.forward_features(view))
+        return embed(self.backbone, cast(TimmModel, self.backbone).forward_features(view))
 
     def local_embeddings(self, local_views: list[Tensor]) -> list[Tensor]:
         """The local crops (multi-crop; all of one size) embedded in one forward, as DINO's MultiCropWrapper does:
@@ -128,7 +105,8 @@ class PretrainModel(nn.Module):
             return [self.view_embedding(v) for v in global_views], []
         if masks is None or len(masks) != len(global_views):
             raise ValueError("MIM needs one mask per global view")
-        outs = [self.backbone.forward_masked(v, m) for v, m in zip(global_views, masks)]
+        backbone = cast(TokenBackbone, self.backbone)  # MIM is built for our backbones only
+        outs = [backbone.forward_masked(v, m) for v, m in zip(global_views, masks)]
         # "fused" is the masked twin of forward_features (tokens + multi-scale fusion, normed), so the
         # student's masked embedding and the teacher's full-view embedding are the same function.
         return [embed(self.backbone, o["fused"]) for o in outs], outs
@@ -151,25 +129,23 @@ class PretrainModel(nn.Module):
             losses["mim"] = torch.stack(terms).mean()
         stats = {"embedding_std": embedding_spread(embeddings[0])}
         local = self.local_embeddings(local_views) if self.dino is not None or self.simclr is not None else []
-        if self.dino is not None:
+        if self.dino is not None and self.teacher is not None:  # the teacher comes with DINO
             teacher_logits = self.teacher(global_views)
             losses.update(self.dino(embeddings + local, teacher_logits, teacher_temp))
             stats["teacher_std"] = embedding_spread(teacher_logits[0])
         if self.simclr is not None:
             losses.update(self.simclr(embeddings[:2], local))
-        losses["loss"] = sum(self.weights[name] * value.float() for name, value in losses.items())
+        # a Tensor: the config enables at least one objective, so the sum has a term
+        losses["loss"] = cast(Tensor, sum(self.weights[name] * value.float() for name, value in losses.items()))
         return losses, stats
 
     @torch.no_grad()
     def after_good_step(self, momentum: float) -> None:
         """Called after the optimizer step: commit the DINO center, move the teacher towards the student."""
-        if self.dino is not None:
+        if self.dino is not None and self.teacher is not None:  # the teacher comes with DINO
             self.dino.loss.commit_center()
             self.teacher.update(self.backbone, self.dino.head, momentum)
 
     def after_skipped_step(self) -> None:
         if self.dino is not None:
             self.dino.loss.discard_center()
-
-    def trainable_parameters(self):
-        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

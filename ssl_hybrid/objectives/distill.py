@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,8 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from timm.layers import DropPath
 from torch import Tensor, nn
+
+from ssl_hybrid.models.contract import TimmModel
 
 
 class DistributedDINOLoss(DINOLoss):
@@ -114,7 +117,8 @@ class EMATeacher(nn.Module):
         """Full (unmasked) global views -> teacher logits [B, K] each."""
         out = []
         for view in views:
-            embedding = self.backbone.forward_head(self.backbone.forward_features(view), pre_logits=True)
+            backbone = cast(TimmModel, self.backbone)
+            embedding = backbone.forward_head(backbone.forward_features(view), pre_logits=True)
             out.append(self.head(embedding))
         return out
 

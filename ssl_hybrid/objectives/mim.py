@@ -9,6 +9,7 @@ patch; the loss is MAE's normalized-pixel MSE on the hidden patches only.
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from lightly.models.utils import get_2d_sine_cosine_positional_embedding, patchify
@@ -39,6 +40,8 @@ def masked_patch_loss(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 class MIMDecoder(nn.Module):
     """Light transformer decoder over visible tokens + mask tokens (MAE's decoder, ConvMAE-sized)."""
 
+    pos_embed: Tensor  # a buffer (register_buffer below)
+
     def __init__(
         self,
         embed_dim: int,
@@ -56,11 +59,10 @@ class MIMDecoder(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # Fixed 2-D sin-cos positions (MAE): they need no learning and carry the grid layout to mask tokens.
         self.register_buffer("pos_embed", self._sincos(decoder_dim, grid), persistent=False)
+        # Any: timm types Block's norm_layer as a class, yet only calls it (its own ViT passes such a partial)
+        norm_layer: Any = partial(nn.LayerNorm, eps=1e-6)
         self.blocks = nn.Sequential(
-            *[
-                Block(decoder_dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
-                for _ in range(depth)
-            ]
+            *[Block(decoder_dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.pred = nn.Linear(decoder_dim, patch_size * patch_size * in_chans)

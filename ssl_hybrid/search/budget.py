@@ -12,9 +12,11 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
+
+from ssl_hybrid.models.contract import TimmModel
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +79,10 @@ def measure_latency_ms(
 ) -> float:
     """Median wall time of ``forward_features`` on a random batch, eval mode, no autograd."""
     model = model.to(device).eval()
+    forward_features = cast(TimmModel, model).forward_features
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     with torch.inference_mode():
-        seconds = _median_seconds(lambda: model.forward_features(images), device, repeats, warmup)
+        seconds = _median_seconds(lambda: forward_features(images), device, repeats, warmup)
     return seconds * 1e3
 
 
@@ -89,12 +92,13 @@ def measure_train_images_per_s(
     """Images/s of a forward + backward + SGD step (a stand-in loss on the features; the objective adds its
     heads on top, so this is an upper bound on the pretraining throughput)."""
     model = model.to(device).train()
+    forward_features = cast(TimmModel, model).forward_features
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: measure the step, leave weights alone
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model.forward_features(images).float().pow(2).mean().backward()
+        forward_features(images).float().pow(2).mean().backward()
         optimizer.step()
 
     seconds = _median_seconds(step, device, repeats, warmup)

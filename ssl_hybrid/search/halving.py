@@ -192,14 +192,6 @@ class SearchState:
                 return ranked[0]
         return None
 
-    def latest_scores(self) -> dict[str, dict[str, Any]]:
-        """Per candidate, its result at the highest rung it was scored in (with ``rung`` and ``steps``)."""
-        latest: dict[str, dict[str, Any]] = {}
-        for rung in self.data["rungs"]:
-            for cid, result in rung["scores"].items():
-                latest[cid] = dict(result, rung=rung["index"], steps=rung["steps"])
-        return latest
-
 
 def successive_halving(state: SearchState, members: list[str], schedule: HalvingSchedule, scorer: Scorer) -> str | None:
     """Run (or continue) the rungs over ``members``; returns the winner's id.

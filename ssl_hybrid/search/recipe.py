@@ -57,13 +57,10 @@ def candidate_recipe(base: dict[str, Any], candidate: Candidate, name: str | Non
 
 
 def write_recipe(path: str | Path, recipe: dict[str, Any], header: str = "") -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ssl_hybrid.runs import write_text_atomic
+
     text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(recipe, sort_keys=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, lambda handle: handle.write(text))
 
 
 def candidate_config(

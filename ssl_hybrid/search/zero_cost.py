@@ -17,9 +17,12 @@ the trained proxy so its usefulness on the user's data is measured, not assumed.
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from torch import nn
+
+from ssl_hybrid.models.contract import TimmModel
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ def naswot_score(model: nn.Module, images: torch.Tensor) -> float:
     was_training = model.training
     try:
         model.eval()
-        model.forward_features(images)
+        cast(TimmModel, model).forward_features(images)
     finally:
         model.train(was_training)
         for handle in handles:

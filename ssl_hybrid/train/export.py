@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 from safetensors.torch import load_file
@@ -22,6 +22,7 @@ from torch import nn
 
 from ssl_hybrid.config import Config, from_dict
 from ssl_hybrid.errors import UserError
+from ssl_hybrid.models.contract import TokenBackbone
 from ssl_hybrid.runs import CHECKPOINTS_DIR
 from ssl_hybrid.train import checkpoint as ckpt
 
@@ -51,15 +52,16 @@ def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[str | None]:
 
     Only our backbones have a ``multiscale`` global_pool; a timm CNN keeps its own pooling (the card says
     that the evaluators' multi-scale embedding is ``ssl_hybrid.models.pooling.multiscale_embed``)."""
-    before = getattr(backbone, "global_pool", None)
+    before: Any = getattr(backbone, "global_pool", None)  # a str on ours, a pooling module on some timm models
     switch = pooling == "multiscale" and hasattr(backbone, "forward_multiscale") and backbone.num_classes == 0
+    ours = cast(TokenBackbone, backbone)  # what is switched: only ours have forward_multiscale
     if switch:
-        backbone.global_pool = "multiscale"
+        ours.global_pool = "multiscale"
     try:
         yield before if isinstance(before, str) else None
     finally:
         if switch:
-            backbone.global_pool = before
+            ours.global_pool = before
 
 
 def save_run_model(

@@ -8,6 +8,7 @@ to exempt and re-buckets timm's answer by (decay, lr scale) together with the tr
 from __future__ import annotations
 
 import logging
+from typing import cast
 
 import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
@@ -67,7 +68,8 @@ def layer_lr_scales(model: nn.Module, layer_decay: float) -> dict[int, float]:
     heads at the full lr. {} when layer_decay is 1 (off)."""
     if layer_decay == 1.0:
         return {}
-    groups = param_groups_layer_decay(model.backbone, layer_decay=layer_decay)
+    backbone = cast(nn.Module, model.backbone)  # PretrainModel's (nn.Module types attributes Tensor | Module)
+    groups = param_groups_layer_decay(backbone, layer_decay=layer_decay)
     return {id(p): group["lr_scale"] * layer_decay for group in groups for p in group["params"]}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssl_hybrid.cli import main
-from ssl_hybrid.data.stream import resolve_shards
+from ssl_hybrid.data.sources import resolve_shards
 
 
 def test_shards_command_end_to_end(image_folder: Path, tmp_path: Path, capsys):

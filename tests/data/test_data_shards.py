@@ -11,7 +11,8 @@ import pytest
 from data_helpers import jpeg_bytes
 
 from ssl_hybrid.data import shards
-from ssl_hybrid.data.stream import read_shard, resolve_shards
+from ssl_hybrid.data.sources import resolve_shards
+from ssl_hybrid.data.stream import read_shard
 from ssl_hybrid.errors import UserError
 
 

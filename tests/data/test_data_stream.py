@@ -11,13 +11,13 @@ import torch
 from data_helpers import NicenessViews, jpeg_bytes, write_manifest, write_tar
 
 from ssl_hybrid.data import shards as shard_format
+from ssl_hybrid.data.sources import resolve_shards
 from ssl_hybrid.data.stream import (
     DataQualityError,
     build_train_stream,
     decode_image,
     decode_image_or_reason,
     read_shard,
-    resolve_shards,
 )
 from ssl_hybrid.data.views import build_transform
 from ssl_hybrid.errors import UserError

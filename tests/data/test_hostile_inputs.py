@@ -7,6 +7,7 @@ Each path users take is checked: the training stream, a labeled folder (evaluati
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -422,6 +423,32 @@ def test_manifest_shard_names_outside_its_folder_are_refused(tmp_path, tiny_cfg,
                 load()
             assert str(directory / "manifest.json") in str(caught.value) and repr(name) in str(caught.value)
     assert not marker.exists()
+
+
+@pytest.mark.fault(injected="manifest.json without its format line, with bare shard names, or a shard without an "
+                            "integer 'samples' count",
+                   did="refused with one line naming the manifest, by the stream and labeled sets alike (one "
+                       "resolver; before, the stream crashed on bare names and labeled sets read all three)",
+                   lost="nothing")
+def test_malformed_manifests_are_refused_alike_by_stream_and_labeled_sets(tmp_path, tiny_cfg, tiny_views):
+    from ssl_hybrid.errors import UserError
+
+    directory = tmp_path / "set"
+    directory.mkdir()
+    labeled_shard(directory / "a-000000.tar")
+    good = {"format": "ssl_hybrid-shards/1", "shards": [{"name": "a-000000.tar", "samples": 2}], "classes": ["a", "b"]}
+    malformed = [{key: value for key, value in good.items() if key != "format"},
+                 dict(good, shards=["a-000000.tar"]),
+                 dict(good, shards=[{"name": "a-000000.tar", "samples": "two"}])]
+    for manifest in malformed:
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        for load in (lambda: build_train_stream(tiny_cfg(directory), 1, 0, 0, 1, tiny_views, epochs=1),
+                     lambda: load_labeled(directory)):
+            with pytest.raises(UserError, match=rf"^{directory / 'manifest.json'}: ") as caught:
+                load()
+            assert "\n" not in str(caught.value)
+    (directory / "manifest.json").write_text(json.dumps(good))
+    assert load_labeled(directory).ids == ["k0", "k1"]
 
 
 # ------------------------------------------------------------------------------------- image decoders and sizes

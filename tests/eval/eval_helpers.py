@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_hybrid.config import EvalConfig
+
 
 def make_labeled_folder(root: Path, classes: int, per_class: int, seed: int, size: int = 40) -> Path:
     """Class-coloured noisy images (separable but not identical) in class sub-folders."""
@@ -39,3 +41,27 @@ def shared_dataset(name: str) -> Path:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.shared_dataset(name)
+
+
+def knn_reference_numpy(
+    bank: np.ndarray,
+    bank_labels: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    temperature: float = EvalConfig.knn_temperature,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Brute-force float64 numpy k-NN (the oracle the FAISS k-NN is checked against): full similarity matrix, full sort."""
+    bank = np.asarray(bank, dtype=np.float64)
+    queries = np.asarray(queries, dtype=np.float64)
+    bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    bank_labels = np.asarray(bank_labels)
+    num_classes = num_classes or int(bank_labels.max()) + 1
+    sims = queries @ bank.T  # [Q, N]
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    scores = np.zeros((len(queries), num_classes))
+    for row in range(len(queries)):
+        for col in order[row]:
+            scores[row, bank_labels[col]] += np.exp(sims[row, col] / temperature)
+    return scores

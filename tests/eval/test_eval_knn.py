@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from eval_helpers import clustered
+from eval_helpers import clustered, knn_reference_numpy
 
-from ssl_hybrid.eval.knn import faiss_threads, knn_evaluate, knn_predict, knn_reference_numpy, topk_accuracy, vote
+from ssl_hybrid.eval.knn import faiss_threads, knn_evaluate, knn_predict, topk_accuracy, vote
 
 
 @pytest.mark.parametrize("k", [1, 5, 20, 64])

@@ -399,3 +399,33 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
     assert [oct(path.stat().st_mode & 0o777) for path in written] == [oct(0o644)] * 2
     assert (tmp_path / "predictions.csv").read_text().splitlines() == ["image,rank", "a.jpg,1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.fault(injected="the file-size limit (a full disk) is hit while config.yaml or a search recipe is written",
+                   did="the write fails with the OS error; the previous file is intact and no temp file is left "
+                       "beside it (one helper, runs.atomic_path, for every file written through a temp name)",
+                   lost="nothing")
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path):
+    import resource
+    import signal
+
+    from ssl_hybrid.config import load_config, write_config
+    from ssl_hybrid.search.recipe import write_recipe
+
+    config = load_config()
+    writers = {"config.yaml": lambda: write_config(config, tmp_path),
+               "recipe.yaml": lambda: write_recipe(tmp_path / "recipe.yaml", {"name": "x" * 4096})}
+    for name in writers:
+        (tmp_path / name).write_text("previous\n")
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), no signal
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))
+    try:
+        for write in writers.values():
+            with pytest.raises(OSError):
+                write()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, ignored)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)
+    assert all((tmp_path / name).read_text() == "previous\n" for name in writers)

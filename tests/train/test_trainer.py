@@ -16,10 +16,11 @@ from trainhelpers import tiny_overrides
 
 from ssl_hybrid import runs
 from ssl_hybrid.config import load_config
+from ssl_hybrid.schedules import cosine, warmup_cosine
 from ssl_hybrid.train import checkpoint as ckpt
 from ssl_hybrid.train import loop
 from ssl_hybrid.train.optim import apply_schedule, build_optimizer, no_decay_names
-from ssl_hybrid.train.schedules import build_schedules, cosine, warmup_cosine
+from ssl_hybrid.train.schedules import build_schedules
 
 
 def tiny_config(run_root, name="tiny", **extra):
