@@ -103,6 +103,7 @@ def per_core(times: dict[str, list[float]], images: int) -> dict[str, float]:
 
 def run_benchmark(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
     rgb = photos(args.batch)
     rows = []
     for recipe in args.recipes.split(","):
@@ -124,8 +125,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "benchmark": "augment",
         "threads": args.threads,
         "repeats": args.repeats,
-        "load_average": os.getloadavg(),
-        "machine": machine_info("cpu", packages=("torch", "torchvision", "lightly", "pillow")),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},
+        "machine": machine_info("cpu", packages=("torch", "torchvision", "lightly", "PIL")),
         "rows": rows,
     }
 
