@@ -330,7 +330,7 @@ def photometric(x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) -> torc
     x = colour_jitter(x, recipe, g) if rgb else intensity_jitter(x, recipe, g)
     gray = torch.rand(n, generator=g) < recipe.grayscale
     if rgb and recipe.grayscale > 0:
-        x = _apply(x, gray, lambda v: grayscale(v).expand(-1, 3, -1, -1))
+        x = _apply(x, gray, lambda v: grayscale(v).repeat(1, 3, 1, 1))  # not expand(): later ops write in place
     blurred = torch.rand(n, generator=g) < recipe.blur
     sigma = _uniform(n, *recipe.sigmas, g)
     if recipe.blur > 0:

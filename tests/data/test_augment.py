@@ -257,3 +257,13 @@ def test_batched_hue_is_torchvisions_adjust_hue_per_image():
     shift = torch.linspace(-0.5, 0.5, 12)
     expected = torch.stack([TF.adjust_hue(image, float(s)) for image, s in zip(x, shift)])
     torch.testing.assert_close(aug.hue(x, shift), expected, atol=1e-5, rtol=0)
+
+
+def test_a_batch_that_is_all_grayscale_is_normalised_in_place_safely():
+    """All images of a batch drawn for grayscale (a one-image batch at p=1), then normalised in place."""
+    recipe = replace(NO_OPS, grayscale=1.0)
+    batch_augment = aug.BatchAugment([recipe], [])
+    out = batch_augment({"global_views": [BATCH[:1]], "local_views": []}, augment_generator(0, 0, 0))["global_views"][0]
+    assert out.shape == (1, 3, SIZE, SIZE) and torch.isfinite(out).all()
+    gray = out * torch.tensor(aug.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(aug.IMAGENET_MEAN).view(1, 3, 1, 1)
+    torch.testing.assert_close(gray[:, 0], gray[:, 2])  # still gray after the in-place ops
