@@ -53,7 +53,7 @@ def bench_config(args: argparse.Namespace, workdir: Path, **objective: float) ->
 
 
 def time_full_loop(config: Config, warmup: int) -> dict[str, Any]:
-    from ssl_hybrid.train.loop import pretrain
+    from ssl_hybrid.train.engine import pretrain
 
     pretrain(config)
     records = [r for r in runs.read_metrics(runs.run_dir(config)) if "img_per_s" in r]
@@ -66,8 +66,8 @@ def time_bare(config: Config, batches: list[dict], warmup: int) -> dict[str, Any
     """Forward + backward + AdamW step + EMA update, nothing else, on in-memory batches."""
     from ssl_hybrid.models.masking import random_grid_mask
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
-    from ssl_hybrid.train.loop import build_backbone
     from ssl_hybrid.train.optim import build_optimizer
+    from ssl_hybrid.train.wiring import build_backbone
 
     torch.manual_seed(config.train.seed)
     model = PretrainModel(build_backbone(config), ObjectiveSettings.from_config(config)).train()

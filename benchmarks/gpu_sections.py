@@ -3,7 +3,7 @@ and writes the results). Every section is ``section(plan, out)``: it fills the d
 so whatever it finished before a failure or its time cap is kept.
 
 The measurements reuse the project's own code: ``benchmarks/bench_models.py`` for train-step throughput,
-FLOP utilization, masking and layout/compile; ``ssl_hybrid.train.loop.pretrain`` for fp16 and the
+FLOP utilization, masking and layout/compile; ``ssl_hybrid.train.engine.pretrain`` for fp16 and the
 GPU-length pretraining; ``ssl_hybrid.eval.features.extract_features`` and ``eval.report.build_report``
 for feature extraction and the k-NN / k-shot comparison. Faults are injected from outside (monkeypatching
 the loop's module functions), never through a switch in the production code.
@@ -73,7 +73,7 @@ def layout_compile(plan, out: dict) -> None:
 # ---------------------------------------------------------------------------------------- 2. fp16 + GradScaler
 
 def inject_overflow(forward_losses: Callable, at_step: int) -> Callable:
-    """``loop.forward_losses`` whose loss at ``at_step`` is multiplied by OVERFLOW_FACTOR, once: the loop retries
+    """``engine.forward_losses`` whose loss at ``at_step`` is multiplied by OVERFLOW_FACTOR, once: the loop retries
     a skipped step with the next batch under the same step number, and that retry must be a normal step."""
     injected = []
 
@@ -87,30 +87,35 @@ def inject_overflow(forward_losses: Callable, at_step: int) -> Callable:
     return wrapped
 
 
-def watch_scaler(train_step: Callable, records: list[dict]) -> Callable:
-    """``loop.train_step`` that records, per step, the loss scale before/after, whether the scaler skipped
-    the optimizer step and whether any weight changed."""
-    def wrapped(run, batch, step):
-        scaler = run.accelerator.scaler
+def watch_scaler(add_masks: Callable, handle_nonfinite: Callable, records: list[dict]) -> tuple[Callable, Callable]:
+    """``engine.add_masks`` (called as each step starts) and ``engine.handle_nonfinite`` (called once the step was
+    taken or skipped) that record, per step, the loss scale before/after, whether the scaler skipped the optimizer
+    step and whether any weight changed."""
+    start: dict = {}
+
+    def started(run, batch, step):
         params = [p for p in run.raw_model.parameters() if p.requires_grad]
-        before = [p.detach().clone() for p in params]
-        scale = float(scaler.get_scale())
-        values = train_step(run, batch, step)
-        records.append(dict(step=step, loss=values.get("loss"), loop_skipped="nonfinite" in values,
-                            scale_before=scale, scale_after=float(scaler.get_scale()),
+        start.update(step=step, params=params, before=[p.detach().clone() for p in params],
+                     scale=float(run.accelerator.scaler.get_scale()))
+        return add_masks(run, batch, step)
+
+    def ended(run, values):
+        records.append(dict(step=start["step"], loss=values.get("loss"), loop_skipped="nonfinite" in values,
+                            scale_before=start["scale"], scale_after=float(run.accelerator.scaler.get_scale()),
                             # the loop skips an overflowed step itself (no optimizer.step(), scaler.update() backs
                             # off); Accelerate's flag covers a step the scaler skipped inside optimizer.step()
                             scaler_skipped="nonfinite" in values or bool(run.optimizer.step_was_skipped),
-                            params_changed=any(not torch.equal(a, p.detach()) for a, p in zip(before, params))))
-        return values
-    return wrapped
+                            params_changed=any(not torch.equal(a, p.detach())
+                                               for a, p in zip(start["before"], start["params"]))))
+        return handle_nonfinite(run, values)
+    return started, ended
 
 
-def cpu_grad_scaler(make_accelerator: Callable) -> Callable:
+def cpu_grad_scaler(build_accelerator: Callable) -> Callable:
     """Accelerate makes no GradScaler on CPUs; hand it torch's CPU one, so the CPU smoke run takes the same
     scale -> unscale -> skip -> update path as a GPU."""
     def wrapped(config, directory):
-        accelerator = make_accelerator(config, directory)
+        accelerator = build_accelerator(config, directory)
         if accelerator.scaler is None:
             accelerator.scaler = torch.amp.GradScaler("cpu")
             accelerator.native_amp = True  # Accelerator.autocast() then autocasts to float16 on the CPU
@@ -120,7 +125,7 @@ def cpu_grad_scaler(make_accelerator: Callable) -> Callable:
 
 def fp16_overflow(plan, out: dict) -> None:
     """The default recipe in fp16 with GradScaler; one step's loss overflows on purpose."""
-    from ssl_hybrid.train import loop
+    from ssl_hybrid.train import engine, wiring
 
     s = plan.fp16
     config = recipe_config(plan, "gpu_check_fp16", image_size=s["image_size"], batch_size=s["batch_size"],
@@ -128,15 +133,16 @@ def fp16_overflow(plan, out: dict) -> None:
     records: list[dict] = []
     out.update(model=s["model"], image_size=s["image_size"], batch_size=s["batch_size"], steps=s["steps"],
                injected_step=s["inject_step"], overflow_factor=OVERFLOW_FACTOR, records=records)
-    patches = [mock.patch.object(loop, "forward_losses", inject_overflow(loop.forward_losses, s["inject_step"])),
-               mock.patch.object(loop, "train_step", watch_scaler(loop.train_step, records))]
+    started, ended = watch_scaler(engine.add_masks, engine.handle_nonfinite, records)
+    patches = [mock.patch.object(engine, "forward_losses", inject_overflow(engine.forward_losses, s["inject_step"])),
+               mock.patch.object(engine, "add_masks", started), mock.patch.object(engine, "handle_nonfinite", ended)]
     if torch.device(plan.device).type == "cpu":
-        patches.append(mock.patch.object(loop, "make_accelerator", cpu_grad_scaler(loop.make_accelerator)))
+        patches.append(mock.patch.object(wiring, "build_accelerator", cpu_grad_scaler(wiring.build_accelerator)))
         out["scaler_note"] = "CPU: torch.amp.GradScaler('cpu') handed to Accelerate (it makes none on CPUs)"
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
-        summary = loop.pretrain(config)
+        summary = engine.pretrain(config)
     out.update(summarize_overflow(records, s["inject_step"]), steps_done=summary["step"],
                loop_nonfinite_total=summary["nonfinite_total"],
                note="a step the scaler skips is not a good step: the loop counts it in nonfinite_total (not towards "
@@ -214,7 +220,7 @@ def pretrain(plan, out: dict) -> None:
     """Default recipe for ``seconds`` of training at GPU size, then k-NN + k-shot vs the same model at random
     init. The schedule needs a step count: a short calibration run measures img/s first."""
     from ssl_hybrid.eval.report import build_report
-    from ssl_hybrid.train.loop import pretrain as run_pretrain
+    from ssl_hybrid.train.engine import pretrain as run_pretrain
 
     s = plan.pretrain
     report_dir = plan.out_dir / "pretrain_report"

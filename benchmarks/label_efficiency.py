@@ -112,7 +112,7 @@ def cpu_seconds() -> float:
 
 
 def run_steps(method: str, args: argparse.Namespace, steps: int, name: str, lr: float) -> tuple[dict, float]:
-    from ssl_hybrid.train.loop import pretrain
+    from ssl_hybrid.train.engine import pretrain
 
     config = method_config(method, args, steps=steps, name=name, lr=lr)
     shutil.rmtree(run_dir(config), ignore_errors=True)

@@ -728,7 +728,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     import json
 
     from ssl_hybrid.config import load_config
-    from ssl_hybrid.train.loop import pretrain
+    from ssl_hybrid.train.engine import pretrain
 
     summary = pretrain(load_config(args.config, args.overrides), fresh=args.fresh)
     _write_out(args, summary)

@@ -48,9 +48,9 @@ def main_process_first(local: bool = False) -> Iterator[bool]:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         yield True
         return
-    from accelerate import PartialState
+    from ssl_hybrid.device import process_state
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     if not (state.is_local_main_process if local else state.is_main_process):
         state.wait_for_everyone()
         yield False

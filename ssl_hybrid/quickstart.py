@@ -103,12 +103,10 @@ def one_process_group(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        import torch
-        from accelerate import PartialState
-
+        from ssl_hybrid.device import process_state
         from ssl_hybrid.distributed import end_distributed
 
-        PartialState(cpu=not torch.cuda.is_available())  # creates the group when launched with several processes
+        process_state()  # creates the group when launched with several processes
         try:
             return function(*args, **kwargs)
         finally:
@@ -128,7 +126,7 @@ def quickstart(
 ) -> dict[str, Any]:
     """Pretrain, evaluate against random init, write the report; return the report dict."""
     from ssl_hybrid.eval.features import is_main_process
-    from ssl_hybrid.train.loop import pretrain
+    from ssl_hybrid.train.engine import pretrain
 
     config = quickstart_config(minutes, output_dir, overrides)
     directory = run_dir(config)

@@ -35,7 +35,7 @@ def _bar_then_log(stream) -> str:
 
     bar = tqdm(total=10, file=stream, desc="quickstart", mininterval=0, ascii=True)
     bar.update(3)
-    logging.getLogger("ssl_hybrid.train.loop").info("online k-NN at step 3: top-1 4.2%")
+    logging.getLogger("ssl_hybrid.train.engine").info("online k-NN at step 3: top-1 4.2%")
     bar.update(1)
     bar.close()
     return stream.getvalue()
@@ -47,7 +47,7 @@ def test_log_lines_are_written_above_the_progress_bar(restore_logging):
     lines = rendered_lines(_bar_then_log(stream))
     logged = [line for line in lines if "online k-NN at step 3" in line]
     assert len(logged) == 1 and "3/10" not in logged[0] and "|" not in logged[0]
-    assert logged[0].split(" ", 1)[1].startswith("INFO ssl_hybrid.train.loop: online k-NN")
+    assert logged[0].split(" ", 1)[1].startswith("INFO ssl_hybrid.train.engine: online k-NN")
     assert any("4/10" in line for line in lines)  # the bar was redrawn below it
 
 

@@ -115,11 +115,11 @@ def test_reference_steps_are_where_the_committed_run_left_noise():
 def test_a_run_the_budget_cut_short_says_so_last(tmp_path, capsys, monkeypatch):
     from ssl_hybrid import quickstart
     from ssl_hybrid.eval import report as report_module
-    from ssl_hybrid.train import loop
+    from ssl_hybrid.train import engine
 
     summary = {"run_dir": str(tmp_path), "step": 55, "steps": 400, "max_seconds": 480.0, "stopped": "max_seconds",
                "start_step": 0, "train_seconds": 480.0, "startup_seconds": 24.0, "backbone": str(tmp_path / "backbone.safetensors")}
-    monkeypatch.setattr(loop, "pretrain", lambda config, fresh=False: dict(summary))
+    monkeypatch.setattr(engine, "pretrain", lambda config, fresh=False: dict(summary))
     monkeypatch.setattr(quickstart, "split_corpus", lambda spec, seed, directory: (None, None))
     passed = {}
 

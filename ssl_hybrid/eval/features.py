@@ -113,11 +113,10 @@ def make_loader(
 
 
 def autocast_context(device: torch.device):
-    """bf16 autocast on GPUs that have it (fp16 otherwise); fp32 on CPU, where autocast is mostly slower."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    """The autocast of feature extraction (``device.inference_precision``: none on CPU)."""
+    from ssl_hybrid.device import autocast, inference_precision
+
+    return autocast(device, inference_precision(device))
 
 
 def embed(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -415,18 +414,18 @@ def eval_device() -> torch.device:
 def is_main_process() -> bool:
     """Rank 0 (or a single process): the one that prints and writes files after a collective extraction.
     Accelerate's ``PartialState`` reads the launcher's environment (the state the evaluators' Accelerator shares)."""
-    from accelerate import PartialState
+    from ssl_hybrid.device import process_state
 
-    return PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    return process_state().is_main_process
 
 
 def distributed_accelerator():
     """An Accelerator when launched with several processes (accelerate launch / torchrun), else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from accelerate import Accelerator
+    from ssl_hybrid.device import make_accelerator
 
-    return Accelerator(cpu=not torch.cuda.is_available())
+    return make_accelerator()
 
 
 def features_for_spec(

@@ -207,13 +207,12 @@ def finetune(
     with ``save_dir``, save that model there (``save_finetuned``; ``record`` describes the backbone) and
     name the folder in the result's ``model``. A non-finite training loss or non-finite logits raise
     NonFiniteError naming ``name`` on every rank."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from ssl_hybrid.device import make_accelerator
+
     settings = settings or FinetuneSettings()
-    accelerator = accelerator or Accelerator(
-        mixed_precision=settings.mixed_precision, cpu=not torch.cuda.is_available()
-    )
+    accelerator = accelerator or make_accelerator(settings.mixed_precision)
     set_seed(settings.seed)
     start = time.perf_counter()
     fit_idx, val_idx = stratified_holdout(train_set.labels, settings.val_fraction, settings.seed)

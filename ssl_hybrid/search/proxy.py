@@ -223,6 +223,6 @@ def check_finished(summary: dict[str, Any], config) -> None:
 
 def pretrain(config) -> dict[str, Any]:
     """Run (or resume) the trainer on ``config`` in this process; returns its summary."""
-    from ssl_hybrid.train.loop import pretrain as run_pretrain
+    from ssl_hybrid.train.engine import pretrain as run_pretrain
 
     return run_pretrain(config)

@@ -14,17 +14,20 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from ssl_hybrid.config import Config, from_dict
+from ssl_hybrid.config import Config, from_dict, to_dict
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.models.contract import TokenBackbone
 from ssl_hybrid.runs import CHECKPOINTS_DIR
 from ssl_hybrid.train import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from ssl_hybrid.train.state import Run
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,16 @@ def scored_pooling(backbone: nn.Module, pooling: str) -> Iterator[str | None]:
             ours.global_pool = before
 
 
+def training_meta(config: Config) -> dict[str, Any]:
+    """What the trainer adds to ``backbone.json`` (checkpoints) and the model folder's record besides how to rebuild the
+    backbone (``models.export.make_meta`` reads that from the model): pretraining image size, run, objective."""
+    return {
+        "image_size": config.data.image_size,
+        "run": config.name,
+        "objective": {k: v for k, v in to_dict(config)["objective"].items() if k.endswith("_weight")},
+    }
+
+
 def save_run_model(
     backbone: nn.Module,
     config: Config,
@@ -77,7 +90,6 @@ def save_run_model(
     the run has a report, its table on the model card."""
     from ssl_hybrid.models.export import public_source, save_model_folder
     from ssl_hybrid.models.pooling import offers_multiscale
-    from ssl_hybrid.train.loop import training_meta
 
     scored = "multiscale" if config.eval.pooling == "multiscale" and offers_multiscale(backbone) else "default"
     with scored_pooling(backbone, config.eval.pooling) as token_pool:
@@ -131,7 +143,7 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
         ModelFolderError,
     )
     from ssl_hybrid.models.factory import check_factory_args
-    from ssl_hybrid.train.loop import build_backbone, model_kwargs
+    from ssl_hybrid.train.wiring import build_backbone, model_kwargs
 
     if (Path(path) / LEGACY_WEIGHTS_NAME).exists() and ckpt.latest_checkpoint(path) is None:
         return _convert_old_export(Path(path), Path(out_dir) if out_dir else Path(path) / MODEL_DIR, force)
@@ -197,3 +209,62 @@ def _budget(run_dir: Path, config: Config) -> dict[str, Any]:
         if isinstance(budget, dict):
             return budget
     return {"steps": config.train.steps, "max_seconds": config.train.max_seconds}
+
+
+def budget_record(run: Run) -> dict[str, Any]:
+    """The budget and what was used of it: steps planned, max_seconds (0 = none), why training stopped,
+    and the training time of the session that trained from ``start_step`` (a resumed run trained before
+    that too). A session that trained nothing (re-run of a finished run) keeps the exported record."""
+    if run.counters.step == run.start_step:
+        previous = exported_record(run.directory)
+        if previous and previous.get("steps") == run.settings.steps:
+            return previous
+    return {
+        "steps": run.settings.steps,
+        "max_seconds": run.settings.max_seconds,
+        "stopped": run.stop_reason or "done",
+        "start_step": run.start_step,
+        "train_seconds": round(run.train_seconds, 1),
+        "startup_seconds": round(run.startup_seconds, 1),
+    }
+
+
+def exported_record(directory: Path) -> dict[str, Any] | None:
+    """The budget record of the run's export; None when it has not been exported yet."""
+    from ssl_hybrid.models.export import RECORD_KEY, BackboneLoadError, read_model_config
+
+    try:
+        return (read_model_config(directory / MODEL_DIR).get(RECORD_KEY) or {}).get("pretraining")
+    except BackboneLoadError:  # not exported yet (or the export is unreadable): a new record is written
+        return None
+
+
+def export_backbone(run: Run, budget: dict[str, Any]) -> Path | None:
+    """The run's model folder ``<run>/model/``; the run owns it, so a finished re-run replaces it (atomically)."""
+    from ssl_hybrid.device import sync_flags
+
+    run.accelerator.wait_for_everyone()
+    failure = None
+    if run.accelerator.is_main_process:
+        try:
+            folder = save_run_model(
+                run.raw_model.backbone,
+                run.config,
+                run.directory / MODEL_DIR,
+                {"step": run.counters.step, "pretraining": budget},
+                force=True,
+                run_dir=run.directory,
+            )
+            log.info("exported %s", folder)
+        except Exception as err:  # a full disk, a record that cannot be written: one line; every rank stops here,
+            # none waits at a later collective
+            failure = (
+                err
+                if isinstance(err, UserError)
+                else UserError(f"{run.directory / MODEL_DIR}: the export failed ({type(err).__name__}: {err})")
+            )
+    # The flag's all-reduce is also the barrier after which every rank may read the export (quickstart's
+    # evaluation runs on every rank).
+    if sync_flags(run.accelerator, float(failure is not None))[0]:
+        raise failure or UserError("the export failed on the main process (its error is in its log)")
+    return run.directory / MODEL_DIR

@@ -663,7 +663,7 @@ def test_credentials_in_shard_urls_are_not_written_to_hparams_or_logs(tmp_path, 
     from ssl_hybrid.cli import main
     from ssl_hybrid.config import load_config
     from ssl_hybrid.logs import setup_logging
-    from ssl_hybrid.train.loop import flat_hparams
+    from ssl_hybrid.train.wiring import flat_hparams
 
     secrets = ("pa55w0rd", "SIGabc123", "AKIAEXAMPLE", "c2FzLXNpZw", "eyJtoken.x")
     train = ("https://alice:pa55w0rd@store.example/s-{000000..000009}.tar"

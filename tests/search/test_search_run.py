@@ -80,7 +80,7 @@ def test_measurements_match_the_counters(tiny_search):
 
 def test_outputs_pareto_and_chosen_recipe(tiny_search):
     from ssl_hybrid.config import load_config
-    from ssl_hybrid.train.loop import build_backbone
+    from ssl_hybrid.train.wiring import build_backbone
 
     summary = search_run.run_search(tiny_search, scorer=ArchScorer())
     out = tiny_search.out_dir()

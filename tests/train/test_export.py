@@ -13,7 +13,7 @@ from trainhelpers import tiny_overrides
 from ssl_hybrid.cli import main
 from ssl_hybrid.config import load_config, to_yaml
 from ssl_hybrid.train import checkpoint as ckpt
-from ssl_hybrid.train.loop import build_backbone
+from ssl_hybrid.train.wiring import build_backbone
 
 
 def _fake_run(root):
@@ -108,7 +108,6 @@ def test_an_unexpected_export_error_is_one_line_shared_by_every_rank(tmp_path, m
 
     from ssl_hybrid.errors import UserError
     from ssl_hybrid.train import export as train_export
-    from ssl_hybrid.train import loop
 
     def broken(*args, **kwargs):
         raise ValueError("Out of range float values are not JSON compliant")
@@ -118,7 +117,7 @@ def test_an_unexpected_export_error_is_one_line_shared_by_every_rank(tmp_path, m
                           directory=tmp_path, counters=SimpleNamespace(step=3))
     try:
         with pytest.raises(UserError, match=r"model: the export failed \(ValueError: Out of range"):
-            loop.export_backbone(run, {})
+            train_export.export_backbone(run, {})
     finally:
         from accelerate.state import AcceleratorState
 

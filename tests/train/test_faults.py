@@ -16,7 +16,7 @@ from trainhelpers import tiny_overrides
 from ssl_hybrid.cli import main
 from ssl_hybrid.config import load_config
 from ssl_hybrid.train import checkpoint as ckpt
-from ssl_hybrid.train import loop
+from ssl_hybrid.train import engine
 
 
 def error_lines(err: str) -> list[str]:
@@ -88,7 +88,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint_and_resume_
     monkeypatch.setattr(ckpt, "save_file", real_save)  # space freed: the same command again
     assert main(["pretrain", *overrides]) == 0
     assert f"resumed from {checkpoints / 'step_00000002'} (step 2 of 4)" in capsys.readouterr().err
-    loop.pretrain(load_config(None, tiny_overrides(run_root, "straight", train__steps=4, train__checkpoint_every=2)))
+    engine.pretrain(load_config(None, tiny_overrides(run_root, "straight", train__steps=4, train__checkpoint_every=2)))
     resumed = load_file(str(checkpoints / "step_00000004" / "model.safetensors"))
     straight = load_file(str(run_root / "straight" / "checkpoints" / "step_00000004" / "model.safetensors"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)

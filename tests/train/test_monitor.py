@@ -39,8 +39,8 @@ def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
     from trainhelpers import tiny_overrides
 
     from ssl_hybrid.config import load_config
-    from ssl_hybrid.train.loop import build_backbone
     from ssl_hybrid.train.monitor import KNNMonitor
+    from ssl_hybrid.train.wiring import build_backbone
 
     config = load_config(None, tiny_overrides(run_root, data__val=image_folder, train__knn_every=1))
     before = torch.get_num_threads()

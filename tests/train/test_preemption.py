@@ -16,7 +16,7 @@ import pytest
 from trainhelpers import tiny_overrides
 
 from ssl_hybrid.cli import main
-from ssl_hybrid.train import loop
+from ssl_hybrid.train import engine, wiring
 from ssl_hybrid.train.checkpoint import list_checkpoints, step_dir_name
 
 STEPS = 2
@@ -36,9 +36,9 @@ def test_sigterm_handler():
     signal.signal(signal.SIGTERM, previous)
 
 
-def sigterm_before(monkeypatch, name: str, when=lambda *args: True) -> None:
-    """SIGTERM this process as ``loop.<name>`` starts (the first call for which ``when(*args)`` is true)."""
-    original = getattr(loop, name)
+def sigterm_before(monkeypatch, module, name: str, when=lambda *args: True) -> None:
+    """SIGTERM this process as ``module.<name>`` starts (the first call for which ``when(*args)`` is true)."""
+    original = getattr(module, name)
     sent = []
 
     def wrapped(*args, **kwargs):
@@ -47,13 +47,13 @@ def sigterm_before(monkeypatch, name: str, when=lambda *args: True) -> None:
             signal.raise_signal(signal.SIGTERM)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(loop, name, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
 
 
-PHASES = {  # phase -> (function the signal arrives in, which call, the step the run stops at)
-    "setup": ("build_monitor", lambda *a: True, 0),
-    "step-0 monitor": ("run_monitor", lambda run: run.counters.step == 0, 0),
-    "final checkpoint": ("save", lambda run: run.counters.step == STEPS, STEPS),
+PHASES = {  # phase -> (module and function the signal arrives in, which call, the step the run stops at)
+    "setup": (wiring, "build_monitor", lambda *a: True, 0),
+    "step-0 monitor": (engine, "run_monitor", lambda run: run.counters.step == 0, 0),
+    "final checkpoint": (engine, "save", lambda run: run.counters.step == STEPS, STEPS),
 }
 
 
@@ -67,8 +67,8 @@ def test_sigterm_in_every_phase_exits_0_and_the_same_command_completes(corpus, r
                                                                      monkeypatch, test_sigterm_handler, phase):
     overrides = tiny_overrides(run_root, "phase", train__steps=STEPS, train__checkpoint_every=0,
                                train__knn_every=STEPS, data__val=image_folder)
-    name, when, stopped_at = PHASES[phase]
-    sigterm_before(monkeypatch, name, when)
+    module, name, when, stopped_at = PHASES[phase]
+    sigterm_before(monkeypatch, module, name, when)
     code = main(["pretrain", *overrides])
     err = capsys.readouterr().err
     assert code == 0, err[-2000:]

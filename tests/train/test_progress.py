@@ -29,10 +29,10 @@ def clock(monkeypatch):
 
 
 def _bar(steps: int, max_seconds: float):
-    from ssl_hybrid.train.loop import make_bar
+    from ssl_hybrid.train.engine import make_bar
 
-    config = SimpleNamespace(name="quickstart", train=SimpleNamespace(steps=steps, max_seconds=max_seconds))
-    run = SimpleNamespace(config=config, accelerator=SimpleNamespace(is_main_process=True),
+    settings = SimpleNamespace(name="quickstart", steps=steps, max_seconds=max_seconds)
+    run = SimpleNamespace(settings=settings, accelerator=SimpleNamespace(is_main_process=True),
                           counters=SimpleNamespace(step=0))
     return make_bar(run)
 

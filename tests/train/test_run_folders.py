@@ -24,7 +24,7 @@ from ssl_hybrid.cli import main
 from ssl_hybrid.config import Config, load_config, to_dict
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.train import checkpoint as ckpt
-from ssl_hybrid.train import loop
+from ssl_hybrid.train import engine
 
 
 def error_lines(err: str) -> list[str]:
@@ -43,7 +43,7 @@ def no_training(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the command should have been refused before training")
 
-    monkeypatch.setattr(loop, "train", refuse)
+    monkeypatch.setattr(engine, "train", refuse)
     monkeypatch.setattr("ssl_hybrid.eval.report.build_report", refuse)
 
 
@@ -180,7 +180,7 @@ def trained(tmp_path_factory):
     data = root / "data"
     shutil.copytree(CORPUS, data)
     overrides = tiny_overrides(root / "runs", "first", train__steps=2, train__checkpoint_every=1, data__train=data)
-    loop.pretrain(load_config(None, overrides))
+    engine.pretrain(load_config(None, overrides))
     assert [p.name for p in ckpt.list_checkpoints(root / "runs" / "first")] == ["step_00000001", "step_00000002"]
     return root
 
@@ -198,8 +198,8 @@ def copy_run(trained: Path, output_dir: Path, name: str) -> list[str]:
                    lost="nothing")
 def test_a_moved_and_renamed_run_resumes(trained, tmp_path, caplog):
     overrides = copy_run(trained, tmp_path / "elsewhere", "renamed")
-    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train.loop"):
-        summary = loop.pretrain(load_config(None, overrides))
+    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train"):
+        summary = engine.pretrain(load_config(None, overrides))
     assert summary["step"] == 2
     assert f"resumed from {tmp_path / 'elsewhere' / 'renamed' / 'checkpoints' / 'step_00000002'}" in caplog.text
 
@@ -245,8 +245,8 @@ def test_an_unreadable_newest_checkpoint_falls_back_to_the_previous_one(trained,
     checkpoints = tmp_path / "resumed" / "checkpoints"
     bad = checkpoints / "step_00000002" / "model.safetensors"
     bad.write_bytes(bad.read_bytes()[:1000])
-    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train.loop"):
-        summary = loop.pretrain(load_config(None, overrides))
+    with caplog.at_level(logging.INFO, logger="ssl_hybrid.train"):
+        summary = engine.pretrain(load_config(None, overrides))
     assert summary["step"] == 2
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(bad) in message and "falling back" in message for message in warnings)

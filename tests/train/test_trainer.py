@@ -14,13 +14,14 @@ from lightly.utils.scheduler import cosine_schedule
 from safetensors.torch import load_file
 from trainhelpers import tiny_overrides
 
-from ssl_hybrid import runs
+from ssl_hybrid import device, runs
 from ssl_hybrid.config import load_config
 from ssl_hybrid.schedules import cosine, warmup_cosine
 from ssl_hybrid.train import checkpoint as ckpt
-from ssl_hybrid.train import loop
+from ssl_hybrid.train import engine, params, state, wiring
 from ssl_hybrid.train.optim import apply_schedule, build_optimizer, no_decay_names
 from ssl_hybrid.train.schedules import build_schedules
+from ssl_hybrid.train.settings import LoopSettings
 
 
 def tiny_config(run_root, name="tiny", **extra):
@@ -48,7 +49,7 @@ def test_weight_decay_skips_norms_biases_and_tokens(run_root):
     config = tiny_config(run_root)
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
-    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    model = PretrainModel(wiring.build_backbone(config), ObjectiveSettings.from_config(config))
     skip = no_decay_names(model)
     assert {"backbone.pos_embed", "backbone.cls_token", "mim.decoder.mask_token", "backbone.norm.weight",
             "backbone.patch_embed.bias"} <= skip
@@ -68,7 +69,7 @@ def test_decay_groups_are_timms_plus_the_heads_tokens(run_root, model_name):
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
     config = tiny_config(run_root, model__name=model_name)
-    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    model = PretrainModel(wiring.build_backbone(config), ObjectiveSettings.from_config(config))
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     # the rule of before, spelled out: 1-D, declared by the backbone, or a token / position table by name
     declared = {f"backbone.{n}" for n in model.backbone.no_weight_decay()}
@@ -91,7 +92,7 @@ def test_transformer_lr_scale_applies_to_the_vit_part_only(run_root):
     config = tiny_config(run_root, model__name="resvit_nano", optim__transformer_lr_scale=0.25)
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
-    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    model = PretrainModel(wiring.build_backbone(config), ObjectiveSettings.from_config(config))
     optimizer = build_optimizer(model, config.optim)
     apply_schedule(optimizer, lr=0.1, weight_decay=0.05)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
@@ -109,7 +110,7 @@ def test_layer_decay_scales_lr_by_depth_from_the_top(run_root, model_name):
     config = tiny_config(run_root, model__name=model_name, optim__layer_decay=0.5, optim__transformer_lr_scale=0.25)
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
-    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    model = PretrainModel(wiring.build_backbone(config), ObjectiveSettings.from_config(config))
     optimizer = build_optimizer(model, config.optim)
     apply_schedule(optimizer, lr=1.0, weight_decay=0.05)
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
@@ -127,7 +128,7 @@ def test_layer_decay_off_keeps_the_groups_of_before(run_root):
     config = tiny_config(run_root, model__name="resvit_nano")
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
-    model = PretrainModel(loop.build_backbone(config), ObjectiveSettings.from_config(config))
+    model = PretrainModel(wiring.build_backbone(config), ObjectiveSettings.from_config(config))
     assert config.optim.layer_decay == 1.0
     assert [g["lr_scale"] for g in build_optimizer(model, config.optim).param_groups] == [1.0, 1.0]
 
@@ -135,20 +136,19 @@ def test_layer_decay_off_keeps_the_groups_of_before(run_root):
 def test_parameter_count_says_what_it_counts(run_root):
     from ssl_hybrid.objectives.combine import ObjectiveSettings, PretrainModel
 
-    model = PretrainModel(loop.build_backbone(tiny_config(run_root)), ObjectiveSettings.from_config(tiny_config(run_root)))
-    counts = loop.parameter_counts(model)
+    model = PretrainModel(wiring.build_backbone(tiny_config(run_root)), ObjectiveSettings.from_config(tiny_config(run_root)))
+    counts = params.parameter_counts(model)
     backbone = sum(p.numel() for p in model.backbone.parameters())
     assert counts["backbone"] == {"trainable": backbone, "frozen": 0}
     assert counts["teacher"]["trainable"] == 0 and counts["teacher"]["frozen"] > backbone  # backbone + DINO head
     assert sum(c["trainable"] for c in counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    text = loop.describe_parameters(model)
+    text = params.describe_parameters(model)
     assert text.startswith(f"backbone {backbone / 1e6:.2f}M + MIM decoder ") and "DINO head" in text
     assert "EMA teacher" in text.split("not trained:")[1] and text.endswith(f"exported: the {backbone / 1e6:.2f}M backbone")
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 def test_grad_norm_is_the_total_norm_before_clipping_with_or_without_a_clip(clip):
-    from types import SimpleNamespace
 
     from accelerate import Accelerator
 
@@ -157,9 +157,7 @@ def test_grad_norm_is_the_total_norm_before_clipping_with_or_without_a_clip(clip
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.5)
     expected = 0.5 * math.sqrt(sum(p.numel() for p in model.parameters() if p.requires_grad))
-    run = SimpleNamespace(model=model, accelerator=Accelerator(cpu=True),
-                          config=SimpleNamespace(optim=SimpleNamespace(clip_grad=clip)))
-    assert loop.clip_gradients(run) == pytest.approx(expected)
+    assert engine.clip_gradients(model, Accelerator(cpu=True), clip) == pytest.approx(expected)
     clipped = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in model.parameters() if p.requires_grad))
     assert clipped == pytest.approx(min(expected, clip) if clip else expected)
 
@@ -178,15 +176,15 @@ def test_logs_show_only_the_settings_of_the_objectives_in_use(run_root, caplog):
     with caplog.at_level("INFO", logger="ssl_hybrid.config"):
         log_derived(simclr)
     assert "derived effective_lr" in caplog.text and "teacher" not in caplog.text
-    hparams = loop.flat_hparams(simclr)
+    hparams = wiring.flat_hparams(simclr)
     assert "objective.simclr_temperature" in hparams and "data.image_size" in hparams
     assert not [k for k in hparams if "teacher" in k or k in ("objective.mask_ratio", "objective.decoder_dim")]
-    assert {"objective.teacher_temp", "objective.mask_ratio"} <= set(loop.flat_hparams(tiny_config(run_root)))
+    assert {"objective.teacher_temp", "objective.mask_ratio"} <= set(wiring.flat_hparams(tiny_config(run_root)))
     stats = {"seen": 4, "skipped": 0, "epoch": 0, "skip_rate": 0.0}
-    run = SimpleNamespace(config=simclr, counters=loop.Counters(step=1), schedules=build_schedules(simclr),
+    run = SimpleNamespace(settings=LoopSettings.from_config(simclr), counters=state.Counters(step=1), schedules=build_schedules(simclr),
                           stream=SimpleNamespace(stats=lambda: stats), directory=run_root,
                           accelerator=SimpleNamespace(is_main_process=True, log=lambda *args, **kwargs: None))
-    loop.log_step(run, {"loss": 1.0, "simclr": 1.0}, 1.0, 4, None)
+    engine.log_step(run, {"loss": 1.0, "simclr": 1.0}, 1.0, 4, None)
     record = runs.read_metrics(run_root)[-1]
     assert {"lr", "weight_decay", "simclr"} <= set(record) and not {"momentum", "teacher_temp"} & set(record)
 
@@ -197,7 +195,7 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     config = tiny_config(run_root, "full", train__steps=3, train__checkpoint_every=1, train__keep_checkpoints=2,
                          train__knn_every=3, data__val=str(image_folder), data__num_local_views=1,
                          data__local_image_size=16 * 1)
-    summary = loop.pretrain(config)
+    summary = engine.pretrain(config)
     directory = run_root / "full"
     assert summary["stopped"] == "done" and summary["step"] == 3
     assert (directory / "config.yaml").exists()
@@ -238,7 +236,7 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
     assert {k: record[k] for k in ("steps", "max_seconds", "stopped", "start_step")} == {
         "steps": 3, "max_seconds": 0.0, "stopped": "done", "start_step": 0}
     assert record["train_seconds"] > 0 and summary["train_seconds"] == record["train_seconds"]
-    assert loop.pretrain(config)["train_seconds"] == record["train_seconds"]
+    assert engine.pretrain(config)["train_seconds"] == record["train_seconds"]
     assert json.loads((directory / "model" / "config.json").read_text())["ssl_hybrid"]["pretraining"] == record
 
 
@@ -246,14 +244,14 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
                    did="refused with one line naming the differing keys, before the run directory is touched",
                    lost="nothing")
 def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpus, run_root):
-    loop.pretrain(tiny_config(run_root, "same", train__steps=2))
+    engine.pretrain(tiny_config(run_root, "same", train__steps=2))
     before = (run_root / "same" / "config.yaml").read_text()
     with pytest.raises(ckpt.CheckpointError, match=r"different config \(objective.mask_ratio: 0.75 -> 0.5"):
-        loop.pretrain(tiny_config(run_root, "same", train__steps=2, objective__mask_ratio=0.5))
+        engine.pretrain(tiny_config(run_root, "same", train__steps=2, objective__mask_ratio=0.5))
     assert (run_root / "same" / "config.yaml").read_text() == before
     # Observation-only keys may change: this resumes (nothing left to do) instead of refusing.
-    assert loop.pretrain(tiny_config(run_root, "same", train__steps=2, train__log_every=5))["step"] == 2
-    assert loop.pretrain(tiny_config(run_root, "same", train__steps=2, data__worker_nice=5))["step"] == 2
+    assert engine.pretrain(tiny_config(run_root, "same", train__steps=2, train__log_every=5))["step"] == 2
+    assert engine.pretrain(tiny_config(run_root, "same", train__steps=2, data__worker_nice=5))["step"] == 2
 
 
 def test_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_default(tmp_path):
@@ -270,7 +268,7 @@ def test_checkpoint_from_before_a_key_existed_resumes_when_the_key_is_at_its_def
 
 def inject_nan(monkeypatch, bad_calls):
     """Make the loss of the given forward calls (1-based) NaN."""
-    real = loop.forward_losses
+    real = engine.forward_losses
     calls = []
 
     def forward(run, micro, step):
@@ -280,7 +278,7 @@ def inject_nan(monkeypatch, bad_calls):
             losses["loss"] = losses["loss"] * float("nan")
         return losses, stats
 
-    monkeypatch.setattr(loop, "forward_losses", forward)
+    monkeypatch.setattr(engine, "forward_losses", forward)
 
 
 @pytest.mark.fault(injected="a NaN loss in one step",
@@ -288,7 +286,7 @@ def inject_nan(monkeypatch, bad_calls):
                    lost="that one batch")
 def test_nonfinite_step_is_skipped_and_counted(corpus, run_root, monkeypatch):
     inject_nan(monkeypatch, {2})
-    summary = loop.pretrain(tiny_config(run_root, "spike", train__steps=3))
+    summary = engine.pretrain(tiny_config(run_root, "spike", train__steps=3))
     assert summary["step"] == 3 and summary["nonfinite_total"] == 1
     weights = load_file(str(ckpt.latest_checkpoint(run_root / "spike") / "model.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
@@ -302,8 +300,8 @@ def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, ru
     inject_nan(monkeypatch, {3, None})  # every call from the third on
     config = tiny_config(run_root, "diverge", train__steps=4, train__checkpoint_every=1,
                          train__max_nonfinite_steps=3)
-    with pytest.raises(loop.NonFiniteLossError, match="3 non-finite steps .* in a row at step 2.*step_00000002"):
-        loop.pretrain(config)
+    with pytest.raises(engine.NonFiniteLossError, match="3 non-finite steps .* in a row at step 2.*step_00000002"):
+        engine.pretrain(config)
     assert ckpt.latest_checkpoint(run_root / "diverge").name == "step_00000002"
 
 
@@ -328,7 +326,7 @@ class BadGradient(torch.autograd.Function):
                        "buffers included, stay finite",
                    lost="those two batches")
 def test_nonfinite_gradient_norm_or_forward_skips_the_step_and_keeps_the_model_finite(corpus, run_root, monkeypatch):
-    real = loop.forward_losses
+    real = engine.forward_losses
     calls = []
 
     def forward(run, micro, step):
@@ -342,8 +340,8 @@ def test_nonfinite_gradient_norm_or_forward_skips_the_step_and_keeps_the_model_f
             assert torch.isfinite(losses["loss"]).all()
         return losses, stats
 
-    monkeypatch.setattr(loop, "forward_losses", forward)
-    summary = loop.pretrain(tiny_config(run_root, "badgrad", model__name="resvit_nano", train__steps=2,
+    monkeypatch.setattr(engine, "forward_losses", forward)
+    summary = engine.pretrain(tiny_config(run_root, "badgrad", model__name="resvit_nano", train__steps=2,
                                         train__checkpoint_every=1, train__max_nonfinite_steps=3))
     assert summary["step"] == 2 and summary["nonfinite_total"] == 2 and len(calls) == 4
     for step in ckpt.list_checkpoints(run_root / "badgrad"):
@@ -352,6 +350,25 @@ def test_nonfinite_gradient_norm_or_forward_skips_the_step_and_keeps_the_model_f
         assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()), step
     records = [json.loads(line) for line in (run_root / "badgrad" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["grad_norm"]) for r in records if "grad_norm" in r)
+
+
+def test_one_all_reduce_per_step_agrees_on_the_flags_and_averages_the_loss_terms(monkeypatch):
+    """reduce_step with a second rank simulated inside the one all-reduce it makes: a flag raised on either rank
+    is raised on both, and each loss term is the mean over the ranks."""
+    from types import SimpleNamespace
+
+    other_rank = torch.tensor([1.0, 0.0, 3.0, 0.25], dtype=torch.float64)  # bad loss there; loss 3, std 0.25
+    calls = []
+
+    def all_reduce(tensor, op):
+        calls.append(op)
+        tensor += other_rank
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    accelerator = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    bad_loss, bad_grad, means = engine.reduce_step(accelerator, (False, False), {"loss": 1.0, "embedding_std": 0.75})
+    assert calls == [torch.distributed.ReduceOp.SUM]
+    assert (bad_loss, bad_grad) == (1.0, 0.0) and means == {"loss": 2.0, "embedding_std": 0.5}
 
 
 def test_a_skipped_step_resets_the_fp16_grad_scaler_and_backs_off_its_scale():
@@ -367,7 +384,7 @@ def test_a_skipped_step_resets_the_fp16_grad_scaler_and_backs_off_its_scale():
                           raw_model=SimpleNamespace(after_skipped_step=lambda: skipped.append(True)))
     scaler.scale((param * float("inf")).sum()).backward()
     scaler.unscale_(optimizer)  # what clip_gradients does
-    loop.skip_step(run)
+    engine.skip_step(run)
     assert scaler.get_scale() == 512.0 and param.grad is None and skipped == [True]
     scaler.scale(param.sum()).backward()
     scaler.unscale_(optimizer)  # raises if the skipped step's unscale state were left behind
@@ -383,23 +400,23 @@ def test_fp16_scaler_back_off_is_not_a_diverging_run():
     from types import SimpleNamespace
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    run = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), counters=loop.Counters(), directory=Path("."),
-                          config=SimpleNamespace(train=SimpleNamespace(max_nonfinite_steps=5)))
-    for _ in range(8):  # what train_step reports for an overflowed step, after skip_step's scaler.update()
+    run = SimpleNamespace(accelerator=SimpleNamespace(scaler=scaler), counters=state.Counters(), directory=Path("."),
+                          settings=SimpleNamespace(max_nonfinite_steps=5))
+    for _ in range(8):  # what the loop reports for an overflowed step, after skip_step's scaler.update()
         scaler._scale = scaler._scale / 2 if scaler._scale is not None else torch.tensor(2.0 ** 15)
-        values = {"nonfinite": 1.0, "nonfinite_loss": 0.0, "fp16_overflow": float(loop.scaler_overflow(run, False))}
-        assert not loop.handle_nonfinite(run, values)
+        values = {"nonfinite": 1.0, "nonfinite_loss": 0.0, "fp16_overflow": float(engine.scaler_overflow(run, False))}
+        assert not engine.handle_nonfinite(run, values)
     assert run.counters.nonfinite_total == 8 and run.counters.nonfinite_in_row == 0
-    assert not loop.scaler_overflow(run, True)  # a non-finite loss is never the scaler's business
+    assert not engine.scaler_overflow(run, True)  # a non-finite loss is never the scaler's business
     scaler._scale = torch.tensor(0.5)
-    assert not loop.scaler_overflow(run, False)  # pushed below 1: the gradients are bad at any scale
-    with pytest.raises(loop.NonFiniteLossError):
+    assert not engine.scaler_overflow(run, False)  # pushed below 1: the gradients are bad at any scale
+    with pytest.raises(engine.NonFiniteLossError):
         for _ in range(5):
-            loop.handle_nonfinite(run, {"nonfinite": 1.0, "nonfinite_loss": 1.0, "fp16_overflow": 0.0})
+            engine.handle_nonfinite(run, {"nonfinite": 1.0, "nonfinite_loss": 1.0, "fp16_overflow": 0.0})
 
 
 def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
-    summary = loop.pretrain(tiny_config(run_root, "budget", train__steps=50, train__max_seconds=0.01))
+    summary = engine.pretrain(tiny_config(run_root, "budget", train__steps=50, train__max_seconds=0.01))
     assert summary["stopped"] == "max_seconds" and 1 <= summary["step"] < 50
     record = json.loads((run_root / "budget" / "model" / "config.json").read_text())["ssl_hybrid"]["pretraining"]
     assert record["stopped"] == "max_seconds" and record["max_seconds"] == 0.01 and record["steps"] == 50
@@ -418,7 +435,7 @@ def test_every_recipe_runs_a_step(corpus, run_root, recipe):
                                data__local_image_size=16, data__val="''", train__knn_every=0)
     keep = [o for o in overrides if not o.startswith(("objective.mim_weight", "objective.dino_weight"))]
     config = load_config(REPO / f"recipes/{recipe}.yaml", keep)
-    summary = loop.pretrain(config)
+    summary = engine.pretrain(config)
     assert summary["step"] == 1
     record = [r for r in runs.read_metrics(run_root / recipe) if "loss" in r][-1]
     assert math.isfinite(record["loss"])
@@ -432,7 +449,7 @@ def test_gradient_accumulation_matches_the_whole_batch(corpus, run_root):
     for accum in (1, 2):
         config = tiny_config(run_root, f"accum{accum}", train__steps=1, train__grad_accum_steps=accum,
                              model__drop_path_rate=0.0)
-        loop.pretrain(config)
+        engine.pretrain(config)
         weights[accum] = load_file(str(ckpt.latest_checkpoint(run_root / f"accum{accum}") / "model.safetensors"))
     for name, value in weights[1].items():
         torch.testing.assert_close(weights[2][name], value, rtol=1e-4, atol=2e-6, msg=name)
@@ -446,14 +463,14 @@ def test_gradient_accumulation_is_refused_for_simclr():
 
 
 def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
-    real = loop.forward_losses
+    real = engine.forward_losses
 
     def collapsed(run, micro, step):
         losses, stats = real(run, micro, step)
         return losses, dict(stats, embedding_std=torch.tensor(0.001))
 
-    monkeypatch.setattr(loop, "forward_losses", collapsed)
-    loop.pretrain(tiny_config(run_root, "collapse", train__steps=1))
+    monkeypatch.setattr(engine, "forward_losses", collapsed)
+    engine.pretrain(tiny_config(run_root, "collapse", train__steps=1))
     assert "embeddings are collapsing" in caplog.text
 
 
@@ -475,7 +492,7 @@ def test_corrupt_samples_are_counted_and_logged(corpus, run_root, tmp_path, capl
             out.addfile(member, good.extractfile(member))
     config = tiny_config(run_root, "corrupt", train__steps=2, data__train=str(shard), data__resampled="false",
                          data__shuffle_buffer=0, data__max_skip_rate=0.5)
-    loop.pretrain(config)
+    engine.pretrain(config)
     last = [r for r in runs.read_metrics(run_root / "corrupt") if "loss" in r][-1]
     assert last["data_skipped"] == 1 and last["data_seen"] >= 9
     assert "zz_corrupt" in caplog.text and "1 corrupt/unreadable samples skipped" in caplog.text
@@ -486,14 +503,14 @@ def test_autocast_dtype_is_what_the_accelerators_autocast_computes_in(precision,
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True, mixed_precision=precision)
-    assert loop.autocast_dtype(accelerator) == dtype
+    assert device.autocast_dtype(accelerator) == dtype
     with accelerator.autocast():
         assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2)).dtype == dtype
 
 
 def test_bf16_autocast_logs_the_dtype_and_keeps_losses_fp32(corpus, run_root, caplog):
     caplog.set_level("INFO")
-    summary = loop.pretrain(tiny_config(run_root, "bf16", train__steps=1, train__mixed_precision="bf16"))
+    summary = engine.pretrain(tiny_config(run_root, "bf16", train__steps=1, train__mixed_precision="bf16"))
     assert summary["step"] == 1
     assert "mixed precision 'bf16': autocast runs matmuls/convolutions in torch.bfloat16" in caplog.text
     record = [r for r in runs.read_metrics(run_root / "bf16") if "loss" in r][-1]

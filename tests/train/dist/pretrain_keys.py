@@ -4,11 +4,11 @@ import json
 import sys
 
 from ssl_hybrid.config import load_config
-from ssl_hybrid.train import loop
+from ssl_hybrid.train import engine
 
 out_dir, overrides = sys.argv[1], sys.argv[2:]
 seen = []
-real_to_device = loop.to_device
+real_to_device = engine.to_device
 
 
 def recording_to_device(batch, device):
@@ -16,9 +16,9 @@ def recording_to_device(batch, device):
     return real_to_device(batch, device)
 
 
-loop.to_device = recording_to_device
+engine.to_device = recording_to_device
 config = load_config(None, overrides)
-summary = loop.pretrain(config)
+summary = engine.pretrain(config)
 import os  # noqa: E402
 
 from ssl_hybrid.distributed import gloo_threads  # noqa: E402
