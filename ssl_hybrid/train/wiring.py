@@ -91,6 +91,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
     and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
 
+    from ssl_hybrid.data.augment import device_augment
     from ssl_hybrid.data.shards import manifest_fingerprint
     from ssl_hybrid.data.stream import build_train_stream
     from ssl_hybrid.data.views import build_transform
@@ -126,6 +127,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
         build_schedules(config, accelerator.num_processes),
         stream,
         data_fingerprint=fingerprint,
+        augment=device_augment(config.data),
     )
     # Per-rank randomness (drop-path, augment fallbacks) differs across ranks but is reproducible.
     set_seed(config.train.seed + accelerator.process_index)
