@@ -20,9 +20,9 @@ Recipes (:func:`view_recipes`) carry lightly's parameters and probabilities for 
   ``RandomGrayscale``, lightly's ``GaussianBlur`` (sigma U(0.1, 2)), ``RandomSolarization`` (threshold 128),
   ImageNet normalisation -- the order of lightly's ``SimCLRViewTransform`` / ``DINOViewTransform``.
 - any other channel count C: per-channel intensity jitter (brightness x U(1-b, 1+b), contrast towards the
-  channel's mean, gamma x**U(1/(1+g), 1+g), each channel drawn alone) with the RGB recipe's probability and
-  strengths, the same blur, and additive gaussian noise; no hue, saturation, grayscale or solarize (they mean
-  nothing without RGB).
+  channel's mean, gamma x**e with log e uniform in [-log(1+g), log(1+g)], each channel drawn alone) with the RGB
+  recipe's probability and strengths, the same blur, and additive gaussian noise (relative to each channel's
+  spread); no hue, saturation, grayscale or solarize (they mean nothing without RGB).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ViewRecipe:
     sigmas: tuple[float, float] = (0.1, 2.0)
     solarize: float = 0.0
     noise: float = 0.0  # probability of additive gaussian noise, std U(0, noise_std) (other C only by default)
-    noise_std: float = 0.0
+    noise_std: float = 0.0  # relative to each channel's std in the image
 
 
 def _jittered(view: ViewRecipe, strength: float, bright: float, contrast: float, sat: float, hue: float) -> ViewRecipe:
@@ -104,6 +104,8 @@ def _for_channels(recipe: ViewRecipe) -> ViewRecipe:
     """The RGB recipe turned into per-channel intensity ops: the colour-only ops go, gamma and noise come in."""
     if recipe.jitter == 0.0:
         return recipe
+    # No lightly counterpart: gamma spans half the contrast range, noise (relative to each channel's spread) as
+    # often as grayscale in the RGB recipe; both mild, so a channel's signal stays what tells images apart.
     return replace(
         recipe,
         saturation=0.0,
@@ -315,10 +317,12 @@ def intensity_jitter(x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) ->
 
 
 def add_noise(x: torch.Tensor, std: torch.Tensor, seed: int) -> torch.Tensor:
-    """Gaussian noise of a per-image std; the noise itself comes from a generator on x's device (no big transfer)."""
+    """Gaussian noise with a per-image std relative to each channel's own spread (a dim fluorescence channel at
+    1/1000 of the range must not drown in noise sized for a bright one); drawn by a generator on x's device."""
     device_g = torch.Generator(device=x.device).manual_seed(seed)
     noise = torch.randn(x.shape, generator=device_g, device=x.device, dtype=x.dtype)
-    return (x + noise * _per_image(std, x)).clamp_(0.0, 1.0)
+    spread = x.std((2, 3), keepdim=True)  # [n, C, 1, 1]
+    return (x + noise * spread * _per_image(std, x)).clamp_(0.0, 1.0)
 
 
 def photometric(x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) -> torch.Tensor:
@@ -350,7 +354,8 @@ def photometric(x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) -> torc
 class BatchAugment:
     """Batch of worker views (any int/float dtype, any device) -> float32 augmented, normalised views in place of them.
 
-    ``mean``/``std`` are per channel (ImageNet's for RGB, as lightly normalises)."""
+    ``mean``/``std`` are per channel (ImageNet's for RGB, as lightly normalises). ``normalised_inputs``: the
+    workers already normalised the views with them (N-channel arrays), so they are mapped back to [0, 1] first."""
 
     def __init__(
         self,
@@ -358,17 +363,21 @@ class BatchAugment:
         local_recipes: Sequence[ViewRecipe],
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        normalised_inputs: bool = False,
     ):
         self.global_recipes, self.local_recipes = list(global_recipes), list(local_recipes)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.normalised_inputs = normalised_inputs
 
     def view(self, x: torch.Tensor, recipe: ViewRecipe, g: torch.Generator) -> torch.Tensor:
         if x.shape[1] != len(self.mean):
             raise ValueError(f"views have {x.shape[1]} channels, the normalisation {len(self.mean)}")
-        x = photometric(to_unit(x), recipe, g)
+        x = to_unit(x)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        return x.sub_(mean).div_(std)
+        if self.normalised_inputs:
+            x = x.mul_(std).add_(mean)
+        return photometric(x, recipe, g).sub_(mean).div_(std)
 
     def __call__(self, batch: dict, generator: torch.Generator) -> dict:
         views = {

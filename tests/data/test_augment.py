@@ -267,3 +267,24 @@ def test_a_batch_that_is_all_grayscale_is_normalised_in_place_safely():
     assert out.shape == (1, 3, SIZE, SIZE) and torch.isfinite(out).all()
     gray = out * torch.tensor(aug.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(aug.IMAGENET_MEAN).view(1, 3, 1, 1)
     torch.testing.assert_close(gray[:, 0], gray[:, 2])  # still gray after the in-place ops
+
+
+def test_views_the_workers_normalised_are_augmented_in_unit_range_and_renormalised():
+    mean, std = [0.4, 0.5, 0.3, 0.6, 0.002], [0.2, 0.25, 0.1, 0.3, 0.001]
+    recipes = aug.view_recipes(simclr_cfg(num_local_views=0), channels=5)
+    g = torch.Generator().manual_seed(2)
+    raw = torch.rand(4, 5, 16, 16, generator=g) * torch.tensor([1, 1, 1, 1, 0.004]).view(1, 5, 1, 1)
+    normalised = (raw - torch.tensor(mean).view(1, 5, 1, 1)) / torch.tensor(std).view(1, 5, 1, 1)
+    plain = aug.BatchAugment(*recipes, mean, std)({"global_views": [raw] * 2, "local_views": []}, augment_generator(0, 1, 0))
+    again = aug.BatchAugment(*recipes, mean, std, normalised_inputs=True)(
+        {"global_views": [normalised] * 2, "local_views": []}, augment_generator(0, 1, 0))
+    torch.testing.assert_close(again["global_views"][0], plain["global_views"][0], atol=2e-3, rtol=1e-4)
+
+
+def test_noise_is_sized_by_each_channels_own_spread():
+    """A dim channel (values < 0.004 of the range) gets noise of its own size, not of the bright channels'."""
+    raw = torch.rand(8, 2, 16, 16, generator=torch.Generator().manual_seed(3)) * torch.tensor([1.0, 0.004]).view(1, 2, 1, 1)
+    out = photometric(raw.clone(), replace(NO_OPS, jitter=0.0, noise=1.0, noise_std=0.5), torch.Generator().manual_seed(0))
+    added = (out - raw).std((0, 2, 3))
+    spread = raw.std((2, 3)).mean(0)
+    assert (added < spread).all() and (added > 0.05 * spread).all(), (added, spread)
