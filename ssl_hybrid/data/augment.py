@@ -44,20 +44,20 @@ SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize(threshold=128) inverts
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """One view's augmentations; the defaults are lightly's SimCLR view transform."""
+    """One view's augmentations; every photometric op is off unless set (view_recipes sets lightly's values)."""
 
-    size: int = 224
+    size: int
     scale: tuple[float, float] = (0.08, 1.0)
     interpolation: str = "bilinear"  # lightly's DINO and MAE crops are bicubic, SimCLR's and SwaV's bilinear
     hflip: float = 0.5
-    jitter: float = 0.8  # probability of the colour (RGB) / intensity (other C) jitter
-    brightness: float = 0.8
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2
+    jitter: float = 0.0  # probability of the colour (RGB) / intensity (other C) jitter
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
     gamma: float = 0.0  # other C only
-    grayscale: float = 0.2
-    blur: float = 0.5
+    grayscale: float = 0.0
+    blur: float = 0.0
     sigmas: tuple[float, float] = (0.1, 2.0)
     solarize: float = 0.0
     noise: float = 0.0  # probability of additive gaussian noise, std U(0, noise_std) (other C only by default)
@@ -75,7 +75,7 @@ def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], li
     """(global, local) recipes with the parameters ``ssl_hybrid.data.views`` hands lightly for ``data.views``."""
     size, local_size, n_local = data_cfg.image_size, data_cfg.local_image_size, data_cfg.num_local_views
     if data_cfg.views == "dino":  # DINOTransform defaults
-        view = ViewRecipe(size=size, scale=(0.4, 1.0), interpolation="bicubic", blur=1.0, grayscale=0.2)
+        view = ViewRecipe(size=size, scale=(0.4, 1.0), interpolation="bicubic", jitter=0.8, blur=1.0, grayscale=0.2)
         view = _jittered(view, 0.5, 0.8, 0.8, 0.4, 0.2)
         globals_ = [view, replace(view, blur=0.1, solarize=0.2)]
         local = replace(view, size=local_size, scale=(0.05, 0.4), blur=0.5)
@@ -83,6 +83,7 @@ def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], li
         view = ViewRecipe(
             size=size,
             scale=(data_cfg.simclr_min_scale, 1.0),
+            jitter=0.8,
             blur=data_cfg.simclr_blur,
             grayscale=data_cfg.simclr_grayscale,
         )
@@ -90,7 +91,7 @@ def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], li
         globals_ = [view, view]
         local = replace(view, size=local_size, scale=(data_cfg.simclr_local_min_scale, data_cfg.simclr_min_scale))
     elif data_cfg.views == "mae":  # MAETransform: crop + flip only
-        view = ViewRecipe(size=size, scale=(0.2, 1.0), interpolation="bicubic", jitter=0.0, grayscale=0.0, blur=0.0)
+        view = ViewRecipe(size=size, scale=(0.2, 1.0), interpolation="bicubic")
         globals_, local, n_local = [view], view, 0
     else:
         raise ValueError(f"data.views must be one of dino, simclr, mae, got {data_cfg.views!r}")

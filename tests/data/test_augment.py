@@ -29,7 +29,7 @@ from ssl_hybrid.data.augment import ViewRecipe, augment_generator, build_batch_a
 
 N_PHOTOS, REPEATS, SIZE = 8, 100, 16  # 800 draws per side and op
 QUANT = 0.5 / 255
-NO_OPS = ViewRecipe(size=SIZE, jitter=0.0, brightness=0, contrast=0, saturation=0, hue=0, grayscale=0, blur=0)
+NO_OPS = ViewRecipe(size=SIZE)  # every photometric op off
 
 
 def photos() -> list[Image.Image]:
