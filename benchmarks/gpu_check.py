@@ -9,6 +9,9 @@ section; a section that fails or hits its cap records its error string and keeps
   throughput      bf16 autocast train step (fwd + CE + bwd + AdamW) of hybrid_small, resvit_small,
                   vit_small_patch16_224 and resnet50 at 224 px, batch 128; FLOP utilization against a bf16
                   GEMM timed in alternation with each model's steps
+  augment         data.augment_on=device: batched photometric augmentation of a whole batch (SimCLR, DINO
+                  multi-crop with 6 local views, 5-channel SimCLR) vs the bf16 train step of resvit_small at
+                  224 px, batch 128, timed in alternation (goal: augmentation never slower than the step)
   masked          encoder train step with a 75% mask vs unmasked, hybrid_small and resvit_small
   fp16_overflow   the default recipe in fp16 with GradScaler; one step's loss is multiplied by 1e30 from
                   outside (a monkeypatch): the scaler must skip that step (weights unchanged, scale halved)
@@ -76,8 +79,9 @@ FULL: dict[str, Any] = dict(
                   shots=(1, 5), seeds=5),
     features=dict(models=("resvit_small", "hybrid_small"), images=2048, batch_size=256, image_size=224,
                   iters=3, warmup=1),
-    caps=dict(throughput=45.0, masked=20.0, fp16_overflow=40.0, features=25.0, layout_compile=None),
-    budget_s=440.0)
+    augment=dict(local_views=6),
+    caps=dict(throughput=45.0, masked=20.0, fp16_overflow=40.0, features=25.0, layout_compile=None, augment=25.0),
+    budget_s=465.0)
 SMOKE: dict[str, Any] = dict(
     bench=dict(img_size=32, batch_size=4, iters=2, warmup=1, precision="bf16", gemm_size=256,
                compile_backend="eager", mask_ratio=0.75),
@@ -90,7 +94,8 @@ SMOKE: dict[str, Any] = dict(
     features=dict(models=("resvit_nano", "hybrid_nano"), images=16, batch_size=8, image_size=32, iters=2, warmup=1),
     # No per-section caps: the smoke run checks that every code path runs, and a wall-clock cap turns a machine
     # loaded by other work into a failure (fp16 on a CPU alone took 60-190 s); the budget only guards against a hang.
-    caps=dict.fromkeys(("throughput", "masked", "fp16_overflow", "features", "pretrain", "layout_compile")),
+    augment=dict(local_views=2),
+    caps=dict.fromkeys(("throughput", "masked", "fp16_overflow", "features", "pretrain", "layout_compile", "augment")),
     budget_s=1200.0)
 
 
@@ -112,6 +117,7 @@ class Plan:
     fp16: dict
     pretrain: dict
     features: dict
+    augment: dict = field(default_factory=dict)
     caps: dict = field(default_factory=dict)
     budget_s: float = 440.0
 
@@ -142,7 +148,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
                 workers=0 if args.smoke else max(1, min(12, (os.cpu_count() or 4) - 2)),
                 bench=mode["bench"], models=mode["models"], masked=mode["masked"], variant=mode["variant"],
                 compile_note=mode["compile_note"], fp16=mode["fp16"], pretrain=pretrain,
-                features=mode["features"], caps=caps, budget_s=args.budget_s or mode["budget_s"])
+                features=mode["features"], augment=mode["augment"], caps=caps,
+                budget_s=args.budget_s or mode["budget_s"])
 
 
 def gpu_machine_info(device: str) -> dict[str, Any]:

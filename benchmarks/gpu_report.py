@@ -98,9 +98,20 @@ def layout_compile(out: dict) -> tuple[str, list[str]]:
     return headline, table(["setting", "img/s"], rows) + notes
 
 
+def augment(out: dict) -> tuple[str, list[str]]:
+    recipes = out.get("recipes", {})
+    headline = (f"{out.get('model', DASH)} bf16 step {num(out.get('step_img_per_s'))} img/s; augmentation "
+                + ", ".join(f"{name} {num(r['img_per_s'])} img/s ({r['step_over_augment']:.2f}x the step)"
+                            for name, r in recipes.items())
+                + f"; goal (>= 1x): {'met' if out.get('goal_met') else 'missed'}")
+    body = table(["recipe", "augmentation img/s", "step time / augmentation time"],
+                 [[name, num(r["img_per_s"]), num(r["step_over_augment"], 2)] for name, r in recipes.items()])
+    return headline, body
+
+
 DETAILS: dict[str, Callable[[dict], tuple[str, list[str]]]] = {
     "throughput": throughput, "masked": masked, "fp16_overflow": fp16_overflow, "features": features,
-    "pretrain": pretrain, "layout_compile": layout_compile}
+    "pretrain": pretrain, "layout_compile": layout_compile, "augment": augment}
 
 
 # ---------------------------------------------------------------------------------------- the page

@@ -308,6 +308,67 @@ def extraction_speed(plan, name: str) -> dict[str, Any]:
                 times_s={side: [round(x, 4) for x in t["wall"]] for side, t in times.items()})
 
 
+# ---------------------------------------------------------------------------------------- 6. augmentation
+
+def augment_sides(plan) -> dict[str, Callable[[], Any]]:
+    """``data.augment_on=device``: each recipe's batched photometric ops on a uint8 batch already on the device
+    (what the trainer runs per step), at the bench's image size and batch; C=5 with the per-channel recipe."""
+    from types import SimpleNamespace
+
+    from timing import synchronized
+
+    from ssl_hybrid.data.augment import augment_generator, build_batch_augment
+
+    size, batch = plan.bench["img_size"], plan.bench["batch_size"]
+    recipes = {
+        "simclr": (dict(views="simclr", num_local_views=0), 3),
+        "dino_multicrop": (dict(views="dino", num_local_views=plan.augment["local_views"]), 3),
+        "simclr_5ch": (dict(views="simclr", num_local_views=0), 5),
+    }
+    sides = {}
+    for name, (recipe, channels) in recipes.items():
+        cfg = SimpleNamespace(image_size=size, local_image_size=max(8, size * 3 // 7), simclr_min_scale=0.08,
+                              simclr_local_min_scale=0.05, simclr_blur=0.5, simclr_color_jitter=1.0, simclr_hue=0.2,
+                              simclr_grayscale=0.2, **recipe)
+        stats = ([0.5] * channels, [0.25] * channels) if channels != 3 else (None, None)
+        _, augment = build_batch_augment(cfg, channels, *stats)
+        g = torch.Generator(device=plan.device).manual_seed(channels)
+        views = {key: [torch.randint(0, 256, (batch, channels, r.size, r.size), generator=g, device=plan.device,
+                                     dtype=torch.uint8) for r in recipes_]
+                 for key, recipes_ in (("global_views", augment.global_recipes),
+                                       ("local_views", augment.local_recipes))}
+        sides[name] = synchronized(lambda a=augment, v=views: a(v, augment_generator(0, 0, 0)), plan.device)
+    return sides
+
+
+def augment(plan, out: dict) -> None:
+    """Batched augmentation of a whole batch (all its views) vs the bf16 train step of ``plan.variant`` on one
+    view of the same batch, timed in alternation: the goal is augmentation never slower than the step."""
+    from bench_models import _adamw, _classifier, _inputs, _train_step_fn, autocast_for
+    from timing import rounded, significant, synchronized, time_alternating
+
+    args = bench_args(plan)
+    model = _classifier(plan.variant, args)
+    x, labels = _inputs(args)
+    sides = {"train_step": synchronized(_train_step_fn(model, x, labels, _adamw(model),
+                                                       autocast_for(args.device, args.precision)), args.device)}
+    sides.update(augment_sides(plan))
+    times = time_alternating(sides, args.iters, args.warmup)
+    step_s = statistics.median(times["train_step"]["wall"])
+    out.update(model=plan.variant, img_size=args.img_size, batch_size=args.batch_size, precision=args.precision,
+               step_img_per_s=significant(args.batch_size / step_s, 4), recipes={})
+    for name in sides:
+        if name == "train_step":
+            continue
+        seconds = statistics.median(times[name]["wall"])
+        out["recipes"][name] = dict(img_per_s=significant(args.batch_size / seconds, 4),
+                                    step_over_augment=significant(step_s / seconds), times_s=rounded(times[name]))
+    out["slowest_step_over_augment"] = min(r["step_over_augment"] for r in out["recipes"].values())
+    out["goal_met"] = out["slowest_step_over_augment"] >= 1.0
+    del model
+    release_memory()
+
+
 def release_memory() -> None:
     import gc
 
@@ -317,5 +378,5 @@ def release_memory() -> None:
 
 
 SECTIONS: dict[str, Callable[[Any, dict], None]] = {
-    "throughput": throughput, "masked": masked, "fp16_overflow": fp16_overflow, "features": features,
-    "pretrain": pretrain, "layout_compile": layout_compile}
+    "throughput": throughput, "augment": augment, "masked": masked, "fp16_overflow": fp16_overflow,
+    "features": features, "pretrain": pretrain, "layout_compile": layout_compile}

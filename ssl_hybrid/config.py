@@ -107,6 +107,11 @@ class DataConfig:
     simclr_grayscale: float = option(
         0.2, "SimCLR views: probability of a grayscale view (lightly's 0.2); 0 keeps every view in colour."
     )
+    augment_on: str = option(
+        "workers",
+        "Where the photometric augmentations run: workers (lightly's per-image transforms, as before) or device "
+        "(batched tensor ops in the training process, on the GPU when there is one; workers only crop and flip).",
+    )
     shuffle_buffer: int = option(
         1000, "Sample shuffle buffer over compressed bytes; 1000 mixes shards well at a few MB of memory."
     )
@@ -463,6 +468,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 _CHOICES = {
     "data.views": ("dino", "simclr", "mae"),
+    "data.augment_on": ("workers", "device"),
     "model.attn_mode": ATTN_MODES,
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "eval.pooling": POOLINGS,

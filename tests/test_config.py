@@ -92,6 +92,7 @@ def test_unknown_keys_in_recipe_name_file_and_key(tmp_path, text, key):
     ("eval.seeds=0", "eval.seeds"),
     ("data.worker_nice=20", "data.worker_nice"),
     ("data.worker_nice=-2", "data.worker_nice"),
+    ("data.augment_on=gpu", "data.augment_on"),
 ])
 def test_bad_overrides_name_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -10,6 +10,9 @@
   local crops of ``data.local_image_size`` (``data.simclr_local_min_scale`` .. ``data.simclr_min_scale``);
 - ``mae``: lightly ``MAETransform`` -- 1 light crop (MIM needs no second view).
 
+With ``data.augment_on=device`` the workers only crop and flip (uint8 views) and the trainer applies the same
+recipes' photometric ops batched (:mod:`ssl_hybrid.data.augment`).
+
 Grayscale, palette, alpha and 16-bit images are converted to RGB first (lightly's colour jitter and the
 3-channel normalisation expect RGB).
 """
@@ -77,11 +80,18 @@ class NamedViews:
 
 
 def build_transform(data_cfg, norm=None) -> Callable:
-    """The views of RGB photos (lightly), or, with ``norm`` (N-channel shards, ``data.channels``), of arrays."""
+    """The workers' transform. RGB photos: lightly's whole view transforms, or with ``data.augment_on=device``
+    only their crops and flips (the photometric rest runs batched in the trainer, :mod:`ssl_hybrid.data.augment`).
+    With ``norm`` (N-channel shards, ``data.channels``): crops, flips and per-channel normalisation of the arrays
+    (their intensity jitter, blur and noise run batched in the trainer with ``data.augment_on=device``)."""
     if norm is not None:
         from ssl_hybrid.data.channels import ArrayViews
 
         return ArrayViews(data_cfg, norm)
+    if getattr(data_cfg, "augment_on", "workers") == "device":
+        from ssl_hybrid.data.augment import build_batch_augment
+
+        return build_batch_augment(data_cfg)[0]
     return NamedViews(*_lightly_transform(data_cfg))
 
 

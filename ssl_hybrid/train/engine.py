@@ -26,6 +26,7 @@ import torch
 
 from ssl_hybrid import rng, runs
 from ssl_hybrid.config import Config
+from ssl_hybrid.data.augment import augment_generator
 from ssl_hybrid.device import sync_flags
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.train import checkpoint as ckpt
@@ -70,6 +71,11 @@ def train(run: Run, stop: StopSignal) -> None:
         try:
             while counters.step < settings.steps:
                 step, batch = counters.step, next(source)
+
+                # data.augment_on=device: the photometric augmentations, batched on the device; their draws are a
+                # function of (seed, step, rank), so a resumed run repeats them exactly.
+                if run.augment is not None:
+                    batch = run.augment(batch, augment_generator(settings.seed, step, accelerator.process_index))
 
                 # Schedules: the optimizer's lr and weight decay of this step.
                 apply_schedule(

@@ -19,6 +19,7 @@ from ssl_hybrid.train.settings import LoopSettings
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from ssl_hybrid.data.augment import BatchAugment
     from ssl_hybrid.data.stream import TrainStream
     from ssl_hybrid.train.monitor import KNNMonitor
 
@@ -57,6 +58,7 @@ class Run:
     counters: Counters = field(default_factory=Counters)
     monitor: KNNMonitor | None = None
     stop_reason: str | None = None
+    augment: BatchAugment | None = None  # data.augment_on=device: the photometric augmentations, batched
     # This session only (a resumed run started at start_step); not checkpointed, so resume stays exact.
     start_step: int = 0
     train_seconds: float = 0.0

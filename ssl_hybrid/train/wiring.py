@@ -110,6 +110,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
     and its data, or deleted (``fresh``) only after the model and the data stream have been built."""
     from accelerate.utils import set_seed
 
+    from ssl_hybrid.data.augment import device_augment
     from ssl_hybrid.data.channels import stream_normalization
     from ssl_hybrid.data.shards import manifest_fingerprint
     from ssl_hybrid.data.stream import build_train_stream
@@ -124,13 +125,14 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
     optimizer = build_optimizer(raw_model, config.optim)
+    norm = stream_normalization(config.data)  # per-channel statistics of N-channel shards; None for RGB photos
     stream = build_train_stream(
         config.data,
         derived["per_process_batch_size"],
         config.train.seed,
         accelerator.process_index,
         accelerator.num_processes,
-        build_transform(config.data, stream_normalization(config.data)),
+        build_transform(config.data, norm),
     )
     fingerprint = manifest_fingerprint(stream.urls)
     existing = open_run_folder(accelerator, config, fresh, fingerprint, held)
@@ -146,6 +148,7 @@ def setup(config: Config, fresh: bool = False, held: contextlib.ExitStack | None
         build_schedules(config, accelerator.num_processes),
         stream,
         data_fingerprint=fingerprint,
+        augment=device_augment(config.data, norm),
     )
     # Per-rank randomness (drop-path, augment fallbacks) differs across ranks but is reproducible.
     set_seed(config.train.seed + accelerator.process_index)

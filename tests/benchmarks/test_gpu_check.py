@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from ssl_hybrid.config import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
-SECTIONS = ("throughput", "masked", "fp16_overflow", "features", "pretrain", "layout_compile")
+SECTIONS = ("throughput", "augment", "masked", "fp16_overflow", "features", "pretrain", "layout_compile")
 
 
 def test_sections_fail_alone_time_caps_hold_and_resume_reports_a_death(tmp_path, monkeypatch):
@@ -116,6 +117,8 @@ def test_smoke_mode_runs_every_section_and_reports_numbers(tmp_path):
     assert set(pretrain["gain"]) >= {"knn_top1", "5shot"}
     assert (out_dir / "pretrain_report" / "report.md").exists()
 
+    assert_augment_section(sections["augment"])
+
     layout = sections["layout_compile"]
     assert set(layout["layout"]["img_per_s"]) == {"channels_first", "channels_last"}
     assert layout["compile"]["img_per_s"]["compiled"] > 0 and layout["compile"]["compile_s"] > 0
@@ -124,6 +127,28 @@ def test_smoke_mode_runs_every_section_and_reports_numbers(tmp_path):
     page = (out_dir / "gpu_check.md").read_text()
     assert all(f"| {name} | ok |" in page and f"## {name}" in page for name in SECTIONS)
     assert (committed.read_bytes() if committed.exists() else None) == before  # the committed results stay
+
+
+def assert_augment_section(out: dict) -> None:
+    assert set(out["recipes"]) == {"simclr", "dino_multicrop", "simclr_5ch"} and out["step_img_per_s"] > 0
+    for r in out["recipes"].values():
+        assert r["img_per_s"] > 0 and r["step_over_augment"] > 0 and len(r["times_s"]["wall"]) >= 1
+    assert out["slowest_step_over_augment"] == min(r["step_over_augment"] for r in out["recipes"].values())
+    assert out["goal_met"] == (out["slowest_step_over_augment"] >= 1.0)
+
+
+def test_augment_section_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    import gpu_report
+
+    plan = gpu_check.make_plan(gpu_check.parse_args(["--smoke", "--out-dir", str(tmp_path)]))
+    out: dict = {}
+    try:
+        gpu_check.gpu_sections.augment(plan, out)
+    finally:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    assert_augment_section(out)
+    headline, body = gpu_report.section_text("augment", dict(out, status="ok"))
+    assert "simclr_5ch" in headline and "goal (>= 1x)" in headline and any("dino_multicrop" in line for line in body)
 
 
 @pytest.mark.fault(injected="a machine loaded by other work (the fp16 section alone took 60-190 s on 2 shared cores)",

@@ -348,6 +348,7 @@ def test_five_channel_pretrain_knn_finetune_predict_end_to_end(tmp_path, capsys)
                  "--channel-names", "nuclei,cytoplasm,membrane,speckles,marker"]) == 0
     overrides = [f"train.output_dir={runs}", "name=c5", f"data.train={shards}", "data.channels=5",
                  "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=4", "model.name=hybrid_nano",
+                 "data.augment_on=device",  # the photometric half batched in the trainer, with the shards' statistics
                  "objective.dino_out_dim=32", "objective.decoder_dim=32", "objective.decoder_depth=1",
                  "objective.warmup_teacher_temp_steps=1", "train.steps=2", "train.batch_size=4",
                  "train.checkpoint_every=1", "train.knn_every=0"]

@@ -144,3 +144,24 @@ def test_sigterm_mid_run_saves_exits_cleanly_and_resumes_identically(corpus, run
     assert not (run_root / "term" / "model").exists()
     wait_pretrain(start_pretrain(overrides, threads=threads))
     assert_same_run(straight(threads, 2), run_root / "term")
+
+
+@pytest.mark.fault(injected="SIGKILL after the step-4 checkpoint of a run with data.augment_on=device (the photometric "
+                            "augmentations batched in the trainer, DINO views: jitter, blur, solarize)",
+                   did="the augmentation draws are a function of (seed, step, rank), so the resumed steps draw "
+                       "what the killed ones would have",
+                   lost="nothing: bit-identical to an uninterrupted run")
+@pytest.mark.slow
+def test_device_augmentation_resumes_bitwise_identical(corpus, run_root, monitor_val):
+    def overrides(name: str) -> list[str]:
+        return resume_overrides(run_root, name, monitor_val, 2) + ["data.augment_on=device"]
+
+    reference = start_pretrain(overrides("device-straight"), threads="1")
+    proc = start_pretrain(overrides("device-killed"), threads="1")
+    signal_when(proc, run_root / "device-killed" / "checkpoints" / step_dir_name(4), signal.SIGKILL)
+    code, err = wait_pretrain(proc, check=False)
+    assert code == -signal.SIGKILL, err[-2000:]
+    code, err = wait_pretrain(start_pretrain(overrides("device-killed"), threads="1", quiet=False))
+    assert "resumed from" in err, err[-2000:]
+    wait_pretrain(reference)
+    assert_same_run(run_root / "device-straight", run_root / "device-killed")
