@@ -57,7 +57,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "runs" / "objective_probe" / "results.jsonl")
     a = parser.parse_intermixed_args()
     args = argparse.Namespace(data=a.data, train_source=a.data / "train", image_size=a.image_size, batch_size=64,
-                              seed=0, work_dir=a.work_dir, calibration_steps=6, minutes=a.minutes, jobs=1, threads=1)
+                              seed=0, work_dir=a.work_dir, calibration_steps=6, minutes=a.minutes, steps=0, jobs=1, threads=1)
     le.METHODS[a.name] = (a.name, a.overrides)
     le.init_worker(args, a.name)  # import/JIT costs stay out of the calibration
     summary = le.pretrain_job(a.name, a.lr, le.calibrate(a.name, args), args)

@@ -71,8 +71,10 @@ def _jittered(view: ViewRecipe, strength: float, bright: float, contrast: float,
     )
 
 
-def view_recipes(data_cfg: Any, channels: int = 3) -> tuple[list[ViewRecipe], list[ViewRecipe]]:
-    """(global, local) recipes with the parameters ``ssl_hybrid.data.views`` hands lightly for ``data.views``."""
+def view_recipes(data_cfg: Any, channels: int | None = None) -> tuple[list[ViewRecipe], list[ViewRecipe]]:
+    """(global, local) recipes with the parameters ``ssl_hybrid.data.views`` hands lightly for ``data.views``,
+    for ``channels`` (default ``data.channels``) channels."""
+    channels = data_cfg.channels if channels is None else channels
     size, local_size, n_local = data_cfg.image_size, data_cfg.local_image_size, data_cfg.num_local_views
     if data_cfg.views == "dino":  # DINOTransform defaults
         view = ViewRecipe(size=size, scale=(0.4, 1.0), interpolation="bicubic", jitter=0.8, blur=1.0, grayscale=0.2)
@@ -127,7 +129,7 @@ def _for_channels(recipe: ViewRecipe) -> ViewRecipe:
 class CropFlip:
     """Image (PIL or Tensor[C,H,W]) -> named uint8/int views, cropped and flipped (picklable for workers)."""
 
-    def __init__(self, global_recipes: Sequence[ViewRecipe], local_recipes: Sequence[ViewRecipe], channels: int = 3):
+    def __init__(self, global_recipes: Sequence[ViewRecipe], local_recipes: Sequence[ViewRecipe], channels: int):
         from torchvision.transforms import v2
 
         def crop(r: ViewRecipe):
@@ -389,9 +391,11 @@ class BatchAugment:
 
 
 def build_batch_augment(
-    data_cfg: Any, channels: int = 3, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+    data_cfg: Any, channels: int | None = None, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
 ) -> tuple[CropFlip, BatchAugment]:
-    """The worker half and the device half of ``data.views``'s augmentations for ``channels`` channels."""
+    """The worker half and the device half of ``data.views``'s augmentations for ``channels`` (default
+    ``data.channels``) channels; RGB views are normalised with ImageNet's mean/std, as lightly does."""
+    channels = data_cfg.channels if channels is None else channels
     globals_, locals_ = view_recipes(data_cfg, channels)
     if mean is None or std is None:
         if channels != 3:

@@ -139,11 +139,11 @@ def test_whole_rgb_recipe_matches_lightly_in_distribution(views):
         reference = SimCLRTransform(input_size=SIZE, min_scale=1.0, normalize=None).transforms[0]
         cfg = SimpleNamespace(views="simclr", image_size=SIZE, local_image_size=SIZE, num_local_views=0,
                               simclr_min_scale=1.0, simclr_local_min_scale=1.0, simclr_blur=0.5,
-                              simclr_color_jitter=1.0, simclr_hue=0.2, simclr_grayscale=0.2)
+                              simclr_color_jitter=1.0, simclr_hue=0.2, simclr_grayscale=0.2, channels=3)
         view = 0
     else:  # the second global view: blur 0.1 and solarize 0.2
         reference = DINOTransform(global_crop_size=SIZE, global_crop_scale=(1.0, 1.0), normalize=None).transforms[1]
-        cfg = SimpleNamespace(views="dino", image_size=SIZE, local_image_size=SIZE, num_local_views=0)
+        cfg = SimpleNamespace(views="dino", image_size=SIZE, local_image_size=SIZE, num_local_views=0, channels=3)
         view = 1
     recipe = aug.view_recipes(cfg)[0][view]
     lightly_out, our_out = lightly_side(reference), our_side(recipe)
@@ -160,7 +160,7 @@ def test_the_comparison_rejects_a_wrong_strength():
 def simclr_cfg(**changes):
     values = dict(views="simclr", image_size=16, local_image_size=8, num_local_views=2, simclr_min_scale=0.25,
                   simclr_local_min_scale=0.05, simclr_blur=0.5, simclr_color_jitter=1.0, simclr_hue=0.2,
-                  simclr_grayscale=0.2)
+                  simclr_grayscale=0.2, channels=3)
     return SimpleNamespace(**{**values, **changes})
 
 

@@ -187,7 +187,7 @@ def test_labeled_shards_and_the_stream_read_the_same_samples(tmp_path):
 def test_a_sample_with_broken_json_is_kept_and_the_warning_names_shard_and_sample(tmp_path, caplog):
     import logging
 
-    from data_helpers import jpeg_bytes, write_tar
+    from tests.data.data_helpers import jpeg_bytes, write_tar
 
     (tmp_path / "shards").mkdir()
     shard = write_tar(tmp_path / "shards" / "broken_json.tar", [

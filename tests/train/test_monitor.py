@@ -36,7 +36,7 @@ def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
     """faiss shares torch's OpenMP runtime: its thread setting must not outlive the monitor's search (it
     once left the rest of a run on 1 thread, so a resumed run, which skips the step-0 monitor, diverged)."""
     import torch
-    from trainhelpers import tiny_overrides
+    from tests.train.trainhelpers import tiny_overrides
 
     from ssl_hybrid.config import load_config
     from ssl_hybrid.train.monitor import KNNMonitor
@@ -57,7 +57,7 @@ def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
                        "online k-NN log line and metrics.jsonl record names the corpus (knn_corpus)",
                    lost="nothing; before, the pets numbers read as the user's own data's")
 def test_monitor_names_its_corpus_and_warns_when_it_is_not_the_training_data(image_folder, run_root, caplog):
-    from trainhelpers import CORPUS, tiny_overrides
+    from tests.train.trainhelpers import CORPUS, tiny_overrides
 
     from ssl_hybrid.config import load_config
     from ssl_hybrid.train.monitor import KNNMonitor, same_data

@@ -428,7 +428,7 @@ def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
 @pytest.mark.parametrize("recipe", ["quickstart", "hybrid_small_joint", "hybrid_small_mim", "hybrid_small_dino",
                                     "simclr"])
 def test_every_recipe_runs_a_step(corpus, run_root, recipe):
-    from trainhelpers import REPO
+    from tests.train.trainhelpers import REPO
 
     overrides = tiny_overrides(run_root, recipe, train__steps=1, train__mixed_precision="'no'",
                                data__num_local_views=min(1, load_config(REPO / f"recipes/{recipe}.yaml").data.num_local_views),
