@@ -335,6 +335,36 @@ def test_evaluators_use_the_recorded_normalisation_on_five_channel_shards(cell_s
     assert picture.mode == "RGB" and picture.size == (40, 40)
 
 
+def test_model_card_of_a_five_channel_model_shows_code_that_embeds_a_tiff_as_the_evaluators_do(cell_shards, tmp_path):
+    """The exported folder's README is what a timm user reads: its snippet (timm's RGB transform before) must
+    turn a 16-bit 5-channel TIFF into the embedding the evaluators compute for that file."""
+    import re
+
+    import torch
+
+    import ssl_hybrid.models  # noqa: F401
+    from ssl_hybrid.data.labeled import load_labeled
+    from ssl_hybrid.data.shards import read_manifest
+    from ssl_hybrid.eval.embed import load_embedder
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(0)
+    norm = ch.manifest_normalization(read_manifest(cell_shards))
+    folder = save_model_folder(create_backbone("resvit_nano", 32, in_chans=5), tmp_path / "m",
+                               extra={"image_size": 32, "normalization": norm.record()})
+    write_cells(tmp_path / "one", {"x/cell.tif": pixels((5, 44, 40), seed=9)})
+    image = tmp_path / "one" / "x" / "cell.tif"
+    snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    snippet = snippet.replace("<this folder>", str(folder)).replace('"image.tif"', repr(str(image)))
+    scope: dict = {}
+    with torch.no_grad():
+        exec(snippet, scope)  # noqa: S102 - the card's own code, as a user runs it
+    out = scope["out"].numpy()
+    expected = load_embedder(str(folder), 32, pooling="default", batch_size=1).features(load_labeled(tmp_path / "one"))
+    np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_five_channel_pretrain_knn_finetune_predict_end_to_end(tmp_path, capsys):
     """The whole path a microscopist takes, on a tiny demo set: make-demo -> shards --channels 5 -> pretrain
