@@ -144,11 +144,17 @@ class LabeledSet:
 
 def _decode(data: bytes, key: str):
     """(RGB image, None) or (None, reason): the stream's decoder, so the corrupt-image policy is the same."""
+    from ssl_hybrid.data.channels import TIFF_MAGICS, read_array
     from ssl_hybrid.data.stream import decode_image_or_reason
 
     image, reason = decode_image_or_reason({"__key__": key, "jpg": data})
     if image is not None:
         return image, None
+    if data[:4] in TIFF_MAGICS:  # float32 or odd-layout TIFFs Pillow cannot open: the N-channel reader may
+        try:
+            return read_array(data, key), None
+        except ValueError:
+            pass  # Pillow's reason is reported, as for every other unreadable file
     # PIL names its in-memory file ("<_io.BytesIO object at 0x7f...>"): noise next to the real file name.
     return None, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason or "not a readable image")
 
@@ -459,6 +465,11 @@ class TorchLabeledDataset:
         # N-channel transforms take the array itself: PIL would read a 5-channel TIFF as 8-bit RGB
         wants_array = getattr(self.transform, "takes_arrays", False)
         image = self.labeled.load_array(index) if wants_array else self.labeled.load_image(index)
+        if not wants_array and isinstance(image, np.ndarray):
+            raise LabeledDataError(
+                f"{self.labeled.where(index)}: a {image.dtype} image of {image.shape[0]} channels; this backbone "
+                "takes RGB images (pretrain with data.channels on shards written by ssl-hybrid shards --channels)"
+            )
         try:
             pixels = self.transform(image)
         except Exception as err:  # e.g. an image too small for the crop: name the file, not the worker

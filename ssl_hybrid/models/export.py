@@ -215,21 +215,8 @@ def model_card(config: dict[str, Any], evaluation: str | None = None) -> str:
     if evaluation:
         lines += ["## Evaluation", "", evaluation.strip(), ""]
     pooled = config.get("global_pool") == "multiscale"
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "import timm",
-        "import ssl_hybrid.models  # registers the architecture",
-        "",
-        'model = timm.create_model("local-dir:<this folder>", pretrained=True).eval()',
-        "cfg = timm.data.resolve_data_config({}, model=model)",
-        "transform = timm.data.create_transform(**cfg)",
-        "out = model(transform(image).unsqueeze(0))  # "
-        + ("class logits" if classifier else "the embedding the evaluators scored"),
-        "```",
-        "",
-    ]
+    output = "class logits" if classifier else "the embedding the evaluators scored"
+    lines += ["## Use", "", *(_card_use_arrays(output) if record.get("normalization") else _card_use_rgb(output))]
     if record.get("scored_pooling") == "multiscale" and not pooled:
         lines += [
             (
@@ -248,6 +235,49 @@ def model_card(config: dict[str, Any], evaluation: str | None = None) -> str:
             "",
         ]
     return "\n".join(front + lines)
+
+
+def _card_use_rgb(output: str) -> list[str]:
+    return [
+        "```python",
+        "import timm",
+        "import ssl_hybrid.models  # registers the architecture",
+        "",
+        'model = timm.create_model("local-dir:<this folder>", pretrained=True).eval()',
+        "cfg = timm.data.resolve_data_config({}, model=model)",
+        "transform = timm.data.create_transform(**cfg)",
+        f"out = model(transform(image).unsqueeze(0))  # {output}",
+        "```",
+        "",
+    ]
+
+
+def _card_use_arrays(output: str) -> list[str]:
+    """N-channel models: timm's PIL transform cannot hold their images, and the statistics apply to values
+    scaled by the dtype's range, so the card shows the evaluators' own reader and transform."""
+    return [
+        "```python",
+        "import timm",
+        "import ssl_hybrid.models  # registers the architecture",
+        "from ssl_hybrid.data.channels import ArrayEvalTransform, Normalization, read_array",
+        "",
+        'model = timm.create_model("local-dir:<this folder>", pretrained=True).eval()',
+        "cfg = model.pretrained_cfg",
+        'norm = Normalization(tuple(cfg["mean"]), tuple(cfg["std"]))',
+        'transform = ArrayEvalTransform(cfg["input_size"][-1], norm, cfg["crop_pct"])',
+        'with open("image.tif", "rb") as f:  # TIFF/OME-TIFF/PNG; arrays [C, H, W] of uint8, uint16 or float32',
+        '    array = read_array(f.read(), "image.tif")',
+        f"out = model(transform(array).unsqueeze(0))  # {output}",
+        "```",
+        "",
+        (
+            "The model takes the channels in the order it was pretrained with, each value divided by its dtype's "
+            "range (uint16: 65535, uint8: 255, floats as stored) and then normalised with `pretrained_cfg`'s "
+            "per-channel `mean`/`std` (`ssl_hybrid.normalization` names the channels); images are resized "
+            "(shorter side to `input_size / crop_pct`, bilinear) and centre-cropped."
+        ),
+        "",
+    ]
 
 
 def _card_training(record: dict[str, Any]) -> list[str]:

@@ -335,6 +335,73 @@ def test_evaluators_use_the_recorded_normalisation_on_five_channel_shards(cell_s
     assert picture.mode == "RGB" and picture.size == (40, 40)
 
 
+def test_model_card_of_a_five_channel_model_shows_code_that_embeds_a_tiff_as_the_evaluators_do(cell_shards, tmp_path):
+    """The exported folder's README is what a timm user reads: its snippet (timm's RGB transform before) must
+    turn a 16-bit 5-channel TIFF into the embedding the evaluators compute for that file."""
+    import re
+
+    import torch
+
+    import ssl_hybrid.models  # noqa: F401
+    from ssl_hybrid.data.labeled import load_labeled
+    from ssl_hybrid.data.shards import read_manifest
+    from ssl_hybrid.eval.embed import load_embedder
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(0)
+    norm = ch.manifest_normalization(read_manifest(cell_shards))
+    folder = save_model_folder(create_backbone("resvit_nano", 32, in_chans=5), tmp_path / "m",
+                               extra={"image_size": 32, "normalization": norm.record()})
+    write_cells(tmp_path / "one", {"x/cell.tif": pixels((5, 44, 40), seed=9)})
+    image = tmp_path / "one" / "x" / "cell.tif"
+    snippet = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    snippet = snippet.replace("<this folder>", str(folder)).replace('"image.tif"', repr(str(image)))
+    scope: dict = {}
+    with torch.no_grad():
+        exec(snippet, scope)  # noqa: S102 - the card's own code, as a user runs it
+    out = scope["out"].numpy()
+    expected = load_embedder(str(folder), 32, pooling="default", batch_size=1).features(load_labeled(tmp_path / "one"))
+    np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_float32_tiffs_that_pillow_cannot_open_are_read_by_the_evaluators_of_a_four_channel_model(tmp_path):
+    """``shards --channels`` takes float32 TIFFs (4 samples per pixel: Pillow has no such mode); the evaluators' readability check (Pillow) refused them all."""
+    import torch
+
+    import ssl_hybrid.models  # noqa: F401
+    from ssl_hybrid.data.labeled import check_images, load_labeled
+    from ssl_hybrid.eval.features import features_for_spec
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        path = tmp_path / "cells" / "ab"[i % 2] / f"c{i}.tif"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = rng.random((4, 36, 36), dtype=np.float32)
+        path.write_bytes(tiff_bytes(array, photometric="rgb", planarconfig="separate", extrasamples=["unspecified"]))
+    norm = ch.Normalization((0.5,) * 4, (0.3,) * 4)
+    folder = save_model_folder(create_backbone("resvit_nano", 32, in_chans=4), tmp_path / "m",
+                               extra={"image_size": 32, "normalization": norm.record()})
+    labeled = check_images(load_labeled(tmp_path / "cells"))
+    assert len(labeled) == 4 and not labeled.skipped
+    _, [(features, labels)] = features_for_spec(str(folder), [labeled], batch_size=4)
+    assert features.shape[0] == 4 and np.isfinite(features).all() and sorted(labels) == [0, 0, 1, 1]
+
+
+@pytest.mark.fault(injected="5-channel labeled shards given to an RGB backbone (random:resvit_nano) for k-NN",
+                   did="one line naming the shard sample, its channel count and that the backbone takes RGB",
+                   lost="nothing")
+def test_an_rgb_backbone_given_n_channel_images_stops_with_one_line_naming_the_sample(cell_shards):
+    from ssl_hybrid.data.labeled import LabeledDataError, load_labeled
+    from ssl_hybrid.eval.features import features_for_spec
+
+    with pytest.raises(LabeledDataError, match=r"sample '.+': a uint16 image of 5 channels; this backbone takes RGB"):
+        features_for_spec("random:resvit_nano", [load_labeled(cell_shards)], image_size=32, batch_size=4)
+
+
 @pytest.mark.slow
 def test_five_channel_pretrain_knn_finetune_predict_end_to_end(tmp_path, capsys):
     """The whole path a microscopist takes, on a tiny demo set: make-demo -> shards --channels 5 -> pretrain

@@ -36,11 +36,11 @@ def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
     """faiss shares torch's OpenMP runtime: its thread setting must not outlive the monitor's search (it
     once left the rest of a run on 1 thread, so a resumed run, which skips the step-0 monitor, diverged)."""
     import torch
-    from tests.train.trainhelpers import tiny_overrides
 
     from ssl_hybrid.config import load_config
     from ssl_hybrid.train.monitor import KNNMonitor
     from ssl_hybrid.train.wiring import build_backbone
+    from tests.train.trainhelpers import tiny_overrides
 
     config = load_config(None, tiny_overrides(run_root, data__val=image_folder, train__knn_every=1))
     before = torch.get_num_threads()
@@ -57,10 +57,9 @@ def test_monitor_leaves_torchs_thread_count_alone(image_folder, run_root):
                        "online k-NN log line and metrics.jsonl record names the corpus (knn_corpus)",
                    lost="nothing; before, the pets numbers read as the user's own data's")
 def test_monitor_names_its_corpus_and_warns_when_it_is_not_the_training_data(image_folder, run_root, caplog):
-    from tests.train.trainhelpers import CORPUS, tiny_overrides
-
     from ssl_hybrid.config import load_config
     from ssl_hybrid.train.monitor import KNNMonitor, same_data
+    from tests.train.trainhelpers import CORPUS, tiny_overrides
 
     config = load_config(None, tiny_overrides(run_root, data__val=image_folder, train__knn_every=1))
     assert config.data.train == str(CORPUS)
