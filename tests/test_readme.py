@@ -143,3 +143,9 @@ def test_relative_links_resolve(doc):
         if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in _anchors(linked)):
             broken.append(target)
     assert not broken, f"{doc.relative_to(ROOT)} links to what does not exist: {broken}"
+
+
+def test_the_readme_stays_user_documentation_sized():
+    """Reference material lives in docs/ and benchmark history beside its results: the README stays <= 18 KB."""
+    size = len(README.read_bytes())
+    assert size <= 18_000, f"README.md is {size} bytes; move reference material to docs/"
