@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
-# scorer(candidate, steps, rung_index) -> {"score": float (higher is better), ...anything JSON-able}
-Scorer = Callable[[Candidate, int, int], dict[str, Any]]
+# scorer(candidate, steps, rung_index) -> {"score": float (higher is better), ...anything JSON-able}; the
+# confirmation stage also passes seed=<training seed> (search/confirm.py)
+Scorer = Callable[..., dict[str, Any]]
 # steps_for(candidate, seconds) -> the steps that make ``seconds`` of pretraining for this candidate
 StepsFor = Callable[[Candidate, float], int]
 
@@ -255,7 +256,7 @@ def successive_halving(
                 continue  # scored before an interruption: never re-run
             candidate = state.candidate(cid)
             steps = steps_for(candidate, seconds) if steps_for and seconds else planned["steps"]
-            state.record_score(planned["index"], cid, _score_one(candidate, dict(planned, steps=steps), scorer))
+            state.record_score(planned["index"], cid, score_one(candidate, dict(planned, steps=steps), scorer))
         if not any(r.get("score") is not None for r in rung["scores"].values()):
             raise RuntimeError(f"every candidate of rung {planned['index']} failed; see the errors in {state.path}")
         next_size = plan[planned["index"] + 1]["size"] if planned["index"] + 1 < len(plan) else 0
@@ -274,21 +275,26 @@ def successive_halving(
     return state.best()
 
 
-def _score_one(candidate: Candidate, planned: dict[str, int], scorer: Scorer) -> dict[str, Any]:
-    log.info(
-        "rung %d: scoring %s (%s) with %d steps", planned["index"], candidate.id, candidate.label(), planned["steps"]
-    )
+def score_one(candidate: Candidate, planned: dict[str, Any], scorer: Scorer) -> dict[str, Any]:
+    """``scorer`` on one candidate with ``planned["steps"]`` (and ``planned["seed"]`` when given); a failure
+    is recorded as ``score: None`` with the error, except errors the user must fix."""
+    seed = planned.get("seed")
+    where = f"rung {planned['index']}" + (f" seed {seed}" if seed is not None else "")
+    log.info("%s: scoring %s (%s) with %d steps", where, candidate.id, candidate.label(), planned["steps"])
     try:
-        result = dict(scorer(candidate, planned["steps"], planned["index"]))
+        if seed is None:
+            result = dict(scorer(candidate, planned["steps"], planned["index"]))
+        else:
+            result = dict(scorer(candidate, planned["steps"], planned["index"], seed=seed))
     except UserError:
         raise
     except Exception as err:  # a candidate that diverges or runs out of memory must not end the search
-        log.exception("candidate %s failed at rung %d", candidate.id, planned["index"])
+        log.exception("candidate %s failed at %s", candidate.id, where)
         return {"score": None, "error": f"{type(err).__name__}: {err}"}
     result.setdefault("steps", planned["steps"])
     score = result.get("score")
     if score is None or not math.isfinite(float(score)):
         return dict(result, score=None, error=result.get("error") or f"non-finite score {score!r}")
     result["score"] = float(score)
-    log.info("rung %d: %s scored %.4f", planned["index"], candidate.id, result["score"])
+    log.info("%s: %s scored %.4f", where, candidate.id, result["score"])
     return result

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_hybrid.config import EvalConfig
+from ssl_hybrid.config import POOLINGS, EvalConfig
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.search.recipe import candidate_config
 from ssl_hybrid.search.space import Candidate, build_candidate
@@ -52,9 +52,15 @@ class ProxyConfig:
     knn_test: str = ""
     # Labeled images per class in the bank (0 = all of knn_train): few labels is the regime we care about.
     knn_shots: int = 0
+    # "holdout": the knn_test images (or the hold-out) are the queries and knn_train the bank.
+    # "leave_one_out": knn_train and knn_test pooled, every image a query against all the others: on a small
+    # labeled set every label counts as a query, which halves the score's binomial noise at 4x the queries.
+    knn_protocol: str = "holdout"
     # DINO's k-NN protocol, as in the evaluation (eval.knn_k, eval.knn_temperature).
     knn_k: int = EvalConfig.knn_k
     knn_temperature: float = EvalConfig.knn_temperature
+    # Frozen-feature pooling, as in the evaluation (eval.pooling): multiscale or default.
+    pooling: str = EvalConfig.pooling
     # Also score each candidate at random init (no training), so the table shows what pretraining added.
     score_init: bool = True
     # Keep each proxy run's resumable checkpoints (~100 MB each) after it is scored; the exported
@@ -74,18 +80,30 @@ class ProxyConfig:
             )
         if self.knn_shots < 0 or self.knn_k < 1:
             raise UserError("search.proxy.knn_shots must be >= 0 and search.proxy.knn_k >= 1")
+        if self.pooling not in POOLINGS:
+            raise UserError(f"search.proxy.pooling = {self.pooling!r}: use one of {', '.join(POOLINGS)}")
+        if self.knn_protocol not in ("holdout", "leave_one_out"):
+            raise UserError(f"search.proxy.knn_protocol = {self.knn_protocol!r}: use holdout or leave_one_out")
+        if self.knn_protocol == "leave_one_out" and self.knn_shots:
+            raise UserError("search.proxy.knn_shots needs knn_protocol=holdout (leave_one_out uses every label)")
 
 
 class KnnSets:
     """The labeled bank and query sets: loaded and split once, decoded once per image size."""
 
     def __init__(self, proxy: ProxyConfig):
-        from ssl_hybrid.data.labeled import kshot_indices, load_labeled, stratified_holdout
+        from ssl_hybrid.data.labeled import LabeledSet, align_classes, kshot_indices, load_labeled, stratified_holdout
 
         proxy.check()
+        self.leave_one_out = proxy.knn_protocol == "leave_one_out"
         train = load_labeled(proxy.knn_train)
         if proxy.knn_test:
-            test = load_labeled(proxy.knn_test)
+            test = align_classes(train, load_labeled(proxy.knn_test))
+            if self.leave_one_out:  # one pool: every image a query, the others its bank
+                train = LabeledSet(train.source, train.classes, train.samples + test.samples)
+                test = train
+        elif self.leave_one_out:
+            test = train
         else:
             bank_idx, query_idx = stratified_holdout(train.labels, 0.25, proxy.seed)
             train, test = train.subset(bank_idx), train.subset(query_idx)
@@ -94,7 +112,10 @@ class KnnSets:
         self.train, self.test = train, test
         self.num_classes = len(train.classes)
         self._tensors: dict[tuple[str, int], torch.Tensor] = {}
-        log.info("k-NN proxy: bank %d images, %d queries, %d classes", len(train), len(test), self.num_classes)
+        if self.leave_one_out:
+            log.info("k-NN proxy: %d labeled images, each a query against the others", len(train))
+        else:
+            log.info("k-NN proxy: bank %d images, %d queries, %d classes", len(train), len(test), self.num_classes)
 
     def images(self, which: str, image_size: int) -> torch.Tensor:
         """All images of ``which`` ("train" | "test") under the eval transform: [N, 3, S, S], cached."""
@@ -120,12 +141,16 @@ class KnnSets:
         return images[torch.as_tensor(np.sort(picks))]
 
     def evaluate(self, backbone: torch.nn.Module, image_size: int, proxy: ProxyConfig) -> dict[str, Any]:
-        from ssl_hybrid.eval.features import NonFiniteError, extract_features
-        from ssl_hybrid.eval.knn import knn_evaluate
+        from ssl_hybrid.eval.features import NonFiniteError, extract_features, pooling_forward
+        from ssl_hybrid.eval.knn import faiss_threads, knn_evaluate, leave_one_out_knn
 
+        forward = pooling_forward(backbone, proxy.pooling)  # what the evaluators score, not the token pooling alone
         try:
-            bank = extract_features(backbone, self.loader("train", image_size), name="the candidate")
-            queries = extract_features(backbone, self.loader("test", image_size), name="the candidate")
+            bank = extract_features(backbone, self.loader("train", image_size), forward=forward, name="the candidate")
+            if self.leave_one_out:
+                with faiss_threads():
+                    return leave_one_out_knn(*bank, k=proxy.knn_k, temperature=proxy.knn_temperature)
+            queries = extract_features(backbone, self.loader("test", image_size), forward=forward, name="the candidate")
         except NonFiniteError as err:  # a candidate that diverged fails alone (halving scores it None)
             raise RuntimeError(str(err)) from None
         return knn_evaluate(
@@ -167,10 +192,12 @@ class PretrainKnnProxy:
         self.sets = sets or KnnSets(proxy)
         self.train_data = prepare_train_data(proxy, self.work_dir)
 
-    def config_for(self, candidate: Candidate, steps: int, rung: int | str):
-        name = f"{candidate.id}-r{rung}"
+    def config_for(self, candidate: Candidate, steps: int, rung: int | str, seed: int | None = None):
+        name = f"{candidate.id}-r{rung}" + (f"-s{seed}" if seed is not None else "")
         data = [f"data.train={self.train_data}"] if self.train_data else []
         overrides = [*data, *self.proxy.overrides, f"train.steps={steps}", f"train.output_dir={self.work_dir / 'runs'}"]
+        if seed is not None:  # a confirmation run: the same recipe with another training seed
+            overrides.append(f"train.seed={seed}")
         return candidate_config(self.base, candidate, overrides, self.work_dir / "recipes", name)
 
     def step_seconds(self, candidate: Candidate) -> float:
@@ -193,14 +220,14 @@ class PretrainKnnProxy:
         (short, cpu_short), (long, cpu_long) = cpu
         return max(cpu_long - cpu_short, 1e-3) / (long - short)
 
-    def __call__(self, candidate: Candidate, steps: int, rung: int) -> dict[str, Any]:
+    def __call__(self, candidate: Candidate, steps: int, rung: int, seed: int | None = None) -> dict[str, Any]:
         from ssl_hybrid.config import run_dir
         from ssl_hybrid.eval.backbones import load_backbone_spec
 
-        config = self.config_for(candidate, steps, rung)
+        config = self.config_for(candidate, steps, rung, seed)
         size = config.data.image_size
         result: dict[str, Any] = {}
-        if self.proxy.score_init and rung == 0:
+        if self.proxy.score_init and rung == 0 and seed is None:
             torch.manual_seed(config.train.seed)
             result["init_score"] = self.sets.evaluate(build_candidate(candidate, size), size, self.proxy)["top1"]
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -216,6 +243,7 @@ class PretrainKnnProxy:
             image_size=size,
             seconds=time.perf_counter() - start,
             run_dir=str(run_dir(config)),
+            seed=config.train.seed,
         )
         if not self.proxy.keep_checkpoints:
             shutil.rmtree(run_dir(config) / "checkpoints", ignore_errors=True)

@@ -28,6 +28,7 @@ from ssl_hybrid.machine import machine_info
 from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
 from ssl_hybrid.search.budget import Budget, measure_and_check
+from ssl_hybrid.search.confirm import ConfirmConfig, confirm_seeds, markdown_section, run_confirmation
 from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
 from ssl_hybrid.search.proxy import ProxyConfig
 from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe
@@ -67,6 +68,8 @@ class SearchConfig:
     zero_cost: ZeroCostConfig = field(default_factory=ZeroCostConfig)
     schedule: HalvingSchedule = field(default_factory=HalvingSchedule)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    # After the last rung: the winner and the references retrained with fresh seeds, compared seed by seed.
+    confirm: ConfirmConfig = field(default_factory=ConfirmConfig)
 
     def out_dir(self) -> Path:
         return Path(self.output_dir) / self.name
@@ -82,11 +85,13 @@ class SearchConfig:
             raise ConfigError("search: zero_cost.batch_size must be >= 2 (the kernel compares images)")
         self.space.check()
         self.schedule.check()
+        self.confirm.check()
 
     def fingerprint(self) -> str:
-        """What decides the search's results; name/output_dir do not (a moved directory still resumes)."""
+        """What decides the search's results; name/output_dir do not (a moved directory still resumes), nor
+        does the confirmation (a finished search can be confirmed, or confirmed with more seeds, later)."""
         values = dataclasses.asdict(self)
-        values.pop("name"), values.pop("output_dir")
+        values.pop("name"), values.pop("output_dir"), values.pop("confirm")
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -185,6 +190,10 @@ def write_outputs(
     }
     write_json_atomic(out / "pareto.json", summary)
     table = report.markdown_table(rows)
+    confirmation = state.data.get("confirm", {}).get("summary")
+    if confirmation and confirmation.get("winner") == winner:
+        summary["confirm"] = confirmation
+        table += markdown_section(confirmation)
     (out / "pareto.md").write_text(f"# Search `{config.name}`\n\n{table}", encoding="utf-8")
     report.scatter_plot(
         rows,
@@ -335,6 +344,8 @@ def run_search(
         for cid in [*members, *state.references()]:
             steps_for(state.candidate(cid), config.schedule.min_seconds)
     winner = successive_halving(state, members, config.schedule, scorer, steps_for)
+    if winner is not None and config.confirm.seeds:
+        run_confirmation(state, winner, confirm_seeds(config.confirm, config.seed), scorer, steps_for)
     summary = write_outputs(state, config, winner, time.perf_counter() - start, device)
     summary["seconds_all_invocations"] = state.elapsed_seconds()
     write_json_atomic(out / "pareto.json", summary)
