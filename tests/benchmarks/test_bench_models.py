@@ -11,6 +11,7 @@ import pytest
 import timing
 
 
+@pytest.mark.slow
 def test_bench_backbone_cli_writes_all_sections(tmp_path, capsys):
     out = tmp_path / "backbone.json"
     timing.main(bench, ["-q", "--out", str(out), "--models", "hybrid_nano", "--variant", "hybrid_nano",

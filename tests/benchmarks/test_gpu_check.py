@@ -23,6 +23,7 @@ import gpu_check  # noqa: E402
 SECTIONS = ("throughput", "augment", "masked", "fp16_overflow", "features", "pretrain", "layout_compile")
 
 
+@pytest.mark.slow
 def test_sections_fail_alone_time_caps_hold_and_resume_reports_a_death(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_check, "MIN_CAP_S", 0.05)
 

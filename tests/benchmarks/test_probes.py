@@ -33,6 +33,7 @@ def test_objective_probe_trains_for_its_budget_and_reports(image_folder: Path, t
 
 
 @pytest.mark.parametrize("image_size", [64, 96])
+@pytest.mark.slow
 def test_every_label_efficiency_method_config_loads(tmp_path: Path, image_size: int):
     """Each method's overrides are a valid config at the sizes the benchmark runs (the multi-crop method's local
     crops are half the image size, which must stay a multiple of 16)."""

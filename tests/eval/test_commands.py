@@ -198,6 +198,7 @@ def test_report_baseline_must_name_a_backbone(labeled_pair, capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_report_knn_protocol_leave_one_out_queries_train_and_test(labeled_pair, capsys, tmp_path):
     code, _, _ = _run(capsys, "report", "random:resnet10t", "--train", str(labeled_pair[0]), "--test",
                       str(labeled_pair[1]), "--image-size", "32", "--workers", "0", "--shots", "1", "--seeds", "1",

@@ -12,6 +12,7 @@ from ssl_hybrid.eval.fewshot import fewshot_evaluate
 from tests.eval.eval_helpers import clustered
 
 
+@pytest.mark.slow
 def test_fewshot_is_deterministic_and_saves_split_ids(tmp_path):
     from ssl_hybrid.data.labeled import LabeledSet, Sample
 
@@ -76,6 +77,7 @@ def test_fewshot_rest_protocol_draws_from_train_and_test_and_scores_every_image_
         fewshot_evaluate(train, train_y, test, test_y, shots=(2,), protocol="pooled")
 
 
+@pytest.mark.slow
 def test_fewshot_draws_evaluated_at_once_give_the_same_numbers_as_in_turn(monkeypatch):
     import ssl_hybrid.eval.fewshot as fewshot
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import timm
 import torch
 
@@ -36,6 +37,7 @@ def test_count_flops_counts_depthwise_conv_backward_once_per_forward_multiply_ad
     assert count_flops(dense, x, train_step=True) == torch_counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_count_flops_on_hybrid_and_masking_cuts_flops(built):
     model = copy.deepcopy(built["hybrid_small"])
     x = torch.randn(1, 3, 224, 224)

@@ -32,6 +32,7 @@ def _load(tiny_search):
     return json.loads((tiny_search.out_dir() / "state.json").read_text())
 
 
+@pytest.mark.slow
 def test_over_budget_candidates_are_rejected_before_training(tiny_search):
     params = sorted(count_params(build_candidate(c, 32)) / 1e6 for c in
                     search_run.sample_candidates(tiny_search.space, tiny_search.num_candidates, tiny_search.seed))
@@ -78,6 +79,7 @@ def test_measurements_match_the_counters(tiny_search):
         assert measured["latency_ms"] > 0
 
 
+@pytest.mark.slow
 def test_outputs_pareto_and_chosen_recipe(tiny_search):
     from ssl_hybrid.config import load_config
     from ssl_hybrid.train.wiring import build_backbone
@@ -108,6 +110,7 @@ def test_outputs_pareto_and_chosen_recipe(tiny_search):
     assert sum(p.numel() for p in backbone.parameters()) / 1e6 == pytest.approx(measured)
 
 
+@pytest.mark.slow
 def test_zero_cost_pruning_drops_the_lowest_naswot(tiny_search):
     tiny_search.zero_cost.keep_fraction = 0.5
     scorer = ArchScorer()
@@ -121,6 +124,7 @@ def test_zero_cost_pruning_drops_the_lowest_naswot(tiny_search):
     assert {cid for cid, _ in scorer.calls} == set(kept)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_without_rerunning(tiny_search, monkeypatch):
     reference = search_run.run_search(tiny_search, scorer=ArchScorer())
     reference_calls = len(_load(tiny_search)["rungs"][0]["members"]) + sum(

@@ -63,6 +63,7 @@ PHASES = {  # phase -> (module and function the signal arrives in, which call, t
                        "yet; the same command afterwards completes (and exports) the run",
                    lost="nothing: the final checkpoint is complete, earlier phases had nothing new to save")
 @pytest.mark.parametrize("phase", list(PHASES))
+@pytest.mark.slow
 def test_sigterm_in_every_phase_exits_0_and_the_same_command_completes(corpus, run_root, image_folder, capsys,
                                                                      monkeypatch, test_sigterm_handler, phase):
     overrides = tiny_overrides(run_root, "phase", train__steps=STEPS, train__checkpoint_every=0,

@@ -191,6 +191,7 @@ def test_logs_show_only_the_settings_of_the_objectives_in_use(run_root, caplog):
 
 # ------------------------------------------------------------------------------------- the loop
 
+@pytest.mark.slow
 def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, image_folder):
     config = tiny_config(run_root, "full", train__steps=3, train__checkpoint_every=1, train__keep_checkpoints=2,
                          train__knn_every=3, data__val=str(image_folder), data__num_local_views=1,
@@ -243,6 +244,7 @@ def test_run_writes_config_metrics_tensorboard_knn_and_export(corpus, run_root, 
 @pytest.mark.fault(injected="re-running a run name with a changed config",
                    did="refused with one line naming the differing keys, before the run directory is touched",
                    lost="nothing")
+@pytest.mark.slow
 def test_checkpoint_from_another_config_is_refused_before_touching_the_run(corpus, run_root):
     engine.pretrain(tiny_config(run_root, "same", train__steps=2))
     before = (run_root / "same" / "config.yaml").read_text()
@@ -284,6 +286,7 @@ def inject_nan(monkeypatch, bad_calls):
 @pytest.mark.fault(injected="a NaN loss in one step",
                    did="the step is skipped and counted (nonfinite_total)",
                    lost="that one batch")
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(corpus, run_root, monkeypatch):
     inject_nan(monkeypatch, {2})
     summary = engine.pretrain(tiny_config(run_root, "spike", train__steps=3))
@@ -296,6 +299,7 @@ def test_nonfinite_step_is_skipped_and_counted(corpus, run_root, monkeypatch):
                    did="stops after train.max_nonfinite_steps in a row with one line naming the last good "
                        "checkpoint",
                    lost="only the diverged steps (the last good checkpoint stays the newest)")
+@pytest.mark.slow
 def test_nonfinite_losses_in_a_row_stop_and_keep_last_good_checkpoint(corpus, run_root, monkeypatch):
     inject_nan(monkeypatch, {3, None})  # every call from the third on
     config = tiny_config(run_root, "diverge", train__steps=4, train__checkpoint_every=1,
@@ -325,6 +329,7 @@ class BadGradient(torch.autograd.Function):
                        "(one all-reduce of both flags); the running statistics are restored; the checkpoints, "
                        "buffers included, stay finite",
                    lost="those two batches")
+@pytest.mark.slow
 def test_nonfinite_gradient_norm_or_forward_skips_the_step_and_keeps_the_model_finite(corpus, run_root, monkeypatch):
     real = engine.forward_losses
     calls = []
@@ -415,6 +420,7 @@ def test_fp16_scaler_back_off_is_not_a_diverging_run():
             engine.handle_nonfinite(run, {"nonfinite": 1.0, "nonfinite_loss": 1.0, "fp16_overflow": 0.0})
 
 
+@pytest.mark.slow
 def test_max_seconds_stops_with_checkpoint_and_export(corpus, run_root):
     summary = engine.pretrain(tiny_config(run_root, "budget", train__steps=50, train__max_seconds=0.01))
     assert summary["stopped"] == "max_seconds" and 1 <= summary["step"] < 50
@@ -443,6 +449,7 @@ def test_every_recipe_runs_a_step(corpus, run_root, recipe):
     assert ("teacher_temp" in record) == ("momentum" in record) == (config.objective.dino_weight > 0)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_whole_batch(corpus, run_root):
     """2 micro-batches of 2 == 1 batch of 4: same masks, same DINO center, same update (no drop-path)."""
     weights = {}
@@ -462,6 +469,7 @@ def test_gradient_accumulation_is_refused_for_simclr():
         load_config(None, ["objective.simclr_weight=1", "train.grad_accum_steps=2", "train.batch_size=8"])
 
 
+@pytest.mark.slow
 def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
     real = engine.forward_losses
 
@@ -477,6 +485,7 @@ def test_collapse_is_warned_about(corpus, run_root, monkeypatch, caplog):
 @pytest.mark.fault(injected="a corrupt JPEG in a training shard",
                    did="skipped, logged with its key, counted as data_skipped in metrics.jsonl",
                    lost="that sample")
+@pytest.mark.slow
 def test_corrupt_samples_are_counted_and_logged(corpus, run_root, tmp_path, caplog):
     import io
     import tarfile
@@ -508,6 +517,7 @@ def test_autocast_dtype_is_what_the_accelerators_autocast_computes_in(precision,
         assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2)).dtype == dtype
 
 
+@pytest.mark.slow
 def test_bf16_autocast_logs_the_dtype_and_keeps_losses_fp32(corpus, run_root, caplog):
     caplog.set_level("INFO")
     summary = engine.pretrain(tiny_config(run_root, "bf16", train__steps=1, train__mixed_precision="bf16"))
