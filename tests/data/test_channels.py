@@ -391,6 +391,46 @@ def test_float32_tiffs_that_pillow_cannot_open_are_read_by_the_evaluators_of_a_f
     assert features.shape[0] == 4 and np.isfinite(features).all() and sorted(labels) == [0, 0, 1, 1]
 
 
+@pytest.mark.fault(injected="among 5-channel 16-bit TIFFs given to knn and embed of a 5-channel model: a 5-page TIFF cut "
+                            "by one byte (Pillow opens its first page, tifffile refuses it) and an OME-TIFF cut in half "
+                            "(its metadata lost, it reads as one channel)",
+                   did="each skipped before extraction with a one-line warning naming the file and the reason, "
+                       "counted in skipped_unreadable (refused above data.max_skip_rate); knn and embed finish",
+                   lost="only the bad images")
+def test_a_corrupt_tiff_pillow_opens_is_skipped_by_the_n_channel_evaluators(tmp_path, capsys):
+    import torch
+
+    import ssl_hybrid.models  # noqa: F401
+    from ssl_hybrid.cli import main
+    from ssl_hybrid.data.labeled import LabeledDataError, check_images, load_labeled
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(0)
+    model = save_model_folder(create_backbone("resvit_nano", 32, in_chans=5), tmp_path / "m",
+                              extra={"image_size": 32, "normalization": ch.Normalization((0.5,) * 5, (0.3,) * 5).record()})
+    cells = tmp_path / "cells"
+    write_cells(cells, {f"{'ab'[i % 2]}/c{i}.ome.tif": pixels((5, 36, 36), seed=i) for i in range(10)})
+    (cells / "b" / "cut.tif").write_bytes(stack_bytes(list(pixels((5, 36, 36), seed=11)))[:-1])
+    assert not check_images(load_labeled(cells)).skipped  # Pillow's RGB check passes it: the old pre-check
+    assert main(["-q", "knn", str(model), "--train", str(cells), "--test", str(cells), "--no-cache",
+                 "--batch-size", "4", "--out", str(tmp_path / "knn.json")]) == 0
+    skipped = json.loads((tmp_path / "knn.json").read_text())["skipped_unreadable"]
+    assert [item["id"] for item in skipped["train"]] == ["b/cut.tif"] and "TIFF" in skipped["train"][0]["reason"]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "cut.tif" in line]
+    assert warned and all("not a readable TIFF" in line for line in warned)
+    assert main(["-q", "embed", str(model), str(cells), "--out", str(tmp_path / "emb"), "--batch-size", "4"]) == 0
+    meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
+    assert meta["count"] == 10 and [item["id"] for item in meta["skipped_unreadable"]] == ["b/cut.tif"]
+    half = tiff_bytes(pixels((5, 36, 36), seed=12), ome=True, metadata={"axes": "CYX"})
+    (cells / "a" / "half.ome.tif").write_bytes(half[: len(half) // 2])
+    checked = check_images(load_labeled(cells), max_skip_rate=0.5, channels=5)
+    reasons = {item["id"]: item["reason"] for item in checked.skipped}
+    assert set(reasons) == {"b/cut.tif", "a/half.ome.tif"} and "the model takes 5" in reasons["a/half.ome.tif"]
+    with pytest.raises(LabeledDataError, match=r"2 of 12 images are unreadable .*first: .*half\.ome\.tif: 1 channels"):
+        check_images(load_labeled(cells), channels=5)  # above the default data.max_skip_rate: one line, no skip
+
+
 @pytest.mark.fault(injected="5-channel labeled shards given to an RGB backbone (random:resvit_nano) for k-NN",
                    did="one line naming the shard sample, its channel count and that the backbone takes RGB",
                    lost="nothing")
