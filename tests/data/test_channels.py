@@ -153,6 +153,32 @@ def test_shard_writer_skips_truncated_and_wrong_channel_count_files(tmp_path):
     assert "TIFF" in reasons["cut.tif"] and all("\n" not in r for r in reasons.values())
 
 
+@pytest.mark.fault(injected="shards WITHOUT --channels on a folder of 16-bit 5-page TIFF stacks, a 16-bit grayscale "
+                            "PNG, a 5-channel OME-TIFF and an 8-bit RGB PNG",
+                   did="one warning line: how many images are 16-bit/float/over 3 channels, that they become 8-bit "
+                       "RGB, an example file and --channels N to keep them; the shard set is written as before",
+                   lost="nothing silently: the 8-bit RGB conversion the user is told about")
+def test_shards_without_channels_warn_once_that_wide_images_become_8_bit_rgb(tmp_path, caplog):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"stack{i}.tif").write_bytes(stack_bytes(list(pixels((5, 12, 12), seed=i))))
+    (src / "gray16.png").write_bytes(png16_bytes(pixels((12, 12), seed=3)))
+    (src / "five.ome.tif").write_bytes(tiff_bytes(pixels((5, 12, 12), seed=4), ome=True, metadata={"axes": "CYX"}))
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(src / "photo.png")
+    caplog.set_level("WARNING", logger="ssl_hybrid.data.shards")
+    manifest = write_shards(src, tmp_path / "out", progress=False)
+    assert manifest["num_samples"] == 5 and "channels" not in manifest  # the RGB set, as before
+    warned = [r.getMessage() for r in caplog.records if "8-bit RGB" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("4 images are 16-bit") and "--channels 5 keeps" in warned[0]
+    assert "five.ome.tif: 5 x uint16" in warned[0] and "\n" not in warned[0]
+    caplog.clear()
+    write_shards(src, tmp_path / "wide", channels=5, progress=False)  # what the warning advises: no warning
+    assert not [r for r in caplog.records if "8-bit RGB" in r.getMessage()]
+
+
 @pytest.mark.fault(injected="shards --channels 3 on a folder of 5-channel TIFFs; --channel-names of the wrong "
                             "length; --max-side with --channels",
                    did="one-line error naming the first file, its shape and --channels (nothing written)",
@@ -234,6 +260,28 @@ def test_channel_settings_that_do_not_fit_the_data_are_refused(cell_shards, good
     assert ch.stream_normalization(tiny_cfg(good_shards)) is None  # RGB photos: today's path
     with pytest.raises(ConfigError, match="data.channel_names"):
         validate(load_config(None, ["data.channels=5", "data.channel_names=[a,b]"]))
+
+
+@pytest.mark.fault(injected="data.train = a folder of 5-channel 16-bit TIFFs with data.channels=5, and with "
+                            "data.channels=4",
+                   did="the folder is sharded into the cache as 5-channel arrays (the trainer's stream and statistics "
+                       "read them); with 4 one line naming a file and its 5 channels, and nothing left in the cache "
+                       "(it was converted to RGB shards first, then refused)",
+                   lost="nothing")
+def test_a_tiff_folder_as_data_train_is_sharded_with_its_channels_before_anything_is_written(tmp_path, tiny_cfg):
+    from ssl_hybrid.data.views import build_transform
+
+    write_cells(tmp_path / "cells", {f"c{i}.ome.tif": pixels((5, 20, 20), seed=i) for i in range(4)})
+    cache = tmp_path / "cache" / "shards"
+    with pytest.raises(UserError, match=r"c\d\.ome\.tif: 5 channels \(shape \(5, 20, 20\)\), --channels 4"):
+        ch.stream_normalization(tiny_cfg(tmp_path / "cells", channels=4))
+    assert not cache.exists() or not list(cache.iterdir())  # refused before anything was written
+    cfg = tiny_cfg(tmp_path / "cells", channels=5)
+    norm = ch.stream_normalization(cfg)
+    assert norm is not None and norm.channels == 5
+    assert [p.name.rsplit("-", 1)[1] for p in cache.iterdir()] == ["c5"]  # one N-channel set, no RGB one
+    batch = next(iter(build_train_stream(cfg, 2, 0, 0, 1, build_transform(cfg, norm), epochs=1)))
+    assert batch["global_views"][0].shape == (2, 5, 32, 32)
 
 
 def test_rgb_photos_keep_todays_transforms(tiny_cfg, good_shards):
