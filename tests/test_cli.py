@@ -131,8 +131,8 @@ def test_bad_config_through_real_process_has_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.fault(injected="the reader of stdout gone before the command prints (`ssl-hybrid config --explain | "
-                            "head -1`, as `neighbors ... | head -1`)",
+@pytest.mark.fault(injected="the reader of stdout gone before the command prints (`ssl-hybrid config --explain` "
+                            "piped into `head -1`, as `neighbors` piped into `head -1`)",
                    did="exits quietly with status 1 (the Python docs' SIGPIPE recipe): no traceback, no "
                        "'Exception ignored' line",
                    lost="nothing (the output nobody reads)")
