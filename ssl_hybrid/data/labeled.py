@@ -124,8 +124,8 @@ class LabeledSet:
             return reason if image is None else None
         try:
             array = self.load_array(index)
-        except LabeledDataError as err:
-            return str(err).removeprefix(f"{self.where(index)}: ")
+        except LabeledDataError as err:  # the message names the file; the caller names it once, with the reason
+            return str(err).removeprefix(f"{self.where(index)}: ").removeprefix(f"{Path(self.where(index)).name}: ")
         if array.shape[0] != channels:
             return f"{array.shape[0]} channels (shape {tuple(array.shape)}), the model takes {channels}"
         return None
