@@ -128,3 +128,18 @@ def test_bad_config_through_real_process_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert "optim.lr" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.fault(injected="the reader of stdout gone before the command prints (`ssl-hybrid config --explain` "
+                            "piped into `head -1`, as `neighbors` piped into `head -1`)",
+                   did="exits quietly with status 1 (the Python docs' SIGPIPE recipe): no traceback, no "
+                       "'Exception ignored' line",
+                   lost="nothing (the output nobody reads)")
+def test_a_closed_stdout_pipe_ends_the_command_quietly():
+    process = subprocess.Popen([sys.executable, "-m", "ssl_hybrid", "config", "--explain"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # `head -1` exited: every write from now on meets a closed pipe
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err

@@ -79,6 +79,36 @@ def _read_tiff(data: bytes, name: str) -> np.ndarray:
     return _to_cyx(array, axes, name)
 
 
+def wider_than_rgb(data: bytes) -> tuple[int, str] | None:
+    """(channels, dtype) of an image 8-bit RGB cannot hold -- 16-bit or float pixels, or more channels than RGB(A)
+    -- read from the TIFF header or Pillow's mode, without decoding the pixels; None for 8-bit RGB(A)/grayscale and
+    for files neither can read (the writer reports those)."""
+    if data[:4] not in TIFF_MAGICS:
+        return _pil_wider(data)
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            series = tif.series[0]
+            shape, axes, dtype = tuple(series.shape), series.axes, series.dtype
+    except Exception:  # unreadable TIFFs are skipped by the writer with its own reason
+        return None
+    channels = math.prod(n for n, axis in zip(shape, axes) if axis not in "YX")
+    wide = dtype != np.uint8 or channels > (4 if "S" in axes else 3)  # 8-bit RGBA is an ordinary picture
+    return (channels, dtype.name) if wide else None
+
+
+def _pil_wider(data: bytes) -> tuple[int, str] | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode = image.mode
+    except Exception:
+        return None
+    return (1, "float32" if mode == "F" else "uint16") if mode in ("I", "F") or mode.startswith("I;16") else None
+
+
 def ome_channel_names(path: Path, channels: int) -> list[str]:
     """The channel names an OME-TIFF's metadata gives (first image), when it names exactly ``channels``; else []."""
     import tifffile
@@ -288,10 +318,10 @@ def stream_normalization(data_cfg) -> Normalization | None:
     """The pretraining data's normalisation, from the manifest next to ``data.train``'s shards, checked against
     ``data.channels``. None for shards of ordinary images with ``data.channels=3`` (the RGB path)."""
     from ssl_hybrid.data.shards import is_url
-    from ssl_hybrid.data.sources import resolve_shards
+    from ssl_hybrid.data.sources import folder_channels, resolve_shards
 
     check_channel_config(data_cfg.channels, data_cfg.channel_names)
-    urls = resolve_shards(data_cfg.train, data_cfg.allow_pipe_in_lists)
+    urls = resolve_shards(data_cfg.train, data_cfg.allow_pipe_in_lists, folder_channels(data_cfg))
     manifest_path = Path(urls[0]).parent / "manifest.json" if urls and not is_url(urls[0]) else None
     manifest = _read_json(manifest_path) if manifest_path is not None and manifest_path.exists() else {}
     norm = manifest_normalization(manifest)

@@ -114,6 +114,22 @@ class LabeledSet:
         except (OSError, ValueError) as err:
             raise LabeledDataError(f"{self.where(index)}: {err}") from None
 
+    def unreadable(self, index: int, channels: int | None = None) -> str | None:
+        """Why the evaluators' loader could not read this sample, None when it can, with the decoder that loader
+        uses (:class:`TorchLabeledDataset`): Pillow's RGB decoder for RGB models, :meth:`load_array` for a model
+        taking ``channels``-channel arrays (Pillow opens truncated TIFFs tifffile refuses, and a cut OME-TIFF can
+        lose its metadata and read as one channel)."""
+        if channels is None:
+            image, reason = self.decode(index)
+            return reason if image is None else None
+        try:
+            array = self.load_array(index)
+        except LabeledDataError as err:  # the message names the file; the caller names it once, with the reason
+            return str(err).removeprefix(f"{self.where(index)}: ").removeprefix(f"{Path(self.where(index)).name}: ")
+        if array.shape[0] != channels:
+            return f"{array.shape[0]} channels (shape {tuple(array.shape)}), the model takes {channels}"
+        return None
+
     def decode(self, index: int):
         """(RGB PIL image, None) or (None, why it is unreadable), with the pretraining stream's decoder."""
         try:
@@ -159,10 +175,11 @@ def _decode(data: bytes, key: str):
     return None, re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", reason or "not a readable image")
 
 
-def check_images(labeled: LabeledSet, max_skip_rate: float | None = None) -> LabeledSet:
-    """Decode every image once before any extraction starts; unreadable ones are dropped, logged and
-    counted (``skipped``), by the pretraining stream's rule: above ``data.max_skip_rate`` of the set
-    (default 10%) is an error naming the count and the first bad file, not a skip.
+def check_images(labeled: LabeledSet, max_skip_rate: float | None = None, channels: int | None = None) -> LabeledSet:
+    """Decode every image once before any extraction starts, with the loader's own decoder (``channels``: the
+    model takes N-channel arrays, see :func:`ssl_hybrid.eval.features.input_channels`; None: RGB); unreadable
+    ones are dropped, logged and counted (``skipped``), by the pretraining stream's rule: above
+    ``data.max_skip_rate`` of the set (default 10%) is an error naming the count and the first bad file, not a skip.
 
     A full decode costs well under a second per thousand small images, and it turns a DataLoader worker's
     traceback in the middle of extraction into one clear message before anything runs.
@@ -173,8 +190,8 @@ def check_images(labeled: LabeledSet, max_skip_rate: float | None = None) -> Lab
         max_skip_rate = DataConfig().max_skip_rate
     skipped = []
     for index in range(len(labeled)):
-        image, reason = labeled.decode(index)
-        if image is None:
+        reason = labeled.unreadable(index, channels)
+        if reason is not None:
             sample = labeled.samples[index]
             skipped.append({"id": sample.id, "path": labeled.where(index), "reason": reason})
     if not skipped:

@@ -18,6 +18,7 @@ shard set (anything else is refused).
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import hashlib
@@ -372,27 +373,32 @@ def _reencode(image, max_side: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _load_item(args: tuple[str, int, int, int]) -> tuple[bytes | None, str, str | None]:
-    """(bytes or None, extension, skip reason or None); ``channels`` > 0: the pixels as a ``.npy`` array."""
+def _load_item(args: tuple[str, int, int, int]) -> tuple[bytes | None, str, str | None, tuple[int, str] | None]:
+    """(bytes or None, extension, skip reason or None, (channels, dtype) when the image is wider than the 8-bit RGB
+    it will be decoded to); ``channels`` > 0: the pixels as a ``.npy`` array."""
+    from ssl_hybrid.data.channels import wider_than_rgb
+
     path_text, max_side, quality, channels = args
     path = Path(path_text)
     if channels:
-        return _load_array(path, channels)
+        return (*_load_array(path, channels), None)
     extension = path.suffix.lower().lstrip(".")
     extension = "jpg" if extension == "jpeg" else "tif" if extension == "tiff" else extension
     try:
         data = path.read_bytes()
     except OSError as err:
-        return None, extension, f"cannot read ({err.strerror or err})"
+        return None, extension, f"cannot read ({err.strerror or err})", None
     try:
         image = check_image_bytes(data)
         if max_side > 0:
-            return _reencode(image, max_side, quality), "jpg", None
+            return _reencode(image, max_side, quality), "jpg", None, wider_than_rgb(data)
     except ValueError as err:
-        return None, extension, str(err)
+        wide = wider_than_rgb(data)  # e.g. a 5-channel TIFF: Pillow has no mode for it
+        hint = f" ({wide[0]} x {wide[1]}: ssl-hybrid shards --channels {wide[0]} reads it)" if wide else ""
+        return None, extension, f"{err}{hint}", None
     except Exception as err:  # EXIF, mode conversion and encoder failures on exotic files
-        return None, extension, f"cannot re-encode ({type(err).__name__}: {err})"
-    return data, extension, None
+        return None, extension, f"cannot re-encode ({type(err).__name__}: {err})", None
+    return data, extension, None, wider_than_rgb(data)
 
 
 def _load_array(path: Path, channels: int) -> tuple[bytes | None, str, str | None]:
@@ -556,6 +562,7 @@ def _write_set(
     shards: list[dict] = []
     skipped = list(source.skipped)
     keys: set[str] = set()
+    flattened: list[tuple[str, int, str]] = []  # images wider than the 8-bit RGB the stream decodes them to
 
     def finished(partial_name: str) -> None:
         partial = Path(partial_name)
@@ -577,7 +584,7 @@ def _write_set(
     )
     try:
         loaded = _load_all(source.items, max_side, quality, workers, channels)
-        for item, (data, extension, reason) in tqdm(
+        for item, (data, extension, reason, wide) in tqdm(
             zip(source.items, loaded),
             total=len(source.items),
             desc=f"shards {out.name}",
@@ -593,6 +600,8 @@ def _write_set(
                 skipped.append({"path": item.relative, "reason": f"duplicate key {key!r}"})
                 continue
             keys.add(key)
+            if wide is not None:
+                flattened.append((item.relative, *wide))
             if channels and stats.images < stats.max_images:  # the first images of the shuffled order
                 stats.add(decode_npy(data, MAX_IMAGE_PIXELS))
             sample = {"__key__": key, extension: data}
@@ -610,6 +619,7 @@ def _write_set(
         if getattr(writer, "tarstream", None) is not None:
             writer.tarstream.close()
         raise
+    _warn_flattened(flattened)
     manifest = {
         "format": FORMAT,
         "source": str(src),
@@ -628,6 +638,26 @@ def _write_set(
         _write_json(tmp / CLASSES, source.classes)
     _write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _warn_flattened(flattened: list[tuple[str, int, str]]) -> None:
+    """One line for the images an RGB shard set squeezes into 8-bit RGB: written as they are, they are read as RGB
+    by everything downstream (dim 16-bit signal and channels past the third lost). A warning, not a refusal: RGB
+    models of 16-bit or RGBA-like data are a legitimate choice, and it is the documented RGB path."""
+    if not flattened:
+        return
+    path, channels, dtype = min(flattened)
+    usual = collections.Counter(count for _, count, _ in flattened).most_common(1)[0][0]
+    log.warning(
+        "%d image%s 16-bit, float or more than 3 channels (e.g. %s: %d x %s) and will be converted to 8-bit "
+        "RGB when read; ssl-hybrid shards --channels %d keeps every channel and bit (docs/multichannel.md)",
+        len(flattened),
+        " is" if len(flattened) == 1 else "s are",
+        path,
+        channels,
+        dtype,
+        usual,
+    )
 
 
 def _check_channel_args(channels: int, channel_names: list[str], max_side: int) -> None:
@@ -676,8 +706,9 @@ def folder_fingerprint(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int = 1000) -> Path:
-    """Shard an image folder once (labels from class sub-folders when present) and return the shard dir.
+def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int = 1000, channels: int = 0) -> Path:
+    """Shard an image folder once (labels from class sub-folders when present) and return the shard dir;
+    ``channels`` > 0 stores ``[channels, H, W]`` arrays, as ``ssl-hybrid shards --channels`` (its own cache entry).
 
     The output is keyed by :func:`folder_fingerprint`, so re-runs reuse it and edits to the folder make a
     new one. :func:`write_shards` writes a private temp dir and renames it into place, so an interrupted run never
@@ -686,7 +717,8 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
     uses the winner's copy.
     """
     root = Path(root)
-    target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}"
+    suffix = f"-c{channels}" if channels else ""
+    target = cache_root() / "shards" / f"{root.resolve().name}-{folder_fingerprint(root)}{suffix}"
     from ssl_hybrid.distributed import main_process_first
 
     with main_process_first(local=True):
@@ -697,10 +729,11 @@ def shards_for_image_folder(root: str | Path, max_side: int = 0, shard_size: int
                 target,
                 shard_size=shard_size,
                 max_side=max_side,
-                prefix=target.name.rsplit("-", 1)[0],
+                prefix=root.resolve().name,
                 workers=1,
                 progress=True,
                 replace=False,
+                channels=channels,
             )
     return target
 

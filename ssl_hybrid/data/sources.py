@@ -90,7 +90,7 @@ def _from_manifest(directory: Path) -> ShardSet:
     return ShardSet(urls, counts, [str(c) for c in classes] if isinstance(classes, list) else None)
 
 
-def _from_directory(directory: Path) -> ShardSet:
+def _from_directory(directory: Path, channels: int = 0) -> ShardSet:
     if (directory / shard_format.MANIFEST).exists():
         return _from_manifest(directory)
     tars = sorted(shard_format.path_in_folder(directory, p.name, directory) for p in directory.glob("*.tar"))
@@ -98,16 +98,18 @@ def _from_directory(directory: Path) -> ShardSet:
         return ShardSet(tars)
     if _looks_like_image_folder(directory):
         # An image folder: shard it once into the cache (for large corpora, run `ssl-hybrid shards`
-        # yourself to choose shard size, re-encoding and where the shards live).
-        return _from_manifest(shard_format.shards_for_image_folder(directory))
+        # yourself to choose shard size, re-encoding and where the shards live), as N-channel arrays when the
+        # run takes them: converted to RGB first, the data would be written and only then refused.
+        return _from_manifest(shard_format.shards_for_image_folder(directory, channels=channels))
     return _from_manifest(directory)  # raises: no manifest
 
 
-def resolve_shard_set(spec: str | Path, allow_pipe_in_lists: bool = False) -> ShardSet:
+def resolve_shard_set(spec: str | Path, allow_pipe_in_lists: bool = False, channels: int = 0) -> ShardSet:
     """Shards from a brace pattern (``a-{000000..000009}.tar``, several joined by ``::``), a list file
     (``.txt``: one shard per line, relative to the file), a directory with ``manifest.json`` (or that
-    manifest's path), a directory of ``.tar`` files, an image folder (sharded once into the cache), or
-    URLs (``pipe:``, ``http(s)://``...). Raises UserError naming what is wrong."""
+    manifest's path), a directory of ``.tar`` files, an image folder (sharded once into the cache; with
+    ``channels`` > 0 as ``shards --channels`` does, see :func:`folder_channels`), or URLs (``pipe:``,
+    ``http(s)://``...). Raises UserError naming what is wrong."""
     from ssl_hybrid.config import DEFAULT_CORPUS, REPO_ROOT
 
     spec = str(spec).strip()
@@ -119,7 +121,7 @@ def resolve_shard_set(spec: str | Path, allow_pipe_in_lists: bool = False) -> Sh
     if spec.rstrip("/") == DEFAULT_CORPUS and not path.exists():  # the embedded corpus, from any directory
         path = REPO_ROOT / DEFAULT_CORPUS
     if path.is_dir():
-        return _from_directory(path)
+        return _from_directory(path, channels)
     if path.name == shard_format.MANIFEST:
         return _from_manifest(path.parent)
     if path.suffix.lower() in LIST_SUFFIXES and path.is_file():
@@ -134,9 +136,15 @@ def resolve_shard_set(spec: str | Path, allow_pipe_in_lists: bool = False) -> Sh
     return ShardSet(urls)
 
 
-def resolve_shards(spec: str | Path, allow_pipe_in_lists: bool = False) -> list[str]:
+def resolve_shards(spec: str | Path, allow_pipe_in_lists: bool = False, channels: int = 0) -> list[str]:
     """The shard URLs of :func:`resolve_shard_set`."""
-    return resolve_shard_set(spec, allow_pipe_in_lists).urls
+    return resolve_shard_set(spec, allow_pipe_in_lists, channels).urls
+
+
+def folder_channels(data_cfg) -> int:
+    """How the trainer shards an image folder given as ``data.train``: ``data.channels`` arrays per image when it
+    is not 3 (the RGB default: ordinary images, decoded as before), else 0 (the RGB shard set)."""
+    return data_cfg.channels if data_cfg.channels != 3 else 0
 
 
 def skip_rate_exceeded(seen: int, skipped: int, max_rate: float, min_samples: int = 1, final: bool = True) -> bool:

@@ -90,7 +90,7 @@ import torch
 from ssl_hybrid import rng as rng_state
 from ssl_hybrid.data import channels as channel_format
 from ssl_hybrid.data import shards as shard_format
-from ssl_hybrid.data.sources import resolve_shard_set, skip_rate_exceeded
+from ssl_hybrid.data.sources import folder_channels, resolve_shard_set, skip_rate_exceeded
 from ssl_hybrid.data.workers import ignore_stop_signals
 from ssl_hybrid.errors import UserError
 
@@ -563,7 +563,7 @@ def build_train_stream(
     from ssl_hybrid.data.views import collate_views
 
     name = str(spec or data_cfg.train)
-    shards = resolve_shard_set(name, data_cfg.allow_pipe_in_lists)
+    shards = resolve_shard_set(name, data_cfg.allow_pipe_in_lists, folder_channels(data_cfg))
     workers = data_cfg.num_workers if num_workers is None else num_workers
     if batch_size < 1 or not 0 <= rank < world_size:
         raise UserError(f"batch_size must be >= 1 and 0 <= rank < world_size (got {batch_size}, {rank}, {world_size})")

@@ -98,6 +98,19 @@ def native_image_size(spec: str) -> int | None:
     )
 
 
+def native_channels(spec: str) -> int | None:
+    """The channel count of the arrays a backbone pretrained on N-channel data takes (its recorded normalisation),
+    None for an RGB backbone: what :func:`ssl_hybrid.data.labeled.check_images` checks images with. Reads the
+    metadata only, so images are checked before the model is built."""
+    from ssl_hybrid.eval.features import input_channels
+
+    if str(spec).startswith(("timm:", "random:")):
+        return None
+    path = _resolve(Path(spec))
+    record = (read_model_config(path).get(RECORD_KEY) or {}) if is_model_folder(path) else _locate_weights(path)[2]
+    return input_channels(_normalization(record))
+
+
 def _create(name: str, image_size: int, spec: str) -> torch.nn.Module:
     import timm
 

@@ -46,8 +46,13 @@ def load_pair(args: argparse.Namespace):
             raise UserError(f"--{flag} is required: an image folder with class sub-folders or labeled shards")
         if "{" not in value and "://" not in value and not value.startswith("pipe:") and not Path(value).exists():
             raise UserError(f"--{flag} {value}: not found")
-    train = check_images(load_labeled(args.train))
-    test = align_classes(train, check_images(load_labeled(args.test)))
+    from ssl_hybrid.eval.backbones import native_channels
+
+    # Images are checked with the decoder the model's loader uses (report: when its backbones agree on it).
+    found = {native_channels(spec) for spec in getattr(args, "runs", None) or [args.backbone]}
+    channels = found.pop() if len(found) == 1 else None
+    train = check_images(load_labeled(args.train), channels=channels)
+    test = align_classes(train, check_images(load_labeled(args.test), channels=channels))
     shared = shared_images(train, test)
     if shared:
         log.warning(

@@ -67,6 +67,13 @@ class Embedder:
     def image_size(self) -> int:
         return int(self.backbone["image_size"])
 
+    @property
+    def channels(self) -> int | None:
+        """The channel count of the arrays this backbone takes (None: RGB images): what images are checked with."""
+        from ssl_hybrid.eval.features import input_channels
+
+        return input_channels(self.backbone)
+
     def features(self, labeled: LabeledSet) -> np.ndarray:
         """L2-normalised float32 [len(labeled), D]: the evaluators' extraction of these images."""
         from ssl_hybrid.eval.features import extract_features, make_loader, transform_for
@@ -259,7 +266,8 @@ def _embed_chunks(embedder: Embedder, data: LabeledSet, parts: Path, chunk: int,
     for i in todo:
         positions = np.arange(starts[i], min(len(data), starts[i] + chunk))
         subset = data.subset(positions)
-        checked = check_images(subset)  # unreadable images: dropped and counted (or too many: one error)
+        # unreadable images (by the decoder the model's loader uses): dropped and counted (or too many: one error)
+        checked = check_images(subset, channels=embedder.channels)
         lost = checked.skipped[len(subset.skipped) :]
         bad = {item["id"] for item in lost}
         kept = np.array([p for p, s in zip(positions, subset.samples) if s.id not in bad], dtype=np.int64)
@@ -456,8 +464,9 @@ def query_vectors(
     stored = [i for i, row in enumerate(rows) if row >= 0]
     vectors[stored] = embeddings.vectors[[rows[i] for i in stored]]
     if len(images):
-        checked = check_images(images, max_skip_rate=0.0)  # a query the user named must be readable
         embedder = embedder or embedder_for(embeddings, **loading)
+        # a query the user named must be readable, by the decoder the model's loader uses
+        checked = check_images(images, max_skip_rate=0.0, channels=embedder.channels)
         vectors[[i for i, row in enumerate(rows) if row < 0]] = embedder.features(checked)
     return vectors
 

@@ -100,6 +100,15 @@ def transform_for(meta: dict[str, Any], image_size: int, crop_pct: float | None 
     return ArrayEvalTransform(image_size, norm, crop_pct or EVAL_CROP_PCT)
 
 
+def input_channels(meta: dict[str, Any]) -> int | None:
+    """The channel count of the arrays :func:`transform_for` hands this backbone, None for RGB images: the
+    loader's decoder, which ``check_images(channels=)`` must use too."""
+    from ssl_hybrid.data.channels import Normalization
+
+    norm = Normalization.from_record(meta.get("normalization"))
+    return None if norm is None else norm.channels
+
+
 def make_loader(
     labeled: LabeledSet,
     transform,

@@ -81,6 +81,7 @@ def predict_with_bank(
     """k-NN classification of ``images`` against the labeled ``bank_spec`` (folder with class sub-folders or
     labeled shards), the evaluators' protocol; unreadable images are skipped and counted."""
     from ssl_hybrid.data.labeled import load_labeled
+    from ssl_hybrid.eval.backbones import native_channels
     from ssl_hybrid.eval.features import features_for_spec
     from ssl_hybrid.eval.knn import faiss_threads, knn_predict
 
@@ -89,8 +90,9 @@ def predict_with_bank(
             f"-k must be >= 1, --temperature > 0 and --image-size >= 0, got {k}, {temperature} and {image_size}"
         )
     queries = image_set(images)  # a mistyped image path fails before anything is loaded
-    bank = check_images(load_labeled(bank_spec))
-    queries = check_images(queries)
+    channels = native_channels(spec)  # checked with the decoder the model's loader uses
+    bank = check_images(load_labeled(bank_spec), channels=channels)
+    queries = check_images(queries, channels=channels)
     meta, ((bank_f, bank_y), (query_f, _)) = features_for_spec(
         spec, [bank, queries], image_size, batch_size, num_workers, cache_dir, progress, pooling
     )
@@ -121,11 +123,12 @@ def predict_with_model(
     """The classifier's softmax over its ``label_names`` for each image (unreadable ones skipped, counted)."""
     import torch
 
-    from ssl_hybrid.eval.features import eval_device, extract_features, make_loader
+    from ssl_hybrid.eval.features import eval_device, extract_features, input_channels, make_loader
+    from ssl_hybrid.models.export import RECORD_KEY
 
     model, config = _load_classifier(folder)
-    queries = check_images(image_set(images))
     transform = classifier_transform(config)
+    queries = check_images(image_set(images), channels=input_channels(config.get(RECORD_KEY) or {}))
     loader = make_loader(queries, transform, batch_size, num_workers)
     logits, _ = extract_features(model.to(eval_device()), loader, progress=progress, forward=lambda m, x: m(x))
     probabilities = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()

@@ -155,17 +155,12 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
 
     Default folder: ``default_out_dir``. An existing folder is replaced only with ``force``; a folder inside
     the run's ``checkpoints/`` is refused (pruning deletes what is there)."""
-    from ssl_hybrid.models.export import (
-        CHECKPOINT_BACKBONE_PREFIX,
-        LEGACY_WEIGHTS_NAME,
-        META_NAME,
-        ModelFolderError,
-    )
-    from ssl_hybrid.models.factory import check_factory_args
-    from ssl_hybrid.train.wiring import build_backbone, model_kwargs
+    from ssl_hybrid.models.export import LEGACY_WEIGHTS_NAME
 
     if (Path(path) / LEGACY_WEIGHTS_NAME).exists() and ckpt.latest_checkpoint(path) is None:
-        return _convert_old_export(Path(path), Path(out_dir) if out_dir else Path(path) / MODEL_DIR, force)
+        out = Path(out_dir) if out_dir else Path(path) / MODEL_DIR
+        with export_lock(Path(path), out):
+            return _convert_old_export(Path(path), out, force)
     step_dir = resolve_checkpoint(path)
     out = Path(out_dir) if out_dir else default_out_dir(path, step_dir)
     checkpoints = step_dir.parent.resolve()
@@ -174,6 +169,39 @@ def export_checkpoint(path: Path, out_dir: Path | None = None, force: bool = Fal
             f"{out}: inside {checkpoints}, whose old checkpoints are deleted as training goes on; "
             "export outside it (--out-dir)"
         )
+    run = step_dir.parent.parent if step_dir.parent.name == CHECKPOINTS_DIR else None
+    with export_lock(run, out):
+        return _export_step(step_dir, out, force)
+
+
+@contextlib.contextmanager
+def export_lock(run: Path | None, out: Path) -> Iterator[None]:
+    """The run folder's lock (:func:`ssl_hybrid.runs.claim`, the trainer's) around an export written inside the
+    run folder (``model/``, ``exports/``): the trainer writes ``model/`` itself, so an export there while it trains
+    would race it (with --force: replace it mid-write). An export elsewhere needs no lock: the trainer never writes
+    there, and a checkpoint can be exported while its run goes on."""
+    from ssl_hybrid.runs import RunInUseError, claim, lock_path
+
+    if run is None or not out.resolve().is_relative_to(run.resolve()):
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(claim(run))
+        except RunInUseError:
+            raise RunInUseError(
+                f"{out}: {run} is in use by another ssl-hybrid process, e.g. its trainer (it holds "
+                f"{lock_path(run)}); export when it has ended, or elsewhere with --out-dir"
+            ) from None
+        yield
+
+
+def _export_step(step_dir: Path, out: Path, force: bool) -> Path:
+    """The export of one checkpoint ``step_dir`` into ``out`` (see :func:`export_checkpoint`)."""
+    from ssl_hybrid.models.export import CHECKPOINT_BACKBONE_PREFIX, META_NAME, ModelFolderError
+    from ssl_hybrid.models.factory import check_factory_args
+    from ssl_hybrid.train.wiring import build_backbone, model_kwargs
+
     if out.exists() and not force:
         raise ModelFolderError(
             f"{out}: already exists; pass --force to replace it "

@@ -22,7 +22,8 @@ class KNNMonitor:
         from ssl_hybrid.eval.features import make_loader, transform_for
 
         self.config = config
-        labeled = check_images(load_labeled(config.data.val), config.data.max_skip_rate)
+        channels = config.data.channels if config.data.channels != 3 else None  # the decoder the loader uses
+        labeled = check_images(load_labeled(config.data.val), config.data.max_skip_rate, channels)
         if len(labeled) < 2:
             raise ValueError(f"{config.data.val}: the k-NN monitor needs at least 2 labeled images")
         size = config.eval.image_size or config.data.image_size

@@ -153,6 +153,32 @@ def test_shard_writer_skips_truncated_and_wrong_channel_count_files(tmp_path):
     assert "TIFF" in reasons["cut.tif"] and all("\n" not in r for r in reasons.values())
 
 
+@pytest.mark.fault(injected="shards WITHOUT --channels on a folder of 16-bit 5-page TIFF stacks, a 16-bit grayscale "
+                            "PNG, a 5-channel OME-TIFF and an 8-bit RGB PNG",
+                   did="one warning line: how many images are 16-bit/float/over 3 channels, that they become 8-bit "
+                       "RGB, an example file and --channels N to keep them; the shard set is written as before",
+                   lost="nothing silently: the 8-bit RGB conversion the user is told about")
+def test_shards_without_channels_warn_once_that_wide_images_become_8_bit_rgb(tmp_path, caplog):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        (src / f"stack{i}.tif").write_bytes(stack_bytes(list(pixels((5, 12, 12), seed=i))))
+    (src / "gray16.png").write_bytes(png16_bytes(pixels((12, 12), seed=3)))
+    (src / "five.ome.tif").write_bytes(tiff_bytes(pixels((5, 12, 12), seed=4), ome=True, metadata={"axes": "CYX"}))
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(src / "photo.png")
+    caplog.set_level("WARNING", logger="ssl_hybrid.data.shards")
+    manifest = write_shards(src, tmp_path / "out", progress=False)
+    assert manifest["num_samples"] == 5 and "channels" not in manifest  # the RGB set, as before
+    warned = [r.getMessage() for r in caplog.records if "8-bit RGB" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("4 images are 16-bit") and "--channels 5 keeps" in warned[0]
+    assert "five.ome.tif: 5 x uint16" in warned[0] and "\n" not in warned[0]
+    caplog.clear()
+    write_shards(src, tmp_path / "wide", channels=5, progress=False)  # what the warning advises: no warning
+    assert not [r for r in caplog.records if "8-bit RGB" in r.getMessage()]
+
+
 @pytest.mark.fault(injected="shards --channels 3 on a folder of 5-channel TIFFs; --channel-names of the wrong "
                             "length; --max-side with --channels",
                    did="one-line error naming the first file, its shape and --channels (nothing written)",
@@ -234,6 +260,28 @@ def test_channel_settings_that_do_not_fit_the_data_are_refused(cell_shards, good
     assert ch.stream_normalization(tiny_cfg(good_shards)) is None  # RGB photos: today's path
     with pytest.raises(ConfigError, match="data.channel_names"):
         validate(load_config(None, ["data.channels=5", "data.channel_names=[a,b]"]))
+
+
+@pytest.mark.fault(injected="data.train = a folder of 5-channel 16-bit TIFFs with data.channels=5, and with "
+                            "data.channels=4",
+                   did="the folder is sharded into the cache as 5-channel arrays (the trainer's stream and statistics "
+                       "read them); with 4 one line naming a file and its 5 channels, and nothing left in the cache "
+                       "(it was converted to RGB shards first, then refused)",
+                   lost="nothing")
+def test_a_tiff_folder_as_data_train_is_sharded_with_its_channels_before_anything_is_written(tmp_path, tiny_cfg):
+    from ssl_hybrid.data.views import build_transform
+
+    write_cells(tmp_path / "cells", {f"c{i}.ome.tif": pixels((5, 20, 20), seed=i) for i in range(4)})
+    cache = tmp_path / "cache" / "shards"
+    with pytest.raises(UserError, match=r"c\d\.ome\.tif: 5 channels \(shape \(5, 20, 20\)\), --channels 4"):
+        ch.stream_normalization(tiny_cfg(tmp_path / "cells", channels=4))
+    assert not cache.exists() or not list(cache.iterdir())  # refused before anything was written
+    cfg = tiny_cfg(tmp_path / "cells", channels=5)
+    norm = ch.stream_normalization(cfg)
+    assert norm is not None and norm.channels == 5
+    assert [p.name.rsplit("-", 1)[1] for p in cache.iterdir()] == ["c5"]  # one N-channel set, no RGB one
+    batch = next(iter(build_train_stream(cfg, 2, 0, 0, 1, build_transform(cfg, norm), epochs=1)))
+    assert batch["global_views"][0].shape == (2, 5, 32, 32)
 
 
 def test_rgb_photos_keep_todays_transforms(tiny_cfg, good_shards):
@@ -389,6 +437,46 @@ def test_float32_tiffs_that_pillow_cannot_open_are_read_by_the_evaluators_of_a_f
     assert len(labeled) == 4 and not labeled.skipped
     _, [(features, labels)] = features_for_spec(str(folder), [labeled], batch_size=4)
     assert features.shape[0] == 4 and np.isfinite(features).all() and sorted(labels) == [0, 0, 1, 1]
+
+
+@pytest.mark.fault(injected="among 5-channel 16-bit TIFFs given to knn and embed of a 5-channel model: a 5-page TIFF cut "
+                            "by one byte (Pillow opens its first page, tifffile refuses it) and an OME-TIFF cut in half "
+                            "(its metadata lost, it reads as one channel)",
+                   did="each skipped before extraction with a one-line warning naming the file and the reason, "
+                       "counted in skipped_unreadable (refused above data.max_skip_rate); knn and embed finish",
+                   lost="only the bad images")
+def test_a_corrupt_tiff_pillow_opens_is_skipped_by_the_n_channel_evaluators(tmp_path, capsys):
+    import torch
+
+    import ssl_hybrid.models  # noqa: F401
+    from ssl_hybrid.cli import main
+    from ssl_hybrid.data.labeled import LabeledDataError, check_images, load_labeled
+    from ssl_hybrid.models.export import save_model_folder
+    from ssl_hybrid.models.factory import create_backbone
+
+    torch.manual_seed(0)
+    model = save_model_folder(create_backbone("resvit_nano", 32, in_chans=5), tmp_path / "m",
+                              extra={"image_size": 32, "normalization": ch.Normalization((0.5,) * 5, (0.3,) * 5).record()})
+    cells = tmp_path / "cells"
+    write_cells(cells, {f"{'ab'[i % 2]}/c{i}.ome.tif": pixels((5, 36, 36), seed=i) for i in range(10)})
+    (cells / "b" / "cut.tif").write_bytes(stack_bytes(list(pixels((5, 36, 36), seed=11)))[:-1])
+    assert not check_images(load_labeled(cells)).skipped  # Pillow's RGB check passes it: the old pre-check
+    assert main(["-q", "knn", str(model), "--train", str(cells), "--test", str(cells), "--no-cache",
+                 "--batch-size", "4", "--out", str(tmp_path / "knn.json")]) == 0
+    skipped = json.loads((tmp_path / "knn.json").read_text())["skipped_unreadable"]
+    assert [item["id"] for item in skipped["train"]] == ["b/cut.tif"] and "TIFF" in skipped["train"][0]["reason"]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "cut.tif" in line]
+    assert warned and all("not a readable TIFF" in line for line in warned)
+    assert main(["-q", "embed", str(model), str(cells), "--out", str(tmp_path / "emb"), "--batch-size", "4"]) == 0
+    meta = json.loads((tmp_path / "emb" / "meta.json").read_text())
+    assert meta["count"] == 10 and [item["id"] for item in meta["skipped_unreadable"]] == ["b/cut.tif"]
+    half = tiff_bytes(pixels((5, 36, 36), seed=12), ome=True, metadata={"axes": "CYX"})
+    (cells / "a" / "half.ome.tif").write_bytes(half[: len(half) // 2])
+    checked = check_images(load_labeled(cells), max_skip_rate=0.5, channels=5)
+    reasons = {item["id"]: item["reason"] for item in checked.skipped}
+    assert set(reasons) == {"b/cut.tif", "a/half.ome.tif"} and "the model takes 5" in reasons["a/half.ome.tif"]
+    with pytest.raises(LabeledDataError, match=r"2 of 12 images are unreadable .*first: .*half\.ome\.tif: 1 channels"):
+        check_images(load_labeled(cells), channels=5)  # above the default data.max_skip_rate: one line, no skip
 
 
 @pytest.mark.fault(injected="5-channel labeled shards given to an RGB backbone (random:resvit_nano) for k-NN",

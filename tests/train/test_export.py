@@ -122,3 +122,31 @@ def test_an_unexpected_export_error_is_one_line_shared_by_every_rank(tmp_path, m
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)  # as pretrain does, for the tests after this one
+
+
+@pytest.mark.fault(injected="`export --force` (and a step export) into a run folder whose lock another process "
+                            "holds, as its trainer does while it trains and writes `<run>/model/` itself",
+                   did="refused at once with one line naming the folder and the lock (exit 2), `model/` untouched; "
+                       "an export elsewhere (--out-dir) still works while the run trains",
+                   lost="nothing")
+def test_export_into_a_run_that_is_training_is_refused_with_one_line(tmp_path, capsys):
+    from filelock import FileLock
+
+    run = _fake_run(tmp_path)
+    assert main(["-q", "export", str(run)]) == 0
+    before = (run / "model" / "model.safetensors").read_bytes()
+    lock = tmp_path / ".run.lock"  # the trainer's lock (ssl_hybrid.runs.claim), taken by another holder
+    holder = FileLock(lock)
+    holder.acquire()
+    try:
+        capsys.readouterr()
+        assert main(["-q", "export", str(run), "--force"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert main(["-q", "export", str(run / "checkpoints" / "step_00000002")]) == 2
+        assert main(["-q", "export", str(run), "--out-dir", str(tmp_path / "elsewhere")]) == 0
+    finally:
+        holder.release()
+    assert lines == [f"ssl-hybrid export: error: {run / 'model'}: {run} is in use by another ssl-hybrid process, "
+                     f"e.g. its trainer (it holds {lock}); export when it has ended, or elsewhere with --out-dir"]
+    assert (run / "model" / "model.safetensors").read_bytes() == before and not (run / "exports").exists()
+    assert main(["-q", "export", str(run), "--force"]) == 0  # free again
