@@ -81,6 +81,10 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "resvit_window": ("resvit_tiny + window attention (3x3 tokens)", [*OURS, "model.attn_mode=window",
                                                                       "model.arch.window_size=3"]),
     "resvit_topk": ("resvit_tiny + top-k attention (k=9)", [*OURS, "model.attn_mode=topk", "model.arch.attn_topk=9"]),
+    # the same at 224 px (14x14 tokens): 7x7 windows, k=49 keys (a quarter of the grid, as 3x3 and 9 of 6x6 above)
+    "resvit_window7": ("resvit_tiny + window attention (7x7 tokens)", [*OURS, "model.attn_mode=window",
+                                                                       "model.arch.window_size=7"]),
+    "resvit_topk49": ("resvit_tiny + top-k attention (k=49)", [*OURS, "model.attn_mode=topk", "model.arch.attn_topk=49"]),
     # the hybrid_tiny objectives of earlier rounds
     "joint": ("hybrid_tiny joint MIM+DINO", ["model.name=hybrid_tiny", *DINO_FAST, "objective.mim_weight=1.0",
                                              "objective.dino_weight=1.0"]),

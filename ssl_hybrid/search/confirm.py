@@ -71,6 +71,7 @@ def run_confirmation(
             scores[str(seed)] = score_one(candidate, planned, scorer)
             state.save()
     summary = summarize(record, winner, state.references(), seeds)
+    summary["labels"] = {cid: state.candidate(cid).label() for cid in designs}
     record["summary"] = summary
     state.save()
     for line in summary_lines(summary):
@@ -119,16 +120,20 @@ def paired_difference(differences: list[float]) -> dict[str, Any]:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """Plain sentences for the log and pareto.md (scores as printed by the scorer, e.g. k-NN top-1 in [0, 1])."""
-    winner, seeds = summary["winner"], summary["seeds"]
+    seeds, labels = summary["seeds"], summary.get("labels", {})
+
+    def name(cid: str) -> str:  # "cd6a1baf1 (preset resvit_tiny)"
+        return f"{cid} ({labels[cid]})" if cid in labels else cid
+
     lines = [f"confirmation over {len(seeds)} fresh seed(s) {seeds} at the last rung's budget:"]
     for cid, design in summary["designs"].items():
         values = ", ".join(f"{v:.3f}" for v in design["scores"]) or "no score"
-        lines.append(f"  {cid}: mean {_num(design['mean'])} ± {_num(design['sd'])} ({values})")
+        lines.append(f"  {name(cid)}: mean {_num(design['mean'])} ± {_num(design['sd'])} ({values})")
     for ref, diff in summary["versus"].items():
         ci = diff["ci95"]
         interval = f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
         paired = f"over {diff['n']} paired seed(s): {diff['verdict']}"
-        lines.append(f"  {winner} − {ref}: {_num(diff['mean'], '+.3f')}{interval} {paired}")
+        lines.append(f"  {summary['winner']} − {name(ref)}: {_num(diff['mean'], '+.3f')}{interval} {paired}")
     return lines
 
 

@@ -14,7 +14,14 @@ from ssl_hybrid.eval.features import extract_features
 from ssl_hybrid.eval.knn import leave_one_out_knn
 from ssl_hybrid.models.pooling import multiscale_embed
 from ssl_hybrid.search import run as search_run
-from ssl_hybrid.search.confirm import T_975, ConfirmConfig, confirm_seeds, paired_difference, run_confirmation
+from ssl_hybrid.search.confirm import (
+    T_975,
+    ConfirmConfig,
+    confirm_seeds,
+    paired_difference,
+    run_confirmation,
+    summary_lines,
+)
 from ssl_hybrid.search.halving import HalvingSchedule, SearchState, successive_halving
 from ssl_hybrid.search.proxy import KnnSets, ProxyConfig
 from ssl_hybrid.search.space import build_candidate, preset_candidate, sample_candidates
@@ -82,6 +89,8 @@ def test_confirmation_scores_winner_and_references_per_fresh_seed_and_resumes(tm
     versus = summary["versus"][reference]
     assert versus["mean"] == pytest.approx(0.05) and versus["sd"] == pytest.approx(0.0, abs=1e-12)
     assert versus["verdict"] == "better"  # paired by seed: the shared seed luck cancels
+    assert summary["labels"][reference] == "preset resvit_nano"
+    assert f"{winner} − {reference} (preset resvit_nano): +0.050" in "\n".join(summary_lines(summary))
     # a re-run (interrupted or with one more seed) scores only what is missing
     state = SearchState.load_or_create(tmp_path / "state.json", "fp")
     run_confirmation(state, winner, [*seeds, 1004], scorer)
