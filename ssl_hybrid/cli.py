@@ -983,12 +983,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # a reader gone while output sat in the buffer (``| head -1``) shows up here
+        code = _main(argv)
+        sys.stdout.flush()  # a reader gone while output sat in the buffer (``| head -1``) shows up here
+        return code
     except BrokenPipeError:
+        if not _stdout_reader_gone():  # a pipe of a worker or a subprocess: a real error
+            raise
         return _stdout_closed()
+
+
+def _stdout_reader_gone() -> bool:
+    """Is stdout a pipe whose reader has closed it? (poll reports POLLERR on the write end of such a pipe.)"""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or a stdout without a descriptor
+        return False
 
 
 def _stdout_closed() -> int:

@@ -143,3 +143,15 @@ def test_a_closed_stdout_pipe_ends_the_command_quietly():
     err = process.stderr.read()
     assert process.wait(timeout=120) == 1
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_a_real_error(monkeypatch):
+    """Only a closed stdout ends quietly: a worker's or subprocess's broken pipe must surface, not exit 1 silently."""
+    import ssl_hybrid.cli as cli
+
+    def failing(argv):
+        raise BrokenPipeError("a data worker's pipe")
+
+    monkeypatch.setattr(cli, "_main", failing)
+    with pytest.raises(BrokenPipeError, match="data worker"):
+        cli.main([])

@@ -4,7 +4,8 @@ Successive halving picks the winner on one pretraining run per rung, so its last
 several noisy draws and overstates it (the winner's curse). The confirmation stage retrains the winner
 and every reference preset at the last rung's budget with ``confirm.seeds`` fresh training seeds (seeds
 the search never used), the same seed for each design, and compares them seed by seed:
-mean ± sd per design and, per reference, the paired difference winner − reference with a 95% t-interval.
+mean ± sd per design and, per reference, the paired difference winner − reference with a 95% t-interval
+(one interval per reference, not corrected for comparing against several).
 A rung-0 design that only looked good is exposed here; one that holds up is worth the user's GPU days.
 
 Confirmation runs are recorded in the search state (``confirm``) and resume like the rungs; the number of
@@ -24,16 +25,14 @@ from ssl_hybrid.search.halving import Scorer, SearchState, StepsFor, score_one
 
 log = logging.getLogger(__name__)
 
-# Two-sided 95% Student t quantiles by degrees of freedom (n - 1 seeds); 1.96 beyond the table.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
 
 @dataclass
 class ConfirmConfig:
     # Fresh training seeds for the winner and each reference after the last rung (0 = no confirmation).
     # Each costs (1 + references) runs at the last rung's budget; 3 gives a usable interval, 5 a tight one.
     seeds: int = 0
-    # The first confirmation seed is train.seed + seed_offset + 1 (the search's own runs use train.seed).
+    # The confirmation seeds are the search's seed + seed_offset + 1, + 2, ... (train.seed of those runs); the
+    # rungs train with the recipe's train.seed, so keep the offset clear of it.
     seed_offset: int = 1000
 
     def check(self) -> None:
@@ -70,6 +69,8 @@ def run_confirmation(
             planned = {"index": last["index"], "steps": steps, "seed": seed}
             scores[str(seed)] = score_one(candidate, planned, scorer)
             state.save()
+    if not any(record["scores"][cid].get(str(seed), {}).get("score") is not None for cid in designs for seed in seeds):
+        raise RuntimeError(f"every confirmation run failed; see the errors under 'confirm' in {state.path}")
     summary = summarize(record, winner, state.references(), seeds)
     summary["labels"] = {cid: state.candidate(cid).label() for cid in designs}
     record["summary"] = summary
@@ -88,8 +89,14 @@ def summarize(record: dict[str, Any], winner: str, references: list[str], seeds:
 
     designs = {}
     for cid in [winner, *references]:
-        values = list(scores_of(cid).values())
-        designs[cid] = {"scores": values, "mean": _mean(values), "sd": _sd(values)}
+        by_seed = scores_of(cid)
+        values = list(by_seed.values())
+        failed = {
+            str(s): record["scores"].get(cid, {}).get(str(s), {}).get("error", "not scored")
+            for s in seeds
+            if s not in by_seed
+        }
+        designs[cid] = {"scores": values, "n": len(values), "mean": _mean(values), "sd": _sd(values), "failed": failed}
     comparisons = {}
     ours = scores_of(winner)
     for ref in references:
@@ -105,17 +112,22 @@ def paired_difference(differences: list[float]) -> dict[str, Any]:
     mean, sd = _mean(differences), _sd(differences)
     if n < 2 or mean is None or sd is None:
         return {"n": n, "mean": mean, "sd": sd, "ci95": None, "verdict": "too few seeds for an interval"}
-    half = T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
+    half = t_975(n - 1) * sd / math.sqrt(n)
     low, high = mean - half, mean + half
     if low > 0:
         verdict = "better"
     elif high < 0:
         verdict = "worse"
-    elif mean >= 0:
-        verdict = "at least as good (mean difference >= 0; the interval includes 0)"
     else:
-        verdict = "not shown as good (mean difference < 0; the interval includes 0)"
+        verdict = "no significant difference (the interval includes 0)"
     return {"n": n, "mean": mean, "sd": sd, "ci95": [low, high], "verdict": verdict}
+
+
+def t_975(dof: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``dof`` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
@@ -128,7 +140,10 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"confirmation over {len(seeds)} fresh seed(s) {seeds} at the last rung's budget:"]
     for cid, design in summary["designs"].items():
         values = ", ".join(f"{v:.3f}" for v in design["scores"]) or "no score"
-        lines.append(f"  {name(cid)}: mean {_num(design['mean'])} ± {_num(design['sd'])} ({values})")
+        failed = "".join(f"; seed {seed} failed: {error}" for seed, error in design.get("failed", {}).items())
+        count = design.get("n", len(design["scores"]))
+        stats = f"mean {_num(design['mean'])} ± {_num(design['sd'])} over {count} seed(s)"
+        lines.append(f"  {name(cid)}: {stats} ({values}){failed}")
     for ref, diff in summary["versus"].items():
         ci = diff["ci95"]
         interval = f", 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""

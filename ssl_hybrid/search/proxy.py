@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ssl_hybrid.config import POOLINGS, EvalConfig
+from ssl_hybrid.config import KNN_PROTOCOLS, POOLINGS, EvalConfig
 from ssl_hybrid.errors import UserError
 from ssl_hybrid.search.recipe import candidate_config
 from ssl_hybrid.search.space import Candidate, build_candidate
@@ -52,10 +52,10 @@ class ProxyConfig:
     knn_test: str = ""
     # Labeled images per class in the bank (0 = all of knn_train): few labels is the regime we care about.
     knn_shots: int = 0
-    # "holdout": the knn_test images (or the hold-out) are the queries and knn_train the bank.
+    # "heldout": the knn_test images (or the hold-out) are the queries and knn_train the bank (as eval.knn_protocol).
     # "leave_one_out": knn_train and knn_test pooled, every image a query against all the others: on a small
     # labeled set every label counts as a query, which halves the score's binomial noise at 4x the queries.
-    knn_protocol: str = "holdout"
+    knn_protocol: str = "heldout"
     # DINO's k-NN protocol, as in the evaluation (eval.knn_k, eval.knn_temperature).
     knn_k: int = EvalConfig.knn_k
     knn_temperature: float = EvalConfig.knn_temperature
@@ -82,10 +82,10 @@ class ProxyConfig:
             raise UserError("search.proxy.knn_shots must be >= 0 and search.proxy.knn_k >= 1")
         if self.pooling not in POOLINGS:
             raise UserError(f"search.proxy.pooling = {self.pooling!r}: use one of {', '.join(POOLINGS)}")
-        if self.knn_protocol not in ("holdout", "leave_one_out"):
-            raise UserError(f"search.proxy.knn_protocol = {self.knn_protocol!r}: use holdout or leave_one_out")
+        if self.knn_protocol not in KNN_PROTOCOLS:
+            raise UserError(f"search.proxy.knn_protocol = {self.knn_protocol!r}: use one of {', '.join(KNN_PROTOCOLS)}")
         if self.knn_protocol == "leave_one_out" and self.knn_shots:
-            raise UserError("search.proxy.knn_shots needs knn_protocol=holdout (leave_one_out uses every label)")
+            raise UserError("search.proxy.knn_shots needs knn_protocol=heldout (leave_one_out uses every label)")
 
 
 class KnnSets:
@@ -180,8 +180,13 @@ def prepare_train_data(proxy: ProxyConfig, work_dir: Path) -> str | None:
     return str(out)
 
 
+def recipe_channels(recipe: dict[str, Any]) -> int:
+    """``data.channels`` of a recipe dict (3, the RGB default, when it does not say)."""
+    return int((recipe.get("data") or {}).get("channels", 3))
+
+
 class PretrainKnnProxy:
-    """scorer(candidate, steps, rung) -> {"score": k-NN top-1, ...} via a real pretraining run."""
+    """scorer(candidate, steps, rung, seed=None) -> {"score": k-NN top-1, ...} via a real pretraining run."""
 
     def __init__(self, proxy: ProxyConfig, work_dir: Path, sets: KnnSets | None = None):
         from ssl_hybrid.search.recipe import read_recipe
@@ -189,6 +194,12 @@ class PretrainKnnProxy:
         self.proxy = proxy
         self.work_dir = Path(work_dir)
         self.base = read_recipe(proxy.recipe, proxy.recipe_overrides)
+        channels = recipe_channels(self.base)
+        if channels != 3:  # KnnSets decodes RGB images: every candidate would fail on its first batch
+            raise UserError(
+                f"search: data.channels = {channels} in the proxy's recipe; the search scores RGB images only "
+                "(search an RGB rendering of your data, or pretrain the presets on the N-channel data directly)"
+            )
         self.sets = sets or KnnSets(proxy)
         self.train_data = prepare_train_data(proxy, self.work_dir)
 

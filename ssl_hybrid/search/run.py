@@ -29,7 +29,14 @@ from ssl_hybrid.runs import write_json_atomic
 from ssl_hybrid.search import report
 from ssl_hybrid.search.budget import Budget, measure_and_check
 from ssl_hybrid.search.confirm import ConfirmConfig, confirm_seeds, markdown_section, run_confirmation
-from ssl_hybrid.search.halving import HalvingSchedule, Scorer, SearchState, rung_plan, successive_halving
+from ssl_hybrid.search.halving import (
+    HalvingSchedule,
+    Scorer,
+    SearchState,
+    SearchStateError,
+    rung_plan,
+    successive_halving,
+)
 from ssl_hybrid.search.proxy import ProxyConfig
 from ssl_hybrid.search.recipe import candidate_recipe, read_recipe, write_recipe
 from ssl_hybrid.search.space import Candidate, SearchSpace, build_candidate, preset_candidate, sample_candidates
@@ -92,6 +99,11 @@ class SearchConfig:
         does the confirmation (a finished search can be confirmed, or confirmed with more seeds, later)."""
         values = dataclasses.asdict(self)
         values.pop("name"), values.pop("output_dir"), values.pop("confirm")
+        # Proxy options added after the first searches, left out at the values that score as those did
+        # (held-out queries, the model's own pooling), so a search started before them keeps its fingerprint.
+        for key, old_behaviour in (("knn_protocol", "heldout"), ("pooling", "default")):
+            if values["proxy"][key] == old_behaviour:
+                values["proxy"].pop(key)
         return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -268,6 +280,25 @@ def steps_for_seconds(
     return steps_for
 
 
+def open_state(config: SearchConfig) -> SearchState:
+    """The search's state (new, or resumed when written under this configuration). A state from before
+    proxy.pooling / proxy.knn_protocol existed is refused with how to resume it: it was scored differently."""
+    path = config.out_dir() / STATE_FILE
+    try:
+        return SearchState.load_or_create(path, config.fingerprint())
+    except SearchStateError:
+        old_scoring = dataclasses.replace(
+            config, proxy=dataclasses.replace(config.proxy, pooling="default", knn_protocol="heldout")
+        )
+        if json.loads(path.read_text(encoding="utf-8")).get("fingerprint") == old_scoring.fingerprint():
+            raise SearchStateError(
+                f"{path}: this search was scored with the model's own pooling on held-out queries (written before "
+                "proxy.pooling and proxy.knn_protocol existed); resume it with proxy.pooling=default "
+                "proxy.knn_protocol=heldout, or start a new search under another name"
+            ) from None
+        raise
+
+
 def report_search(config: SearchConfig) -> dict[str, Any]:
     """Write the outputs from the state so far (a search still running, interrupted or done) without running
     anything; a rung in progress counts with the candidates it has scored. Returns the summary."""
@@ -303,7 +334,7 @@ def run_search(
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = config.out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    state = SearchState.load_or_create(out / STATE_FILE, config.fingerprint())
+    state = open_state(config)
     references = [preset_candidate(name) for name in config.references]
     state.add_candidates(sample_candidates(config.space, config.num_candidates, config.seed))
     state.add_candidates(references)

@@ -15,12 +15,12 @@ from ssl_hybrid.eval.knn import leave_one_out_knn
 from ssl_hybrid.models.pooling import multiscale_embed
 from ssl_hybrid.search import run as search_run
 from ssl_hybrid.search.confirm import (
-    T_975,
     ConfirmConfig,
     confirm_seeds,
     paired_difference,
     run_confirmation,
     summary_lines,
+    t_975,
 )
 from ssl_hybrid.search.halving import HalvingSchedule, SearchState, successive_halving
 from ssl_hybrid.search.proxy import KnnSets, ProxyConfig
@@ -39,11 +39,9 @@ class SeededScorer:
         return {"score": self.quality[candidate.id] + self.seed_offset.get(seed, 0.0)}
 
 
-def test_t_quantiles_match_scipy():
-    from scipy import stats
-
-    for dof, quantile in T_975.items():
-        assert quantile == pytest.approx(stats.t.ppf(0.975, dof), abs=1e-3)
+def test_t_quantiles_match_the_printed_table():
+    for dof, quantile in {1: 12.706, 2: 4.303, 11: 2.201, 30: 2.042}.items():  # any statistics textbook's t table
+        assert t_975(dof) == pytest.approx(quantile, abs=1e-3)
 
 
 def test_paired_difference_interval_and_verdicts():
@@ -56,8 +54,8 @@ def test_paired_difference_interval_and_verdicts():
     assert result["ci95"] == pytest.approx([np.mean(differences) - half, np.mean(differences) + half], abs=1e-4)
     assert result["verdict"] == "better"
     assert paired_difference([-0.02, -0.025, -0.03])["verdict"] == "worse"
-    assert paired_difference([0.03, -0.02, 0.0])["verdict"].startswith("at least as good")
-    assert paired_difference([-0.03, 0.02, -0.01])["verdict"].startswith("not shown as good")
+    assert paired_difference([0.03, -0.02, 0.0])["verdict"].startswith("no significant difference")
+    assert paired_difference([-0.03, 0.02, -0.01])["verdict"].startswith("no significant difference")
     assert paired_difference([0.05])["ci95"] is None
 
 
@@ -112,6 +110,19 @@ def test_a_failed_confirmation_run_is_recorded_not_fatal(tmp_path):
     summary = run_confirmation(state, winner, [1001, 1002, 1003], flaky)
     assert "diverged" in state.data["confirm"]["scores"][reference]["1002"]["error"]
     assert summary["versus"][reference]["n"] == 2  # only the seeds both designs finished are paired
+    assert summary["designs"][reference]["n"] == 2 and summary["designs"][winner]["n"] == 3
+    assert "seed 1002 failed: RuntimeError: diverged" in "\n".join(summary_lines(summary))
+
+
+def test_confirmation_with_a_scorer_that_takes_no_seed_fails_loudly(tmp_path):
+    quality: dict[str, float] = {}
+    state, winner, _ = _halved(tmp_path, quality, SeededScorer(quality))
+
+    def seedless(candidate, steps, rung):  # an injected scorer of the rungs' signature
+        return {"score": quality[candidate.id]}
+
+    with pytest.raises(RuntimeError, match="every confirmation run failed"):
+        run_confirmation(state, winner, [1001, 1002], seedless)
 
 
 @pytest.mark.slow
@@ -170,5 +181,28 @@ def test_leave_one_out_proxy_pools_train_and_test_and_matches_the_reference(imag
 def test_bad_knn_protocol_is_refused(image_folder):
     with pytest.raises(search_run.UserError, match="knn_protocol = 'loo'"):
         KnnSets(ProxyConfig(knn_train=str(image_folder), knn_protocol="loo"))
-    with pytest.raises(search_run.UserError, match="knn_shots needs knn_protocol=holdout"):
+    with pytest.raises(search_run.UserError, match="knn_shots needs knn_protocol=heldout"):
         KnnSets(ProxyConfig(knn_train=str(image_folder), knn_protocol="leave_one_out", knn_shots=2))
+
+
+@pytest.mark.fault(injected="a search state written before proxy.pooling / proxy.knn_protocol existed (scored with the "
+                            "model's own pooling on held-out queries), resumed with today's defaults",
+                   did="refuses in one line saying how it was scored and the two overrides that resume it; with "
+                       "them it resumes (same fingerprint as before)",
+                   lost="nothing: scores of different poolings are never mixed in one table")
+def test_a_search_from_before_the_pooling_option_is_refused_with_how_to_resume(tiny_search):
+    import dataclasses
+    import hashlib
+
+    values = dataclasses.asdict(tiny_search)  # the fingerprint as the earlier version computed it
+    for key in ("name", "output_dir", "confirm"):
+        values.pop(key)
+    for key in ("knn_protocol", "pooling"):
+        values["proxy"].pop(key)
+    earlier = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    tiny_search.out_dir().mkdir(parents=True)
+    SearchState(tiny_search.out_dir() / "state.json", earlier).save()
+    with pytest.raises(search_run.UserError, match="resume it with proxy.pooling=default proxy.knn_protocol=heldout"):
+        search_run.open_state(tiny_search)
+    tiny_search.proxy.pooling = "default"
+    assert search_run.open_state(tiny_search).data["fingerprint"] == earlier

@@ -8,7 +8,8 @@ import pytest
 
 from ssl_hybrid.cli import main
 from ssl_hybrid.config import load_config
-from ssl_hybrid.search.proxy import KnnSets, ProxyConfig, prepare_train_data
+from ssl_hybrid.errors import UserError
+from ssl_hybrid.search.proxy import KnnSets, PretrainKnnProxy, ProxyConfig, prepare_train_data
 
 HANG_LIMIT_S = 1200  # a guard against a hung subprocess only, many times an idle machine's run
 TINY_PRETRAIN = ["data.image_size=32", "data.local_image_size=32", "data.num_workers=0", "data.shuffle_buffer=8",
@@ -33,6 +34,16 @@ def test_image_folder_becomes_shards_once(image_folder, tmp_path):
     stamp = (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns
     assert prepare_train_data(proxy, tmp_path) == shards
     assert (tmp_path / "shards" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.fault(injected="a search whose proxy recipe sets data.channels=5 (the k-NN proxy decodes RGB images)",
+                   did="refuses before converting or training anything, naming data.channels",
+                   lost="nothing (no shards written)")
+def test_an_n_channel_recipe_is_refused_before_anything_is_written(image_folder, tmp_path):
+    proxy = ProxyConfig(train=str(image_folder), knn_train=str(image_folder), recipe_overrides=["data.channels=5"])
+    with pytest.raises(UserError, match="data.channels = 5"):
+        PretrainKnnProxy(proxy, tmp_path)
+    assert not (tmp_path / "shards").exists()
 
 
 @pytest.mark.slow
