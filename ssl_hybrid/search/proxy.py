@@ -55,7 +55,7 @@ class ProxyConfig:
     # "heldout": the knn_test images (or the hold-out) are the queries and knn_train the bank (as eval.knn_protocol).
     # "leave_one_out": knn_train and knn_test pooled, every image a query against all the others: on a small
     # labeled set every label counts as a query, which halves the score's binomial noise at 4x the queries.
-    knn_protocol: str = "heldout"
+    knn_protocol: str = EvalConfig.knn_protocol
     # DINO's k-NN protocol, as in the evaluation (eval.knn_k, eval.knn_temperature).
     knn_k: int = EvalConfig.knn_k
     knn_temperature: float = EvalConfig.knn_temperature
